@@ -1,0 +1,333 @@
+//! apt inside the image: sources, per-repo pins, build-only settings, and the runs of apt-get.
+//!
+//! The rendering is pure and unit-tested; [`Apt`] carries it out in a chroot.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::cmd::CommandRunExt;
+use crate::debian::chroot_command;
+use crate::plan::{Plan, PlannedRepo};
+use crate::spec::Proxies;
+
+/// The build-only apt configuration file, removed before the image is finished.
+pub const BUILD_CONF: &str = "etc/apt/apt.conf.d/00debimg-build";
+
+/// The fields of a repo's Release file that apt can pin on (fuel-agent pinned on these).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseMeta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suite: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codename: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// Parses the header fields of a Release or (clearsigned) InRelease file.
+pub fn parse_release(text: &str) -> ReleaseMeta {
+    let mut meta = ReleaseMeta::default();
+    let mut lines = text.lines().peekable();
+    if lines
+        .peek()
+        .is_some_and(|l| l.starts_with("-----BEGIN PGP SIGNED MESSAGE"))
+    {
+        // Skip the armor header block up to its blank line.
+        for l in lines.by_ref() {
+            if l.trim().is_empty() {
+                break;
+            }
+        }
+    }
+    for line in lines {
+        if line.starts_with("-----BEGIN PGP SIGNATURE") {
+            break;
+        }
+        if line.starts_with(' ') {
+            continue;
+        }
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim().to_string();
+        match key {
+            "Origin" => meta.origin = Some(value),
+            "Label" => meta.label = Some(value),
+            "Suite" => meta.suite = Some(value),
+            "Codename" => meta.codename = Some(value),
+            "Version" => meta.version = Some(value),
+            _ => {}
+        }
+    }
+    meta
+}
+
+/// `/etc/apt/sources.list` for the repos.
+pub fn render_sources(repos: &[PlannedRepo]) -> String {
+    let mut s = String::from("# Written by debimg from the image spec.\n");
+    for r in repos {
+        let _ = writeln!(s, "deb {} {} {}", r.uri, r.suite, r.section);
+    }
+    s
+}
+
+/// An apt preferences file pinning every package of `repo` to its priority, matched on the
+/// repo's Release fields and each of its components.
+pub fn render_preferences(repo: &PlannedRepo, meta: &ReleaseMeta, priority: i32) -> String {
+    let mut fields = Vec::new();
+    let quote = |v: &str| v.replace(',', "\\,");
+    if let Some(v) = &meta.suite {
+        fields.push(format!("a={}", quote(v)));
+    }
+    if let Some(v) = &meta.codename {
+        fields.push(format!("n={}", quote(v)));
+    }
+    if let Some(v) = &meta.origin {
+        fields.push(format!("o={}", quote(v)));
+    }
+    if let Some(v) = &meta.label {
+        fields.push(format!("l={}", quote(v)));
+    }
+    let mut s = format!("# Pin for repo `{}` written by debimg.\n", repo.name);
+    for comp in repo.section.split_whitespace() {
+        let mut f = fields.clone();
+        f.push(format!("c={comp}"));
+        let _ = write!(
+            s,
+            "\nPackage: *\nPin: release {}\nPin-Priority: {priority}\n",
+            f.join(",")
+        );
+    }
+    s
+}
+
+/// Build-only apt settings: no recommends, retries, proxies, keep the old config on conflicts.
+pub fn render_build_conf(proxies: &Proxies) -> String {
+    let mut s = String::from(
+        "// debimg: build-only settings, removed before the image is finished.\n\
+         APT::Install-Recommends \"false\";\n\
+         APT::Install-Suggests \"false\";\n\
+         APT::Get::Assume-Yes \"true\";\n\
+         Acquire::Retries \"3\";\n\
+         Acquire::Languages \"none\";\n\
+         Dpkg::Options { \"--force-confdef\"; \"--force-confold\"; };\n\
+         Dpkg::Use-Pty \"false\";\n",
+    );
+    if let Some(p) = &proxies.http {
+        let _ = writeln!(s, "Acquire::http::Proxy \"{p}\";");
+    }
+    if let Some(p) = &proxies.https {
+        let _ = writeln!(s, "Acquire::https::Proxy \"{p}\";");
+    }
+    for host in &proxies.direct {
+        let _ = writeln!(s, "Acquire::http::Proxy::{host} \"DIRECT\";");
+        let _ = writeln!(s, "Acquire::https::Proxy::{host} \"DIRECT\";");
+    }
+    s
+}
+
+/// The prefix apt gives the list files of a URI (`URItoFileName`): scheme dropped, `/` as `_`.
+pub fn list_file_prefix(uri: &str) -> String {
+    let rest = uri.split_once("://").map_or(uri, |(_, r)| r);
+    let rest = rest.rsplit('@').next().unwrap_or(rest);
+    rest.trim_end_matches('/').replace('/', "_")
+}
+
+/// Parses `dpkg-query -W -f '${Package}\t${Version}\t${db:Status-Abbrev}\n'` output into the
+/// installed packages.
+pub fn parse_installed(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            let (name, version, status) = (f.next()?, f.next()?, f.next().unwrap_or("ii"));
+            status
+                .starts_with("ii")
+                .then(|| (name.to_string(), version.to_string()))
+        })
+        .collect()
+}
+
+/// Carries out apt's part of the build in a chroot.
+pub struct Apt<'a> {
+    pub root: &'a Path,
+    pub show: bool,
+}
+
+impl Apt<'_> {
+    fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    /// Writes the sources, the build-only settings, and runs `apt-get update`.
+    pub fn configure_and_update(&self, plan: &Plan) -> Result<()> {
+        write(
+            &self.path("etc/apt/sources.list"),
+            &render_sources(&plan.repos),
+        )?;
+        write(&self.path(BUILD_CONF), &render_build_conf(&plan.proxies))?;
+        self.apt_get(&["update"])
+    }
+
+    /// Reads each repo's Release fields from apt's lists (after `update`).
+    pub fn release_meta(&self, repo: &PlannedRepo) -> Result<ReleaseMeta> {
+        let lists = self.path("var/lib/apt/lists");
+        let prefix = format!("{}_dists_{}_", list_file_prefix(&repo.uri), repo.suite);
+        for name in ["InRelease", "Release"] {
+            let p = lists.join(format!("{prefix}{name}"));
+            if p.exists() {
+                let text = std::fs::read_to_string(&p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                return Ok(parse_release(&text));
+            }
+        }
+        bail!(
+            "repo `{}`: apt fetched no Release file for {} {} (looked for {}*Release in {})",
+            repo.name,
+            repo.uri,
+            repo.suite,
+            prefix,
+            lists.display()
+        )
+    }
+
+    /// Writes a preferences file for every repo that has a priority; returns every repo's
+    /// Release fields for the metadata.
+    pub fn pin(&self, plan: &Plan) -> Result<Vec<ReleaseMeta>> {
+        let dir = self.path("etc/apt/preferences.d");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut metas = Vec::new();
+        for repo in &plan.repos {
+            let meta = self.release_meta(repo)?;
+            if let Some(prio) = repo.priority {
+                write(
+                    &dir.join(format!("debimg-{}.pref", repo.name)),
+                    &render_preferences(repo, &meta, prio),
+                )?;
+            }
+            metas.push(meta);
+        }
+        Ok(metas)
+    }
+
+    /// Upgrades what debootstrap installed and installs the spec's packages.
+    pub fn install(&self, packages: &[String]) -> Result<()> {
+        self.apt_get(&["dist-upgrade"])?;
+        if !packages.is_empty() {
+            let mut args = vec!["install"];
+            args.extend(packages.iter().map(String::as_str));
+            self.apt_get(&args)?;
+        }
+        Ok(())
+    }
+
+    /// Empties the package archive.
+    pub fn clean(&self) -> Result<()> {
+        self.apt_get(&["clean"])
+    }
+
+    /// Every installed package and its version.
+    pub fn installed(&self) -> Result<BTreeMap<String, String>> {
+        let out = chroot_command(self.root, "dpkg-query")
+            .args(["-W", "-f", "${Package}\t${Version}\t${db:Status-Abbrev}\n"])
+            .run_stdout()
+            .context("listing installed packages")?;
+        Ok(parse_installed(&out))
+    }
+
+    fn apt_get(&self, args: &[&str]) -> Result<()> {
+        let mut cmd = chroot_command(self.root, "apt-get");
+        cmd.args(["-y", "-o", "APT::Color=0"]);
+        if !self.show {
+            cmd.arg("-q");
+        }
+        cmd.args(args);
+        cmd.run_streaming(self.show)
+            .with_context(|| format!("apt-get {} in {}", args.join(" "), self.root.display()))
+    }
+}
+
+/// Writes a small file, creating its directory.
+pub fn write(path: &Path, contents: &str) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INRELEASE: &str = "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA512\n\nOrigin: Debian\nLabel: Debian-Security\nSuite: stable-security\nVersion: 12\nCodename: bookworm-security\nDate: Sat, 21 Nov 2026 10:00:00 UTC\nMD5Sum:\n 0123 12 main/Release\n-----BEGIN PGP SIGNATURE-----\n\nxyz\n-----END PGP SIGNATURE-----\n";
+
+    fn repo(section: &str) -> PlannedRepo {
+        PlannedRepo {
+            name: "security".into(),
+            uri: "http://m.example/debian-security".into(),
+            suite: "bookworm-security".into(),
+            section: section.into(),
+            priority: Some(100),
+        }
+    }
+
+    #[test]
+    fn release_fields() {
+        let m = parse_release(INRELEASE);
+        assert_eq!(m.origin.as_deref(), Some("Debian"));
+        assert_eq!(m.label.as_deref(), Some("Debian-Security"));
+        assert_eq!(m.suite.as_deref(), Some("stable-security"));
+        assert_eq!(m.codename.as_deref(), Some("bookworm-security"));
+        assert_eq!(m.version.as_deref(), Some("12"));
+    }
+
+    #[test]
+    fn preferences_per_component() {
+        let m = parse_release(INRELEASE);
+        let p = render_preferences(&repo("main contrib"), &m, 100);
+        assert!(p.contains(
+            "Pin: release a=stable-security,n=bookworm-security,o=Debian,l=Debian-Security,c=main\nPin-Priority: 100\n"
+        ), "{p}");
+        assert!(p.contains("c=contrib\nPin-Priority: 100"), "{p}");
+    }
+
+    #[test]
+    fn sources_and_conf() {
+        let s = render_sources(&[repo("main")]);
+        assert!(s.contains("deb http://m.example/debian-security bookworm-security main\n"));
+        let c = render_build_conf(&Proxies {
+            http: Some("http://proxy:3128".into()),
+            https: None,
+            direct: vec!["local.example".into()],
+        });
+        assert!(c.contains("Acquire::http::Proxy \"http://proxy:3128\";"));
+        assert!(c.contains("Acquire::http::Proxy::local.example \"DIRECT\";"));
+        assert!(c.contains("APT::Install-Recommends \"false\";"));
+    }
+
+    #[test]
+    fn list_prefix_like_apt() {
+        assert_eq!(
+            list_file_prefix("http://m.example/debian-security"),
+            "m.example_debian-security"
+        );
+        assert_eq!(
+            list_file_prefix("https://u:p@m.example:8080/d/"),
+            "m.example:8080_d"
+        );
+    }
+
+    #[test]
+    fn installed_skips_removed() {
+        let m = parse_installed("apt\t2.6.1\tii \nfoo\t1.0\trc \n");
+        assert_eq!(m.len(), 1);
+        assert_eq!(m["apt"], "2.6.1");
+    }
+}

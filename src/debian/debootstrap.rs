@@ -1,0 +1,50 @@
+//! Running debootstrap into the mounted image tree.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::cmd::CommandRunExt;
+use crate::plan::Plan;
+
+/// The debootstrap command line for a plan (pure, so it can be tested).
+pub fn command(plan: &Plan, root: &Path, cache_dir: Option<&Path>) -> Command {
+    let mut cmd = Command::new("debootstrap");
+    if let Some(v) = plan.variant.debootstrap_arg() {
+        cmd.arg(format!("--variant={v}"));
+    }
+    cmd.arg(format!("--arch={}", plan.arch));
+    let components: Vec<&str> = plan.repos[0].section.split_whitespace().collect();
+    cmd.arg(format!("--components={}", components.join(",")));
+    if !plan.bootstrap_include.is_empty() {
+        cmd.arg(format!("--include={}", plan.bootstrap_include.join(",")));
+    }
+    if let Some(dir) = cache_dir {
+        cmd.arg(format!("--cache-dir={}", dir.display()));
+    }
+    cmd.arg(&plan.suite).arg(root).arg(&plan.bootstrap_mirror);
+    cmd.env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("LC_ALL", "C");
+    if let Some(p) = &plan.proxies.http {
+        cmd.env("http_proxy", p);
+    }
+    if let Some(p) = &plan.proxies.https {
+        cmd.env("https_proxy", p);
+    }
+    if !plan.proxies.direct.is_empty() {
+        cmd.env("no_proxy", plan.proxies.direct.join(","));
+    }
+    cmd
+}
+
+/// Bootstraps `root` (which already holds the mounted image tree).
+pub fn run(plan: &Plan, root: &Path, cache_dir: Option<&Path>, show: bool) -> Result<()> {
+    command(plan, root, cache_dir)
+        .run_streaming(show)
+        .with_context(|| format!("bootstrapping {} into {}", plan.suite, root.display()))
+}

@@ -1,0 +1,18 @@
+//! debimg: Debian-family OS images from a YAML spec.
+//!
+//! The pipeline: [`spec::Spec`] (validated YAML) → [`plan::Plan`] (pure decisions: mirrors,
+//! mount order, output names, spec digest) → [`build::build`] (disks, debootstrap, apt,
+//! configure, release, shrink, package, metadata). The `debimg` binary is a thin front-end.
+
+pub mod build;
+pub mod cmd;
+pub mod debian;
+pub mod metadata;
+pub mod pack;
+pub mod plan;
+pub mod spec;
+pub mod sys;
+
+pub use build::{BuildOptions, Outcome, build};
+pub use plan::Plan;
+pub use spec::Spec;

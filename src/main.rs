@@ -1,0 +1,187 @@
+//! The `debimg` command line: parses arguments and calls the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use debimg::build::{BuildOptions, INTERRUPTED, build};
+use debimg::plan::{Plan, read_host_sources};
+use debimg::spec::{Spec, SpecError};
+
+/// Build Debian-family OS images from a YAML spec.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// More output (-v: debug details such as every command run).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Less output: warnings and errors only, no progress of debootstrap and apt.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a spec: exit 0 when it is valid, exit 2 naming every problem.
+    Validate {
+        /// The YAML spec.
+        spec: PathBuf,
+    },
+    /// Build the images a spec describes (reusing them when the output already matches).
+    Build {
+        /// The YAML spec.
+        spec: PathBuf,
+        /// Directory that receives the images and the metadata file.
+        #[arg(short, long, default_value = "out")]
+        output: PathBuf,
+        /// Directory under which the temporary workspace is created.
+        #[arg(long, default_value = "/var/tmp")]
+        build_dir: PathBuf,
+        /// Rebuild even when the output directory already matches the spec.
+        #[arg(long)]
+        force: bool,
+        /// Wait for another build writing to the same output directory instead of failing.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Print the resolved build plan (mirrors, mount order, output names, digest) as JSON.
+    Plan {
+        /// The YAML spec.
+        spec: PathBuf,
+    },
+}
+
+/// Exit code for an invalid spec or bad usage.
+const EXIT_INVALID: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            if let Some(spec_err) = err.downcast_ref::<SpecError>() {
+                eprintln!("error: {spec_err}");
+                return ExitCode::from(EXIT_INVALID);
+            }
+            eprintln!("error: {err:#}");
+            match INTERRUPTED.load(Ordering::SeqCst) {
+                0 => ExitCode::FAILURE,
+                sig => ExitCode::from(128 + sig as u8),
+            }
+        }
+    }
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, _) => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DEBIMG_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("debimg={level}")));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .init();
+}
+
+fn load_plan(spec_path: &Path) -> Result<Plan> {
+    let spec = Spec::from_file(spec_path)?;
+    let sources = read_host_sources(Path::new("/")).context("reading the host's apt sources")?;
+    Plan::new(&spec, &sources).with_context(|| format!("planning {}", spec_path.display()))
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    match &cli.command {
+        Command::Validate { spec } => {
+            let s = Spec::from_file(spec)?;
+            println!(
+                "{}: valid ({} image{}, {} package{})",
+                spec.display(),
+                s.images.len(),
+                if s.images.len() == 1 { "" } else { "s" },
+                s.packages.len(),
+                if s.packages.len() == 1 { "" } else { "s" },
+            );
+            Ok(())
+        }
+        Command::Plan { spec } => {
+            let plan = load_plan(spec)?;
+            let mut json = serde_json::to_value(&plan)?;
+            json["digest"] = serde_json::Value::String(plan.digest.clone());
+            println!("{}", serde_json::to_string_pretty(&json)?);
+            Ok(())
+        }
+        Command::Build {
+            spec,
+            output,
+            build_dir,
+            force,
+            wait,
+        } => {
+            let started = Instant::now();
+            let plan = load_plan(spec)?;
+            if !nix::unistd::geteuid().is_root() {
+                anyhow::bail!(
+                    "debimg build needs root (loop devices, mounts, chroot); run it with sudo"
+                );
+            }
+            // Before any thread exists: a private mount namespace keeps every mount of the
+            // build away from the host and takes them all along when this process ends.
+            debimg::sys::namespace::enter_private_mount_namespace()?;
+            install_signal_handlers()?;
+            let opts = BuildOptions {
+                output_dir: output.clone(),
+                build_dir: build_dir.clone(),
+                force: *force,
+                wait: *wait,
+                show_progress: !cli.quiet,
+            };
+            let outcome = build(&plan, &opts)?;
+            if outcome.reused {
+                tracing::info!(
+                    "reused: {} matches the spec (digest {}); nothing to build (--force rebuilds)",
+                    outcome.metadata_path.display(),
+                    &plan.digest[..12]
+                );
+            } else {
+                tracing::info!(
+                    "built {} image(s) in {:.1}s",
+                    outcome.metadata.images.len(),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            for p in outcome.image_paths() {
+                println!("{}", p.display());
+            }
+            println!("{}", outcome.metadata_path.display());
+            Ok(())
+        }
+    }
+}
+
+/// INT, TERM and HUP set a flag the build checks between steps, so it unwinds in order.
+fn install_signal_handlers() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            signal_hook::low_level::register(sig, move || {
+                INTERRUPTED.store(sig as usize, Ordering::SeqCst)
+            })
+        }
+        .with_context(|| format!("installing a handler for signal {sig}"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! The YAML metadata written next to the images, last, once every image is in place.
+//!
+//! Image entries carry fuel-agent's keys (`container`, `container_name`, `container_size`,
+//! `container_md5`, `format`, `raw_md5`, `raw_name`, `raw_size`) so its consumers keep working,
+//! plus what debimg adds (sha256s, mount, label, uuid). The same file decides reuse: its
+//! `spec_digest` must equal the plan's.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::debian::apt::ReleaseMeta;
+
+/// The whole metadata file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Metadata {
+    pub name: String,
+    pub debimg_version: String,
+    /// sha256 of the plan the images were built from.
+    pub spec_digest: String,
+    /// RFC 3339 UTC.
+    pub build_start: String,
+    /// RFC 3339 UTC.
+    pub build_end: String,
+    pub images: Vec<ImageMeta>,
+    pub repos: Vec<RepoMeta>,
+    /// Packages as the spec requested them.
+    pub packages: Vec<String>,
+    /// Every installed package and its version, from dpkg.
+    pub installed: BTreeMap<String, String>,
+}
+
+/// One image in the output directory.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageMeta {
+    /// `gzip` or `raw`.
+    pub container: String,
+    pub container_name: String,
+    pub container_size: u64,
+    pub container_md5: String,
+    pub container_sha256: String,
+    /// The filesystem.
+    pub format: String,
+    pub raw_md5: String,
+    pub raw_name: String,
+    pub raw_size: u64,
+    pub raw_sha256: String,
+    pub mount: String,
+    #[serde(default)]
+    pub label: Option<String>,
+    pub uuid: String,
+}
+
+/// One repo the image was built from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RepoMeta {
+    pub name: String,
+    pub uri: String,
+    pub suite: String,
+    pub section: String,
+    #[serde(default)]
+    pub priority: Option<i32>,
+    /// The repo's Release fields, as pinned.
+    #[serde(default)]
+    pub meta: ReleaseMeta,
+}
+
+impl Metadata {
+    /// Renders the YAML text.
+    pub fn to_yaml(&self) -> Result<String> {
+        serde_saphyr::to_string(self).context("rendering metadata")
+    }
+
+    /// Reads a metadata file.
+    pub fn read(path: &Path) -> Result<Metadata> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_saphyr::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+/// Now as RFC 3339 UTC with seconds (`2026-11-23T04:32:02Z`).
+pub fn now_rfc3339() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    rfc3339(secs)
+}
+
+/// Formats seconds since the epoch as RFC 3339 UTC.
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_408_322), "2026-11-23T04:32:02Z");
+    }
+
+    #[test]
+    fn yaml_round_trip() {
+        let m = Metadata {
+            name: "t".into(),
+            debimg_version: "0.1.0".into(),
+            spec_digest: "ab".repeat(32),
+            build_start: rfc3339(0),
+            build_end: rfc3339(60),
+            images: vec![ImageMeta {
+                container: "gzip".into(),
+                container_name: "t-root.img.gz".into(),
+                container_size: 10,
+                container_md5: "00".repeat(16),
+                container_sha256: "11".repeat(32),
+                format: "ext4".into(),
+                raw_md5: "22".repeat(16),
+                raw_name: "t-root.img".into(),
+                raw_size: 1 << 30,
+                raw_sha256: "33".repeat(32),
+                mount: "/".into(),
+                label: Some("root".into()),
+                uuid: "0b9e8a84-7c3b-4bd0-8a9e-1234567890ab".into(),
+            }],
+            repos: vec![RepoMeta {
+                name: "debian".into(),
+                uri: "http://m.example/debian".into(),
+                suite: "bookworm".into(),
+                section: "main".into(),
+                priority: Some(990),
+                meta: ReleaseMeta {
+                    origin: Some("Debian".into()),
+                    ..Default::default()
+                },
+            }],
+            packages: vec!["curl".into()],
+            installed: BTreeMap::from([("1:odd".to_string(), "1:2.0-1".to_string())]),
+        };
+        let text = m.to_yaml().unwrap();
+        assert!(text.contains("container_md5:"), "{text}");
+        let back: Metadata = serde_saphyr::from_str(&text).unwrap();
+        assert_eq!(back, m);
+    }
+}

@@ -1,0 +1,13 @@
+//! The package stage: turning a finished, unmounted filesystem image into what lands in the
+//! output directory.
+//!
+//! [`shrink`] cuts an ext2/3/4 image down to its content, [`compress`] writes the container in
+//! one read pass, and [`digest`] supplies the size, MD5 and SHA-256 of both sides.
+
+pub mod compress;
+pub mod digest;
+pub mod shrink;
+
+pub use compress::{Container, Packed, pack};
+pub use digest::{Digests, digest_file};
+pub use shrink::{Ext2Info, ext_info, set_ext_journal, shrink_ext};

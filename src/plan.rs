@@ -1,0 +1,392 @@
+//! Spec to Plan: the pure decisions of a build.
+//!
+//! Resolves `host` mirrors against the build host's apt sources, orders the mounts by depth,
+//! names the outputs and computes the spec digest that decides whether an existing image can be
+//! reused. Nothing here changes the system; the host's apt sources are read by the caller.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::spec::{Container, Fs, Proxies, Spec, Variant, image_base_name};
+
+/// One apt source entry of the build host (`deb URI SUITE COMPONENTS...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSource {
+    /// Base URI, without a trailing slash.
+    pub uri: String,
+    /// Suites served from this URI.
+    pub suites: Vec<String>,
+}
+
+/// Parses one-line-style `sources.list` text (`deb [opts] URI SUITE COMP...`).
+pub fn parse_sources_list(text: &str) -> Vec<HostSource> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        let mut rest = match line.strip_prefix("deb ") {
+            Some(r) => r.trim_start(),
+            None => continue,
+        };
+        if rest.starts_with('[') {
+            match rest.find(']') {
+                Some(end) => rest = rest[end + 1..].trim_start(),
+                None => continue,
+            }
+        }
+        let mut words = rest.split_whitespace();
+        if let (Some(uri), Some(suite)) = (words.next(), words.next()) {
+            out.push(HostSource {
+                uri: uri.trim_end_matches('/').to_string(),
+                suites: vec![suite.to_string()],
+            });
+        }
+    }
+    out
+}
+
+/// Parses deb822 `.sources` text (stanzas with `Types:`, `URIs:`, `Suites:`).
+pub fn parse_deb822_sources(text: &str) -> Vec<HostSource> {
+    let mut out = Vec::new();
+    for stanza in text.split("\n\n") {
+        let mut types = Vec::new();
+        let mut uris = Vec::new();
+        let mut suites = Vec::new();
+        let mut enabled = true;
+        for line in stanza.lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let Some((key, value)) = line.split_once(':') else {
+                continue;
+            };
+            let words: Vec<String> = value.split_whitespace().map(String::from).collect();
+            match key.trim().to_ascii_lowercase().as_str() {
+                "types" => types = words,
+                "uris" => uris = words,
+                "suites" => suites = words,
+                "enabled" => enabled = value.trim() != "no",
+                _ => {}
+            }
+        }
+        if !enabled || !types.iter().any(|t| t == "deb") || suites.is_empty() {
+            continue;
+        }
+        for uri in uris {
+            out.push(HostSource {
+                uri: uri.trim_end_matches('/').to_string(),
+                suites: suites.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// Reads the apt sources of the host rooted at `root` (`/` for the build host).
+pub fn read_host_sources(root: &Path) -> Result<Vec<HostSource>> {
+    let mut out = Vec::new();
+    let main = root.join("etc/apt/sources.list");
+    if main.exists() {
+        let text = std::fs::read_to_string(&main)
+            .with_context(|| format!("reading {}", main.display()))?;
+        out.extend(parse_sources_list(&text));
+    }
+    let dir = root.join("etc/apt/sources.list.d");
+    if dir.is_dir() {
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .with_context(|| format!("listing {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for path in entries {
+            let ext = path.extension().and_then(|e| e.to_str());
+            if !matches!(ext, Some("list" | "sources")) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if ext == Some("list") {
+                out.extend(parse_sources_list(&text));
+            } else {
+                out.extend(parse_deb822_sources(&text));
+            }
+        }
+    }
+    Ok(out.into_iter().filter(|s| is_usable_uri(&s.uri)).collect())
+}
+
+fn is_usable_uri(uri: &str) -> bool {
+    uri.starts_with("http://") || uri.starts_with("https://") || uri.starts_with("file:/")
+}
+
+/// Finds the host URI that serves `suite`: an entry listing the suite itself, else one listing
+/// its base codename (`bookworm` for `bookworm-backports`).
+pub fn resolve_host_uri(sources: &[HostSource], suite: &str) -> Result<String> {
+    if let Some(s) = sources.iter().find(|s| s.suites.iter().any(|x| x == suite)) {
+        return Ok(s.uri.clone());
+    }
+    let base = suite.split('-').next().unwrap_or(suite);
+    if let Some(s) = sources.iter().find(|s| s.suites.iter().any(|x| x == base)) {
+        return Ok(s.uri.clone());
+    }
+    let known: Vec<String> = sources
+        .iter()
+        .map(|s| format!("{} ({})", s.uri, s.suites.join(" ")))
+        .collect();
+    if known.is_empty() {
+        bail!(
+            "`host` mirror: the build host has no apt sources in /etc/apt/sources.list or /etc/apt/sources.list.d; give `mirror:` a URL"
+        )
+    }
+    bail!(
+        "`host` mirror: no apt source of the build host serves suite `{suite}` (it has: {}); give a URL instead",
+        known.join(", ")
+    )
+}
+
+/// A repo with its URI resolved.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PlannedRepo {
+    pub name: String,
+    pub uri: String,
+    pub suite: String,
+    pub section: String,
+    pub priority: Option<i32>,
+}
+
+/// An image with its output names decided.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PlannedImage {
+    pub mount: String,
+    pub fs: Fs,
+    pub size: u64,
+    pub label: Option<String>,
+    pub mkfs_options: Vec<String>,
+    pub container: Container,
+    /// File name of the raw image (`<base>.img`).
+    pub raw_name: String,
+    /// File name shipped in the output directory (`<base>.img.gz` or `<base>.img`).
+    pub container_name: String,
+}
+
+/// Everything a build needs, decided up front.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Plan {
+    pub name: String,
+    pub arch: String,
+    pub suite: String,
+    pub variant: Variant,
+    /// The URI debootstrap downloads from (the first repo's).
+    pub bootstrap_mirror: String,
+    pub bootstrap_include: Vec<String>,
+    pub repos: Vec<PlannedRepo>,
+    pub packages: Vec<String>,
+    /// Images in spec order.
+    pub images: Vec<PlannedImage>,
+    /// Indexes into `images`, parents before children.
+    pub mount_order: Vec<usize>,
+    pub proxies: Proxies,
+    pub root_password_hash: Option<String>,
+    pub hostname: String,
+    pub keep_apt_sources: bool,
+    /// sha256 of everything above plus the debimg version: equal digests, equal images.
+    #[serde(skip)]
+    pub digest: String,
+}
+
+/// Depth of a mount point: `/` is 0, `/var` 1, `/var/lib/app` 3.
+pub fn mount_depth(mount: &str) -> usize {
+    mount.split('/').filter(|c| !c.is_empty()).count()
+}
+
+/// Orders mounts so that every parent comes before its children (by depth, then by path).
+pub fn mount_order(mounts: &[&str]) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..mounts.len()).collect();
+    idx.sort_by(|&a, &b| {
+        mount_depth(mounts[a])
+            .cmp(&mount_depth(mounts[b]))
+            .then_with(|| mounts[a].cmp(mounts[b]))
+    });
+    idx
+}
+
+impl Plan {
+    /// Builds the plan from a validated spec and the host's apt sources.
+    pub fn new(spec: &Spec, host_sources: &[HostSource]) -> Result<Plan> {
+        let resolve = |uri: &str, suite: &str| -> Result<String> {
+            if uri == "host" {
+                resolve_host_uri(host_sources, suite)
+            } else {
+                Ok(uri.trim_end_matches('/').to_string())
+            }
+        };
+        let repos: Vec<PlannedRepo> = if spec.repos.is_empty() {
+            vec![PlannedRepo {
+                name: "debian".into(),
+                uri: resolve(&spec.mirror, &spec.suite).context("resolving mirror")?,
+                suite: spec.suite.clone(),
+                section: "main".into(),
+                priority: None,
+            }]
+        } else {
+            spec.repos
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let uri = r.uri.as_deref().unwrap_or(&spec.mirror);
+                    Ok(PlannedRepo {
+                        name: r.name.clone(),
+                        uri: resolve(uri, &r.suite)
+                            .with_context(|| format!("resolving repos[{i}].uri"))?,
+                        suite: r.suite.clone(),
+                        section: r.section.split_whitespace().collect::<Vec<_>>().join(" "),
+                        priority: r.priority,
+                    })
+                })
+                .collect::<Result<_>>()?
+        };
+        let images: Vec<PlannedImage> = spec
+            .images
+            .iter()
+            .map(|img| {
+                let base = image_base_name(&spec.name, img);
+                let raw_name = format!("{base}.img");
+                let container_name = match img.container {
+                    Container::Gzip => format!("{raw_name}.gz"),
+                    Container::Raw => raw_name.clone(),
+                };
+                PlannedImage {
+                    mount: img.mount.clone(),
+                    fs: img.fs,
+                    size: img.size.0,
+                    label: img.label.clone(),
+                    mkfs_options: img.mkfs_options.clone(),
+                    container: img.container,
+                    raw_name,
+                    container_name,
+                }
+            })
+            .collect();
+        let mounts: Vec<&str> = images.iter().map(|i| i.mount.as_str()).collect();
+        let mut plan = Plan {
+            name: spec.name.clone(),
+            arch: spec.arch.clone(),
+            suite: spec.suite.clone(),
+            variant: spec.variant,
+            bootstrap_mirror: repos[0].uri.clone(),
+            bootstrap_include: spec.bootstrap_include.clone(),
+            repos,
+            packages: spec.packages.clone(),
+            mount_order: mount_order(&mounts),
+            images,
+            proxies: spec.proxies.clone().unwrap_or_default(),
+            root_password_hash: spec.root_password_hash.clone(),
+            hostname: spec.hostname.clone(),
+            keep_apt_sources: spec.keep_apt_sources,
+            digest: String::new(),
+        };
+        plan.digest = plan.compute_digest();
+        Ok(plan)
+    }
+
+    fn compute_digest(&self) -> String {
+        let json = serde_json::to_vec(self).expect("a plan always serializes");
+        let mut h = Sha256::new();
+        h.update(b"debimg ");
+        h.update(env!("CARGO_PKG_VERSION").as_bytes());
+        h.update(b"\n");
+        h.update(&json);
+        hex(&h.finalize())
+    }
+
+    /// The image mounted at `/`.
+    pub fn root_image(&self) -> &PlannedImage {
+        &self.images[self.mount_order[0]]
+    }
+
+    /// File name of the metadata written next to the images.
+    pub fn metadata_name(&self) -> String {
+        format!("{}.yaml", self.name)
+    }
+}
+
+/// Lowercase hex of a byte string.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEB822: &str = "Types: deb\n# comment\nURIs: http://mirror.example/debian/\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\nTypes: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\nComponents: main\n\nTypes: deb-src\nURIs: http://src.example/debian\nSuites: trixie\n\nEnabled: no\nTypes: deb\nURIs: http://off.example/debian\nSuites: sid\n";
+
+    #[test]
+    fn parses_deb822() {
+        let s = parse_deb822_sources(DEB822);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].uri, "http://mirror.example/debian");
+        assert_eq!(s[0].suites, vec!["bookworm", "bookworm-updates"]);
+        assert_eq!(s[1].suites, vec!["bookworm-security"]);
+    }
+
+    #[test]
+    fn parses_one_line_style() {
+        let s = parse_sources_list(
+            "# x\ndeb [arch=amd64 signed-by=/k.gpg] http://m.example/debian bookworm main contrib\ndeb-src http://m.example/debian bookworm main\ndeb http://m.example/debian-security/ bookworm-security main # tail\n",
+        );
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].uri, "http://m.example/debian");
+        assert_eq!(s[1].uri, "http://m.example/debian-security");
+    }
+
+    #[test]
+    fn host_uri_per_suite() {
+        let s = parse_deb822_sources(DEB822);
+        assert_eq!(
+            resolve_host_uri(&s, "bookworm-security").unwrap(),
+            "http://mirror.example/debian-security"
+        );
+        assert_eq!(
+            resolve_host_uri(&s, "bookworm-backports").unwrap(),
+            "http://mirror.example/debian"
+        );
+        let err = resolve_host_uri(&s, "trixie").unwrap_err().to_string();
+        assert!(err.contains("trixie"), "{err}");
+        assert!(resolve_host_uri(&[], "bookworm").is_err());
+    }
+
+    #[test]
+    fn mounts_sorted_parents_first() {
+        let m = ["/var/lib/app", "/boot", "/", "/var"];
+        let order: Vec<&str> = mount_order(&m).into_iter().map(|i| m[i]).collect();
+        assert_eq!(order, ["/", "/boot", "/var", "/var/lib/app"]);
+    }
+
+    fn spec(extra_pkg: &str) -> Spec {
+        let yaml = format!(
+            "version: 1\nname: t\nsuite: bookworm\npackages: [curl{extra_pkg}]\nimages:\n  - {{mount: /var, fs: xfs, size: 1GiB}}\n  - {{mount: /, fs: ext4, size: 1GiB}}\n"
+        );
+        Spec::from_yaml(&yaml, "t").unwrap()
+    }
+
+    #[test]
+    fn digest_follows_the_spec() {
+        let src = parse_deb822_sources(DEB822);
+        let a = Plan::new(&spec(""), &src).unwrap();
+        let b = Plan::new(&spec(""), &src).unwrap();
+        let c = Plan::new(&spec(", less"), &src).unwrap();
+        assert_eq!(a.digest, b.digest);
+        assert_ne!(a.digest, c.digest);
+        assert_eq!(a.digest.len(), 64);
+        assert_eq!(a.root_image().mount, "/");
+        assert_eq!(a.repos[0].uri, "http://mirror.example/debian");
+        assert_eq!(a.images[0].container_name, "t-var.img.gz");
+    }
+}

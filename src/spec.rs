@@ -1,0 +1,869 @@
+//! The YAML spec (version 1): serde types, defaults, and validation with field paths.
+//!
+//! Parsing rejects unknown keys and wrong types; [`Spec::validate`] then collects every semantic
+//! problem at once, each naming its field (`images[1].size`) and what is allowed. Nothing here
+//! touches the system: a spec mistake is found before any side effect.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// The one spec version this debimg reads.
+pub const SPEC_VERSION: u32 = 1;
+
+/// The spec a user writes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// Spec format version; must be 1.
+    pub version: u32,
+    /// Names the outputs (`<name>-root.img.gz`) and the metadata file (`<name>.yaml`).
+    pub name: String,
+    /// Debian architecture of the image.
+    #[serde(default = "default_arch")]
+    pub arch: String,
+    /// The suite debootstrap installs from (the first repo's suite when repos are given).
+    pub suite: String,
+    /// debootstrap variant.
+    #[serde(default)]
+    pub variant: Variant,
+    /// `host` (the build host's own Debian mirror, read from its apt sources) or a URL.
+    #[serde(default = "default_mirror")]
+    pub mirror: String,
+    /// Extra packages debootstrap itself installs (its `--include`).
+    #[serde(default)]
+    pub bootstrap_include: Vec<String>,
+    /// apt sources used during the build; empty means one repo: `mirror`, `suite`, `main`.
+    #[serde(default)]
+    pub repos: Vec<Repo>,
+    /// Packages apt installs after the bootstrap.
+    #[serde(default)]
+    pub packages: Vec<String>,
+    /// One sparse file, loop device and filesystem each.
+    pub images: Vec<Image>,
+    /// Proxies for debootstrap and apt during the build.
+    #[serde(default)]
+    pub proxies: Option<Proxies>,
+    /// A crypt(3) hash for root (`$6$...`, `$y$...`), or `!`/`*` for a locked account.
+    #[serde(default)]
+    pub root_password_hash: Option<String>,
+    /// The image's hostname.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    /// Whether the final image keeps the spec's repos in its apt sources.
+    #[serde(default = "default_true")]
+    pub keep_apt_sources: bool,
+}
+
+/// An apt repository.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Repo {
+    /// A short name: names the preferences file and the metadata entry.
+    pub name: String,
+    /// `host`, or a URL; defaults to the spec's `mirror`.
+    #[serde(default)]
+    pub uri: Option<String>,
+    /// The suite (`bookworm`, `bookworm-updates`, ...).
+    pub suite: String,
+    /// Components, space separated (`main contrib`).
+    #[serde(default = "default_section")]
+    pub section: String,
+    /// apt pin priority for this repo; none means no pin (apt's default 500).
+    #[serde(default)]
+    pub priority: Option<i32>,
+}
+
+/// One filesystem image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Image {
+    /// Absolute mount point inside the image tree.
+    pub mount: String,
+    /// Filesystem type.
+    pub fs: Fs,
+    /// Size of the sparse file, e.g. `2GiB`, `256MiB` or a byte count.
+    pub size: Size,
+    /// Filesystem label.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// Extra arguments for mkfs, passed as separate arguments (never through a shell).
+    #[serde(default)]
+    pub mkfs_options: Vec<String>,
+    /// How the image is shipped.
+    #[serde(default)]
+    pub container: Container,
+    /// Base name of the output file (without `.img`/`.gz`); defaults to `<name>-<mount>`.
+    #[serde(default)]
+    pub output: Option<String>,
+}
+
+/// Proxies used while building (never written into the final image).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Proxies {
+    /// Proxy URL for http sources.
+    #[serde(default)]
+    pub http: Option<String>,
+    /// Proxy URL for https sources.
+    #[serde(default)]
+    pub https: Option<String>,
+    /// Host names reached without the proxy.
+    #[serde(default)]
+    pub direct: Vec<String>,
+}
+
+/// debootstrap variants.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Variant {
+    /// Essential packages and apt only.
+    #[default]
+    Minbase,
+    /// Essential and build-essential.
+    Buildd,
+    /// Required and important packages.
+    Standard,
+}
+
+impl Variant {
+    /// The name debootstrap takes; `None` for its default (standard) variant.
+    pub fn debootstrap_arg(self) -> Option<&'static str> {
+        match self {
+            Variant::Minbase => Some("minbase"),
+            Variant::Buildd => Some("buildd"),
+            Variant::Standard => None,
+        }
+    }
+}
+
+/// Filesystems debimg can make.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Fs {
+    Ext2,
+    Ext3,
+    Ext4,
+    Xfs,
+    Btrfs,
+}
+
+impl Fs {
+    /// The name mount(8), mkfs and fstab use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fs::Ext2 => "ext2",
+            Fs::Ext3 => "ext3",
+            Fs::Ext4 => "ext4",
+            Fs::Xfs => "xfs",
+            Fs::Btrfs => "btrfs",
+        }
+    }
+
+    /// True for the ext family (shrinkable with resize2fs, journal switchable with tune2fs).
+    pub fn is_ext(self) -> bool {
+        matches!(self, Fs::Ext2 | Fs::Ext3 | Fs::Ext4)
+    }
+
+    /// The smallest size mkfs accepts for this filesystem (xfsprogs 6 refuses under 300 MiB).
+    pub fn min_size(self) -> u64 {
+        match self {
+            Fs::Ext2 | Fs::Ext3 | Fs::Ext4 => 16 * MIB,
+            Fs::Xfs => 300 * MIB,
+            Fs::Btrfs => 128 * MIB,
+        }
+    }
+
+    /// Longest label the filesystem stores.
+    pub fn max_label_len(self) -> usize {
+        match self {
+            Fs::Ext2 | Fs::Ext3 | Fs::Ext4 => 16,
+            Fs::Xfs => 12,
+            Fs::Btrfs => 255,
+        }
+    }
+}
+
+impl fmt::Display for Fs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How an image is shipped.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Container {
+    /// gzip-compressed (`.img.gz`).
+    #[default]
+    Gzip,
+    /// The raw image (`.img`), sparse.
+    Raw,
+}
+
+impl Container {
+    /// The name used in metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            Container::Gzip => "gzip",
+            Container::Raw => "raw",
+        }
+    }
+}
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+const TIB: u64 = 1024 * GIB;
+
+/// Largest image debimg agrees to make: anything bigger is taken for a typo.
+pub const MAX_IMAGE_SIZE: u64 = 64 * TIB;
+
+/// A size in bytes, written as a number or with a unit (`256MiB`, `2GiB`, `1G`, `500MB`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl Size {
+    /// Parses `2GiB`, `2G` (binary), `2GB` (decimal), `512` (bytes).
+    pub fn parse(text: &str) -> Result<Size, String> {
+        let t = text.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let unit = unit.trim();
+        let mult: u64 = match unit {
+            "" | "B" => 1,
+            "K" | "KiB" => KIB,
+            "M" | "MiB" => MIB,
+            "G" | "GiB" => GIB,
+            "T" | "TiB" => TIB,
+            "KB" => 1000,
+            "MB" => 1000 * 1000,
+            "GB" => 1000 * 1000 * 1000,
+            "TB" => 1000 * 1000 * 1000 * 1000,
+            _ => {
+                return Err(format!(
+                    "`{text}` has an unknown unit `{unit}` (use B, KiB, MiB, GiB, TiB, or KB, MB, GB, TB)"
+                ));
+            }
+        };
+        if num.is_empty() {
+            return Err(format!("`{text}` is not a size (e.g. 2GiB, 256MiB)"));
+        }
+        let value: f64 = num
+            .parse()
+            .map_err(|_| format!("`{text}` is not a size (e.g. 2GiB, 256MiB)"))?;
+        let bytes = value * mult as f64;
+        if !bytes.is_finite() || bytes > u64::MAX as f64 {
+            return Err(format!("`{text}` is too large"));
+        }
+        Ok(Size(bytes as u64))
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        for (unit, m) in [("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
+            if b >= m && b % m == 0 {
+                return write!(f, "{}{unit}", b / m);
+            }
+        }
+        write!(f, "{b}")
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size such as 2GiB, 256MiB or a byte count")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Size, E> {
+                Ok(Size(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Size, E> {
+                u64::try_from(v)
+                    .map(Size)
+                    .map_err(|_| E::custom(format!("size {v} is negative")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Size, E> {
+                Size::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn default_arch() -> String {
+    "amd64".into()
+}
+fn default_mirror() -> String {
+    "host".into()
+}
+fn default_section() -> String {
+    "main".into()
+}
+fn default_hostname() -> String {
+    "debian".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+/// One problem in a spec: the field it is in and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Path of the field, e.g. `images[1].size`; empty for the document as a whole.
+    pub field: String,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+/// A spec that could not be read or is invalid; carries every problem found.
+#[derive(Debug, thiserror::Error)]
+pub struct SpecError {
+    /// Where the spec came from, for messages.
+    pub source_name: String,
+    /// Every problem found.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{} is not a valid spec ({n} problem{}):",
+            self.source_name,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Spec {
+    /// Parses and validates a spec from YAML text.
+    pub fn from_yaml(text: &str, source_name: &str) -> Result<Spec, SpecError> {
+        let spec: Spec = serde_saphyr::from_str(text).map_err(|e| SpecError {
+            source_name: source_name.to_string(),
+            problems: vec![Problem {
+                field: String::new(),
+                message: e.to_string(),
+            }],
+        })?;
+        let problems = spec.validate();
+        if problems.is_empty() {
+            Ok(spec)
+        } else {
+            Err(SpecError {
+                source_name: source_name.to_string(),
+                problems,
+            })
+        }
+    }
+
+    /// Reads, parses and validates a spec file.
+    pub fn from_file(path: &Path) -> Result<Spec, SpecError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| SpecError {
+            source_name: name.clone(),
+            problems: vec![Problem {
+                field: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }],
+        })?;
+        Spec::from_yaml(&text, &name)
+    }
+
+    /// Every semantic problem of a parsed spec; empty when it is valid.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut p = Problems::default();
+        if self.version != SPEC_VERSION {
+            p.add(
+                "version",
+                format!(
+                    "{} is not supported (this debimg reads version 1)",
+                    self.version
+                ),
+            );
+        }
+        if !is_file_name(&self.name) {
+            p.add(
+                "name",
+                format!(
+                    "`{}` must be 1-64 characters of letters, digits, `.`, `_`, `-`, not starting with `.` or `-`",
+                    self.name
+                ),
+            );
+        }
+        if !is_debian_token(&self.arch) {
+            p.add(
+                "arch",
+                format!("`{}` is not a Debian architecture name", self.arch),
+            );
+        }
+        if !is_debian_token(&self.suite) {
+            p.add("suite", format!("`{}` is not a suite name", self.suite));
+        }
+        check_mirror(&mut p, "mirror", &self.mirror);
+        for (i, pkg) in self.bootstrap_include.iter().enumerate() {
+            check_package(&mut p, &format!("bootstrap_include[{i}]"), pkg);
+        }
+        for (i, pkg) in self.packages.iter().enumerate() {
+            check_package(&mut p, &format!("packages[{i}]"), pkg);
+        }
+        let mut repo_names = BTreeSet::new();
+        for (i, r) in self.repos.iter().enumerate() {
+            let f = format!("repos[{i}]");
+            if !is_debian_token(&r.name) {
+                p.add(
+                    format!("{f}.name"),
+                    format!(
+                        "`{}` must be letters, digits, `.`, `_`, `-` (it names a file)",
+                        r.name
+                    ),
+                );
+            } else if !repo_names.insert(r.name.as_str()) {
+                p.add(
+                    format!("{f}.name"),
+                    format!("`{}` is used by another repo", r.name),
+                );
+            }
+            if let Some(uri) = &r.uri {
+                check_mirror(&mut p, &format!("{f}.uri"), uri);
+            }
+            if !is_debian_token(&r.suite) {
+                p.add(
+                    format!("{f}.suite"),
+                    format!("`{}` is not a suite name", r.suite),
+                );
+            }
+            if r.section.split_whitespace().next().is_none()
+                || !r.section.split_whitespace().all(is_debian_token)
+            {
+                p.add(
+                    format!("{f}.section"),
+                    format!(
+                        "`{}` must be one or more component names separated by spaces",
+                        r.section
+                    ),
+                );
+            }
+            if let Some(prio) = r.priority
+                && !(-1000..=10000).contains(&prio)
+            {
+                p.add(
+                    format!("{f}.priority"),
+                    format!("{prio} is outside -1000..10000"),
+                );
+            }
+        }
+        if let Some(first) = self.repos.first()
+            && first.suite != self.suite
+        {
+            p.add(
+                "repos[0].suite",
+                format!(
+                    "`{}` differs from `suite` (`{}`): the first repo is the one debootstrap installs from",
+                    first.suite, self.suite
+                ),
+            );
+        }
+        self.validate_images(&mut p);
+        if let Some(px) = &self.proxies {
+            for (field, v) in [("http", &px.http), ("https", &px.https)] {
+                if let Some(url) = v
+                    && !is_url(url)
+                {
+                    p.add(
+                        format!("proxies.{field}"),
+                        format!("`{url}` is not an http(s) URL"),
+                    );
+                }
+            }
+            for (i, h) in px.direct.iter().enumerate() {
+                if !is_hostname(h) {
+                    p.add(
+                        format!("proxies.direct[{i}]"),
+                        format!("`{h}` is not a host name"),
+                    );
+                }
+            }
+        }
+        if let Some(hash) = &self.root_password_hash
+            && !is_crypt_hash(hash)
+        {
+            p.add(
+                "root_password_hash",
+                "must be a crypt(3) hash such as `$6$salt$...` or `$y$...` (make one with `mkpasswd`), or `!` to lock the account; plain passwords are not accepted",
+            );
+        }
+        if !is_hostname(&self.hostname) {
+            p.add(
+                "hostname",
+                format!("`{}` is not a valid host name", self.hostname),
+            );
+        }
+        p.0
+    }
+
+    fn validate_images(&self, p: &mut Problems) {
+        if self.images.is_empty() {
+            p.add(
+                "images",
+                "at least one image is needed (one mounted at `/`)",
+            );
+            return;
+        }
+        let mut mounts = BTreeSet::new();
+        let mut outputs = BTreeSet::new();
+        for (i, img) in self.images.iter().enumerate() {
+            let f = format!("images[{i}]");
+            match check_mount_point(&img.mount) {
+                Err(msg) => p.add(format!("{f}.mount"), msg),
+                Ok(()) => {
+                    if !mounts.insert(img.mount.trim_end_matches('/').to_string()) {
+                        p.add(
+                            format!("{f}.mount"),
+                            format!("`{}` is used by another image", img.mount),
+                        );
+                    }
+                }
+            }
+            if img.size.0 < img.fs.min_size() {
+                p.add(
+                    format!("{f}.size"),
+                    format!(
+                        "{} is too small for {} (at least {})",
+                        img.size,
+                        img.fs,
+                        Size(img.fs.min_size())
+                    ),
+                );
+            } else if img.size.0 > MAX_IMAGE_SIZE {
+                p.add(
+                    format!("{f}.size"),
+                    format!("{} is larger than {}", img.size, Size(MAX_IMAGE_SIZE)),
+                );
+            }
+            if let Some(label) = &img.label {
+                if label.is_empty()
+                    || label.len() > img.fs.max_label_len()
+                    || !label
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                {
+                    p.add(
+                        format!("{f}.label"),
+                        format!(
+                            "`{label}` must be 1-{} characters of letters, digits, `.`, `_`, `-` for {}",
+                            img.fs.max_label_len(),
+                            img.fs
+                        ),
+                    );
+                }
+            }
+            for (j, opt) in img.mkfs_options.iter().enumerate() {
+                if opt.is_empty() || opt.contains('\0') || opt.contains('\n') {
+                    p.add(
+                        format!("{f}.mkfs_options[{j}]"),
+                        "must be a non-empty single-line argument",
+                    );
+                }
+            }
+            if let Some(out) = &img.output
+                && !is_file_name(out)
+            {
+                p.add(
+                    format!("{f}.output"),
+                    format!(
+                        "`{out}` must be a plain file name: letters, digits, `.`, `_`, `-`, no `/` or `..`"
+                    ),
+                );
+            }
+            let out = image_base_name(&self.name, img);
+            if !outputs.insert(out.clone()) {
+                p.add(
+                    format!("{f}.output"),
+                    format!("`{out}` is the output name of another image"),
+                );
+            }
+        }
+        if !mounts.contains("") {
+            p.add("images", "no image is mounted at `/`");
+        }
+        // Every image must sit on the image tree: its parent directories belong to some image,
+        // which holds when `/` exists; nesting is then implied by the mount order.
+    }
+}
+
+/// Base name (without `.img`) of an image's output files.
+pub fn image_base_name(spec_name: &str, img: &Image) -> String {
+    if let Some(out) = &img.output {
+        return out.clone();
+    }
+    let slug = img.mount.trim_matches('/').replace('/', "-");
+    if slug.is_empty() {
+        format!("{spec_name}-root")
+    } else {
+        format!("{spec_name}-{slug}")
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn check_mount_point(m: &str) -> Result<(), String> {
+    if !m.starts_with('/') {
+        return Err(format!("`{m}` must be an absolute path (start with `/`)"));
+    }
+    if m.len() > 1 && m.ends_with('/') {
+        return Err(format!("`{m}` must not end with `/`"));
+    }
+    for comp in m.split('/').skip(1) {
+        if m == "/" {
+            break;
+        }
+        if comp.is_empty() || comp == "." || comp == ".." {
+            return Err(format!(
+                "`{m}` must be a normalized path: no empty, `.` or `..` components"
+            ));
+        }
+        if !comp
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-+@".contains(c))
+        {
+            return Err(format!(
+                "`{m}` may only hold letters, digits and `._-+@` in its components (it goes into fstab)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_mirror(p: &mut Problems, field: &str, value: &str) {
+    if value != "host" && !is_url(value) && !value.starts_with("file:///") {
+        p.add(
+            field,
+            format!("`{value}` must be `host` (the build host's own mirror) or an http(s):// or file:/// URL"),
+        );
+    }
+}
+
+fn check_package(p: &mut Problems, field: &str, name: &str) {
+    if !is_package_name(name) {
+        p.add(
+            field,
+            format!(
+                "`{name}` is not a Debian package name (lowercase letters, digits, `+`, `-`, `.`; at least 2 characters, starting with a letter or digit; optionally `:arch`)"
+            ),
+        );
+    }
+}
+
+/// Debian policy 5.6.1: `[a-z0-9][a-z0-9+.-]+`, optionally qualified with `:arch`.
+pub fn is_package_name(name: &str) -> bool {
+    let (pkg, arch) = match name.split_once(':') {
+        Some((p, a)) => (p, Some(a)),
+        None => (name, None),
+    };
+    let ok_pkg = pkg.len() >= 2
+        && pkg
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && pkg
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+.-".contains(c));
+    ok_pkg && arch.is_none_or(is_debian_token)
+}
+
+fn is_debian_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with(['-', '.'])
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+fn is_file_name(s: &str) -> bool {
+    is_debian_token(s) && s != "." && s != ".." && !s.contains("..")
+}
+
+/// An http(s) URL with a host and nothing a config file line could trip on.
+pub fn is_url(s: &str) -> bool {
+    let rest = match s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+    {
+        Some(r) => r,
+        None => return false,
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = host.rsplit('@').next().unwrap_or("");
+    !host.is_empty()
+        && !s
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == ';' || c == '\\')
+}
+
+fn is_hostname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+fn is_crypt_hash(s: &str) -> bool {
+    if s == "!" || s == "*" {
+        return true;
+    }
+    let parts: Vec<&str> = s.split('$').collect();
+    parts.len() >= 4
+        && parts[0].is_empty()
+        && !parts[1].is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "$./=,-".contains(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+version: 1
+name: test
+suite: bookworm
+packages: [openssh-server, curl]
+images:
+  - {mount: /, fs: ext4, size: 2GiB, label: root}
+  - {mount: /boot, fs: ext2, size: 256MiB, label: boot}
+"#;
+
+    fn problems(yaml: &str) -> Vec<Problem> {
+        match Spec::from_yaml(yaml, "t.yaml") {
+            Ok(_) => vec![],
+            Err(e) => e.problems,
+        }
+    }
+
+    #[test]
+    fn good_spec_parses_with_defaults() {
+        let s = Spec::from_yaml(GOOD, "t.yaml").unwrap();
+        assert_eq!(s.arch, "amd64");
+        assert_eq!(s.mirror, "host");
+        assert_eq!(s.variant, Variant::Minbase);
+        assert_eq!(s.images[0].size, Size(2 * GIB));
+        assert_eq!(s.images[1].container, Container::Gzip);
+        assert!(s.keep_apt_sources);
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(Size::parse("2GiB").unwrap(), Size(2 * GIB));
+        assert_eq!(Size::parse("256M").unwrap(), Size(256 * MIB));
+        assert_eq!(Size::parse("1.5G").unwrap(), Size(GIB * 3 / 2));
+        assert_eq!(Size::parse("500MB").unwrap(), Size(500_000_000));
+        assert_eq!(Size::parse("4096").unwrap(), Size(4096));
+        assert!(Size::parse("2 parsecs").is_err());
+        assert!(Size::parse("GiB").is_err());
+        assert_eq!(Size(256 * MIB).to_string(), "256MiB");
+    }
+
+    #[test]
+    fn every_problem_is_named_with_its_field() {
+        let yaml = r#"
+version: 2
+name: "../x"
+suite: bookworm
+packages: [Bad_Name]
+images:
+  - {mount: /boot, fs: ext2, size: 1MiB}
+  - {mount: boot, fs: xfs, size: 1GiB}
+"#;
+        let fields: Vec<String> = problems(yaml).into_iter().map(|p| p.field).collect();
+        for f in [
+            "version",
+            "name",
+            "packages[0]",
+            "images[0].size",
+            "images[1].mount",
+            "images",
+        ] {
+            assert!(fields.iter().any(|x| x == f), "{f} missing in {fields:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let yaml = GOOD.replace("suite: bookworm", "suite: bookworm\nsuit: x");
+        let p = problems(&yaml);
+        assert_eq!(p.len(), 1);
+        assert!(p[0].message.contains("suit"), "{}", p[0].message);
+    }
+
+    #[test]
+    fn package_names() {
+        for ok in ["openssh-server", "g++", "libc6:amd64", "0ad"] {
+            assert!(is_package_name(ok), "{ok}");
+        }
+        for bad in ["a", "Foo", "-x", "x y", "x;rm", "pkg:", ""] {
+            assert!(!is_package_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mount_points() {
+        assert!(check_mount_point("/").is_ok());
+        assert!(check_mount_point("/var/lib/app").is_ok());
+        for bad in ["var", "/var/", "/a/../b", "/a//b", "/a b", "/./x"] {
+            assert!(check_mount_point(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn base_names() {
+        let s = Spec::from_yaml(GOOD, "t").unwrap();
+        assert_eq!(image_base_name("test", &s.images[0]), "test-root");
+        assert_eq!(image_base_name("test", &s.images[1]), "test-boot");
+    }
+}

@@ -1,0 +1,323 @@
+//! Shared pieces of the integration tests: running the real binary, checking outputs with
+//! independent tools (md5sum, sha256sum, gunzip, e2fsck, xfs_repair), mounting built images
+//! read-only, and proving a build left nothing behind.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use debimg::metadata::Metadata;
+use debimg::sys::loopdev::{self, LoopDevice};
+use debimg::sys::mount::{self, Mount};
+use nix::mount::MsFlags;
+
+/// True when the tests that need root, loop devices and mounts can run; says why otherwise.
+pub fn can_build() -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return false;
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        eprintln!("skipped: no /dev/loop-control");
+        return false;
+    }
+    true
+}
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// An example spec from data/examples.
+pub fn example(name: &str) -> PathBuf {
+    repo().join("data/examples").join(name)
+}
+
+/// A scratch directory under /var/tmp (the build default's filesystem), removed on drop.
+pub fn scratch(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("debimg-test-{tag}-"))
+        .tempdir_in("/var/tmp")
+        .expect("creating a scratch dir")
+}
+
+/// The result of one debimg run.
+pub struct Run {
+    pub output: Output,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+    pub fn code(&self) -> Option<i32> {
+        self.output.status.code()
+    }
+    /// Panics with the whole stderr unless the run succeeded.
+    pub fn assert_ok(&self, what: &str) {
+        assert!(
+            self.output.status.success(),
+            "{what} failed ({:?}):\n{}",
+            self.output.status,
+            self.stderr()
+        );
+    }
+}
+
+/// Runs the debimg binary with `args`.
+pub fn debimg(args: &[&str]) -> Run {
+    let t = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_debimg"))
+        .args(args)
+        .output()
+        .expect("running debimg");
+    Run {
+        output,
+        elapsed: t.elapsed(),
+    }
+}
+
+/// `debimg build SPEC -o OUT --build-dir BUILD -q [extra...]`.
+pub fn build(spec: &Path, out: &Path, build_dir: &Path, extra: &[&str]) -> Run {
+    let mut args = vec![
+        "build",
+        spec.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--build-dir",
+        build_dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    debimg(&args)
+}
+
+/// Runs a host tool and returns its stdout; panics with its stderr on failure.
+pub fn tool(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn first_word(s: &str) -> String {
+    s.split_whitespace().next().unwrap_or("").to_string()
+}
+
+/// md5 and sha256 of a file by coreutils, independent of debimg's own hashing.
+pub fn sums(path: &Path) -> (String, String) {
+    let p = path.to_str().unwrap();
+    (
+        first_word(&tool("md5sum", &[p])),
+        first_word(&tool("sha256sum", &[p])),
+    )
+}
+
+/// Every loop device whose backing file is under `dir`.
+pub fn loops_backed_under(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file"))
+            && b.trim().starts_with(dir.to_str().unwrap())
+        {
+            found.push(format!("/dev/{name} -> {}", b.trim()));
+        }
+    }
+    found
+}
+
+/// Asserts that a finished build (pass or fail) left nothing: its build dir is empty, no loop
+/// device is backed by a file in it, nothing is mounted under it, no temp file sits in `out`.
+pub fn assert_no_leftovers(build_dir: &Path, out: &Path) {
+    let left: Vec<_> = std::fs::read_dir(build_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "the build dir still holds {left:?}");
+    let loops = loops_backed_under(build_dir);
+    assert!(loops.is_empty(), "loop devices left attached: {loops:?}");
+    let mounts = mount::mount_points_under(build_dir).unwrap();
+    assert!(mounts.is_empty(), "mounts left: {mounts:?}");
+    if out.exists() {
+        let temps: Vec<_> = std::fs::read_dir(out)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp-"))
+            .collect();
+        assert!(
+            temps.is_empty(),
+            "partial files in the output dir: {temps:?}"
+        );
+    }
+}
+
+/// Checks every image against its metadata with independent tools and returns the raw images
+/// (gunzipped where needed) in `scratch`, in metadata order.
+pub fn check_outputs(out: &Path, meta: &Metadata, scratch: &Path) -> Vec<PathBuf> {
+    let mut raws = Vec::new();
+    for img in &meta.images {
+        let container = out.join(&img.container_name);
+        let len = std::fs::metadata(&container).unwrap().len();
+        assert_eq!(
+            len, img.container_size,
+            "{}: container_size",
+            img.container_name
+        );
+        let (md5, sha) = sums(&container);
+        assert_eq!(
+            md5, img.container_md5,
+            "{}: container_md5",
+            img.container_name
+        );
+        assert_eq!(
+            sha, img.container_sha256,
+            "{}: container_sha256",
+            img.container_name
+        );
+        let raw = scratch.join(&img.raw_name);
+        match img.container.as_str() {
+            "gzip" => {
+                tool("gzip", &["-t", container.to_str().unwrap()]);
+                let f = std::fs::File::create(&raw).unwrap();
+                let st = Command::new("gzip")
+                    .args(["-dc", container.to_str().unwrap()])
+                    .stdout(f)
+                    .status()
+                    .unwrap();
+                assert!(st.success(), "gunzip {}", container.display());
+            }
+            "raw" => {
+                assert_eq!(img.container_md5, img.raw_md5);
+                std::fs::copy(&container, &raw).unwrap();
+            }
+            other => panic!("unknown container {other}"),
+        }
+        assert_eq!(
+            std::fs::metadata(&raw).unwrap().len(),
+            img.raw_size,
+            "{}: raw_size",
+            img.raw_name
+        );
+        let (md5, sha) = sums(&raw);
+        assert_eq!(md5, img.raw_md5, "{}: raw_md5", img.raw_name);
+        assert_eq!(sha, img.raw_sha256, "{}: raw_sha256", img.raw_name);
+        fsck(&raw, &img.format);
+        raws.push(raw);
+    }
+    raws
+}
+
+/// The filesystem checker, read-only: e2fsck -fn or xfs_repair -n.
+pub fn fsck(raw: &Path, format: &str) {
+    let p = raw.to_str().unwrap();
+    match format {
+        "ext2" | "ext3" | "ext4" => {
+            tool("e2fsck", &["-fn", p]);
+        }
+        "xfs" => {
+            tool("xfs_repair", &["-n", "-f", p]);
+        }
+        other => panic!("no checker for {other}"),
+    }
+}
+
+/// Built images mounted read-only in mount order, like the target system would see them.
+pub struct MountedTree {
+    pub root: tempfile::TempDir,
+    mounts: Vec<Mount>,
+    loops: Vec<LoopDevice>,
+}
+
+impl MountedTree {
+    /// Mounts `raws` (in metadata order) at their `mount` points below a temp dir.
+    pub fn mount(meta: &Metadata, raws: &[PathBuf]) -> MountedTree {
+        let mut t = MountedTree {
+            root: scratch("mnt"),
+            mounts: Vec::new(),
+            loops: Vec::new(),
+        };
+        let mut order: Vec<usize> = (0..meta.images.len()).collect();
+        order.sort_by_key(|&i| debimg::plan::mount_depth(&meta.images[i].mount));
+        for i in order {
+            let img = &meta.images[i];
+            let dev = loopdev::attach(&raws[i], true).unwrap();
+            let target = t.root.path().join(img.mount.trim_start_matches('/'));
+            let m = mount::mount(
+                dev.path().to_str().unwrap(),
+                &target,
+                Some(&img.format),
+                MsFlags::MS_RDONLY,
+                None,
+            )
+            .unwrap_or_else(|e| panic!("mounting {} at {}: {e:#}", img.raw_name, img.mount));
+            t.loops.push(dev);
+            t.mounts.push(m);
+        }
+        t
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.path().join(rel.trim_start_matches('/'))
+    }
+
+    pub fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.path(rel))
+            .unwrap_or_else(|e| panic!("reading {rel} in the image: {e}"))
+    }
+}
+
+impl Drop for MountedTree {
+    fn drop(&mut self) {
+        while let Some(m) = self.mounts.pop() {
+            if let Err(e) = m.close() {
+                eprintln!("{e:#}");
+            }
+        }
+        while let Some(l) = self.loops.pop() {
+            if let Err(e) = l.close() {
+                eprintln!("{e:#}");
+            }
+        }
+    }
+}
+
+/// Installed packages and versions from a dpkg status file.
+pub fn dpkg_installed(status: &str) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for stanza in status.split("\n\n") {
+        let field = |name: &str| {
+            stanza
+                .lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+        };
+        if let (Some(p), Some(v), Some(s)) =
+            (field("Package:"), field("Version:"), field("Status:"))
+            && s == "install ok installed"
+        {
+            out.insert(p, v);
+        }
+    }
+    out
+}
