@@ -268,7 +268,7 @@ impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
         for (unit, m) in [("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
-            if b >= m && b % m == 0 {
+            if b >= m && b.is_multiple_of(m) {
                 return write!(f, "{}{unit}", b / m);
             }
         }
@@ -571,14 +571,14 @@ impl Spec {
                     format!("{} is larger than {}", img.size, Size(MAX_IMAGE_SIZE)),
                 );
             }
-            if let Some(label) = &img.label {
-                if label.is_empty()
+            if let Some(label) = &img.label
+                && (label.is_empty()
                     || label.len() > img.fs.max_label_len()
                     || !label
                         .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-                {
-                    p.add(
+                        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)))
+            {
+                p.add(
                         format!("{f}.label"),
                         format!(
                             "`{label}` must be 1-{} characters of letters, digits, `.`, `_`, `-` for {}",
@@ -586,7 +586,6 @@ impl Spec {
                             img.fs
                         ),
                     );
-                }
             }
             for (j, opt) in img.mkfs_options.iter().enumerate() {
                 if opt.is_empty() || opt.contains('\0') || opt.contains('\n') {

@@ -146,7 +146,7 @@ fn shrink(image: &Path) -> Result<u64> {
 
 /// Turns the ext3/4 journal of the filesystem in `image` on or off (`tune2fs -O`).
 ///
-/// Doing nothing when the journal is already in the asked state. The builder turns the journal
+/// Does nothing when the journal is already in the asked state. The builder turns the journal
 /// off while it writes the root filesystem (two to three times faster) and back on at the end.
 pub fn set_ext_journal(image: &Path, on: bool) -> Result<()> {
     let what = if on { "adding" } else { "removing" };
