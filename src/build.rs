@@ -8,12 +8,12 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use nix::mount::MsFlags;
 
+use crate::cache::{self, Cache};
 use crate::debian::apt::Apt;
 use crate::debian::configure::{self, BuildOnlyFiles, FstabEntry};
 use crate::debian::debootstrap;
@@ -21,14 +21,12 @@ use crate::metadata::{ImageMeta, Metadata, RepoMeta, now_rfc3339};
 use crate::pack::compress::{self, Packed};
 use crate::pack::shrink;
 use crate::plan::Plan;
+use crate::signals;
 use crate::spec::{Container, Fs};
 use crate::sys::loopdev::{self, LoopDevice};
 use crate::sys::mkfs::{self, MkfsRequest};
 use crate::sys::mount::{self, Mount};
 use crate::sys::procs;
-
-/// The signal that interrupted the build (0 = none); set by the handlers `main` installs.
-pub static INTERRUPTED: AtomicUsize = AtomicUsize::new(0);
 
 /// How long processes left in the chroot get between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -46,6 +44,8 @@ pub struct BuildOptions {
     pub wait: bool,
     /// Show the output of debootstrap and apt on stderr.
     pub show_progress: bool,
+    /// Package and base-tree caches shared by builds; `None` builds without them.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// What a build produced.
@@ -70,31 +70,47 @@ impl Outcome {
     }
 }
 
-/// Fails when a signal asked the build to stop.
-pub fn check_interrupted() -> Result<()> {
-    let sig = INTERRUPTED.load(Ordering::SeqCst);
-    if sig != 0 {
-        let name = nix::sys::signal::Signal::try_from(sig as i32)
-            .map(|s| s.as_str())
-            .unwrap_or("a signal");
-        bail!("interrupted by {name}");
-    }
-    Ok(())
-}
-
 /// Runs one named stage, announcing it and its duration on stderr.
 fn stage<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    check_interrupted().with_context(|| format!("before stage {name}"))?;
+    signals::check().with_context(|| format!("before stage {name}"))?;
     tracing::info!("stage {name}: started");
     let t = Instant::now();
-    let out = f().with_context(|| format!("stage {name} failed"))?;
+    let out = f()
+        .and_then(|out| injected_fault(name).map(|()| out))
+        .with_context(|| format!("stage {name} failed"))?;
     tracing::info!("stage {name}: done in {:.1}s", t.elapsed().as_secs_f64());
     Ok(out)
 }
 
+/// The test-only fault hook: `DEBIMG_TEST_FAULT=<stage>:fail` fails the build at the end of that
+/// stage (its resources held), `<stage>:pause` announces `debimg-test: paused in stage <stage>`
+/// on stderr and waits there for a signal. The fault-injection tests drive every stage with it.
+pub const FAULT_ENV: &str = "DEBIMG_TEST_FAULT";
+
+fn injected_fault(stage: &str) -> Result<()> {
+    let Ok(spec) = std::env::var(FAULT_ENV) else {
+        return Ok(());
+    };
+    match spec.split_once(':') {
+        Some((s, "fail")) if s == stage => bail!("injected fault ({FAULT_ENV}={spec})"),
+        Some((s, "pause")) if s == stage => {
+            eprintln!("debimg-test: paused in stage {stage}");
+            loop {
+                signals::check()?;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Host tools a plan needs, with the Debian package that provides each.
 pub fn required_tools(plan: &Plan) -> Vec<(&'static str, &'static str)> {
-    let mut tools = vec![("debootstrap", "debootstrap"), ("chroot", "coreutils")];
+    let mut tools = vec![
+        ("debootstrap", "debootstrap"),
+        ("chroot", "coreutils"),
+        ("tar", "tar"),
+    ];
     for img in &plan.images {
         tools.push(mkfs::tool(img.fs));
         if img.fs.is_ext() {
@@ -116,6 +132,11 @@ pub fn preflight(plan: &Plan) -> Result<()> {
     for d in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
         dirs.push(PathBuf::from(d));
     }
+    check_tools(plan, &dirs)
+}
+
+/// The preflight against an explicit list of directories.
+pub fn check_tools(plan: &Plan, dirs: &[PathBuf]) -> Result<()> {
     let missing: Vec<_> = required_tools(plan)
         .into_iter()
         .filter(|(tool, _)| !dirs.iter().any(|d| d.join(tool).is_file()))
@@ -124,6 +145,7 @@ pub fn preflight(plan: &Plan) -> Result<()> {
         return Ok(());
     }
     let mut pkgs: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+    pkgs.sort();
     pkgs.dedup();
     bail!(
         "missing host tools: {} (install them with `apt-get install {}`)",
@@ -211,9 +233,11 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<Outcome> {
     preflight(plan)?;
     std::fs::create_dir_all(&opts.build_dir)
         .with_context(|| format!("creating build directory {}", opts.build_dir.display()))?;
+    clean_stale_workspaces(&opts.build_dir);
     let build_start = now_rfc3339();
     let ws = Workspace::create(&opts.build_dir, &plan.name)?;
-    let result = run_stages(plan, opts, &ws, &output_dir, build_start);
+    let result = run_stages(plan, opts, &ws, &output_dir, build_start)
+        .map_err(|e| explain_no_space(e, &opts.build_dir));
     let closed = ws.close();
     let metadata = result?;
     closed?;
@@ -241,12 +265,12 @@ fn run_stages(
     let built = build_tree(plan, opts, ws)?;
     stage("shrink", || {
         for (img, (file, _)) in plan.images.iter().zip(&built.images) {
+            mkfs::check(img.fs, file)?;
             if matches!(img.fs, Fs::Ext3 | Fs::Ext4) {
                 shrink::set_ext_journal(file, true)?;
             }
             if img.fs.is_ext() {
-                let size = shrink::shrink_ext(file)?;
-                tracing::info!("{}: shrunk to {} MiB", img.raw_name, size >> 20);
+                shrink::shrink_ext(file)?;
             }
         }
         Ok(())
@@ -255,7 +279,7 @@ fn run_stages(
     let packed = stage("package", || {
         let mut out = Vec::new();
         for (img, (file, _)) in plan.images.iter().zip(&built.images) {
-            check_interrupted()?;
+            signals::check()?;
             let tmp = pending.temp_path(&img.container_name);
             let container = match img.container {
                 Container::Gzip => compress::Container::Gzip,
@@ -338,10 +362,11 @@ fn image_meta(img: &crate::plan::PlannedImage, p: &Packed, uuid: &str) -> ImageM
 fn build_tree(plan: &Plan, opts: &BuildOptions, ws: &Workspace) -> Result<Built> {
     let root = ws.dir.join("root");
     let mut tree = stage("disks", || Tree::create(plan, ws, &root))?;
+    let cache = opts.cache_dir.as_deref().map(Cache::open).transpose()?;
     let mut build_only = BuildOnlyFiles::new(&root);
     stage("bootstrap", || {
         build_only.install_policy()?;
-        debootstrap::run(plan, &root, None, opts.show_progress)?;
+        bootstrap(plan, opts, ws, &root, cache.as_ref())?;
         build_only.install_policy()
     })?;
     let apt = Apt {
@@ -351,9 +376,30 @@ fn build_tree(plan: &Plan, opts: &BuildOptions, ws: &Workspace) -> Result<Built>
     let release_metas = stage("install", || {
         tree.mount_api_filesystems()?;
         build_only.install_resolv_conf()?;
+        build_only.install_dpkg_unsafe_io()?;
+        // apt downloads into the workspace, seeded from and returned to the package cache:
+        // the image's filesystem never holds the archives.
+        let archives = ws.dir.join("archives");
+        match &cache {
+            Some(c) => {
+                let n = c.link_packages_into(&archives)?;
+                tracing::debug!("{n} cached packages offered to apt");
+            }
+            None => std::fs::create_dir_all(&archives)
+                .with_context(|| format!("creating {}", archives.display()))?,
+        }
+        std::fs::create_dir_all(archives.join("partial"))
+            .with_context(|| format!("creating {}/partial", archives.display()))?;
+        let archives_target = root.join("var/cache/apt/archives");
+        tree.bind(&archives, &archives_target)?;
         apt.configure_and_update(plan)?;
         let metas = apt.pin(plan)?;
         apt.install(&plan.packages)?;
+        if let Some(c) = &cache {
+            let n = c.store_packages_from(&archives)?;
+            tracing::debug!("{n} new packages added to the cache");
+        }
+        tree.unmount_last(&archives_target)?;
         Ok(metas)
     })?;
     let installed = stage("configure", || {
@@ -370,6 +416,7 @@ fn build_tree(plan: &Plan, opts: &BuildOptions, ws: &Workspace) -> Result<Built>
             })
             .collect();
         configure::write_system_files(&root, &plan.hostname, &fstab)?;
+        configure::scrub_host_identity(&root)?;
         apt.clean()?;
         let installed = apt.installed()?;
         build_only.remove()?;
@@ -390,6 +437,40 @@ fn build_tree(plan: &Plan, opts: &BuildOptions, ws: &Workspace) -> Result<Built>
         installed,
         release_metas,
     })
+}
+
+/// Fills `root` with the base system: from the base-tree cache when it holds this bootstrap,
+/// else by debootstrap (its downloads pooled in the package cache), storing the result.
+fn bootstrap(
+    plan: &Plan,
+    opts: &BuildOptions,
+    ws: &Workspace,
+    root: &Path,
+    cache: Option<&Cache>,
+) -> Result<()> {
+    let Some(cache) = cache else {
+        return debootstrap::run(plan, root, None, opts.show_progress);
+    };
+    let key = match cache::release_digest(plan, &ws.dir) {
+        Ok(d) => Some(cache::base_key(plan, &d)),
+        Err(e) => {
+            tracing::warn!("not using the base-tree cache: {e:#}");
+            None
+        }
+    };
+    if let Some(tar) = key.as_deref().and_then(|k| cache.base(k)) {
+        tracing::info!("base tree from the cache ({})", tar.display());
+        return Cache::restore_base(&tar, root);
+    }
+    let debs = ws.dir.join("debs");
+    cache.link_packages_into(&debs)?;
+    debootstrap::run(plan, root, Some(&debs), opts.show_progress)?;
+    cache.store_packages_from(&debs)?;
+    if let Some(k) = key {
+        let tar = cache.store_base(&k, root)?;
+        tracing::info!("base tree cached as {}", tar.display());
+    }
+    Ok(())
 }
 
 /// The mounted image tree: loop devices and mounts, released in reverse order.
@@ -470,11 +551,45 @@ impl Tree {
         Ok(())
     }
 
+    /// Bind-mounts a workspace directory into the tree.
+    fn bind(&mut self, source: &Path, target: &Path) -> Result<()> {
+        std::fs::create_dir_all(target)
+            .with_context(|| format!("creating {}", target.display()))?;
+        let m = mount::mount(
+            &source.to_string_lossy(),
+            target,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
+        self.mounts.push(m);
+        Ok(())
+    }
+
+    /// Unmounts the most recent mount, which must be the one at `target`.
+    fn unmount_last(&mut self, target: &Path) -> Result<()> {
+        let canonical = target
+            .canonicalize()
+            .with_context(|| format!("resolving {}", target.display()))?;
+        match self.mounts.last() {
+            Some(m) if m.target() == canonical => {
+                let m = self.mounts.pop().expect("checked above");
+                m.close()
+            }
+            _ => bail!("{} is not the last mount of the tree", target.display()),
+        }
+    }
+
     /// Ends leftover processes, unmounts deepest first, detaches the loop devices.
     fn release(mut self) -> Result<()> {
         let killed = procs::kill_processes_in_root(&self.root, KILL_GRACE)?;
         if !killed.is_empty() {
             tracing::warn!("ended processes left in the chroot: {killed:?}");
+        }
+        // One sync for the whole build (dpkg skipped its own); syncfs also reports writes the
+        // kernel failed to store, which unmount would swallow.
+        for m in self.mounts.iter().rev() {
+            syncfs(m.target())?;
         }
         while let Some(m) = self.mounts.pop() {
             m.close()?;
@@ -512,11 +627,68 @@ impl Drop for Tree {
     }
 }
 
-/// The build's private working directory under `--build-dir`.
+/// Below this much free space in the build directory a failure is blamed on a full disk.
+const LOW_SPACE: u64 = 32 << 20;
+
+/// Adds "no space left" to an error when the build directory's filesystem is (nearly) full:
+/// a full disk under a loop device shows up as I/O errors that do not say so.
+fn explain_no_space(err: anyhow::Error, build_dir: &Path) -> anyhow::Error {
+    match nix::sys::statvfs::statvfs(build_dir) {
+        Ok(st) => {
+            let free = st.blocks_available() * st.fragment_size();
+            if free < LOW_SPACE {
+                return err.context(format!(
+                    "no space left in the build directory {} ({} KiB free): free some or choose another with --build-dir",
+                    build_dir.display(),
+                    free >> 10
+                ));
+            }
+            err
+        }
+        Err(_) => err,
+    }
+}
+
+/// Name of the lock file a live build holds in its workspace.
+const WORKSPACE_LOCK: &str = ".debimg-workspace.lock";
+
+/// Removes workspaces of builds that died without cleaning up (SIGKILL, power loss): their lock
+/// is free. Their mounts and loop devices went with their namespaces; only files remain.
+fn clean_stale_workspaces(build_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(build_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with("debimg-") {
+            continue;
+        }
+        let dir = entry.path();
+        let Ok(file) = File::options().write(true).open(dir.join(WORKSPACE_LOCK)) else {
+            continue;
+        };
+        use nix::fcntl::{Flock, FlockArg};
+        let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+            continue;
+        };
+        tracing::warn!(
+            "removing stale workspace {} of a build that died",
+            dir.display()
+        );
+        let res = mount::unmount_all_under(&dir).and_then(|()| mount::remove_dir_all_safe(&dir));
+        if let Err(e) = res {
+            tracing::warn!("could not remove stale workspace {}: {e:#}", dir.display());
+        }
+        drop(lock);
+    }
+}
+
+/// The build's private working directory under `--build-dir`, locked while the build lives.
 #[must_use]
 struct Workspace {
     dir: PathBuf,
     closed: bool,
+    _lock: nix::fcntl::Flock<File>,
 }
 
 impl Workspace {
@@ -526,8 +698,19 @@ impl Workspace {
             .tempdir_in(build_dir)
             .with_context(|| format!("creating a workspace in {}", build_dir.display()))?
             .keep();
+        let lock_path = dir.join(WORKSPACE_LOCK);
+        // Should locking fail, the directory is left with a free lock: the next run removes it.
+        let file = File::create_new(&lock_path)
+            .with_context(|| format!("creating {}", lock_path.display()))?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| e)
+            .with_context(|| format!("locking {}", lock_path.display()))?;
         tracing::debug!("workspace {}", dir.display());
-        Ok(Workspace { dir, closed: false })
+        Ok(Workspace {
+            dir,
+            closed: false,
+            _lock: lock,
+        })
     }
 
     /// Unmounts anything left and deletes the workspace, never across a mount point.
@@ -630,8 +813,64 @@ impl Drop for PendingOutputs {
     }
 }
 
+/// Flushes the filesystem holding `path` and reports any write it lost.
+fn syncfs(path: &Path) -> Result<()> {
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    nix::unistd::syncfs(&f).with_context(|| {
+        format!(
+            "flushing the filesystem at {}: writes were lost",
+            path.display()
+        )
+    })
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("syncing {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::parse_sources_list;
+    use crate::spec::Spec;
+
+    fn plan() -> Plan {
+        let spec = Spec::from_yaml(
+            "version: 1\nname: t\nsuite: bookworm\nimages:\n  - {mount: /, fs: ext4, size: 1GiB}\n  - {mount: /var, fs: xfs, size: 1GiB}\n",
+            "t",
+        )
+        .unwrap();
+        Plan::new(
+            &spec,
+            &parse_sources_list("deb http://m.example/debian bookworm main"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn preflight_names_every_missing_tool_and_its_package() {
+        let empty = tempfile::tempdir().unwrap();
+        let err = check_tools(&plan(), &[empty.path().to_path_buf()])
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "debootstrap (package debootstrap)",
+            "mkfs.xfs (package xfsprogs)",
+            "resize2fs (package e2fsprogs)",
+            "apt-get install coreutils debootstrap e2fsprogs tar xfsprogs",
+        ] {
+            assert!(err.contains(needle), "`{needle}` missing in: {err}");
+        }
+    }
+
+    #[test]
+    fn preflight_passes_when_tools_exist() {
+        let bin = tempfile::tempdir().unwrap();
+        for (tool, _) in required_tools(&plan()) {
+            std::fs::write(bin.path().join(tool), "").unwrap();
+        }
+        check_tools(&plan(), &[bin.path().to_path_buf()]).unwrap();
+    }
 }

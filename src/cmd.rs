@@ -4,11 +4,17 @@
 //! failure its error names the command line and carries the tail of its stderr. Arguments are a
 //! vector: nothing ever passes through a shell.
 
+use std::collections::VecDeque;
 use std::ffi::OsStr;
 use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+use crate::signals;
 
 /// How much of a failing command's stderr goes into the error.
 const STDERR_TAIL_LINES: usize = 20;
@@ -50,35 +56,52 @@ fn quote(arg: &OsStr) -> String {
     }
 }
 
-fn stderr_tail(stderr: &[u8]) -> String {
-    let text = String::from_utf8_lossy(stderr);
-    let lines: Vec<&str> = text.lines().collect();
-    let start = lines.len().saturating_sub(STDERR_TAIL_LINES);
-    lines[start..].join("\n")
+/// What a finished command left: its status, its whole stdout when captured, and the tail of
+/// its output for errors.
+struct Finished {
+    status: ExitStatus,
+    stdout: Vec<u8>,
+    tail: Vec<String>,
 }
 
-fn check(cmd: &Command, out: &Output, ok_codes: &[i32]) -> Result<i32> {
-    let code = out.status.code();
-    match code {
-        Some(c) if ok_codes.contains(&c) => Ok(c),
-        _ => {
-            let status = match code {
-                Some(c) => format!("exit code {c}"),
-                None => format!("{}", out.status),
-            };
-            let mut tail = stderr_tail(&out.stderr);
-            if tail.trim().is_empty() {
-                tail = stderr_tail(&out.stdout);
+impl Finished {
+    fn check(&self, cmd: &Command, ok_codes: &[i32]) -> Result<i32> {
+        match self.status.code() {
+            Some(c) if ok_codes.contains(&c) => Ok(c),
+            code => {
+                let status = match code {
+                    Some(c) => format!("exit code {c}"),
+                    None => format!("{}", self.status),
+                };
+                if let Some(sig) = signals::interrupted() {
+                    let name = nix::sys::signal::Signal::try_from(sig)
+                        .map(|s| s.as_str())
+                        .unwrap_or("a signal");
+                    bail!(
+                        "`{}` stopped ({status}): interrupted by {name}",
+                        command_line(cmd)
+                    );
+                }
+                if self.tail.is_empty() {
+                    bail!("`{}` failed with {status}", command_line(cmd))
+                }
+                bail!(
+                    "`{}` failed with {status}:\n{}",
+                    command_line(cmd),
+                    self.tail.join("\n")
+                )
             }
-            if tail.trim().is_empty() {
-                bail!("`{}` failed with {status}", command_line(cmd))
-            }
-            bail!("`{}` failed with {status}:\n{tail}", command_line(cmd))
         }
     }
 }
 
-fn output(cmd: &mut Command, input: Option<&[u8]>) -> Result<Output> {
+/// How long a command may outlive the SIGTERM a signal sent it before it gets SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(10);
+
+/// Spawns `cmd` in a process group of its own (so an interrupt can end it and everything it
+/// started), feeds `input`, collects or forwards its output, and waits for it.
+fn execute(cmd: &mut Command, input: Option<&[u8]>, capture: bool, show: bool) -> Result<Finished> {
+    signals::check().with_context(|| format!("not starting `{}`", command_line(cmd)))?;
     tracing::debug!("running {}", command_line(cmd));
     cmd.stdin(if input.is_some() {
         Stdio::piped()
@@ -86,41 +109,109 @@ fn output(cmd: &mut Command, input: Option<&[u8]>) -> Result<Output> {
         Stdio::null()
     })
     .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    .stderr(Stdio::piped())
+    .process_group(0);
     let mut child = cmd
         .spawn()
         .with_context(|| format!("starting `{}`", command_line(cmd)))?;
-    if let Some(data) = input {
+    let pgid = child.id() as i32;
+    let _registered = signals::ChildGroup::register(pgid);
+    let feeder = input.map(|data| {
         let mut stdin = child.stdin.take().expect("stdin was piped");
-        // A program that exits without reading its stdin is judged by its exit code below.
-        let _ = stdin.write_all(data);
+        let data = data.to_vec();
+        // A program that exits without reading its stdin is judged by its exit code.
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&data);
+        })
+    });
+    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let stdout_pipe = child.stdout.take().expect("stdout was piped");
+    let (stdout_reader, stdout_pump) = if capture {
+        let h = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let mut pipe = stdout_pipe;
+            let _ = std::io::Read::read_to_end(&mut pipe, &mut buf);
+            buf
+        });
+        (Some(h), None)
+    } else {
+        (None, Some(pump(stdout_pipe, show, tail.clone())))
+    };
+    let err = pump(
+        child.stderr.take().expect("stderr was piped"),
+        show,
+        tail.clone(),
+    );
+    let mut term_seen: Option<Instant> = None;
+    let status = loop {
+        if let Some(st) = child
+            .try_wait()
+            .with_context(|| format!("waiting for `{}`", command_line(cmd)))?
+        {
+            break st;
+        }
+        if signals::interrupted().is_some() {
+            let since = *term_seen.get_or_insert_with(Instant::now);
+            if since.elapsed() > TERM_GRACE {
+                signals::kill_group(pgid);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if signals::interrupted().is_some() {
+        // Whatever the command started in its group goes with it.
+        signals::kill_group(pgid);
     }
-    child
-        .wait_with_output()
-        .with_context(|| format!("waiting for `{}`", command_line(cmd)))
+    let _ = err.join();
+    if let Some(h) = stdout_pump {
+        let _ = h.join();
+    }
+    let stdout = stdout_reader
+        .map(|h| h.join().unwrap_or_default())
+        .unwrap_or_default();
+    if let Some(f) = feeder {
+        let _ = f.join();
+    }
+    let mut tail: Vec<String> = tail
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .cloned()
+        .collect();
+    if tail.iter().all(|l| l.trim().is_empty()) {
+        let text = String::from_utf8_lossy(&stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        let start = lines.len().saturating_sub(STDERR_TAIL_LINES);
+        tail = lines[start..].iter().map(|s| s.to_string()).collect();
+    }
+    Ok(Finished {
+        status,
+        stdout,
+        tail,
+    })
 }
 
 impl CommandRunExt for Command {
     fn run(&mut self) -> Result<()> {
-        let out = output(self, None)?;
-        check(self, &out, &[0]).map(|_| ())
+        let f = execute(self, None, true, false)?;
+        f.check(self, &[0]).map(|_| ())
     }
 
     fn run_stdout(&mut self) -> Result<String> {
-        let out = output(self, None)?;
-        check(self, &out, &[0])?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let f = execute(self, None, true, false)?;
+        f.check(self, &[0])?;
+        Ok(String::from_utf8_lossy(&f.stdout).into_owned())
     }
 
     fn run_with_stdin(&mut self, input: &[u8]) -> Result<String> {
-        let out = output(self, Some(input))?;
-        check(self, &out, &[0])?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let f = execute(self, Some(input), true, false)?;
+        f.check(self, &[0])?;
+        Ok(String::from_utf8_lossy(&f.stdout).into_owned())
     }
 
     fn run_accepting(&mut self, ok_codes: &[i32]) -> Result<i32> {
-        let out = output(self, None)?;
-        check(self, &out, ok_codes)
+        let f = execute(self, None, true, false)?;
+        f.check(self, ok_codes)
     }
 
     fn run_inherit(&mut self) -> Result<()> {
@@ -136,31 +227,8 @@ impl CommandRunExt for Command {
     }
 
     fn run_streaming(&mut self, show: bool) -> Result<()> {
-        tracing::debug!("running {}", command_line(self));
-        let mut child = self
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting `{}`", command_line(self)))?;
-        let tail = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
-        let out = pump(child.stdout.take().expect("piped"), show, tail.clone());
-        let err = pump(child.stderr.take().expect("piped"), show, tail.clone());
-        let status = child
-            .wait()
-            .with_context(|| format!("waiting for `{}`", command_line(self)))?;
-        let _ = out.join();
-        let _ = err.join();
-        if !status.success() {
-            let t = tail.lock().unwrap_or_else(|e| e.into_inner());
-            let text: Vec<&str> = t.iter().map(String::as_str).collect();
-            bail!(
-                "`{}` failed with {status}:\n{}",
-                command_line(self),
-                text.join("\n")
-            );
-        }
-        Ok(())
+        let f = execute(self, None, false, show)?;
+        f.check(self, &[0]).map(|_| ())
     }
 }
 
@@ -168,7 +236,7 @@ impl CommandRunExt for Command {
 fn pump(
     pipe: impl std::io::Read + Send + 'static,
     show: bool,
-    tail: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+    tail: Arc<Mutex<VecDeque<String>>>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         use std::io::BufRead;

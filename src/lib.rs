@@ -5,11 +5,13 @@
 //! configure, release, shrink, package, metadata). The `debimg` binary is a thin front-end.
 
 pub mod build;
+pub mod cache;
 pub mod cmd;
 pub mod debian;
 pub mod metadata;
 pub mod pack;
 pub mod plan;
+pub mod signals;
 pub mod spec;
 pub mod sys;
 

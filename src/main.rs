@@ -2,14 +2,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use debimg::build::{BuildOptions, INTERRUPTED, build};
+use debimg::build::{BuildOptions, build};
 use debimg::plan::{Plan, read_host_sources};
+use debimg::signals;
 use debimg::spec::{Spec, SpecError};
 
 /// Build Debian-family OS images from a YAML spec.
@@ -49,6 +49,12 @@ enum Command {
         /// Wait for another build writing to the same output directory instead of failing.
         #[arg(long)]
         wait: bool,
+        /// Package and base-tree caches shared by builds.
+        #[arg(long, default_value = "/var/cache/debimg")]
+        cache_dir: PathBuf,
+        /// Build without the caches (download everything, run debootstrap).
+        #[arg(long)]
+        no_cache: bool,
     },
     /// Print the resolved build plan (mirrors, mount order, output names, digest) as JSON.
     Plan {
@@ -63,17 +69,25 @@ const EXIT_INVALID: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
-    match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+    ExitCode::from(exit_code(run(&cli)))
+}
+
+/// 0 on success, 2 for an invalid spec, 128+N after signal N, 1 for any other failure.
+fn exit_code(result: Result<()>) -> u8 {
+    match result {
+        Ok(()) => 0,
         Err(err) => {
+            if let Some(ExitWith(code)) = err.downcast_ref::<ExitWith>() {
+                return *code;
+            }
             if let Some(spec_err) = err.downcast_ref::<SpecError>() {
                 eprintln!("error: {spec_err}");
-                return ExitCode::from(EXIT_INVALID);
+                return EXIT_INVALID;
             }
             eprintln!("error: {err:#}");
-            match INTERRUPTED.load(Ordering::SeqCst) {
-                0 => ExitCode::FAILURE,
-                sig => ExitCode::from(128 + sig as u8),
+            match signals::interrupted() {
+                None => 1,
+                Some(sig) => 128 + sig as u8,
             }
         }
     }
@@ -129,6 +143,8 @@ fn run(cli: &Cli) -> Result<()> {
             build_dir,
             force,
             wait,
+            cache_dir,
+            no_cache,
         } => {
             let started = Instant::now();
             let plan = load_plan(spec)?;
@@ -137,51 +153,59 @@ fn run(cli: &Cli) -> Result<()> {
                     "debimg build needs root (loop devices, mounts, chroot); run it with sudo"
                 );
             }
-            // Before any thread exists: a private mount namespace keeps every mount of the
-            // build away from the host and takes them all along when this process ends.
-            debimg::sys::namespace::enter_private_mount_namespace()?;
-            install_signal_handlers()?;
             let opts = BuildOptions {
                 output_dir: output.clone(),
                 build_dir: build_dir.clone(),
                 force: *force,
                 wait: *wait,
                 show_progress: !cli.quiet,
+                cache_dir: (!no_cache).then(|| cache_dir.clone()),
             };
-            let outcome = build(&plan, &opts)?;
-            if outcome.reused {
-                tracing::info!(
-                    "reused: {} matches the spec (digest {}); nothing to build (--force rebuilds)",
-                    outcome.metadata_path.display(),
-                    &plan.digest[..12]
-                );
-            } else {
-                tracing::info!(
-                    "built {} image(s) in {:.1}s",
-                    outcome.metadata.images.len(),
-                    started.elapsed().as_secs_f64()
-                );
+            // Before any thread exists: the build runs in PID and mount namespaces of its own,
+            // so no mount reaches the host and nothing of it outlives this process, even when
+            // it is killed with SIGKILL.
+            let code = debimg::sys::namespace::run_isolated(|| {
+                let res = signals::install().and_then(|()| run_build(&plan, &opts, started));
+                exit_code(res)
+            })?;
+            match code {
+                0 => Ok(()),
+                c => Err(anyhow::Error::new(ExitWith(c))),
             }
-            for p in outcome.image_paths() {
-                println!("{}", p.display());
-            }
-            println!("{}", outcome.metadata_path.display());
-            Ok(())
         }
     }
 }
 
-/// INT, TERM and HUP set a flag the build checks between steps, so it unwinds in order.
-fn install_signal_handlers() -> Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    for sig in [SIGINT, SIGTERM, SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe {
-            signal_hook::low_level::register(sig, move || {
-                INTERRUPTED.store(sig as usize, Ordering::SeqCst)
-            })
-        }
-        .with_context(|| format!("installing a handler for signal {sig}"))?;
+/// The build process already reported its error; the supervisor only passes its code on.
+#[derive(Debug)]
+struct ExitWith(u8);
+
+impl std::fmt::Display for ExitWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit code {}", self.0)
     }
+}
+
+impl std::error::Error for ExitWith {}
+
+fn run_build(plan: &Plan, opts: &BuildOptions, started: Instant) -> Result<()> {
+    let outcome = build(plan, opts)?;
+    if outcome.reused {
+        tracing::info!(
+            "reused: {} matches the spec (digest {}); nothing to build (--force rebuilds)",
+            outcome.metadata_path.display(),
+            &plan.digest[..12]
+        );
+    } else {
+        tracing::info!(
+            "built {} image(s) in {:.1}s",
+            outcome.metadata.images.len(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    for p in outcome.image_paths() {
+        println!("{}", p.display());
+    }
+    println!("{}", outcome.metadata_path.display());
     Ok(())
 }

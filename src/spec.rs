@@ -373,7 +373,7 @@ impl Spec {
             source_name: source_name.to_string(),
             problems: vec![Problem {
                 field: String::new(),
-                message: e.to_string(),
+                message: parse_message(&e.to_string(), source_name),
             }],
         })?;
         let problems = spec.validate();
@@ -621,6 +621,48 @@ impl Spec {
     }
 }
 
+/// Tidies a YAML parser message: names the file instead of `<input>`, drops its own `error:`
+/// prefix, and suggests the nearest field for a misspelt key.
+fn parse_message(raw: &str, source_name: &str) -> String {
+    let mut msg = raw
+        .strip_prefix("error: ")
+        .unwrap_or(raw)
+        .replace("<input>", source_name);
+    if let Some(rest) = msg.split("unknown field `").nth(1)
+        && let Some((unknown, after)) = rest.split_once('`')
+        && let Some(list) = after.strip_prefix(", expected one of ")
+    {
+        let list = list.lines().next().unwrap_or("");
+        let best = list
+            .split(", ")
+            .map(|f| f.trim_matches('`'))
+            .map(|f| (edit_distance(unknown, f), f))
+            .min();
+        if let Some((d, f)) = best
+            && d <= 2
+        {
+            let first = msg.lines().next().unwrap_or("").to_string();
+            msg = msg.replacen(&first, &format!("{first} (did you mean `{f}`?)"), 1);
+        }
+    }
+    msg
+}
+
+/// Levenshtein distance, for "did you mean" hints.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
 /// Base name (without `.img`) of an image's output files.
 pub fn image_base_name(spec_name: &str, img: &Image) -> String {
     if let Some(out) = &img.output {
@@ -838,6 +880,17 @@ images:
         let p = problems(&yaml);
         assert_eq!(p.len(), 1);
         assert!(p[0].message.contains("suit"), "{}", p[0].message);
+    }
+
+    #[test]
+    fn misspelt_key_gets_a_hint_and_the_file_name() {
+        let yaml = GOOD.replace("packages:", "pakages:");
+        let e = Spec::from_yaml(&yaml, "my.yaml").unwrap_err();
+        let m = &e.problems[0].message;
+        assert!(m.contains("did you mean `packages`?"), "{m}");
+        assert!(m.contains("my.yaml:"), "{m}");
+        assert!(!m.starts_with("error:"), "{m}");
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 
     #[test]

@@ -28,6 +28,7 @@ fn check_tree(tree: &MountedTree, meta: &Metadata, requested: &[&str]) {
         "/usr/sbin/policy-rc.d",
         "/etc/apt/apt.conf.d/00debimg-build",
         "/etc/resolv.conf.debimg-saved",
+        "/etc/dpkg/dpkg.cfg.d/debimg-unsafe-io",
     ] {
         assert!(
             tree.path(build_only).symlink_metadata().is_err(),
@@ -112,8 +113,15 @@ fn minimal_builds_then_reuses_then_rebuilds_when_packages_change() {
             "root's password hash was not set: {}",
             shadow.lines().next().unwrap_or("")
         );
-        // ssh was installed but never started in the chroot: no host keys process, no pid file.
+        // ssh is installed, but the image carries no host keys: each machine makes its own.
         assert!(tree.path("/usr/sbin/sshd").exists());
+        let keys: Vec<_> = std::fs::read_dir(tree.path("/etc/ssh"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("ssh_host_"))
+            .collect();
+        assert!(keys.is_empty(), "host keys shipped in the image: {keys:?}");
     }
     // The ext4 journal is back on after the build.
     let features = tool("dumpe2fs", &["-h", raws[0].to_str().unwrap()]);

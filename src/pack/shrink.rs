@@ -114,6 +114,9 @@ pub fn shrink_ext(image: &Path) -> Result<u64> {
 }
 
 fn shrink(image: &Path) -> Result<u64> {
+    let old_size = std::fs::metadata(image)
+        .with_context(|| format!("reading the size of {}", image.display()))?
+        .len();
     // resize2fs refuses a filesystem that was not checked since its last mount. Exit 1 means
     // errors were corrected, which is fine for an image that was just unmounted.
     Command::new("e2fsck")
@@ -128,18 +131,20 @@ fn shrink(image: &Path) -> Result<u64> {
         .write(true)
         .open(image)
         .with_context(|| format!("opening {}", image.display()))?;
-    let old_size = file.metadata()?.len();
-    if new_size > old_size {
+    let file_size = file.metadata()?.len();
+    if new_size > file_size {
         // resize2fs -M only shrinks; a larger filesystem means the file was cut short already.
-        bail!("filesystem needs {new_size} bytes but the file holds only {old_size}");
+        bail!("filesystem needs {new_size} bytes but the file holds only {file_size}");
     }
     file.set_len(new_size)
         .with_context(|| format!("truncating {} to {new_size} bytes", image.display()))?;
     file.sync_all()
         .with_context(|| format!("syncing {}", image.display()))?;
     tracing::info!(
-        "shrank {} from {old_size} to {new_size} bytes",
-        image.display()
+        "shrank {} from {} to {} MiB",
+        image.file_name().unwrap_or_default().to_string_lossy(),
+        old_size >> 20,
+        new_size >> 20
     );
     Ok(new_size)
 }

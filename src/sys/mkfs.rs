@@ -1,4 +1,5 @@
-//! Making filesystems on block devices (or image files), with the label and UUID debimg chose.
+//! Making filesystems on block devices (or image files), with the label and UUID debimg chose,
+//! and checking them read-only once they are built.
 
 use std::path::Path;
 use std::process::Command;
@@ -51,6 +52,32 @@ pub fn make(req: &MkfsRequest, device: &Path) -> Result<()> {
     command(req, device)
         .run()
         .with_context(|| format!("making {} on {}", req.fs, device.display()))
+}
+
+/// Checks an unmounted filesystem image without changing it; any finding fails. A freshly
+/// built, cleanly unmounted filesystem has none, so a finding means lost writes (a full build
+/// disk under the loop device shows up this way) and the image must not ship.
+pub fn check(fs: Fs, image: &Path) -> Result<()> {
+    let mut cmd = match fs {
+        Fs::Ext2 | Fs::Ext3 | Fs::Ext4 => {
+            let mut c = Command::new("e2fsck");
+            c.arg("-fn");
+            c
+        }
+        Fs::Xfs => {
+            let mut c = Command::new("xfs_repair");
+            c.args(["-n", "-f"]);
+            c
+        }
+        Fs::Btrfs => {
+            let mut c = Command::new("btrfs");
+            c.args(["check", "--readonly"]);
+            c
+        }
+    };
+    cmd.arg(image)
+        .run()
+        .with_context(|| format!("checking the {fs} filesystem in {}", image.display()))
 }
 
 /// A fresh random UUID from the kernel.

@@ -38,6 +38,126 @@ pub fn enter_private_mount_namespace() -> Result<()> {
     Ok(())
 }
 
+/// Where the isolation processes forward INT, TERM and HUP (0 = nowhere yet).
+static FORWARD_TO: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+fn forward_signals() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
+        // SAFETY: the handler reads an atomic and calls kill(2), both async-signal-safe.
+        unsafe {
+            signal_hook::low_level::register(sig, move || {
+                let pid = FORWARD_TO.load(std::sync::atomic::Ordering::SeqCst);
+                if pid > 0 {
+                    libc::kill(pid, sig);
+                }
+            })
+        }
+        .with_context(|| format!("installing a forwarder for signal {sig}"))?;
+    }
+    Ok(())
+}
+
+/// Runs `body` in a new PID and mount namespace that cannot outlive this process.
+///
+/// Three processes: this one (the supervisor) stays in the host's PID namespace, forwards INT,
+/// TERM and HUP and returns the exit code; its child is PID 1 of the new namespace, dies with
+/// the supervisor (`PR_SET_PDEATHSIG`), reaps orphans and forwards signals; its child runs
+/// `body`. When the supervisor is killed, even with SIGKILL, the kernel kills PID 1 and with it
+/// every process of the namespace (apt, dpkg, daemons from maintainer scripts); the mount
+/// namespace then has no process left, so its mounts go and autoclear loop devices detach.
+///
+/// Must be called before any thread starts. Returns in the supervisor only.
+pub fn run_isolated(body: impl FnOnce() -> u8) -> Result<u8> {
+    use nix::sys::wait::{WaitStatus, waitpid};
+    use nix::unistd::{ForkResult, fork};
+
+    let threads = thread_count().context("counting this process's threads")?;
+    if threads != 1 {
+        bail!("isolating the build: the process already runs {threads} threads");
+    }
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
+        .context("unsharing the mount and PID namespaces")?;
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making / recursively private in the new mount namespace")?;
+    // The init learns of the supervisor's death before PDEATHSIG is armed through this pipe.
+    let (alive_r, alive_w) = nix::unistd::pipe().context("creating a pipe")?;
+    forward_signals()?;
+    // SAFETY: single-threaded (checked above), so the child may run arbitrary code.
+    match unsafe { fork() }.context("forking the namespace's init")? {
+        ForkResult::Parent { child } => {
+            drop(alive_r);
+            FORWARD_TO.store(child.as_raw(), std::sync::atomic::Ordering::SeqCst);
+            let code = loop {
+                match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, code)) => break code as u8,
+                    Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as u8,
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(e).context("waiting for the build's namespace"),
+                }
+            };
+            drop(alive_w);
+            Ok(code)
+        }
+        ForkResult::Child => {
+            drop(alive_w);
+            // SAFETY: prctl with an integer argument.
+            unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            }
+            if supervisor_gone(&alive_r) {
+                std::process::exit(1);
+            }
+            // SAFETY: still single-threaded.
+            match unsafe { fork() } {
+                Ok(ForkResult::Parent { child }) => {
+                    FORWARD_TO.store(child.as_raw(), std::sync::atomic::Ordering::SeqCst);
+                    let code = loop {
+                        match waitpid(None, None) {
+                            Ok(WaitStatus::Exited(pid, code)) if pid == child => break code,
+                            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == child => {
+                                break 128 + sig as i32;
+                            }
+                            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                            Err(_) => break 1,
+                        }
+                    };
+                    // Leaving kills whatever is still in the namespace.
+                    std::process::exit(code)
+                }
+                Ok(ForkResult::Child) => {
+                    drop(alive_r);
+                    let code = body();
+                    std::process::exit(i32::from(code))
+                }
+                Err(e) => {
+                    eprintln!("error: forking the build process: {e}");
+                    std::process::exit(1)
+                }
+            }
+        }
+    }
+}
+
+/// True when the read end of the liveness pipe shows its writer (the supervisor) is gone.
+fn supervisor_gone(r: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: r.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no timeout.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & libc::POLLHUP != 0
+}
+
 /// The `Threads:` count from /proc/self/status.
 fn thread_count() -> Result<u64> {
     let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;

@@ -1,0 +1,291 @@
+//! Caches shared by builds under `--cache-dir`: downloaded packages and bootstrapped base trees.
+//!
+//! Every write is a complete file renamed (or hard-linked) into place, so concurrent builds never
+//! see a partial entry and need no lock. Packages are verified by apt and debootstrap against the
+//! repository's hashes as usual; a base tree is keyed on everything that decides the bootstrap,
+//! including the digest of the mirror's Release file, so a mirror update invalidates it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::cmd::CommandRunExt;
+use crate::plan::{Plan, hex};
+
+/// The cache directory and its parts.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    dir: PathBuf,
+}
+
+/// Entries of one cache part, for `debimg cache list`.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub path: PathBuf,
+    pub size: u64,
+    pub age_secs: u64,
+}
+
+impl Cache {
+    /// Opens (creating) the cache at `dir`.
+    pub fn open(dir: &Path) -> Result<Cache> {
+        for sub in ["packages", "bases"] {
+            let d = dir.join(sub);
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        Ok(Cache {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Where downloaded .deb files are pooled.
+    pub fn packages_dir(&self) -> PathBuf {
+        self.dir.join("packages")
+    }
+
+    /// Where bootstrapped base trees are kept as tar files.
+    pub fn bases_dir(&self) -> PathBuf {
+        self.dir.join("bases")
+    }
+
+    /// Fills `dest` with every pooled .deb (hard links, or copies across filesystems).
+    pub fn link_packages_into(&self, dest: &Path) -> Result<usize> {
+        std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+        share_debs(&self.packages_dir(), dest)
+    }
+
+    /// Adds every .deb in `src` that the pool lacks.
+    pub fn store_packages_from(&self, src: &Path) -> Result<usize> {
+        share_debs(src, &self.packages_dir())
+    }
+
+    /// The base tree cached under `key`, if any.
+    pub fn base(&self, key: &str) -> Option<PathBuf> {
+        let p = self.bases_dir().join(format!("{key}.tar"));
+        p.is_file().then_some(p)
+    }
+
+    /// Stores the tree at `root` (spanning its mounts) as the base for `key`.
+    pub fn store_base(&self, key: &str, root: &Path) -> Result<PathBuf> {
+        let dest = self.bases_dir().join(format!("{key}.tar"));
+        let tmp = self
+            .bases_dir()
+            .join(format!(".{key}.tar.tmp-{}", std::process::id()));
+        let res = Command::new("tar")
+            .args(TAR_COMMON)
+            .args([
+                "--create",
+                "--exclude=./proc/*",
+                "--exclude=./sys/*",
+                "--exclude=./dev/pts/*",
+                "--exclude=lost+found",
+                "--exclude=./var/cache/apt/archives/*.deb",
+                "--file",
+            ])
+            .arg(&tmp)
+            .arg("-C")
+            .arg(root)
+            .arg(".")
+            .run()
+            .with_context(|| format!("archiving the base tree {}", root.display()))
+            .and_then(|()| {
+                std::fs::rename(&tmp, &dest)
+                    .with_context(|| format!("moving {} into place", dest.display()))
+            });
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        res.map(|()| dest)
+    }
+
+    /// Unpacks the base tree `tar` into `root`.
+    pub fn restore_base(tar: &Path, root: &Path) -> Result<()> {
+        Command::new("tar")
+            .args(TAR_COMMON)
+            .args(["--extract", "--file"])
+            .arg(tar)
+            .arg("-C")
+            .arg(root)
+            .run()
+            .with_context(|| format!("unpacking base {} into {}", tar.display(), root.display()))
+    }
+
+    /// Every cached entry (packages and bases).
+    pub fn entries(&self) -> Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        let now = std::time::SystemTime::now();
+        for d in [self.packages_dir(), self.bases_dir()] {
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let name = e.file_name();
+                if name.to_string_lossy().starts_with('.') {
+                    continue;
+                }
+                let Ok(md) = e.metadata() else { continue };
+                // Last use: a hit touches nothing, so age runs from the later of write and read.
+                let used = md.accessed().ok().max(md.modified().ok());
+                let age_secs = used
+                    .and_then(|t| now.duration_since(t).ok())
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                out.push(Entry {
+                    path: e.path(),
+                    size: md.len(),
+                    age_secs,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+}
+
+const TAR_COMMON: &[&str] = &[
+    "--numeric-owner",
+    "--xattrs",
+    "--xattrs-include=*",
+    "--acls",
+    "--sparse",
+];
+
+/// The base-tree key: everything that decides what debootstrap produces, the mount layout the
+/// tree was made in, and the digest of the mirror's Release file.
+pub fn base_key(plan: &Plan, release_digest: &str) -> String {
+    let mut h = Sha256::new();
+    let mut mounts: Vec<&str> = plan.images.iter().map(|i| i.mount.as_str()).collect();
+    mounts.sort();
+    let fields = [
+        "debootstrap".to_string(),
+        plan.suite.clone(),
+        plan.arch.clone(),
+        format!("{:?}", plan.variant),
+        plan.bootstrap_include.join(","),
+        plan.repos[0].section.clone(),
+        plan.bootstrap_mirror.clone(),
+        mounts.join(","),
+        release_digest.to_string(),
+    ];
+    for f in fields {
+        h.update(f.as_bytes());
+        h.update(b"\n");
+    }
+    hex(&h.finalize())
+}
+
+/// sha256 of the mirror's InRelease (or Release) for the bootstrap suite, fetched with apt's own
+/// downloader (proxies from the plan apply).
+pub fn release_digest(plan: &Plan, scratch: &Path) -> Result<String> {
+    let mut last = None;
+    for name in ["InRelease", "Release"] {
+        let url = format!("{}/dists/{}/{name}", plan.bootstrap_mirror, plan.suite);
+        let dest = scratch.join(format!("mirror-{name}"));
+        let mut cmd = Command::new("/usr/lib/apt/apt-helper");
+        if let Some(p) = &plan.proxies.http {
+            cmd.args(["-o", &format!("Acquire::http::Proxy={p}")]);
+        }
+        if let Some(p) = &plan.proxies.https {
+            cmd.args(["-o", &format!("Acquire::https::Proxy={p}")]);
+        }
+        cmd.arg("download-file").arg(&url).arg(&dest);
+        match cmd.run() {
+            Ok(()) => {
+                let bytes =
+                    std::fs::read(&dest).with_context(|| format!("reading {}", dest.display()))?;
+                let _ = std::fs::remove_file(&dest);
+                return Ok(hex(&Sha256::digest(&bytes)));
+            }
+            Err(e) => last = Some(e.context(format!("fetching {url}"))),
+        }
+    }
+    Err(last.expect("tried at least once"))
+}
+
+/// Hard-links (or copies) every `*.deb` of `from` missing in `to`; returns how many.
+fn share_debs(from: &Path, to: &Path) -> Result<usize> {
+    let mut n = 0;
+    let rd = std::fs::read_dir(from).with_context(|| format!("listing {}", from.display()))?;
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let s = name.to_string_lossy();
+        if !s.ends_with(".deb") || s.starts_with('.') || !e.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let dest = to.join(&name);
+        if dest.exists() {
+            continue;
+        }
+        match std::fs::hard_link(e.path(), &dest) {
+            Ok(()) => n += 1,
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(_) => {
+                // Another filesystem: copy under a temporary name, then rename (atomic).
+                let tmp = to.join(format!(".{s}.tmp-{}", std::process::id()));
+                std::fs::copy(e.path(), &tmp).with_context(|| {
+                    format!("copying {} to {}", e.path().display(), tmp.display())
+                })?;
+                std::fs::rename(&tmp, &dest)
+                    .with_context(|| format!("moving {} into place", dest.display()))?;
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packages_pool_both_ways() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&d.path().join("cache")).unwrap();
+        let work = d.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::write(work.join("a_1_amd64.deb"), "a").unwrap();
+        std::fs::write(work.join("lock"), "").unwrap();
+        assert_eq!(cache.store_packages_from(&work).unwrap(), 1);
+        assert_eq!(cache.store_packages_from(&work).unwrap(), 0);
+        let other = d.path().join("other");
+        assert_eq!(cache.link_packages_into(&other).unwrap(), 1);
+        assert_eq!(
+            std::fs::read_to_string(other.join("a_1_amd64.deb")).unwrap(),
+            "a"
+        );
+        assert!(!other.join("lock").exists());
+        assert_eq!(cache.entries().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn base_tree_round_trip_keeps_owners_and_modes() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&d.path().join("cache")).unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::create_dir_all(root.join("lost+found")).unwrap();
+        std::fs::create_dir_all(root.join("var/cache/apt/archives")).unwrap();
+        std::fs::write(root.join("var/cache/apt/archives/x_1_all.deb"), "x").unwrap();
+        std::fs::write(root.join("etc/motd"), "hi").unwrap();
+        std::os::unix::fs::chown(root.join("etc/motd"), Some(1234), Some(5678)).ok();
+        let tar = cache.store_base("k", &root).unwrap();
+        assert_eq!(cache.base("k"), Some(tar.clone()));
+        let back = d.path().join("back");
+        std::fs::create_dir_all(&back).unwrap();
+        Cache::restore_base(&tar, &back).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(back.join("etc/motd")).unwrap(),
+            "hi"
+        );
+        assert!(!back.join("lost+found").exists());
+        assert!(!back.join("var/cache/apt/archives/x_1_all.deb").exists());
+        if nix::unistd::geteuid().is_root() {
+            use std::os::unix::fs::MetadataExt;
+            let md = std::fs::metadata(back.join("etc/motd")).unwrap();
+            assert_eq!((md.uid(), md.gid()), (1234, 5678));
+        }
+    }
+}
