@@ -753,7 +753,7 @@ impl PendingOutputs {
     fn temp_path(&mut self, final_name: &str) -> PathBuf {
         let p = self
             .dir
-            .join(format!(".{final_name}.tmp-{}", std::process::id()));
+            .join(format!(".{final_name}.tmp-{}", crate::sys::unique_token()));
         let _ = std::fs::remove_file(&p);
         self.temps.push((p.clone(), final_name.to_string()));
         p
@@ -780,9 +780,10 @@ impl PendingOutputs {
                 .with_context(|| format!("moving {name} into {}", self.dir.display()))?;
         }
         self.temps.clear();
-        let tmp = self
-            .dir
-            .join(format!(".{metadata_name}.tmp-{}", std::process::id()));
+        let tmp = self.dir.join(format!(
+            ".{metadata_name}.tmp-{}",
+            crate::sys::unique_token()
+        ));
         let res = (|| {
             let mut f =
                 File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;

@@ -72,7 +72,7 @@ impl Cache {
         let dest = self.bases_dir().join(format!("{key}.tar"));
         let tmp = self
             .bases_dir()
-            .join(format!(".{key}.tar.tmp-{}", std::process::id()));
+            .join(format!(".{key}.tar.tmp-{}", crate::sys::unique_token()));
         let res = Command::new("tar")
             .args(TAR_COMMON)
             .args([
@@ -223,7 +223,7 @@ fn share_debs(from: &Path, to: &Path) -> Result<usize> {
             Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(_) => {
                 // Another filesystem: copy under a temporary name, then rename (atomic).
-                let tmp = to.join(format!(".{s}.tmp-{}", std::process::id()));
+                let tmp = to.join(format!(".{s}.tmp-{}", crate::sys::unique_token()));
                 std::fs::copy(e.path(), &tmp).with_context(|| {
                     format!("copying {} to {}", e.path().display(), tmp.display())
                 })?;

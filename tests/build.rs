@@ -177,7 +177,7 @@ fn multi_fs_builds_nested_filesystems() {
     let out = work.path().join("out");
     let bdir = work.path().join("build");
     std::fs::create_dir_all(&bdir).unwrap();
-    let run = build(&example("multi-fs.yaml"), &out, &bdir, &[]);
+    let run = build(&example("multi-fs.yaml"), &out, &bdir, &["--no-cache"]);
     run.assert_ok("multi-fs build");
     assert_no_leftovers(&bdir, &out);
     let meta = Metadata::read(&out.join("multi-fs.yaml")).unwrap();

@@ -41,7 +41,12 @@ pub fn kill_processes_in_root(root: &Path, grace: Duration) -> Result<Vec<i32>> 
     let wanted = (meta.dev(), meta.ino());
     let top = fs::metadata("/").context("inspecting /")?;
     let top = (top.dev(), top.ino());
-    let me = std::process::id() as i32;
+    // Our PID as the mounted /proc numbers it: inside a PID namespace std::process::id() is the
+    // namespace's number, while /proc may be the host's.
+    let me = std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str().and_then(|s| s.parse::<i32>().ok()))
+        .unwrap_or(std::process::id() as i32);
 
     let mut victims: Vec<Victim> = Vec::new();
     for pid in list_pids()? {

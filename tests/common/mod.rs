@@ -84,18 +84,87 @@ pub fn debimg(args: &[&str]) -> Run {
     }
 }
 
-/// `debimg build SPEC -o OUT --build-dir BUILD -q [extra...]`.
+/// The package and base-tree cache every test build shares (concurrent use is part of the
+/// design), kept across runs like a build host's.
+pub const TEST_CACHE: &str = "/var/tmp/debimg-test-cache";
+
+/// `debimg build SPEC -o OUT --build-dir BUILD --cache-dir TEST_CACHE [extra...]`.
 pub fn build(spec: &Path, out: &Path, build_dir: &Path, extra: &[&str]) -> Run {
-    let mut args = vec![
-        "build",
-        spec.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--build-dir",
-        build_dir.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    debimg(&args)
+    let t = Instant::now();
+    let output = build_command(spec, out, build_dir, extra)
+        .output()
+        .expect("running debimg");
+    Run {
+        output,
+        elapsed: t.elapsed(),
+    }
+}
+
+/// The command `build` runs, for tests that drive the process themselves.
+pub fn build_command(spec: &Path, out: &Path, build_dir: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_debimg"));
+    cmd.arg("build")
+        .arg(spec)
+        .arg("-o")
+        .arg(out)
+        .arg("--build-dir")
+        .arg(build_dir);
+    if !extra.contains(&"--no-cache") {
+        cmd.args(["--cache-dir", TEST_CACHE]);
+    }
+    cmd.args(extra);
+    cmd
+}
+
+/// Pids of processes whose root directory is `dir` or inside it.
+pub fn processes_rooted_under(dir: &Path) -> Vec<i32> {
+    let mut found = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(root) = std::fs::read_link(e.path().join("root"))
+            && root.starts_with(dir)
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Name and sha256 of every file in `dir` except the lock, sorted.
+pub fn dir_digest(dir: &Path) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".debimg.lock")
+        .map(|n| {
+            let sha = sums(&dir.join(&n)).1;
+            (n, sha)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Checks that a metadata file and the images it names agree (sizes and md5s), without
+/// unpacking: the output directory holds one complete result.
+pub fn assert_consistent_result(out: &Path, metadata_name: &str) {
+    let meta = Metadata::read(&out.join(metadata_name)).unwrap();
+    for img in &meta.images {
+        let p = out.join(&img.container_name);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().len(),
+            img.container_size,
+            "{}",
+            p.display()
+        );
+        assert_eq!(sums(&p).0, img.container_md5, "{}", p.display());
+    }
 }
 
 /// Runs a host tool and returns its stdout; panics with its stderr on failure.
@@ -157,6 +226,8 @@ pub fn assert_no_leftovers(build_dir: &Path, out: &Path) {
     assert!(left.is_empty(), "the build dir still holds {left:?}");
     let loops = loops_backed_under(build_dir);
     assert!(loops.is_empty(), "loop devices left attached: {loops:?}");
+    let procs = processes_rooted_under(build_dir);
+    assert!(procs.is_empty(), "processes left in the chroot: {procs:?}");
     let mounts = mount::mount_points_under(build_dir).unwrap();
     assert!(mounts.is_empty(), "mounts left: {mounts:?}");
     if out.exists() {

@@ -1,0 +1,16 @@
+//! Fuzzes the spec parser and validator: any input must give a spec or a list of problems,
+//! never a panic, and a spec it accepts must plan without panicking.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(spec) = debimg::spec::Spec::from_yaml(text, "fuzz.yaml") {
+        let sources =
+            debimg::plan::parse_sources_list("deb http://m.example/debian bookworm main\n");
+        let _ = debimg::plan::Plan::new(&spec, &sources);
+    }
+});
