@@ -16,11 +16,11 @@ use nix::mount::MsFlags;
 use crate::cache::{self, Cache};
 use crate::debian::apt::Apt;
 use crate::debian::configure::{self, BuildOnlyFiles, FstabEntry};
-use crate::debian::debootstrap;
+use crate::debian::{debootstrap, mmdebstrap};
 use crate::metadata::{ImageMeta, Metadata, RepoMeta, now_rfc3339};
 use crate::pack::compress::{self, Packed};
 use crate::pack::shrink;
-use crate::plan::Plan;
+use crate::plan::{Backend, Plan};
 use crate::signals;
 use crate::spec::{Container, Fs};
 use crate::sys::loopdev::{self, LoopDevice};
@@ -106,11 +106,8 @@ fn injected_fault(stage: &str) -> Result<()> {
 
 /// Host tools a plan needs, with the Debian package that provides each.
 pub fn required_tools(plan: &Plan) -> Vec<(&'static str, &'static str)> {
-    let mut tools = vec![
-        ("debootstrap", "debootstrap"),
-        ("chroot", "coreutils"),
-        ("tar", "tar"),
-    ];
+    let backend = plan.backend.name();
+    let mut tools = vec![(backend, backend), ("chroot", "coreutils"), ("tar", "tar")];
     for img in &plan.images {
         tools.push(mkfs::tool(img.fs));
         if img.fs.is_ext() {
@@ -304,6 +301,7 @@ fn run_stages(
         name: plan.name.clone(),
         debimg_version: env!("CARGO_PKG_VERSION").to_string(),
         spec_digest: plan.digest.clone(),
+        bootstrap: plan.backend.name().to_string(),
         build_start,
         build_end: now_rfc3339(),
         images: plan
@@ -392,7 +390,7 @@ fn build_tree(plan: &Plan, opts: &BuildOptions, ws: &Workspace) -> Result<Built>
             .with_context(|| format!("creating {}/partial", archives.display()))?;
         let archives_target = root.join("var/cache/apt/archives");
         tree.bind(&archives, &archives_target)?;
-        apt.configure_and_update(plan)?;
+        apt.configure_and_update(plan, cache.as_ref())?;
         let metas = apt.pin(plan)?;
         apt.install(&plan.packages)?;
         if let Some(c) = &cache {
@@ -449,7 +447,7 @@ fn bootstrap(
     cache: Option<&Cache>,
 ) -> Result<()> {
     let Some(cache) = cache else {
-        return debootstrap::run(plan, root, None, opts.show_progress);
+        return run_backend(plan, root, None, opts.show_progress);
     };
     let key = match cache::release_digest(plan, &ws.dir) {
         Ok(d) => Some(cache::base_key(plan, &d)),
@@ -464,13 +462,20 @@ fn bootstrap(
     }
     let debs = ws.dir.join("debs");
     cache.link_packages_into(&debs)?;
-    debootstrap::run(plan, root, Some(&debs), opts.show_progress)?;
+    run_backend(plan, root, Some(&debs), opts.show_progress)?;
     cache.store_packages_from(&debs)?;
     if let Some(k) = key {
         let tar = cache.store_base(&k, root)?;
         tracing::info!("base tree cached as {}", tar.display());
     }
     Ok(())
+}
+
+fn run_backend(plan: &Plan, root: &Path, debs: Option<&Path>, show: bool) -> Result<()> {
+    match plan.backend {
+        Backend::Debootstrap => debootstrap::run(plan, root, debs, show),
+        Backend::Mmdebstrap => mmdebstrap::run(plan, root, debs, show),
+    }
 }
 
 /// The mounted image tree: loop devices and mounts, released in reverse order.
@@ -846,6 +851,7 @@ mod tests {
         Plan::new(
             &spec,
             &parse_sources_list("deb http://m.example/debian bookworm main"),
+            false,
         )
         .unwrap()
     }

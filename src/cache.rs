@@ -31,7 +31,7 @@ pub struct Entry {
 impl Cache {
     /// Opens (creating) the cache at `dir`.
     pub fn open(dir: &Path) -> Result<Cache> {
-        for sub in ["packages", "bases"] {
+        for sub in ["packages", "bases", "lists"] {
             let d = dir.join(sub);
             std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
         }
@@ -48,6 +48,42 @@ impl Cache {
     /// Where bootstrapped base trees are kept as tar files.
     pub fn bases_dir(&self) -> PathBuf {
         self.dir.join("bases")
+    }
+
+    /// Where apt's index files are kept, one version directory per set of sources.
+    pub fn lists_dir(&self) -> PathBuf {
+        self.dir.join("lists")
+    }
+
+    /// Copies the cached apt lists for `key` into `dest` (keeping their times, which apt sends
+    /// as If-Modified-Since, so an unchanged mirror answers "Hit" and nothing is downloaded).
+    /// Returns how many files; a missing or vanishing entry is a miss, not an error.
+    pub fn restore_lists(&self, key: &str, dest: &Path) -> usize {
+        let Ok(src) = std::fs::read_link(self.lists_dir().join(key)) else {
+            return 0;
+        };
+        copy_files(&self.lists_dir().join(src), dest).unwrap_or(0)
+    }
+
+    /// Stores apt's lists from `src` as the new version for `key`: a fresh directory, then the
+    /// `key` symlink renamed over the old one, so readers see one version or the other.
+    pub fn store_lists(&self, key: &str, src: &Path) -> Result<()> {
+        let token = crate::sys::unique_token();
+        let version = format!("{key}.{token}");
+        let dir = self.lists_dir().join(&version);
+        copy_files(src, &dir)?;
+        let link = self.lists_dir().join(key);
+        let old = std::fs::read_link(&link).ok();
+        let tmp_link = self.lists_dir().join(format!(".{key}.link-{token}"));
+        std::os::unix::fs::symlink(&version, &tmp_link)
+            .with_context(|| format!("linking {}", tmp_link.display()))?;
+        std::fs::rename(&tmp_link, &link)
+            .with_context(|| format!("moving {} into place", link.display()))?;
+        if let Some(old) = old.filter(|o| o.as_os_str() != version.as_str()) {
+            // A build copying from it right now just misses the cache.
+            let _ = std::fs::remove_dir_all(self.lists_dir().join(old));
+        }
+        Ok(())
     }
 
     /// Fills `dest` with every pooled .deb (hard links, or copies across filesystems).
@@ -112,6 +148,23 @@ impl Cache {
             .with_context(|| format!("unpacking base {} into {}", tar.display(), root.display()))
     }
 
+    /// Removes entries unused for at least `older_than_secs` (0: all); returns how many and
+    /// their bytes. A build holding an entry open keeps reading it: unlinking does not disturb
+    /// it, and a hard link in its workspace keeps the data.
+    pub fn prune(&self, older_than_secs: u64) -> Result<(usize, u64)> {
+        let mut n = 0;
+        let mut bytes = 0;
+        for e in self.entries()? {
+            if e.age_secs >= older_than_secs {
+                std::fs::remove_file(&e.path)
+                    .with_context(|| format!("removing {}", e.path.display()))?;
+                n += 1;
+                bytes += e.size;
+            }
+        }
+        Ok((n, bytes))
+    }
+
     /// Every cached entry (packages and bases).
     pub fn entries(&self) -> Result<Vec<Entry>> {
         let mut out = Vec::new();
@@ -159,7 +212,7 @@ pub fn base_key(plan: &Plan, release_digest: &str) -> String {
     let mut mounts: Vec<&str> = plan.images.iter().map(|i| i.mount.as_str()).collect();
     mounts.sort();
     let fields = [
-        "debootstrap".to_string(),
+        plan.backend.name().to_string(),
         plan.suite.clone(),
         plan.arch.clone(),
         format!("{:?}", plan.variant),
@@ -202,6 +255,39 @@ pub fn release_digest(plan: &Plan, scratch: &Path) -> Result<String> {
         }
     }
     Err(last.expect("tried at least once"))
+}
+
+/// The lists key: what apt fetches depends only on the sources and the architecture.
+pub fn lists_key(sources_list: &str, arch: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(sources_list.as_bytes());
+    h.update(b"\n");
+    h.update(arch.as_bytes());
+    format!("lists-{}", &hex(&h.finalize())[..32])
+}
+
+/// Copies the regular files of `from` into `to` (created), keeping modification times.
+fn copy_files(from: &Path, to: &Path) -> Result<usize> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    let mut n = 0;
+    for e in std::fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
+        let e = e?;
+        let name = e.file_name();
+        if name == "lock" || !e.file_type()?.is_file() {
+            continue;
+        }
+        let dest = to.join(&name);
+        std::fs::copy(e.path(), &dest)
+            .with_context(|| format!("copying {}", e.path().display()))?;
+        let mtime = e.metadata()?.modified()?;
+        std::fs::File::options()
+            .write(true)
+            .open(&dest)
+            .and_then(|f| f.set_modified(mtime))
+            .with_context(|| format!("setting the time of {}", dest.display()))?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// Hard-links (or copies) every `*.deb` of `from` missing in `to`; returns how many.
@@ -258,6 +344,61 @@ mod tests {
         );
         assert!(!other.join("lock").exists());
         assert_eq!(cache.entries().unwrap().len(), 1);
+        assert_eq!(cache.prune(3600).unwrap().0, 0, "a fresh entry survives");
+        assert_eq!(cache.prune(0).unwrap(), (1, 1));
+        assert!(cache.entries().unwrap().is_empty());
+    }
+
+    #[test]
+    fn lists_versions_replace_each_other() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&d.path().join("cache")).unwrap();
+        let lists = d.path().join("lists");
+        std::fs::create_dir_all(lists.join("partial")).unwrap();
+        std::fs::write(lists.join("m_dists_bookworm_InRelease"), "v1").unwrap();
+        std::fs::write(lists.join("lock"), "").unwrap();
+        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        std::fs::File::options()
+            .write(true)
+            .open(lists.join("m_dists_bookworm_InRelease"))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let key = lists_key("deb http://m.example/debian bookworm main\n", "amd64");
+        assert_eq!(cache.restore_lists(&key, &d.path().join("miss")), 0);
+        cache.store_lists(&key, &lists).unwrap();
+        std::fs::write(lists.join("m_dists_bookworm_InRelease"), "v2").unwrap();
+        cache.store_lists(&key, &lists).unwrap();
+        let back = d.path().join("back");
+        assert_eq!(cache.restore_lists(&key, &back), 1);
+        assert_eq!(
+            std::fs::read_to_string(back.join("m_dists_bookworm_InRelease")).unwrap(),
+            "v2"
+        );
+        assert!(!back.join("lock").exists());
+        // One version directory plus the link: the old version is gone.
+        assert_eq!(std::fs::read_dir(cache.lists_dir()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn copied_lists_keep_their_times() {
+        let d = tempfile::tempdir().unwrap();
+        let from = d.path().join("from");
+        std::fs::create_dir_all(&from).unwrap();
+        std::fs::write(from.join("f"), "x").unwrap();
+        let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000);
+        std::fs::File::options()
+            .write(true)
+            .open(from.join("f"))
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+        copy_files(&from, &d.path().join("to")).unwrap();
+        let back = std::fs::metadata(d.path().join("to/f"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert_eq!(back, t);
     }
 
     #[test]

@@ -8,9 +8,11 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use debimg::build::{BuildOptions, build};
+use debimg::cache::Cache;
+use debimg::pack::compress;
 use debimg::plan::{Plan, read_host_sources};
 use debimg::signals;
-use debimg::spec::{Spec, SpecError};
+use debimg::spec::{Bootstrap, Spec, SpecError};
 
 /// Build Debian-family OS images from a YAML spec.
 #[derive(Parser)]
@@ -52,15 +54,71 @@ enum Command {
         /// Package and base-tree caches shared by builds.
         #[arg(long, default_value = "/var/cache/debimg")]
         cache_dir: PathBuf,
-        /// Build without the caches (download everything, run debootstrap).
+        /// Build without the caches (download everything, run the bootstrap).
         #[arg(long)]
         no_cache: bool,
+        /// Bootstrap backend, overriding the spec's `bootstrap` (auto: mmdebstrap when present).
+        #[arg(long, value_enum)]
+        bootstrap: Option<Bootstrap>,
+    },
+    /// Package one image file the way a build does: raw and container md5/sha256, and a
+    /// parallel gzip (or a sparse raw copy) written to OUTPUT. Prints the digests as YAML.
+    Pack {
+        /// The raw image file.
+        image: PathBuf,
+        /// Where the container goes (must not exist).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// gzip (default) or raw.
+        #[arg(long, value_enum, default_value = "gzip")]
+        container: ContainerArg,
+    },
+    /// Inspect or trim the package and base-tree caches.
+    Cache {
+        /// The cache directory.
+        #[arg(long, default_value = "/var/cache/debimg", global = true)]
+        cache_dir: PathBuf,
+        #[command(subcommand)]
+        action: CacheAction,
     },
     /// Print the resolved build plan (mirrors, mount order, output names, digest) as JSON.
     Plan {
         /// The YAML spec.
         spec: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// List cached packages and base trees with their size and age.
+    List,
+    /// Remove cache entries not used for longer than --older-than (default: remove all).
+    Prune {
+        /// Age such as 30d, 12h, 45m or 90s.
+        #[arg(long, value_parser = parse_age)]
+        older_than: Option<u64>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ContainerArg {
+    Gzip,
+    Raw,
+}
+
+/// Parses `30d`, `12h`, `45m`, `90s` (or plain seconds) into seconds.
+fn parse_age(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('d') => (&t[..t.len() - 1], 86_400),
+        Some('h') => (&t[..t.len() - 1], 3_600),
+        Some('m') => (&t[..t.len() - 1], 60),
+        Some('s') => (&t[..t.len() - 1], 1),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("`{text}` is not an age such as 30d, 12h, 45m or 90s"))
 }
 
 /// Exit code for an invalid spec or bad usage.
@@ -110,10 +168,14 @@ fn init_logging(verbose: u8, quiet: bool) {
         .init();
 }
 
-fn load_plan(spec_path: &Path) -> Result<Plan> {
-    let spec = Spec::from_file(spec_path)?;
+fn load_plan(spec_path: &Path, bootstrap: Option<Bootstrap>) -> Result<Plan> {
+    let mut spec = Spec::from_file(spec_path)?;
+    if let Some(b) = bootstrap {
+        spec.bootstrap = b;
+    }
     let sources = read_host_sources(Path::new("/")).context("reading the host's apt sources")?;
-    Plan::new(&spec, &sources).with_context(|| format!("planning {}", spec_path.display()))
+    Plan::new(&spec, &sources, debimg::plan::host_has("mmdebstrap"))
+        .with_context(|| format!("planning {}", spec_path.display()))
 }
 
 fn run(cli: &Cli) -> Result<()> {
@@ -130,8 +192,60 @@ fn run(cli: &Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Pack {
+            image,
+            output,
+            container,
+        } => {
+            let c = match container {
+                ContainerArg::Gzip => compress::Container::Gzip,
+                ContainerArg::Raw => compress::Container::Raw,
+            };
+            let t = Instant::now();
+            let p = compress::pack(image, c, output)
+                .with_context(|| format!("packaging {}", image.display()))?;
+            tracing::info!(
+                "{} MiB in {:.2}s ({:.0} MB/s)",
+                p.raw.size >> 20,
+                t.elapsed().as_secs_f64(),
+                p.raw.size as f64 / 1e6 / t.elapsed().as_secs_f64().max(1e-9)
+            );
+            println!(
+                "raw_size: {}\nraw_md5: {}\nraw_sha256: {}\ncontainer_size: {}\ncontainer_md5: {}\ncontainer_sha256: {}",
+                p.raw.size,
+                p.raw.md5,
+                p.raw.sha256,
+                p.container.size,
+                p.container.md5,
+                p.container.sha256
+            );
+            Ok(())
+        }
+        Command::Cache { cache_dir, action } => {
+            let cache = Cache::open(cache_dir)?;
+            match action {
+                CacheAction::List => {
+                    let entries = cache.entries()?;
+                    let total: u64 = entries.iter().map(|e| e.size).sum();
+                    for e in &entries {
+                        println!(
+                            "{:>10} KiB  {:>6}h  {}",
+                            e.size >> 10,
+                            e.age_secs / 3600,
+                            e.path.display()
+                        );
+                    }
+                    println!("{} entries, {} MiB", entries.len(), total >> 20);
+                }
+                CacheAction::Prune { older_than } => {
+                    let (n, bytes) = cache.prune(older_than.unwrap_or(0))?;
+                    println!("removed {n} entries, {} MiB", bytes >> 20);
+                }
+            }
+            Ok(())
+        }
         Command::Plan { spec } => {
-            let plan = load_plan(spec)?;
+            let plan = load_plan(spec, None)?;
             let mut json = serde_json::to_value(&plan)?;
             json["digest"] = serde_json::Value::String(plan.digest.clone());
             println!("{}", serde_json::to_string_pretty(&json)?);
@@ -145,9 +259,10 @@ fn run(cli: &Cli) -> Result<()> {
             wait,
             cache_dir,
             no_cache,
+            bootstrap,
         } => {
             let started = Instant::now();
-            let plan = load_plan(spec)?;
+            let plan = load_plan(spec, *bootstrap)?;
             if !nix::unistd::geteuid().is_root() {
                 anyhow::bail!(
                     "debimg build needs root (loop devices, mounts, chroot); run it with sudo"

@@ -21,6 +21,9 @@ pub struct Metadata {
     pub debimg_version: String,
     /// sha256 of the plan the images were built from.
     pub spec_digest: String,
+    /// The program that bootstrapped the base system.
+    #[serde(default)]
+    pub bootstrap: String,
     /// RFC 3339 UTC.
     pub build_start: String,
     /// RFC 3339 UTC.
@@ -130,6 +133,7 @@ mod tests {
             name: "t".into(),
             debimg_version: "0.1.0".into(),
             spec_digest: "ab".repeat(32),
+            bootstrap: "mmdebstrap".into(),
             build_start: rfc3339(0),
             build_end: rfc3339(60),
             images: vec![ImageMeta {

@@ -10,7 +10,43 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::spec::{Container, Fs, Proxies, Spec, Variant, image_base_name};
+use crate::spec::{Bootstrap, Container, Fs, Proxies, Spec, Variant, image_base_name};
+
+/// The program that bootstraps the base system, once `auto` is decided.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Debootstrap,
+    Mmdebstrap,
+}
+
+impl Backend {
+    /// The program's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Debootstrap => "debootstrap",
+            Backend::Mmdebstrap => "mmdebstrap",
+        }
+    }
+
+    /// Decides `auto`: mmdebstrap when the host has it.
+    pub fn resolve(choice: Bootstrap, host_has_mmdebstrap: bool) -> Backend {
+        match choice {
+            Bootstrap::Debootstrap => Backend::Debootstrap,
+            Bootstrap::Mmdebstrap => Backend::Mmdebstrap,
+            Bootstrap::Auto if host_has_mmdebstrap => Backend::Mmdebstrap,
+            Bootstrap::Auto => Backend::Debootstrap,
+        }
+    }
+}
+
+/// True when `program` is an executable file in one of the usual system directories or PATH.
+pub fn host_has(program: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(std::path::PathBuf::from))
+        .any(|d| d.join(program).is_file())
+}
 
 /// One apt source entry of the build host (`deb URI SUITE COMPONENTS...`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,7 +214,9 @@ pub struct Plan {
     pub arch: String,
     pub suite: String,
     pub variant: Variant,
-    /// The URI debootstrap downloads from (the first repo's).
+    /// The program that bootstraps the base system.
+    pub backend: Backend,
+    /// The URI the bootstrap downloads from (the first repo's).
     pub bootstrap_mirror: String,
     pub bootstrap_include: Vec<String>,
     pub repos: Vec<PlannedRepo>,
@@ -213,8 +251,13 @@ pub fn mount_order(mounts: &[&str]) -> Vec<usize> {
 }
 
 impl Plan {
-    /// Builds the plan from a validated spec and the host's apt sources.
-    pub fn new(spec: &Spec, host_sources: &[HostSource]) -> Result<Plan> {
+    /// Builds the plan from a validated spec, the host's apt sources and whether the host has
+    /// mmdebstrap (for `bootstrap: auto`).
+    pub fn new(
+        spec: &Spec,
+        host_sources: &[HostSource],
+        host_has_mmdebstrap: bool,
+    ) -> Result<Plan> {
         let resolve = |uri: &str, suite: &str| -> Result<String> {
             if uri == "host" {
                 resolve_host_uri(host_sources, suite)
@@ -275,6 +318,7 @@ impl Plan {
             arch: spec.arch.clone(),
             suite: spec.suite.clone(),
             variant: spec.variant,
+            backend: Backend::resolve(spec.bootstrap, host_has_mmdebstrap),
             bootstrap_mirror: repos[0].uri.clone(),
             bootstrap_include: spec.bootstrap_include.clone(),
             repos,
@@ -379,9 +423,13 @@ mod tests {
     #[test]
     fn digest_follows_the_spec() {
         let src = parse_deb822_sources(DEB822);
-        let a = Plan::new(&spec(""), &src).unwrap();
-        let b = Plan::new(&spec(""), &src).unwrap();
-        let c = Plan::new(&spec(", less"), &src).unwrap();
+        let a = Plan::new(&spec(""), &src, true).unwrap();
+        let b = Plan::new(&spec(""), &src, true).unwrap();
+        let c = Plan::new(&spec(", less"), &src, true).unwrap();
+        let d = Plan::new(&spec(""), &src, false).unwrap();
+        assert_eq!(a.backend, Backend::Mmdebstrap);
+        assert_eq!(d.backend, Backend::Debootstrap);
+        assert_ne!(a.digest, d.digest, "the backend is part of the digest");
         assert_eq!(a.digest, b.digest);
         assert_ne!(a.digest, c.digest);
         assert_eq!(a.digest.len(), 64);

@@ -97,6 +97,10 @@ fn minimal_builds_then_reuses_then_rebuilds_when_packages_change() {
     );
     let meta = Metadata::read(&meta_path).unwrap();
     assert_eq!(meta.images.len(), 1);
+    assert_eq!(
+        meta.bootstrap, "mmdebstrap",
+        "the default backend when mmdebstrap is installed"
+    );
     let raws = check_outputs(&out, &meta, work.path());
     assert_eq!(uuid_of(&raws[0]), meta.images[0].uuid);
     {
@@ -177,12 +181,18 @@ fn multi_fs_builds_nested_filesystems() {
     let out = work.path().join("out");
     let bdir = work.path().join("build");
     std::fs::create_dir_all(&bdir).unwrap();
-    let run = build(&example("multi-fs.yaml"), &out, &bdir, &["--no-cache"]);
+    let run = build(
+        &example("multi-fs.yaml"),
+        &out,
+        &bdir,
+        &["--no-cache", "--bootstrap", "debootstrap"],
+    );
     run.assert_ok("multi-fs build");
     assert_no_leftovers(&bdir, &out);
     let meta = Metadata::read(&out.join("multi-fs.yaml")).unwrap();
     let mounts: Vec<&str> = meta.images.iter().map(|i| i.mount.as_str()).collect();
     assert_eq!(mounts, ["/", "/boot", "/var", "/var/lib/app"]);
+    assert_eq!(meta.bootstrap, "debootstrap");
     let formats: Vec<&str> = meta.images.iter().map(|i| i.format.as_str()).collect();
     assert_eq!(formats, ["ext4", "ext2", "xfs", "ext4"]);
     assert_eq!(meta.images[3].container, "raw");

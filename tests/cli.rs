@@ -89,3 +89,60 @@ fn plan_resolves_host_mirror_and_orders_mounts() {
     assert_eq!(order, [0, 1, 2, 3]);
     assert_eq!(plan["digest"].as_str().unwrap().len(), 64);
 }
+
+#[test]
+fn pack_prints_digests_that_match_the_files() {
+    let dir = scratch("pack");
+    let img = dir.path().join("x.img");
+    let mut data = vec![0u8; 3 << 20];
+    for (i, b) in data.iter_mut().enumerate().step_by(7) {
+        *b = (i % 251) as u8;
+    }
+    std::fs::write(&img, &data).unwrap();
+    let gz = dir.path().join("x.img.gz");
+    let run = debimg(&["pack", img.to_str().unwrap(), "-o", gz.to_str().unwrap()]);
+    run.assert_ok("pack");
+    let out = run.stdout();
+    let (raw_md5, _) = sums(&img);
+    let (gz_md5, gz_sha) = sums(&gz);
+    assert!(out.contains(&format!("raw_md5: {raw_md5}")), "{out}");
+    assert!(out.contains(&format!("container_md5: {gz_md5}")), "{out}");
+    assert!(
+        out.contains(&format!("container_sha256: {gz_sha}")),
+        "{out}"
+    );
+    tool("gzip", &["-t", gz.to_str().unwrap()]);
+    // The output exists now: a second pack refuses to overwrite it.
+    let again = debimg(&["pack", img.to_str().unwrap(), "-o", gz.to_str().unwrap()]);
+    assert_eq!(again.code(), Some(1), "{}", again.stderr());
+}
+
+#[test]
+fn cache_list_and_prune() {
+    let dir = scratch("cachecli");
+    let cache = dir.path().join("cache");
+    let c = cache.to_str().unwrap();
+    std::fs::create_dir_all(cache.join("packages")).unwrap();
+    std::fs::write(cache.join("packages/less_590-2_amd64.deb"), vec![1u8; 4096]).unwrap();
+    let list = debimg(&["cache", "list", "--cache-dir", c]);
+    list.assert_ok("cache list");
+    assert!(
+        list.stdout().contains("less_590-2_amd64.deb"),
+        "{}",
+        list.stdout()
+    );
+    assert!(list.stdout().contains("1 entries"), "{}", list.stdout());
+    let keep = debimg(&["cache", "prune", "--older-than", "1d", "--cache-dir", c]);
+    keep.assert_ok("prune keeping");
+    assert!(cache.join("packages/less_590-2_amd64.deb").exists());
+    let all = debimg(&["cache", "prune", "--cache-dir", c]);
+    all.assert_ok("prune all");
+    assert!(
+        all.stdout().contains("removed 1 entries"),
+        "{}",
+        all.stdout()
+    );
+    assert!(!cache.join("packages/less_590-2_amd64.deb").exists());
+    let bad = debimg(&["cache", "prune", "--older-than", "soon", "--cache-dir", c]);
+    assert_eq!(bad.code(), Some(2));
+}

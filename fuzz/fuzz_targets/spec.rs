@@ -11,6 +11,6 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(spec) = debimg::spec::Spec::from_yaml(text, "fuzz.yaml") {
         let sources =
             debimg::plan::parse_sources_list("deb http://m.example/debian bookworm main\n");
-        let _ = debimg::plan::Plan::new(&spec, &sources);
+        let _ = debimg::plan::Plan::new(&spec, &sources, true);
     }
 });

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::cache::Cache;
 use crate::cmd::CommandRunExt;
 use crate::debian::chroot_command;
 use crate::plan::{Plan, PlannedRepo};
@@ -166,14 +167,23 @@ impl Apt<'_> {
         self.root.join(rel)
     }
 
-    /// Writes the sources, the build-only settings, and runs `apt-get update`.
-    pub fn configure_and_update(&self, plan: &Plan) -> Result<()> {
-        write(
-            &self.path("etc/apt/sources.list"),
-            &render_sources(&plan.repos),
-        )?;
+    /// Writes the sources, the build-only settings, and runs `apt-get update`; with a cache,
+    /// starts from the lists it holds for these sources and stores the result.
+    pub fn configure_and_update(&self, plan: &Plan, cache: Option<&Cache>) -> Result<()> {
+        let sources = render_sources(&plan.repos);
+        write(&self.path("etc/apt/sources.list"), &sources)?;
         write(&self.path(BUILD_CONF), &render_build_conf(&plan.proxies))?;
-        self.apt_get(&["update"])
+        let lists = self.path("var/lib/apt/lists");
+        let key = crate::cache::lists_key(&sources, &plan.arch);
+        if let Some(c) = cache {
+            let n = c.restore_lists(&key, &lists);
+            tracing::debug!("{n} cached apt list files");
+        }
+        self.apt_get(&["update"])?;
+        if let Some(c) = cache {
+            c.store_lists(&key, &lists)?;
+        }
+        Ok(())
     }
 
     /// Reads each repo's Release fields from apt's lists (after `update`).

@@ -24,6 +24,12 @@ pub fn command(plan: &Plan, root: &Path, cache_dir: Option<&Path>) -> Command {
         cmd.arg(format!("--cache-dir={}", dir.display()));
     }
     cmd.arg(&plan.suite).arg(root).arg(&plan.bootstrap_mirror);
+    clean_env(&mut cmd, plan);
+    cmd
+}
+
+/// The environment of a bootstrap program: a fixed PATH and locale, and the plan's proxies.
+pub fn clean_env(cmd: &mut Command, plan: &Plan) {
     cmd.env_clear()
         .env(
             "PATH",
@@ -39,7 +45,6 @@ pub fn command(plan: &Plan, root: &Path, cache_dir: Option<&Path>) -> Command {
     if !plan.proxies.direct.is_empty() {
         cmd.env("no_proxy", plan.proxies.direct.join(","));
     }
-    cmd
 }
 
 /// Bootstraps `root` (which already holds the mounted image tree).

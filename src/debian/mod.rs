@@ -4,6 +4,7 @@
 pub mod apt;
 pub mod configure;
 pub mod debootstrap;
+pub mod mmdebstrap;
 
 use std::path::Path;
 use std::process::Command;

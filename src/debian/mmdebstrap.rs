@@ -1,0 +1,67 @@
+//! Running mmdebstrap into the mounted image tree: apt resolves and downloads, dpkg installs in
+//! one pass with its fsyncs off, about twice as fast as debootstrap.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::cmd::CommandRunExt;
+use crate::debian::debootstrap::clean_env;
+use crate::plan::Plan;
+
+/// What mmdebstrap's `--dpkgopt` leaves in the tree; removed after the bootstrap (the build
+/// puts its own build-only dpkg setting in place and removes that one at the end).
+pub const DPKG_CFG: &str = "etc/dpkg/dpkg.cfg.d/99mmdebstrap";
+
+/// The mmdebstrap command line for a plan (pure, so it can be tested). With `debs`, packages
+/// are taken from and returned to that directory (the package cache's working copy).
+pub fn command(plan: &Plan, root: &Path, debs: Option<&Path>) -> Command {
+    let mut cmd = Command::new("mmdebstrap");
+    cmd.args(["--mode=root", "--format=directory", "--skip=check/empty"]);
+    cmd.arg(format!(
+        "--variant={}",
+        plan.variant.debootstrap_arg().unwrap_or("standard")
+    ));
+    cmd.arg(format!("--architectures={}", plan.arch));
+    let components: Vec<&str> = plan.repos[0].section.split_whitespace().collect();
+    cmd.arg(format!("--components={}", components.join(",")));
+    if !plan.bootstrap_include.is_empty() {
+        cmd.arg(format!("--include={}", plan.bootstrap_include.join(",")));
+    }
+    cmd.arg("--dpkgopt=force-unsafe-io");
+    if let Some(dir) = debs {
+        let dir = dir.display();
+        cmd.arg("--skip=essential/unlink");
+        cmd.arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/");
+        cmd.arg(format!(
+            "--setup-hook=sync-in {dir} /var/cache/apt/archives/"
+        ));
+        cmd.arg(format!(
+            "--customize-hook=sync-out /var/cache/apt/archives {dir}"
+        ));
+    }
+    cmd.arg(&plan.suite).arg(root).arg(&plan.bootstrap_mirror);
+    clean_env(&mut cmd, plan);
+    cmd
+}
+
+/// Bootstraps `root` (which already holds the mounted image tree).
+pub fn run(plan: &Plan, root: &Path, debs: Option<&Path>, show: bool) -> Result<()> {
+    command(plan, root, debs)
+        .run_streaming(show)
+        .with_context(|| {
+            format!(
+                "bootstrapping {} into {} with mmdebstrap",
+                plan.suite,
+                root.display()
+            )
+        })?;
+    let cfg = root.join(DPKG_CFG);
+    match std::fs::remove_file(&cfg) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", cfg.display()))
+        }
+        _ => Ok(()),
+    }
+}
