@@ -291,6 +291,16 @@ fn run(cli: &Cli) -> Result<()> {
     }
 }
 
+/// This process's peak resident set (VmHWM), in KiB: the build process's own memory, not the
+/// programs it runs.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// The build process already reported its error; the supervisor only passes its code on.
 #[derive(Debug)]
 struct ExitWith(u8);
@@ -313,9 +323,10 @@ fn run_build(plan: &Plan, opts: &BuildOptions, started: Instant) -> Result<()> {
         );
     } else {
         tracing::info!(
-            "built {} image(s) in {:.1}s",
+            "built {} image(s) in {:.1}s; peak memory of debimg itself {} MiB",
             outcome.metadata.images.len(),
-            started.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64(),
+            peak_rss_kib().unwrap_or(0) >> 10
         );
     }
     for p in outcome.image_paths() {
