@@ -364,6 +364,8 @@ fn build_tree(plan: &Plan, opts: &BuildOptions, ws: &Workspace) -> Result<Built>
     let mut build_only = BuildOnlyFiles::new(&root);
     stage("bootstrap", || {
         build_only.install_policy()?;
+        // dpkg reads dpkg.cfg.d as soon as debootstrap installed it: no fsyncs from there on.
+        build_only.install_dpkg_unsafe_io()?;
         bootstrap(plan, opts, ws, &root, cache.as_ref())?;
         build_only.install_policy()
     })?;

@@ -23,9 +23,16 @@ pub fn enter_private_mount_namespace() -> Result<()> {
              unshare(CLONE_NEWNS) only works before any thread is started"
         );
     }
-    nix::sched::unshare(CloneFlags::CLONE_NEWNS).context("unsharing the mount namespace")?;
-    // The new namespace copies the host's propagation: a shared `/` would still send our mounts
-    // back to the host.
+    unshare_private(CloneFlags::CLONE_NEWNS)?;
+    tracing::debug!("entered a private mount namespace");
+    Ok(())
+}
+
+/// Unshares `flags` (which include CLONE_NEWNS) and makes `/` recursively private in the new
+/// mount namespace: it copies the host's propagation, and a shared `/` would still send our
+/// mounts back to the host.
+fn unshare_private(flags: CloneFlags) -> Result<()> {
+    nix::sched::unshare(flags).context("unsharing the mount (and PID) namespace")?;
     nix::mount::mount(
         None::<&str>,
         "/",
@@ -33,9 +40,7 @@ pub fn enter_private_mount_namespace() -> Result<()> {
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None::<&str>,
     )
-    .context("making / recursively private in the new mount namespace")?;
-    tracing::debug!("entered a private mount namespace");
-    Ok(())
+    .context("making / recursively private in the new mount namespace")
 }
 
 /// Where the isolation processes forward INT, TERM and HUP (0 = nowhere yet).
@@ -76,16 +81,7 @@ pub fn run_isolated(body: impl FnOnce() -> u8) -> Result<u8> {
     if threads != 1 {
         bail!("isolating the build: the process already runs {threads} threads");
     }
-    nix::sched::unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
-        .context("unsharing the mount and PID namespaces")?;
-    nix::mount::mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .context("making / recursively private in the new mount namespace")?;
+    unshare_private(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)?;
     // The init learns of the supervisor's death before PDEATHSIG is armed through this pipe.
     let (alive_r, alive_w) = nix::unistd::pipe().context("creating a pipe")?;
     forward_signals()?;
