@@ -217,6 +217,8 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<Outcome> {
         .canonicalize()
         .with_context(|| format!("resolving {}", opts.output_dir.display()))?;
     let _lock = OutputLock::acquire(&output_dir, opts.wait)?;
+    // Also on a reuse: a killed build's workspace (and its sparse images) goes at the next run.
+    clean_stale_workspaces(&opts.build_dir);
     let metadata_path = output_dir.join(plan.metadata_name());
     if !opts.force
         && let Some(metadata) = reusable(plan, &output_dir)
@@ -230,7 +232,6 @@ pub fn build(plan: &Plan, opts: &BuildOptions) -> Result<Outcome> {
     preflight(plan)?;
     std::fs::create_dir_all(&opts.build_dir)
         .with_context(|| format!("creating build directory {}", opts.build_dir.display()))?;
-    clean_stale_workspaces(&opts.build_dir);
     let build_start = now_rfc3339();
     let ws = Workspace::create(&opts.build_dir, &plan.name)?;
     let result = run_stages(plan, opts, &ws, &output_dir, build_start)
@@ -286,10 +287,10 @@ fn run_stages(
             let p = compress::pack(file, container, &tmp)
                 .with_context(|| format!("packaging {}", img.container_name))?;
             tracing::info!(
-                "{}: {} MiB raw -> {} MiB {} in {:.1}s",
+                "{}: {:.1} MiB raw -> {:.1} MiB {} in {:.1}s",
                 img.container_name,
-                p.raw.size >> 20,
-                p.container.size >> 20,
+                p.raw.size as f64 / 1048576.0,
+                p.container.size as f64 / 1048576.0,
                 img.container.name(),
                 t.elapsed().as_secs_f64()
             );
@@ -500,8 +501,8 @@ impl Tree {
             loops: Vec::new(),
             mounts: Vec::new(),
         };
-        for (i, img) in plan.images.iter().enumerate() {
-            let file = ws.dir.join(format!("{i}-{}", img.raw_name));
+        for img in &plan.images {
+            let file = ws.dir.join(&img.raw_name);
             let f = File::create_new(&file)
                 .with_context(|| format!("creating image file {}", file.display()))?;
             f.set_len(img.size)

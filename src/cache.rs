@@ -155,46 +155,108 @@ impl Cache {
         let mut n = 0;
         let mut bytes = 0;
         for e in self.entries()? {
-            if e.age_secs >= older_than_secs {
+            if e.age_secs < older_than_secs {
+                continue;
+            }
+            if let Ok(target) = std::fs::read_link(&e.path) {
+                // A lists entry: the link, then the version directory it named.
                 std::fs::remove_file(&e.path)
                     .with_context(|| format!("removing {}", e.path.display()))?;
-                n += 1;
-                bytes += e.size;
+                let dir = self.lists_dir().join(target);
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("removing {}", dir.display()))?;
+            } else if e.path.is_dir() {
+                std::fs::remove_dir_all(&e.path)
+                    .with_context(|| format!("removing {}", e.path.display()))?;
+            } else {
+                std::fs::remove_file(&e.path)
+                    .with_context(|| format!("removing {}", e.path.display()))?;
             }
+            n += 1;
+            bytes += e.size;
         }
         Ok((n, bytes))
     }
 
-    /// Every cached entry (packages and bases).
+    /// Every cached entry: pooled packages, base trees, and apt lists (one entry per set of
+    /// sources, plus any version directory no link names, left by an interrupted store).
     pub fn entries(&self) -> Result<Vec<Entry>> {
         let mut out = Vec::new();
         let now = std::time::SystemTime::now();
+        let age = |md: &std::fs::Metadata| {
+            // Last use: a hit touches nothing, so age runs from the later of write and read.
+            md.accessed()
+                .ok()
+                .max(md.modified().ok())
+                .and_then(|t| now.duration_since(t).ok())
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
         for d in [self.packages_dir(), self.bases_dir()] {
             let Ok(rd) = std::fs::read_dir(&d) else {
                 continue;
             };
             for e in rd.flatten() {
-                let name = e.file_name();
-                if name.to_string_lossy().starts_with('.') {
+                if e.file_name().to_string_lossy().starts_with('.') {
                     continue;
                 }
                 let Ok(md) = e.metadata() else { continue };
-                // Last use: a hit touches nothing, so age runs from the later of write and read.
-                let used = md.accessed().ok().max(md.modified().ok());
-                let age_secs = used
-                    .and_then(|t| now.duration_since(t).ok())
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
                 out.push(Entry {
                     path: e.path(),
                     size: md.len(),
-                    age_secs,
+                    age_secs: age(&md),
+                });
+            }
+        }
+        let lists = self.lists_dir();
+        let mut linked = std::collections::BTreeSet::new();
+        let mut dirs = Vec::new();
+        for e in std::fs::read_dir(&lists).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            match std::fs::read_link(e.path()) {
+                Ok(target) => {
+                    let dir = lists.join(&target);
+                    let Ok(md) = std::fs::metadata(&dir) else {
+                        continue;
+                    };
+                    out.push(Entry {
+                        path: e.path(),
+                        size: dir_size(&dir),
+                        age_secs: age(&md),
+                    });
+                    linked.insert(target.into_os_string());
+                }
+                Err(_) => dirs.push(e),
+            }
+        }
+        for e in dirs {
+            // Orphans only after an hour: a store in progress has not linked its directory yet.
+            let Ok(md) = e.metadata() else { continue };
+            if !linked.contains(&e.file_name()) && age(&md) >= 3600 {
+                out.push(Entry {
+                    path: e.path(),
+                    size: dir_size(&e.path()),
+                    age_secs: age(&md),
                 });
             }
         }
         out.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(out)
     }
+}
+
+/// Bytes of the regular files directly in `dir`.
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
 
 const TAR_COMMON: &[&str] = &[
@@ -378,6 +440,11 @@ mod tests {
         assert!(!back.join("lock").exists());
         // One version directory plus the link: the old version is gone.
         assert_eq!(std::fs::read_dir(cache.lists_dir()).unwrap().count(), 2);
+        let entries = cache.entries().unwrap();
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        assert_eq!(entries[0].size, 2);
+        assert_eq!(cache.prune(0).unwrap(), (1, 2));
+        assert_eq!(std::fs::read_dir(cache.lists_dir()).unwrap().count(), 0);
     }
 
     #[test]

@@ -21,7 +21,7 @@ struct Cli {
     /// More output (-v: debug details such as every command run).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
-    /// Less output: warnings and errors only, no progress of debootstrap and apt.
+    /// Less output: warnings and errors only (for build: no output of the bootstrap and apt).
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
     #[command(subcommand)]
@@ -30,7 +30,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Check a spec: exit 0 when it is valid, exit 2 naming every problem.
+    /// Check a spec: exit 0 when it is valid, exit 2 naming its problems (YAML and type errors
+    /// one at a time with line and column; then every remaining problem with its field).
     Validate {
         /// The YAML spec.
         spec: PathBuf,
@@ -73,7 +74,7 @@ enum Command {
         #[arg(long, value_enum, default_value = "gzip")]
         container: ContainerArg,
     },
-    /// Inspect or trim the package and base-tree caches.
+    /// Inspect or trim the caches: pooled packages, base trees, apt lists.
     Cache {
         /// The cache directory.
         #[arg(long, default_value = "/var/cache/debimg", global = true)]
@@ -106,15 +107,17 @@ enum ContainerArg {
     Raw,
 }
 
-/// Parses `30d`, `12h`, `45m`, `90s` (or plain seconds) into seconds.
+/// Parses `30d`, `12h`, `45m`, `90s` into seconds. A bare number is refused: `--older-than 30`
+/// meaning 30 seconds would empty the cache of someone who meant days.
 fn parse_age(text: &str) -> Result<u64, String> {
     let t = text.trim();
+    let unitless = || format!("`{text}` needs a unit: 30d, 12h, 45m or 90s");
     let (num, mult) = match t.chars().last() {
         Some('d') => (&t[..t.len() - 1], 86_400),
         Some('h') => (&t[..t.len() - 1], 3_600),
         Some('m') => (&t[..t.len() - 1], 60),
         Some('s') => (&t[..t.len() - 1], 1),
-        _ => (t, 1),
+        _ => return Err(unitless()),
     };
     num.parse::<u64>()
         .map(|n| n * mult)

@@ -158,7 +158,14 @@ fn minimal_builds_then_reuses_then_rebuilds_when_packages_change() {
     std::fs::write(&changed, text).unwrap();
     let rebuilt = build(&changed, &out, &bdir, &[]);
     rebuilt.assert_ok("rebuild after a package change");
-    assert!(!rebuilt.stderr().contains("reused"), "{}", rebuilt.stderr());
+    let err = rebuilt.stderr();
+    assert!(!err.contains("reused"), "{err}");
+    // The caches did their part: the base tree and apt's lists came from the cache.
+    assert!(err.contains("base tree from the cache"), "{err}");
+    assert!(
+        err.contains("apt lists:") && err.contains("files from the cache"),
+        "{err}"
+    );
     assert_no_leftovers(&bdir, &out);
     let meta2 = Metadata::read(&meta_path).unwrap();
     assert_ne!(meta2.spec_digest, meta.spec_digest);

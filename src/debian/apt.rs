@@ -85,8 +85,13 @@ pub fn render_sources(repos: &[PlannedRepo]) -> String {
 pub fn render_preferences(repo: &PlannedRepo, meta: &ReleaseMeta, priority: i32) -> String {
     let mut fields = Vec::new();
     let quote = |v: &str| v.replace(',', "\\,");
-    if let Some(v) = &meta.suite {
-        fields.push(format!("a={}", quote(v)));
+    // The codename, not the suite (`a=`): the suite moves (stable, oldstable, oldoldstable)
+    // while the codename stays, and a pin on it would silently stop matching in the image later.
+    // A repo without a codename is pinned on its suite.
+    match (&meta.codename, &meta.suite) {
+        (Some(_), _) => {}
+        (None, Some(v)) => fields.push(format!("a={}", quote(v))),
+        (None, None) => {}
     }
     if let Some(v) = &meta.codename {
         fields.push(format!("n={}", quote(v)));
@@ -177,7 +182,9 @@ impl Apt<'_> {
         let key = crate::cache::lists_key(&sources, &plan.arch);
         if let Some(c) = cache {
             let n = c.restore_lists(&key, &lists);
-            tracing::debug!("{n} cached apt list files");
+            if n > 0 {
+                tracing::info!("apt lists: {n} files from the cache");
+            }
         }
         self.apt_get(&["update"])?;
         if let Some(c) = cache {
@@ -303,7 +310,7 @@ mod tests {
         let m = parse_release(INRELEASE);
         let p = render_preferences(&repo("main contrib"), &m, 100);
         assert!(p.contains(
-            "Pin: release a=stable-security,n=bookworm-security,o=Debian,l=Debian-Security,c=main\nPin-Priority: 100\n"
+            "Pin: release n=bookworm-security,o=Debian,l=Debian-Security,c=main\nPin-Priority: 100\n"
         ), "{p}");
         assert!(p.contains("c=contrib\nPin-Priority: 100"), "{p}");
     }

@@ -141,10 +141,10 @@ fn shrink(image: &Path) -> Result<u64> {
     file.sync_all()
         .with_context(|| format!("syncing {}", image.display()))?;
     tracing::info!(
-        "shrank {} from {} to {} MiB",
+        "shrank {} from {:.1} to {:.1} MiB",
         image.file_name().unwrap_or_default().to_string_lossy(),
-        old_size >> 20,
-        new_size >> 20
+        old_size as f64 / 1048576.0,
+        new_size as f64 / 1048576.0
     );
     Ok(new_size)
 }
