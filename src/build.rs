@@ -22,7 +22,7 @@ use crate::pack::compress::{self, Packed};
 use crate::pack::shrink;
 use crate::plan::{Backend, Plan};
 use crate::signals;
-use crate::spec::{Container, Fs};
+use crate::spec::Fs;
 use crate::sys::loopdev::{self, LoopDevice};
 use crate::sys::mkfs::{self, MkfsRequest};
 use crate::sys::mount::{self, Mount};
@@ -124,12 +124,7 @@ pub fn required_tools(plan: &Plan) -> Vec<(&'static str, &'static str)> {
 
 /// Names every missing host tool and how to install it, before anything is created.
 pub fn preflight(plan: &Plan) -> Result<()> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
-    for d in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
-        dirs.push(PathBuf::from(d));
-    }
-    check_tools(plan, &dirs)
+    check_tools(plan, &crate::plan::program_dirs())
 }
 
 /// The preflight against an explicit list of directories.
@@ -279,12 +274,8 @@ fn run_stages(
         for (img, (file, _)) in plan.images.iter().zip(&built.images) {
             signals::check()?;
             let tmp = pending.temp_path(&img.container_name);
-            let container = match img.container {
-                Container::Gzip => compress::Container::Gzip,
-                Container::Raw => compress::Container::Raw,
-            };
             let t = Instant::now();
-            let p = compress::pack(file, container, &tmp)
+            let p = compress::pack(file, img.container, &tmp)
                 .with_context(|| format!("packaging {}", img.container_name))?;
             tracing::info!(
                 "{}: {:.1} MiB raw -> {:.1} MiB {} in {:.1}s",
@@ -762,7 +753,6 @@ impl PendingOutputs {
         let p = self
             .dir
             .join(format!(".{final_name}.tmp-{}", crate::sys::unique_token()));
-        let _ = std::fs::remove_file(&p);
         self.temps.push((p.clone(), final_name.to_string()));
         p
     }

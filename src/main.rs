@@ -12,7 +12,7 @@ use debimg::cache::Cache;
 use debimg::pack::compress;
 use debimg::plan::{Plan, read_host_sources};
 use debimg::signals;
-use debimg::spec::{Bootstrap, Spec, SpecError};
+use debimg::spec::{Bootstrap, Container, Spec, SpecError};
 
 /// Build Debian-family OS images from a YAML spec.
 #[derive(Parser)]
@@ -72,7 +72,7 @@ enum Command {
         output: PathBuf,
         /// gzip (default) or raw.
         #[arg(long, value_enum, default_value = "gzip")]
-        container: ContainerArg,
+        container: Container,
     },
     /// Inspect or trim the caches: pooled packages, base trees, apt lists.
     Cache {
@@ -99,12 +99,6 @@ enum CacheAction {
         #[arg(long, value_parser = parse_age)]
         older_than: Option<u64>,
     },
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum ContainerArg {
-    Gzip,
-    Raw,
 }
 
 /// Parses `30d`, `12h`, `45m`, `90s` into seconds. A bare number is refused: `--older-than 30`
@@ -200,12 +194,8 @@ fn run(cli: &Cli) -> Result<()> {
             output,
             container,
         } => {
-            let c = match container {
-                ContainerArg::Gzip => compress::Container::Gzip,
-                ContainerArg::Raw => compress::Container::Raw,
-            };
             let t = Instant::now();
-            let p = compress::pack(image, c, output)
+            let p = compress::pack(image, *container, output)
                 .with_context(|| format!("packaging {}", image.display()))?;
             tracing::info!(
                 "{} MiB in {:.2}s ({:.0} MB/s)",

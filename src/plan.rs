@@ -40,12 +40,18 @@ impl Backend {
     }
 }
 
-/// True when `program` is an executable file in one of the usual system directories or PATH.
-pub fn host_has(program: &str) -> bool {
+/// Where host programs are looked for: PATH, then the system directories (a root shell's PATH
+/// may lack the sbin ones).
+pub fn program_dirs() -> Vec<std::path::PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(std::path::PathBuf::from))
-        .any(|d| d.join(program).is_file())
+        .collect()
+}
+
+/// True when `program` is a file in one of [`program_dirs`].
+pub fn host_has(program: &str) -> bool {
+    program_dirs().iter().any(|d| d.join(program).is_file())
 }
 
 /// One apt source entry of the build host (`deb URI SUITE COMPONENTS...`).

@@ -208,13 +208,13 @@ impl fmt::Display for Fs {
 }
 
 /// How an image is shipped.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Container {
-    /// gzip-compressed (`.img.gz`).
+    /// A single-member gzip file (`.img.gz`).
     #[default]
     Gzip,
-    /// The raw image (`.img`), sparse.
+    /// The raw image (`.img`), copied sparsely.
     Raw,
 }
 

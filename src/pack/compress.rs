@@ -35,24 +35,8 @@ const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3];
 /// Blocks handed to the pool per thread before the oldest result is waited for.
 const IN_FLIGHT_PER_THREAD: usize = 2;
 
-/// How an image is stored in the output directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Container {
-    /// A single-member gzip file.
-    Gzip,
-    /// The filesystem image itself, copied sparsely.
-    Raw,
-}
-
-impl Container {
-    /// File name extension the container adds, if any (`gz` for gzip).
-    pub fn extension(self) -> Option<&'static str> {
-        match self {
-            Container::Gzip => Some("gz"),
-            Container::Raw => None,
-        }
-    }
-}
+/// How an image is stored in the output directory: the spec's own type.
+pub use crate::spec::Container;
 
 /// Digests of the image as read and of the container file as written.
 #[derive(Debug, Clone, PartialEq, Eq)]
