@@ -29,6 +29,9 @@ pub trait CommandRunExt {
     fn run_with_stdin(&mut self, input: &[u8]) -> Result<String>;
     /// Runs the command and accepts any exit code listed in `ok_codes`; returns the code.
     fn run_accepting(&mut self, ok_codes: &[i32]) -> Result<i32>;
+    /// Like [`CommandRunExt::run_accepting`], also returning stdout and the last lines of
+    /// stderr (for programs whose diagnostics are the answer, such as `apt-get --simulate`).
+    fn run_accepting_output(&mut self, ok_codes: &[i32]) -> Result<(i32, String, Vec<String>)>;
     /// Runs the command with stdout and stderr inherited (interactive use).
     fn run_inherit(&mut self) -> Result<()>;
     /// Runs a long command: its stdout and stderr lines go to our stderr when `show` is true
@@ -212,6 +215,16 @@ impl CommandRunExt for Command {
     fn run_accepting(&mut self, ok_codes: &[i32]) -> Result<i32> {
         let f = execute(self, None, true, false)?;
         f.check(self, ok_codes)
+    }
+
+    fn run_accepting_output(&mut self, ok_codes: &[i32]) -> Result<(i32, String, Vec<String>)> {
+        let f = execute(self, None, true, false)?;
+        let code = f.check(self, ok_codes)?;
+        Ok((
+            code,
+            String::from_utf8_lossy(&f.stdout).into_owned(),
+            f.tail,
+        ))
     }
 
     fn run_inherit(&mut self) -> Result<()> {

@@ -7,14 +7,21 @@
 pub mod build;
 pub mod cache;
 pub mod cmd;
+pub mod creator;
 pub mod debian;
+pub mod fuel;
+pub mod kind;
 pub mod metadata;
 pub mod pack;
 pub mod plan;
+pub mod post;
+pub mod records;
+pub mod release;
 pub mod signals;
 pub mod spec;
 pub mod sys;
 
 pub use build::{BuildOptions, Outcome, build};
+pub use creator::Creator;
 pub use plan::Plan;
 pub use spec::Spec;

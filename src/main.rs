@@ -11,6 +11,7 @@ use debimg::build::{BuildOptions, build};
 use debimg::cache::Cache;
 use debimg::pack::compress;
 use debimg::plan::{Plan, read_host_sources};
+use debimg::release;
 use debimg::signals;
 use debimg::spec::{Bootstrap, Container, Spec, SpecError};
 
@@ -38,11 +39,13 @@ enum Command {
     },
     /// Build the images a spec describes (reusing them when the output already matches).
     Build {
-        /// The YAML spec.
-        spec: PathBuf,
-        /// Directory that receives the images and the metadata file.
-        #[arg(short, long, default_value = "out")]
-        output: PathBuf,
+        /// The YAML spec (or give --fuel instead).
+        #[arg(required_unless_present = "fuel")]
+        spec: Option<PathBuf>,
+        /// Directory that receives the images and the metadata file [default: out, or the
+        /// `output` of a --fuel input].
+        #[arg(short, long)]
+        output: Option<PathBuf>,
         /// Directory under which the temporary workspace is created.
         #[arg(long, default_value = "/var/tmp")]
         build_dir: PathBuf,
@@ -61,6 +64,27 @@ enum Command {
         /// Bootstrap backend, overriding the spec's `bootstrap` (auto: mmdebstrap when present).
         #[arg(long, value_enum)]
         bootstrap: Option<Bootstrap>,
+        /// Read fuel-agent's `nailgun_build_image` input (JSON) instead of a spec, and write
+        /// the images and metadata fuel-agent would have.
+        #[arg(long, value_name = "INPUT.json", conflicts_with = "spec")]
+        fuel: Option<PathBuf>,
+        /// Write a release into OUTPUT/ID: the outputs, the spec with @BUILD_ID@ replaced by
+        /// ID, build.log, SHA256SUMS and MD5SUMS. Always builds.
+        #[arg(long, value_name = "ID")]
+        release: Option<String>,
+        /// Pack all outputs into one archive, `<name>.bundle.tar.gz`.
+        #[arg(long, value_enum, value_name = "FORMAT")]
+        pack: Option<PackFormat>,
+        /// Open an interactive shell inside the chroot just before unmounting (debugging).
+        #[arg(long)]
+        shell: bool,
+        /// After a failure keep the workspace (unmounted) for inspection, and say where.
+        #[arg(long)]
+        keep_on_failure: bool,
+        /// Build in a tmpfs of this size (e.g. 6GiB) instead of on the build directory's
+        /// disk; the images must fit in it (sparse files count what they hold).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size, conflicts_with = "keep_on_failure")]
+        tmpfs: Option<u64>,
     },
     /// Package one image file the way a build does: raw and container md5/sha256, and a
     /// parallel gzip (or a sparse raw copy) written to OUTPUT. Prints the digests as YAML.
@@ -87,6 +111,25 @@ enum Command {
         /// The YAML spec.
         spec: PathBuf,
     },
+}
+
+/// Archive formats for `--pack`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PackFormat {
+    /// A gzipped tar archive.
+    #[value(name = "tar.gz")]
+    TarGz,
+}
+
+/// Parses a size such as `6GiB` for `--tmpfs`.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let size = debimg::spec::Size::parse(text)?;
+    if size.0 < 64 << 20 {
+        return Err(format!(
+            "`{text}` is too small for a build (at least 64MiB)"
+        ));
+    }
+    Ok(size.0)
 }
 
 #[derive(Subcommand)]
@@ -166,13 +209,81 @@ fn init_logging(verbose: u8, quiet: bool) {
 }
 
 fn load_plan(spec_path: &Path, bootstrap: Option<Bootstrap>) -> Result<Plan> {
-    let mut spec = Spec::from_file(spec_path)?;
+    plan_spec(Spec::from_file(spec_path)?, spec_path, bootstrap)
+}
+
+fn plan_spec(mut spec: Spec, source: &Path, bootstrap: Option<Bootstrap>) -> Result<Plan> {
     if let Some(b) = bootstrap {
         spec.bootstrap = b;
     }
     let sources = read_host_sources(Path::new("/")).context("reading the host's apt sources")?;
     Plan::new(&spec, &sources, debimg::plan::host_has("mmdebstrap"))
-        .with_context(|| format!("planning {}", spec_path.display()))
+        .with_context(|| format!("planning {}", source.display()))
+}
+
+/// What `debimg build` reads: a spec file (its text with @BUILD_ID@ replaced for a release) or
+/// a fuel-agent input.
+struct Input {
+    spec: Spec,
+    /// The text to copy into a release.
+    text: String,
+    /// File name of that copy.
+    copy_name: String,
+    fuel: Option<debimg::fuel::FuelBuild>,
+    path: PathBuf,
+}
+
+fn read_input(spec: Option<&Path>, fuel: Option<&Path>, release: Option<&str>) -> Result<Input> {
+    if let Some(fuel) = fuel {
+        let text =
+            std::fs::read_to_string(fuel).with_context(|| format!("reading {}", fuel.display()))?;
+        let build = debimg::fuel::spec_from_fuel(&text, &fuel.display().to_string())?;
+        return Ok(Input {
+            copy_name: format!("{}.fuel.json", build.spec.name),
+            spec: build.spec.clone(),
+            text,
+            fuel: Some(build),
+            path: fuel.to_path_buf(),
+        });
+    }
+    let path = spec.context("no spec given")?;
+    let raw = std::fs::read_to_string(path).map_err(|e| SpecError {
+        source_name: path.display().to_string(),
+        problems: vec![debimg::spec::Problem {
+            field: String::new(),
+            message: format!("cannot read the file: {e}"),
+        }],
+    })?;
+    let text = match release {
+        Some(id) => release::substitute_build_id(&raw, id),
+        None => raw,
+    };
+    let mut spec = match Spec::from_yaml(&text, &path.display().to_string()) {
+        Ok(s) => s,
+        Err(mut e) => {
+            if release.is_none() && text.contains(release::BUILD_ID_PLACEHOLDER) {
+                e.problems.push(debimg::spec::Problem {
+                    field: String::new(),
+                    message: format!(
+                        "the spec uses {}: give the ID with --release ID",
+                        release::BUILD_ID_PLACEHOLDER
+                    ),
+                });
+            }
+            return Err(e.into());
+        }
+    };
+    spec.base_dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok(Input {
+        copy_name: format!("{}.spec.yaml", spec.name),
+        spec,
+        text,
+        fuel: None,
+        path: path.to_path_buf(),
+    })
 }
 
 fn run(cli: &Cli) -> Result<()> {
@@ -253,28 +364,80 @@ fn run(cli: &Cli) -> Result<()> {
             cache_dir,
             no_cache,
             bootstrap,
+            fuel,
+            release: release_id,
+            pack,
+            shell,
+            keep_on_failure,
+            tmpfs,
         } => {
             let started = Instant::now();
-            let plan = load_plan(spec, *bootstrap)?;
+            if let Some(id) = release_id {
+                release::check_release_id(id)?;
+            }
+            let input = read_input(spec.as_deref(), fuel.as_deref(), release_id.as_deref())?;
+            let plan = plan_spec(input.spec.clone(), &input.path, *bootstrap)?;
             if !nix::unistd::geteuid().is_root() {
                 anyhow::bail!(
                     "debimg build needs root (loop devices, mounts, chroot); run it with sudo"
                 );
             }
+            let base_output = match (output, &input.fuel) {
+                (Some(o), _) => o.clone(),
+                (None, Some(f)) => f.output_dir.clone(),
+                (None, None) => PathBuf::from("out"),
+            };
+            let output_dir = match release_id {
+                Some(id) => prepare_release_dir(&base_output.join(id))?,
+                None => base_output,
+            };
             let opts = BuildOptions {
-                output_dir: output.clone(),
+                output_dir,
                 build_dir: build_dir.clone(),
-                force: *force,
+                force: *force || release_id.is_some(),
                 wait: *wait,
                 show_progress: !cli.quiet,
                 cache_dir: (!no_cache).then(|| cache_dir.clone()),
+                shell: *shell,
+                keep_on_failure: *keep_on_failure,
+                tmpfs: *tmpfs,
+            };
+            let job = Job {
+                input: &input,
+                release: release_id.is_some(),
+                pack: pack.is_some(),
             };
             // Before any thread exists: the build runs in PID and mount namespaces of its own,
             // so no mount reaches the host and nothing of it outlives this process, even when
             // it is killed with SIGKILL.
             let code = debimg::sys::namespace::run_isolated(|| {
-                let res = signals::install().and_then(|()| run_build(&plan, &opts, started));
-                exit_code(res)
+                let tee = if job.release {
+                    match release::LogTee::start(&opts.output_dir.join("build.log")) {
+                        Ok(t) => Some(t),
+                        Err(e) => return exit_code(Err(e)),
+                    }
+                } else {
+                    None
+                };
+                let res = signals::install().and_then(|()| run_build(&plan, &opts, &job, started));
+                // Printed while the log is still being written, so that it ends with the error.
+                let code = exit_code(res);
+                if let Some(t) = tee
+                    && let Err(e) = t.finish()
+                {
+                    eprintln!("error: {e:#}");
+                    return 1;
+                }
+                if code == 0 && job.release {
+                    return exit_code(release::write_sums(&opts.output_dir).map(|names| {
+                        tracing::info!(
+                            "release {}: {} files with SHA256SUMS and MD5SUMS",
+                            opts.output_dir.display(),
+                            names.len()
+                        );
+                    }));
+                }
+                code
             })?;
             match code {
                 0 => Ok(()),
@@ -282,6 +445,34 @@ fn run(cli: &Cli) -> Result<()> {
             }
         }
     }
+}
+
+/// What the build does besides building.
+struct Job<'a> {
+    input: &'a Input,
+    release: bool,
+    pack: bool,
+}
+
+/// The release directory: new, or left incomplete by a failed run (no SHA256SUMS), which is
+/// emptied. A complete release is never overwritten.
+fn prepare_release_dir(dir: &Path) -> Result<PathBuf> {
+    if dir.join("SHA256SUMS").exists() {
+        anyhow::bail!(
+            "release {} exists already; choose another ID or remove it",
+            dir.display()
+        );
+    }
+    if dir.exists() {
+        for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+            let p = e?.path();
+            if p.is_file() {
+                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            }
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir.to_path_buf())
 }
 
 /// This process's peak resident set (VmHWM), in KiB: the build process's own memory, not the
@@ -306,8 +497,41 @@ impl std::fmt::Display for ExitWith {
 
 impl std::error::Error for ExitWith {}
 
-fn run_build(plan: &Plan, opts: &BuildOptions, started: Instant) -> Result<()> {
+fn run_build(plan: &Plan, opts: &BuildOptions, job: &Job, started: Instant) -> Result<()> {
     let outcome = build(plan, opts)?;
+    let dir = outcome
+        .metadata_path
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let mut outputs = outcome.output_paths();
+    if let Some(f) = &job.input.fuel {
+        // Next to the images, wherever -o put them.
+        let mut f = f.clone();
+        f.output_dir = dir.clone();
+        let path = f.write_metadata(&outcome.metadata)?;
+        tracing::info!("fuel-agent metadata: {}", path.display());
+        if !outputs.contains(&path) {
+            outputs.push(path);
+        }
+    }
+    if job.pack {
+        let names: Vec<String> = outputs
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        let archive = release::pack_outputs(&dir, &names, &format!("{}.bundle.tar.gz", plan.name))?;
+        tracing::info!("packed {} outputs into {}", names.len(), archive.display());
+        outputs = vec![archive];
+    }
+    if job.release {
+        let copy = dir.join(&job.input.copy_name);
+        std::fs::write(&copy, &job.input.text)
+            .with_context(|| format!("writing {}", copy.display()))?;
+        outputs.push(copy);
+        // A release is one-off: no later build takes this directory's lock.
+        let _ = std::fs::remove_file(dir.join(".debimg.lock"));
+    }
     if outcome.reused {
         tracing::info!(
             "reused: {} matches the spec (digest {}); nothing to build (--force rebuilds)",
@@ -322,9 +546,8 @@ fn run_build(plan: &Plan, opts: &BuildOptions, started: Instant) -> Result<()> {
             peak_rss_kib().unwrap_or(0) >> 10
         );
     }
-    for p in outcome.image_paths() {
+    for p in outputs {
         println!("{}", p.display());
     }
-    println!("{}", outcome.metadata_path.display());
     Ok(())
 }

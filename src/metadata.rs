@@ -34,6 +34,20 @@ pub struct Metadata {
     pub packages: Vec<String>,
     /// Every installed package and its version, from dpkg.
     pub installed: BTreeMap<String, String>,
+    /// The kind of image (`fs-images`, `tarball`).
+    #[serde(default)]
+    pub kind: String,
+    /// Other files written next to the images: package records, kernel, initrd.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileMeta>,
+}
+
+/// A file written next to the images that is not an image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileMeta {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
 }
 
 /// One image in the output directory.
@@ -164,6 +178,12 @@ mod tests {
             }],
             packages: vec!["curl".into()],
             installed: BTreeMap::from([("1:odd".to_string(), "1:2.0-1".to_string())]),
+            kind: "fs-images".into(),
+            files: vec![FileMeta {
+                name: "t.packages".into(),
+                size: 12,
+                sha256: "44".repeat(32),
+            }],
         };
         let text = m.to_yaml().unwrap();
         assert!(text.contains("container_md5:"), "{text}");

@@ -10,7 +10,10 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::spec::{Bootstrap, Container, Fs, Proxies, Spec, Variant, image_base_name};
+use crate::spec::{
+    Bootstrap, Container, Fs, Kind, PostScript, Proxies, Record, Services, Spec, User, Variant,
+    image_base_name, parse_mode,
+};
 
 /// The program that bootstraps the base system, once `auto` is decided.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -235,9 +238,66 @@ pub struct Plan {
     pub root_password_hash: Option<String>,
     pub hostname: String,
     pub keep_apt_sources: bool,
+    /// What the build produces.
+    pub kind: Kind,
+    pub timezone: Option<String>,
+    pub locale: Option<String>,
+    pub users: Vec<User>,
+    pub services: Services,
+    /// Files for the image, their sources read and hashed.
+    pub files: Vec<PlannedFile>,
+    /// `exclude` patterns.
+    pub exclude: Vec<String>,
+    pub skip_missing: bool,
+    /// Local packages, hashed.
+    pub local_debs: Vec<LocalDeb>,
+    pub post: Vec<PostScript>,
+    pub records: Vec<Record>,
+    pub copy_kernel: bool,
     /// sha256 of everything above plus the debimg version: equal digests, equal images.
     #[serde(skip)]
     pub digest: String,
+}
+
+/// A file the build copies into the image.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PlannedFile {
+    /// The host file to copy (absolute), or none for inline content.
+    #[serde(skip)]
+    pub source: Option<std::path::PathBuf>,
+    /// Inline content.
+    #[serde(skip)]
+    pub content: Option<String>,
+    /// sha256 of what is copied: the digest follows the file's content, not its path.
+    pub sha256: String,
+    pub dest: String,
+    pub mode: u32,
+    pub owner: String,
+}
+
+/// A local `.deb` the build installs.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LocalDeb {
+    #[serde(skip)]
+    pub path: std::path::PathBuf,
+    pub file_name: String,
+    pub sha256: String,
+}
+
+/// sha256 of a host file, in hex.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = std::io::Read::read(&mut f, &mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
 }
 
 /// Depth of a mount point: `/` is 0, `/var` 1, `/var/lib/app` 3.
@@ -319,6 +379,56 @@ impl Plan {
             })
             .collect();
         let mounts: Vec<&str> = images.iter().map(|i| i.mount.as_str()).collect();
+        let files = spec
+            .files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let (source, sha256) = match (&f.source, &f.content) {
+                    (Some(src), _) => {
+                        let path = spec.base_dir.join(src);
+                        let sha =
+                            file_sha256(&path).with_context(|| format!("files[{i}].source"))?;
+                        let path = path.canonicalize().with_context(|| {
+                            format!("files[{i}].source: resolving {}", path.display())
+                        })?;
+                        (Some(path), sha)
+                    }
+                    (None, Some(text)) => (None, hex(&Sha256::digest(text.as_bytes()))),
+                    (None, None) => bail!("files[{i}]: neither `source` nor `content`"),
+                };
+                Ok(PlannedFile {
+                    source,
+                    content: f.content.clone(),
+                    sha256,
+                    dest: f.dest.clone(),
+                    mode: parse_mode(&f.mode)
+                        .with_context(|| format!("files[{i}].mode `{}`", f.mode))?,
+                    owner: f.owner.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let local_debs = spec
+            .local_debs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let path = spec.base_dir.join(d);
+                let sha256 = file_sha256(&path).with_context(|| format!("local_debs[{i}]"))?;
+                let path = path
+                    .canonicalize()
+                    .with_context(|| format!("local_debs[{i}]: resolving {}", path.display()))?;
+                let file_name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                Ok(LocalDeb {
+                    path,
+                    file_name,
+                    sha256,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut plan = Plan {
             name: spec.name.clone(),
             arch: spec.arch.clone(),
@@ -328,13 +438,25 @@ impl Plan {
             bootstrap_mirror: repos[0].uri.clone(),
             bootstrap_include: spec.bootstrap_include.clone(),
             repos,
-            packages: spec.packages.clone(),
+            packages: spec.all_packages(),
             mount_order: mount_order(&mounts),
             images,
             proxies: spec.proxies.clone().unwrap_or_default(),
             root_password_hash: spec.root_password_hash.clone(),
             hostname: spec.hostname.clone(),
             keep_apt_sources: spec.keep_apt_sources,
+            kind: spec.kind,
+            timezone: spec.timezone.clone(),
+            locale: spec.locale.clone(),
+            users: spec.users.clone(),
+            services: spec.services.clone(),
+            files,
+            exclude: spec.exclude.clone(),
+            skip_missing: spec.skip_missing,
+            local_debs,
+            post: spec.post.clone(),
+            records: spec.records.clone(),
+            copy_kernel: spec.copy_kernel,
             digest: String::new(),
         };
         plan.digest = plan.compute_digest();
@@ -351,9 +473,24 @@ impl Plan {
         hex(&h.finalize())
     }
 
-    /// The image mounted at `/`.
-    pub fn root_image(&self) -> &PlannedImage {
-        &self.images[self.mount_order[0]]
+    /// The image mounted at `/`; `None` for a tarball.
+    pub fn root_image(&self) -> Option<&PlannedImage> {
+        self.mount_order.first().map(|&i| &self.images[i])
+    }
+
+    /// Names of the files a build writes next to the metadata besides the images: records,
+    /// kernel and initrd.
+    pub fn extra_output_names(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .records
+            .iter()
+            .map(|r| format!("{}.{}", self.name, r.extension()))
+            .collect();
+        if self.copy_kernel {
+            out.push(format!("{}.vmlinuz", self.name));
+            out.push(format!("{}.initrd", self.name));
+        }
+        out
     }
 
     /// File name of the metadata written next to the images.
@@ -439,7 +576,7 @@ mod tests {
         assert_eq!(a.digest, b.digest);
         assert_ne!(a.digest, c.digest);
         assert_eq!(a.digest.len(), 64);
-        assert_eq!(a.root_image().mount, "/");
+        assert_eq!(a.root_image().unwrap().mount, "/");
         assert_eq!(a.repos[0].uri, "http://mirror.example/debian");
         assert_eq!(a.images[0].container_name, "t-var.img.gz");
     }

@@ -51,6 +51,12 @@ pub fn interrupted() -> Option<i32> {
     }
 }
 
+/// Forgets a recorded signal: for a SIGINT meant for an interactive program the build ran in
+/// the foreground (the `--shell`), not for the build.
+pub fn forget() {
+    INTERRUPTED.store(0, Ordering::SeqCst);
+}
+
 /// Fails when a signal asked the build to stop.
 pub fn check() -> Result<()> {
     if let Some(sig) = interrupted() {

@@ -45,7 +45,8 @@ pub struct Spec {
     /// Packages apt installs after the bootstrap.
     #[serde(default)]
     pub packages: Vec<String>,
-    /// One sparse file, loop device and filesystem each.
+    /// One sparse file, loop device and filesystem each (`fs-images`; none for `tarball`).
+    #[serde(default)]
     pub images: Vec<Image>,
     /// Proxies for debootstrap and apt during the build.
     #[serde(default)]
@@ -59,6 +60,170 @@ pub struct Spec {
     /// Whether the final image keeps the spec's repos in its apt sources.
     #[serde(default = "default_true")]
     pub keep_apt_sources: bool,
+    /// What the build produces: `fs-images` (one image file per filesystem, the default) or
+    /// `tarball` (the root filesystem as one `.tar.gz`, no loop devices, no `images`).
+    #[serde(default)]
+    pub kind: Kind,
+    /// Time zone under `/usr/share/zoneinfo` (e.g. `Europe/Berlin`); adds `tzdata`.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// Default locale (e.g. `en_US.UTF-8`): generated, and set in `/etc/default/locale`; adds
+    /// `locales` unless glibc has it built in (`C`, `C.UTF-8`, `C.utf8`, `POSIX`).
+    #[serde(default)]
+    pub locale: Option<String>,
+    /// Users to create.
+    #[serde(default)]
+    pub users: Vec<User>,
+    /// systemd units to enable or disable (needs systemd in the image).
+    #[serde(default)]
+    pub services: Services,
+    /// Files copied into the image after the packages are installed.
+    #[serde(default)]
+    pub files: Vec<FileSpec>,
+    /// Packages never installed: names or `*` patterns (`*-doc`, `libreoffice-*`). They are
+    /// pinned away during the build and purged if the bootstrap brought them.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Skip requested packages the repos do not have, with a warning, instead of failing.
+    #[serde(default)]
+    pub skip_missing: bool,
+    /// Local `.deb` files (paths relative to the spec) installed with their dependencies.
+    #[serde(default)]
+    pub local_debs: Vec<String>,
+    /// Debian tasks (tasksel), installed as their `task-<name>` packages: `ssh-server`,
+    /// `web-server`, ... (the counterpart of kickstart groups).
+    #[serde(default)]
+    pub tasks: Vec<String>,
+    /// Scripts run after the system is configured, in order.
+    #[serde(default)]
+    pub post: Vec<PostScript>,
+    /// Package records written next to the images: `packages`, `files`, `licenses`.
+    #[serde(default)]
+    pub records: Vec<Record>,
+    /// Copy the kernel and initrd out next to the images (`<name>.vmlinuz`, `<name>.initrd`).
+    #[serde(default)]
+    pub copy_kernel: bool,
+    /// The directory relative paths (`files[].source`, `local_debs`) start from: the spec
+    /// file's directory. Not part of the YAML.
+    #[serde(skip)]
+    pub base_dir: std::path::PathBuf,
+}
+
+/// What kind of image a build produces.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// One image file per filesystem (sparse file, loop device, mkfs), as fuel-agent ships.
+    #[default]
+    FsImages,
+    /// The root filesystem as a gzipped tar archive; no loop devices.
+    Tarball,
+}
+
+impl Kind {
+    /// The name in the spec.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::FsImages => "fs-images",
+            Kind::Tarball => "tarball",
+        }
+    }
+}
+
+/// A user account created in the image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// Login name.
+    pub name: String,
+    /// Supplementary groups; each must exist in the image (`sudo`, `adm` and Debian's other
+    /// standard groups always do; others come with the package that makes them).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Login shell.
+    #[serde(default = "default_shell")]
+    pub shell: String,
+    /// crypt(3) hash, or `!` (the default) for a locked password (SSH keys still work).
+    #[serde(default)]
+    pub password_hash: Option<String>,
+    /// Lines for `~/.ssh/authorized_keys`.
+    #[serde(default)]
+    pub ssh_authorized_keys: Vec<String>,
+}
+
+/// systemd units to enable and disable.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Services {
+    /// Units enabled with `systemctl enable` (`ssh`, `systemd-networkd.service`, ...).
+    #[serde(default)]
+    pub enable: Vec<String>,
+    /// Units disabled with `systemctl disable`.
+    #[serde(default)]
+    pub disable: Vec<String>,
+}
+
+/// A file put into the image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    /// Host file to copy, relative to the spec's directory; or give `content`.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// The file's text, instead of `source`.
+    #[serde(default)]
+    pub content: Option<String>,
+    /// Absolute path in the image; parent directories are created.
+    pub dest: String,
+    /// Octal permission bits, e.g. `"0644"`.
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// `user:group` as named in the image.
+    #[serde(default = "default_owner")]
+    pub owner: String,
+}
+
+/// A script run at the end of `configure`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PostScript {
+    /// A name for logs and errors; defaults to `post[<index>]`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The script's text.
+    pub script: String,
+    /// The program that runs it (inside the image when `chroot`, else on the build host).
+    #[serde(default = "default_interpreter")]
+    pub interpreter: String,
+    /// Run inside the image's chroot (`true`) or on the build host (`false`).
+    #[serde(default = "default_true")]
+    pub chroot: bool,
+    /// A failure is a warning instead of failing the build.
+    #[serde(default)]
+    pub may_fail: bool,
+}
+
+/// Package records written next to the images.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Record {
+    /// `<name>.packages`: every installed package and its version.
+    Packages,
+    /// `<name>.files`: every package and its files.
+    Files,
+    /// `<name>.licenses`: licences counted, and listed per package.
+    Licenses,
+}
+
+impl Record {
+    /// The output file's extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Record::Packages => "packages",
+            Record::Files => "files",
+            Record::Licenses => "licenses",
+        }
+    }
 }
 
 /// An apt repository.
@@ -139,7 +304,7 @@ pub enum Variant {
     Minbase,
     /// Essential and build-essential.
     Buildd,
-    /// Required and important packages.
+    /// Required and important packages (mmdebstrap adds the standard-priority ones).
     Standard,
 }
 
@@ -336,6 +501,18 @@ fn default_hostname() -> String {
 fn default_true() -> bool {
     true
 }
+fn default_shell() -> String {
+    "/bin/bash".into()
+}
+fn default_mode() -> String {
+    "0644".into()
+}
+fn default_owner() -> String {
+    "root:root".into()
+}
+fn default_interpreter() -> String {
+    "/bin/sh".into()
+}
 
 /// One problem in a spec: the field it is in and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -412,7 +589,12 @@ impl Spec {
                 message: format!("cannot read the file: {e}"),
             }],
         })?;
-        Spec::from_yaml(&text, &name)
+        let mut spec = Spec::from_yaml(&text, &name)?;
+        spec.base_dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        Ok(spec)
     }
 
     /// Every semantic problem of a parsed spec; empty when it is valid.
@@ -509,7 +691,19 @@ impl Spec {
                 ),
             );
         }
-        self.validate_images(&mut p);
+        match self.kind {
+            Kind::FsImages => self.validate_images(&mut p),
+            Kind::Tarball => {
+                if !self.images.is_empty() {
+                    p.add(
+                        "images",
+                        "a `tarball` has no images: remove `images` (or use `kind: fs-images`)",
+                    );
+                }
+            }
+        }
+        self.validate_system(&mut p);
+        self.validate_selection(&mut p);
         if let Some(px) = &self.proxies {
             for (field, v) in [("http", &px.http), ("https", &px.https)] {
                 if let Some(url) = v
@@ -545,6 +739,204 @@ impl Spec {
             );
         }
         p.0
+    }
+
+    fn validate_system(&self, p: &mut Problems) {
+        if let Some(tz) = &self.timezone
+            && !is_relative_path(tz)
+        {
+            p.add(
+                "timezone",
+                format!("`{tz}` must be a zone name under /usr/share/zoneinfo, such as `Europe/Berlin` or `UTC`"),
+            );
+        }
+        if let Some(l) = &self.locale
+            && !is_locale(l)
+        {
+            p.add(
+                "locale",
+                format!(
+                    "`{l}` is not a locale name such as `en_US.UTF-8`, `de_DE@euro` or `C.UTF-8`"
+                ),
+            );
+        }
+        let mut names = BTreeSet::new();
+        for (i, u) in self.users.iter().enumerate() {
+            let f = format!("users[{i}]");
+            if !is_user_name(&u.name) {
+                p.add(
+                    format!("{f}.name"),
+                    format!("`{}` must be a lowercase user name: a letter or `_`, then letters, digits, `_`, `-` (at most 32)", u.name),
+                );
+            } else if u.name == "root" {
+                p.add(
+                    format!("{f}.name"),
+                    "root exists already; set `root_password_hash` instead",
+                );
+            } else if !names.insert(u.name.as_str()) {
+                p.add(format!("{f}.name"), format!("`{}` is listed twice", u.name));
+            }
+            for (j, g) in u.groups.iter().enumerate() {
+                if !is_user_name(g) {
+                    p.add(
+                        format!("{f}.groups[{j}]"),
+                        format!("`{g}` is not a group name"),
+                    );
+                }
+            }
+            if !u.shell.starts_with('/') || u.shell.contains(char::is_whitespace) {
+                p.add(
+                    format!("{f}.shell"),
+                    format!("`{}` must be an absolute path", u.shell),
+                );
+            }
+            if let Some(h) = &u.password_hash
+                && !is_crypt_hash(h)
+            {
+                p.add(
+                    format!("{f}.password_hash"),
+                    "must be a crypt(3) hash such as `$6$salt$...` (make one with `mkpasswd`), or `!` to lock the password",
+                );
+            }
+            for (j, k) in u.ssh_authorized_keys.iter().enumerate() {
+                if k.trim().is_empty() || k.contains('\n') {
+                    p.add(
+                        format!("{f}.ssh_authorized_keys[{j}]"),
+                        "must be one non-empty line such as `ssh-ed25519 AAAA... user@host`",
+                    );
+                }
+            }
+        }
+        for (field, list) in [
+            ("enable", &self.services.enable),
+            ("disable", &self.services.disable),
+        ] {
+            for (i, unit) in list.iter().enumerate() {
+                if !is_unit_name(unit) {
+                    p.add(
+                        format!("services.{field}[{i}]"),
+                        format!("`{unit}` is not a systemd unit name such as `ssh` or `systemd-networkd.service`"),
+                    );
+                }
+            }
+        }
+        for (i, file) in self.files.iter().enumerate() {
+            let f = format!("files[{i}]");
+            match (&file.source, &file.content) {
+                (None, None) | (Some(_), Some(_)) => {
+                    p.add(f.clone(), "give exactly one of `source` and `content`")
+                }
+                (Some(src), None) if src.is_empty() || src.contains('\0') => {
+                    p.add(format!("{f}.source"), "must be a path")
+                }
+                _ => {}
+            }
+            if let Err(msg) = check_mount_point(&file.dest) {
+                p.add(format!("{f}.dest"), msg.replace("(it goes into fstab)", ""));
+            } else if file.dest == "/" {
+                p.add(format!("{f}.dest"), "must name a file, not `/`");
+            }
+            if parse_mode(&file.mode).is_none() {
+                p.add(
+                    format!("{f}.mode"),
+                    format!(
+                        "`{}` must be octal permission bits such as \"0644\" or \"0755\"",
+                        file.mode
+                    ),
+                );
+            }
+            match file.owner.split_once(':') {
+                Some((u, g)) if is_user_name(u) && is_user_name(g) => {}
+                _ => p.add(
+                    format!("{f}.owner"),
+                    format!("`{}` must be `user:group` (names in the image)", file.owner),
+                ),
+            }
+        }
+        for (i, s) in self.post.iter().enumerate() {
+            let f = format!("post[{i}]");
+            if s.script.trim().is_empty() {
+                p.add(format!("{f}.script"), "is empty");
+            }
+            if !s.interpreter.starts_with('/') || s.interpreter.contains(char::is_whitespace) {
+                p.add(
+                    format!("{f}.interpreter"),
+                    format!(
+                        "`{}` must be an absolute path such as /bin/sh or /usr/bin/python3",
+                        s.interpreter
+                    ),
+                );
+            }
+            if let Some(n) = &s.name
+                && (n.is_empty() || n.contains(char::is_control))
+            {
+                p.add(format!("{f}.name"), "must be a non-empty single line");
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for (i, r) in self.records.iter().enumerate() {
+            if !seen.insert(*r) {
+                p.add(
+                    format!("records[{i}]"),
+                    format!("`{}` is listed twice", r.extension()),
+                );
+            }
+        }
+    }
+
+    fn validate_selection(&self, p: &mut Problems) {
+        for (i, pat) in self.exclude.iter().enumerate() {
+            if !is_exclude_pattern(pat) {
+                p.add(
+                    format!("exclude[{i}]"),
+                    format!("`{pat}` must be a package name, optionally with one `*` at its start or end (`*-doc`, `libreoffice-*`)"),
+                );
+            }
+        }
+        for (i, pkg) in self.packages.iter().enumerate() {
+            if self.exclude.iter().any(|pat| exclude_matches(pat, pkg)) {
+                p.add(
+                    format!("packages[{i}]"),
+                    format!("`{pkg}` is also excluded by `exclude`"),
+                );
+            }
+        }
+        for (i, deb) in self.local_debs.iter().enumerate() {
+            if !deb.ends_with(".deb") || deb.contains('\0') || deb.contains('\n') {
+                p.add(
+                    format!("local_debs[{i}]"),
+                    format!("`{deb}` must be a path to a `.deb` file"),
+                );
+            }
+        }
+        for (i, t) in self.tasks.iter().enumerate() {
+            if !is_package_name(&format!("task-{t}")) || t.starts_with("task-") || t.contains(':') {
+                p.add(
+                    format!("tasks[{i}]"),
+                    format!("`{t}` must be a task name as tasksel lists it, such as `ssh-server` (without `task-`)"),
+                );
+            }
+        }
+    }
+
+    /// Every package apt installs: `packages`, then the `task-*` packages of `tasks`, then what
+    /// the settings need (`tzdata` for a timezone, `locales` for a locale).
+    pub fn all_packages(&self) -> Vec<String> {
+        let mut out = self.packages.clone();
+        out.extend(self.tasks.iter().map(|t| format!("task-{t}")));
+        if self.timezone.is_some() {
+            out.push("tzdata".into());
+        }
+        if self
+            .locale
+            .as_deref()
+            .is_some_and(|l| !crate::debian::settings::BUILTIN_LOCALES.contains(&l))
+        {
+            out.push("locales".into());
+        }
+        let mut seen = BTreeSet::new();
+        out.retain(|p| seen.insert(p.clone()));
+        out
     }
 
     fn validate_images(&self, p: &mut Problems) {
@@ -806,6 +1198,75 @@ fn is_hostname(s: &str) -> bool {
                 && !l.starts_with('-')
                 && !l.ends_with('-')
                 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// Whether `pkg` matches an `exclude` pattern: a name, `prefix*` or `*suffix`.
+pub fn exclude_matches(pattern: &str, pkg: &str) -> bool {
+    let pkg = pkg.split(':').next().unwrap_or(pkg);
+    if let Some(prefix) = pattern.strip_suffix('*') {
+        pkg.starts_with(prefix)
+    } else if let Some(suffix) = pattern.strip_prefix('*') {
+        pkg.ends_with(suffix)
+    } else {
+        pkg == pattern
+    }
+}
+
+fn is_exclude_pattern(pat: &str) -> bool {
+    let core = pat
+        .strip_prefix('*')
+        .or_else(|| pat.strip_suffix('*'))
+        .unwrap_or(pat);
+    !core.is_empty()
+        && !core.contains('*')
+        && core
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+.-".contains(c))
+        && (pat.contains('*') || is_package_name(pat))
+}
+
+/// Octal permission bits (`0644`, `755`, `4755`).
+pub fn parse_mode(mode: &str) -> Option<u32> {
+    if mode.is_empty() || mode.len() > 4 {
+        return None;
+    }
+    u32::from_str_radix(mode, 8).ok()
+}
+
+fn is_user_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+fn is_unit_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && !s.starts_with(['-', '.'])
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || ":-_.@\\".contains(c))
+}
+
+fn is_locale(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c))
+        && s.starts_with(|c: char| c.is_ascii_alphabetic())
+}
+
+/// A relative path of plain components (a zone name such as `America/Argentina/Buenos_Aires`).
+fn is_relative_path(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "._-+".contains(ch))
         })
 }
 

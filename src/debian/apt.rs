@@ -18,6 +18,48 @@ use crate::spec::Proxies;
 /// The build-only apt configuration file, removed before the image is finished.
 pub const BUILD_CONF: &str = "etc/apt/apt.conf.d/00debimg-build";
 
+/// Build-only preferences that keep the spec's `exclude` patterns from being installed.
+pub const EXCLUDE_PREFS: &str = "etc/apt/preferences.d/00debimg-exclude.pref";
+
+/// Where local `.deb` files wait for apt inside the chroot (build-only).
+pub const LOCAL_DEBS_DIR: &str = "var/cache/debimg-local-debs";
+
+/// A preferences file that gives every package matching an `exclude` pattern priority -1:
+/// apt never installs it, and a package that needs it fails with apt's own explanation.
+pub fn render_exclude_preferences(patterns: &[String]) -> String {
+    let mut s = String::new();
+    for p in patterns {
+        let _ = write!(
+            s,
+            "Explanation: debimg (build-only): the spec excludes {p}\nPackage: {p}\nPin: version *\nPin-Priority: -1\n\n"
+        );
+    }
+    s
+}
+
+/// Names apt-get reports it cannot find ("Unable to locate package X", "Package 'X' has no
+/// installation candidate").
+pub fn parse_missing_packages(lines: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in lines {
+        let name = if let Some(rest) = l.split("Unable to locate package ").nth(1) {
+            rest.split_whitespace().next()
+        } else if let Some(rest) = l.strip_prefix("E: Package '") {
+            rest.split('\'')
+                .next()
+                .filter(|_| l.contains("has no installation candidate"))
+        } else {
+            None
+        };
+        if let Some(n) = name
+            && !out.iter().any(|x| x == n)
+        {
+            out.push(n.to_string());
+        }
+    }
+    out
+}
+
 /// The fields of a repo's Release file that apt can pin on (fuel-agent pinned on these).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReleaseMeta {
@@ -245,6 +287,86 @@ impl Apt<'_> {
         Ok(())
     }
 
+    /// Writes the build-only pins that keep excluded packages out.
+    pub fn exclude(&self, patterns: &[String]) -> Result<()> {
+        if patterns.is_empty() {
+            return Ok(());
+        }
+        write(
+            &self.path(EXCLUDE_PREFS),
+            &render_exclude_preferences(patterns),
+        )
+    }
+
+    /// The packages apt can install: asks apt (a simulated install) and drops every name it
+    /// cannot find, with a warning each. Anything else apt objects to stays for the real run
+    /// to report.
+    pub fn drop_missing(&self, packages: &[String]) -> Result<Vec<String>> {
+        let mut keep: Vec<String> = packages.to_vec();
+        // Each round finds up to a screenful of missing names.
+        for _ in 0..20 {
+            if keep.is_empty() {
+                break;
+            }
+            let mut cmd = chroot_command(self.root, "apt-get");
+            cmd.args(["--simulate", "-q", "install"]).args(&keep);
+            let (code, _, tail) = cmd.run_accepting_output(&[0, 100])?;
+            let missing = parse_missing_packages(&tail);
+            if code == 0 || missing.is_empty() {
+                break;
+            }
+            for m in &missing {
+                tracing::warn!("package {m} is not in the repos: skipped (skip_missing: true)");
+            }
+            keep.retain(|p| !missing.contains(p));
+        }
+        Ok(keep)
+    }
+
+    /// Installs local `.deb` files, their dependencies resolved from the repos.
+    pub fn install_local(&self, debs: &[crate::plan::LocalDeb]) -> Result<()> {
+        if debs.is_empty() {
+            return Ok(());
+        }
+        let dir = self.path(LOCAL_DEBS_DIR);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut args = vec!["install".to_string()];
+        for d in debs {
+            std::fs::copy(&d.path, dir.join(&d.file_name))
+                .with_context(|| format!("copying {} into the image", d.path.display()))?;
+            args.push(format!("/{LOCAL_DEBS_DIR}/{}", d.file_name));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let res = self.apt_get(&args);
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        res
+    }
+
+    /// Purges installed packages that match an `exclude` pattern (the bootstrap may have
+    /// brought them); returns their names.
+    pub fn purge_excluded(&self, patterns: &[String]) -> Result<Vec<String>> {
+        if patterns.is_empty() {
+            return Ok(Vec::new());
+        }
+        let installed = self.installed()?;
+        let hits: Vec<String> = installed
+            .keys()
+            .filter(|p| {
+                patterns
+                    .iter()
+                    .any(|pat| crate::spec::exclude_matches(pat, p))
+            })
+            .cloned()
+            .collect();
+        if !hits.is_empty() {
+            let mut args = vec!["purge", "--auto-remove"];
+            args.extend(hits.iter().map(String::as_str));
+            self.apt_get(&args)
+                .context("purging excluded packages the bootstrap installed")?;
+        }
+        Ok(hits)
+    }
+
     /// Empties the package archive.
     pub fn clean(&self) -> Result<()> {
         self.apt_get(&["clean"])
@@ -339,6 +461,26 @@ mod tests {
             list_file_prefix("https://u:p@m.example:8080/d/"),
             "m.example:8080_d"
         );
+    }
+
+    #[test]
+    fn exclude_pins_and_missing_names() {
+        let p = render_exclude_preferences(&["*-doc".into(), "man-db".into()]);
+        assert!(
+            p.contains("Package: *-doc\nPin: version *\nPin-Priority: -1\n"),
+            "{p}"
+        );
+        assert!(!p.contains("//"), "apt preferences have no comments: {p}");
+        assert!(p.contains("Package: man-db\n"), "{p}");
+        let lines: Vec<String> = [
+            "E: Unable to locate package no-such-pkg",
+            "E: Package 'virt' has no installation candidate",
+            "E: Unable to locate package no-such-pkg",
+            "W: something else",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(parse_missing_packages(&lines), ["no-such-pkg", "virt"]);
     }
 
     #[test]

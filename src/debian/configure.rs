@@ -110,7 +110,12 @@ impl BuildOnlyFiles {
 
     /// Removes every build-only file and restores what they replaced.
     pub fn remove(&mut self) -> Result<()> {
-        for rel in [POLICY_RC_D, apt::BUILD_CONF, DPKG_UNSAFE_IO] {
+        for rel in [
+            POLICY_RC_D,
+            apt::BUILD_CONF,
+            apt::EXCLUDE_PREFS,
+            DPKG_UNSAFE_IO,
+        ] {
             remove_if_exists(&self.root.join(rel))?;
         }
         let target = self.root.join("etc/resolv.conf");

@@ -5,6 +5,7 @@ pub mod apt;
 pub mod configure;
 pub mod debootstrap;
 pub mod mmdebstrap;
+pub mod settings;
 
 use std::path::Path;
 use std::process::Command;

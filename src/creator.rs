@@ -1,0 +1,822 @@
+//! The creator API: a build as stages a program calls one by one or all at once.
+//!
+//! [`Creator::mount`], [`Creator::install`], [`Creator::configure`], [`Creator::unmount`] and
+//! [`Creator::package`] run in this order; [`Creator::create`] runs them all (after a reuse
+//! check). [`Creator::cleanup`] is always safe to call, at any point and more than once, and
+//! runs on drop too. What kind of image comes out is an [`ImageKind`]: per-filesystem images
+//! ([`crate::kind::fs_images`]) or a root filesystem tarball ([`crate::kind::tarball`]).
+//!
+//! A program of its own can put a step between two stages; here one writes a file into the
+//! image after `configure` and before `unmount`:
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use debimg::{BuildOptions, Creator, Plan, Spec};
+//!
+//! fn main() -> anyhow::Result<()> {
+//!     let spec = Spec::from_file(Path::new("data/examples/minimal.yaml"))?;
+//!     let sources = debimg::plan::read_host_sources(Path::new("/"))?;
+//!     let plan = Plan::new(&spec, &sources, debimg::plan::host_has("mmdebstrap"))?;
+//!     // Run the build in namespaces of its own, as `debimg build` does: nothing it mounts
+//!     // reaches the host, and nothing of it outlives this process.
+//!     let code = debimg::sys::namespace::run_isolated(|| {
+//!         let staged = || -> anyhow::Result<()> {
+//!             debimg::signals::install()?;
+//!             let mut creator = Creator::new(plan, BuildOptions::new("out"))?;
+//!             creator.mount()?;
+//!             creator.install()?;
+//!             creator.configure()?;
+//!             // Our own step, in the finished tree before it is unmounted.
+//!             std::fs::write(creator.root().join("etc/motd"), "Built by my pipeline.\n")?;
+//!             creator.unmount()?;
+//!             let outcome = creator.package()?;
+//!             creator.cleanup()?;
+//!             println!("{}", outcome.metadata_path.display());
+//!             Ok(())
+//!         };
+//!         match staged() {
+//!             Ok(()) => 0,
+//!             Err(e) => {
+//!                 eprintln!("error: {e:#}");
+//!                 1
+//!             }
+//!         }
+//!     })?;
+//!     std::process::exit(code.into());
+//! }
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use nix::mount::MsFlags;
+
+use crate::build::{
+    BuildOptions, Outcome, OutputLock, PendingOutputs, Workspace, clean_stale_workspaces,
+    explain_no_space, preflight, reusable, stage,
+};
+use crate::cache::{self, Cache};
+use crate::debian::apt::{Apt, ReleaseMeta};
+use crate::debian::configure::{self, BuildOnlyFiles, FstabEntry};
+use crate::debian::{chroot_command, debootstrap, mmdebstrap, settings};
+use crate::kind::{self, ImageKind, Staged};
+use crate::metadata::{FileMeta, ImageMeta, Metadata, RepoMeta, now_rfc3339};
+use crate::pack::compress;
+use crate::plan::{Backend, Plan};
+use crate::spec::Record;
+use crate::sys::mount::{self, Mount};
+use crate::sys::procs;
+use crate::{post, records, signals};
+
+/// How long processes left in the chroot get between SIGTERM and SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// Where a build stands; each stage needs the one before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Progress {
+    New,
+    Mounted,
+    Installed,
+    Configured,
+    Unmounted,
+    Packaged,
+}
+
+/// A build in stages. See the module documentation for an example.
+pub struct Creator {
+    plan: Plan,
+    opts: BuildOptions,
+    kind: Box<dyn ImageKind>,
+    output_dir: PathBuf,
+    _lock: OutputLock,
+    ws: Option<Workspace>,
+    root: PathBuf,
+    /// API filesystems and bind mounts of the chroot, unmounted from the end.
+    mounts: Vec<Mount>,
+    build_only: Option<BuildOnlyFiles>,
+    cache: Option<Cache>,
+    progress: Progress,
+    failed: bool,
+    build_start: String,
+    release_metas: Vec<ReleaseMeta>,
+    installed: BTreeMap<String, String>,
+    /// Files for the output directory besides the images: (file name, path in the workspace).
+    extra: Vec<(String, PathBuf)>,
+    staged: Vec<Staged>,
+}
+
+impl Creator {
+    /// A creator for the kind of image the plan asks for. Takes the output directory's lock
+    /// and removes workspaces of builds that died; creates nothing else yet.
+    pub fn new(plan: Plan, opts: BuildOptions) -> Result<Creator> {
+        let kind = kind::for_plan(&plan);
+        Creator::with_kind(plan, opts, kind)
+    }
+
+    /// A creator for a kind of image of the caller's.
+    pub fn with_kind(plan: Plan, opts: BuildOptions, kind: Box<dyn ImageKind>) -> Result<Creator> {
+        std::fs::create_dir_all(&opts.output_dir)
+            .with_context(|| format!("creating output directory {}", opts.output_dir.display()))?;
+        let output_dir = opts
+            .output_dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", opts.output_dir.display()))?;
+        let lock = OutputLock::acquire(&output_dir, opts.wait)?;
+        // Also on a reuse: a killed build's workspace (and its sparse images) goes at the next
+        // run.
+        clean_stale_workspaces(&opts.build_dir);
+        Ok(Creator {
+            plan,
+            opts,
+            kind,
+            output_dir,
+            _lock: lock,
+            ws: None,
+            root: PathBuf::new(),
+            mounts: Vec::new(),
+            build_only: None,
+            cache: None,
+            progress: Progress::New,
+            failed: false,
+            build_start: now_rfc3339(),
+            release_metas: Vec::new(),
+            installed: BTreeMap::new(),
+            extra: Vec::new(),
+            staged: Vec::new(),
+        })
+    }
+
+    /// The plan being built.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The install root on the host: the image's `/` (valid from `mount` to `unmount`).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The filesystems of the image as mounted now (empty for a tarball).
+    pub fn filesystems(&self) -> Vec<kind::FsInfo> {
+        self.kind.filesystems()
+    }
+
+    /// The existing output when it matches the plan (and `force` is off).
+    pub fn reusable(&self) -> Option<Outcome> {
+        if self.opts.force {
+            return None;
+        }
+        reusable(&self.plan, &self.output_dir).map(|metadata| Outcome {
+            reused: true,
+            metadata_path: self.output_dir.join(self.plan.metadata_name()),
+            metadata,
+        })
+    }
+
+    /// Every stage: reuses a matching output, else mounts, installs, configures, unmounts and
+    /// packages. Cleans up whatever happens.
+    pub fn create(&mut self) -> Result<Outcome> {
+        if let Some(outcome) = self.reusable() {
+            return Ok(outcome);
+        }
+        let res = (|| {
+            self.mount()?;
+            self.install()?;
+            self.configure()?;
+            self.unmount()?;
+            self.package()
+        })();
+        let cleaned = self.cleanup();
+        let outcome = res?;
+        cleaned?;
+        Ok(outcome)
+    }
+
+    /// Creates the workspace, prepares the storage and mounts the install root.
+    pub fn mount(&mut self) -> Result<()> {
+        self.expect(Progress::New, "mount")?;
+        let res = (|| {
+            preflight(&self.plan)?;
+            std::fs::create_dir_all(&self.opts.build_dir).with_context(|| {
+                format!("creating build directory {}", self.opts.build_dir.display())
+            })?;
+            let ws = Workspace::create(&self.opts.build_dir, &self.plan.name, self.opts.tmpfs)?;
+            self.root = ws.work.join("root");
+            self.ws = Some(ws);
+            let (plan, root, work) = (&self.plan, &self.root, self.work()?.to_path_buf());
+            let kind = &mut self.kind;
+            stage("disks", || kind.mount_root(plan, &work, root))?;
+            self.cache = self
+                .opts
+                .cache_dir
+                .as_deref()
+                .map(Cache::open)
+                .transpose()?;
+            self.build_only = Some(BuildOnlyFiles::new(&self.root));
+            Ok(())
+        })();
+        self.advance(res, Progress::Mounted)
+    }
+
+    /// Bootstraps the base system and installs the packages.
+    pub fn install(&mut self) -> Result<()> {
+        self.expect(Progress::Mounted, "install")?;
+        let res = self.install_inner();
+        self.advance(res, Progress::Installed)
+    }
+
+    fn install_inner(&mut self) -> Result<()> {
+        let work = self.work()?.to_path_buf();
+        let root = self.root.clone();
+        let build_only = self.build_only.as_mut().context("mount first")?;
+        stage("bootstrap", || {
+            build_only.install_policy()?;
+            // dpkg reads dpkg.cfg.d as soon as the bootstrap installed it: no fsyncs from then.
+            build_only.install_dpkg_unsafe_io()?;
+            bootstrap(&self.plan, &self.opts, &work, &root, self.cache.as_ref())?;
+            build_only.install_policy()
+        })?;
+        let apt = Apt {
+            root: &root,
+            show: self.opts.show_progress,
+        };
+        let plan = &self.plan;
+        let cache = self.cache.as_ref();
+        let mounts = &mut self.mounts;
+        self.release_metas = stage("install", || {
+            mount_api_filesystems(&root, mounts)?;
+            build_only.install_resolv_conf()?;
+            build_only.install_dpkg_unsafe_io()?;
+            // apt downloads into the workspace, seeded from and returned to the package cache:
+            // the image's filesystem never holds the archives.
+            let archives = work.join("archives");
+            match cache {
+                Some(c) => {
+                    let n = c.link_packages_into(&archives)?;
+                    tracing::debug!("{n} cached packages offered to apt");
+                }
+                None => std::fs::create_dir_all(&archives)
+                    .with_context(|| format!("creating {}", archives.display()))?,
+            }
+            std::fs::create_dir_all(archives.join("partial"))
+                .with_context(|| format!("creating {}/partial", archives.display()))?;
+            let archives_target = root.join("var/cache/apt/archives");
+            mounts.push(bind(&archives, &archives_target)?);
+            apt.configure_and_update(plan, cache)?;
+            let metas = apt.pin(plan)?;
+            apt.exclude(&plan.exclude)?;
+            let packages = if plan.skip_missing {
+                apt.drop_missing(&plan.packages)?
+            } else {
+                plan.packages.clone()
+            };
+            apt.install(&packages)?;
+            apt.install_local(&plan.local_debs)?;
+            let purged = apt.purge_excluded(&plan.exclude)?;
+            if !purged.is_empty() {
+                tracing::info!("purged excluded packages: {}", purged.join(" "));
+            }
+            if let Some(c) = cache {
+                let n = c.store_packages_from(&archives)?;
+                tracing::debug!("{n} new packages added to the cache");
+            }
+            let m = mounts.pop().context("the archives bind mount is gone")?;
+            m.close()?;
+            Ok(metas)
+        })?;
+        Ok(())
+    }
+
+    /// Writes the system settings, copies files, runs the post scripts, makes the tree
+    /// bootable, collects the package records and removes every build-only file.
+    pub fn configure(&mut self) -> Result<()> {
+        self.expect(Progress::Installed, "configure")?;
+        let res = self.configure_inner();
+        self.advance(res, Progress::Configured)
+    }
+
+    fn configure_inner(&mut self) -> Result<()> {
+        let work = self.work()?.to_path_buf();
+        let root = self.root.clone();
+        let plan = &self.plan;
+        let kind = &mut self.kind;
+        let build_only = self.build_only.as_mut().context("mount first")?;
+        let show = self.opts.show_progress;
+        let (installed, extra) = stage("configure", || {
+            if let Some(hash) = &plan.root_password_hash {
+                configure::set_root_password(&root, hash)?;
+            }
+            let filesystems = kind.filesystems();
+            let fstab: Vec<FstabEntry> = plan
+                .mount_order
+                .iter()
+                .filter_map(|&i| {
+                    let img = &plan.images[i];
+                    filesystems
+                        .iter()
+                        .find(|f| f.mount == img.mount)
+                        .map(|f| FstabEntry {
+                            uuid: f.uuid.clone(),
+                            mount: img.mount.clone(),
+                            fs: img.fs,
+                        })
+                })
+                .collect();
+            configure::write_system_files(&root, &plan.hostname, &fstab)?;
+            if let Some(tz) = &plan.timezone {
+                settings::set_timezone(&root, tz)?;
+            }
+            if let Some(locale) = &plan.locale {
+                settings::set_locale(&root, locale)?;
+            }
+            settings::create_users(&root, &plan.users)?;
+            settings::copy_files(&root, &plan.files)?;
+            settings::set_services(&root, &plan.services)?;
+            kind.make_bootable(plan, &root)?;
+            post::run_all(&plan.post, &root, &work, &plan.name, &filesystems, show)?;
+            configure::scrub_host_identity(&root)?;
+            let apt = Apt { root: &root, show };
+            apt.clean()?;
+            let installed = apt.installed()?;
+            let extra = collect_extra_outputs(plan, &root, &work, &installed)?;
+            build_only.remove()?;
+            if !plan.keep_apt_sources {
+                configure::drop_apt_sources(&root)?;
+            }
+            Ok((installed, extra))
+        })?;
+        self.installed = installed;
+        self.extra = extra;
+        Ok(())
+    }
+
+    /// Opens an interactive shell in the chroot (for `--shell`): the tree as configured, before
+    /// it is unmounted. Ctrl-C belongs to the shell here, not to the build.
+    pub fn shell(&mut self) -> Result<()> {
+        if self.progress < Progress::Mounted || self.progress >= Progress::Unmounted {
+            bail!("a shell needs the mounted tree: call it between mount and unmount");
+        }
+        let shell = ["bin/bash", "bin/sh"]
+            .into_iter()
+            .find(|s| self.root.join(s).exists())
+            .context("the image has no /bin/sh")?;
+        eprintln!(
+            "debimg: shell in {} ({}); the build goes on when it exits",
+            self.plan.name,
+            self.root.display()
+        );
+        let mut cmd = chroot_command(&self.root, &format!("/{shell}"));
+        cmd.env("PS1", format!("(debimg {}) \\w# ", self.plan.name))
+            .env(
+                "TERM",
+                std::env::var("TERM").unwrap_or_else(|_| "dumb".into()),
+            )
+            .envs(post::environment(
+                "/",
+                &self.plan.name,
+                true,
+                &self.kind.filesystems(),
+            ));
+        let before = signals::interrupted();
+        let status = cmd
+            .status()
+            .with_context(|| format!("starting a shell in {}", self.root.display()))?;
+        if before.is_none() && signals::interrupted() == Some(libc::SIGINT) {
+            signals::forget();
+        }
+        if !status.success() {
+            tracing::warn!("the shell exited with {status}; going on");
+        }
+        Ok(())
+    }
+
+    /// Ends processes left in the chroot, unmounts everything deepest first and detaches the
+    /// devices.
+    pub fn unmount(&mut self) -> Result<()> {
+        self.expect(Progress::Configured, "unmount")?;
+        if self.opts.shell {
+            self.shell()?;
+        }
+        let res = stage("release", || self.release());
+        self.advance(res, Progress::Unmounted)
+    }
+
+    fn release(&mut self) -> Result<()> {
+        let killed = procs::kill_processes_in_root(&self.root, KILL_GRACE)?;
+        if !killed.is_empty() {
+            tracing::warn!("ended processes left in the chroot: {killed:?}");
+        }
+        while let Some(m) = self.mounts.pop() {
+            m.close()?;
+        }
+        // Anything a tool mounted on its own (debootstrap's proc) goes too, deepest first.
+        unmount_strays(&self.root, &self.kind.mount_points())?;
+        self.kind.unmount_root()
+    }
+
+    /// Checks and shrinks (or archives) the result, packages it into the output directory and
+    /// writes the metadata last.
+    pub fn package(&mut self) -> Result<Outcome> {
+        self.expect(Progress::Unmounted, "package")?;
+        match self.package_inner() {
+            Ok(o) => {
+                self.progress = Progress::Packaged;
+                Ok(o)
+            }
+            Err(e) => {
+                self.failed = true;
+                Err(self.explain(e))
+            }
+        }
+    }
+
+    fn package_inner(&mut self) -> Result<Outcome> {
+        let work = self.work()?.to_path_buf();
+        let (plan, root, kind) = (&self.plan, &self.root, &mut self.kind);
+        self.staged = stage("shrink", || kind.stage_final(plan, &work, root))?;
+        let mut pending = PendingOutputs::new(&self.output_dir);
+        let staged = &self.staged;
+        let (packed, files) = stage("package", || {
+            let mut out = Vec::new();
+            for s in staged {
+                signals::check()?;
+                let tmp = pending.temp_path(&s.container_name);
+                let t = std::time::Instant::now();
+                let p = compress::pack(&s.raw, s.container, &tmp)
+                    .with_context(|| format!("packaging {}", s.container_name))?;
+                tracing::info!(
+                    "{}: {:.1} MiB raw -> {:.1} MiB {} in {:.1}s",
+                    s.container_name,
+                    p.raw.size as f64 / 1048576.0,
+                    p.container.size as f64 / 1048576.0,
+                    s.container.name(),
+                    t.elapsed().as_secs_f64()
+                );
+                out.push(p);
+            }
+            let mut files = Vec::new();
+            for (name, path) in &self.extra {
+                let tmp = pending.temp_path(name);
+                std::fs::copy(path, &tmp)
+                    .with_context(|| format!("copying {name} to {}", tmp.display()))?;
+                files.push(FileMeta {
+                    name: name.clone(),
+                    size: std::fs::metadata(&tmp)
+                        .with_context(|| format!("reading {}", tmp.display()))?
+                        .len(),
+                    sha256: crate::plan::file_sha256(&tmp)?,
+                });
+            }
+            Ok((out, files))
+        })?;
+        let metadata = Metadata {
+            name: plan.name.clone(),
+            debimg_version: env!("CARGO_PKG_VERSION").to_string(),
+            spec_digest: plan.digest.clone(),
+            bootstrap: plan.backend.name().to_string(),
+            build_start: self.build_start.clone(),
+            build_end: now_rfc3339(),
+            images: staged
+                .iter()
+                .zip(&packed)
+                .map(|(s, p)| ImageMeta {
+                    container: s.container.name().to_string(),
+                    container_name: s.container_name.clone(),
+                    container_size: p.container.size,
+                    container_md5: p.container.md5.clone(),
+                    container_sha256: p.container.sha256.clone(),
+                    format: s.format.clone(),
+                    raw_md5: p.raw.md5.clone(),
+                    raw_name: s.raw_name.clone(),
+                    raw_size: p.raw.size,
+                    raw_sha256: p.raw.sha256.clone(),
+                    mount: s.mount.clone(),
+                    label: s.label.clone(),
+                    uuid: s.uuid.clone(),
+                })
+                .collect(),
+            repos: plan
+                .repos
+                .iter()
+                .zip(&self.release_metas)
+                .map(|(r, m)| RepoMeta {
+                    name: r.name.clone(),
+                    uri: r.uri.clone(),
+                    suite: r.suite.clone(),
+                    section: r.section.clone(),
+                    priority: r.priority,
+                    meta: m.clone(),
+                })
+                .collect(),
+            packages: plan.packages.clone(),
+            installed: self.installed.clone(),
+            kind: self.kind.name().to_string(),
+            files,
+        };
+        stage("publish", || {
+            let mut names: Vec<&str> = staged.iter().map(|s| s.container_name.as_str()).collect();
+            names.extend(self.extra.iter().map(|(n, _)| n.as_str()));
+            pending.publish(&names, &plan.metadata_name(), &metadata.to_yaml()?)
+        })?;
+        Ok(Outcome {
+            reused: false,
+            metadata_path: self.output_dir.join(plan.metadata_name()),
+            metadata,
+        })
+    }
+
+    /// Releases everything the build holds: processes in the chroot, mounts, devices, and the
+    /// workspace (kept after a failure with `keep_on_failure`). Safe to call at any point and
+    /// more than once; also runs on drop.
+    pub fn cleanup(&mut self) -> Result<()> {
+        let mut first_err: Option<anyhow::Error> = None;
+        if !self.root.as_os_str().is_empty()
+            && self.root.exists()
+            && let Err(e) = procs::kill_processes_in_root(&self.root, KILL_GRACE)
+        {
+            tracing::warn!("ending processes in {}: {e:#}", self.root.display());
+        }
+        while let Some(m) = self.mounts.pop() {
+            if let Err(e) = m.close() {
+                tracing::warn!("{e:#}");
+            }
+        }
+        if !self.root.as_os_str().is_empty()
+            && self.root.exists()
+            && let Err(e) = unmount_strays(&self.root, &self.kind.mount_points())
+        {
+            tracing::warn!("{e:#}");
+        }
+        self.kind.cleanup();
+        if let Some(ws) = self.ws.take() {
+            let keep = self.failed && self.opts.keep_on_failure;
+            let res = if keep { ws.keep() } else { ws.close() };
+            if let Err(e) = res {
+                first_err.get_or_insert(e);
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn work(&self) -> Result<&Path> {
+        self.ws
+            .as_ref()
+            .map(|w| w.work.as_path())
+            .context("no workspace: call mount first")
+    }
+
+    fn expect(&self, want: Progress, what: &str) -> Result<()> {
+        if self.failed {
+            bail!("{what}: an earlier stage failed; call cleanup");
+        }
+        if self.progress != want {
+            bail!(
+                "{what} cannot run now: the build is at {:?}, {what} needs {want:?}",
+                self.progress
+            );
+        }
+        Ok(())
+    }
+
+    fn advance(&mut self, res: Result<()>, to: Progress) -> Result<()> {
+        match res {
+            Ok(()) => {
+                self.progress = to;
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = true;
+                Err(self.explain(e))
+            }
+        }
+    }
+
+    fn explain(&self, e: anyhow::Error) -> anyhow::Error {
+        match &self.ws {
+            Some(ws) if ws.on_tmpfs() => explain_no_space(e, &ws.work, "the --tmpfs workspace"),
+            _ => explain_no_space(e, &self.opts.build_dir, "the build directory"),
+        }
+    }
+}
+
+impl Drop for Creator {
+    fn drop(&mut self) {
+        if let Err(e) = self.cleanup() {
+            tracing::warn!("cleaning up: {e:#}");
+        }
+    }
+}
+
+/// Fresh proc, sysfs and devpts for the chroot: never bind mounts of the host's.
+fn mount_api_filesystems(root: &Path, mounts: &mut Vec<Mount>) -> Result<()> {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let specs: [(&str, &str, MsFlags, Option<&str>); 3] = [
+        ("proc", "proc", nosuid, None),
+        ("sys", "sysfs", nosuid | MsFlags::MS_RDONLY, None),
+        (
+            "dev/pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=620,gid=5"),
+        ),
+    ];
+    for (rel, fstype, flags, data) in specs {
+        let target = root.join(rel);
+        std::fs::create_dir_all(&target)
+            .with_context(|| format!("creating {}", target.display()))?;
+        mounts.push(mount::mount(fstype, &target, Some(fstype), flags, data)?);
+    }
+    Ok(())
+}
+
+/// Bind-mounts a workspace directory into the tree.
+fn bind(source: &Path, target: &Path) -> Result<Mount> {
+    std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
+    mount::mount(
+        &source.to_string_lossy(),
+        target,
+        None,
+        MsFlags::MS_BIND,
+        None,
+    )
+}
+
+/// Unmounts, deepest first, every mount under `root` that is not one of `keep`.
+fn unmount_strays(root: &Path, keep: &[PathBuf]) -> Result<()> {
+    for point in mount::mount_points_under(root)? {
+        if keep.iter().any(|k| k == &point) {
+            continue;
+        }
+        mount::unmount_all_under(&point)?;
+    }
+    Ok(())
+}
+
+/// Fills `root` with the base system: from the base-tree cache when it holds this bootstrap,
+/// else by the backend (its downloads pooled in the package cache), storing the result.
+fn bootstrap(
+    plan: &Plan,
+    opts: &BuildOptions,
+    work: &Path,
+    root: &Path,
+    cache: Option<&Cache>,
+) -> Result<()> {
+    let Some(cache) = cache else {
+        return run_backend(plan, root, None, opts.show_progress);
+    };
+    let key = match cache::release_digest(plan, work) {
+        Ok(d) => Some(cache::base_key(plan, &d)),
+        Err(e) => {
+            tracing::warn!("not using the base-tree cache: {e:#}");
+            None
+        }
+    };
+    if let Some(tar) = key.as_deref().and_then(|k| cache.base(k)) {
+        tracing::info!("base tree from the cache ({})", tar.display());
+        return Cache::restore_base(&tar, root);
+    }
+    let debs = work.join("debs");
+    cache.link_packages_into(&debs)?;
+    run_backend(plan, root, Some(&debs), opts.show_progress)?;
+    cache.store_packages_from(&debs)?;
+    if let Some(k) = key {
+        let tar = cache.store_base(&k, root)?;
+        tracing::info!("base tree cached as {}", tar.display());
+    }
+    Ok(())
+}
+
+fn run_backend(plan: &Plan, root: &Path, debs: Option<&Path>, show: bool) -> Result<()> {
+    match plan.backend {
+        Backend::Debootstrap => debootstrap::run(plan, root, debs, show),
+        Backend::Mmdebstrap => mmdebstrap::run(plan, root, debs, show),
+    }
+}
+
+/// Writes the package records and copies the kernel and initrd into the workspace, as the
+/// spec asks; returns (output file name, workspace path) for each.
+fn collect_extra_outputs(
+    plan: &Plan,
+    root: &Path,
+    work: &Path,
+    installed: &BTreeMap<String, String>,
+) -> Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for r in &plan.records {
+        let text = match r {
+            Record::Packages => records::packages_record(installed),
+            Record::Files => records::files_record(root, installed)?,
+            Record::Licenses => records::licenses_record(root, installed)?,
+        };
+        let name = format!("{}.{}", plan.name, r.extension());
+        let path = work.join(&name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        out.push((name, path));
+    }
+    if plan.copy_kernel {
+        let (kernel, initrd) = find_kernel(root)?;
+        for (src, ext) in [(kernel, "vmlinuz"), (initrd, "initrd")] {
+            let name = format!("{}.{ext}", plan.name);
+            let path = work.join(&name);
+            std::fs::copy(&src, &path)
+                .with_context(|| format!("copying {} out of the image", src.display()))?;
+            out.push((name, path));
+        }
+    }
+    Ok(out)
+}
+
+/// The newest kernel in the image's `/boot` and its initrd.
+pub fn find_kernel(root: &Path) -> Result<(PathBuf, PathBuf)> {
+    let boot = root.join("boot");
+    let mut kernels: Vec<String> = std::fs::read_dir(&boot)
+        .with_context(|| format!("listing {}", boot.display()))?
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("vmlinuz-"))
+                .map(String::from)
+        })
+        .collect();
+    kernels.sort_by(|a, b| version_cmp(a, b));
+    let Some(version) = kernels.pop() else {
+        bail!(
+            "copy_kernel: the image has no kernel in /boot (add a kernel such as linux-image-amd64 to packages)"
+        );
+    };
+    let initrd = boot.join(format!("initrd.img-{version}"));
+    if !initrd.exists() {
+        bail!(
+            "copy_kernel: kernel {version} has no initrd in /boot (add initramfs-tools to packages)"
+        );
+    }
+    Ok((boot.join(format!("vmlinuz-{version}")), initrd))
+}
+
+/// Compares kernel versions by their numeric runs (`6.1.0-10` after `6.1.0-9`).
+fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn parts(s: &str) -> Vec<Result<u64, String>> {
+        let mut out = Vec::new();
+        let mut cur = String::new();
+        let mut digits = false;
+        for c in s.chars() {
+            if c.is_ascii_digit() != digits && !cur.is_empty() {
+                out.push(if digits {
+                    Ok(cur.parse().unwrap_or(u64::MAX))
+                } else {
+                    Err(std::mem::take(&mut cur))
+                });
+                cur.clear();
+            }
+            digits = c.is_ascii_digit();
+            cur.push(c);
+        }
+        if !cur.is_empty() {
+            out.push(if digits {
+                Ok(cur.parse().unwrap_or(u64::MAX))
+            } else {
+                Err(cur)
+            });
+        }
+        out
+    }
+    parts(a).cmp(&parts(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions_sort_numerically() {
+        let mut v = vec!["6.1.0-10-amd64", "6.1.0-9-amd64", "5.10.0-28-amd64"];
+        v.sort_by(|a, b| version_cmp(a, b));
+        assert_eq!(v, ["5.10.0-28-amd64", "6.1.0-9-amd64", "6.1.0-10-amd64"]);
+    }
+
+    #[test]
+    fn newest_kernel_and_its_initrd() {
+        let dir = tempfile::tempdir().unwrap();
+        let boot = dir.path().join("boot");
+        std::fs::create_dir_all(&boot).unwrap();
+        for f in [
+            "vmlinuz-6.1.0-9-amd64",
+            "initrd.img-6.1.0-9-amd64",
+            "vmlinuz-6.1.0-10-amd64",
+            "initrd.img-6.1.0-10-amd64",
+        ] {
+            std::fs::write(boot.join(f), f).unwrap();
+        }
+        let (k, i) = find_kernel(dir.path()).unwrap();
+        assert!(k.ends_with("vmlinuz-6.1.0-10-amd64"));
+        assert!(i.ends_with("initrd.img-6.1.0-10-amd64"));
+        std::fs::remove_file(boot.join("initrd.img-6.1.0-10-amd64")).unwrap();
+        assert!(find_kernel(dir.path()).is_err());
+    }
+}

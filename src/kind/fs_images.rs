@@ -1,0 +1,179 @@
+//! The per-filesystem images of fuel-agent: one sparse file, loop device and filesystem per
+//! spec image, mounted depth-sorted into the install root; checked, shrunk and packaged one by
+//! one.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use nix::mount::MsFlags;
+
+use super::{FsInfo, ImageKind, Staged};
+use crate::pack::shrink;
+use crate::plan::Plan;
+use crate::spec::Fs;
+use crate::sys::loopdev::{self, LoopDevice};
+use crate::sys::mkfs::{self, MkfsRequest};
+use crate::sys::mount::{self, Mount};
+
+/// One image file per filesystem.
+#[derive(Default)]
+pub struct FsImages {
+    /// Per spec image: its file, UUID and planned settings.
+    images: Vec<ImageFile>,
+    loops: Vec<LoopDevice>,
+    /// In mount order; unmounted from the end.
+    mounts: Vec<Mount>,
+}
+
+struct ImageFile {
+    file: PathBuf,
+    uuid: String,
+    mount: String,
+    fs: Fs,
+    label: Option<String>,
+    size: u64,
+}
+
+impl ImageKind for FsImages {
+    fn name(&self) -> &'static str {
+        "fs-images"
+    }
+
+    fn mount_root(&mut self, plan: &Plan, workspace: &Path, root: &Path) -> Result<()> {
+        for img in &plan.images {
+            let file = workspace.join(&img.raw_name);
+            let f = File::create_new(&file)
+                .with_context(|| format!("creating image file {}", file.display()))?;
+            f.set_len(img.size)
+                .with_context(|| format!("sizing {} to {} bytes", file.display(), img.size))?;
+            drop(f);
+            let dev = loopdev::attach(&file, false)?;
+            let uuid = mkfs::new_uuid()?;
+            mkfs::make(
+                &MkfsRequest {
+                    fs: img.fs,
+                    label: img.label.as_deref(),
+                    uuid: &uuid,
+                    no_journal: true,
+                    options: &img.mkfs_options,
+                },
+                dev.path(),
+            )?;
+            self.images.push(ImageFile {
+                file,
+                uuid,
+                mount: img.mount.clone(),
+                fs: img.fs,
+                label: img.label.clone(),
+                size: img.size,
+            });
+            self.loops.push(dev);
+        }
+        for &i in &plan.mount_order {
+            let img = &plan.images[i];
+            let target = root.join(img.mount.trim_start_matches('/'));
+            std::fs::create_dir_all(&target)
+                .with_context(|| format!("creating mount point {}", target.display()))?;
+            let dev = self.loops[i].path().to_string_lossy().into_owned();
+            let m = mount::mount(&dev, &target, Some(img.fs.name()), MsFlags::empty(), None)?;
+            self.mounts.push(m);
+        }
+        Ok(())
+    }
+
+    fn filesystems(&self) -> Vec<FsInfo> {
+        self.images
+            .iter()
+            .enumerate()
+            .map(|(i, img)| FsInfo {
+                mount: img.mount.clone(),
+                fs: img.fs.name().to_string(),
+                label: img.label.clone(),
+                size: img.size,
+                uuid: img.uuid.clone(),
+                device: self
+                    .loops
+                    .get(i)
+                    .map(|l| l.path().display().to_string())
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    fn mount_points(&self) -> Vec<PathBuf> {
+        self.mounts
+            .iter()
+            .map(|m| m.target().to_path_buf())
+            .collect()
+    }
+
+    fn unmount_root(&mut self) -> Result<()> {
+        // One sync for the whole build (dpkg skipped its own); syncfs also reports writes the
+        // kernel failed to store, which unmount would swallow.
+        for m in self.mounts.iter().rev() {
+            syncfs(m.target())?;
+        }
+        while let Some(m) = self.mounts.pop() {
+            m.close()?;
+        }
+        while let Some(l) = self.loops.pop() {
+            l.close()?;
+        }
+        Ok(())
+    }
+
+    fn stage_final(&mut self, plan: &Plan, _workspace: &Path, _root: &Path) -> Result<Vec<Staged>> {
+        let mut staged = Vec::new();
+        for (img, f) in plan.images.iter().zip(&self.images) {
+            mkfs::check(img.fs, &f.file)?;
+            if matches!(img.fs, Fs::Ext3 | Fs::Ext4) {
+                shrink::set_ext_journal(&f.file, true)?;
+            }
+            if img.fs.is_ext() {
+                shrink::shrink_ext(&f.file)?;
+            }
+            staged.push(Staged {
+                raw: f.file.clone(),
+                raw_name: img.raw_name.clone(),
+                container: img.container,
+                container_name: img.container_name.clone(),
+                format: img.fs.name().to_string(),
+                mount: img.mount.clone(),
+                label: img.label.clone(),
+                uuid: f.uuid.clone(),
+            });
+        }
+        Ok(staged)
+    }
+
+    fn cleanup(&mut self) {
+        while let Some(m) = self.mounts.pop() {
+            if let Err(e) = m.close() {
+                tracing::warn!("{e:#}");
+            }
+        }
+        while let Some(l) = self.loops.pop() {
+            if let Err(e) = l.close() {
+                tracing::warn!("{e:#}");
+            }
+        }
+    }
+}
+
+impl Drop for FsImages {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// Flushes the filesystem holding `path` and reports any write it lost.
+pub fn syncfs(path: &Path) -> Result<()> {
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    nix::unistd::syncfs(&f).with_context(|| {
+        format!(
+            "flushing the filesystem at {}: writes were lost",
+            path.display()
+        )
+    })
+}
