@@ -208,11 +208,12 @@ impl OutputLock {
 /// Returns the existing metadata when every output matches the plan.
 pub fn reusable(plan: &Plan, output_dir: &Path) -> Option<Metadata> {
     let meta = Metadata::read(&output_dir.join(plan.metadata_name())).ok()?;
-    if meta.spec_digest != plan.digest || meta.images.len() != plan.images.len() {
+    let names = plan.container_names();
+    if meta.spec_digest != plan.digest || meta.images.len() != names.len() {
         return None;
     }
-    for (img, m) in plan.images.iter().zip(&meta.images) {
-        if img.container_name != m.container_name {
+    for (name, m) in names.iter().zip(&meta.images) {
+        if *name != m.container_name {
             return None;
         }
         let len = std::fs::metadata(output_dir.join(&m.container_name))
@@ -553,6 +554,64 @@ mod tests {
         ] {
             assert!(err.contains(needle), "`{needle}` missing in: {err}");
         }
+    }
+
+    #[test]
+    fn a_tarball_with_records_is_reused_only_while_complete() {
+        let spec = Spec::from_yaml(
+            "version: 1\nname: tb\nsuite: bookworm\nkind: tarball\nrecords: [packages]\n",
+            "t",
+        )
+        .unwrap();
+        let plan = Plan::new(
+            &spec,
+            &parse_sources_list("deb http://m.example/debian bookworm main"),
+            false,
+        )
+        .unwrap();
+        let out = tempfile::tempdir().unwrap();
+        std::fs::write(out.path().join("tb.tar.gz"), b"archive").unwrap();
+        std::fs::write(out.path().join("tb.packages"), b"a 1\n").unwrap();
+        let image = crate::metadata::ImageMeta {
+            container: "gzip".into(),
+            container_name: "tb.tar.gz".into(),
+            container_size: 7,
+            container_md5: String::new(),
+            container_sha256: String::new(),
+            format: "tar".into(),
+            raw_md5: String::new(),
+            raw_name: "tb.tar".into(),
+            raw_size: 0,
+            raw_sha256: String::new(),
+            mount: "/".into(),
+            label: None,
+            uuid: String::new(),
+        };
+        let meta = Metadata {
+            name: "tb".into(),
+            debimg_version: String::new(),
+            spec_digest: plan.digest.clone(),
+            bootstrap: String::new(),
+            build_start: String::new(),
+            build_end: String::new(),
+            images: vec![image],
+            repos: vec![],
+            packages: vec![],
+            installed: Default::default(),
+            kind: "tarball".into(),
+            files: vec![crate::metadata::FileMeta {
+                name: "tb.packages".into(),
+                size: 4,
+                sha256: String::new(),
+            }],
+        };
+        std::fs::write(out.path().join("tb.yaml"), meta.to_yaml().unwrap()).unwrap();
+        assert!(reusable(&plan, out.path()).is_some());
+        std::fs::write(out.path().join("tb.packages"), b"a 1\nb 2\n").unwrap();
+        assert!(reusable(&plan, out.path()).is_none(), "a changed record");
+        std::fs::write(out.path().join("tb.packages"), b"a 1\n").unwrap();
+        std::fs::remove_file(out.path().join("tb.tar.gz")).unwrap();
+        assert!(reusable(&plan, out.path()).is_none(), "a missing archive");
     }
 
     #[test]

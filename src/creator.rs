@@ -794,6 +794,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn stages_keep_their_order_and_cleanup_is_always_safe() {
+        let spec = crate::spec::Spec::from_yaml(
+            "version: 1\nname: t\nsuite: bookworm\nkind: tarball\n",
+            "t",
+        )
+        .unwrap();
+        let plan = Plan::new(
+            &spec,
+            &crate::plan::parse_sources_list("deb http://m.example/debian bookworm main"),
+            false,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = BuildOptions::new(dir.path().join("out"));
+        opts.build_dir = dir.path().join("build");
+        let mut c = Creator::new(plan, opts).unwrap();
+        c.cleanup().unwrap();
+        let err = c.install().unwrap_err().to_string();
+        assert!(err.contains("install cannot run now"), "{err}");
+        assert!(c.package().is_err());
+        c.cleanup().unwrap();
+        c.cleanup().unwrap();
+        drop(c);
+        // Nothing was created but the output directory and its lock.
+        assert!(!dir.path().join("build").exists());
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("out"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from(".debimg.lock")]);
+    }
+
+    #[test]
     fn kernel_versions_sort_numerically() {
         let mut v = vec!["6.1.0-10-amd64", "6.1.0-9-amd64", "5.10.0-28-amd64"];
         v.sort_by(|a, b| version_cmp(a, b));

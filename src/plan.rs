@@ -478,6 +478,19 @@ impl Plan {
         self.mount_order.first().map(|&i| &self.images[i])
     }
 
+    /// File names of the shipped images, in metadata order: one per filesystem image, or the
+    /// root filesystem archive of a tarball.
+    pub fn container_names(&self) -> Vec<String> {
+        match self.kind {
+            Kind::FsImages => self
+                .images
+                .iter()
+                .map(|i| i.container_name.clone())
+                .collect(),
+            Kind::Tarball => vec![format!("{}.tar.gz", self.name)],
+        }
+    }
+
     /// Names of the files a build writes next to the metadata besides the images: records,
     /// kernel and initrd.
     pub fn extra_output_names(&self) -> Vec<String> {

@@ -69,7 +69,7 @@ impl ImageKind for Tarball {
             raw: tar,
             raw_name: raw_name.clone(),
             container: Container::Gzip,
-            container_name: format!("{raw_name}.gz"),
+            container_name: plan.container_names().remove(0),
             format: "tar".into(),
             mount: "/".into(),
             label: None,
