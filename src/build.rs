@@ -3,8 +3,9 @@
 //! published atomically, the preflight, the reuse check and the stage announcer with its
 //! test-only fault hook. The stages themselves are [`crate::creator::Creator`]'s.
 //!
-//! Stage names, in order: disks, bootstrap, install, configure, release, shrink, package,
-//! publish.
+//! Stage names, in order: mount, bootstrap, install, configure, unmount, finish (checks,
+//! shrinks or archives the result), package, publish. The creator's `install` runs bootstrap
+//! and install, its `package` runs finish, package and publish.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -137,6 +138,34 @@ pub fn required_tools(plan: &Plan) -> Vec<(&'static str, &'static str)> {
             tools.push(("e2fsck", "e2fsprogs"));
             tools.push(("tune2fs", "e2fsprogs"));
             tools.push(("dumpe2fs", "e2fsprogs"));
+        }
+    }
+    if let Some(disk) = &plan.disk {
+        tools.push(("sfdisk", "fdisk"));
+        for p in &disk.partitions {
+            if let Some(fs) = p.fs {
+                tools.push(mkfs::tool(fs));
+                if fs.is_ext() {
+                    tools.push(("tune2fs", "e2fsprogs"));
+                    tools.push(("e2fsck", "e2fsprogs"));
+                }
+            }
+            if p.flags.contains(&crate::spec::PartitionFlag::Esp) {
+                tools.extend([
+                    ("mkfs.vfat", "dosfstools"),
+                    ("fsck.vfat", "dosfstools"),
+                    ("mmd", "mtools"),
+                    ("mcopy", "mtools"),
+                ]);
+            }
+        }
+        if disk.formats.iter().any(|f| {
+            matches!(
+                f,
+                crate::spec::DiskFormat::Qcow2 | crate::spec::DiskFormat::Qcow2Compressed
+            )
+        }) {
+            tools.push(("qemu-img", "qemu-utils"));
         }
     }
     tools.sort();

@@ -61,7 +61,7 @@ use crate::cache::{self, Cache};
 use crate::debian::apt::{Apt, ReleaseMeta};
 use crate::debian::configure::{self, BuildOnlyFiles, FstabEntry};
 use crate::debian::{chroot_command, debootstrap, mmdebstrap, settings};
-use crate::kind::{self, ImageKind, Staged};
+use crate::kind::{self, ImageKind, Ship, Staged};
 use crate::metadata::{FileMeta, ImageMeta, Metadata, RepoMeta, now_rfc3339};
 use crate::pack::compress;
 use crate::plan::{Backend, Plan};
@@ -207,7 +207,7 @@ impl Creator {
             self.ws = Some(ws);
             let (plan, root, work) = (&self.plan, &self.root, self.work()?.to_path_buf());
             let kind = &mut self.kind;
-            stage("disks", || kind.mount_root(plan, &work, root))?;
+            stage("mount", || kind.mount_root(plan, &work, root))?;
             self.cache = self
                 .opts
                 .cache_dir
@@ -309,19 +309,12 @@ impl Creator {
                 configure::set_root_password(&root, hash)?;
             }
             let filesystems = kind.filesystems();
-            let fstab: Vec<FstabEntry> = plan
-                .mount_order
+            let fstab: Vec<FstabEntry> = filesystems
                 .iter()
-                .filter_map(|&i| {
-                    let img = &plan.images[i];
-                    filesystems
-                        .iter()
-                        .find(|f| f.mount == img.mount)
-                        .map(|f| FstabEntry {
-                            uuid: f.uuid.clone(),
-                            mount: img.mount.clone(),
-                            fs: img.fs,
-                        })
+                .map(|f| FstabEntry {
+                    uuid: f.uuid.clone(),
+                    mount: f.mount.clone(),
+                    fs: f.fs.clone(),
                 })
                 .collect();
             configure::write_system_files(&root, &plan.hostname, &fstab)?;
@@ -399,7 +392,7 @@ impl Creator {
         if self.opts.shell {
             self.shell()?;
         }
-        let res = stage("release", || self.release());
+        let res = stage("unmount", || self.release());
         self.advance(res, Progress::Unmounted)
     }
 
@@ -435,7 +428,7 @@ impl Creator {
     fn package_inner(&mut self) -> Result<Outcome> {
         let work = self.work()?.to_path_buf();
         let (plan, root, kind) = (&self.plan, &self.root, &mut self.kind);
-        self.staged = stage("shrink", || kind.stage_final(plan, &work, root))?;
+        self.staged = stage("finish", || kind.stage_final(plan, &work, root))?;
         let mut pending = PendingOutputs::new(&self.output_dir);
         let staged = &self.staged;
         let (packed, files) = stage("package", || {
@@ -444,14 +437,17 @@ impl Creator {
                 signals::check()?;
                 let tmp = pending.temp_path(&s.container_name);
                 let t = std::time::Instant::now();
-                let p = compress::pack(&s.raw, s.container, &tmp)
-                    .with_context(|| format!("packaging {}", s.container_name))?;
+                let p = match s.ship {
+                    Ship::Packed(container) => compress::pack(&s.raw, container, &tmp),
+                    Ship::Qcow2 { compressed } => pack_qcow2(&s.raw, compressed, &tmp),
+                }
+                .with_context(|| format!("packaging {}", s.container_name))?;
                 tracing::info!(
                     "{}: {:.1} MiB raw -> {:.1} MiB {} in {:.1}s",
                     s.container_name,
                     p.raw.size as f64 / 1048576.0,
                     p.container.size as f64 / 1048576.0,
-                    s.container.name(),
+                    s.ship.name(),
                     t.elapsed().as_secs_f64()
                 );
                 out.push(p);
@@ -482,7 +478,7 @@ impl Creator {
                 .iter()
                 .zip(&packed)
                 .map(|(s, p)| ImageMeta {
-                    container: s.container.name().to_string(),
+                    container: s.ship.name().to_string(),
                     container_name: s.container_name.clone(),
                     container_size: p.container.size,
                     container_md5: p.container.md5.clone(),
@@ -696,6 +692,26 @@ fn run_backend(plan: &Plan, root: &Path, debs: Option<&Path>, show: bool) -> Res
         Backend::Debootstrap => debootstrap::run(plan, root, debs, show),
         Backend::Mmdebstrap => mmdebstrap::run(plan, root, debs, show),
     }
+}
+
+/// Converts a raw disk to qcow2 with qemu-img, then digests both files.
+fn pack_qcow2(raw: &Path, compressed: bool, dest: &Path) -> Result<compress::Packed> {
+    let mut cmd = std::process::Command::new("qemu-img");
+    cmd.args(["convert", "-q", "-f", "raw", "-O", "qcow2"]);
+    if compressed {
+        cmd.arg("-c");
+    }
+    crate::cmd::CommandRunExt::run(cmd.arg(raw).arg(dest))?;
+    crate::cmd::CommandRunExt::run(
+        std::process::Command::new("qemu-img")
+            .args(["check", "-q", "-f", "qcow2"])
+            .arg(dest),
+    )
+    .with_context(|| format!("checking {}", dest.display()))?;
+    Ok(compress::Packed {
+        raw: crate::pack::digest::digest_file(raw)?,
+        container: crate::pack::digest::digest_file(dest)?,
+    })
 }
 
 /// Writes the package records and copies the kernel and initrd into the workspace, as the

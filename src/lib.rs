@@ -4,6 +4,7 @@
 //! mount order, output names, spec digest) → [`build::build`] (disks, debootstrap, apt,
 //! configure, release, shrink, package, metadata). The `debimg` binary is a thin front-end.
 
+pub mod boottest;
 pub mod build;
 pub mod cache;
 pub mod cmd;

@@ -36,6 +36,9 @@ enum Command {
     Validate {
         /// The YAML spec.
         spec: PathBuf,
+        /// Check it as `build --release ID` reads it (@BUILD_ID@ replaced by ID).
+        #[arg(long, value_name = "ID", value_parser = parse_release_id)]
+        release: Option<String>,
     },
     /// Build the images a spec describes (reusing them when the output already matches).
     Build {
@@ -70,7 +73,7 @@ enum Command {
         fuel: Option<PathBuf>,
         /// Write a release into OUTPUT/ID: the outputs, the spec with @BUILD_ID@ replaced by
         /// ID, build.log, SHA256SUMS and MD5SUMS. Always builds.
-        #[arg(long, value_name = "ID")]
+        #[arg(long, value_name = "ID", value_parser = parse_release_id)]
         release: Option<String>,
         /// Pack all outputs into one archive, `<name>.bundle.tar.gz`.
         #[arg(long, value_enum, value_name = "FORMAT")]
@@ -106,10 +109,31 @@ enum Command {
         #[command(subcommand)]
         action: CacheAction,
     },
+    /// Boot a disk image in qemu on a serial console and wait until the system is up: exit 0
+    /// with the console line that proves it, or exit 1 with the whole console log.
+    BootTest {
+        /// The disk image: raw (`.img`), qcow2 (`.qcow2`) or gzipped raw (`.img.gz`).
+        image: PathBuf,
+        /// Boot with UEFI firmware (OVMF) instead of BIOS.
+        #[arg(long)]
+        uefi: bool,
+        /// Seconds to wait for the system to come up.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Console text that proves the boot (repeatable) [default: `login:`].
+        #[arg(long, value_name = "TEXT")]
+        expect: Vec<String>,
+        /// Memory of the virtual machine in MiB.
+        #[arg(long, default_value_t = 1024)]
+        memory: u32,
+    },
     /// Print the resolved build plan (mirrors, mount order, output names, digest) as JSON.
     Plan {
         /// The YAML spec.
         spec: PathBuf,
+        /// Plan it as `build --release ID` reads it (@BUILD_ID@ replaced by ID).
+        #[arg(long, value_name = "ID", value_parser = parse_release_id)]
+        release: Option<String>,
     },
 }
 
@@ -119,6 +143,13 @@ enum PackFormat {
     /// A gzipped tar archive.
     #[value(name = "tar.gz")]
     TarGz,
+}
+
+/// Checks a release ID (a bad one is a usage error, exit 2).
+fn parse_release_id(text: &str) -> Result<String, String> {
+    release::check_release_id(text)
+        .map(|()| text.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// Parses a size such as `6GiB` for `--tmpfs`.
@@ -208,10 +239,6 @@ fn init_logging(verbose: u8, quiet: bool) {
         .init();
 }
 
-fn load_plan(spec_path: &Path, bootstrap: Option<Bootstrap>) -> Result<Plan> {
-    plan_spec(Spec::from_file(spec_path)?, spec_path, bootstrap)
-}
-
 fn plan_spec(mut spec: Spec, source: &Path, bootstrap: Option<Bootstrap>) -> Result<Plan> {
     if let Some(b) = bootstrap {
         spec.bootstrap = b;
@@ -288,13 +315,23 @@ fn read_input(spec: Option<&Path>, fuel: Option<&Path>, release: Option<&str>) -
 
 fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
-        Command::Validate { spec } => {
-            let s = Spec::from_file(spec)?;
+        Command::Validate { spec, release } => {
+            let s = read_input(Some(spec), None, release.as_deref())?.spec;
+            let what = match s.kind {
+                debimg::spec::Kind::FsImages => format!(
+                    "{} image{}",
+                    s.images.len(),
+                    if s.images.len() == 1 { "" } else { "s" }
+                ),
+                debimg::spec::Kind::Tarball => "a tarball".to_string(),
+                debimg::spec::Kind::Disk => format!(
+                    "a disk with {} partitions",
+                    s.disk.as_ref().map_or(0, |d| d.partitions.len())
+                ),
+            };
             println!(
-                "{}: valid ({} image{}, {} package{})",
+                "{}: valid ({what}, {} package{})",
                 spec.display(),
-                s.images.len(),
-                if s.images.len() == 1 { "" } else { "s" },
                 s.packages.len(),
                 if s.packages.len() == 1 { "" } else { "s" },
             );
@@ -348,8 +385,43 @@ fn run(cli: &Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Plan { spec } => {
-            let plan = load_plan(spec, None)?;
+        Command::BootTest {
+            image,
+            uefi,
+            timeout,
+            expect,
+            memory,
+        } => {
+            signals::install()?;
+            let expect = if expect.is_empty() {
+                vec!["login:".to_string()]
+            } else {
+                expect.clone()
+            };
+            let booted = debimg::boottest::run(&debimg::boottest::BootTest {
+                image: image.clone(),
+                uefi: *uefi,
+                timeout: std::time::Duration::from_secs(*timeout),
+                expect,
+                memory_mib: *memory,
+            })?;
+            tracing::info!(
+                "{} booted ({}, {}) in {:.1}s",
+                image.display(),
+                if *uefi { "UEFI" } else { "BIOS" },
+                if booted.kvm {
+                    "KVM"
+                } else {
+                    "software emulation"
+                },
+                booted.elapsed.as_secs_f64()
+            );
+            println!("{}", booted.line);
+            Ok(())
+        }
+        Command::Plan { spec, release } => {
+            let input = read_input(Some(spec), None, release.as_deref())?;
+            let plan = plan_spec(input.spec, spec, None)?;
             let mut json = serde_json::to_value(&plan)?;
             json["digest"] = serde_json::Value::String(plan.digest.clone());
             println!("{}", serde_json::to_string_pretty(&json)?);
@@ -372,9 +444,6 @@ fn run(cli: &Cli) -> Result<()> {
             tmpfs,
         } => {
             let started = Instant::now();
-            if let Some(id) = release_id {
-                release::check_release_id(id)?;
-            }
             let input = read_input(spec.as_deref(), fuel.as_deref(), release_id.as_deref())?;
             let plan = plan_spec(input.spec.clone(), &input.path, *bootstrap)?;
             if !nix::unistd::geteuid().is_root() {

@@ -254,6 +254,8 @@ pub struct Plan {
     pub post: Vec<PostScript>,
     pub records: Vec<Record>,
     pub copy_kernel: bool,
+    /// The disk of `kind: disk`.
+    pub disk: Option<crate::spec::Disk>,
     /// sha256 of everything above plus the debimg version: equal digests, equal images.
     #[serde(skip)]
     pub digest: String,
@@ -457,6 +459,7 @@ impl Plan {
             post: spec.post.clone(),
             records: spec.records.clone(),
             copy_kernel: spec.copy_kernel,
+            disk: spec.disk.clone(),
             digest: String::new(),
         };
         plan.digest = plan.compute_digest();
@@ -488,6 +491,11 @@ impl Plan {
                 .map(|i| i.container_name.clone())
                 .collect(),
             Kind::Tarball => vec![format!("{}.tar.gz", self.name)],
+            Kind::Disk => self
+                .disk
+                .iter()
+                .flat_map(|d| d.formats.iter().map(|f| f.file_name(&self.name)))
+                .collect(),
         }
     }
 

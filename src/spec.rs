@@ -103,6 +103,10 @@ pub struct Spec {
     /// Copy the kernel and initrd out next to the images (`<name>.vmlinuz`, `<name>.initrd`).
     #[serde(default)]
     pub copy_kernel: bool,
+    /// The whole bootable disk of `kind: disk`: partition table, partitions, bootloaders and
+    /// output formats.
+    #[serde(default)]
+    pub disk: Option<Disk>,
     /// The directory relative paths (`files[].source`, `local_debs`) start from: the spec
     /// file's directory. Not part of the YAML.
     #[serde(skip)]
@@ -118,6 +122,8 @@ pub enum Kind {
     FsImages,
     /// The root filesystem as a gzipped tar archive; no loop devices.
     Tarball,
+    /// One bootable disk: a partition table, filesystems, GRUB for BIOS and UEFI.
+    Disk,
 }
 
 impl Kind {
@@ -126,8 +132,129 @@ impl Kind {
         match self {
             Kind::FsImages => "fs-images",
             Kind::Tarball => "tarball",
+            Kind::Disk => "disk",
         }
     }
+}
+
+/// A bootable whole disk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    /// Size of the disk (a sparse file): `4GiB`.
+    pub size: Size,
+    /// The partition table.
+    #[serde(default)]
+    pub table: PartitionTable,
+    /// Firmware the disk boots with: GRUB is installed for each.
+    #[serde(default = "default_firmware")]
+    pub boot: Vec<Firmware>,
+    /// Output files, each the whole disk: `raw` (`<name>.img`, sparse), `qcow2` or
+    /// `qcow2-compressed` (`<name>.qcow2`), `gzip` (`<name>.img.gz`).
+    #[serde(default = "default_formats")]
+    pub formats: Vec<DiskFormat>,
+    /// Grow the root partition and filesystem to the whole disk on every boot (cloud style):
+    /// a small image then fills whatever disk it is written to. Adds `cloud-guest-utils`.
+    #[serde(default)]
+    pub grow: bool,
+    /// The kernel command line besides `root=UUID=...`.
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    /// Partitions in disk order.
+    pub partitions: Vec<Partition>,
+}
+
+/// A partition of a disk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Partition {
+    /// Size of the partition; none for the last one takes the rest of the disk.
+    #[serde(default)]
+    pub size: Option<Size>,
+    /// Filesystem; none for `bios-boot` (raw GRUB core) and `esp` (always FAT).
+    #[serde(default)]
+    pub fs: Option<Fs>,
+    /// Mount point; `esp` defaults to `/boot/efi`, `bios-boot` has none.
+    #[serde(default)]
+    pub mount: Option<String>,
+    /// Filesystem label, also the GPT partition name.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// What the partition is for.
+    #[serde(default)]
+    pub flags: Vec<PartitionFlag>,
+    /// Extra arguments for mkfs.
+    #[serde(default)]
+    pub mkfs_options: Vec<String>,
+}
+
+/// Partition table types.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionTable {
+    /// GUID partition table (BIOS boot needs a `bios-boot` partition).
+    #[default]
+    Gpt,
+    /// DOS/MBR table, at most four partitions.
+    Mbr,
+}
+
+/// Firmware a disk boots with.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    /// Legacy BIOS: GRUB's boot code in the MBR, its core in the `bios-boot` partition (GPT) or
+    /// after the MBR (MBR).
+    Bios,
+    /// UEFI: GRUB as `EFI/BOOT/BOOTX64.EFI` on the `esp` partition.
+    Uefi,
+}
+
+/// Output formats of a disk.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskFormat {
+    /// The raw disk, copied sparsely (`<name>.img`).
+    Raw,
+    /// qcow2 made by qemu-img (`<name>.qcow2`).
+    Qcow2,
+    /// qcow2 with compressed clusters (`<name>.qcow2`): smaller, slower to write.
+    Qcow2Compressed,
+    /// The raw disk gzipped (`<name>.img.gz`).
+    Gzip,
+}
+
+impl DiskFormat {
+    /// The output file's name for a disk called `name`.
+    pub fn file_name(self, name: &str) -> String {
+        match self {
+            DiskFormat::Raw => format!("{name}.img"),
+            DiskFormat::Qcow2 | DiskFormat::Qcow2Compressed => format!("{name}.qcow2"),
+            DiskFormat::Gzip => format!("{name}.img.gz"),
+        }
+    }
+
+    /// The name in metadata (`container`).
+    pub fn container_name(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 | DiskFormat::Qcow2Compressed => "qcow2",
+            DiskFormat::Gzip => "gzip",
+        }
+    }
+}
+
+/// Roles of a partition.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum PartitionFlag {
+    /// GPT BIOS boot partition holding GRUB's core image (1 MiB is plenty); no filesystem.
+    BiosBoot,
+    /// EFI system partition: FAT, made without mounting it (the build host's kernel needs no
+    /// vfat), holding `EFI/BOOT/BOOTX64.EFI`.
+    Esp,
+    /// The legacy "active" flag some BIOSes want on an MBR disk.
+    LegacyBoot,
 }
 
 /// A user account created in the image.
@@ -510,6 +637,15 @@ fn default_mode() -> String {
 fn default_owner() -> String {
     "root:root".into()
 }
+fn default_firmware() -> Vec<Firmware> {
+    vec![Firmware::Bios, Firmware::Uefi]
+}
+fn default_formats() -> Vec<DiskFormat> {
+    vec![DiskFormat::Raw]
+}
+fn default_cmdline() -> String {
+    "console=tty0 console=ttyS0,115200n8".into()
+}
 fn default_interpreter() -> String {
     "/bin/sh".into()
 }
@@ -693,14 +829,29 @@ impl Spec {
         }
         match self.kind {
             Kind::FsImages => self.validate_images(&mut p),
-            Kind::Tarball => {
+            Kind::Tarball | Kind::Disk => {
                 if !self.images.is_empty() {
                     p.add(
                         "images",
-                        "a `tarball` has no images: remove `images` (or use `kind: fs-images`)",
+                        format!(
+                            "a `{}` has no `images`: remove them (or use `kind: fs-images`)",
+                            self.kind.name()
+                        ),
                     );
                 }
             }
+        }
+        match (&self.disk, self.kind) {
+            (Some(d), Kind::Disk) => self.validate_disk(d, &mut p),
+            (None, Kind::Disk) => p.add("disk", "`kind: disk` needs a `disk` (size, partitions)"),
+            (Some(_), k) => p.add(
+                "disk",
+                format!(
+                    "only `kind: disk` has a `disk` (this spec is `{}`)",
+                    k.name()
+                ),
+            ),
+            (None, _) => {}
         }
         self.validate_system(&mut p);
         self.validate_selection(&mut p);
@@ -934,9 +1085,230 @@ impl Spec {
         {
             out.push("locales".into());
         }
+        if let (Kind::Disk, Some(d)) = (self.kind, &self.disk) {
+            // GRUB's images and tools without the packages that install it on the build host.
+            out.push("grub2-common".into());
+            if d.boot.contains(&Firmware::Bios) {
+                out.push("grub-pc-bin".into());
+            }
+            if d.boot.contains(&Firmware::Uefi) {
+                out.push("grub-efi-amd64-bin".into());
+            }
+            if d.grow {
+                out.extend(["cloud-guest-utils".to_string(), "fdisk".to_string()]);
+            }
+        }
         let mut seen = BTreeSet::new();
         out.retain(|p| seen.insert(p.clone()));
         out
+    }
+
+    fn validate_disk(&self, d: &Disk, p: &mut Problems) {
+        let parts = &d.partitions;
+        if parts.is_empty() {
+            p.add(
+                "disk.partitions",
+                "at least one partition is needed (one mounted at `/`)",
+            );
+            return;
+        }
+        if d.table == PartitionTable::Mbr && parts.len() > 4 {
+            p.add(
+                "disk.partitions",
+                "an `mbr` table holds at most 4 partitions",
+            );
+        }
+        if d.boot.is_empty() {
+            p.add("disk.boot", "give `bios`, `uefi` or both");
+        }
+        if d.formats.is_empty() {
+            p.add(
+                "disk.formats",
+                "give at least one of raw, qcow2, qcow2-compressed, gzip",
+            );
+        }
+        if d.formats.contains(&DiskFormat::Qcow2)
+            && d.formats.contains(&DiskFormat::Qcow2Compressed)
+        {
+            p.add(
+                "disk.formats",
+                "`qcow2` and `qcow2-compressed` both name `<name>.qcow2`: choose one",
+            );
+        }
+        if d.cmdline.contains(['\n', '"']) || d.cmdline.contains("root=") {
+            p.add(
+                "disk.cmdline",
+                "must be one line without `\"`, and without `root=` (debimg sets it by UUID)",
+            );
+        }
+        let mut total: u64 = 0;
+        let mut mounts = BTreeSet::new();
+        for (i, part) in parts.iter().enumerate() {
+            let f = format!("disk.partitions[{i}]");
+            let bios = part.flags.contains(&PartitionFlag::BiosBoot);
+            let esp = part.flags.contains(&PartitionFlag::Esp);
+            match part.size {
+                Some(s) => total = total.saturating_add(s.0),
+                None if i + 1 == parts.len() => {}
+                None => p.add(
+                    format!("{f}.size"),
+                    "only the last partition may leave out `size` (it takes the rest)",
+                ),
+            }
+            if bios && esp {
+                p.add(
+                    format!("{f}.flags"),
+                    "a partition is `bios-boot` or `esp`, not both",
+                );
+            }
+            if bios {
+                if d.table == PartitionTable::Mbr {
+                    p.add(
+                        format!("{f}.flags"),
+                        "`bios-boot` is for GPT; on MBR, GRUB sits after the MBR",
+                    );
+                }
+                if part.fs.is_some() || part.mount.is_some() {
+                    p.add(
+                        f.clone(),
+                        "a `bios-boot` partition has no `fs` and no `mount`",
+                    );
+                }
+                if part.size.is_some_and(|s| s.0 < MIB) {
+                    p.add(
+                        format!("{f}.size"),
+                        "a `bios-boot` partition needs at least 1MiB",
+                    );
+                }
+                continue;
+            }
+            if esp {
+                if part.fs.is_some() {
+                    p.add(format!("{f}.fs"), "an `esp` is always FAT: leave out `fs`");
+                }
+                if part.size.is_some_and(|s| s.0 < 16 * MIB) {
+                    p.add(format!("{f}.size"), "an `esp` needs at least 16MiB");
+                }
+                if let Some(l) = &part.label
+                    && (l.is_empty()
+                        || l.len() > 11
+                        || !l
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c)))
+                {
+                    p.add(
+                        format!("{f}.label"),
+                        format!("`{l}` must be 1-11 letters, digits, `_`, `-` for FAT"),
+                    );
+                }
+            } else {
+                match part.fs {
+                    None => p.add(
+                        format!("{f}.fs"),
+                        "give the filesystem (ext4, xfs, ...), or a flag `bios-boot` or `esp`",
+                    ),
+                    Some(fs) => {
+                        if part.size.is_some_and(|s| s.0 < fs.min_size()) {
+                            p.add(
+                                format!("{f}.size"),
+                                format!("too small for {fs} (at least {})", Size(fs.min_size())),
+                            );
+                        }
+                        if let Some(l) = &part.label
+                            && (l.is_empty()
+                                || l.len() > fs.max_label_len()
+                                || !l
+                                    .chars()
+                                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)))
+                        {
+                            p.add(
+                                format!("{f}.label"),
+                                format!(
+                                    "`{l}` must be 1-{} letters, digits, `.`, `_`, `-` for {fs}",
+                                    fs.max_label_len()
+                                ),
+                            );
+                        }
+                    }
+                }
+                if part.mount.is_none() {
+                    p.add(
+                        format!("{f}.mount"),
+                        "give the mount point of this filesystem",
+                    );
+                }
+            }
+            let mount = part.mount.clone().unwrap_or_else(|| {
+                if esp {
+                    "/boot/efi".into()
+                } else {
+                    String::new()
+                }
+            });
+            if !mount.is_empty() {
+                match check_mount_point(&mount) {
+                    Err(msg) => p.add(format!("{f}.mount"), msg),
+                    Ok(()) => {
+                        if !mounts.insert(mount.clone()) {
+                            p.add(
+                                format!("{f}.mount"),
+                                format!("`{mount}` is used by another partition"),
+                            );
+                        }
+                    }
+                }
+            }
+            for (j, opt) in part.mkfs_options.iter().enumerate() {
+                if opt.is_empty() || opt.contains('\0') || opt.contains('\n') {
+                    p.add(
+                        format!("{f}.mkfs_options[{j}]"),
+                        "must be a non-empty single-line argument",
+                    );
+                }
+            }
+        }
+        if !mounts.contains("/") {
+            p.add("disk.partitions", "no partition is mounted at `/`");
+        }
+        // GPT keeps 1 MiB at the start for alignment and 33 sectors at the end for its copy.
+        if total.saturating_add(2 * MIB) > d.size.0 {
+            p.add(
+                "disk.size",
+                format!(
+                    "{} cannot hold the partitions ({} and 2MiB for the table)",
+                    d.size,
+                    Size(total)
+                ),
+            );
+        }
+        if d.size.0 > MAX_IMAGE_SIZE {
+            p.add(
+                "disk.size",
+                format!("{} is larger than {}", d.size, Size(MAX_IMAGE_SIZE)),
+            );
+        }
+        if d.boot.contains(&Firmware::Uefi)
+            && !parts.iter().any(|x| x.flags.contains(&PartitionFlag::Esp))
+        {
+            p.add("disk.boot", "`uefi` needs a partition with the flag `esp`");
+        }
+        if d.boot.contains(&Firmware::Bios)
+            && d.table == PartitionTable::Gpt
+            && !parts
+                .iter()
+                .any(|x| x.flags.contains(&PartitionFlag::BiosBoot))
+        {
+            p.add(
+                "disk.boot",
+                "`bios` on a GPT disk needs a partition with the flag `bios-boot` (1MiB)",
+            );
+        }
+        if !self.packages.iter().any(|x| x.starts_with("linux-image-")) {
+            p.add(
+                "packages",
+                "a bootable disk needs a kernel: add linux-image-amd64 (or linux-image-cloud-amd64)",
+            );
+        }
     }
 
     fn validate_images(&self, p: &mut Problems) {

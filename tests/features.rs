@@ -552,7 +552,8 @@ fn staged_api_example_runs_its_own_step() {
     let work = scratch("staged");
     let out = work.path().join("out");
     let spec = small_spec(work.path(), "staged", "");
-    // Cargo builds the examples next to the test binaries.
+    // Built by `cargo build --examples` (scripts/test does it first); `cargo test --all-targets`
+    // builds examples only in test mode, under a hashed name.
     let exe = std::env::current_exe()
         .unwrap()
         .parent()
@@ -560,7 +561,11 @@ fn staged_api_example_runs_its_own_step() {
         .parent()
         .unwrap()
         .join("examples/staged");
-    assert!(exe.exists(), "{} missing", exe.display());
+    assert!(
+        exe.is_file(),
+        "{} missing: run `cargo build --examples` first (scripts/test does)",
+        exe.display()
+    );
     let output = Command::new(&exe)
         .arg(&spec)
         .arg(&out)

@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const STAGES: &[&str] = &[
-    "disks",
+    "mount",
     "bootstrap",
     "install",
     "configure",
-    "release",
-    "shrink",
+    "unmount",
+    "finish",
     "package",
     "publish",
 ];
@@ -191,7 +191,7 @@ fn kill9_mid_apt(spec: &Path, good: &Path) -> String {
     let stale: Vec<_> = std::fs::read_dir(&bdir).unwrap().flatten().collect();
     assert_eq!(stale.len(), 1, "expected one stale workspace");
     let mut next = build_command(spec, &out, &bdir, &["--force", "-q"]);
-    next.env("DEBIMG_TEST_FAULT", "disks:fail");
+    next.env("DEBIMG_TEST_FAULT", "mount:fail");
     let o = next.output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("removing stale workspace"));
@@ -311,8 +311,7 @@ fn write_report(results: &[Vec<String>], faults: &[Fault], kill9: &str) {
     }
     md.push_str(&format!(
         "\n`kill -9` of debimg while `apt-get install` runs in the chroot: {kill9}.\n\n\
-         Last generated: {} on {} ({} CPUs).\n",
-        debimg::metadata::now_rfc3339(),
+         Generated on {} ({} CPUs).\n",
         std::fs::read_to_string("/etc/debian_version")
             .map(|v| format!("Debian {}", v.trim()))
             .unwrap_or_else(|_| "unknown host".into()),
@@ -371,7 +370,7 @@ fn four_builds_at_once_all_end_correctly() {
         la.lock()
             .unwrap()
             .iter()
-            .any(|l| l.contains("stage disks: started"))
+            .any(|l| l.contains("stage mount: started"))
     });
     let refused = build(&spec, &shared, &bdir, &[]);
     assert_eq!(refused.code(), Some(1), "{}", refused.stderr());

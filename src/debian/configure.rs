@@ -12,7 +12,6 @@ use anyhow::{Context, Result};
 use crate::cmd::CommandRunExt;
 use crate::debian::apt::{self, write};
 use crate::debian::chroot_command;
-use crate::spec::Fs;
 
 /// `policy-rc.d` that forbids every service start inside the chroot.
 pub const POLICY_RC_D: &str = "usr/sbin/policy-rc.d";
@@ -21,24 +20,33 @@ pub const POLICY_RC_D: &str = "usr/sbin/policy-rc.d";
 /// filesystems are unmounted).
 pub const DPKG_UNSAFE_IO: &str = "etc/dpkg/dpkg.cfg.d/debimg-unsafe-io";
 
-/// What fstab needs to know about one image.
+/// What fstab needs to know about one filesystem.
 #[derive(Debug, Clone)]
 pub struct FstabEntry {
     pub uuid: String,
     pub mount: String,
-    pub fs: Fs,
+    /// The type as mount(8) names it (`ext4`, `xfs`, `vfat`).
+    pub fs: String,
 }
 
 /// `/etc/fstab` naming every filesystem by UUID (never a loop device path), parents first.
 pub fn render_fstab(entries: &[FstabEntry]) -> String {
     let mut s = String::from("# <file system> <mount point> <type> <options> <dump> <pass>\n");
-    for e in entries {
-        let opts = match (e.mount.as_str(), e.fs.is_ext()) {
-            ("/", true) => "errors=remount-ro",
+    let mut sorted: Vec<&FstabEntry> = entries.iter().collect();
+    sorted.sort_by(|a, b| {
+        crate::plan::mount_depth(&a.mount)
+            .cmp(&crate::plan::mount_depth(&b.mount))
+            .then_with(|| a.mount.cmp(&b.mount))
+    });
+    for e in sorted {
+        let ext = matches!(e.fs.as_str(), "ext2" | "ext3" | "ext4");
+        let opts = match (e.mount.as_str(), ext, e.fs.as_str()) {
+            ("/", true, _) => "errors=remount-ro",
+            (_, _, "vfat") => "umask=0077",
             _ => "defaults",
         };
-        let pass = match (e.mount.as_str(), e.fs) {
-            (_, Fs::Xfs | Fs::Btrfs) => 0,
+        let pass = match (e.mount.as_str(), e.fs.as_str()) {
+            (_, "xfs" | "btrfs") => 0,
             ("/", _) => 1,
             _ => 2,
         };
@@ -223,16 +231,29 @@ mod tests {
     fn fstab_by_uuid() {
         let f = render_fstab(&[
             FstabEntry {
+                uuid: "cc-dd".into(),
+                mount: "/boot/efi".into(),
+                fs: "vfat".into(),
+            },
+            FstabEntry {
                 uuid: "aaaa".into(),
                 mount: "/".into(),
-                fs: Fs::Ext4,
+                fs: "ext4".into(),
             },
             FstabEntry {
                 uuid: "bbbb".into(),
                 mount: "/var".into(),
-                fs: Fs::Xfs,
+                fs: "xfs".into(),
             },
         ]);
+        assert!(
+            f.find("UUID=aaaa").unwrap() < f.find("UUID=cc-dd").unwrap(),
+            "parents first: {f}"
+        );
+        assert!(
+            f.contains("UUID=cc-dd /boot/efi vfat umask=0077 0 2\n"),
+            "{f}"
+        );
         assert!(
             f.contains("UUID=aaaa / ext4 errors=remount-ro 0 1\n"),
             "{f}"

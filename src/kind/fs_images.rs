@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use nix::mount::MsFlags;
 
-use super::{FsInfo, ImageKind, Staged};
+use super::{FsInfo, ImageKind, Ship, Staged};
 use crate::pack::shrink;
 use crate::plan::Plan;
 use crate::spec::Fs;
@@ -136,7 +136,7 @@ impl ImageKind for FsImages {
             staged.push(Staged {
                 raw: f.file.clone(),
                 raw_name: img.raw_name.clone(),
-                container: img.container,
+                ship: Ship::Packed(img.container),
                 container_name: img.container_name.clone(),
                 format: img.fs.name().to_string(),
                 mount: img.mount.clone(),

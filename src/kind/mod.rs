@@ -6,6 +6,7 @@
 //! The [`crate::creator::Creator`] calls them in order and owns everything else (bootstrap, apt,
 //! settings, scripts, packaging, metadata).
 
+pub mod disk;
 pub mod fs_images;
 pub mod tarball;
 
@@ -31,6 +32,25 @@ pub struct FsInfo {
     pub device: String,
 }
 
+/// How a staged file is shipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ship {
+    /// gzip or a sparse raw copy, by the packer.
+    Packed(Container),
+    /// qcow2 by qemu-img, with compressed clusters or not.
+    Qcow2 { compressed: bool },
+}
+
+impl Ship {
+    /// The name in metadata (`container`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Ship::Packed(c) => c.name(),
+            Ship::Qcow2 { .. } => "qcow2",
+        }
+    }
+}
+
 /// A file staged for packaging: a raw image (or archive) in the workspace and how it ships.
 #[derive(Debug, Clone)]
 pub struct Staged {
@@ -38,7 +58,7 @@ pub struct Staged {
     pub raw: PathBuf,
     /// File name of the raw file (`<base>.img`, `<name>.tar`), as the metadata names it.
     pub raw_name: String,
-    pub container: Container,
+    pub ship: Ship,
     /// File name shipped in the output directory.
     pub container_name: String,
     /// Filesystem (`ext4`) or `tar`.
@@ -89,5 +109,6 @@ pub fn for_plan(plan: &Plan) -> Box<dyn ImageKind> {
     match plan.kind {
         Kind::FsImages => Box::new(fs_images::FsImages::default()),
         Kind::Tarball => Box::new(tarball::Tarball),
+        Kind::Disk => Box::new(disk::DiskImage::default()),
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use super::{FsInfo, ImageKind, Staged};
+use super::{FsInfo, ImageKind, Ship, Staged};
 use crate::cmd::CommandRunExt;
 use crate::plan::Plan;
 use crate::spec::Container;
@@ -68,7 +68,7 @@ impl ImageKind for Tarball {
         Ok(vec![Staged {
             raw: tar,
             raw_name: raw_name.clone(),
-            container: Container::Gzip,
+            ship: Ship::Packed(Container::Gzip),
             container_name: plan.container_names().remove(0),
             format: "tar".into(),
             mount: "/".into(),

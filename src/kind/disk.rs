@@ -1,0 +1,696 @@
+//! A bootable whole disk: one sparse file with a GPT or MBR table (sfdisk), its partitions on
+//! a loop device with partition scanning, filesystems mounted depth-sorted; GRUB for BIOS
+//! (`grub-install` in the chroot onto the loop device) and for UEFI (`grub-mkimage` in the
+//! chroot, copied onto the FAT ESP with mtools: the build host's kernel need not mount vfat);
+//! `grub.cfg` by `grub-mkconfig`, the root by UUID. Shipped raw, qcow2 or gzipped.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use nix::mount::MsFlags;
+
+use super::fs_images::syncfs;
+use super::{FsInfo, ImageKind, Ship, Staged};
+use crate::cmd::CommandRunExt;
+use crate::debian::chroot_command;
+use crate::pack::shrink;
+use crate::plan::{Plan, mount_order};
+use crate::spec::{Container, Disk, DiskFormat, Firmware, Fs, PartitionFlag, PartitionTable};
+use crate::sys::loopdev::{self, LoopDevice};
+use crate::sys::mkfs::{self, MkfsRequest};
+use crate::sys::mount::{self, Mount};
+
+/// GPT type GUIDs (the Discoverable Partitions Specification's for the x86-64 root).
+const GPT_BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
+const GPT_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+const GPT_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
+const GPT_LINUX: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+
+/// GRUB modules built into the UEFI image: enough to find and read `/boot` and run the
+/// generated `grub.cfg`; the rest load from `/boot/grub/x86_64-efi`.
+const EFI_MODULES: &[&str] = &[
+    "part_gpt",
+    "part_msdos",
+    "fat",
+    "ext2",
+    "xfs",
+    "btrfs",
+    "search",
+    "search_fs_uuid",
+    "normal",
+    "configfile",
+    "linux",
+    "echo",
+    "test",
+    "gzio",
+    "serial",
+    "terminal",
+    "all_video",
+    "efi_gop",
+    "loadenv",
+    "ls",
+    "cat",
+    "chain",
+    "reboot",
+    "halt",
+];
+
+/// Grows the root partition to the end of its disk, then its filesystem (`disk.grow`).
+pub const GROWROOT_SCRIPT: &str = r#"#!/bin/sh
+# debimg: grows the root partition and its filesystem to the end of the disk. Runs at every
+# boot; growpart answers NOCHANGE (exit 1) once there is nothing to grow.
+set -eu
+dev=$(findmnt -no SOURCE /)
+name=$(basename "$(readlink -f "$dev")")
+part=$(cat "/sys/class/block/$name/partition")
+disk=/dev/$(basename "$(readlink -f "/sys/class/block/$name/..")")
+rc=0
+growpart "$disk" "$part" || rc=$?
+case $rc in
+  0) ;;
+  1) exit 0 ;;
+  *) exit "$rc" ;;
+esac
+case $(findmnt -no FSTYPE /) in
+  ext2|ext3|ext4) resize2fs "$dev" ;;
+  xfs) xfs_growfs / ;;
+  btrfs) btrfs filesystem resize max / ;;
+esac
+"#;
+
+/// The unit that runs [`GROWROOT_SCRIPT`] on boot.
+pub const GROWROOT_UNIT: &str = "[Unit]
+Description=Grow the root partition and filesystem to the whole disk (debimg)
+After=systemd-remount-fs.service
+Before=systemd-user-sessions.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/lib/debimg/growroot
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// One partition as built.
+#[derive(Debug, Clone)]
+struct Part {
+    /// Partition number, from 1.
+    number: u32,
+    dev: PathBuf,
+    /// `None` for the BIOS boot partition.
+    fs: Option<String>,
+    mount: Option<String>,
+    label: Option<String>,
+    uuid: String,
+    size: u64,
+    esp: bool,
+}
+
+/// A bootable whole-disk image.
+#[derive(Default)]
+pub struct DiskImage {
+    file: Option<PathBuf>,
+    disk: Option<LoopDevice>,
+    parts: Vec<Part>,
+    /// In mount order; unmounted from the end.
+    mounts: Vec<Mount>,
+}
+
+/// The sfdisk script for a disk.
+pub fn sfdisk_script(disk: &Disk) -> String {
+    let mut s = String::new();
+    match disk.table {
+        PartitionTable::Gpt => s.push_str("label: gpt\n"),
+        PartitionTable::Mbr => s.push_str("label: dos\n"),
+    }
+    for p in &disk.partitions {
+        let mut fields = Vec::new();
+        if let Some(size) = p.size {
+            fields.push(format!("size={}KiB", size.0.div_ceil(1024)));
+        }
+        let bios = p.flags.contains(&PartitionFlag::BiosBoot);
+        let esp = p.flags.contains(&PartitionFlag::Esp);
+        let root = p.mount.as_deref() == Some("/");
+        let ty = match (disk.table, bios, esp, root) {
+            (PartitionTable::Gpt, true, _, _) => GPT_BIOS_BOOT,
+            (PartitionTable::Gpt, _, true, _) => GPT_ESP,
+            (PartitionTable::Gpt, _, _, true) => GPT_ROOT_X86_64,
+            (PartitionTable::Gpt, _, _, _) => GPT_LINUX,
+            (PartitionTable::Mbr, _, true, _) => "ef",
+            (PartitionTable::Mbr, _, _, _) => "83",
+        };
+        fields.push(format!("type={ty}"));
+        if disk.table == PartitionTable::Gpt {
+            let name = p.label.clone().unwrap_or_else(|| {
+                if bios {
+                    "bios-boot".into()
+                } else if esp {
+                    "ESP".into()
+                } else {
+                    p.mount.clone().unwrap_or_default()
+                }
+            });
+            fields.push(format!("name=\"{name}\""));
+        }
+        if p.flags.contains(&PartitionFlag::LegacyBoot) {
+            fields.push("bootable".into());
+        }
+        let _ = writeln!(s, "{}", fields.join(", "));
+    }
+    s
+}
+
+/// `/etc/default/grub` for a disk: the serial console, a short menu, the spec's command line.
+pub fn grub_defaults(cmdline: &str) -> String {
+    format!(
+        "# Written by debimg for this image.\n\
+         GRUB_DEFAULT=0\n\
+         GRUB_TIMEOUT=1\n\
+         GRUB_DISTRIBUTOR=`lsb_release -i -s 2> /dev/null || echo Debian`\n\
+         GRUB_CMDLINE_LINUX_DEFAULT=\"\"\n\
+         GRUB_CMDLINE_LINUX=\"{cmdline}\"\n\
+         GRUB_TERMINAL=\"console serial\"\n\
+         GRUB_SERIAL_COMMAND=\"serial --unit=0 --speed=115200\"\n\
+         GRUB_DISABLE_OS_PROBER=true\n"
+    )
+}
+
+/// The configuration built into the UEFI GRUB image: find the filesystem holding `/boot` by
+/// UUID and read the generated `grub.cfg` from it.
+pub fn efi_early_config(boot_fs_uuid: &str, boot_is_separate: bool) -> String {
+    let prefix = if boot_is_separate {
+        "/grub"
+    } else {
+        "/boot/grub"
+    };
+    format!(
+        "search --no-floppy --fs-uuid --set=root {boot_fs_uuid}\n\
+         set prefix=($root){prefix}\n\
+         configfile $prefix/grub.cfg\n"
+    )
+}
+
+impl DiskImage {
+    fn disk<'a>(&self, plan: &'a Plan) -> Result<&'a Disk> {
+        plan.disk.as_ref().context("the plan has no disk")
+    }
+
+    fn loop_dev(&self) -> Result<&LoopDevice> {
+        self.disk.as_ref().context("the disk is not attached")
+    }
+
+    /// The partition mounted at `mount`.
+    fn part_at(&self, mount: &str) -> Option<&Part> {
+        self.parts
+            .iter()
+            .find(|p| p.mount.as_deref() == Some(mount))
+    }
+
+    /// A tmpfs `/dev` for the chroot with the nodes GRUB's tools need: the disk, its
+    /// partitions and their `/dev/disk/by-uuid` links (grub-mkconfig writes `root=UUID=` only
+    /// when that link exists).
+    fn populate_dev(&self, root: &Path) -> Result<Mount> {
+        let dev = root.join("dev");
+        let m = mount::mount(
+            "debimg-dev",
+            &dev,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("mode=0755,size=1m"),
+        )?;
+        let mut nodes: Vec<(String, u64)> = [
+            ("null", (1, 3)),
+            ("zero", (1, 5)),
+            ("full", (1, 7)),
+            ("random", (1, 8)),
+            ("urandom", (1, 9)),
+        ]
+        .iter()
+        .map(|(n, (ma, mi))| (n.to_string(), nix::sys::stat::makedev(*ma, *mi)))
+        .collect();
+        let disk = self.loop_dev()?;
+        let mut block: Vec<(String, u64)> = vec![(
+            disk.path()
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+            0,
+        )];
+        block.extend(self.parts.iter().map(|p| {
+            (
+                p.dev
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+                0,
+            )
+        }));
+        for (name, dev_t) in block.iter_mut() {
+            let sys = PathBuf::from(format!("/sys/class/block/{name}/dev"));
+            let text = std::fs::read_to_string(&sys)
+                .with_context(|| format!("reading {}", sys.display()))?;
+            let (ma, mi) = text
+                .trim()
+                .split_once(':')
+                .with_context(|| format!("parsing {}", sys.display()))?;
+            *dev_t = nix::sys::stat::makedev(ma.parse()?, mi.parse()?);
+        }
+        use nix::sys::stat::{Mode, SFlag, mknod};
+        let mode = Mode::from_bits_truncate(0o666);
+        for (name, dev_t) in nodes.drain(..) {
+            mknod(&dev.join(&name), SFlag::S_IFCHR, mode, dev_t)
+                .with_context(|| format!("making /dev/{name} in the chroot"))?;
+        }
+        for (name, dev_t) in &block {
+            mknod(
+                &dev.join(name),
+                SFlag::S_IFBLK,
+                Mode::from_bits_truncate(0o660),
+                *dev_t,
+            )
+            .with_context(|| format!("making /dev/{name} in the chroot"))?;
+        }
+        let by_uuid = dev.join("disk/by-uuid");
+        std::fs::create_dir_all(&by_uuid)
+            .with_context(|| format!("creating {}", by_uuid.display()))?;
+        for p in self.parts.iter().filter(|p| p.fs.is_some()) {
+            let name = p.dev.file_name().unwrap_or_default().to_string_lossy();
+            std::os::unix::fs::symlink(format!("../../{name}"), by_uuid.join(&p.uuid))
+                .with_context(|| format!("linking /dev/disk/by-uuid/{}", p.uuid))?;
+        }
+        Ok(m)
+    }
+
+    fn install_grub(&self, plan: &Plan, disk: &Disk, root: &Path) -> Result<()> {
+        crate::debian::apt::write(
+            &root.join("etc/default/grub"),
+            &grub_defaults(&disk.cmdline),
+        )?;
+        let loop_path = self.loop_dev()?.path().display().to_string();
+        if disk.boot.contains(&Firmware::Bios) {
+            chroot_command(root, "grub-install")
+                .args([
+                    "--target=i386-pc",
+                    "--no-floppy",
+                    "--boot-directory=/boot",
+                    "--modules=part_gpt part_msdos",
+                    &loop_path,
+                ])
+                .run()
+                .context("installing GRUB for BIOS")?;
+        }
+        if disk.boot.contains(&Firmware::Uefi) {
+            self.install_grub_efi(root)?;
+        }
+        chroot_command(root, "grub-mkconfig")
+            .args(["-o", "/boot/grub/grub.cfg"])
+            .run()
+            .context("writing /boot/grub/grub.cfg")?;
+        let cfg_path = root.join("boot/grub/grub.cfg");
+        let cfg = std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("reading {}", cfg_path.display()))?;
+        let root_uuid = &self.part_at("/").context("no partition at /")?.uuid;
+        if cfg.contains("/dev/loop") || !cfg.contains(&format!("root=UUID={root_uuid}")) {
+            bail!(
+                "grub.cfg does not boot the root by UUID {root_uuid} (it names: {})",
+                cfg.lines()
+                    .filter(|l| l.trim_start().starts_with("linux"))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            );
+        }
+        let _ = plan;
+        Ok(())
+    }
+
+    /// GRUB for UEFI without mounting the ESP: its modules go to `/boot/grub/x86_64-efi` as
+    /// grub-install would put them, the image with its early config is made in the chroot,
+    /// and mtools writes it onto the FAT partition as the removable-media path.
+    fn install_grub_efi(&self, root: &Path) -> Result<()> {
+        let esp = self
+            .parts
+            .iter()
+            .find(|p| p.esp)
+            .context("uefi needs an esp partition")?;
+        let boot = self.part_at("/boot");
+        let boot_fs = boot
+            .or_else(|| self.part_at("/"))
+            .context("no partition at /")?;
+        let lib = root.join("usr/lib/grub/x86_64-efi");
+        let dest = root.join("boot/grub/x86_64-efi");
+        std::fs::create_dir_all(&dest).with_context(|| format!("creating {}", dest.display()))?;
+        for e in std::fs::read_dir(&lib).with_context(|| format!("listing {}", lib.display()))? {
+            let e = e?;
+            let name = e.file_name();
+            let n = name.to_string_lossy();
+            if n.ends_with(".mod") || n.ends_with(".lst") {
+                std::fs::copy(e.path(), dest.join(&name))
+                    .with_context(|| format!("copying GRUB module {n}"))?;
+            }
+        }
+        let early = root.join("tmp/debimg-grub-early.cfg");
+        std::fs::write(&early, efi_early_config(&boot_fs.uuid, boot.is_some()))
+            .with_context(|| format!("writing {}", early.display()))?;
+        let image = root.join("tmp/debimg-BOOTX64.EFI");
+        let res = chroot_command(root, "grub-mkimage")
+            .args([
+                "-O",
+                "x86_64-efi",
+                "-o",
+                "/tmp/debimg-BOOTX64.EFI",
+                "-c",
+                "/tmp/debimg-grub-early.cfg",
+                "-p",
+                "/boot/grub",
+            ])
+            .args(EFI_MODULES)
+            .run()
+            .context("making the UEFI GRUB image")
+            .and_then(|()| {
+                let dev = esp.dev.display().to_string();
+                std::process::Command::new("mmd")
+                    .args(["-i", &dev, "::/EFI", "::/EFI/BOOT"])
+                    .run()?;
+                std::process::Command::new("mcopy")
+                    .args(["-i", &dev])
+                    .arg(&image)
+                    .arg("::/EFI/BOOT/BOOTX64.EFI")
+                    .run()
+                    .context("copying BOOTX64.EFI onto the ESP")
+            });
+        let _ = std::fs::remove_file(&early);
+        let _ = std::fs::remove_file(&image);
+        res
+    }
+}
+
+/// Puts the grow-on-boot script and its unit into the image and enables the unit.
+fn install_growroot(root: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let script = root.join("usr/lib/debimg/growroot");
+    crate::debian::apt::write(&script, GROWROOT_SCRIPT)?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("making {} executable", script.display()))?;
+    crate::debian::apt::write(
+        &root.join("etc/systemd/system/debimg-growroot.service"),
+        GROWROOT_UNIT,
+    )?;
+    chroot_command(root, "systemctl")
+        .env("SYSTEMD_OFFLINE", "1")
+        .args(["enable", "debimg-growroot.service"])
+        .run()
+        .context("enabling debimg-growroot.service (grow needs systemd in the image)")
+}
+
+impl ImageKind for DiskImage {
+    fn name(&self) -> &'static str {
+        "disk"
+    }
+
+    fn mount_root(&mut self, plan: &Plan, workspace: &Path, root: &Path) -> Result<()> {
+        let disk = self.disk(plan)?;
+        let file = workspace.join(format!("{}.img", plan.name));
+        let f = File::create_new(&file)
+            .with_context(|| format!("creating disk file {}", file.display()))?;
+        f.set_len(disk.size.0)
+            .with_context(|| format!("sizing {} to {} bytes", file.display(), disk.size.0))?;
+        drop(f);
+        self.file = Some(file.clone());
+        std::process::Command::new("sfdisk")
+            .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+            .arg(&file)
+            .run_with_stdin(sfdisk_script(disk).as_bytes())
+            .context("writing the partition table")?;
+        let dev = loopdev::attach_partitioned(&file)?;
+        for (i, p) in disk.partitions.iter().enumerate() {
+            let number = i as u32 + 1;
+            let pdev = dev.partition(number)?;
+            let sectors: u64 = std::fs::read_to_string(format!(
+                "/sys/class/block/{}/size",
+                pdev.file_name().unwrap_or_default().to_string_lossy()
+            ))
+            .context("reading a partition's size")?
+            .trim()
+            .parse()
+            .context("parsing a partition's size")?;
+            let size = sectors * 512;
+            let esp = p.flags.contains(&PartitionFlag::Esp);
+            let (fs, uuid) = if p.flags.contains(&PartitionFlag::BiosBoot) {
+                (None, String::new())
+            } else if esp {
+                let serial = &mkfs::new_uuid()?.replace('-', "")[..8];
+                let mut cmd = std::process::Command::new("mkfs.vfat");
+                cmd.args(["-i", serial, "-n", p.label.as_deref().unwrap_or("ESP")]);
+                cmd.args(&p.mkfs_options).arg(&pdev);
+                cmd.run().context("making the FAT filesystem of the ESP")?;
+                let upper = serial.to_ascii_uppercase();
+                (
+                    Some("vfat".to_string()),
+                    format!("{}-{}", &upper[..4], &upper[4..]),
+                )
+            } else {
+                let fs = p.fs.context("a partition without a filesystem")?;
+                let uuid = mkfs::new_uuid()?;
+                mkfs::make(
+                    &MkfsRequest {
+                        fs,
+                        label: p.label.as_deref(),
+                        uuid: &uuid,
+                        no_journal: true,
+                        options: &p.mkfs_options,
+                    },
+                    &pdev,
+                )?;
+                (Some(fs.name().to_string()), uuid)
+            };
+            self.parts.push(Part {
+                number,
+                dev: pdev,
+                fs,
+                mount: p
+                    .mount
+                    .clone()
+                    .or_else(|| esp.then(|| "/boot/efi".to_string())),
+                label: p.label.clone().or_else(|| esp.then(|| "ESP".to_string())),
+                uuid,
+                size,
+                esp,
+            });
+        }
+        self.disk = Some(dev);
+        let mounted: Vec<&Part> = self
+            .parts
+            .iter()
+            .filter(|p| p.fs.is_some() && !p.esp)
+            .collect();
+        let points: Vec<&str> = mounted
+            .iter()
+            .map(|p| p.mount.as_deref().unwrap_or(""))
+            .collect();
+        let mut new_mounts = Vec::new();
+        for i in mount_order(&points) {
+            let p = mounted[i];
+            let target = root.join(points[i].trim_start_matches('/'));
+            std::fs::create_dir_all(&target)
+                .with_context(|| format!("creating mount point {}", target.display()))?;
+            new_mounts.push(mount::mount(
+                &p.dev.to_string_lossy(),
+                &target,
+                p.fs.as_deref(),
+                MsFlags::empty(),
+                None,
+            )?);
+        }
+        self.mounts = new_mounts;
+        for p in self.parts.iter().filter(|p| p.esp) {
+            let dir = root.join(
+                p.mount
+                    .as_deref()
+                    .unwrap_or("/boot/efi")
+                    .trim_start_matches('/'),
+            );
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    fn filesystems(&self) -> Vec<FsInfo> {
+        self.parts
+            .iter()
+            .filter_map(|p| {
+                Some(FsInfo {
+                    mount: p.mount.clone()?,
+                    fs: p.fs.clone()?,
+                    label: p.label.clone(),
+                    size: p.size,
+                    uuid: p.uuid.clone(),
+                    device: p.dev.display().to_string(),
+                })
+            })
+            .collect()
+    }
+
+    fn mount_points(&self) -> Vec<PathBuf> {
+        self.mounts
+            .iter()
+            .map(|m| m.target().to_path_buf())
+            .collect()
+    }
+
+    fn make_bootable(&mut self, plan: &Plan, root: &Path) -> Result<()> {
+        let disk = self.disk(plan)?.clone();
+        crate::creator::find_kernel(root)
+            .context("a bootable disk needs a kernel and an initrd in /boot")?;
+        if disk.grow {
+            install_growroot(root)?;
+        }
+        let dev = self.populate_dev(root)?;
+        let res = self.install_grub(plan, &disk, root);
+        let closed = dev.close();
+        res?;
+        closed
+    }
+
+    fn unmount_root(&mut self) -> Result<()> {
+        for m in self.mounts.iter().rev() {
+            syncfs(m.target())?;
+        }
+        while let Some(m) = self.mounts.pop() {
+            m.close()?;
+        }
+        Ok(())
+    }
+
+    fn stage_final(&mut self, plan: &Plan, _workspace: &Path, _root: &Path) -> Result<Vec<Staged>> {
+        let disk = self.disk(plan)?;
+        for p in &self.parts {
+            match p.fs.as_deref() {
+                None => {}
+                Some("vfat") => std::process::Command::new("fsck.vfat")
+                    .arg("-n")
+                    .arg(&p.dev)
+                    .run()
+                    .with_context(|| format!("checking the ESP {}", p.dev.display()))?,
+                Some(name) => {
+                    let fs = disk.partitions[(p.number - 1) as usize]
+                        .fs
+                        .with_context(|| format!("partition {} has no filesystem", p.number))?;
+                    debug_assert_eq!(fs.name(), name);
+                    mkfs::check(fs, &p.dev)?;
+                    if matches!(fs, Fs::Ext3 | Fs::Ext4) {
+                        shrink::set_ext_journal(&p.dev, true)?;
+                    }
+                }
+            }
+        }
+        if let Some(d) = self.disk.take() {
+            d.close()?;
+        }
+        let raw = self.file.clone().context("no disk file")?;
+        let table = match disk.table {
+            PartitionTable::Gpt => "gpt",
+            PartitionTable::Mbr => "mbr",
+        };
+        let root_uuid = self
+            .part_at("/")
+            .map(|p| p.uuid.clone())
+            .unwrap_or_default();
+        Ok(disk
+            .formats
+            .iter()
+            .map(|f| Staged {
+                raw: raw.clone(),
+                raw_name: format!("{}.img", plan.name),
+                ship: match f {
+                    DiskFormat::Raw => Ship::Packed(Container::Raw),
+                    DiskFormat::Gzip => Ship::Packed(Container::Gzip),
+                    DiskFormat::Qcow2 => Ship::Qcow2 { compressed: false },
+                    DiskFormat::Qcow2Compressed => Ship::Qcow2 { compressed: true },
+                },
+                container_name: f.file_name(&plan.name),
+                format: table.to_string(),
+                mount: "/".into(),
+                label: None,
+                uuid: root_uuid.clone(),
+            })
+            .collect())
+    }
+
+    fn cleanup(&mut self) {
+        while let Some(m) = self.mounts.pop() {
+            if let Err(e) = m.close() {
+                tracing::warn!("{e:#}");
+            }
+        }
+        if let Some(d) = self.disk.take()
+            && let Err(e) = d.close()
+        {
+            tracing::warn!("{e:#}");
+        }
+    }
+}
+
+impl Drop for DiskImage {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Spec;
+
+    fn disk(yaml: &str) -> Disk {
+        let spec = Spec::from_yaml(
+            &format!(
+                "version: 1\nname: d\nsuite: bookworm\nkind: disk\npackages: [linux-image-amd64]\n{yaml}"
+            ),
+            "t",
+        )
+        .unwrap();
+        spec.disk.unwrap()
+    }
+
+    #[test]
+    fn gpt_script_has_types_names_and_the_rest() {
+        let d = disk(
+            "disk:\n  size: 3GiB\n  partitions:\n    - {size: 1MiB, flags: [bios-boot]}\n    - {size: 64MiB, flags: [esp]}\n    - {mount: /, fs: ext4, label: root}\n",
+        );
+        assert_eq!(
+            sfdisk_script(&d),
+            format!(
+                "label: gpt\nsize=1024KiB, type={GPT_BIOS_BOOT}, name=\"bios-boot\"\nsize=65536KiB, type={GPT_ESP}, name=\"ESP\"\ntype={GPT_ROOT_X86_64}, name=\"root\"\n"
+            )
+        );
+    }
+
+    #[test]
+    fn mbr_script_with_the_active_flag() {
+        let d = disk(
+            "disk:\n  size: 2GiB\n  table: mbr\n  boot: [bios]\n  partitions:\n    - {size: 256MiB, mount: /boot, fs: ext2, flags: [legacy-boot]}\n    - {mount: /, fs: ext4}\n",
+        );
+        assert_eq!(
+            sfdisk_script(&d),
+            "label: dos\nsize=262144KiB, type=83, bootable\ntype=83\n"
+        );
+    }
+
+    #[test]
+    fn grub_settings() {
+        let g = grub_defaults("console=ttyS0,115200n8 quiet");
+        assert!(g.contains("GRUB_CMDLINE_LINUX=\"console=ttyS0,115200n8 quiet\"\n"));
+        assert!(g.contains("GRUB_TERMINAL=\"console serial\""));
+        let e = efi_early_config("u-1", true);
+        assert_eq!(
+            e,
+            "search --no-floppy --fs-uuid --set=root u-1\nset prefix=($root)/grub\nconfigfile $prefix/grub.cfg\n"
+        );
+        assert!(efi_early_config("u-1", false).contains("($root)/boot/grub"));
+    }
+}
