@@ -27,7 +27,31 @@ pub struct BootTest {
     /// Text on the console that proves the boot; the first one seen wins.
     pub expect: Vec<String>,
     pub memory_mib: u32,
+    pub accel: Accel,
 }
+
+/// How qemu runs the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Accel {
+    /// KVM when /dev/kvm opens and the machine shows signs of life, else software emulation.
+    #[default]
+    Auto,
+    /// KVM only.
+    Kvm,
+    /// Software emulation (TCG) only.
+    Tcg,
+}
+
+/// Console text that means the boot failed for good: the test ends at once instead of waiting
+/// for its timeout.
+pub const FAILURE_MARKERS: &[&str] = &[
+    "Kernel panic - not syncing",
+    "error: file `/",
+    "error: no such device",
+    "No bootable device",
+    "Boot failed",
+    "Gave up waiting for root file system device",
+];
 
 /// A boot that reached its marker.
 #[derive(Debug)]
@@ -141,8 +165,14 @@ pub fn run(t: &BootTest) -> Result<Booted> {
     } else {
         None
     };
-    if kvm_usable() {
-        match attempt(t, &disk, format, vars.as_deref(), true)? {
+    if t.accel == Accel::Kvm {
+        return match attempt(t, &disk, format, vars.as_deref(), true, false)? {
+            Attempt::Done(res) => res,
+            Attempt::Silent => unreachable!("a forced KVM boot does not give up on silence"),
+        };
+    }
+    if t.accel == Accel::Auto && kvm_usable() {
+        match attempt(t, &disk, format, vars.as_deref(), true, true)? {
             Attempt::Done(res) => return res,
             Attempt::Silent => tracing::warn!(
                 "KVM gave no console output in {}s (a nested or restricted KVM); booting again with software emulation",
@@ -150,7 +180,7 @@ pub fn run(t: &BootTest) -> Result<Booted> {
             ),
         }
     }
-    match attempt(t, &disk, format, vars.as_deref(), false)? {
+    match attempt(t, &disk, format, vars.as_deref(), false, false)? {
         Attempt::Done(res) => res,
         Attempt::Silent => unreachable!("only KVM attempts give up on silence"),
     }
@@ -158,7 +188,7 @@ pub fn run(t: &BootTest) -> Result<Booted> {
 
 /// How long a KVM boot may stay silent before it is taken for a KVM that does not work: the
 /// firmware and GRUB print within a second or two when it does.
-const KVM_SILENCE: Duration = Duration::from_secs(20);
+const KVM_SILENCE: Duration = Duration::from_secs(10);
 
 enum Attempt {
     Done(Result<Booted>),
@@ -172,6 +202,7 @@ fn attempt(
     format: &str,
     vars: Option<&Path>,
     kvm: bool,
+    give_up_on_silence: bool,
 ) -> Result<Attempt> {
     if let Some(v) = vars {
         std::fs::copy(OVMF_VARS, v).context("copying the OVMF variable store")?;
@@ -209,6 +240,7 @@ fn attempt(
         });
     }
     let mut serial_seen = false;
+    let mut partial_since: Option<Instant> = None;
     drop(tx);
     let start = Instant::now();
     let mut console: Vec<u8> = Vec::new();
@@ -226,17 +258,30 @@ fn attempt(
                 ));
             }
         }
-        if kvm && !serial_seen && start.elapsed() > KVM_SILENCE {
+        if give_up_on_silence && !serial_seen && start.elapsed() > KVM_SILENCE {
             signals::kill_group(pgid);
             let _ = child.wait();
             return Ok(Attempt::Silent);
         }
         let text = String::from_utf8_lossy(&console);
-        if let Some(line) = text
-            .lines()
-            .find(|l| t.expect.iter().any(|e| l.contains(e.as_str())))
-        {
-            break Ok(line.trim().to_string());
+        match find_marker(&text, &t.expect) {
+            Some((line, true)) => break Ok(line),
+            // The rest of the line may still come (a prompt never ends its line): wait a little.
+            Some((line, false)) => {
+                let since = *partial_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(1) {
+                    break Ok(line);
+                }
+            }
+            None => {}
+        }
+        if let Some(f) = FAILURE_MARKERS.iter().find(|f| text.contains(*f)) {
+            // A moment more, so that the log shows what follows the failure.
+            std::thread::sleep(Duration::from_millis(500));
+            while let Ok((_, chunk)) = rx.try_recv() {
+                console.extend_from_slice(&chunk);
+            }
+            break Err(format!("the console shows `{f}`"));
         }
         if let Some(sig) = signals::interrupted() {
             break Err(format!("interrupted by signal {sig}"));
@@ -273,10 +318,44 @@ fn attempt(
     }))
 }
 
+/// The first console line holding a marker, and whether that line is complete.
+pub fn find_marker(console: &str, expect: &[String]) -> Option<(String, bool)> {
+    let mut rest = console;
+    while !rest.is_empty() {
+        let (line, complete, next) = match rest.find('\n') {
+            Some(i) => (&rest[..i], true, &rest[i + 1..]),
+            None => (rest, false, ""),
+        };
+        if expect.iter().any(|e| line.contains(e.as_str())) {
+            return Some((line.trim().to_string(), complete));
+        }
+        rest = next;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cmd::command_line;
+
+    #[test]
+    fn markers_wait_for_their_line() {
+        let e = vec!["DEBIMG-BOOT-OK".to_string(), "login:".to_string()];
+        assert_eq!(
+            find_marker("boot\nDEBIMG-BOOT-OK ro", &e),
+            Some(("DEBIMG-BOOT-OK ro".into(), false))
+        );
+        assert_eq!(
+            find_marker("boot\r\nDEBIMG-BOOT-OK root-bytes=5\r\nmore", &e),
+            Some(("DEBIMG-BOOT-OK root-bytes=5".into(), true))
+        );
+        assert_eq!(
+            find_marker("x\ncloud login: ", &e),
+            Some(("cloud login:".into(), false))
+        );
+        assert_eq!(find_marker("nothing\n", &e), None);
+    }
 
     #[test]
     fn qemu_line_for_uefi_with_kvm() {

@@ -126,6 +126,10 @@ enum Command {
         /// Memory of the virtual machine in MiB.
         #[arg(long, default_value_t = 1024)]
         memory: u32,
+        /// auto: KVM when /dev/kvm works (falling back to software emulation when the machine
+        /// stays silent for 10 s); kvm; tcg (software emulation).
+        #[arg(long, value_enum, default_value = "auto")]
+        accel: debimg::boottest::Accel,
     },
     /// Print the resolved build plan (mirrors, mount order, output names, digest) as JSON.
     Plan {
@@ -391,6 +395,7 @@ fn run(cli: &Cli) -> Result<()> {
             timeout,
             expect,
             memory,
+            accel,
         } => {
             signals::install()?;
             let expect = if expect.is_empty() {
@@ -404,6 +409,7 @@ fn run(cli: &Cli) -> Result<()> {
                 timeout: std::time::Duration::from_secs(*timeout),
                 expect,
                 memory_mib: *memory,
+                accel: *accel,
             })?;
             tracing::info!(
                 "{} booted ({}, {}) in {:.1}s",

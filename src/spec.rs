@@ -45,7 +45,8 @@ pub struct Spec {
     /// Packages apt installs after the bootstrap.
     #[serde(default)]
     pub packages: Vec<String>,
-    /// One sparse file, loop device and filesystem each (`fs-images`; none for `tarball`).
+    /// One sparse file, loop device and filesystem each (`fs-images`; none for `tarball` and
+    /// `disk`).
     #[serde(default)]
     pub images: Vec<Image>,
     /// Proxies for debootstrap and apt during the build.
@@ -60,8 +61,9 @@ pub struct Spec {
     /// Whether the final image keeps the spec's repos in its apt sources.
     #[serde(default = "default_true")]
     pub keep_apt_sources: bool,
-    /// What the build produces: `fs-images` (one image file per filesystem, the default) or
-    /// `tarball` (the root filesystem as one `.tar.gz`, no loop devices, no `images`).
+    /// What the build produces: `fs-images` (one image file per filesystem, the default),
+    /// `tarball` (the root filesystem as one `.tar.gz`, no loop devices, no `images`) or `disk`
+    /// (one bootable disk described by `disk`).
     #[serde(default)]
     pub kind: Kind,
     /// Time zone under `/usr/share/zoneinfo` (e.g. `Europe/Berlin`); adds `tzdata`.
@@ -122,7 +124,7 @@ pub enum Kind {
     FsImages,
     /// The root filesystem as a gzipped tar archive; no loop devices.
     Tarball,
-    /// One bootable disk: a partition table, filesystems, GRUB for BIOS and UEFI.
+    /// One bootable disk: a partition table, filesystems, GRUB for BIOS, UEFI or both.
     Disk,
 }
 
@@ -153,11 +155,14 @@ pub struct Disk {
     /// `qcow2-compressed` (`<name>.qcow2`), `gzip` (`<name>.img.gz`).
     #[serde(default = "default_formats")]
     pub formats: Vec<DiskFormat>,
-    /// Grow the root partition and filesystem to the whole disk on every boot (cloud style):
-    /// a small image then fills whatever disk it is written to. Adds `cloud-guest-utils`.
+    /// Grow the root partition and filesystem to the end of the disk at boot (cloud style,
+    /// checked at every boot): a small image then fills whatever disk it is written to. Installs
+    /// `/usr/lib/debimg/growroot` and `debimg-growroot.service` (needs systemd in the image);
+    /// adds `cloud-guest-utils` and `fdisk`. The root should be the last partition.
     #[serde(default)]
     pub grow: bool,
-    /// The kernel command line besides `root=UUID=...`.
+    /// The kernel command line besides `root=UUID=...` (which debimg adds itself):
+    /// `GRUB_CMDLINE_LINUX`, one line without `"` or `root=`.
     #[serde(default = "default_cmdline")]
     pub cmdline: String,
     /// Partitions in disk order.
@@ -168,7 +173,7 @@ pub struct Disk {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Partition {
-    /// Size of the partition; none for the last one takes the rest of the disk.
+    /// Size of the partition; only the last one may leave it out, to take the rest of the disk.
     #[serde(default)]
     pub size: Option<Size>,
     /// Filesystem; none for `bios-boot` (raw GRUB core) and `esp` (always FAT).
@@ -177,13 +182,18 @@ pub struct Partition {
     /// Mount point; `esp` defaults to `/boot/efi`, `bios-boot` has none.
     #[serde(default)]
     pub mount: Option<String>,
-    /// Filesystem label, also the GPT partition name.
+    /// Filesystem label (an `esp` gets `ESP`), also the GPT partition name (without a label:
+    /// `bios-boot`, `ESP` or the mount point).
     #[serde(default)]
     pub label: Option<String>,
+    /// Partition type, instead of the one its role implies: on GPT a type GUID or one of
+    /// `linux`, `root-x86-64`, `home`, `srv`, `var`, `swap`; on MBR two hex digits (`83`).
+    #[serde(default, rename = "type")]
+    pub part_type: Option<String>,
     /// What the partition is for.
     #[serde(default)]
     pub flags: Vec<PartitionFlag>,
-    /// Extra arguments for mkfs.
+    /// Extra arguments for `mkfs.<fs>` (`mkfs.vfat` for an `esp`; unused for `bios-boot`).
     #[serde(default)]
     pub mkfs_options: Vec<String>,
 }
@@ -253,7 +263,7 @@ pub enum PartitionFlag {
     /// EFI system partition: FAT, made without mounting it (the build host's kernel needs no
     /// vfat), holding `EFI/BOOT/BOOTX64.EFI`.
     Esp,
-    /// The legacy "active" flag some BIOSes want on an MBR disk.
+    /// The legacy "active" flag some BIOSes want on an MBR disk (no effect on GPT).
     LegacyBoot,
 }
 
@@ -1096,6 +1106,16 @@ impl Spec {
             }
             if d.grow {
                 out.extend(["cloud-guest-utils".to_string(), "fdisk".to_string()]);
+                let root_fs = d
+                    .partitions
+                    .iter()
+                    .find(|p| p.mount.as_deref() == Some("/"))
+                    .and_then(|p| p.fs);
+                match root_fs {
+                    Some(Fs::Xfs) => out.push("xfsprogs".into()),
+                    Some(Fs::Btrfs) => out.push("btrfs-progs".into()),
+                    _ => {}
+                }
             }
         }
         let mut seen = BTreeSet::new();
@@ -1127,6 +1147,21 @@ impl Spec {
                 "give at least one of raw, qcow2, qcow2-compressed, gzip",
             );
         }
+        let mut seen_formats = BTreeSet::new();
+        for (i, f) in d.formats.iter().enumerate() {
+            if !seen_formats.insert(*f) {
+                p.add(format!("disk.formats[{i}]"), "is listed twice");
+            }
+        }
+        if self.arch != "amd64" {
+            p.add(
+                "arch",
+                format!(
+                    "a bootable disk is built for amd64 (GRUB i386-pc and x86_64-efi), not `{}`",
+                    self.arch
+                ),
+            );
+        }
         if d.formats.contains(&DiskFormat::Qcow2)
             && d.formats.contains(&DiskFormat::Qcow2Compressed)
         {
@@ -1147,9 +1182,37 @@ impl Spec {
             let f = format!("disk.partitions[{i}]");
             let bios = part.flags.contains(&PartitionFlag::BiosBoot);
             let esp = part.flags.contains(&PartitionFlag::Esp);
+            if let Some(t) = &part.part_type
+                && !is_partition_type(d.table, t)
+            {
+                p.add(
+                    format!("{f}.type"),
+                    match d.table {
+                        PartitionTable::Gpt => format!("`{t}` is not a GPT type GUID or one of linux, root-x86-64, home, srv, var, swap"),
+                        PartitionTable::Mbr => format!("`{t}` is not an MBR type (two hex digits such as 83)"),
+                    },
+                );
+            }
+            if let Some(l) = &part.label
+                && (l.is_empty() || l.len() > 36 || l.contains(['"', '\\', ',', '\n']))
+            {
+                p.add(format!("{f}.label"), format!("`{l}` cannot name a partition (1-36 characters, no quotes, commas or backslashes)"));
+            }
             match part.size {
                 Some(s) => total = total.saturating_add(s.0),
-                None if i + 1 == parts.len() => {}
+                None if i + 1 == parts.len() => {
+                    // The rest must hold the last filesystem.
+                    let need = part.fs.map_or(MIB, |fs| fs.min_size());
+                    if total.saturating_add(2 * MIB).saturating_add(need) > d.size.0 {
+                        p.add(
+                            format!("{f}.size"),
+                            format!(
+                                "the rest of the disk is too small for it (at least {} needed)",
+                                Size(need)
+                            ),
+                        );
+                    }
+                }
                 None => p.add(
                     format!("{f}.size"),
                     "only the last partition may leave out `size` (it takes the rest)",
@@ -1571,6 +1634,33 @@ fn is_hostname(s: &str) -> bool {
                 && !l.ends_with('-')
                 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         })
+}
+
+/// GPT type aliases and their GUIDs.
+pub const GPT_TYPE_ALIASES: &[(&str, &str)] = &[
+    ("linux", "0FC63DAF-8483-4772-8E79-3D69D8477DE4"),
+    ("root-x86-64", "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"),
+    ("home", "933AC7E1-2EB4-4F13-B844-0E14E2AEF915"),
+    ("srv", "3B8F8425-20E0-4F3B-907F-1A25A76F98E8"),
+    ("var", "4D21B016-B534-45C2-A9FB-5C16E091FD2D"),
+    ("swap", "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F"),
+];
+
+fn is_partition_type(table: PartitionTable, t: &str) -> bool {
+    match table {
+        PartitionTable::Mbr => t.len() == 2 && t.chars().all(|c| c.is_ascii_hexdigit()),
+        PartitionTable::Gpt => {
+            GPT_TYPE_ALIASES.iter().any(|(a, _)| *a == t)
+                || (t.len() == 36
+                    && t.char_indices().all(|(i, c)| {
+                        if [8, 13, 18, 23].contains(&i) {
+                            c == '-'
+                        } else {
+                            c.is_ascii_hexdigit()
+                        }
+                    }))
+        }
+    }
 }
 
 /// Whether `pkg` matches an `exclude` pattern: a name, `prefix*` or `*suffix`.

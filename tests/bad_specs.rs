@@ -8,6 +8,9 @@ use debimg::spec::Spec;
 
 const IMAGES: &str = "images:\n  - {mount: /, fs: ext4, size: 1GiB, label: root}\n  - {mount: /boot, fs: ext2, size: 128MiB}\n";
 
+/// A valid disk, for cases that break one thing in it.
+const DISK: &str = "disk:\n  size: 2GiB\n  formats: [raw]\n  partitions:\n    - {size: 1MiB, flags: [bios-boot]}\n    - {size: 64MiB, flags: [esp]}\n    - {mount: /, fs: ext4}\n";
+
 /// A spec from top-level lines and an images block.
 fn doc(top: &str, images: &str) -> String {
     format!("version: 1\nname: t\nsuite: bookworm\n{top}{images}")
@@ -325,6 +328,93 @@ fn cases() -> Vec<(&'static str, String, &'static str)> {
             "not YAML at all",
             "version: 1\nname: [t\n".to_string(),
             "line",
+        ),
+        (
+            "disk without kind: disk",
+            doc(
+                "disk: {size: 1GiB, partitions: [{mount: /, fs: ext4}]}\n",
+                IMAGES,
+            ),
+            "disk:",
+        ),
+        (
+            "kind: disk without a disk",
+            doc("kind: disk\npackages: [linux-image-amd64]\n", ""),
+            "disk:",
+        ),
+        (
+            "disk without a kernel",
+            doc(&format!("kind: disk\n{DISK}"), ""),
+            "packages:",
+        ),
+        (
+            "uefi without an esp",
+            doc(
+                "kind: disk\npackages: [linux-image-amd64]\ndisk:\n  size: 2GiB\n  boot: [uefi]\n  partitions:\n    - {mount: /, fs: ext4}\n",
+                "",
+            ),
+            "disk.boot:",
+        ),
+        (
+            "bios on gpt without a bios-boot partition",
+            doc(
+                "kind: disk\npackages: [linux-image-amd64]\ndisk:\n  size: 2GiB\n  boot: [bios]\n  partitions:\n    - {mount: /, fs: ext4}\n",
+                "",
+            ),
+            "bios-boot",
+        ),
+        (
+            "a format twice",
+            doc(
+                &format!("kind: disk\npackages: [linux-image-amd64]\n{DISK}")
+                    .replace("formats: [raw]", "formats: [raw, raw]"),
+                "",
+            ),
+            "disk.formats[1]:",
+        ),
+        (
+            "qcow2 and qcow2-compressed",
+            doc(
+                &format!("kind: disk\npackages: [linux-image-amd64]\n{DISK}")
+                    .replace("formats: [raw]", "formats: [qcow2, qcow2-compressed]"),
+                "",
+            ),
+            "disk.formats:",
+        ),
+        (
+            "an esp with a filesystem",
+            doc(
+                &format!("kind: disk\npackages: [linux-image-amd64]\n{DISK}")
+                    .replace("flags: [esp]}", "flags: [esp], fs: ext4}"),
+                "",
+            ),
+            "disk.partitions[1].fs:",
+        ),
+        (
+            "an unknown partition type",
+            doc(
+                &format!("kind: disk\npackages: [linux-image-amd64]\n{DISK}")
+                    .replace("fs: ext4}", "fs: ext4, type: windows}"),
+                "",
+            ),
+            "disk.partitions[2].type:",
+        ),
+        (
+            "partitions larger than the disk",
+            doc(
+                &format!("kind: disk\npackages: [linux-image-amd64]\n{DISK}")
+                    .replace("size: 64MiB", "size: 4GiB"),
+                "",
+            ),
+            "disk.size:",
+        ),
+        (
+            "a disk for arm64",
+            doc(
+                &format!("kind: disk\narch: arm64\npackages: [linux-image-arm64]\n{DISK}"),
+                "",
+            ),
+            "arch:",
         ),
     ]
 }

@@ -770,7 +770,7 @@ fn the_walk_reads_the_types() {
     );
     assert_eq!(
         fields["kind"].variants.as_deref(),
-        Some(&["fs-images", "tarball"][..])
+        Some(&["fs-images", "tarball", "disk"][..])
     );
 }
 

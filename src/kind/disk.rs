@@ -134,7 +134,14 @@ pub fn sfdisk_script(disk: &Disk) -> String {
         let bios = p.flags.contains(&PartitionFlag::BiosBoot);
         let esp = p.flags.contains(&PartitionFlag::Esp);
         let root = p.mount.as_deref() == Some("/");
+        let alias = p.part_type.as_deref().map(|t| {
+            crate::spec::GPT_TYPE_ALIASES
+                .iter()
+                .find(|(a, _)| *a == t)
+                .map_or(t, |(_, guid)| guid)
+        });
         let ty = match (disk.table, bios, esp, root) {
+            _ if alias.is_some() => alias.unwrap_or_default(),
             (PartitionTable::Gpt, true, _, _) => GPT_BIOS_BOOT,
             (PartitionTable::Gpt, _, true, _) => GPT_ESP,
             (PartitionTable::Gpt, _, _, true) => GPT_ROOT_X86_64,
@@ -667,6 +674,22 @@ mod tests {
             format!(
                 "label: gpt\nsize=1024KiB, type={GPT_BIOS_BOOT}, name=\"bios-boot\"\nsize=65536KiB, type={GPT_ESP}, name=\"ESP\"\ntype={GPT_ROOT_X86_64}, name=\"root\"\n"
             )
+        );
+    }
+
+    #[test]
+    fn partition_types_by_alias_or_guid() {
+        let d = disk(
+            "disk:\n  size: 3GiB\n  boot: [bios]\n  partitions:\n    - {size: 1MiB, flags: [bios-boot]}\n    - {size: 1GiB, mount: /, fs: ext4, type: linux}\n    - {mount: /srv, fs: xfs, type: 3B8F8425-20E0-4F3B-907F-1A25A76F98E8}\n",
+        );
+        let script = sfdisk_script(&d);
+        assert!(
+            script.contains(&format!("size=1048576KiB, type={GPT_LINUX}, name=\"/\"\n")),
+            "{script}"
+        );
+        assert!(
+            script.contains("type=3B8F8425-20E0-4F3B-907F-1A25A76F98E8, name=\"/srv\""),
+            "{script}"
         );
     }
 

@@ -1,0 +1,302 @@
+//! The bootable disk: `data/examples/cloud.yaml` built from the host's mirror, its partitions
+//! and bootloaders inspected, then booted in qemu under BIOS and UEFI, as raw and qcow2, on a
+//! larger disk (the root must grow), and broken (no kernel: the boot test must fail and show
+//! the console).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use debimg::metadata::Metadata;
+use debimg::sys::loopdev;
+use debimg::sys::mount;
+use nix::mount::MsFlags;
+
+const MARKER: &str = "DEBIMG-BOOT-OK";
+
+/// `debimg boot-test IMAGE [extra...]`.
+fn boot(image: &Path, extra: &[&str]) -> Run {
+    let mut args = vec!["boot-test", image.to_str().unwrap(), "--timeout", "900"];
+    args.extend_from_slice(extra);
+    debimg(&args)
+}
+
+/// The root filesystem size the image reported on its console.
+fn root_bytes(run: &Run) -> u64 {
+    let out = run.stdout();
+    let line = out
+        .lines()
+        .find(|l| l.contains(MARKER))
+        .unwrap_or_else(|| panic!("no marker in {out}\n{}", run.stderr()));
+    line.split("root-bytes=")
+        .nth(1)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no root-bytes in `{line}`"))
+}
+
+/// A sparse copy of `src`, `grow` bytes larger.
+fn copy_of(src: &Path, dest: &Path, grow: u64) -> PathBuf {
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(src)
+        .arg(dest)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    if grow > 0 {
+        let f = std::fs::OpenOptions::new().write(true).open(dest).unwrap();
+        let len = f.metadata().unwrap().len();
+        f.set_len(len + grow).unwrap();
+    }
+    dest.to_path_buf()
+}
+
+#[test]
+fn cloud_disk_builds_inspects_and_boots() {
+    if !can_build() {
+        return;
+    }
+    let work = scratch("disk");
+    let out = work.path().join("out");
+    let bdir = work.path().join("build");
+    std::fs::create_dir_all(&bdir).unwrap();
+    let run = build(&example("cloud.yaml"), &out, &bdir, &[]);
+    run.assert_ok("cloud build");
+    assert_no_leftovers(&bdir, &out);
+    assert!(
+        !run.stderr().contains("dropped without close"),
+        "{}",
+        run.stderr()
+    );
+
+    // Every format, described by the metadata.
+    let meta = Metadata::read(&out.join("cloud.yaml")).unwrap();
+    assert_eq!(meta.kind, "disk");
+    let names: Vec<(&str, &str)> = meta
+        .images
+        .iter()
+        .map(|i| (i.container.as_str(), i.container_name.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("raw", "cloud.img"),
+            ("qcow2", "cloud.qcow2"),
+            ("gzip", "cloud.img.gz")
+        ]
+    );
+    for img in &meta.images {
+        let path = out.join(&img.container_name);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), img.container_size);
+        let (md5, sha) = sums(&path);
+        assert_eq!(
+            (md5, sha),
+            (img.container_md5.clone(), img.container_sha256.clone()),
+            "{}",
+            img.container_name
+        );
+        assert_eq!(img.raw_size, 3 << 30, "the disk keeps its size");
+        assert_eq!(img.format, "gpt");
+    }
+    let raw = out.join("cloud.img");
+    let (raw_md5, _) = sums(&raw);
+    assert_eq!(raw_md5, meta.images[0].raw_md5);
+    assert!(
+        std::fs::metadata(&raw).unwrap().len() == 3 << 30,
+        "raw is the whole disk"
+    );
+    // Sparse on disk: far less allocated than its size.
+    let allocated = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&raw).unwrap().blocks() * 512
+    };
+    assert!(allocated < 2 << 30, "raw output is not sparse: {allocated}");
+    let check = tool(
+        "qemu-img",
+        &[
+            "check",
+            "-f",
+            "qcow2",
+            out.join("cloud.qcow2").to_str().unwrap(),
+        ],
+    );
+    assert!(check.contains("No errors were found"), "{check}");
+    let info = tool(
+        "qemu-img",
+        &[
+            "info",
+            "--output=json",
+            out.join("cloud.qcow2").to_str().unwrap(),
+        ],
+    );
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(info["virtual-size"].as_u64(), Some(3 << 30));
+
+    // The partition table and what is on each partition.
+    let table: serde_json::Value =
+        serde_json::from_str(&tool("sfdisk", &["--json", raw.to_str().unwrap()])).unwrap();
+    let parts = table["partitiontable"]["partitions"].as_array().unwrap();
+    assert_eq!(table["partitiontable"]["label"], "gpt");
+    let types: Vec<&str> = parts.iter().map(|p| p["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "21686148-6449-6E6F-744E-656564454649",
+            "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+            "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
+        ]
+    );
+    let mut mbr = vec![0u8; 2 << 20];
+    std::io::Read::read_exact(&mut std::fs::File::open(&raw).unwrap(), &mut mbr).unwrap();
+    assert!(
+        mbr[..512].windows(4).any(|w| w == b"GRUB"),
+        "no GRUB boot code in the MBR"
+    );
+    let bios_boot_start = parts[0]["start"].as_u64().unwrap() as usize * 512;
+    assert!(
+        mbr[bios_boot_start..bios_boot_start + 512]
+            .iter()
+            .any(|&b| b != 0),
+        "GRUB's core is not in the BIOS boot partition"
+    );
+    drop(mbr);
+    {
+        let copy = copy_of(&raw, &work.path().join("inspect.img"), 0);
+        let dev = loopdev::attach_partitioned(&copy).unwrap();
+        let esp = dev.partition(2).unwrap();
+        let efi = tool("mdir", &["-i", esp.to_str().unwrap(), "-b", "::/EFI/BOOT"]);
+        assert!(efi.contains("BOOTX64.EFI"), "{efi}");
+        fsck_vfat(&esp);
+        let root_dev = dev.partition(3).unwrap();
+        tool("e2fsck", &["-fn", root_dev.to_str().unwrap()]);
+        let mnt = scratch("disk-root");
+        let m = mount::mount(
+            root_dev.to_str().unwrap(),
+            mnt.path(),
+            Some("ext4"),
+            MsFlags::MS_RDONLY,
+            None,
+        )
+        .unwrap();
+        let read = |rel: &str| std::fs::read_to_string(mnt.path().join(rel)).unwrap();
+        let fstab = read("etc/fstab");
+        let root_uuid = &meta.images[0].uuid;
+        assert!(
+            fstab.contains(&format!("UUID={root_uuid} / ext4 ")),
+            "{fstab}"
+        );
+        assert!(fstab.contains(" /boot/efi vfat umask=0077 "), "{fstab}");
+        assert!(!fstab.contains("/dev/loop"), "{fstab}");
+        let cfg = read("boot/grub/grub.cfg");
+        assert!(cfg.contains(&format!("root=UUID={root_uuid}")), "grub.cfg");
+        assert!(cfg.contains("console=ttyS0,115200n8"), "grub.cfg");
+        assert!(!cfg.contains("/dev/loop"), "grub.cfg names a loop device");
+        assert!(mnt.path().join("boot/grub/i386-pc/normal.mod").exists());
+        assert!(mnt.path().join("boot/grub/x86_64-efi/normal.mod").exists());
+        assert!(mnt.path().join("usr/lib/debimg/growroot").exists());
+        assert!(
+            mnt.path()
+                .join("etc/systemd/system/multi-user.target.wants/debimg-growroot.service")
+                .symlink_metadata()
+                .is_ok()
+        );
+        // Nothing of the build's /dev stays in the image.
+        let devs: Vec<String> = std::fs::read_dir(mnt.path().join("dev"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("loop") || n == "disk")
+            .collect();
+        assert!(devs.is_empty(), "build devices left in /dev: {devs:?}");
+        m.close().unwrap();
+        dev.close().unwrap();
+        std::fs::remove_file(&copy).unwrap();
+    }
+
+    // BIOS, on a disk 1 GiB larger than the image: it boots, and the root grows to fill it.
+    let big = copy_of(&raw, &work.path().join("big.img"), 1 << 30);
+    let bios = boot(&big, &["--expect", MARKER]);
+    bios.assert_ok("BIOS boot of the grown disk");
+    let grown = root_bytes(&bios);
+    // UEFI, the raw image as built (auto: KVM when it works here, else software emulation).
+    let uefi = boot(&raw, &["--uefi", "--expect", MARKER]);
+    uefi.assert_ok("UEFI boot");
+    let as_built = root_bytes(&uefi);
+    assert!(
+        grown > as_built + (900 << 20),
+        "the root did not grow: {grown} on the larger disk, {as_built} as built"
+    );
+    std::fs::remove_file(&big).unwrap();
+    // The qcow2 output boots too (BIOS), and the gzip one (UEFI).
+    boot(
+        &out.join("cloud.qcow2"),
+        &["--accel", "tcg", "--expect", MARKER],
+    )
+    .assert_ok("qcow2 boot");
+    boot(
+        &out.join("cloud.img.gz"),
+        &["--uefi", "--accel", "tcg", "--expect", MARKER],
+    )
+    .assert_ok("gzip boot");
+    // Booting never wrote to the outputs.
+    assert_eq!(sums(&raw).0, meta.images[0].raw_md5);
+
+    // A broken image: no kernel. The boot test fails and shows the console.
+    let broken = copy_of(&raw, &work.path().join("broken.img"), 0);
+    {
+        let dev = loopdev::attach_partitioned(&broken).unwrap();
+        let mnt = scratch("disk-broken");
+        let m = mount::mount(
+            dev.partition(3).unwrap().to_str().unwrap(),
+            mnt.path(),
+            Some("ext4"),
+            MsFlags::empty(),
+            None,
+        )
+        .unwrap();
+        for e in std::fs::read_dir(mnt.path().join("boot"))
+            .unwrap()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with("vmlinuz-") {
+                std::fs::remove_file(e.path()).unwrap();
+            }
+        }
+        m.close().unwrap();
+        dev.close().unwrap();
+    }
+    let failed = debimg(&[
+        "boot-test",
+        broken.to_str().unwrap(),
+        "--accel",
+        "tcg",
+        "--timeout",
+        "300",
+    ]);
+    assert_eq!(failed.code(), Some(1), "{}", failed.stderr());
+    let err = failed.stderr();
+    assert!(err.contains("--- console log ---"), "{err}");
+    assert!(
+        err.contains("GNU GRUB"),
+        "the log shows GRUB's screen: {err}"
+    );
+    assert!(
+        err.contains("vmlinuz"),
+        "the log names the missing kernel: {err}"
+    );
+    assert!(!failed.stdout().contains(MARKER));
+}
+
+fn fsck_vfat(dev: &Path) {
+    tool("fsck.vfat", &["-n", dev.to_str().unwrap()]);
+}
+
+#[test]
+fn boot_test_refuses_what_is_not_an_image() {
+    let run = debimg(&["boot-test", "/nonexistent.img", "--timeout", "5"]);
+    assert_eq!(run.code(), Some(1));
+    assert!(run.stderr().contains("is not a file"), "{}", run.stderr());
+}
