@@ -327,8 +327,9 @@ impl Creator {
             settings::create_users(&root, &plan.users)?;
             settings::copy_files(&root, &plan.files)?;
             settings::set_services(&root, &plan.services)?;
-            kind.make_bootable(plan, &root)?;
             post::run_all(&plan.post, &root, &work, &plan.name, &filesystems, show)?;
+            // After the scripts, so that the bootloader sees the kernels and settings they left.
+            kind.make_bootable(plan, &root)?;
             configure::scrub_host_identity(&root)?;
             let apt = Apt { root: &root, show };
             apt.clean()?;
@@ -437,9 +438,15 @@ impl Creator {
                 signals::check()?;
                 let tmp = pending.temp_path(&s.container_name);
                 let t = std::time::Instant::now();
+                // A disk shipped in several formats is read for its digests once.
+                let known = staged
+                    .iter()
+                    .zip(&out)
+                    .find(|(o, _): &(&Staged, &compress::Packed)| o.raw == s.raw)
+                    .map(|(_, p)| p.raw.clone());
                 let p = match s.ship {
                     Ship::Packed(container) => compress::pack(&s.raw, container, &tmp),
-                    Ship::Qcow2 { compressed } => pack_qcow2(&s.raw, compressed, &tmp),
+                    Ship::Qcow2 { compressed } => pack_qcow2(&s.raw, compressed, &tmp, known),
                 }
                 .with_context(|| format!("packaging {}", s.container_name))?;
                 tracing::info!(
@@ -695,7 +702,12 @@ fn run_backend(plan: &Plan, root: &Path, debs: Option<&Path>, show: bool) -> Res
 }
 
 /// Converts a raw disk to qcow2 with qemu-img, then digests both files.
-fn pack_qcow2(raw: &Path, compressed: bool, dest: &Path) -> Result<compress::Packed> {
+fn pack_qcow2(
+    raw: &Path,
+    compressed: bool,
+    dest: &Path,
+    raw_digests: Option<crate::pack::digest::Digests>,
+) -> Result<compress::Packed> {
     let mut cmd = std::process::Command::new("qemu-img");
     cmd.args(["convert", "-q", "-f", "raw", "-O", "qcow2"]);
     if compressed {
@@ -709,7 +721,10 @@ fn pack_qcow2(raw: &Path, compressed: bool, dest: &Path) -> Result<compress::Pac
     )
     .with_context(|| format!("checking {}", dest.display()))?;
     Ok(compress::Packed {
-        raw: crate::pack::digest::digest_file(raw)?,
+        raw: match raw_digests {
+            Some(d) => d,
+            None => crate::pack::digest::digest_file(raw)?,
+        },
         container: crate::pack::digest::digest_file(dest)?,
     })
 }

@@ -1170,10 +1170,32 @@ impl Spec {
                 "`qcow2` and `qcow2-compressed` both name `<name>.qcow2`: choose one",
             );
         }
-        if d.cmdline.contains(['\n', '"']) || d.cmdline.contains("root=") {
+        // It ends up in /etc/default/grub (a shell file) and in grub.cfg (GRUB script).
+        if !d
+            .cmdline
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || " ._,:=/+@-".contains(c))
+            || d.cmdline.split_whitespace().any(|w| w.starts_with("root="))
+        {
             p.add(
                 "disk.cmdline",
-                "must be one line without `\"`, and without `root=` (debimg sets it by UUID)",
+                "may hold only letters, digits, spaces and `._,:=/+@-`, and no `root=` (debimg sets it by UUID)",
+            );
+        }
+        if d.table == PartitionTable::Mbr && d.size.0 > 2 * TIB {
+            p.add(
+                "disk.size",
+                "an `mbr` disk holds at most 2TiB: use `table: gpt`",
+            );
+        }
+        if d.grow
+            && parts
+                .last()
+                .is_some_and(|l| l.mount.as_deref() != Some("/"))
+        {
+            p.add(
+                "disk.grow",
+                "the root grows into the space after it: make the partition mounted at `/` the last one",
             );
         }
         let mut total: u64 = 0;
@@ -1199,7 +1221,8 @@ impl Spec {
                 p.add(format!("{f}.label"), format!("`{l}` cannot name a partition (1-36 characters, no quotes, commas or backslashes)"));
             }
             match part.size {
-                Some(s) => total = total.saturating_add(s.0),
+                // sfdisk places partitions on whole MiB.
+                Some(s) => total = total.saturating_add(s.0.div_ceil(MIB) * MIB),
                 None if i + 1 == parts.len() => {
                     // The rest must hold the last filesystem.
                     let need = part.fs.map_or(MIB, |fs| fs.min_size());
@@ -1222,6 +1245,22 @@ impl Spec {
                 p.add(
                     format!("{f}.flags"),
                     "a partition is `bios-boot` or `esp`, not both",
+                );
+            }
+            if (bios || esp) && part.part_type.is_some() {
+                p.add(
+                    format!("{f}.type"),
+                    "a `bios-boot` or `esp` partition has the type of its role: leave out `type`",
+                );
+            }
+            if esp
+                && let Some(m) = &part.mount
+                && m != "/boot/efi"
+                && m != "/efi"
+            {
+                p.add(
+                    format!("{f}.mount"),
+                    format!("`{m}`: an `esp` is mounted at /boot/efi (the default) or /efi"),
                 );
             }
             if bios {
@@ -1249,8 +1288,8 @@ impl Spec {
                 if part.fs.is_some() {
                     p.add(format!("{f}.fs"), "an `esp` is always FAT: leave out `fs`");
                 }
-                if part.size.is_some_and(|s| s.0 < 16 * MIB) {
-                    p.add(format!("{f}.size"), "an `esp` needs at least 16MiB");
+                if part.size.is_some_and(|s| s.0 < 64 * MIB) {
+                    p.add(format!("{f}.size"), "an `esp` needs at least 64MiB (FAT32)");
                 }
                 if let Some(l) = &part.label
                     && (l.is_empty()

@@ -290,6 +290,98 @@ fn cloud_disk_builds_inspects_and_boots() {
     assert!(!failed.stdout().contains(MARKER));
 }
 
+/// An MBR disk with a separate /boot and an xfs root, both firmwares, shipped as qcow2 only.
+const MBR_SPEC: &str = "version: 1
+name: mbrdisk
+suite: bookworm
+kind: disk
+packages: [linux-image-cloud-amd64, systemd-sysv]
+root_password_hash: \"!\"
+disk:
+  size: 2GiB
+  table: mbr
+  boot: [bios, uefi]
+  formats: [qcow2]
+  partitions:
+    - {size: 256MiB, mount: /boot, fs: ext2, label: boot, flags: [legacy-boot]}
+    - {size: 64MiB, flags: [esp]}
+    - {mount: /, fs: xfs, label: root}
+";
+
+#[test]
+fn mbr_disk_with_separate_boot_and_xfs_boots_both_ways() {
+    if !can_build() {
+        return;
+    }
+    let work = scratch("mbrdisk");
+    let out = work.path().join("out");
+    let bdir = work.path().join("build");
+    std::fs::create_dir_all(&bdir).unwrap();
+    let spec = work.path().join("mbrdisk.yaml");
+    std::fs::write(&spec, MBR_SPEC).unwrap();
+
+    // A fault with everything held (partitions mounted, GRUB installed) leaves nothing.
+    let mut faulty = build_command(&spec, &out, &bdir, &[]);
+    faulty.env("DEBIMG_TEST_FAULT", "configure:fail");
+    let failed = faulty.output().unwrap();
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{err}");
+    assert!(err.contains("stage configure failed"), "{err}");
+    for bad in ["dropped without close", "still mounted", "could not"] {
+        assert!(!err.contains(bad), "`{bad}` in:\n{err}");
+    }
+    assert_no_leftovers(&bdir, &out);
+    // (Its loop device, and with it the partitions, is gone: assert_no_leftovers checks that no
+    // loop device is backed by the build directory.)
+
+    let run = build(&spec, &out, &bdir, &[]);
+    run.assert_ok("mbr disk build");
+    assert_no_leftovers(&bdir, &out);
+    let qcow = out.join("mbrdisk.qcow2");
+    let check = tool("qemu-img", &["check", qcow.to_str().unwrap()]);
+    assert!(check.contains("No errors were found"), "{check}");
+    let raw = work.path().join("mbrdisk.img");
+    tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            qcow.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+    let table: serde_json::Value =
+        serde_json::from_str(&tool("sfdisk", &["--json", raw.to_str().unwrap()])).unwrap();
+    assert_eq!(table["partitiontable"]["label"], "dos");
+    let parts = table["partitiontable"]["partitions"].as_array().unwrap();
+    assert_eq!(parts[0]["bootable"], true);
+    assert_eq!(parts[1]["type"], "ef");
+    let blkid = tool("blkid", &["-p", "-o", "export", raw.to_str().unwrap()]);
+    assert!(blkid.contains("PTTYPE=dos"), "{blkid}");
+    // Both firmwares reach the login prompt: BIOS through the core image after the MBR, UEFI
+    // through an early config that reads /grub on the separate /boot.
+    debimg(&[
+        "boot-test",
+        qcow.to_str().unwrap(),
+        "--accel",
+        "tcg",
+        "--timeout",
+        "900",
+    ])
+    .assert_ok("BIOS boot of the MBR disk");
+    debimg(&[
+        "boot-test",
+        qcow.to_str().unwrap(),
+        "--uefi",
+        "--accel",
+        "tcg",
+        "--timeout",
+        "900",
+    ])
+    .assert_ok("UEFI boot of the MBR disk");
+}
+
 fn fsck_vfat(dev: &Path) {
     tool("fsck.vfat", &["-n", dev.to_str().unwrap()]);
 }

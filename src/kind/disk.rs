@@ -129,7 +129,8 @@ pub fn sfdisk_script(disk: &Disk) -> String {
     for p in &disk.partitions {
         let mut fields = Vec::new();
         if let Some(size) = p.size {
-            fields.push(format!("size={}KiB", size.0.div_ceil(1024)));
+            // sfdisk aligns partitions to 1 MiB: ask for whole MiB, rounded up.
+            fields.push(format!("size={}MiB", size.0.div_ceil(1 << 20)));
         }
         let bios = p.flags.contains(&PartitionFlag::BiosBoot);
         let esp = p.flags.contains(&PartitionFlag::Esp);
@@ -380,10 +381,16 @@ impl DiskImage {
             .context("making the UEFI GRUB image")
             .and_then(|()| {
                 let dev = esp.dev.display().to_string();
-                std::process::Command::new("mmd")
+                // The host's mtools.conf must not change what is written.
+                let mtools = |prog: &str| {
+                    let mut c = std::process::Command::new(prog);
+                    c.env("MTOOLSRC", "/dev/null").env("MTOOLS_SKIP_CHECK", "1");
+                    c
+                };
+                mtools("mmd")
                     .args(["-i", &dev, "::/EFI", "::/EFI/BOOT"])
                     .run()?;
-                std::process::Command::new("mcopy")
+                mtools("mcopy")
                     .args(["-i", &dev])
                     .arg(&image)
                     .arg("::/EFI/BOOT/BOOTX64.EFI")
@@ -452,7 +459,15 @@ impl ImageKind for DiskImage {
             } else if esp {
                 let serial = &mkfs::new_uuid()?.replace('-', "")[..8];
                 let mut cmd = std::process::Command::new("mkfs.vfat");
-                cmd.args(["-i", serial, "-n", p.label.as_deref().unwrap_or("ESP")]);
+                // FAT32, as the UEFI specification asks of an ESP.
+                cmd.args([
+                    "-F",
+                    "32",
+                    "-i",
+                    serial,
+                    "-n",
+                    p.label.as_deref().unwrap_or("ESP"),
+                ]);
                 cmd.args(&p.mkfs_options).arg(&pdev);
                 cmd.run().context("making the FAT filesystem of the ESP")?;
                 let upper = serial.to_ascii_uppercase();
@@ -499,13 +514,14 @@ impl ImageKind for DiskImage {
             .iter()
             .map(|p| p.mount.as_deref().unwrap_or(""))
             .collect();
-        let mut new_mounts = Vec::new();
+        // Each mount is held at once, so that a failure unmounts the ones before it, deepest
+        // first.
         for i in mount_order(&points) {
             let p = mounted[i];
             let target = root.join(points[i].trim_start_matches('/'));
             std::fs::create_dir_all(&target)
                 .with_context(|| format!("creating mount point {}", target.display()))?;
-            new_mounts.push(mount::mount(
+            self.mounts.push(mount::mount(
                 &p.dev.to_string_lossy(),
                 &target,
                 p.fs.as_deref(),
@@ -513,7 +529,6 @@ impl ImageKind for DiskImage {
                 None,
             )?);
         }
-        self.mounts = new_mounts;
         for p in self.parts.iter().filter(|p| p.esp) {
             let dir = root.join(
                 p.mount
@@ -672,7 +687,7 @@ mod tests {
         assert_eq!(
             sfdisk_script(&d),
             format!(
-                "label: gpt\nsize=1024KiB, type={GPT_BIOS_BOOT}, name=\"bios-boot\"\nsize=65536KiB, type={GPT_ESP}, name=\"ESP\"\ntype={GPT_ROOT_X86_64}, name=\"root\"\n"
+                "label: gpt\nsize=1MiB, type={GPT_BIOS_BOOT}, name=\"bios-boot\"\nsize=64MiB, type={GPT_ESP}, name=\"ESP\"\ntype={GPT_ROOT_X86_64}, name=\"root\"\n"
             )
         );
     }
@@ -684,7 +699,7 @@ mod tests {
         );
         let script = sfdisk_script(&d);
         assert!(
-            script.contains(&format!("size=1048576KiB, type={GPT_LINUX}, name=\"/\"\n")),
+            script.contains(&format!("size=1024MiB, type={GPT_LINUX}, name=\"/\"\n")),
             "{script}"
         );
         assert!(
@@ -700,7 +715,7 @@ mod tests {
         );
         assert_eq!(
             sfdisk_script(&d),
-            "label: dos\nsize=262144KiB, type=83, bootable\ntype=83\n"
+            "label: dos\nsize=256MiB, type=83, bootable\ntype=83\n"
         );
     }
 
