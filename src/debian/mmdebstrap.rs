@@ -48,15 +48,21 @@ pub fn command(plan: &Plan, root: &Path, debs: Option<&Path>) -> Command {
 
 /// Bootstraps `root` (which already holds the mounted image tree).
 pub fn run(plan: &Plan, root: &Path, debs: Option<&Path>, show: bool) -> Result<()> {
-    command(plan, root, debs)
-        .run_streaming(show)
-        .with_context(|| {
-            format!(
-                "bootstrapping {} into {} with mmdebstrap",
-                plan.suite,
-                root.display()
-            )
-        })?;
+    let mut cmd = command(plan, root, debs);
+    // mmdebstrap keeps a gpg home under TMPDIR; in the workspace it goes with the workspace even
+    // when mmdebstrap is killed before it can remove it (one was found left in /tmp).
+    if let Some(ws) = root.parent() {
+        let tmp = ws.join("tmp");
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        cmd.env("TMPDIR", &tmp);
+    }
+    cmd.run_streaming(show).with_context(|| {
+        format!(
+            "bootstrapping {} into {} with mmdebstrap",
+            plan.suite,
+            root.display()
+        )
+    })?;
     let cfg = root.join(DPKG_CFG);
     match std::fs::remove_file(&cfg) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
