@@ -464,12 +464,11 @@ impl Creator {
                 let tmp = pending.temp_path(name);
                 std::fs::copy(path, &tmp)
                     .with_context(|| format!("copying {name} to {}", tmp.display()))?;
+                let d = crate::pack::digest::digest_file(&tmp)?;
                 files.push(FileMeta {
                     name: name.clone(),
-                    size: std::fs::metadata(&tmp)
-                        .with_context(|| format!("reading {}", tmp.display()))?
-                        .len(),
-                    sha256: crate::plan::file_sha256(&tmp)?,
+                    size: d.size,
+                    sha256: d.sha256,
                 });
             }
             Ok((out, files))

@@ -288,18 +288,7 @@ pub struct LocalDeb {
 
 /// sha256 of a host file, in hex.
 pub fn file_sha256(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = std::io::Read::read(&mut f, &mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex(&h.finalize()))
+    Ok(crate::pack::digest::digest_file(path)?.sha256)
 }
 
 /// Depth of a mount point: `/` is 0, `/var` 1, `/var/lib/app` 3.

@@ -8,11 +8,10 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use md5::Digest as _;
 
 use crate::cmd::CommandRunExt;
 use crate::pack::compress;
-use crate::plan::hex;
+use crate::pack::digest::digest_file;
 use crate::spec::Container;
 
 /// The placeholder a spec may use for the release ID (`name: cloud-@BUILD_ID@`).
@@ -127,33 +126,15 @@ pub fn write_sums(dir: &Path) -> Result<Vec<String>> {
     let mut md5s = String::new();
     for name in &names {
         let path = dir.join(name);
-        let (s, m) = digests(&path)?;
-        sha.push_str(&format!("{s}  {name}\n"));
-        md5s.push_str(&format!("{m}  {name}\n"));
+        let d = digest_file(&path)?;
+        sha.push_str(&format!("{}  {name}\n", d.sha256));
+        md5s.push_str(&format!("{}  {name}\n", d.md5));
     }
     for (file, text) in [("SHA256SUMS", sha), ("MD5SUMS", md5s)] {
         let p = dir.join(file);
         std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(names)
-}
-
-fn digests(path: &Path) -> Result<(String, String)> {
-    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut sha = sha2::Sha256::new();
-    let mut md5 = md5::Md5::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        sha2::Digest::update(&mut sha, &buf[..n]);
-        md5.update(&buf[..n]);
-    }
-    Ok((hex(&sha2::Digest::finalize(sha)), hex(&md5.finalize())))
 }
 
 /// Packs `files` (names in `dir`) into `dir/<archive>` (a gzipped tar), then removes them.
