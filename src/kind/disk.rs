@@ -11,8 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use nix::mount::MsFlags;
 
-use super::fs_images::syncfs;
-use super::{FsInfo, ImageKind, Ship, Staged};
+use super::{FsInfo, ImageKind, MountStack, Ship, Staged};
 use crate::cmd::CommandRunExt;
 use crate::debian::chroot_command;
 use crate::pack::shrink;
@@ -116,7 +115,7 @@ pub struct DiskImage {
     disk: Option<LoopDevice>,
     parts: Vec<Part>,
     /// In mount order; unmounted from the end.
-    mounts: Vec<Mount>,
+    mounts: MountStack,
 }
 
 /// The sfdisk script for a disk.
@@ -558,10 +557,7 @@ impl ImageKind for DiskImage {
     }
 
     fn mount_points(&self) -> Vec<PathBuf> {
-        self.mounts
-            .iter()
-            .map(|m| m.target().to_path_buf())
-            .collect()
+        self.mounts.points()
     }
 
     fn make_bootable(&mut self, plan: &Plan, root: &Path) -> Result<()> {
@@ -579,13 +575,7 @@ impl ImageKind for DiskImage {
     }
 
     fn unmount_root(&mut self) -> Result<()> {
-        for m in self.mounts.iter().rev() {
-            syncfs(m.target())?;
-        }
-        while let Some(m) = self.mounts.pop() {
-            m.close()?;
-        }
-        Ok(())
+        self.mounts.sync_and_unmount()
     }
 
     fn stage_final(&mut self, plan: &Plan, _workspace: &Path, _root: &Path) -> Result<Vec<Staged>> {
@@ -644,11 +634,7 @@ impl ImageKind for DiskImage {
     }
 
     fn cleanup(&mut self) {
-        while let Some(m) = self.mounts.pop() {
-            if let Err(e) = m.close() {
-                tracing::warn!("{e:#}");
-            }
-        }
+        self.mounts.unmount_logging();
         if let Some(d) = self.disk.take()
             && let Err(e) = d.close()
         {

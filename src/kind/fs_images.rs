@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use nix::mount::MsFlags;
 
-use super::{FsInfo, ImageKind, Ship, Staged};
+use super::{FsInfo, ImageKind, MountStack, Ship, Staged};
 use crate::pack::shrink;
 use crate::plan::Plan;
 use crate::spec::Fs;
 use crate::sys::loopdev::{self, LoopDevice};
 use crate::sys::mkfs::{self, MkfsRequest};
-use crate::sys::mount::{self, Mount};
+use crate::sys::mount;
 
 /// One image file per filesystem.
 #[derive(Default)]
@@ -23,7 +23,7 @@ pub struct FsImages {
     images: Vec<ImageFile>,
     loops: Vec<LoopDevice>,
     /// In mount order; unmounted from the end.
-    mounts: Vec<Mount>,
+    mounts: MountStack,
 }
 
 struct ImageFile {
@@ -102,21 +102,11 @@ impl ImageKind for FsImages {
     }
 
     fn mount_points(&self) -> Vec<PathBuf> {
-        self.mounts
-            .iter()
-            .map(|m| m.target().to_path_buf())
-            .collect()
+        self.mounts.points()
     }
 
     fn unmount_root(&mut self) -> Result<()> {
-        // One sync for the whole build (dpkg skipped its own); syncfs also reports writes the
-        // kernel failed to store, which unmount would swallow.
-        for m in self.mounts.iter().rev() {
-            syncfs(m.target())?;
-        }
-        while let Some(m) = self.mounts.pop() {
-            m.close()?;
-        }
+        self.mounts.sync_and_unmount()?;
         while let Some(l) = self.loops.pop() {
             l.close()?;
         }
@@ -148,11 +138,7 @@ impl ImageKind for FsImages {
     }
 
     fn cleanup(&mut self) {
-        while let Some(m) = self.mounts.pop() {
-            if let Err(e) = m.close() {
-                tracing::warn!("{e:#}");
-            }
-        }
+        self.mounts.unmount_logging();
         while let Some(l) = self.loops.pop() {
             if let Err(e) = l.close() {
                 tracing::warn!("{e:#}");

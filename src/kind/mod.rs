@@ -16,6 +16,7 @@ use anyhow::Result;
 
 use crate::plan::Plan;
 use crate::spec::{Container, Kind};
+use crate::sys::mount::Mount;
 
 /// One filesystem of the install root, as post scripts and fstab see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +103,51 @@ pub trait ImageKind {
 
     /// Releases whatever is still held, best effort; safe to call at any point and repeatedly.
     fn cleanup(&mut self);
+}
+
+/// The filesystems a kind mounted into the install root, parents first; always unmounted in
+/// reverse, also when dropped.
+#[derive(Default)]
+pub struct MountStack(Vec<Mount>);
+
+impl MountStack {
+    /// Holds a mount made after every one already held.
+    pub fn push(&mut self, m: Mount) {
+        self.0.push(m);
+    }
+
+    /// The mount points, outermost first.
+    pub fn points(&self) -> Vec<PathBuf> {
+        self.0.iter().map(|m| m.target().to_path_buf()).collect()
+    }
+
+    /// Flushes every filesystem, then unmounts them deepest first. One sync for the whole build
+    /// (dpkg skipped its own); syncfs also reports writes the kernel failed to store, which
+    /// unmount would swallow.
+    pub fn sync_and_unmount(&mut self) -> Result<()> {
+        for m in self.0.iter().rev() {
+            fs_images::syncfs(m.target())?;
+        }
+        while let Some(m) = self.0.pop() {
+            m.close()?;
+        }
+        Ok(())
+    }
+
+    /// Unmounts what is left, deepest first, logging failures.
+    pub fn unmount_logging(&mut self) {
+        while let Some(m) = self.0.pop() {
+            if let Err(e) = m.close() {
+                tracing::warn!("{e:#}");
+            }
+        }
+    }
+}
+
+impl Drop for MountStack {
+    fn drop(&mut self) {
+        self.unmount_logging();
+    }
 }
 
 /// The kind a spec asks for.
