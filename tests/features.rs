@@ -324,7 +324,7 @@ fn tarball_with_kernel_built_on_tmpfs_and_packed() {
         &example("tarball.yaml"),
         &out,
         &bdir,
-        &["--tmpfs", "4GiB", "--pack", "tar.gz"],
+        &["--tmpfs", "4GiB", "--pack", "tar.gz", "-v"],
     );
     run.assert_ok("tarball build");
     assert_no_leftovers(&bdir, &out);
@@ -333,8 +333,14 @@ fn tarball_with_kernel_built_on_tmpfs_and_packed() {
         "{}",
         run.stderr()
     );
-    // No loop device was ever attached for this kind: the build logged no mkfs or disk work.
-    assert!(!run.stderr().contains("/dev/loop"), "{}", run.stderr());
+    // No loop device was ever attached for this kind. With -v every command and every loop
+    // attach is logged ("attached FILE to /dev/loopN"): the log shows the archiving, no attach,
+    // no mkfs.
+    let log = run.stderr();
+    assert!(log.contains("running tar --create"), "no debug log:\n{log}");
+    for never in ["attached ", "/dev/loop", "running mkfs"] {
+        assert!(!log.contains(never), "`{never}` in a tarball build:\n{log}");
+    }
     assert_eq!(tool("losetup", &["-a"]), loops_before);
 
     // --pack: one archive holds every output.
