@@ -21,6 +21,12 @@ use crate::signals;
 use crate::sys::mkfs;
 use crate::sys::mount::{self, Mount};
 
+/// Where workspaces go unless `--build-dir` says otherwise: on disk, unlike /tmp on some hosts.
+pub const DEFAULT_BUILD_DIR: &str = "/var/tmp";
+
+/// Where the package, base-tree and apt-list caches live unless `--cache-dir` says otherwise.
+pub const DEFAULT_CACHE_DIR: &str = "/var/cache/debimg";
+
 /// Options of one build that are not part of the spec.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -49,11 +55,11 @@ impl BuildOptions {
     pub fn new(output_dir: impl Into<PathBuf>) -> BuildOptions {
         BuildOptions {
             output_dir: output_dir.into(),
-            build_dir: PathBuf::from("/var/tmp"),
+            build_dir: PathBuf::from(DEFAULT_BUILD_DIR),
             force: false,
             wait: false,
             show_progress: true,
-            cache_dir: Some(PathBuf::from("/var/cache/debimg")),
+            cache_dir: Some(PathBuf::from(DEFAULT_CACHE_DIR)),
             shell: false,
             keep_on_failure: false,
             tmpfs: None,

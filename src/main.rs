@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use debimg::build::{BuildOptions, build};
+use debimg::build::{BuildOptions, DEFAULT_BUILD_DIR, DEFAULT_CACHE_DIR, build};
 use debimg::cache::Cache;
 use debimg::pack::compress;
 use debimg::plan::{Plan, read_host_sources};
@@ -50,7 +50,7 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
         /// Directory under which the temporary workspace is created.
-        #[arg(long, default_value = "/var/tmp")]
+        #[arg(long, default_value = DEFAULT_BUILD_DIR)]
         build_dir: PathBuf,
         /// Rebuild even when the output directory already matches the spec.
         #[arg(long)]
@@ -59,7 +59,7 @@ enum Command {
         #[arg(long)]
         wait: bool,
         /// Package and base-tree caches shared by builds.
-        #[arg(long, default_value = "/var/cache/debimg")]
+        #[arg(long, default_value = DEFAULT_CACHE_DIR)]
         cache_dir: PathBuf,
         /// Build without the caches (download everything, run the bootstrap).
         #[arg(long)]
@@ -104,7 +104,7 @@ enum Command {
     /// Inspect or trim the caches: pooled packages, base trees, apt lists.
     Cache {
         /// The cache directory.
-        #[arg(long, default_value = "/var/cache/debimg", global = true)]
+        #[arg(long, default_value = DEFAULT_CACHE_DIR, global = true)]
         cache_dir: PathBuf,
         #[command(subcommand)]
         action: CacheAction,
@@ -278,18 +278,12 @@ fn read_input(spec: Option<&Path>, fuel: Option<&Path>, release: Option<&str>) -
         });
     }
     let path = spec.context("no spec given")?;
-    let raw = std::fs::read_to_string(path).map_err(|e| SpecError {
-        source_name: path.display().to_string(),
-        problems: vec![debimg::spec::Problem {
-            field: String::new(),
-            message: format!("cannot read the file: {e}"),
-        }],
-    })?;
+    let raw = Spec::read_text(path)?;
     let text = match release {
         Some(id) => release::substitute_build_id(&raw, id),
         None => raw,
     };
-    let mut spec = match Spec::from_yaml(&text, &path.display().to_string()) {
+    let spec = match Spec::from_yaml_at(&text, path) {
         Ok(s) => s,
         Err(mut e) => {
             if release.is_none() && text.contains(release::BUILD_ID_PLACEHOLDER) {
@@ -303,10 +297,6 @@ fn read_input(spec: Option<&Path>, fuel: Option<&Path>, release: Option<&str>) -
             }
             return Err(e.into());
         }
-    };
-    spec.base_dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
     };
     Ok(Input {
         copy_name: format!("{}.spec.yaml", spec.name),

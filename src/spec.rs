@@ -727,15 +727,24 @@ impl Spec {
 
     /// Reads, parses and validates a spec file.
     pub fn from_file(path: &Path) -> Result<Spec, SpecError> {
-        let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| SpecError {
-            source_name: name.clone(),
+        Spec::from_yaml_at(&Spec::read_text(path)?, path)
+    }
+
+    /// A spec file's text, or the error naming it.
+    pub fn read_text(path: &Path) -> Result<String, SpecError> {
+        std::fs::read_to_string(path).map_err(|e| SpecError {
+            source_name: path.display().to_string(),
             problems: vec![Problem {
                 field: String::new(),
                 message: format!("cannot read the file: {e}"),
             }],
-        })?;
-        let mut spec = Spec::from_yaml(&text, &name)?;
+        })
+    }
+
+    /// Parses and validates the text of the spec file at `path`: relative paths in it start at
+    /// the file's directory.
+    pub fn from_yaml_at(text: &str, path: &Path) -> Result<Spec, SpecError> {
+        let mut spec = Spec::from_yaml(text, &path.display().to_string())?;
         spec.base_dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => std::path::PathBuf::from("."),
