@@ -17,6 +17,7 @@ pub mod pack;
 pub mod plan;
 pub mod post;
 pub mod records;
+pub mod redact;
 pub mod release;
 pub mod signals;
 pub mod spec;
