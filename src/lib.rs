@@ -19,6 +19,7 @@ pub mod post;
 pub mod records;
 pub mod redact;
 pub mod release;
+pub mod root;
 pub mod signals;
 pub mod spec;
 pub mod sys;

@@ -6,7 +6,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -72,6 +72,45 @@ pub fn mount(
     tracing::debug!("mounted {source} on {}", resolved.display());
     Ok(Mount {
         target: resolved,
+        mounted: true,
+    })
+}
+
+/// Mounts `source` on the directory `target` holds open (an `O_PATH` or directory descriptor)
+/// and returns the guard that unmounts it. The mount goes exactly where the descriptor points,
+/// through its `/proc/self/fd` link, whatever a path to it would resolve to by now.
+pub fn mount_on_fd(
+    source: &str,
+    target: BorrowedFd<'_>,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<Mount> {
+    let link = PathBuf::from(format!("/proc/self/fd/{}", target.as_raw_fd()));
+    let shown = fs::read_link(&link).with_context(|| format!("reading {}", link.display()))?;
+    let not_creating = MsFlags::MS_REMOUNT
+        | MsFlags::MS_MOVE
+        | MsFlags::MS_SHARED
+        | MsFlags::MS_PRIVATE
+        | MsFlags::MS_SLAVE
+        | MsFlags::MS_UNBINDABLE;
+    if flags.intersects(not_creating) {
+        bail!(
+            "mounting {source} on {}: flags {:?} change an existing mount rather than create one",
+            shown.display(),
+            flags & not_creating
+        );
+    }
+    nix::mount::mount(Some(source), &link, fstype, flags, data).with_context(|| {
+        format!(
+            "mounting {source} on {} (type {})",
+            shown.display(),
+            fstype.unwrap_or("none")
+        )
+    })?;
+    tracing::debug!("mounted {source} on {}", shown.display());
+    Ok(Mount {
+        target: shown,
         mounted: true,
     })
 }
