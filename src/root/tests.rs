@@ -352,7 +352,7 @@ fn no_operation_ever_leaves_the_root() {
             let mut p = String::new();
             for _ in 0..depth {
                 p.push('/');
-                if rng.next() % 3 == 0 {
+                if rng.next().is_multiple_of(3) {
                     p.push_str(&format!("l{}", rng.next() % 6));
                 } else {
                     p.push_str(rng.pick(&names));
