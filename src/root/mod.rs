@@ -453,13 +453,12 @@ impl Root {
         nix::unistd::symlinkat(target, &dir, tmp.as_str())
             .with_context(|| format!("linking {} to {}", path.display(), target.display()))?;
         nix::fcntl::renameat(&dir, tmp.as_str(), &dir, name.as_os_str())
-            .map_err(|e| {
+            .inspect_err(|_| {
                 let _ = nix::unistd::unlinkat(
                     &dir,
                     tmp.as_str(),
                     nix::unistd::UnlinkatFlags::NoRemoveDir,
                 );
-                e
             })
             .with_context(|| format!("moving the link {} into place", path.display()))
     }
