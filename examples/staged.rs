@@ -28,14 +28,18 @@ fn main() -> anyhow::Result<()> {
             creator.mount()?;
             creator.install()?;
             creator.configure()?;
-            // Our own step: the tree is configured and still mounted.
-            let root = creator.root().to_path_buf();
-            std::fs::write(root.join("etc/motd"), "Built by the staged example.\n")
+            // Our own step: the tree is configured and still mounted. Files go in through the
+            // in-root file API: a link in the image cannot lead a write out of it.
+            let root = creator.root()?;
+            let owner = debimg::root::Owner::ROOT;
+            root.write("/etc/motd", b"Built by the staged example.\n", 0o644, owner)
                 .context("writing /etc/motd")?;
             let mounts: Vec<String> = creator.filesystems().into_iter().map(|f| f.mount).collect();
-            std::fs::write(
-                root.join("etc/staged-by"),
-                format!("{}\n", mounts.join(" ")),
+            root.write(
+                "/etc/staged-by",
+                format!("{}\n", mounts.join(" ")).as_bytes(),
+                0o644,
+                owner,
             )
             .context("writing /etc/staged-by")?;
             creator.unmount()?;

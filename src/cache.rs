@@ -55,23 +55,74 @@ impl Cache {
         self.dir.join("lists")
     }
 
-    /// Copies the cached apt lists for `key` into `dest` (keeping their times, which apt sends
-    /// as If-Modified-Since, so an unchanged mirror answers "Hit" and nothing is downloaded).
-    /// Returns how many files; a missing or vanishing entry is a miss, not an error.
-    pub fn restore_lists(&self, key: &str, dest: &Path) -> usize {
-        let Ok(src) = std::fs::read_link(self.lists_dir().join(key)) else {
-            return 0;
+    /// Copies the cached apt lists for `key` into the image's lists directory (keeping their
+    /// times, which apt sends as If-Modified-Since, so an unchanged mirror answers "Hit" and
+    /// nothing is downloaded). Returns how many files; a missing or vanishing entry is a miss.
+    pub fn restore_lists(&self, key: &str, root: &crate::root::Root) -> Result<usize> {
+        let Ok(version) = std::fs::read_link(self.lists_dir().join(key)) else {
+            return Ok(0);
         };
-        copy_files(&self.lists_dir().join(src), dest).unwrap_or(0)
+        if version.components().count() != 1 {
+            return Ok(0);
+        }
+        let dir = self.lists_dir().join(version);
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        for e in rd.flatten() {
+            let name = e.file_name();
+            if name == "lock" || !e.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
+            // A store replacing this version may remove it under us: a miss, not an error.
+            let Ok(mut from) = crate::root::open_host_regular(&e.path()) else {
+                continue;
+            };
+            let Ok(mtime) = from.metadata().and_then(|m| m.modified()) else {
+                continue;
+            };
+            let dest = format!(
+                "{}/{}",
+                crate::debian::apt::LISTS_DIR,
+                name.to_string_lossy()
+            );
+            root.write_with(&dest, 0o644, crate::root::Owner::ROOT, |f| {
+                std::io::copy(&mut from, f)?;
+                f.set_modified(mtime)?;
+                Ok(())
+            })?;
+            n += 1;
+        }
+        Ok(n)
     }
 
-    /// Stores apt's lists from `src` as the new version for `key`: a fresh directory, then the
-    /// `key` symlink renamed over the old one, so readers see one version or the other.
-    pub fn store_lists(&self, key: &str, src: &Path) -> Result<()> {
+    /// Stores the image's apt lists as the new version for `key`: a fresh directory, then the
+    /// `key` symlink renamed over the old one, so readers see one version or the other. Only
+    /// regular files are read out of the image.
+    pub fn store_lists(&self, key: &str, root: &crate::root::Root) -> Result<()> {
         let token = crate::sys::unique_token();
         let version = format!("{key}.{token}");
         let dir = self.lists_dir().join(&version);
-        copy_files(src, &dir)?;
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let lists = crate::debian::apt::LISTS_DIR;
+        for e in root.read_dir(lists)? {
+            let name = e.name.to_string_lossy().into_owned();
+            if name == "lock" || !e.file_type.is_file() {
+                continue;
+            }
+            let src = format!("{lists}/{name}");
+            let mtime = root.symlink_metadata(&src)?.and_then(|m| m.modified().ok());
+            let dest = dir.join(&name);
+            root.copy_out(&src, &dest)?;
+            if let Some(t) = mtime {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&dest)
+                    .and_then(|f| f.set_modified(t))
+                    .with_context(|| format!("setting the time of {}", dest.display()))?;
+            }
+        }
         let link = self.lists_dir().join(key);
         let old = std::fs::read_link(&link).ok();
         let tmp_link = self.lists_dir().join(format!(".{key}.link-{token}"));
@@ -79,9 +130,11 @@ impl Cache {
             .with_context(|| format!("linking {}", tmp_link.display()))?;
         std::fs::rename(&tmp_link, &link)
             .with_context(|| format!("moving {} into place", link.display()))?;
-        if let Some(old) = old.filter(|o| o.as_os_str() != version.as_str()) {
+        if let Some(old) =
+            old.filter(|o| o.as_os_str() != version.as_str() && o.components().count() == 1)
+        {
             // A build copying from it right now just misses the cache.
-            let _ = std::fs::remove_dir_all(self.lists_dir().join(old));
+            let _ = crate::sys::mount::remove_dir_all_safe(&self.lists_dir().join(old));
         }
         Ok(())
     }
@@ -328,30 +381,6 @@ pub fn lists_key(sources_list: &str, arch: &str) -> String {
     format!("lists-{}", &hex(&h.finalize())[..32])
 }
 
-/// Copies the regular files of `from` into `to` (created), keeping modification times.
-fn copy_files(from: &Path, to: &Path) -> Result<usize> {
-    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
-    let mut n = 0;
-    for e in std::fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
-        let e = e?;
-        let name = e.file_name();
-        if name == "lock" || !e.file_type()?.is_file() {
-            continue;
-        }
-        let dest = to.join(&name);
-        std::fs::copy(e.path(), &dest)
-            .with_context(|| format!("copying {}", e.path().display()))?;
-        let mtime = e.metadata()?.modified()?;
-        std::fs::File::options()
-            .write(true)
-            .open(&dest)
-            .and_then(|f| f.set_modified(mtime))
-            .with_context(|| format!("setting the time of {}", dest.display()))?;
-        n += 1;
-    }
-    Ok(n)
-}
-
 /// Hard-links (or copies) every `*.deb` of `from` missing in `to`; returns how many.
 fn share_debs(from: &Path, to: &Path) -> Result<usize> {
     let mut n = 0;
@@ -413,31 +442,48 @@ mod tests {
 
     #[test]
     fn lists_versions_replace_each_other() {
+        use crate::root::Root;
         let d = tempfile::tempdir().unwrap();
         let cache = Cache::open(&d.path().join("cache")).unwrap();
-        let lists = d.path().join("lists");
+        let image = d.path().join("image");
+        let lists = image.join(crate::debian::apt::LISTS_DIR);
         std::fs::create_dir_all(lists.join("partial")).unwrap();
         std::fs::write(lists.join("m_dists_bookworm_InRelease"), "v1").unwrap();
         std::fs::write(lists.join("lock"), "").unwrap();
         let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
-        std::fs::File::options()
-            .write(true)
-            .open(lists.join("m_dists_bookworm_InRelease"))
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
+        let set_old = || {
+            std::fs::File::options()
+                .write(true)
+                .open(lists.join("m_dists_bookworm_InRelease"))
+                .unwrap()
+                .set_modified(old)
+                .unwrap()
+        };
+        set_old();
         let key = lists_key("deb http://m.example/debian bookworm main\n", "amd64");
-        assert_eq!(cache.restore_lists(&key, &d.path().join("miss")), 0);
-        cache.store_lists(&key, &lists).unwrap();
+        let other = d.path().join("other");
+        let back_lists = other.join(crate::debian::apt::LISTS_DIR);
+        std::fs::create_dir_all(&back_lists).unwrap();
+        let back = Root::open(&other).unwrap();
+        assert_eq!(cache.restore_lists(&key, &back).unwrap(), 0);
+        let image_root = Root::open(&image).unwrap();
+        cache.store_lists(&key, &image_root).unwrap();
         std::fs::write(lists.join("m_dists_bookworm_InRelease"), "v2").unwrap();
-        cache.store_lists(&key, &lists).unwrap();
-        let back = d.path().join("back");
-        assert_eq!(cache.restore_lists(&key, &back), 1);
+        set_old();
+        cache.store_lists(&key, &image_root).unwrap();
+        // A link the other image holds where a list goes is replaced, never written through.
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, "host file").unwrap();
+        std::os::unix::fs::symlink(&victim, back_lists.join("m_dists_bookworm_InRelease")).unwrap();
+        assert_eq!(cache.restore_lists(&key, &back).unwrap(), 1);
+        let restored = back_lists.join("m_dists_bookworm_InRelease");
+        assert_eq!(std::fs::read_to_string(&restored).unwrap(), "v2");
         assert_eq!(
-            std::fs::read_to_string(back.join("m_dists_bookworm_InRelease")).unwrap(),
-            "v2"
+            std::fs::metadata(&restored).unwrap().modified().unwrap(),
+            old
         );
-        assert!(!back.join("lock").exists());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "host file");
+        assert!(!back_lists.join("lock").exists());
         // One version directory plus the link: the old version is gone.
         assert_eq!(std::fs::read_dir(cache.lists_dir()).unwrap().count(), 2);
         let entries = cache.entries().unwrap();
@@ -445,27 +491,6 @@ mod tests {
         assert_eq!(entries[0].size, 2);
         assert_eq!(cache.prune(0).unwrap(), (1, 2));
         assert_eq!(std::fs::read_dir(cache.lists_dir()).unwrap().count(), 0);
-    }
-
-    #[test]
-    fn copied_lists_keep_their_times() {
-        let d = tempfile::tempdir().unwrap();
-        let from = d.path().join("from");
-        std::fs::create_dir_all(&from).unwrap();
-        std::fs::write(from.join("f"), "x").unwrap();
-        let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000);
-        std::fs::File::options()
-            .write(true)
-            .open(from.join("f"))
-            .unwrap()
-            .set_modified(t)
-            .unwrap();
-        copy_files(&from, &d.path().join("to")).unwrap();
-        let back = std::fs::metadata(d.path().join("to/f"))
-            .unwrap()
-            .modified()
-            .unwrap();
-        assert_eq!(back, t);
     }
 
     #[test]

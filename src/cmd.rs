@@ -101,6 +101,11 @@ impl Finished {
 /// How long a command may outlive the SIGTERM a signal sent it before it gets SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(10);
 
+/// How long the output pipes of a finished command get to reach their end: a process it left
+/// running (a daemon a script started with `setsid ... &`) can hold them open for ever, and the
+/// build must not wait on it. Such a process is ended by the step's cleanup.
+const PIPE_DRAIN: Duration = Duration::from_secs(2);
+
 /// Spawns `cmd` in a process group of its own (so an interrupt can end it and everything it
 /// started), feeds `input`, collects or forwards its output, and waits for it.
 fn execute(cmd: &mut Command, input: Option<&[u8]>, capture: bool, show: bool) -> Result<Finished> {
@@ -128,22 +133,36 @@ fn execute(cmd: &mut Command, input: Option<&[u8]>, capture: bool, show: bool) -
         })
     });
     let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let captured = Arc::new(Mutex::new(Vec::new()));
+    // Each reader says on this channel when its pipe reached its end.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let stdout_pipe = child.stdout.take().expect("stdout was piped");
-    let (stdout_reader, stdout_pump) = if capture {
-        let h = std::thread::spawn(move || {
-            let mut buf = Vec::new();
+    if capture {
+        let (buf, done) = (captured.clone(), done_tx.clone());
+        std::thread::spawn(move || {
             let mut pipe = stdout_pipe;
-            let _ = std::io::Read::read_to_end(&mut pipe, &mut buf);
-            buf
+            let mut chunk = [0u8; 8192];
+            loop {
+                match std::io::Read::read(&mut pipe, &mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => buf
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            let _ = done.send(());
         });
-        (Some(h), None)
     } else {
-        (None, Some(pump(stdout_pipe, show, tail.clone())))
-    };
-    let err = pump(
+        pump(stdout_pipe, show, tail.clone(), done_tx.clone());
+    }
+    pump(
         child.stderr.take().expect("stderr was piped"),
         show,
         tail.clone(),
+        done_tx,
     );
     let mut term_seen: Option<Instant> = None;
     let status = loop {
@@ -165,13 +184,25 @@ fn execute(cmd: &mut Command, input: Option<&[u8]>, capture: bool, show: bool) -
         // Whatever the command started in its group goes with it.
         signals::kill_group(pgid);
     }
-    let _ = err.join();
-    if let Some(h) = stdout_pump {
-        let _ = h.join();
+    // Both pipes normally end with the command; one held open by a process it left behind is
+    // given up on after PIPE_DRAIN (its reader thread ends when that process does).
+    let deadline = Instant::now() + PIPE_DRAIN;
+    let mut ended = 0;
+    while ended < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match done_rx.recv_timeout(left) {
+            Ok(()) => ended += 1,
+            Err(_) => {
+                tracing::warn!(
+                    "`{}` exited, but a process it left running still holds its output; not \
+                     waiting for it",
+                    command_line(cmd)
+                );
+                break;
+            }
+        }
     }
-    let stdout = stdout_reader
-        .map(|h| h.join().unwrap_or_default())
-        .unwrap_or_default();
+    let stdout = std::mem::take(&mut *captured.lock().unwrap_or_else(|e| e.into_inner()));
     if let Some(f) = feeder {
         let _ = f.join();
     }
@@ -245,12 +276,14 @@ impl CommandRunExt for Command {
     }
 }
 
-/// Forwards lines from a child's pipe to our stderr and keeps the last few for errors.
+/// Forwards lines from a child's pipe to our stderr and keeps the last few for errors; says on
+/// `done` when the pipe ended.
 fn pump(
     pipe: impl std::io::Read + Send + 'static,
     show: bool,
     tail: Arc<Mutex<VecDeque<String>>>,
-) -> std::thread::JoinHandle<()> {
+    done: std::sync::mpsc::Sender<()>,
+) {
     std::thread::spawn(move || {
         use std::io::BufRead;
         let reader = std::io::BufReader::new(pipe);
@@ -266,7 +299,8 @@ fn pump(
             }
             t.push_back(line);
         }
-    })
+        let _ = done.send(());
+    });
 }
 
 #[cfg(test)]
@@ -310,6 +344,24 @@ mod tests {
             msg.contains("out-line") && msg.contains("err-line"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn a_process_left_holding_the_output_does_not_hang_the_step() {
+        let t = Instant::now();
+        // The child exits at once; the background sleep keeps stdout and stderr open.
+        let out = Command::new("sh")
+            .args(["-c", "echo before; setsid sleep 30 & echo after"])
+            .run_stdout()
+            .unwrap();
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+        assert!(out.contains("before") && out.contains("after"), "{out}");
+        let t = Instant::now();
+        Command::new("sh")
+            .args(["-c", "setsid sleep 30 >&2 & exit 0"])
+            .run_streaming(false)
+            .unwrap();
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
     }
 
     #[test]

@@ -26,8 +26,10 @@
 //!             creator.mount()?;
 //!             creator.install()?;
 //!             creator.configure()?;
-//!             // Our own step, in the finished tree before it is unmounted.
-//!             std::fs::write(creator.root().join("etc/motd"), "Built by my pipeline.\n")?;
+//!             // Our own step, in the finished tree before it is unmounted: through the
+//!             // in-root file API, so a link the image holds cannot lead the write outside it.
+//!             let owner = debimg::root::Owner::ROOT;
+//!             creator.root()?.write("/etc/motd", b"Built by my pipeline.\n", 0o644, owner)?;
 //!             creator.unmount()?;
 //!             let outcome = creator.package()?;
 //!             creator.cleanup()?;
@@ -60,11 +62,12 @@ use crate::build::{
 use crate::cache::{self, Cache};
 use crate::debian::apt::{Apt, ReleaseMeta};
 use crate::debian::configure::{self, BuildOnlyFiles, FstabEntry};
-use crate::debian::{chroot_command, debootstrap, mmdebstrap, settings};
+use crate::debian::{debootstrap, mmdebstrap, settings};
 use crate::kind::{self, ImageKind, Ship, Staged};
 use crate::metadata::{FileMeta, ImageMeta, Metadata, RepoMeta, now_rfc3339};
 use crate::pack::compress;
 use crate::plan::{Backend, Plan};
+use crate::root::Root;
 use crate::spec::Record;
 use crate::sys::mount::{self, Mount};
 use crate::sys::procs;
@@ -92,7 +95,10 @@ pub struct Creator {
     output_dir: PathBuf,
     _lock: OutputLock,
     ws: Option<Workspace>,
-    root: PathBuf,
+    /// Where the tree is on the host (empty before `mount`).
+    root_path: PathBuf,
+    /// The tree, held from `mount` to `unmount`.
+    tree: Option<Root>,
     /// API filesystems and bind mounts of the chroot, unmounted from the end.
     mounts: Vec<Mount>,
     build_only: Option<BuildOnlyFiles>,
@@ -134,7 +140,8 @@ impl Creator {
             output_dir,
             _lock: lock,
             ws: None,
-            root: PathBuf::new(),
+            root_path: PathBuf::new(),
+            tree: None,
             mounts: Vec::new(),
             build_only: None,
             cache: None,
@@ -153,9 +160,13 @@ impl Creator {
         &self.plan
     }
 
-    /// The install root on the host: the image's `/` (valid from `mount` to `unmount`).
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// The install root: the image's `/`, for reading and writing files in it through the
+    /// in-root file API (from `mount` to `unmount`). Its [`Root::path`] is for programs that
+    /// work inside the tree themselves.
+    pub fn root(&self) -> Result<&Root> {
+        self.tree
+            .as_ref()
+            .context("the image tree is not mounted (call it between mount and unmount)")
     }
 
     /// The filesystems of the image as mounted now (empty for a tarball).
@@ -203,18 +214,21 @@ impl Creator {
                 format!("creating build directory {}", self.opts.build_dir.display())
             })?;
             let ws = Workspace::create(&self.opts.build_dir, &self.plan.name, self.opts.tmpfs)?;
-            self.root = ws.work.join("root");
+            self.root_path = ws.work.join("root");
             self.ws = Some(ws);
-            let (plan, root, work) = (&self.plan, &self.root, self.work()?.to_path_buf());
+            let (plan, root, work) = (&self.plan, &self.root_path, self.work()?.to_path_buf());
             let kind = &mut self.kind;
             stage("mount", || kind.mount_root(plan, &work, root))?;
+            // Opened once the filesystems are mounted: a descriptor taken before would hold the
+            // directory underneath them.
+            self.tree = Some(Root::open(&self.root_path)?);
             self.cache = self
                 .opts
                 .cache_dir
                 .as_deref()
                 .map(Cache::open)
                 .transpose()?;
-            self.build_only = Some(BuildOnlyFiles::new(&self.root));
+            self.build_only = Some(BuildOnlyFiles::new());
             Ok(())
         })();
         self.advance(res, Progress::Mounted)
@@ -229,42 +243,38 @@ impl Creator {
 
     fn install_inner(&mut self) -> Result<()> {
         let work = self.work()?.to_path_buf();
-        let root = self.root.clone();
+        let root = self.tree.as_ref().context("mount first")?;
         let build_only = self.build_only.as_mut().context("mount first")?;
         stage("bootstrap", || {
-            build_only.install_policy()?;
+            build_only.install_policy(root)?;
             // dpkg reads dpkg.cfg.d as soon as the bootstrap installed it: no fsyncs from then.
-            build_only.install_dpkg_unsafe_io()?;
-            bootstrap(&self.plan, &self.opts, &work, &root, self.cache.as_ref())?;
-            build_only.install_policy()
+            build_only.install_dpkg_unsafe_io(root)?;
+            bootstrap(&self.plan, &self.opts, &work, root, self.cache.as_ref())?;
+            root.end_processes("the bootstrap")?;
+            build_only.install_policy(root)
         })?;
         let apt = Apt {
-            root: &root,
+            root,
             show: self.opts.show_progress,
         };
         let plan = &self.plan;
         let cache = self.cache.as_ref();
         let mounts = &mut self.mounts;
         self.release_metas = stage("install", || {
-            mount_api_filesystems(&root, mounts)?;
-            build_only.install_resolv_conf()?;
-            build_only.install_dpkg_unsafe_io()?;
+            mount_api_filesystems(root, mounts)?;
+            build_only.install_resolv_conf(root)?;
+            build_only.install_dpkg_unsafe_io(root)?;
             // apt downloads into the workspace, seeded from and returned to the package cache:
             // the image's filesystem never holds the archives.
             let archives = work.join("archives");
-            match cache {
-                Some(c) => {
-                    let n = c.link_packages_into(&archives)?;
-                    tracing::debug!("{n} cached packages offered to apt");
-                }
-                None => std::fs::create_dir_all(&archives)
-                    .with_context(|| format!("creating {}", archives.display()))?,
-            }
             std::fs::create_dir_all(archives.join("partial"))
                 .with_context(|| format!("creating {}/partial", archives.display()))?;
-            let archives_target = root.join("var/cache/apt/archives");
-            mounts.push(bind(&archives, &archives_target)?);
+            mounts.push(root.bind(&archives, "/var/cache/apt/archives")?);
             apt.configure_and_update(plan, cache)?;
+            if let Some(c) = cache {
+                let n = c.link_packages_into(&archives)?;
+                tracing::debug!("{n} cached packages offered to apt");
+            }
             let metas = apt.pin(plan)?;
             apt.exclude(&plan.exclude)?;
             let packages = if plan.skip_missing {
@@ -272,14 +282,19 @@ impl Creator {
             } else {
                 plan.packages.clone()
             };
-            apt.install(&packages)?;
-            apt.install_local(&plan.local_debs)?;
+            let downgrades = crate::debian::apt::allows_downgrades(&plan.repos);
+            apt.install(&packages, downgrades)?;
+            apt.install_local(&plan.local_debs, downgrades)?;
             let purged = apt.purge_excluded(&plan.exclude)?;
             if !purged.is_empty() {
                 tracing::info!("purged excluded packages: {}", purged.join(" "));
             }
             if let Some(c) = cache {
-                let n = c.store_packages_from(&archives)?;
+                let mut n = c.store_packages_from(&archives)?;
+                let debs = work.join("debs");
+                if debs.is_dir() {
+                    n += c.store_packages_from(&debs)?;
+                }
                 tracing::debug!("{n} new packages added to the cache");
             }
             let m = mounts.pop().context("the archives bind mount is gone")?;
@@ -299,14 +314,14 @@ impl Creator {
 
     fn configure_inner(&mut self) -> Result<()> {
         let work = self.work()?.to_path_buf();
-        let root = self.root.clone();
+        let root = self.tree.as_ref().context("mount first")?;
         let plan = &self.plan;
         let kind = &mut self.kind;
         let build_only = self.build_only.as_mut().context("mount first")?;
         let show = self.opts.show_progress;
         let (installed, extra) = stage("configure", || {
             if let Some(hash) = &plan.root_password_hash {
-                configure::set_root_password(&root, hash)?;
+                configure::set_root_password(root, hash)?;
             }
             let filesystems = kind.filesystems();
             let fstab: Vec<FstabEntry> = filesystems
@@ -317,27 +332,29 @@ impl Creator {
                     fs: f.fs.clone(),
                 })
                 .collect();
-            configure::write_system_files(&root, &plan.hostname, &fstab)?;
+            configure::write_system_files(root, &plan.hostname, &fstab)?;
             if let Some(tz) = &plan.timezone {
-                settings::set_timezone(&root, tz)?;
+                settings::set_timezone(root, tz)?;
             }
             if let Some(locale) = &plan.locale {
-                settings::set_locale(&root, locale)?;
+                settings::set_locale(root, locale)?;
             }
-            settings::create_users(&root, &plan.users)?;
-            settings::copy_files(&root, &plan.files)?;
-            settings::set_services(&root, &plan.services)?;
-            post::run_all(&plan.post, &root, &work, &plan.name, &filesystems, show)?;
+            settings::create_users(root, &plan.users)?;
+            settings::copy_files(root, &plan.files)?;
+            settings::set_services(root, &plan.services)?;
+            root.end_processes("the system settings")?;
+            post::run_all(&plan.post, root, &work, &plan.name, &filesystems, show)?;
             // After the scripts, so that the bootloader sees the kernels and settings they left.
-            kind.make_bootable(plan, &root)?;
-            configure::scrub_host_identity(&root)?;
-            let apt = Apt { root: &root, show };
+            kind.make_bootable(plan, root, &work)?;
+            root.end_processes("the bootloader")?;
+            configure::scrub_host_identity(root)?;
+            let apt = Apt { root, show };
             apt.clean()?;
             let installed = apt.installed()?;
-            let extra = collect_extra_outputs(plan, &root, &work, &installed)?;
-            build_only.remove()?;
+            let extra = collect_extra_outputs(plan, root, &work, &installed)?;
+            build_only.remove(root)?;
             if !plan.keep_apt_sources {
-                configure::drop_apt_sources(&root)?;
+                configure::drop_apt_sources(root)?;
             }
             Ok((installed, extra))
         })?;
@@ -352,16 +369,17 @@ impl Creator {
         if self.progress < Progress::Mounted || self.progress >= Progress::Unmounted {
             bail!("a shell needs the mounted tree: call it between mount and unmount");
         }
-        let shell = ["bin/bash", "bin/sh"]
+        let root = self.root()?;
+        let shell = ["/bin/bash", "/bin/sh"]
             .into_iter()
-            .find(|s| self.root.join(s).exists())
+            .find(|s| root.is_file(s))
             .context("the image has no /bin/sh")?;
         eprintln!(
             "debimg: shell in {} ({}); the build goes on when it exits",
             self.plan.name,
-            self.root.display()
+            root.path().display()
         );
-        let mut cmd = chroot_command(&self.root, &format!("/{shell}"));
+        let mut cmd = root.command(shell);
         cmd.env("PS1", format!("(debimg {}) \\w# ", self.plan.name))
             .env(
                 "TERM",
@@ -376,7 +394,7 @@ impl Creator {
         let before = signals::interrupted();
         let status = cmd
             .status()
-            .with_context(|| format!("starting a shell in {}", self.root.display()))?;
+            .with_context(|| format!("starting a shell in {}", root.path().display()))?;
         if before.is_none() && signals::interrupted() == Some(libc::SIGINT) {
             signals::forget();
         }
@@ -398,7 +416,7 @@ impl Creator {
     }
 
     fn release(&mut self) -> Result<()> {
-        let killed = procs::kill_processes_in_root(&self.root, KILL_GRACE)?;
+        let killed = procs::kill_processes_in_root(&self.root_path, KILL_GRACE)?;
         if !killed.is_empty() {
             tracing::warn!("ended processes left in the chroot: {killed:?}");
         }
@@ -406,7 +424,9 @@ impl Creator {
             m.close()?;
         }
         // Anything a tool mounted on its own (debootstrap's proc) goes too, deepest first.
-        unmount_strays(&self.root, &self.kind.mount_points())?;
+        unmount_strays(&self.root_path, &self.kind.mount_points())?;
+        // The descriptor holds the root filesystem busy.
+        self.tree = None;
         self.kind.unmount_root()
     }
 
@@ -428,7 +448,7 @@ impl Creator {
 
     fn package_inner(&mut self) -> Result<Outcome> {
         let work = self.work()?.to_path_buf();
-        let (plan, root, kind) = (&self.plan, &self.root, &mut self.kind);
+        let (plan, root, kind) = (&self.plan, &self.root_path, &mut self.kind);
         self.staged = stage("finish", || kind.stage_final(plan, &work, root))?;
         let mut pending = PendingOutputs::new(&self.output_dir);
         let staged = &self.staged;
@@ -534,20 +554,21 @@ impl Creator {
     /// more than once; also runs on drop.
     pub fn cleanup(&mut self) -> Result<()> {
         let mut first_err: Option<anyhow::Error> = None;
-        if !self.root.as_os_str().is_empty()
-            && self.root.exists()
-            && let Err(e) = procs::kill_processes_in_root(&self.root, KILL_GRACE)
+        if !self.root_path.as_os_str().is_empty()
+            && self.root_path.exists()
+            && let Err(e) = procs::kill_processes_in_root(&self.root_path, KILL_GRACE)
         {
-            tracing::warn!("ending processes in {}: {e:#}", self.root.display());
+            tracing::warn!("ending processes in {}: {e:#}", self.root_path.display());
         }
         while let Some(m) = self.mounts.pop() {
             if let Err(e) = m.close() {
                 tracing::warn!("{e:#}");
             }
         }
-        if !self.root.as_os_str().is_empty()
-            && self.root.exists()
-            && let Err(e) = unmount_strays(&self.root, &self.kind.mount_points())
+        self.tree = None;
+        if !self.root_path.as_os_str().is_empty()
+            && self.root_path.exists()
+            && let Err(e) = unmount_strays(&self.root_path, &self.kind.mount_points())
         {
             tracing::warn!("{e:#}");
         }
@@ -615,37 +636,22 @@ impl Drop for Creator {
 }
 
 /// Fresh proc, sysfs and devpts for the chroot: never bind mounts of the host's.
-fn mount_api_filesystems(root: &Path, mounts: &mut Vec<Mount>) -> Result<()> {
+fn mount_api_filesystems(root: &Root, mounts: &mut Vec<Mount>) -> Result<()> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     let specs: [(&str, &str, MsFlags, Option<&str>); 3] = [
-        ("proc", "proc", nosuid, None),
-        ("sys", "sysfs", nosuid | MsFlags::MS_RDONLY, None),
+        ("/proc", "proc", nosuid, None),
+        ("/sys", "sysfs", nosuid | MsFlags::MS_RDONLY, None),
         (
-            "dev/pts",
+            "/dev/pts",
             "devpts",
             MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
             Some("newinstance,ptmxmode=0666,mode=620,gid=5"),
         ),
     ];
-    for (rel, fstype, flags, data) in specs {
-        let target = root.join(rel);
-        std::fs::create_dir_all(&target)
-            .with_context(|| format!("creating {}", target.display()))?;
-        mounts.push(mount::mount(fstype, &target, Some(fstype), flags, data)?);
+    for (path, fstype, flags, data) in specs {
+        mounts.push(root.mount(fstype, path, Some(fstype), flags, data)?);
     }
     Ok(())
-}
-
-/// Bind-mounts a workspace directory into the tree.
-fn bind(source: &Path, target: &Path) -> Result<Mount> {
-    std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
-    mount::mount(
-        &source.to_string_lossy(),
-        target,
-        None,
-        MsFlags::MS_BIND,
-        None,
-    )
 }
 
 /// Unmounts, deepest first, every mount under `root` that is not one of `keep`.
@@ -660,12 +666,14 @@ fn unmount_strays(root: &Path, keep: &[PathBuf]) -> Result<()> {
 }
 
 /// Fills `root` with the base system: from the base-tree cache when it holds this bootstrap,
-/// else by the backend (its downloads pooled in the package cache), storing the result.
+/// else by the backend, storing the result. What the backend downloads stays in the
+/// workspace's `debs/` for the package cache, which takes it after checking it against the
+/// repository's index (the bootstrap itself takes nothing from the cache).
 fn bootstrap(
     plan: &Plan,
     opts: &BuildOptions,
     work: &Path,
-    root: &Path,
+    root: &Root,
     cache: Option<&Cache>,
 ) -> Result<()> {
     let Some(cache) = cache else {
@@ -680,20 +688,19 @@ fn bootstrap(
     };
     if let Some(tar) = key.as_deref().and_then(|k| cache.base(k)) {
         tracing::info!("base tree from the cache ({})", tar.display());
-        return Cache::restore_base(&tar, root);
+        return Cache::restore_base(&tar, root.path());
     }
     let debs = work.join("debs");
-    cache.link_packages_into(&debs)?;
+    std::fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
     run_backend(plan, root, Some(&debs), opts.show_progress)?;
-    cache.store_packages_from(&debs)?;
     if let Some(k) = key {
-        let tar = cache.store_base(&k, root)?;
+        let tar = cache.store_base(&k, root.path())?;
         tracing::info!("base tree cached as {}", tar.display());
     }
     Ok(())
 }
 
-fn run_backend(plan: &Plan, root: &Path, debs: Option<&Path>, show: bool) -> Result<()> {
+fn run_backend(plan: &Plan, root: &Root, debs: Option<&Path>, show: bool) -> Result<()> {
     match plan.backend {
         Backend::Debootstrap => debootstrap::run(plan, root, debs, show),
         Backend::Mmdebstrap => mmdebstrap::run(plan, root, debs, show),
@@ -729,10 +736,11 @@ fn pack_qcow2(
 }
 
 /// Writes the package records and copies the kernel and initrd into the workspace, as the
-/// spec asks; returns (output file name, workspace path) for each.
+/// spec asks; returns (output file name, workspace path) for each. The kernel and initrd must
+/// be regular files inside the image.
 fn collect_extra_outputs(
     plan: &Plan,
-    root: &Path,
+    root: &Root,
     work: &Path,
     installed: &BTreeMap<String, String>,
 ) -> Result<Vec<(String, PathBuf)>> {
@@ -749,74 +757,16 @@ fn collect_extra_outputs(
         out.push((name, path));
     }
     if plan.copy_kernel {
-        let (kernel, initrd) = find_kernel(root)?;
+        let (kernel, initrd) = kind::find_kernel(root)?;
         for (src, ext) in [(kernel, "vmlinuz"), (initrd, "initrd")] {
             let name = format!("{}.{ext}", plan.name);
             let path = work.join(&name);
-            std::fs::copy(&src, &path)
-                .with_context(|| format!("copying {} out of the image", src.display()))?;
+            root.copy_out(&src, &path)
+                .with_context(|| format!("copy_kernel: copying {src} out of the image"))?;
             out.push((name, path));
         }
     }
     Ok(out)
-}
-
-/// The newest kernel in the image's `/boot` and its initrd.
-pub fn find_kernel(root: &Path) -> Result<(PathBuf, PathBuf)> {
-    let boot = root.join("boot");
-    let mut kernels: Vec<String> = std::fs::read_dir(&boot)
-        .with_context(|| format!("listing {}", boot.display()))?
-        .flatten()
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix("vmlinuz-"))
-                .map(String::from)
-        })
-        .collect();
-    kernels.sort_by(|a, b| version_cmp(a, b));
-    let Some(version) = kernels.pop() else {
-        bail!(
-            "copy_kernel: the image has no kernel in /boot (add a kernel such as linux-image-amd64 to packages)"
-        );
-    };
-    let initrd = boot.join(format!("initrd.img-{version}"));
-    if !initrd.exists() {
-        bail!(
-            "copy_kernel: kernel {version} has no initrd in /boot (add initramfs-tools to packages)"
-        );
-    }
-    Ok((boot.join(format!("vmlinuz-{version}")), initrd))
-}
-
-/// Compares kernel versions by their numeric runs (`6.1.0-10` after `6.1.0-9`).
-fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
-    fn parts(s: &str) -> Vec<Result<u64, String>> {
-        let mut out = Vec::new();
-        let mut cur = String::new();
-        let mut digits = false;
-        for c in s.chars() {
-            if c.is_ascii_digit() != digits && !cur.is_empty() {
-                out.push(if digits {
-                    Ok(cur.parse().unwrap_or(u64::MAX))
-                } else {
-                    Err(std::mem::take(&mut cur))
-                });
-                cur.clear();
-            }
-            digits = c.is_ascii_digit();
-            cur.push(c);
-        }
-        if !cur.is_empty() {
-            out.push(if digits {
-                Ok(cur.parse().unwrap_or(u64::MAX))
-            } else {
-                Err(cur)
-            });
-        }
-        out
-    }
-    parts(a).cmp(&parts(b))
 }
 
 #[cfg(test)]
@@ -855,32 +805,5 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(names, [std::ffi::OsString::from(".debimg.lock")]);
-    }
-
-    #[test]
-    fn kernel_versions_sort_numerically() {
-        let mut v = vec!["6.1.0-10-amd64", "6.1.0-9-amd64", "5.10.0-28-amd64"];
-        v.sort_by(|a, b| version_cmp(a, b));
-        assert_eq!(v, ["5.10.0-28-amd64", "6.1.0-9-amd64", "6.1.0-10-amd64"]);
-    }
-
-    #[test]
-    fn newest_kernel_and_its_initrd() {
-        let dir = tempfile::tempdir().unwrap();
-        let boot = dir.path().join("boot");
-        std::fs::create_dir_all(&boot).unwrap();
-        for f in [
-            "vmlinuz-6.1.0-9-amd64",
-            "initrd.img-6.1.0-9-amd64",
-            "vmlinuz-6.1.0-10-amd64",
-            "initrd.img-6.1.0-10-amd64",
-        ] {
-            std::fs::write(boot.join(f), f).unwrap();
-        }
-        let (k, i) = find_kernel(dir.path()).unwrap();
-        assert!(k.ends_with("vmlinuz-6.1.0-10-amd64"));
-        assert!(i.ends_with("initrd.img-6.1.0-10-amd64"));
-        std::fs::remove_file(boot.join("initrd.img-6.1.0-10-amd64")).unwrap();
-        assert!(find_kernel(dir.path()).is_err());
     }
 }

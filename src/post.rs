@@ -16,8 +16,9 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use crate::cmd::CommandRunExt;
-use crate::debian::{CHROOT_ENV, chroot_command};
+use crate::debian::CHROOT_ENV;
 use crate::kind::FsInfo;
+use crate::root::{Owner, Root};
 use crate::spec::PostScript;
 
 /// The variables a script sees besides the clean base environment.
@@ -59,11 +60,11 @@ pub fn display_name(index: usize, script: &PostScript) -> String {
         .unwrap_or_else(|| format!("post[{index}]"))
 }
 
-/// Runs every script in order. `root` is the image root on the host, `scratch` a private
-/// directory for host scripts.
+/// Runs every script in order. `root` is the image tree, `scratch` a private directory for
+/// host scripts. After each script, whatever it left running in the chroot is ended.
 pub fn run_all(
     scripts: &[PostScript],
-    root: &Path,
+    root: &Root,
     scratch: &Path,
     image_name: &str,
     filesystems: &[FsInfo],
@@ -81,7 +82,9 @@ pub fn run_all(
             },
             script.interpreter
         );
-        match run_one(script, root, scratch, image_name, filesystems, show) {
+        let res = run_one(script, root, scratch, image_name, filesystems, show);
+        root.end_processes(&format!("post script {name}"))?;
+        match res {
             Ok(()) => {}
             Err(e) if script.may_fail => {
                 tracing::warn!("post script {name} failed (may_fail: true, going on): {e:#}")
@@ -94,49 +97,58 @@ pub fn run_all(
 
 fn run_one(
     script: &PostScript,
-    root: &Path,
+    root: &Root,
     scratch: &Path,
     image_name: &str,
     filesystems: &[FsInfo],
     show: bool,
 ) -> Result<()> {
     let token = crate::sys::unique_token();
-    let (host_path, mut cmd) = if script.chroot {
-        let interp = root.join(script.interpreter.trim_start_matches('/'));
-        if !interp.exists() {
+    if script.chroot {
+        if !root.is_file(&script.interpreter) {
             bail!(
                 "its interpreter {} is not in the image (install the package that has it)",
                 script.interpreter
             );
         }
-        let tmp = root.join("tmp");
-        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        // Written through the in-root API: a `/tmp` the image links elsewhere is followed
+        // inside the image, never onto the host.
         let rel = format!("/tmp/debimg-post-{token}");
-        let mut cmd = chroot_command(root, &script.interpreter);
+        root.write(&rel, script.script.as_bytes(), 0o700, Owner::ROOT)?;
+        let mut cmd = root.command(&script.interpreter);
         cmd.arg(&rel);
         cmd.envs(environment("/", image_name, true, filesystems));
-        (root.join(rel.trim_start_matches('/')), cmd)
+        let res = cmd.run_streaming(show);
+        if let Err(e) = root.remove_file(&rel) {
+            tracing::warn!("removing {rel} from the image: {e:#}");
+        }
+        res
     } else {
         let path = scratch.join(format!("post-{token}"));
         let mut cmd = Command::new(&script.interpreter);
         cmd.arg(&path)
-            .current_dir(root)
+            .current_dir(root.path())
             .env_clear()
             .envs(CHROOT_ENV.iter().copied())
             .envs(environment(
-                &root.display().to_string(),
+                &root.path().display().to_string(),
                 image_name,
                 false,
                 filesystems,
             ));
-        (path, cmd)
-    };
-    let _remove = RemoveOnDrop(&host_path);
-    std::fs::write(&host_path, &script.script)
-        .with_context(|| format!("writing {}", host_path.display()))?;
-    std::fs::set_permissions(&host_path, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("making {} executable", host_path.display()))?;
-    cmd.run_streaming(show)
+        let _remove = RemoveOnDrop(&path);
+        let mut f = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        std::io::Write::write_all(&mut f, script.script.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} executable", path.display()))?;
+        drop(f);
+        cmd.run_streaming(show)
+    }
 }
 
 /// Removes a script file whatever happens to the run.
@@ -202,9 +214,10 @@ mod tests {
             chroot: false,
             may_fail: false,
         };
+        let r = Root::open(root.path()).unwrap();
         run_all(
             std::slice::from_ref(&script),
-            root.path(),
+            &r,
             scratch.path(),
             "x",
             &[],
@@ -223,7 +236,7 @@ mod tests {
         };
         let err = run_all(
             std::slice::from_ref(&failing),
-            root.path(),
+            &r,
             scratch.path(),
             "x",
             &[],
@@ -235,7 +248,7 @@ mod tests {
             may_fail: true,
             ..failing
         };
-        run_all(&[tolerated], root.path(), scratch.path(), "x", &[], false).unwrap();
+        run_all(&[tolerated], &r, scratch.path(), "x", &[], false).unwrap();
         assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
     }
 }

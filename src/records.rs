@@ -1,18 +1,17 @@
 //! The package records written next to the images: what is installed, which files each package
 //! owns, and under which licences (mic/livecd-tools' `.packages`, `.files` and `.licenses`).
 //!
-//! Everything is read from the image's root tree (`var/lib/dpkg/info`, `usr/share/doc`), never
-//! from the host: symlinks under `root` are resolved as if `root` were `/`. The functions return
-//! the text; the caller decides where it goes.
+//! Everything is read from the image's root tree (`var/lib/dpkg/info`, `usr/share/doc`) through
+//! the in-root file API, never from the host: symlinks in the tree are resolved as the image
+//! resolves them, and only regular files are read. The functions return the text; the caller
+//! decides where it goes.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
-use std::fs;
-use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::debian::settings::resolve_in_root;
+use crate::root::Root;
 
 /// Where dpkg keeps the per-package file lists, relative to the root.
 const DPKG_INFO: &str = "var/lib/dpkg/info";
@@ -57,23 +56,20 @@ pub fn packages_record(installed: &BTreeMap<String, String>) -> String {
 /// merged, each once, architectures in name order. A name in `installed` may itself be
 /// arch-qualified (`libc6:amd64`). Paths that are not UTF-8 are written lossily. A package with
 /// no list is an error.
-pub fn files_record(root: &Path, installed: &BTreeMap<String, String>) -> Result<String> {
-    let info = root.join(DPKG_INFO);
-    let lists = list_stems(&info)?;
+pub fn files_record(root: &Root, installed: &BTreeMap<String, String>) -> Result<String> {
+    let lists = list_stems(root)?;
     let mut out = String::new();
     for name in installed.keys() {
         let stems = lists_of(&lists, name);
         if stems.is_empty() {
             bail!(
-                "package {name} has no dpkg file list ({}/{name}.list or {name}:<arch>.list)",
-                info.display()
+                "package {name} has no dpkg file list (/{DPKG_INFO}/{name}.list or {name}:<arch>.list)"
             );
         }
         let _ = writeln!(out, "{name}:");
         let mut seen = HashSet::new();
         for stem in stems {
-            let path = info.join(format!("{stem}.list"));
-            let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let bytes = root.read(format!("{DPKG_INFO}/{stem}.list"))?;
             for line in String::from_utf8_lossy(&bytes).lines() {
                 if line.is_empty() || line == "/." || !seen.insert(line.to_string()) {
                     continue;
@@ -86,18 +82,17 @@ pub fn files_record(root: &Path, installed: &BTreeMap<String, String>) -> Result
 }
 
 /// The names of the `*.list` files in dpkg's info directory, without `.list`.
-fn list_stems(info: &Path) -> Result<BTreeSet<String>> {
+fn list_stems(root: &Root) -> Result<BTreeSet<String>> {
     let mut stems = BTreeSet::new();
-    let entries =
-        fs::read_dir(info).with_context(|| format!("reading dpkg database {}", info.display()))?;
+    if !root.is_dir(DPKG_INFO) {
+        bail!("the image has no dpkg database (/{DPKG_INFO})");
+    }
+    let entries = root
+        .read_dir(DPKG_INFO)
+        .context("reading the image's dpkg database")?;
     for entry in entries {
-        let entry = entry.with_context(|| format!("reading dpkg database {}", info.display()))?;
         // Package names are ASCII: a name that is not UTF-8 is no package's list.
-        if let Some(stem) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.strip_suffix(".list"))
-        {
+        if let Some(stem) = entry.name.to_str().and_then(|n| n.strip_suffix(".list")) {
             stems.insert(stem.to_string());
         }
     }
@@ -149,17 +144,15 @@ fn lists_of<'a>(stems: &'a BTreeSet<String>, name: &str) -> Vec<&'a str> {
 /// file gets [`NO_COPYRIGHT`], a free-text one [`NOT_MACHINE_READABLE`], a DEP-5 one that names
 /// no licence [`NO_LICENSE_NAME`]. Symlinks (`usr/share/doc/<pkg>` often links to another
 /// package's directory) are followed inside `root`.
-pub fn licenses_record(root: &Path, installed: &BTreeMap<String, String>) -> Result<String> {
+pub fn licenses_record(root: &Root, installed: &BTreeMap<String, String>) -> Result<String> {
     let mut per_package: Vec<(&str, Vec<String>)> = Vec::with_capacity(installed.len());
     for name in installed.keys() {
         let bare = name.split_once(':').map_or(name.as_str(), |(b, _)| b);
         let rel = format!("{DOC_DIR}/{bare}/copyright");
-        let path = resolve_in_root(root, &rel)?;
-        let licenses = match path.is_file() {
+        let licenses = match root.is_file(&rel) {
             false => vec![NO_COPYRIGHT.to_string()],
             true => {
-                let bytes =
-                    fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                let bytes = root.read(&rel)?;
                 match parse_copyright_licenses(&String::from_utf8_lossy(&bytes)) {
                     None => vec![NOT_MACHINE_READABLE.to_string()],
                     Some(l) if l.is_empty() => vec![NO_LICENSE_NAME.to_string()],
@@ -329,7 +322,9 @@ fn parse_paragraphs(text: &str) -> Vec<Vec<Field>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::os::unix::fs::symlink;
+    use std::path::Path;
 
     /// Shaped like coreutils' copyright: header with a folded Comment, Files paragraphs with
     /// multi-line Files/Copyright, a licence expression, standalone licence paragraphs.
@@ -563,7 +558,7 @@ from <https://sourceware.org/git/glibc.git>
         write(&info.join("base-files.md5sums"), "not a list\n");
 
         let text = files_record(
-            root.path(),
+            &Root::open(root.path()).unwrap(),
             &installed(&["libc6", "base-files", "zlib1g:amd64", "empty"]),
         )
         .unwrap();
@@ -577,7 +572,11 @@ from <https://sourceware.org/git/glibc.git>
         );
 
         // An arch-qualified name whose package dpkg does not qualify.
-        let text = files_record(root.path(), &installed(&["libc6-dev:amd64"])).unwrap();
+        let text = files_record(
+            &Root::open(root.path()).unwrap(),
+            &installed(&["libc6-dev:amd64"]),
+        )
+        .unwrap();
         assert_eq!(text, "libc6-dev:amd64:\n    /usr/include/stdio.h\n");
     }
 
@@ -594,17 +593,20 @@ from <https://sourceware.org/git/glibc.git>
             "/.\n",
         );
         for name in ["ghost", "libc", "bas"] {
-            let err = files_record(root.path(), &installed(&["bash", name])).unwrap_err();
+            let err = files_record(
+                &Root::open(root.path()).unwrap(),
+                &installed(&["bash", name]),
+            )
+            .unwrap_err();
             assert!(
                 format!("{err:#}").contains(&format!("package {name} ")),
                 "{err:#}"
             );
         }
-        let err = files_record(&root.path().join("nowhere"), &installed(&["bash"])).unwrap_err();
-        assert!(
-            format!("{err:#}").contains("reading dpkg database"),
-            "{err:#}"
-        );
+        let empty = tempfile::tempdir().unwrap();
+        let err =
+            files_record(&Root::open(empty.path()).unwrap(), &installed(&["bash"])).unwrap_err();
+        assert!(format!("{err:#}").contains("no dpkg database"), "{err:#}");
     }
 
     #[test]
@@ -636,8 +638,9 @@ from <https://sourceware.org/git/glibc.git>
         // A doc dir without copyright, and no doc dir at all.
         fs::create_dir_all(doc.join("nocopy")).unwrap();
 
+        let r = Root::open(&root).unwrap();
         let text = licenses_record(
-            &root,
+            &r,
             &installed(&[
                 "coreutils",
                 "libc6:amd64",
@@ -684,30 +687,40 @@ from <https://sourceware.org/git/glibc.git>
              rel-link: BSD-4-clause-UC, GPL-3+\n"
         );
         assert_eq!(
-            licenses_record(&root, &BTreeMap::new()).unwrap(),
+            licenses_record(&r, &BTreeMap::new()).unwrap(),
             "# Licences\n\n# Packages\n"
         );
     }
 
     #[test]
-    fn resolve_stays_in_root_and_stops_loops() {
+    fn links_stay_in_root_and_loops_stop() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
-        write(&root.join("usr/share/doc/a/copyright"), "x");
+        write(&root.join("usr/share/doc/a/copyright"), COREUTILS);
         symlink("/usr/share/doc/a", root.join("usr/share/doc/b")).unwrap();
         symlink("../usr/./share", root.join("usr/link")).unwrap();
-        assert_eq!(
-            resolve_in_root(root, "usr/link/doc/b/copyright").unwrap(),
-            root.join("usr/share/doc/a/copyright")
+        symlink("loop2", root.join("usr/share/doc/loop1")).unwrap();
+        symlink("/usr/share/doc/loop1", root.join("usr/share/doc/loop2")).unwrap();
+        // A copyright file that is a FIFO is not read (a read would block).
+        fs::create_dir_all(root.join("usr/share/doc/fifo")).unwrap();
+        nix::unistd::mkfifo(
+            &root.join("usr/share/doc/fifo/copyright"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        let text = licenses_record(
+            &Root::open(root).unwrap(),
+            &installed(&["b", "loop1", "fifo"]),
+        )
+        .unwrap();
+        assert!(text.contains("b: BSD-4-clause-UC, GPL-3+\n"), "{text}");
+        assert!(
+            text.contains("loop1: unknown (no copyright file)\n"),
+            "{text}"
         );
         assert!(
-            !resolve_in_root(root, "usr/share/doc/a/copyright/x")
-                .unwrap()
-                .exists()
+            text.contains("fifo: unknown (no copyright file)\n"),
+            "{text}"
         );
-        symlink("loop2", root.join("loop1")).unwrap();
-        symlink("/loop1", root.join("loop2")).unwrap();
-        let err = resolve_in_root(root, "loop1/copyright").unwrap_err();
-        assert!(format!("{err:#}").contains("a loop?"), "{err:#}");
     }
 }

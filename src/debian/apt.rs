@@ -4,15 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::Cache;
 use crate::cmd::CommandRunExt;
-use crate::debian::chroot_command;
 use crate::plan::{Plan, PlannedRepo};
+use crate::root::{Owner, Root};
 use crate::spec::Proxies;
 
 /// The build-only apt configuration file, removed before the image is finished.
@@ -23,6 +22,12 @@ pub const EXCLUDE_PREFS: &str = "etc/apt/preferences.d/00debimg-exclude.pref";
 
 /// Where local `.deb` files wait for apt inside the chroot (build-only).
 pub const LOCAL_DEBS_DIR: &str = "var/cache/debimg-local-debs";
+
+/// Where apt keeps its index files in the image.
+pub const LISTS_DIR: &str = "var/lib/apt/lists";
+
+/// Pins above this make apt prefer a version even when it is a downgrade (apt_preferences(5)).
+pub const DOWNGRADE_PRIORITY: i32 = 1000;
 
 /// A preferences file that gives every package matching an `exclude` pattern priority -1:
 /// apt never installs it, and a package that needs it fails with apt's own explanation.
@@ -203,84 +208,111 @@ pub fn parse_installed(text: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// True when a repo is pinned above 1000: apt then installs its versions even where that
+/// means a downgrade, and `apt-get` must be allowed to carry that out.
+pub fn allows_downgrades(repos: &[PlannedRepo]) -> bool {
+    repos
+        .iter()
+        .any(|r| r.priority.is_some_and(|p| p > DOWNGRADE_PRIORITY))
+}
+
 /// Carries out apt's part of the build in a chroot.
 pub struct Apt<'a> {
-    pub root: &'a Path,
+    pub root: &'a Root,
     pub show: bool,
 }
 
 impl Apt<'_> {
-    fn path(&self, rel: &str) -> PathBuf {
-        self.root.join(rel)
-    }
-
     /// Writes the sources, the build-only settings, and runs `apt-get update`; with a cache,
     /// starts from the lists it holds for these sources and stores the result.
     pub fn configure_and_update(&self, plan: &Plan, cache: Option<&Cache>) -> Result<()> {
         let sources = render_sources(&plan.repos);
-        write(&self.path("etc/apt/sources.list"), &sources)?;
-        write(&self.path(BUILD_CONF), &render_build_conf(&plan.proxies))?;
-        let lists = self.path("var/lib/apt/lists");
+        self.root.write(
+            "etc/apt/sources.list",
+            sources.as_bytes(),
+            0o644,
+            Owner::ROOT,
+        )?;
+        self.root.write(
+            BUILD_CONF,
+            render_build_conf(&plan.proxies).as_bytes(),
+            0o644,
+            Owner::ROOT,
+        )?;
+        self.root.create_dir_all(LISTS_DIR)?;
         let key = crate::cache::lists_key(&sources, &plan.arch);
         if let Some(c) = cache {
-            let n = c.restore_lists(&key, &lists);
+            let n = c.restore_lists(&key, self.root)?;
             if n > 0 {
                 tracing::info!("apt lists: {n} files from the cache");
             }
         }
         self.apt_get(&["update"])?;
         if let Some(c) = cache {
-            c.store_lists(&key, &lists)?;
+            c.store_lists(&key, self.root)?;
         }
         Ok(())
     }
 
     /// Reads each repo's Release fields from apt's lists (after `update`).
     pub fn release_meta(&self, repo: &PlannedRepo) -> Result<ReleaseMeta> {
-        let lists = self.path("var/lib/apt/lists");
         let prefix = format!("{}_dists_{}_", list_file_prefix(&repo.uri), repo.suite);
         for name in ["InRelease", "Release"] {
-            let p = lists.join(format!("{prefix}{name}"));
-            if p.exists() {
-                let text = std::fs::read_to_string(&p)
-                    .with_context(|| format!("reading {}", p.display()))?;
+            let p = format!("{LISTS_DIR}/{prefix}{name}");
+            if self.root.is_file(&p) {
+                let text = self.root.read_to_string(&p)?;
                 return Ok(parse_release(&text));
             }
         }
         bail!(
-            "repo `{}`: apt fetched no Release file for {} {} (looked for {}*Release in {})",
+            "repo `{}`: apt fetched no Release file for {} {} (looked for {}*Release in /{LISTS_DIR})",
             repo.name,
-            repo.uri,
+            crate::redact::text(&repo.uri),
             repo.suite,
-            prefix,
-            lists.display()
+            crate::redact::text(&prefix),
         )
     }
 
     /// Writes a preferences file for every repo that has a priority; returns every repo's
     /// Release fields for the metadata.
     pub fn pin(&self, plan: &Plan) -> Result<Vec<ReleaseMeta>> {
-        let dir = self.path("etc/apt/preferences.d");
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut metas = Vec::new();
         for repo in &plan.repos {
             let meta = self.release_meta(repo)?;
             if let Some(prio) = repo.priority {
-                write(
-                    &dir.join(format!("debimg-{}.pref", repo.name)),
-                    &render_preferences(repo, &meta, prio),
+                self.root.write(
+                    format!("etc/apt/preferences.d/debimg-{}.pref", repo.name),
+                    render_preferences(repo, &meta, prio).as_bytes(),
+                    0o644,
+                    Owner::ROOT,
                 )?;
+                if prio > DOWNGRADE_PRIORITY {
+                    tracing::info!(
+                        "repo `{}` is pinned at {prio} (above {DOWNGRADE_PRIORITY}): its versions \
+                         are installed even where that is a downgrade",
+                        repo.name
+                    );
+                }
             }
             metas.push(meta);
         }
         Ok(metas)
     }
 
-    /// Upgrades what debootstrap installed and installs the spec's packages.
-    pub fn install(&self, packages: &[String]) -> Result<()> {
-        self.apt_get(&["dist-upgrade"])?;
+    /// Upgrades what debootstrap installed and installs the spec's packages. With a pin above
+    /// 1000 (`downgrades`), apt may have to downgrade what the bootstrap installed: allowed.
+    pub fn install(&self, packages: &[String], downgrades: bool) -> Result<()> {
+        let allow: &[&str] = if downgrades {
+            &["--allow-downgrades"]
+        } else {
+            &[]
+        };
+        let mut args = vec!["dist-upgrade"];
+        args.extend(allow);
+        self.apt_get(&args)?;
         if !packages.is_empty() {
             let mut args = vec!["install"];
+            args.extend(allow);
             args.extend(packages.iter().map(String::as_str));
             self.apt_get(&args)?;
         }
@@ -292,9 +324,11 @@ impl Apt<'_> {
         if patterns.is_empty() {
             return Ok(());
         }
-        write(
-            &self.path(EXCLUDE_PREFS),
-            &render_exclude_preferences(patterns),
+        self.root.write(
+            EXCLUDE_PREFS,
+            render_exclude_preferences(patterns).as_bytes(),
+            0o644,
+            Owner::ROOT,
         )
     }
 
@@ -308,7 +342,7 @@ impl Apt<'_> {
             if keep.is_empty() {
                 break;
             }
-            let mut cmd = chroot_command(self.root, "apt-get");
+            let mut cmd = self.root.command("apt-get");
             cmd.args(["--simulate", "-q", "install"]).args(&keep);
             let (code, _, tail) = cmd.run_accepting_output(&[0, 100])?;
             let missing = parse_missing_packages(&tail);
@@ -324,21 +358,24 @@ impl Apt<'_> {
     }
 
     /// Installs local `.deb` files, their dependencies resolved from the repos.
-    pub fn install_local(&self, debs: &[crate::plan::LocalDeb]) -> Result<()> {
+    pub fn install_local(&self, debs: &[crate::plan::LocalDeb], downgrades: bool) -> Result<()> {
         if debs.is_empty() {
             return Ok(());
         }
-        let dir = self.path(LOCAL_DEBS_DIR);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut args = vec!["install".to_string()];
+        if downgrades {
+            args.push("--allow-downgrades".into());
+        }
         for d in debs {
-            std::fs::copy(&d.path, dir.join(&d.file_name))
+            let dest = format!("/{LOCAL_DEBS_DIR}/{}", d.file_name);
+            self.root
+                .copy_in(&d.path, &dest, 0o644, Owner::ROOT)
                 .with_context(|| format!("copying {} into the image", d.path.display()))?;
-            args.push(format!("/{LOCAL_DEBS_DIR}/{}", d.file_name));
+            args.push(dest);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let res = self.apt_get(&args);
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        self.root.remove_flat_dir(LOCAL_DEBS_DIR)?;
         res
     }
 
@@ -374,31 +411,34 @@ impl Apt<'_> {
 
     /// Every installed package and its version.
     pub fn installed(&self) -> Result<BTreeMap<String, String>> {
-        let out = chroot_command(self.root, "dpkg-query")
+        let out = self
+            .root
+            .command("dpkg-query")
             .args(["-W", "-f", "${Package}\t${Version}\t${db:Status-Abbrev}\n"])
             .run_stdout()
             .context("listing installed packages")?;
         Ok(parse_installed(&out))
     }
 
+    /// Runs apt-get in the chroot, then ends whatever its maintainer scripts left running.
     fn apt_get(&self, args: &[&str]) -> Result<()> {
-        let mut cmd = chroot_command(self.root, "apt-get");
+        let mut cmd = self.root.command("apt-get");
         cmd.args(["-y", "-o", "APT::Color=0"]);
         if !self.show {
             cmd.arg("-q");
         }
         cmd.args(args);
-        cmd.run_streaming(self.show)
-            .with_context(|| format!("apt-get {} in {}", args.join(" "), self.root.display()))
+        let what = format!("apt-get {}", args.first().copied().unwrap_or_default());
+        let res = cmd.run_streaming(self.show).with_context(|| {
+            format!(
+                "apt-get {} in {}",
+                args.join(" "),
+                self.root.path().display()
+            )
+        });
+        self.root.end_processes(&what)?;
+        res
     }
-}
-
-/// Writes a small file, creating its directory.
-pub fn write(path: &Path, contents: &str) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]
@@ -481,6 +521,16 @@ mod tests {
         .map(String::from)
         .to_vec();
         assert_eq!(parse_missing_packages(&lines), ["no-such-pkg", "virt"]);
+    }
+
+    #[test]
+    fn pins_above_1000_allow_downgrades() {
+        let mut r = repo("main");
+        assert!(!allows_downgrades(std::slice::from_ref(&r)));
+        r.priority = Some(1000);
+        assert!(!allows_downgrades(std::slice::from_ref(&r)));
+        r.priority = Some(1001);
+        assert!(allows_downgrades(&[repo("main"), r]));
     }
 
     #[test]

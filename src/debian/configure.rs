@@ -4,14 +4,12 @@
 //! [`BuildOnlyFiles`] so that the finished image holds none of them.
 
 use std::fmt::Write as _;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
 use crate::cmd::CommandRunExt;
-use crate::debian::apt::{self, write};
-use crate::debian::chroot_command;
+use crate::debian::apt;
+use crate::root::{Owner, Root};
 
 /// `policy-rc.d` that forbids every service start inside the chroot.
 pub const POLICY_RC_D: &str = "usr/sbin/policy-rc.d";
@@ -19,6 +17,9 @@ pub const POLICY_RC_D: &str = "usr/sbin/policy-rc.d";
 /// dpkg setting that skips its fsyncs during the build (everything is synced once, when the
 /// filesystems are unmounted).
 pub const DPKG_UNSAFE_IO: &str = "etc/dpkg/dpkg.cfg.d/debimg-unsafe-io";
+
+/// Where the image's own resolv.conf (a link) waits while the host's is in place.
+const SAVED_RESOLV_CONF: &str = "etc/resolv.conf.debimg-saved";
 
 /// What fstab needs to know about one filesystem.
 #[derive(Debug, Clone)]
@@ -63,93 +64,95 @@ pub fn render_hosts(hostname: &str) -> String {
 }
 
 /// The build-only files placed into the image, removed again by [`BuildOnlyFiles::remove`].
+#[derive(Default)]
 pub struct BuildOnlyFiles {
-    root: PathBuf,
-    /// The image's own resolv.conf (file or link) moved aside while the host's is in place.
-    saved_resolv: Option<PathBuf>,
+    /// The image's own resolv.conf (a link) was moved aside while the host's is in place.
+    saved_resolv: bool,
 }
 
 impl BuildOnlyFiles {
-    /// Tracks the build-only files of the image tree at `root` (none placed yet).
-    pub fn new(root: &Path) -> BuildOnlyFiles {
-        BuildOnlyFiles {
-            root: root.to_path_buf(),
-            saved_resolv: None,
-        }
+    /// Tracks the build-only files of an image tree (none placed yet).
+    pub fn new() -> BuildOnlyFiles {
+        BuildOnlyFiles::default()
     }
 
     /// Installs policy-rc.d so that no maintainer script starts a service. Called before
     /// debootstrap and again after it: debootstrap removes its own policy-rc.d when it ends.
-    pub fn install_policy(&self) -> Result<()> {
-        let path = self.root.join(POLICY_RC_D);
-        write(
-            &path,
-            "#!/bin/sh\n# debimg: no service starts inside the build chroot.\nexit 101\n",
-        )?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("making {} executable", path.display()))
+    pub fn install_policy(&self, root: &Root) -> Result<()> {
+        root.write(
+            POLICY_RC_D,
+            b"#!/bin/sh\n# debimg: no service starts inside the build chroot.\nexit 101\n",
+            0o755,
+            Owner::ROOT,
+        )
     }
 
     /// Lets dpkg skip its fsyncs for the rest of the build.
-    pub fn install_dpkg_unsafe_io(&self) -> Result<()> {
-        write(
-            &self.root.join(DPKG_UNSAFE_IO),
-            "# debimg: build-only, removed before the image is finished.\nforce-unsafe-io\n",
+    pub fn install_dpkg_unsafe_io(&self, root: &Root) -> Result<()> {
+        root.write(
+            DPKG_UNSAFE_IO,
+            b"# debimg: build-only, removed before the image is finished.\nforce-unsafe-io\n",
+            0o644,
+            Owner::ROOT,
         )
     }
 
     /// Puts the host's resolv.conf into the chroot so apt can resolve the mirror. A symlink
     /// the image brought (systemd-resolved, resolvconf) is kept aside and restored; a plain
     /// file is debootstrap's copy of the host's and does not belong in the image.
-    pub fn install_resolv_conf(&mut self) -> Result<()> {
-        let target = self.root.join("etc/resolv.conf");
-        if target
-            .symlink_metadata()
-            .is_ok_and(|m| m.file_type().is_symlink())
+    pub fn install_resolv_conf(&mut self, root: &Root) -> Result<()> {
+        if !self.saved_resolv
+            && root
+                .symlink_metadata("etc/resolv.conf")?
+                .is_some_and(|m| m.file_type().is_symlink())
         {
-            let saved = self.root.join("etc/resolv.conf.debimg-saved");
-            std::fs::rename(&target, &saved)
-                .with_context(|| format!("moving {} aside", target.display()))?;
-            self.saved_resolv = Some(saved);
+            root.rename("etc/resolv.conf", SAVED_RESOLV_CONF)?;
+            self.saved_resolv = true;
         }
         let host = std::fs::read("/etc/resolv.conf").unwrap_or_default();
-        std::fs::write(&target, host).with_context(|| format!("writing {}", target.display()))
+        root.write("etc/resolv.conf", &host, 0o644, Owner::ROOT)
     }
 
     /// Removes every build-only file and restores what they replaced.
-    pub fn remove(&mut self) -> Result<()> {
+    pub fn remove(&mut self, root: &Root) -> Result<()> {
         for rel in [
             POLICY_RC_D,
             apt::BUILD_CONF,
             apt::EXCLUDE_PREFS,
             DPKG_UNSAFE_IO,
+            "etc/resolv.conf",
         ] {
-            remove_if_exists(&self.root.join(rel))?;
+            root.remove_file(rel)?;
         }
-        let target = self.root.join("etc/resolv.conf");
-        remove_if_exists(&target)?;
-        if let Some(saved) = self.saved_resolv.take() {
-            std::fs::rename(&saved, &target)
-                .with_context(|| format!("restoring {}", target.display()))?;
+        if self.saved_resolv {
+            root.rename(SAVED_RESOLV_CONF, "etc/resolv.conf")
+                .context("restoring the image's /etc/resolv.conf")?;
+            self.saved_resolv = false;
         }
         Ok(())
     }
 }
 
-fn remove_if_exists(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing {}", path.display()))
-        }
-        _ => Ok(()),
-    }
-}
-
 /// Writes hostname, hosts and fstab.
-pub fn write_system_files(root: &Path, hostname: &str, fstab: &[FstabEntry]) -> Result<()> {
-    write(&root.join("etc/hostname"), &format!("{hostname}\n"))?;
-    write(&root.join("etc/hosts"), &render_hosts(hostname))?;
-    write(&root.join("etc/fstab"), &render_fstab(fstab))
+pub fn write_system_files(root: &Root, hostname: &str, fstab: &[FstabEntry]) -> Result<()> {
+    root.write(
+        "etc/hostname",
+        format!("{hostname}\n").as_bytes(),
+        0o644,
+        Owner::ROOT,
+    )?;
+    root.write(
+        "etc/hosts",
+        render_hosts(hostname).as_bytes(),
+        0o644,
+        Owner::ROOT,
+    )?;
+    root.write(
+        "etc/fstab",
+        render_fstab(fstab).as_bytes(),
+        0o644,
+        Owner::ROOT,
+    )
 }
 
 /// A unit that makes the SSH host keys on first boot (the build removed its own).
@@ -168,64 +171,71 @@ WantedBy=multi-user.target
 
 /// Removes what would make every machine made from the image the same machine: SSH host keys
 /// generated by openssh-server's postinst (new ones are made on first boot) and the machine-id
-/// (emptied: systemd makes one on first boot).
-pub fn scrub_host_identity(root: &Path) -> Result<()> {
-    let ssh = root.join("etc/ssh");
+/// (emptied: systemd makes one on first boot). Links are removed or replaced, never followed.
+pub fn scrub_host_identity(root: &Root) -> Result<()> {
     let mut removed_keys = false;
-    if let Ok(rd) = std::fs::read_dir(&ssh) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("ssh_host_")
-                && (name.ends_with("_key") || name.ends_with("_key.pub"))
-            {
-                remove_if_exists(&e.path())?;
-                removed_keys = true;
-            }
+    for e in root.read_dir("etc/ssh")? {
+        let name = e.name.to_string_lossy();
+        if name.starts_with("ssh_host_") && (name.ends_with("_key") || name.ends_with("_key.pub")) {
+            removed_keys |= root.remove_file(format!("etc/ssh/{name}"))?;
         }
     }
     let has_systemd =
-        root.join("usr/lib/systemd/systemd").exists() || root.join("lib/systemd/systemd").exists();
+        root.is_file("usr/lib/systemd/systemd") || root.is_file("lib/systemd/systemd");
     if removed_keys && has_systemd {
-        let unit = root.join("etc/systemd/system/debimg-ssh-keygen.service");
-        write(&unit, SSH_KEYGEN_UNIT)?;
-        let wants = root.join("etc/systemd/system/multi-user.target.wants");
-        std::fs::create_dir_all(&wants).with_context(|| format!("creating {}", wants.display()))?;
-        let link = wants.join("debimg-ssh-keygen.service");
-        remove_if_exists(&link)?;
-        std::os::unix::fs::symlink("../debimg-ssh-keygen.service", &link)
-            .with_context(|| format!("enabling {}", link.display()))?;
+        root.write(
+            "etc/systemd/system/debimg-ssh-keygen.service",
+            SSH_KEYGEN_UNIT.as_bytes(),
+            0o644,
+            Owner::ROOT,
+        )?;
+        root.symlink(
+            "../debimg-ssh-keygen.service",
+            "etc/systemd/system/multi-user.target.wants/debimg-ssh-keygen.service",
+        )
+        .context("enabling debimg-ssh-keygen.service")?;
     }
-    let machine_id = root.join("etc/machine-id");
-    if machine_id.is_file() {
-        std::fs::write(&machine_id, "")
-            .with_context(|| format!("emptying {}", machine_id.display()))?;
+    // An empty regular file whatever was there: a package's link (`-> /etc/shadow`) is
+    // replaced, never written through.
+    if let Some(md) = root.symlink_metadata("etc/machine-id")? {
+        let mode = if md.is_file() {
+            std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o7777
+        } else {
+            0o444
+        };
+        root.write("etc/machine-id", b"", mode, Owner::ROOT)?;
     }
-    let dbus_id = root.join("var/lib/dbus/machine-id");
-    if dbus_id.symlink_metadata().is_ok_and(|m| m.is_file()) {
-        remove_if_exists(&dbus_id)?;
+    if root
+        .symlink_metadata("var/lib/dbus/machine-id")?
+        .is_some_and(|m| m.is_file())
+    {
+        root.remove_file("var/lib/dbus/machine-id")?;
     }
     Ok(())
 }
 
 /// Sets root's password hash (`!` locks the account).
-pub fn set_root_password(root: &Path, hash: &str) -> Result<()> {
-    chroot_command(root, "usermod")
+pub fn set_root_password(root: &Root, hash: &str) -> Result<()> {
+    root.command("usermod")
         .args(["-p", hash, "root"])
         .run()
         .context("setting root's password")
 }
 
 /// Removes the spec's repos from the final image's apt sources when the spec says so.
-pub fn drop_apt_sources(root: &Path) -> Result<()> {
-    write(
-        &root.join("etc/apt/sources.list"),
-        "# debimg: the build's repos were removed (keep_apt_sources: false).\n",
+pub fn drop_apt_sources(root: &Root) -> Result<()> {
+    root.write(
+        "etc/apt/sources.list",
+        b"# debimg: the build's repos were removed (keep_apt_sources: false).\n",
+        0o644,
+        Owner::ROOT,
     )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn fstab_by_uuid() {
@@ -268,12 +278,14 @@ mod tests {
         let root = dir.path();
         std::fs::create_dir_all(root.join("etc")).unwrap();
         std::os::unix::fs::symlink("../run/resolv.conf", root.join("etc/resolv.conf")).unwrap();
-        let mut b = BuildOnlyFiles::new(root);
-        b.install_policy().unwrap();
-        b.install_resolv_conf().unwrap();
-        write(&root.join(apt::BUILD_CONF), "x").unwrap();
+        let r = Root::open(root).unwrap();
+        let mut b = BuildOnlyFiles::new();
+        b.install_policy(&r).unwrap();
+        b.install_resolv_conf(&r).unwrap();
+        b.install_resolv_conf(&r).unwrap();
+        r.write(apt::BUILD_CONF, b"x", 0o644, Owner::ROOT).unwrap();
         assert!(root.join(POLICY_RC_D).exists());
-        b.remove().unwrap();
+        b.remove(&r).unwrap();
         assert!(!root.join(POLICY_RC_D).exists());
         assert!(!root.join(apt::BUILD_CONF).exists());
         assert_eq!(
@@ -297,7 +309,7 @@ mod tests {
             std::fs::write(root.join("etc/ssh").join(f), "x").unwrap();
         }
         std::fs::write(root.join("etc/machine-id"), "0123456789abcdef\n").unwrap();
-        scrub_host_identity(root).unwrap();
+        scrub_host_identity(&Root::open(root).unwrap()).unwrap();
         assert!(!root.join("etc/ssh/ssh_host_ed25519_key").exists());
         assert!(!root.join("etc/ssh/ssh_host_ed25519_key.pub").exists());
         assert!(root.join("etc/ssh/sshd_config").exists());
@@ -313,15 +325,43 @@ mod tests {
     }
 
     #[test]
+    fn scrubbing_never_follows_links_out_of_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let host = dir.path().join("host");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::create_dir_all(root.join("var/lib/dbus")).unwrap();
+        std::fs::create_dir_all(&host).unwrap();
+        std::fs::write(host.join("shadow"), "root:hash:::\n").unwrap();
+        std::fs::write(host.join("ssh_host_rsa_key"), "host key").unwrap();
+        std::os::unix::fs::symlink(host.join("shadow"), root.join("etc/machine-id")).unwrap();
+        std::os::unix::fs::symlink(&host, root.join("etc/ssh")).unwrap();
+        std::os::unix::fs::symlink(host.join("shadow"), root.join("var/lib/dbus/machine-id"))
+            .unwrap();
+        scrub_host_identity(&Root::open(&root).unwrap()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(host.join("shadow")).unwrap(),
+            "root:hash:::\n"
+        );
+        assert!(host.join("ssh_host_rsa_key").exists());
+        let m = std::fs::symlink_metadata(root.join("etc/machine-id")).unwrap();
+        assert!(
+            m.is_file() && m.len() == 0,
+            "the link is replaced by an empty file"
+        );
+    }
+
+    #[test]
     fn host_resolv_conf_copy_is_not_kept() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         std::fs::create_dir_all(root.join("etc")).unwrap();
         std::fs::write(root.join("etc/resolv.conf"), "nameserver 192.0.2.1\n").unwrap();
-        let mut b = BuildOnlyFiles::new(root);
-        b.install_policy().unwrap();
-        b.install_resolv_conf().unwrap();
-        b.remove().unwrap();
+        let r = Root::open(root).unwrap();
+        let mut b = BuildOnlyFiles::new();
+        b.install_policy(&r).unwrap();
+        b.install_resolv_conf(&r).unwrap();
+        b.remove(&r).unwrap();
         assert!(root.join("etc/resolv.conf").symlink_metadata().is_err());
     }
 }

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 
 use crate::cmd::CommandRunExt;
 use crate::plan::Plan;
+use crate::root::Root;
 
 /// The debootstrap command line for a plan (pure, so it can be tested).
 pub fn command(plan: &Plan, root: &Path, cache_dir: Option<&Path>) -> Command {
@@ -47,9 +48,16 @@ pub fn clean_env(cmd: &mut Command, plan: &Plan) {
     }
 }
 
-/// Bootstraps `root` (which already holds the mounted image tree).
-pub fn run(plan: &Plan, root: &Path, cache_dir: Option<&Path>, show: bool) -> Result<()> {
-    command(plan, root, cache_dir)
+/// Bootstraps `root` (which already holds the mounted image tree); with `cache_dir`, the
+/// packages it downloads stay there (for the package cache, which checks them first).
+pub fn run(plan: &Plan, root: &Root, cache_dir: Option<&Path>, show: bool) -> Result<()> {
+    command(plan, root.path(), cache_dir)
         .run_streaming(show)
-        .with_context(|| format!("bootstrapping {} into {}", plan.suite, root.display()))
+        .with_context(|| {
+            format!(
+                "bootstrapping {} into {}",
+                plan.suite,
+                root.path().display()
+            )
+        })
 }

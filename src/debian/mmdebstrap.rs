@@ -9,13 +9,16 @@ use anyhow::{Context, Result};
 use crate::cmd::CommandRunExt;
 use crate::debian::debootstrap::clean_env;
 use crate::plan::Plan;
+use crate::root::Root;
 
 /// What mmdebstrap's `--dpkgopt` leaves in the tree; removed after the bootstrap (the build
 /// puts its own build-only dpkg setting in place and removes that one at the end).
 pub const DPKG_CFG: &str = "etc/dpkg/dpkg.cfg.d/99mmdebstrap";
 
-/// The mmdebstrap command line for a plan (pure, so it can be tested). With `debs`, packages
-/// are taken from and returned to that directory (the package cache's working copy).
+/// The mmdebstrap command line for a plan (pure, so it can be tested). With `debs`, the
+/// packages it downloaded are copied out to that directory (for the package cache, which
+/// checks them first). None go in: a sync-in of pooled files could not be checked against the
+/// repository's index before apt took them.
 pub fn command(plan: &Plan, root: &Path, debs: Option<&Path>) -> Command {
     let mut cmd = Command::new("mmdebstrap");
     cmd.args(["--mode=root", "--format=directory", "--skip=check/empty"]);
@@ -33,10 +36,6 @@ pub fn command(plan: &Plan, root: &Path, debs: Option<&Path>) -> Command {
     if let Some(dir) = debs {
         let dir = dir.display();
         cmd.arg("--skip=essential/unlink");
-        cmd.arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/");
-        cmd.arg(format!(
-            "--setup-hook=sync-in {dir} /var/cache/apt/archives/"
-        ));
         cmd.arg(format!(
             "--customize-hook=sync-out /var/cache/apt/archives {dir}"
         ));
@@ -47,11 +46,11 @@ pub fn command(plan: &Plan, root: &Path, debs: Option<&Path>) -> Command {
 }
 
 /// Bootstraps `root` (which already holds the mounted image tree).
-pub fn run(plan: &Plan, root: &Path, debs: Option<&Path>, show: bool) -> Result<()> {
-    let mut cmd = command(plan, root, debs);
+pub fn run(plan: &Plan, root: &Root, debs: Option<&Path>, show: bool) -> Result<()> {
+    let mut cmd = command(plan, root.path(), debs);
     // mmdebstrap keeps a gpg home under TMPDIR; in the workspace it goes with the workspace even
     // when mmdebstrap is killed before it can remove it (one was found left in /tmp).
-    if let Some(ws) = root.parent() {
+    if let Some(ws) = root.path().parent() {
         let tmp = ws.join("tmp");
         std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         cmd.env("TMPDIR", &tmp);
@@ -60,14 +59,8 @@ pub fn run(plan: &Plan, root: &Path, debs: Option<&Path>, show: bool) -> Result<
         format!(
             "bootstrapping {} into {} with mmdebstrap",
             plan.suite,
-            root.display()
+            root.path().display()
         )
     })?;
-    let cfg = root.join(DPKG_CFG);
-    match std::fs::remove_file(&cfg) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing {}", cfg.display()))
-        }
-        _ => Ok(()),
-    }
+    root.remove_file(DPKG_CFG).map(drop)
 }

@@ -13,13 +13,13 @@ use nix::mount::MsFlags;
 
 use super::{FsInfo, ImageKind, MountStack, Ship, Staged};
 use crate::cmd::CommandRunExt;
-use crate::debian::chroot_command;
 use crate::pack::shrink;
 use crate::plan::{Plan, mount_order};
+use crate::root::{Owner, Root};
 use crate::spec::{Container, Disk, DiskFormat, Firmware, Fs, PartitionFlag, PartitionTable};
 use crate::sys::loopdev::{self, LoopDevice};
 use crate::sys::mkfs::{self, MkfsRequest};
-use crate::sys::mount::{self, Mount};
+use crate::sys::mount::Mount;
 
 /// GPT type GUIDs (the Discoverable Partitions Specification's for the x86-64 root).
 const GPT_BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
@@ -219,16 +219,15 @@ impl DiskImage {
     /// A tmpfs `/dev` for the chroot with the nodes GRUB's tools need: the disk, its
     /// partitions and their `/dev/disk/by-uuid` links (grub-mkconfig writes `root=UUID=` only
     /// when that link exists).
-    fn populate_dev(&self, root: &Path) -> Result<Mount> {
-        let dev = root.join("dev");
-        let m = mount::mount(
+    fn populate_dev(&self, root: &Root) -> Result<Mount> {
+        let m = root.mount(
             "debimg-dev",
-            &dev,
+            "/dev",
             Some("tmpfs"),
             MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
             Some("mode=0755,size=1m"),
         )?;
-        let mut nodes: Vec<(String, u64)> = [
+        let chars: Vec<(String, u64)> = [
             ("null", (1, 3)),
             ("zero", (1, 5)),
             ("full", (1, 7)),
@@ -267,40 +266,33 @@ impl DiskImage {
                 .with_context(|| format!("parsing {}", sys.display()))?;
             *dev_t = nix::sys::stat::makedev(ma.parse()?, mi.parse()?);
         }
-        use nix::sys::stat::{Mode, SFlag, mknod};
-        let mode = Mode::from_bits_truncate(0o666);
-        for (name, dev_t) in nodes.drain(..) {
-            mknod(&dev.join(&name), SFlag::S_IFCHR, mode, dev_t)
-                .with_context(|| format!("making /dev/{name} in the chroot"))?;
+        for (name, dev_t) in &chars {
+            root.mknod(format!("/dev/{name}"), false, 0o666, *dev_t)?;
         }
         for (name, dev_t) in &block {
-            mknod(
-                &dev.join(name),
-                SFlag::S_IFBLK,
-                Mode::from_bits_truncate(0o660),
-                *dev_t,
-            )
-            .with_context(|| format!("making /dev/{name} in the chroot"))?;
+            root.mknod(format!("/dev/{name}"), true, 0o660, *dev_t)?;
         }
-        let by_uuid = dev.join("disk/by-uuid");
-        std::fs::create_dir_all(&by_uuid)
-            .with_context(|| format!("creating {}", by_uuid.display()))?;
         for p in self.parts.iter().filter(|p| p.fs.is_some()) {
             let name = p.dev.file_name().unwrap_or_default().to_string_lossy();
-            std::os::unix::fs::symlink(format!("../../{name}"), by_uuid.join(&p.uuid))
-                .with_context(|| format!("linking /dev/disk/by-uuid/{}", p.uuid))?;
+            root.symlink(
+                format!("../../{name}"),
+                format!("/dev/disk/by-uuid/{}", p.uuid),
+            )
+            .with_context(|| format!("linking /dev/disk/by-uuid/{}", p.uuid))?;
         }
         Ok(m)
     }
 
-    fn install_grub(&self, plan: &Plan, disk: &Disk, root: &Path) -> Result<()> {
-        crate::debian::apt::write(
-            &root.join("etc/default/grub"),
-            &grub_defaults(&disk.cmdline),
+    fn install_grub(&self, disk: &Disk, root: &Root, workspace: &Path) -> Result<()> {
+        root.write(
+            "/etc/default/grub",
+            grub_defaults(&disk.cmdline).as_bytes(),
+            0o644,
+            Owner::ROOT,
         )?;
         let loop_path = self.loop_dev()?.path().display().to_string();
         if disk.boot.contains(&Firmware::Bios) {
-            chroot_command(root, "grub-install")
+            root.command("grub-install")
                 .args([
                     "--target=i386-pc",
                     "--no-floppy",
@@ -312,15 +304,13 @@ impl DiskImage {
                 .context("installing GRUB for BIOS")?;
         }
         if disk.boot.contains(&Firmware::Uefi) {
-            self.install_grub_efi(root)?;
+            self.install_grub_efi(root, workspace)?;
         }
-        chroot_command(root, "grub-mkconfig")
+        root.command("grub-mkconfig")
             .args(["-o", "/boot/grub/grub.cfg"])
             .run()
             .context("writing /boot/grub/grub.cfg")?;
-        let cfg_path = root.join("boot/grub/grub.cfg");
-        let cfg = std::fs::read_to_string(&cfg_path)
-            .with_context(|| format!("reading {}", cfg_path.display()))?;
+        let cfg = root.read_to_string("/boot/grub/grub.cfg")?;
         let root_uuid = &self.part_at("/").context("no partition at /")?.uuid;
         if cfg.contains("/dev/loop") || !cfg.contains(&format!("root=UUID={root_uuid}")) {
             bail!(
@@ -331,14 +321,13 @@ impl DiskImage {
                     .join(" | ")
             );
         }
-        let _ = plan;
         Ok(())
     }
 
     /// GRUB for UEFI without mounting the ESP: its modules go to `/boot/grub/x86_64-efi` as
     /// grub-install would put them, the image with its early config is made in the chroot,
     /// and mtools writes it onto the FAT partition as the removable-media path.
-    fn install_grub_efi(&self, root: &Path) -> Result<()> {
+    fn install_grub_efi(&self, root: &Root, workspace: &Path) -> Result<()> {
         let esp = self
             .parts
             .iter()
@@ -348,36 +337,47 @@ impl DiskImage {
         let boot_fs = boot
             .or_else(|| self.part_at("/"))
             .context("no partition at /")?;
-        let lib = root.join("usr/lib/grub/x86_64-efi");
-        let dest = root.join("boot/grub/x86_64-efi");
-        std::fs::create_dir_all(&dest).with_context(|| format!("creating {}", dest.display()))?;
-        for e in std::fs::read_dir(&lib).with_context(|| format!("listing {}", lib.display()))? {
-            let e = e?;
-            let name = e.file_name();
-            let n = name.to_string_lossy();
-            if n.ends_with(".mod") || n.ends_with(".lst") {
-                std::fs::copy(e.path(), dest.join(&name))
-                    .with_context(|| format!("copying GRUB module {n}"))?;
+        const LIB: &str = "/usr/lib/grub/x86_64-efi";
+        for e in root.read_dir(LIB)? {
+            let n = e.name.to_string_lossy();
+            if e.file_type.is_file() && (n.ends_with(".mod") || n.ends_with(".lst")) {
+                let bytes = root.read(format!("{LIB}/{n}"))?;
+                root.write(
+                    format!("/boot/grub/x86_64-efi/{n}"),
+                    &bytes,
+                    0o644,
+                    Owner::ROOT,
+                )
+                .with_context(|| format!("copying GRUB module {n}"))?;
             }
         }
-        let early = root.join("tmp/debimg-grub-early.cfg");
-        std::fs::write(&early, efi_early_config(&boot_fs.uuid, boot.is_some()))
-            .with_context(|| format!("writing {}", early.display()))?;
-        let image = root.join("tmp/debimg-BOOTX64.EFI");
-        let res = chroot_command(root, "grub-mkimage")
+        const EARLY: &str = "/tmp/debimg-grub-early.cfg";
+        const IMAGE: &str = "/tmp/debimg-BOOTX64.EFI";
+        root.write(
+            EARLY,
+            efi_early_config(&boot_fs.uuid, boot.is_some()).as_bytes(),
+            0o644,
+            Owner::ROOT,
+        )?;
+        // mtools reads the image from the workspace: a copy out of the tree that must be a
+        // regular file in it.
+        let image = workspace.join("BOOTX64.EFI");
+        let res = root
+            .command("grub-mkimage")
             .args([
                 "-O",
                 "x86_64-efi",
                 "-o",
-                "/tmp/debimg-BOOTX64.EFI",
+                IMAGE,
                 "-c",
-                "/tmp/debimg-grub-early.cfg",
+                EARLY,
                 "-p",
                 "/boot/grub",
             ])
             .args(EFI_MODULES)
             .run()
             .context("making the UEFI GRUB image")
+            .and_then(|()| root.copy_out(IMAGE, &image).map(drop))
             .and_then(|()| {
                 let dev = esp.dev.display().to_string();
                 // The host's mtools.conf must not change what is written.
@@ -396,24 +396,28 @@ impl DiskImage {
                     .run()
                     .context("copying BOOTX64.EFI onto the ESP")
             });
-        let _ = std::fs::remove_file(&early);
+        let _ = root.remove_file(EARLY);
+        let _ = root.remove_file(IMAGE);
         let _ = std::fs::remove_file(&image);
         res
     }
 }
 
 /// Puts the grow-on-boot script and its unit into the image and enables the unit.
-fn install_growroot(root: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let script = root.join("usr/lib/debimg/growroot");
-    crate::debian::apt::write(&script, GROWROOT_SCRIPT)?;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
-        .with_context(|| format!("making {} executable", script.display()))?;
-    crate::debian::apt::write(
-        &root.join("etc/systemd/system/debimg-growroot.service"),
-        GROWROOT_UNIT,
+fn install_growroot(root: &Root) -> Result<()> {
+    root.write(
+        "/usr/lib/debimg/growroot",
+        GROWROOT_SCRIPT.as_bytes(),
+        0o755,
+        Owner::ROOT,
     )?;
-    chroot_command(root, "systemctl")
+    root.write(
+        "/etc/systemd/system/debimg-growroot.service",
+        GROWROOT_UNIT.as_bytes(),
+        0o644,
+        Owner::ROOT,
+    )?;
+    root.command("systemctl")
         .env("SYSTEMD_OFFLINE", "1")
         .args(["enable", "debimg-growroot.service"])
         .run()
@@ -517,25 +521,16 @@ impl ImageKind for DiskImage {
         // first.
         for i in mount_order(&points) {
             let p = mounted[i];
-            let target = root.join(points[i].trim_start_matches('/'));
-            std::fs::create_dir_all(&target)
-                .with_context(|| format!("creating mount point {}", target.display()))?;
-            self.mounts.push(mount::mount(
+            self.mounts.push(super::mount_in_tree(
+                root,
+                points[i],
                 &p.dev.to_string_lossy(),
-                &target,
-                p.fs.as_deref(),
-                MsFlags::empty(),
-                None,
+                p.fs.as_deref().unwrap_or_default(),
             )?);
         }
+        let tree = Root::open(root)?;
         for p in self.parts.iter().filter(|p| p.esp) {
-            let dir = root.join(
-                p.mount
-                    .as_deref()
-                    .unwrap_or("/boot/efi")
-                    .trim_start_matches('/'),
-            );
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            tree.create_dir_all(p.mount.as_deref().unwrap_or("/boot/efi"))?;
         }
         Ok(())
     }
@@ -560,15 +555,15 @@ impl ImageKind for DiskImage {
         self.mounts.points()
     }
 
-    fn make_bootable(&mut self, plan: &Plan, root: &Path) -> Result<()> {
+    fn make_bootable(&mut self, plan: &Plan, root: &Root, workspace: &Path) -> Result<()> {
         let disk = self.disk(plan)?.clone();
-        crate::creator::find_kernel(root)
+        super::find_kernel(root)
             .context("a bootable disk needs a kernel and an initrd in /boot")?;
         if disk.grow {
             install_growroot(root)?;
         }
         let dev = self.populate_dev(root)?;
-        let res = self.install_grub(plan, &disk, root);
+        let res = self.install_grub(&disk, root, workspace);
         let closed = dev.close();
         res?;
         closed

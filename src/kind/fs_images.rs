@@ -6,7 +6,6 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use nix::mount::MsFlags;
 
 use super::{FsInfo, ImageKind, MountStack, Ship, Staged};
 use crate::pack::shrink;
@@ -14,7 +13,6 @@ use crate::plan::Plan;
 use crate::spec::Fs;
 use crate::sys::loopdev::{self, LoopDevice};
 use crate::sys::mkfs::{self, MkfsRequest};
-use crate::sys::mount;
 
 /// One image file per filesystem.
 #[derive(Default)]
@@ -72,11 +70,8 @@ impl ImageKind for FsImages {
         }
         for &i in &plan.mount_order {
             let img = &plan.images[i];
-            let target = root.join(img.mount.trim_start_matches('/'));
-            std::fs::create_dir_all(&target)
-                .with_context(|| format!("creating mount point {}", target.display()))?;
             let dev = self.loops[i].path().to_string_lossy().into_owned();
-            let m = mount::mount(&dev, &target, Some(img.fs.name()), MsFlags::empty(), None)?;
+            let m = super::mount_in_tree(root, &img.mount, &dev, img.fs.name())?;
             self.mounts.push(m);
         }
         Ok(())

@@ -12,11 +12,12 @@ pub mod tarball;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 
 use crate::plan::Plan;
+use crate::root::Root;
 use crate::spec::{Container, Kind};
-use crate::sys::mount::Mount;
+use crate::sys::mount::{self, Mount, MsFlags};
 
 /// One filesystem of the install root, as post scripts and fstab see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,8 +90,8 @@ pub trait ImageKind {
     fn mount_points(&self) -> Vec<PathBuf>;
 
     /// Makes the tree bootable (bootloader, kernel command line); the chroot's API filesystems
-    /// are still mounted. The default does nothing.
-    fn make_bootable(&mut self, _plan: &Plan, _root: &Path) -> Result<()> {
+    /// are still mounted. `workspace` is private to this build. The default does nothing.
+    fn make_bootable(&mut self, _plan: &Plan, _root: &Root, _workspace: &Path) -> Result<()> {
         Ok(())
     }
 
@@ -150,11 +151,118 @@ impl Drop for MountStack {
     }
 }
 
+/// Mounts the filesystem on `dev` at `mount` of the tree at `root`: `/` on the tree's
+/// directory itself (made here: it is the workspace's), anything deeper on a directory
+/// resolved inside the tree as mounted so far, through the in-root API.
+pub fn mount_in_tree(root: &Path, mount: &str, dev: &str, fstype: &str) -> Result<Mount> {
+    if mount == "/" {
+        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        return mount::mount(dev, root, Some(fstype), MsFlags::empty(), None);
+    }
+    Root::open(root)?.mount(dev, mount, Some(fstype), MsFlags::empty(), None)
+}
+
+/// The newest kernel in the image's `/boot` and its initrd, as paths in the image.
+pub fn find_kernel(root: &Root) -> Result<(String, String)> {
+    let mut kernels: Vec<String> = root
+        .read_dir("/boot")?
+        .into_iter()
+        .filter_map(|e| {
+            e.name
+                .to_str()
+                .and_then(|n| n.strip_prefix("vmlinuz-"))
+                .map(String::from)
+        })
+        .collect();
+    kernels.sort_by(|a, b| version_cmp(a, b));
+    let Some(version) = kernels.pop() else {
+        bail!(
+            "copy_kernel: the image has no kernel in /boot (add a kernel such as linux-image-amd64 to packages)"
+        );
+    };
+    let initrd = format!("/boot/initrd.img-{version}");
+    if !root.exists(&initrd) {
+        bail!(
+            "copy_kernel: kernel {version} has no initrd in /boot (add initramfs-tools to packages)"
+        );
+    }
+    Ok((format!("/boot/vmlinuz-{version}"), initrd))
+}
+
+/// Compares kernel versions by their numeric runs (`6.1.0-10` after `6.1.0-9`).
+fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn parts(s: &str) -> Vec<Result<u64, String>> {
+        let mut out = Vec::new();
+        let mut cur = String::new();
+        let mut digits = false;
+        for c in s.chars() {
+            if c.is_ascii_digit() != digits && !cur.is_empty() {
+                out.push(if digits {
+                    Ok(cur.parse().unwrap_or(u64::MAX))
+                } else {
+                    Err(std::mem::take(&mut cur))
+                });
+                cur.clear();
+            }
+            digits = c.is_ascii_digit();
+            cur.push(c);
+        }
+        if !cur.is_empty() {
+            out.push(if digits {
+                Ok(cur.parse().unwrap_or(u64::MAX))
+            } else {
+                Err(cur)
+            });
+        }
+        out
+    }
+    parts(a).cmp(&parts(b))
+}
+
 /// The kind a spec asks for.
 pub fn for_plan(plan: &Plan) -> Box<dyn ImageKind> {
     match plan.kind {
         Kind::FsImages => Box::new(fs_images::FsImages::default()),
         Kind::Tarball => Box::new(tarball::Tarball),
         Kind::Disk => Box::new(disk::DiskImage::default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions_sort_numerically() {
+        let mut v = vec!["6.1.0-10-amd64", "6.1.0-9-amd64", "5.10.0-28-amd64"];
+        v.sort_by(|a, b| version_cmp(a, b));
+        assert_eq!(v, ["5.10.0-28-amd64", "6.1.0-9-amd64", "6.1.0-10-amd64"]);
+    }
+
+    #[test]
+    fn newest_kernel_and_its_initrd() {
+        let dir = tempfile::tempdir().unwrap();
+        let boot = dir.path().join("boot");
+        std::fs::create_dir_all(&boot).unwrap();
+        for f in [
+            "vmlinuz-6.1.0-9-amd64",
+            "initrd.img-6.1.0-9-amd64",
+            "vmlinuz-6.1.0-10-amd64",
+            "initrd.img-6.1.0-10-amd64",
+        ] {
+            std::fs::write(boot.join(f), f).unwrap();
+        }
+        let root = Root::open(dir.path()).unwrap();
+        let (k, i) = find_kernel(&root).unwrap();
+        assert_eq!(k, "/boot/vmlinuz-6.1.0-10-amd64");
+        assert_eq!(i, "/boot/initrd.img-6.1.0-10-amd64");
+        std::fs::remove_file(boot.join("initrd.img-6.1.0-10-amd64")).unwrap();
+        assert!(find_kernel(&root).is_err());
+        // A /boot that links out of the image is looked up inside it.
+        let host = tempfile::tempdir().unwrap();
+        std::fs::write(host.path().join("vmlinuz-9"), "host").unwrap();
+        std::fs::rename(&boot, dir.path().join("boot.old")).unwrap();
+        std::os::unix::fs::symlink(host.path(), &boot).unwrap();
+        assert!(find_kernel(&root).is_err());
     }
 }

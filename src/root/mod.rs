@@ -45,6 +45,9 @@ pub const CHROOT_ENV: &[(&str, &str)] = &[
     ("HOME", "/root"),
 ];
 
+/// How long processes left in the chroot get between SIGTERM and SIGKILL.
+pub const LEFTOVER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Owner of a file written into the image, as the image numbers its users.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Owner {
@@ -185,6 +188,21 @@ impl Root {
             .env_clear()
             .envs(CHROOT_ENV.iter().copied());
         cmd
+    }
+
+    /// Ends every process left running in the tree (TERM, then KILL after a grace period) by a
+    /// step that ran code in it, `after` naming the step for the warning. Daemons a maintainer
+    /// script or a post script started would otherwise run on through the rest of the build.
+    pub fn end_processes(&self, after: &str) -> Result<()> {
+        let ended = crate::sys::procs::kill_processes_in_root(&self.path, LEFTOVER_GRACE)
+            .with_context(|| format!("ending processes left by {after}"))?;
+        if !ended.is_empty() {
+            tracing::warn!(
+                "ended {} process(es) left running in the chroot by {after}: {ended:?}",
+                ended.len()
+            );
+        }
+        Ok(())
     }
 
     /// An `O_PATH` descriptor of `path`, its last component followed (inside the tree) when
