@@ -40,14 +40,14 @@ pub trait CommandRunExt {
     fn run_streaming(&mut self, show: bool) -> Result<()>;
 }
 
-/// Renders a command line for logs and errors.
+/// Renders a command line for logs and errors, URL credentials masked.
 pub fn command_line(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
     for arg in cmd.get_args() {
         s.push(' ');
         s.push_str(&quote(arg));
     }
-    s
+    crate::redact::owned(&s)
 }
 
 fn quote(arg: &OsStr) -> String {
@@ -289,7 +289,8 @@ fn pump(
         let reader = std::io::BufReader::new(pipe);
         for line in reader.split(b'\n') {
             let Ok(line) = line else { break };
-            let line = String::from_utf8_lossy(&line).into_owned();
+            // A program may print the URLs it was given, credentials and all.
+            let line = crate::redact::owned(&String::from_utf8_lossy(&line));
             if show {
                 eprintln!("    {line}");
             }
@@ -362,6 +363,24 @@ mod tests {
             .run_streaming(false)
             .unwrap();
         assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn credentials_never_reach_logs_or_errors() {
+        let mut c = Command::new("sh");
+        c.args([
+            "-c",
+            "echo fetching http://user:hunter2@m.example/debian >&2; exit 1",
+            "http://user:hunter2@m.example/debian",
+        ]);
+        assert!(
+            !command_line(&c).contains("hunter2"),
+            "{}",
+            command_line(&c)
+        );
+        let msg = format!("{:#}", c.run_streaming(false).unwrap_err());
+        assert!(!msg.contains("hunter2"), "{msg}");
+        assert!(msg.contains("http://user:***@m.example/debian"), "{msg}");
     }
 
     #[test]

@@ -213,6 +213,7 @@ impl Creator {
             std::fs::create_dir_all(&self.opts.build_dir).with_context(|| {
                 format!("creating build directory {}", self.opts.build_dir.display())
             })?;
+            check_free_space(&self.plan, &self.opts.build_dir, self.opts.tmpfs)?;
             let ws = Workspace::create(&self.opts.build_dir, &self.plan.name, self.opts.tmpfs)?;
             self.root_path = ws.work.join("root");
             self.ws = Some(ws);
@@ -525,7 +526,7 @@ impl Creator {
                 .zip(&self.release_metas)
                 .map(|(r, m)| RepoMeta {
                     name: r.name.clone(),
-                    uri: r.uri.clone(),
+                    uri: crate::redact::owned(&r.uri),
                     suite: r.suite.clone(),
                     section: r.section.clone(),
                     priority: r.priority,
@@ -633,6 +634,61 @@ impl Drop for Creator {
             tracing::warn!("cleaning up: {e:#}");
         }
     }
+}
+
+/// The least a Debian tree takes (a minbase tree is about 180 MB with its package lists).
+const MIN_TREE: u64 = 160 << 20;
+
+/// What a build of `plan` needs in its workspace at the least: the tree (up to the images'
+/// capacity, as they are sparse), and a second copy of it for a tarball's archive.
+pub fn space_needed(plan: &Plan) -> u64 {
+    match plan.kind {
+        crate::spec::Kind::Tarball => 2 * MIN_TREE,
+        crate::spec::Kind::Disk => plan
+            .disk
+            .as_ref()
+            .map_or(MIN_TREE, |d| d.size.0.min(MIN_TREE)),
+        crate::spec::Kind::FsImages => plan
+            .images
+            .iter()
+            .map(|i| i.size)
+            .sum::<u64>()
+            .min(MIN_TREE),
+    }
+}
+
+/// Fails, naming the shortfall, when the build directory (or the `--tmpfs` to be made) has
+/// less room than the build needs at the least: before anything is created, rather than with
+/// an I/O error half way through.
+fn check_free_space(plan: &Plan, build_dir: &Path, tmpfs: Option<u64>) -> Result<()> {
+    let need = space_needed(plan);
+    let (free, what, hint) = match tmpfs {
+        Some(size) => (
+            size,
+            "the --tmpfs workspace".to_string(),
+            "give --tmpfs a larger size or build on disk",
+        ),
+        None => {
+            let st = nix::sys::statvfs::statvfs(build_dir)
+                .with_context(|| format!("inspecting {}", build_dir.display()))?;
+            (
+                st.blocks_available() * st.fragment_size(),
+                format!("the build directory {}", build_dir.display()),
+                "free some or choose another with --build-dir",
+            )
+        }
+    };
+    if free < need {
+        bail!(
+            "no space left in {what}: {} MiB free, a build of {} needs at least {} MiB (short by \
+             {} MiB): {hint}",
+            free >> 20,
+            plan.name,
+            need >> 20,
+            (need - free).div_ceil(1 << 20)
+        );
+    }
+    Ok(())
 }
 
 /// Fresh proc, sysfs and devpts for the chroot: never bind mounts of the host's.
@@ -772,6 +828,32 @@ fn collect_extra_outputs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn space_preflight_names_the_shortfall() {
+        let spec = crate::spec::Spec::from_yaml(
+            "version: 1\nname: t\nsuite: bookworm\nimages:\n  - {mount: /, fs: ext4, size: 1GiB}\n",
+            "t",
+        )
+        .unwrap();
+        let plan = Plan::new(
+            &spec,
+            &crate::plan::parse_sources_list("deb http://m.example/debian bookworm main"),
+            false,
+        )
+        .unwrap();
+        assert_eq!(space_needed(&plan), MIN_TREE);
+        let dir = tempfile::tempdir().unwrap();
+        let e = check_free_space(&plan, dir.path(), Some(64 << 20))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no space left in the --tmpfs workspace: 64 MiB free")
+                && e.contains("needs at least 160 MiB (short by 96 MiB)"),
+            "{e}"
+        );
+        check_free_space(&plan, dir.path(), Some(1 << 30)).unwrap();
+    }
 
     #[test]
     fn stages_keep_their_order_and_cleanup_is_always_safe() {
