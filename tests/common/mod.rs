@@ -392,3 +392,207 @@ pub fn dpkg_installed(status: &str) -> std::collections::BTreeMap<String, String
     }
     out
 }
+
+/// What a package built by [`build_deb`] holds.
+pub enum DebEntry<'a> {
+    /// A regular file (path in the image, content, mode).
+    File(&'a str, &'a [u8], u32),
+    /// A symlink (path in the image, target as written).
+    Symlink(&'a str, &'a str),
+}
+
+/// Builds `<name>_<version>_all.deb` in `dir` with dpkg-deb from `entries` (owned by root);
+/// `control` adds fields to the generated control file. Returns its path.
+pub fn build_deb(
+    dir: &Path,
+    name: &str,
+    version: &str,
+    control: &str,
+    entries: &[DebEntry],
+) -> PathBuf {
+    let stage = tempfile::Builder::new()
+        .prefix("debimg-test-deb-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let tree = stage.path().join("pkg");
+    std::fs::create_dir_all(tree.join("DEBIAN")).unwrap();
+    std::fs::write(
+        tree.join("DEBIAN/control"),
+        format!(
+            "Package: {name}\nVersion: {version}\nArchitecture: all\nMaintainer: debimg tests <tests@debimg.invalid>\nDescription: debimg test package\n{control}"
+        ),
+    )
+    .unwrap();
+    for e in entries {
+        match e {
+            DebEntry::File(path, content, mode) => {
+                let p = tree.join(path.trim_start_matches('/'));
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(&p, content).unwrap();
+                std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(*mode))
+                    .unwrap();
+            }
+            DebEntry::Symlink(path, target) => {
+                let p = tree.join(path.trim_start_matches('/'));
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::os::unix::fs::symlink(target, &p).unwrap();
+            }
+        }
+    }
+    let deb = dir.join(format!("{name}_{version}_all.deb"));
+    tool(
+        "dpkg-deb",
+        &[
+            "--root-owner-group",
+            "-Zgzip",
+            "--build",
+            tree.to_str().unwrap(),
+            deb.to_str().unwrap(),
+        ],
+    );
+    deb
+}
+
+/// A flat directory of `.deb` files made into an apt repository at `dir`:
+/// `dists/<suite>/<component>/binary-all/Packages` and an unsigned `Release` with the origin,
+/// label and codename apt pins on (`debimg-test`, `<suite>`).
+pub fn make_repo(dir: &Path, suite: &str, component: &str, debs: &[PathBuf]) {
+    let pool = dir.join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    let mut packages = String::new();
+    for deb in debs {
+        let name = deb.file_name().unwrap().to_str().unwrap();
+        std::fs::copy(deb, pool.join(name)).unwrap();
+        let control = tool("dpkg-deb", &["-f", deb.to_str().unwrap()]);
+        let (md5, sha) = sums(deb);
+        let size = std::fs::metadata(deb).unwrap().len();
+        packages.push_str(control.trim_end());
+        packages.push_str(&format!(
+            "\nFilename: pool/{name}\nSize: {size}\nMD5sum: {md5}\nSHA256: {sha}\n\n"
+        ));
+    }
+    let rel = format!("{component}/binary-all/Packages");
+    let index = dir.join("dists").join(suite).join(&rel);
+    std::fs::create_dir_all(index.parent().unwrap()).unwrap();
+    std::fs::write(&index, &packages).unwrap();
+    let (md5, sha) = sums(&index);
+    let size = packages.len();
+    std::fs::write(
+        dir.join("dists").join(suite).join("Release"),
+        format!(
+            "Origin: debimg-test\nLabel: debimg-test\nSuite: {suite}\nCodename: {suite}\n\
+             Date: Thu, 26 Nov 2026 00:00:00 UTC\nArchitectures: amd64 all\nComponents: {component}\n\
+             Description: debimg test repository\nMD5Sum:\n {md5} {size} {rel}\nSHA256:\n {sha} {size} {rel}\n"
+        ),
+    )
+    .unwrap();
+}
+
+/// A static file server for a test repository on 127.0.0.1 (a build's chroot shares the host's
+/// network): GET and HEAD of the files under a directory, 404 for anything else. Stops on drop.
+pub struct StaticServer {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StaticServer {
+    /// Serves `dir`.
+    pub fn start(dir: &Path) -> StaticServer {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (dir, flag) = (dir.to_path_buf(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let dir = dir.clone();
+                        std::thread::spawn(move || serve_one(conn, &dir));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(_) => break,
+                }
+            }
+        });
+        StaticServer {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The repository's URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for StaticServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_one(conn: std::net::TcpStream, dir: &Path) {
+    use std::io::{BufRead, Write};
+    conn.set_nonblocking(false).ok();
+    conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+    let mut out = conn;
+    // HTTP/1.1 keep-alive: answer requests until the client closes.
+    loop {
+        let mut request = String::new();
+        if reader.read_line(&mut request).unwrap_or(0) == 0 {
+            return;
+        }
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                return;
+            }
+            if header == "\r\n" || header == "\n" {
+                break;
+            }
+        }
+        let mut parts = request.split_whitespace();
+        let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
+        let rel = target.split('?').next().unwrap_or("").trim_start_matches('/');
+        let file = (!rel.split('/').any(|c| c == ".." || c.is_empty()))
+            .then(|| dir.join(rel))
+            .filter(|p| p.is_file());
+        let res = match file {
+            Some(p) => {
+                let body = std::fs::read(p).unwrap_or_default();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
+                    body.len()
+                );
+                out.write_all(head.as_bytes()).and_then(|()| {
+                    if method == "HEAD" {
+                        Ok(())
+                    } else {
+                        out.write_all(&body)
+                    }
+                })
+            }
+            None => out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
+        };
+        if res.is_err() {
+            return;
+        }
+    }
+}
+
+/// The host mirror's URL for bookworm, as debimg's `mirror: host` finds it.
+pub fn host_mirror() -> String {
+    let sources = debimg::plan::read_host_sources(Path::new("/")).unwrap();
+    debimg::plan::resolve_host_uri(&sources, "bookworm").unwrap()
+}
