@@ -1,17 +1,49 @@
-//! Caches shared by builds under `--cache-dir`: downloaded packages and bootstrapped base trees.
+//! Caches shared by builds under `--cache-dir`: downloaded packages (`packages/`), bootstrapped
+//! base trees (`bases/`) and apt's lists (`lists/`).
 //!
-//! Every write is a complete file renamed (or hard-linked) into place, so concurrent builds never
-//! see a partial entry and need no lock. Packages are verified by apt and debootstrap against the
-//! repository's hashes as usual; a base tree is keyed on everything that decides the bootstrap,
-//! including the digest of the mirror's Release file, so a mirror update invalidates it.
+//! What is trusted, and why:
+//! - The cache directory, because only the user running debimg (root) can change it:
+//!   [`Cache::open`] refuses one that someone else owns or that group or others can write, or
+//!   that lies below a directory others could change. Whoever can write the cache could feed
+//!   packages and base trees into every build that uses it.
+//! - Nothing a build's chroot wrote. Packages move between the pool and a build as copies, never
+//!   as hard links: through a link a process in one build's chroot could change a pooled file
+//!   in place, and linking changes the inode's ctime, which made mmdebstrap's tar in another
+//!   build fail with "file changed as we read it".
+//! - Every pooled package is checked against the repository index apt verified against the
+//!   signed Release file ([`PackageIndex`]): when it is stored, and again when it is offered to
+//!   a build, by size and SHA-256 computed while copying. This matters because apt takes a file
+//!   already in its archives directory when only its size matches.
+//! - A base tree only with the SHA-256 recorded when it was stored (`<key>.tar.sha256` beside
+//!   `<key>.tar`); a tar that does not match, or has no record, is removed and counts as a miss.
+//!   The key covers everything that decides the bootstrap, including the digest of the mirror's
+//!   Release file, so a mirror update invalidates it.
+//!
+//! Builds side by side share one cache without a lock: every write is a complete file renamed
+//! into place (a package never replacing an entry another build stored first), and nothing is
+//! changed in place, so no reader sees a partial entry or a file change under it. Nothing is
+//! fsynced: a file torn by a crash fails its check and goes. `prune` and `entries` never follow
+//! a link.
 
+use std::ffi::{OsStr, OsString};
+use std::fs::{File, Metadata};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, RenameFlags};
+use nix::sys::stat::{FileStat, Mode, SFlag};
+use nix::unistd::UnlinkatFlags;
 use sha2::{Digest, Sha256};
 
 use crate::cmd::CommandRunExt;
+use crate::debian::index::PackageIndex;
+use crate::pack::digest::{CHUNK_SIZE, read_full};
 use crate::plan::{Plan, hex};
 
 /// The cache directory and its parts.
@@ -28,16 +60,74 @@ pub struct Entry {
     pub age_secs: u64,
 }
 
+/// What [`Cache::offer_packages`] put in a build's archives directory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[must_use]
+pub struct Offered {
+    /// Pooled packages copied, each matching the build's index.
+    pub files: usize,
+    pub bytes: u64,
+    /// Pooled packages of the right size whose digest did not match: removed from the pool.
+    pub rejected: usize,
+}
+
+/// What [`Cache::store_packages`] added to the pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[must_use]
+pub struct Stored {
+    /// Packages new to the pool, each matching the build's index.
+    pub files: usize,
+    pub bytes: u64,
+    /// `.deb` files the pool lacked but that are not what the index lists (unknown or ambiguous
+    /// name, not a regular file, other size or digest): not stored.
+    pub rejected: usize,
+}
+
+/// A base tree found in the cache whose tar matched its recorded digest, held open: what
+/// [`BaseTar::restore`] unpacks is the file that was checked, whatever happens to the name.
+#[derive(Debug)]
+#[must_use]
+pub struct BaseTar {
+    path: PathBuf,
+    file: File,
+}
+
+/// The parts of the cache directory.
+const PARTS: [&str; 3] = ["packages", "bases", "lists"];
+
+/// The record of a base tar's digest: `<key>.tar` + this.
+const DIGEST_SUFFIX: &str = ".sha256";
+
+/// How long a leftover of an interrupted store (a temporary file, a version directory no link
+/// names, a digest record without its tar) must be untouched before `prune` takes it: a store
+/// in progress has not renamed it into place yet.
+const LEFTOVER_SECS: u64 = 3600;
+
 impl Cache {
-    /// Opens (creating) the cache at `dir`.
+    /// Opens the cache at `dir`, creating what is missing (mode 0755). Refuses a cache
+    /// directory or part that is a symbolic link or not a directory, that is not owned by the
+    /// effective user, or that group or others can write, and one below a directory that anyone
+    /// but root or the effective user could change: the error says why and what to do.
     pub fn open(dir: &Path) -> Result<Cache> {
-        for sub in ["packages", "bases", "lists"] {
-            let d = dir.join(sub);
-            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .with_context(|| format!("creating cache directory {}", dir.display()))?;
+        let dir = resolve_parents(dir)?;
+        check_private(&dir)?;
+        for part in PARTS {
+            let d = dir.join(part);
+            match std::fs::DirBuilder::new().mode(0o755).create(&d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("creating {}", d.display()));
+                }
+            }
+            check_private(&d)?;
         }
-        Ok(Cache {
-            dir: dir.to_path_buf(),
-        })
+        Ok(Cache { dir })
     }
 
     /// Where downloaded .deb files are pooled.
@@ -140,28 +230,183 @@ impl Cache {
     }
 
     /// Fills `dest` with every pooled .deb (hard links, or copies across filesystems).
+    /// Superseded by [`Cache::offer_packages`]: this trusts the pool and links into a directory
+    /// a chroot can write.
     pub fn link_packages_into(&self, dest: &Path) -> Result<usize> {
         std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
         share_debs(&self.packages_dir(), dest)
     }
 
-    /// Adds every .deb in `src` that the pool lacks.
+    /// Adds every .deb in `src` that the pool lacks. Superseded by [`Cache::store_packages`]:
+    /// this pools whatever a chroot left, unchecked, by hard link.
     pub fn store_packages_from(&self, src: &Path) -> Result<usize> {
         share_debs(src, &self.packages_dir())
     }
 
-    /// The base tree cached under `key`, if any.
-    pub fn base(&self, key: &str) -> Option<PathBuf> {
-        let p = self.bases_dir().join(format!("{key}.tar"));
-        p.is_file().then_some(p)
+    /// Copies into `dest` (a build's private archives directory, created if missing) every
+    /// pooled package that `index` lists under its name with the same size and whose SHA-256,
+    /// computed while copying, matches too. A copy appears under its final name only complete
+    /// and checked; a name `dest` already has is left alone. A pooled file of the listed size
+    /// but another digest is removed from the pool with a warning. Links and anything but
+    /// regular files in the pool are never followed or opened.
+    pub fn offer_packages(&self, dest: &Path, index: &PackageIndex) -> Result<Offered> {
+        std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+        let pool = DirFd::open(&self.packages_dir())?;
+        let dest = DirFd::open(dest)?;
+        let mut out = Offered::default();
+        for name in pool.names()? {
+            let Some(expected) = name.to_str().and_then(|n| index.expected(n)) else {
+                continue;
+            };
+            if name.as_bytes().starts_with(b".") || dest.lstat(&name).is_some() {
+                continue;
+            }
+            let Some((mut file, st)) = pool.open_regular(&name)? else {
+                continue;
+            };
+            if st.st_size as u64 != expected.size {
+                // Another repository's file of that name, perhaps: not this build's.
+                continue;
+            }
+            let mut tmp = dest.create_temp(&name)?;
+            let digest =
+                copy_hashed(&mut file, &mut tmp.file, expected.size).with_context(|| {
+                    format!(
+                        "copying {} to {}",
+                        pool.shown(&name).display(),
+                        dest.shown(&name).display()
+                    )
+                })?;
+            if digest.as_deref() == Some(expected.sha256.as_str()) {
+                if tmp.place()? {
+                    out.files += 1;
+                    out.bytes += expected.size;
+                }
+            } else {
+                drop(tmp);
+                pool.remove_if_same(&name, &st);
+                tracing::warn!(
+                    "pooled {} does not match its repository's index: removed",
+                    pool.shown(&name).display()
+                );
+                out.rejected += 1;
+            }
+        }
+        Ok(out)
     }
 
-    /// Stores the tree at `root` (spanning its mounts) as the base for `key`.
+    /// Adds to the pool every `*.deb` of `src` (a directory a chroot could write) that the pool
+    /// lacks and whose size and SHA-256 match what `index` lists under its name. Entries are
+    /// opened without following links; hidden names and anything but regular files are
+    /// skipped. Each file is copied, hashed in the same pass, under a temporary name, and put in
+    /// place without replacing an entry another build stored first.
+    pub fn store_packages(&self, src: &Path, index: &PackageIndex) -> Result<Stored> {
+        let src = DirFd::open(src)?;
+        let pool = DirFd::open(&self.packages_dir())?;
+        let mut out = Stored::default();
+        for name in src.names()? {
+            let bytes = name.as_bytes();
+            if bytes.starts_with(b".") || !bytes.ends_with(b".deb") || pool.lstat(&name).is_some() {
+                continue;
+            }
+            let mut reject = |why: &str| {
+                tracing::debug!("not pooling {}: {why}", src.shown(&name).display());
+                out.rejected += 1;
+            };
+            let Some(expected) = name.to_str().and_then(|n| index.expected(n)) else {
+                reject("no repository index lists it, or two list it differently");
+                continue;
+            };
+            let Some((mut file, st)) = src.open_regular(&name)? else {
+                reject("not a regular file");
+                continue;
+            };
+            if st.st_size as u64 != expected.size {
+                reject("its size is not the index's");
+                continue;
+            }
+            let mut tmp = pool.create_temp(&name)?;
+            let digest =
+                copy_hashed(&mut file, &mut tmp.file, expected.size).with_context(|| {
+                    format!(
+                        "copying {} to {}",
+                        src.shown(&name).display(),
+                        pool.shown(&name).display()
+                    )
+                })?;
+            if digest.as_deref() != Some(expected.sha256.as_str()) {
+                reject("its SHA-256 is not the index's");
+                continue;
+            }
+            if tmp.place()? {
+                out.files += 1;
+                out.bytes += expected.size;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The base tree cached under `key`, if its tar matches its recorded digest. Superseded by
+    /// [`Cache::verified_base`], whose open file cannot change between the check and the unpack.
+    pub fn base(&self, key: &str) -> Option<PathBuf> {
+        self.verified_base(key).map(|b| b.path)
+    }
+
+    /// The base tree cached under `key`, checked against the SHA-256 recorded when it was
+    /// stored and held open. A tar that does not match, or has no record, is removed with a
+    /// warning: a miss, as is an invalid key.
+    pub fn verified_base(&self, key: &str) -> Option<BaseTar> {
+        if !valid_key(key) {
+            return None;
+        }
+        let path = self.bases_dir().join(format!("{key}.tar"));
+        let record_path = digest_record(&path);
+        // A second look when the tar or its record changed under us: a build storing the same
+        // key renames its record, then its tar, into place, and a reader in between sees the
+        // new record beside the old tar.
+        for attempt in 0..2 {
+            let Ok(Some((mut file, st))) = open_regular_path(&path) else {
+                return None;
+            };
+            let recorded = read_record(&record_path);
+            tracing::debug!("checking the base tree {}", path.display());
+            let problem = match (&recorded, sha256_of(&mut file)) {
+                (Some(r), Ok(a)) if *r == a => return Some(BaseTar { path, file }),
+                (None, _) => "it has no recorded digest".to_string(),
+                (Some(_), Ok(_)) => "it does not match its recorded digest".to_string(),
+                (Some(_), Err(e)) => format!("reading it failed: {e}"),
+            };
+            let changed = !same_file(&path, &st) || read_record(&record_path) != recorded;
+            if changed {
+                if attempt == 0 {
+                    continue;
+                }
+                tracing::debug!("base tree {} keeps changing: a miss", path.display());
+                return None;
+            }
+            std::fs::remove_file(&path).ok();
+            if read_record(&record_path) == recorded {
+                std::fs::remove_file(&record_path).ok();
+            }
+            tracing::warn!("cached base tree {}: {problem}: removed", path.display());
+            return None;
+        }
+        None
+    }
+
+    /// Stores the tree at `root` (spanning its mounts) as the base for `key`, with the SHA-256
+    /// of the tar recorded beside it: the record is renamed into place first, the tar last.
     pub fn store_base(&self, key: &str, root: &Path) -> Result<PathBuf> {
+        if !valid_key(key) {
+            bail!("invalid base-tree key {key:?}");
+        }
         let dest = self.bases_dir().join(format!("{key}.tar"));
-        let tmp = self
+        let token = crate::sys::unique_token();
+        let tmp = self.bases_dir().join(format!(".{key}.tar.tmp-{token}"));
+        let record = digest_record(&dest);
+        let tmp_record = self
             .bases_dir()
-            .join(format!(".{key}.tar.tmp-{}", crate::sys::unique_token()));
+            .join(format!(".{key}.tar{DIGEST_SUFFIX}.tmp-{token}"));
         let res = Command::new("tar")
             .args(TAR_COMMON)
             .args([
@@ -180,30 +425,34 @@ impl Cache {
             .run()
             .with_context(|| format!("archiving the base tree {}", root.display()))
             .and_then(|()| {
+                let mut f =
+                    File::open(&tmp).with_context(|| format!("opening {}", tmp.display()))?;
+                let digest =
+                    sha256_of(&mut f).with_context(|| format!("reading {}", tmp.display()))?;
+                std::fs::write(&tmp_record, format!("{digest}  {key}.tar\n"))
+                    .with_context(|| format!("writing {}", tmp_record.display()))?;
+                std::fs::rename(&tmp_record, &record)
+                    .with_context(|| format!("moving {} into place", record.display()))?;
                 std::fs::rename(&tmp, &dest)
                     .with_context(|| format!("moving {} into place", dest.display()))
             });
         if res.is_err() {
             let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(&tmp_record);
         }
         res.map(|()| dest)
     }
 
-    /// Unpacks the base tree `tar` into `root`.
+    /// Unpacks the base tree `tar` into `root`. Superseded by [`BaseTar::restore`], which
+    /// unpacks the file that was checked.
     pub fn restore_base(tar: &Path, root: &Path) -> Result<()> {
-        Command::new("tar")
-            .args(TAR_COMMON)
-            .args(["--extract", "--file"])
-            .arg(tar)
-            .arg("-C")
-            .arg(root)
-            .run()
-            .with_context(|| format!("unpacking base {} into {}", tar.display(), root.display()))
+        unpack_base(tar, tar, root)
     }
 
     /// Removes entries unused for at least `older_than_secs` (0: all); returns how many and
     /// their bytes. A build holding an entry open keeps reading it: unlinking does not disturb
-    /// it, and a hard link in its workspace keeps the data.
+    /// it. Nothing is followed: a link is removed as a link, a directory without crossing a
+    /// mount, and a lists link's version directory only when the link names one plainly.
     pub fn prune(&self, older_than_secs: u64) -> Result<(usize, u64)> {
         let mut n = 0;
         let mut bytes = 0;
@@ -211,19 +460,17 @@ impl Cache {
             if e.age_secs < older_than_secs {
                 continue;
             }
-            if let Ok(target) = std::fs::read_link(&e.path) {
-                // A lists entry: the link, then the version directory it named.
-                std::fs::remove_file(&e.path)
-                    .with_context(|| format!("removing {}", e.path.display()))?;
-                let dir = self.lists_dir().join(target);
-                std::fs::remove_dir_all(&dir)
-                    .with_context(|| format!("removing {}", dir.display()))?;
-            } else if e.path.is_dir() {
-                std::fs::remove_dir_all(&e.path)
-                    .with_context(|| format!("removing {}", e.path.display()))?;
-            } else {
-                std::fs::remove_file(&e.path)
-                    .with_context(|| format!("removing {}", e.path.display()))?;
+            let version = std::fs::read_link(&e.path)
+                .ok()
+                .and_then(|t| self.lists_version(&e.path, &t));
+            remove_entry(&e.path)?;
+            if let Some(dir) = version {
+                remove_entry(&dir)?;
+            }
+            if e.path.parent() == Some(self.bases_dir().as_path())
+                && e.path.as_os_str().as_bytes().ends_with(b".tar")
+            {
+                remove_entry(&digest_record(&e.path))?;
             }
             n += 1;
             bytes += e.size;
@@ -231,12 +478,14 @@ impl Cache {
         Ok((n, bytes))
     }
 
-    /// Every cached entry: pooled packages, base trees, and apt lists (one entry per set of
-    /// sources, plus any version directory no link names, left by an interrupted store).
+    /// Every cached entry: pooled packages, base trees (a tar and its digest record are one
+    /// entry), and apt lists (one entry per set of sources); anything else found there (a link,
+    /// a directory, a stray file) is an entry too, so that `prune` clears it; leftovers of an
+    /// interrupted store once they are an hour old. Links are listed, never followed.
     pub fn entries(&self) -> Result<Vec<Entry>> {
         let mut out = Vec::new();
         let now = std::time::SystemTime::now();
-        let age = |md: &std::fs::Metadata| {
+        let age = |md: &Metadata| {
             // Last use: a hit touches nothing, so age runs from the later of write and read.
             md.accessed()
                 .ok()
@@ -245,52 +494,87 @@ impl Cache {
                 .map(|d| d.as_secs())
                 .unwrap_or(0)
         };
-        for d in [self.packages_dir(), self.bases_dir()] {
+        let bases = self.bases_dir();
+        for d in [self.packages_dir(), bases.clone()] {
             let Ok(rd) = std::fs::read_dir(&d) else {
                 continue;
             };
             for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with('.') {
-                    continue;
-                }
+                let name = e.file_name();
+                let name = name.as_bytes();
+                // DirEntry::metadata does not follow a link.
                 let Ok(md) = e.metadata() else { continue };
+                let path = e.path();
+                let mut size = entry_size(&path, &md);
+                let leftover = name.starts_with(b".")
+                    || (d == bases && name.ends_with(DIGEST_SUFFIX.as_bytes()));
+                if leftover {
+                    let owner = path.with_extension("");
+                    let owned = d == bases
+                        && !name.starts_with(b".")
+                        && std::fs::symlink_metadata(&owner).is_ok_and(|m| m.is_file());
+                    if owned || age(&md) < LEFTOVER_SECS {
+                        continue;
+                    }
+                } else if d == bases && name.ends_with(b".tar") && md.is_file() {
+                    size += std::fs::symlink_metadata(digest_record(&path))
+                        .map(|m| entry_size(&path, &m))
+                        .unwrap_or(0);
+                }
                 out.push(Entry {
-                    path: e.path(),
-                    size: md.len(),
+                    path,
+                    size,
                     age_secs: age(&md),
                 });
             }
         }
         let lists = self.lists_dir();
         let mut linked = std::collections::BTreeSet::new();
-        let mut dirs = Vec::new();
+        let mut others = Vec::new();
         for e in std::fs::read_dir(&lists).into_iter().flatten().flatten() {
-            if e.file_name().to_string_lossy().starts_with('.') {
+            let Ok(md) = e.metadata() else { continue };
+            let path = e.path();
+            if !md.file_type().is_symlink() {
+                others.push((e, md));
                 continue;
             }
-            match std::fs::read_link(e.path()) {
-                Ok(target) => {
-                    let dir = lists.join(&target);
-                    let Ok(md) = std::fs::metadata(&dir) else {
+            let version = std::fs::read_link(&path)
+                .ok()
+                .and_then(|t| self.lists_version(&path, &t));
+            let hidden = e.file_name().as_bytes().starts_with(b".");
+            match version {
+                Some(dir) => {
+                    if let Some(name) = dir.file_name() {
+                        linked.insert(name.to_os_string());
+                    }
+                    if hidden {
+                        // A link being put in place by a store.
+                        continue;
+                    }
+                    let Ok(dmd) = std::fs::symlink_metadata(&dir) else {
                         continue;
                     };
                     out.push(Entry {
-                        path: e.path(),
+                        path,
                         size: dir_size(&dir),
-                        age_secs: age(&md),
+                        age_secs: age(&dmd),
                     });
-                    linked.insert(target.into_os_string());
                 }
-                Err(_) => dirs.push(e),
+                None if hidden && age(&md) < LEFTOVER_SECS => {}
+                None => out.push(Entry {
+                    path,
+                    size: 0,
+                    age_secs: age(&md),
+                }),
             }
         }
-        for e in dirs {
+        for (e, md) in others {
             // Orphans only after an hour: a store in progress has not linked its directory yet.
-            let Ok(md) = e.metadata() else { continue };
-            if !linked.contains(&e.file_name()) && age(&md) >= 3600 {
+            if !linked.contains(&e.file_name()) && age(&md) >= LEFTOVER_SECS {
+                let path = e.path();
                 out.push(Entry {
-                    path: e.path(),
-                    size: dir_size(&e.path()),
+                    size: entry_size(&path, &md),
+                    path,
                     age_secs: age(&md),
                 });
             }
@@ -298,9 +582,245 @@ impl Cache {
         out.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(out)
     }
+
+    /// The version directory the lists link `link` names with `target`, if that is a plain name
+    /// (no `/`, not `.` or `..`, not hidden) of a real directory in `lists/`. Anything else is
+    /// not followed.
+    fn lists_version(&self, link: &Path, target: &Path) -> Option<PathBuf> {
+        let lists = self.lists_dir();
+        if link.parent() != Some(lists.as_path()) {
+            return None;
+        }
+        let t = target.as_os_str().as_bytes();
+        if t.is_empty() || t.contains(&b'/') || t.starts_with(b".") {
+            return None;
+        }
+        let dir = lists.join(target);
+        std::fs::symlink_metadata(&dir)
+            .is_ok_and(|m| m.is_dir())
+            .then_some(dir)
+    }
 }
 
-/// Bytes of the regular files directly in `dir`.
+impl BaseTar {
+    /// Where the tar is in the cache (for messages).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Unpacks the checked tar into `root`.
+    pub fn restore(&self, root: &Path) -> Result<()> {
+        // tar opens our descriptor through /proc: the very inode that was hashed. /proc/self
+        // names our PID as that /proc counts it, whatever PID namespace we are in.
+        let pid = std::fs::read_link("/proc/self").context("reading /proc/self")?;
+        let fd = Path::new("/proc")
+            .join(pid)
+            .join("fd")
+            .join(self.file.as_raw_fd().to_string());
+        unpack_base(&fd, &self.path, root)
+    }
+}
+
+/// Runs tar to unpack `tar` (shown as `shown`) into `root`.
+fn unpack_base(tar: &Path, shown: &Path, root: &Path) -> Result<()> {
+    Command::new("tar")
+        .args(TAR_COMMON)
+        .args(["--extract", "--file"])
+        .arg(tar)
+        .arg("-C")
+        .arg(root)
+        .run()
+        .with_context(|| format!("unpacking base {} into {}", shown.display(), root.display()))
+}
+
+/// A key names a file in `bases/`: nothing that could name another place.
+fn valid_key(key: &str) -> bool {
+    !key.is_empty() && !key.starts_with('.') && !key.contains(['/', '\0'])
+}
+
+/// The digest record of the base tar `tar`.
+fn digest_record(tar: &Path) -> PathBuf {
+    let mut s = tar.as_os_str().to_os_string();
+    s.push(DIGEST_SUFFIX);
+    PathBuf::from(s)
+}
+
+/// The SHA-256 a digest record holds (`<hex>  <name>`, as sha256sum writes), if it is one.
+fn read_record(path: &Path) -> Option<String> {
+    let (mut file, _) = open_regular_path(path).ok()??;
+    let mut text = String::new();
+    Read::take(&mut file, 4096).read_to_string(&mut text).ok()?;
+    let digest = text.split_whitespace().next()?;
+    (digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| digest.to_ascii_lowercase())
+}
+
+/// Whether `path` still names the file `st` describes.
+fn same_file(path: &Path, st: &FileStat) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.dev() == st.st_dev && m.ino() == st.st_ino)
+}
+
+/// Opens `path` for reading if it is a regular file, without following a link.
+fn open_regular_path(path: &Path) -> Result<Option<(File, FileStat)>> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(None);
+    };
+    DirFd::open(parent)?.open_regular(name)
+}
+
+/// The SHA-256 of the rest of `file`, read in [`CHUNK_SIZE`] chunks.
+fn sha256_of(file: &mut File) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    loop {
+        let n = read_full(file, &mut buf)?;
+        if n == 0 {
+            return Ok(hex(&h.finalize()));
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// Copies `from` to `to` if it holds exactly `size` bytes, hashing what is written in the same
+/// pass (a source changing meanwhile gives a digest of what was copied); returns the SHA-256,
+/// or `None` when the source was shorter or longer. Reads at most `size + 1` bytes.
+fn copy_hashed(from: &mut File, to: &mut File, size: u64) -> std::io::Result<Option<String>> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    let mut left = size;
+    while left > 0 {
+        let want = left.min(CHUNK_SIZE as u64) as usize;
+        let n = read_full(from, &mut buf[..want])?;
+        if n == 0 {
+            return Ok(None);
+        }
+        h.update(&buf[..n]);
+        to.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    if read_full(from, &mut buf[..1])? != 0 {
+        return Ok(None);
+    }
+    Ok(Some(hex(&h.finalize())))
+}
+
+/// `dir` with its parent directories resolved, once none of them can be changed by anyone but
+/// root or the effective user (a sticky directory such as /tmp counts as safe: others cannot
+/// rename what they do not own in it). Whoever could change a parent could swap the cache.
+fn resolve_parents(dir: &Path) -> Result<PathBuf> {
+    let full = match dir.file_name() {
+        Some(name) => {
+            let parent = match dir.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            parent
+                .canonicalize()
+                .with_context(|| format!("resolving {}", parent.display()))?
+                .join(name)
+        }
+        None => dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", dir.display()))?,
+    };
+    let euid = nix::unistd::geteuid().as_raw();
+    for a in full.ancestors().skip(1) {
+        let md =
+            std::fs::symlink_metadata(a).with_context(|| format!("inspecting {}", a.display()))?;
+        let mode = md.mode() & 0o7777;
+        let why = if md.uid() != 0 && md.uid() != euid {
+            format!("is owned by uid {}", md.uid())
+        } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            format!("is writable by group or others (mode {mode:04o})")
+        } else {
+            continue;
+        };
+        bail!(
+            "cache directory {} is inside {}, which {why}: whoever can change it could swap the \
+             cache for one that feeds packages and base trees into builds; choose a --cache-dir \
+             whose parent directories only root can change",
+            full.display(),
+            a.display()
+        );
+    }
+    Ok(full)
+}
+
+/// Refuses a cache directory (or part) that anyone but the effective user could change.
+fn check_private(dir: &Path) -> Result<()> {
+    let md = std::fs::symlink_metadata(dir)
+        .with_context(|| format!("inspecting cache directory {}", dir.display()))?;
+    let shown = dir.display();
+    if md.file_type().is_symlink() {
+        bail!(
+            "cache directory {shown} is a symbolic link: whoever can change the link or its \
+             target decides what builds are fed; give the real directory as --cache-dir"
+        );
+    }
+    if !md.is_dir() {
+        bail!(
+            "cache directory {shown} is not a directory: remove it or choose another --cache-dir"
+        );
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if md.uid() != euid {
+        bail!(
+            "cache directory {shown} is owned by uid {}, not by uid {euid} that runs debimg: its \
+             owner could feed packages and base trees into builds, so nothing in it can be \
+             trusted; remove it (debimg creates it afresh) or choose another --cache-dir",
+            md.uid()
+        );
+    }
+    let mode = md.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        let who = if mode & 0o002 != 0 {
+            "others"
+        } else {
+            "its group"
+        };
+        bail!(
+            "cache directory {shown} is writable by {who} (mode {mode:04o}): a cache other users \
+             can write could feed packages and base trees into builds; `chmod go-w {shown}` or \
+             choose another --cache-dir"
+        );
+    }
+    Ok(())
+}
+
+/// Removes `path` whatever it is, without following a link or crossing a mount; a missing
+/// path is fine (another prune got there first).
+fn remove_entry(path: &Path) -> Result<()> {
+    let md = match std::fs::symlink_metadata(path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
+    };
+    let res = if md.is_dir() {
+        crate::sys::mount::remove_dir_all_safe(path)
+    } else {
+        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))
+    };
+    match res {
+        Err(e) if std::fs::symlink_metadata(path).is_err() => {
+            tracing::debug!("{} went meanwhile: {e:#}", path.display());
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+/// The size an entry shows: a file's length, a directory's files, nothing for anything else.
+fn entry_size(path: &Path, md: &Metadata) -> u64 {
+    if md.is_file() {
+        md.len()
+    } else if md.is_dir() {
+        dir_size(path)
+    } else {
+        0
+    }
+}
+
+/// Bytes of the regular files directly in `dir` (a directory, not a link to one).
 fn dir_size(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .into_iter()
@@ -310,6 +830,174 @@ fn dir_size(dir: &Path) -> u64 {
         .filter(|m| m.is_file())
         .map(|m| m.len())
         .sum()
+}
+
+/// A directory opened without following a link: names are looked up relative to it, so
+/// nothing in it can lead elsewhere, whatever a chroot does to it meanwhile.
+struct DirFd {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+/// A file being written under a temporary name in a [`DirFd`]; removed unless put in place.
+struct TempFile<'a> {
+    dir: &'a DirFd,
+    name: OsString,
+    final_name: OsString,
+    file: File,
+    placed: bool,
+}
+
+impl DirFd {
+    fn open(path: &Path) -> Result<DirFd> {
+        let fd = nix::fcntl::open(
+            path,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(|| format!("opening directory {}", path.display()))?;
+        Ok(DirFd {
+            fd,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// `name` in this directory, for messages.
+    fn shown(&self, name: &OsStr) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// The names in the directory.
+    fn names(&self) -> Result<Vec<OsString>> {
+        // Listing through the descriptor's /proc link reads exactly the directory we opened.
+        let listing = format!("/proc/self/fd/{}", self.fd.as_raw_fd());
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&listing)
+            .with_context(|| format!("listing {}", self.path.display()))?
+        {
+            let e = e.with_context(|| format!("listing {}", self.path.display()))?;
+            out.push(e.file_name());
+        }
+        Ok(out)
+    }
+
+    fn lstat(&self, name: &OsStr) -> Option<FileStat> {
+        nix::sys::stat::fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).ok()
+    }
+
+    /// Opens `name` for reading if it is a regular file; `None` for a link (not followed), for
+    /// anything else (a FIFO or device is never opened) and for a name that went meanwhile.
+    fn open_regular(&self, name: &OsStr) -> Result<Option<(File, FileStat)>> {
+        // An O_PATH descriptor opens nothing; only once it is known to be a regular file is it
+        // reopened (through /proc, the same inode) for reading.
+        let handle = match nix::fcntl::openat(
+            &self.fd,
+            name,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => return Ok(None),
+            Err(e) => {
+                return Err(e).with_context(|| format!("opening {}", self.shown(name).display()));
+            }
+        };
+        let st = nix::sys::stat::fstat(&handle)
+            .with_context(|| format!("inspecting {}", self.shown(name).display()))?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+            return Ok(None);
+        }
+        let fd = nix::fcntl::open(
+            format!("/proc/self/fd/{}", handle.as_raw_fd()).as_str(),
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(|| format!("opening {}", self.shown(name).display()))?;
+        Ok(Some((File::from(fd), st)))
+    }
+
+    /// Creates a new file for `final_name` under a temporary name only this process uses.
+    fn create_temp(&self, final_name: &OsStr) -> Result<TempFile<'_>> {
+        let mut name = OsString::from(".");
+        name.push(final_name);
+        name.push(format!(".tmp-{}", crate::sys::unique_token()));
+        let fd = nix::fcntl::openat(
+            &self.fd,
+            name.as_os_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o644),
+        )
+        .with_context(|| format!("creating {}", self.shown(&name).display()))?;
+        Ok(TempFile {
+            dir: self,
+            name,
+            final_name: final_name.to_os_string(),
+            file: File::from(fd),
+            placed: false,
+        })
+    }
+
+    /// Removes `name` if it is still the file `st` describes (another build may have replaced a
+    /// rejected file with a good one meanwhile). Best effort.
+    fn remove_if_same(&self, name: &OsStr, st: &FileStat) {
+        if self
+            .lstat(name)
+            .is_some_and(|now| now.st_dev == st.st_dev && now.st_ino == st.st_ino)
+        {
+            let _ = nix::unistd::unlinkat(&self.fd, name, UnlinkatFlags::NoRemoveDir);
+        }
+    }
+}
+
+impl TempFile<'_> {
+    /// Puts the complete file in place under its final name unless that name exists (another
+    /// build stored it first: fine); returns whether it did.
+    fn place(mut self) -> Result<bool> {
+        let shown = || self.dir.shown(&self.final_name);
+        let fd = &self.dir.fd;
+        match nix::fcntl::renameat2(
+            fd,
+            self.name.as_os_str(),
+            fd,
+            self.final_name.as_os_str(),
+            RenameFlags::RENAME_NOREPLACE,
+        ) {
+            Ok(()) => {
+                self.placed = true;
+                Ok(true)
+            }
+            Err(Errno::EEXIST) => Ok(false),
+            // A filesystem without RENAME_NOREPLACE: a link fails the same way on an existing
+            // name; the temporary name goes on drop.
+            Err(Errno::EINVAL | Errno::ENOSYS) => match nix::unistd::linkat(
+                fd,
+                self.name.as_os_str(),
+                fd,
+                self.final_name.as_os_str(),
+                AtFlags::empty(),
+            ) {
+                Ok(()) => Ok(true),
+                Err(Errno::EEXIST) => Ok(false),
+                Err(e) => Err(anyhow!(e))
+                    .with_context(|| format!("moving {} into place", shown().display())),
+            },
+            Err(e) => {
+                Err(anyhow!(e)).with_context(|| format!("moving {} into place", shown().display()))
+            }
+        }
+    }
+}
+
+impl Drop for TempFile<'_> {
+    fn drop(&mut self) {
+        if !self.placed {
+            let _ = nix::unistd::unlinkat(
+                &self.dir.fd,
+                self.name.as_os_str(),
+                UnlinkatFlags::NoRemoveDir,
+            );
+        }
+    }
 }
 
 const TAR_COMMON: &[&str] = &[
@@ -345,7 +1033,7 @@ pub fn base_key(plan: &Plan, release_digest: &str) -> String {
 }
 
 /// sha256 of the mirror's InRelease (or Release) for the bootstrap suite, fetched with apt's own
-/// downloader (proxies from the plan apply).
+/// downloader (proxies from the plan apply). The error shows URLs without their credentials.
 pub fn release_digest(plan: &Plan, scratch: &Path) -> Result<String> {
     let mut last = None;
     for name in ["InRelease", "Release"] {
@@ -366,7 +1054,15 @@ pub fn release_digest(plan: &Plan, scratch: &Path) -> Result<String> {
                 let _ = std::fs::remove_file(&dest);
                 return Ok(hex(&Sha256::digest(&bytes)));
             }
-            Err(e) => last = Some(e.context(format!("fetching {url}"))),
+            Err(e) => {
+                // The command line and apt's messages carry the URL (and a proxy's) too.
+                let cause = format!("{e:#}");
+                last = Some(anyhow!(
+                    "fetching {}: {}",
+                    crate::redact::text(&url),
+                    crate::redact::text(&cause)
+                ));
+            }
         }
     }
     Err(last.expect("tried at least once"))
@@ -506,9 +1202,14 @@ mod tests {
         std::os::unix::fs::chown(root.join("etc/motd"), Some(1234), Some(5678)).ok();
         let tar = cache.store_base("k", &root).unwrap();
         assert_eq!(cache.base("k"), Some(tar.clone()));
+        // The record is what sha256sum would write and check.
+        let record = std::fs::read_to_string(cache.bases_dir().join("k.tar.sha256")).unwrap();
+        assert_eq!(record, format!("{}  k.tar\n", sha256_file(&tar)));
+        let base = cache.verified_base("k").unwrap();
+        assert_eq!(base.path(), tar);
         let back = d.path().join("back");
         std::fs::create_dir_all(&back).unwrap();
-        Cache::restore_base(&tar, &back).unwrap();
+        base.restore(&back).unwrap();
         assert_eq!(
             std::fs::read_to_string(back.join("etc/motd")).unwrap(),
             "hi"
@@ -520,5 +1221,539 @@ mod tests {
             let md = std::fs::metadata(back.join("etc/motd")).unwrap();
             assert_eq!((md.uid(), md.gid()), (1234, 5678));
         }
+    }
+
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn sha256_file(path: &Path) -> String {
+        hex(&Sha256::digest(std::fs::read(path).unwrap()))
+    }
+
+    fn chmod(path: &Path, mode: u32) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// Bytes that differ from one seed to the next.
+    fn sample(len: usize, seed: u32) -> Vec<u8> {
+        let mut x = 0x9e37_79b9 ^ seed.wrapping_mul(0x85eb_ca6b) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    /// Packages `name_1.0_all.deb` with these contents, and the index that lists them.
+    fn packages(names_and_sizes: &[(&str, usize)]) -> (Vec<(String, Vec<u8>)>, PackageIndex) {
+        let mut text = String::new();
+        let mut files = Vec::new();
+        for (i, (name, len)) in names_and_sizes.iter().enumerate() {
+            let data = sample(*len, i as u32);
+            text.push_str(&format!(
+                "Package: {name}\nVersion: 1.0\nArchitecture: all\nDescription: test\n \
+                 more lines\nFilename: pool/main/{name}_1.0_all.deb\nSize: {}\nSHA256: {}\n\n",
+                data.len(),
+                hex(&Sha256::digest(&data))
+            ));
+            files.push((format!("{name}_1.0_all.deb"), data));
+        }
+        let mut index = PackageIndex::default();
+        assert_eq!(index.add_packages_text(&text), files.len());
+        (files, index)
+    }
+
+    fn write_all(dir: &Path, files: &[(String, Vec<u8>)]) {
+        std::fs::create_dir_all(dir).unwrap();
+        for (name, data) in files {
+            std::fs::write(dir.join(name), data).unwrap();
+        }
+    }
+
+    /// Names in `dir` starting with a dot: temporaries left behind.
+    fn hidden(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect()
+    }
+
+    fn make_old(path: &Path) {
+        let t = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * LEFTOVER_SECS);
+        let times = std::fs::FileTimes::new().set_accessed(t).set_modified(t);
+        File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_times(times)
+            .unwrap();
+    }
+
+    #[test]
+    fn open_creates_the_parts_private() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("new/cache");
+        let cache = Cache::open(&dir).unwrap();
+        for p in [
+            dir.clone(),
+            cache.packages_dir(),
+            cache.bases_dir(),
+            cache.lists_dir(),
+        ] {
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            assert!(md.is_dir(), "{}", p.display());
+            assert_eq!(md.mode() & 0o022, 0, "{} {:o}", p.display(), md.mode());
+        }
+        Cache::open(&dir).expect("an existing private cache opens again");
+    }
+
+    #[test]
+    fn open_refuses_a_cache_others_can_write() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cache");
+        let cache = Cache::open(&dir).unwrap();
+        chmod(&dir, 0o777);
+        let err = format!("{:#}", Cache::open(&dir).unwrap_err());
+        assert!(
+            err.contains(&format!(
+                "cache directory {} is writable by others (mode 0777)",
+                dir.display()
+            )),
+            "{err}"
+        );
+        assert!(
+            err.contains(&format!("`chmod go-w {}`", dir.display())),
+            "{err}"
+        );
+        chmod(&dir, 0o757);
+        let err = format!("{:#}", Cache::open(&dir).unwrap_err());
+        assert!(err.contains("writable by others (mode 0757)"), "{err}");
+        // The sticky bit keeps others from renaming entries, not from adding them.
+        chmod(&dir, 0o1777);
+        assert!(Cache::open(&dir).is_err());
+        chmod(&dir, 0o755);
+        chmod(&cache.bases_dir(), 0o775);
+        let err = format!("{:#}", Cache::open(&dir).unwrap_err());
+        assert!(
+            err.contains("bases is writable by its group (mode 0775)"),
+            "{err}"
+        );
+        chmod(&cache.bases_dir(), 0o755);
+        Cache::open(&dir).unwrap();
+    }
+
+    #[test]
+    fn open_refuses_a_cache_someone_else_owns() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: chown needs root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cache");
+        let cache = Cache::open(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+        let err = format!("{:#}", Cache::open(&dir).unwrap_err());
+        assert!(
+            err.contains(&format!(
+                "cache directory {} is owned by uid 65534, not by uid 0",
+                dir.display()
+            )),
+            "{err}"
+        );
+        assert!(err.contains("another --cache-dir"), "{err}");
+        std::os::unix::fs::chown(&dir, Some(0), None).unwrap();
+        std::os::unix::fs::chown(cache.packages_dir(), Some(65534), None).unwrap();
+        let err = format!("{:#}", Cache::open(&dir).unwrap_err());
+        assert!(err.contains("packages is owned by uid 65534"), "{err}");
+        // A parent someone else owns could have the cache swapped under it.
+        let theirs = d.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+        let err = format!("{:#}", Cache::open(&theirs.join("cache")).unwrap_err());
+        assert!(err.contains("which is owned by uid 65534"), "{err}");
+    }
+
+    #[test]
+    fn open_refuses_links_files_and_changeable_parents() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real");
+        Cache::open(&real).unwrap();
+        let link = d.path().join("link");
+        symlink(&real, &link).unwrap();
+        let err = format!("{:#}", Cache::open(&link).unwrap_err());
+        assert!(err.contains("is a symbolic link"), "{err}");
+        // A part that is a link to a directory of the same owner is refused as well.
+        let other = d.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::remove_dir(real.join("lists")).unwrap();
+        symlink(&other, real.join("lists")).unwrap();
+        let err = format!("{:#}", Cache::open(&real).unwrap_err());
+        assert!(err.contains("lists is a symbolic link"), "{err}");
+        let file = d.path().join("file");
+        std::fs::create_dir(&file).unwrap();
+        std::fs::write(file.join("packages"), "").unwrap();
+        let err = format!("{:#}", Cache::open(&file).unwrap_err());
+        assert!(err.contains("packages is not a directory"), "{err}");
+        // Anyone may rename the cache inside a parent anyone can write, unless it is sticky.
+        let open = d.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        chmod(&open, 0o777);
+        let err = format!("{:#}", Cache::open(&open.join("cache")).unwrap_err());
+        assert!(
+            err.contains(&format!(
+                "is inside {}, which is writable by group or others (mode 0777)",
+                open.display()
+            )),
+            "{err}"
+        );
+        chmod(&open, 0o1777);
+        Cache::open(&open.join("cache")).unwrap();
+    }
+
+    #[test]
+    fn the_pool_takes_and_gives_only_what_the_index_lists() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&d.path().join("cache")).unwrap();
+        let (files, index) = packages(&[
+            ("good", 300_000),
+            ("tampered", 1000),
+            ("short", 1000),
+            ("linked", 1000),
+            ("fifo", 10),
+        ]);
+        let src = d.path().join("src");
+        write_all(&src, &files);
+        // Same size as the index says, other bytes.
+        std::fs::write(src.join("tampered_1.0_all.deb"), vec![0u8; 1000]).unwrap();
+        std::fs::write(src.join("short_1.0_all.deb"), vec![0u8; 999]).unwrap();
+        // A link to a good file, and a FIFO (opening it would block): neither is a package.
+        let outside = d.path().join("outside");
+        write_all(&outside, &files);
+        std::fs::remove_file(src.join("linked_1.0_all.deb")).unwrap();
+        symlink(
+            outside.join("linked_1.0_all.deb"),
+            src.join("linked_1.0_all.deb"),
+        )
+        .unwrap();
+        std::fs::remove_file(src.join("fifo_1.0_all.deb")).unwrap();
+        nix::unistd::mkfifo(&src.join("fifo_1.0_all.deb"), Mode::S_IRWXU).unwrap();
+        std::fs::write(src.join("unknown_1_all.deb"), "x").unwrap();
+        std::fs::write(src.join(".hidden_1.0_all.deb"), "x").unwrap();
+        std::fs::write(src.join("lock"), "").unwrap();
+
+        let stored = cache.store_packages(&src, &index).unwrap();
+        assert_eq!(
+            stored,
+            Stored {
+                files: 1,
+                bytes: 300_000,
+                rejected: 5
+            }
+        );
+        let pool = cache.packages_dir();
+        let pooled: Vec<_> = std::fs::read_dir(&pool)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(pooled, ["good_1.0_all.deb"]);
+        let good = pool.join("good_1.0_all.deb");
+        assert_eq!(std::fs::read(&good).unwrap(), files[0].1);
+        // A copy, not a link: changing the chroot's file in place leaves the pool alone.
+        assert_eq!(std::fs::metadata(&good).unwrap().nlink(), 1);
+        std::fs::write(src.join("good_1.0_all.deb"), vec![1u8; 300_000]).unwrap();
+        assert_eq!(std::fs::read(&good).unwrap(), files[0].1);
+        assert_eq!(cache.store_packages(&src, &index).unwrap().files, 0);
+
+        let dest = d.path().join("work/archives");
+        let offered = cache.offer_packages(&dest, &index).unwrap();
+        assert_eq!(
+            offered,
+            Offered {
+                files: 1,
+                bytes: 300_000,
+                rejected: 0
+            }
+        );
+        let copy = dest.join("good_1.0_all.deb");
+        assert_eq!(std::fs::read(&copy).unwrap(), files[0].1);
+        assert_eq!(std::fs::metadata(&good).unwrap().nlink(), 1);
+        std::fs::write(&copy, vec![2u8; 300_000]).unwrap();
+        assert_eq!(std::fs::read(&good).unwrap(), files[0].1);
+        // A name the workspace already has is left as it is.
+        assert_eq!(cache.offer_packages(&dest, &index).unwrap().files, 0);
+        assert_eq!(std::fs::read(&copy).unwrap(), vec![2u8; 300_000]);
+
+        // An index that does not know a pooled name is offered nothing of it.
+        let other = d.path().join("other");
+        let none = cache
+            .offer_packages(&other, &PackageIndex::default())
+            .unwrap();
+        assert_eq!(none, Offered::default());
+        assert_eq!(std::fs::read_dir(&other).unwrap().count(), 0);
+        assert!(hidden(&pool).is_empty() && hidden(&dest).is_empty());
+    }
+
+    #[test]
+    fn a_pooled_file_that_does_not_match_is_removed_and_a_link_is_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&d.path().join("cache")).unwrap();
+        let (files, index) = packages(&[("a", 5000), ("b", 5000), ("c", 10)]);
+        let pool = cache.packages_dir();
+        write_all(&pool, &files[..1]);
+        // Same size, other bytes: what a build's chroot could once leave behind by hard link.
+        std::fs::write(pool.join(&files[1].0), vec![7u8; 5000]).unwrap();
+        let outside = d.path().join("outside");
+        write_all(&outside, &files);
+        symlink(outside.join(&files[2].0), pool.join(&files[2].0)).unwrap();
+
+        let dest = d.path().join("archives");
+        let offered = cache.offer_packages(&dest, &index).unwrap();
+        assert_eq!(
+            offered,
+            Offered {
+                files: 1,
+                bytes: 5000,
+                rejected: 1
+            }
+        );
+        assert!(dest.join(&files[0].0).exists());
+        assert!(
+            !dest.join(&files[1].0).exists(),
+            "the bad file is not offered"
+        );
+        assert!(
+            !pool.join(&files[1].0).exists(),
+            "the bad file left the pool"
+        );
+        assert!(!dest.join(&files[2].0).exists(), "the link is not followed");
+        assert_eq!(
+            std::fs::read(outside.join(&files[2].0)).unwrap(),
+            files[2].1
+        );
+        assert!(hidden(&dest).is_empty());
+    }
+
+    #[test]
+    fn builds_side_by_side_share_the_pool() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&d.path().join("cache")).unwrap();
+        let specs: Vec<(String, usize)> = (0..6)
+            .map(|i| (format!("p{i}"), 150_000 + i * 77_777))
+            .collect();
+        let specs: Vec<(&str, usize)> = specs.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+        let (files, index) = packages(&specs);
+        let expected: std::collections::HashMap<_, _> = files
+            .iter()
+            .map(|(n, data)| (n.clone(), hex(&Sha256::digest(data))))
+            .collect();
+        let pool = cache.packages_dir();
+        let stop = AtomicBool::new(false);
+        let start = std::sync::Barrier::new(4);
+        let mut reads = 0;
+        let stored: usize = std::thread::scope(|s| {
+            // A reader that must only ever see complete, correct files under final names.
+            let reader = s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    for e in std::fs::read_dir(&pool).unwrap() {
+                        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+                        if name.starts_with('.') {
+                            continue;
+                        }
+                        let Ok(data) = std::fs::read(pool.join(&name)) else {
+                            continue;
+                        };
+                        assert_eq!(
+                            hex(&Sha256::digest(&data)),
+                            expected[&name],
+                            "{name} seen partial or changed"
+                        );
+                        reads += 1;
+                    }
+                }
+            });
+            let workers: Vec<_> = (0..4)
+                .map(|w| {
+                    let (cache, index, files, d) = (&cache, &index, &files, d.path());
+                    let start = &start;
+                    s.spawn(move || {
+                        let src = d.join(format!("src-{w}"));
+                        write_all(&src, files);
+                        start.wait();
+                        let mut stored = 0;
+                        for round in 0..4 {
+                            stored += cache.store_packages(&src, index).unwrap().files;
+                            let dest = d.join(format!("dest-{w}-{round}"));
+                            let offered = cache.offer_packages(&dest, index).unwrap();
+                            assert_eq!(offered.rejected, 0);
+                            assert_eq!(offered.files, files.len());
+                            for (name, data) in files {
+                                assert_eq!(&std::fs::read(dest.join(name)).unwrap(), data);
+                            }
+                        }
+                        stored
+                    })
+                })
+                .collect();
+            let stored = workers.into_iter().map(|w| w.join().unwrap()).sum();
+            stop.store(true, Ordering::Relaxed);
+            reader.join().unwrap();
+            stored
+        });
+        assert_eq!(stored, files.len(), "each package is stored exactly once");
+        assert!(reads > 0);
+        assert!(hidden(&pool).is_empty(), "{:?}", hidden(&pool));
+    }
+
+    #[test]
+    fn a_stored_entry_is_never_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("x.deb"), "first").unwrap();
+        let dir = DirFd::open(d.path()).unwrap();
+        let mut tmp = dir.create_temp(OsStr::new("x.deb")).unwrap();
+        tmp.file.write_all(b"second").unwrap();
+        assert!(!tmp.place().unwrap());
+        assert_eq!(std::fs::read(d.path().join("x.deb")).unwrap(), b"first");
+        let mut tmp = dir.create_temp(OsStr::new("y.deb")).unwrap();
+        tmp.file.write_all(b"new").unwrap();
+        assert!(tmp.place().unwrap());
+        assert_eq!(std::fs::read(d.path().join("y.deb")).unwrap(), b"new");
+        // A temporary dropped unplaced (an error on the way) is gone.
+        drop(dir.create_temp(OsStr::new("z.deb")).unwrap());
+        assert!(hidden(d.path()).is_empty());
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn a_base_tree_that_does_not_match_its_record_is_a_miss() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&d.path().join("cache")).unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/motd"), "hi").unwrap();
+        let tar = cache.store_base("k", &root).unwrap();
+        let record = digest_record(&tar);
+        assert!(cache.verified_base("k").is_some());
+        // One byte changed in place: same size, other digest.
+        let mut bytes = std::fs::read(&tar).unwrap();
+        bytes[600] ^= 0xff;
+        std::fs::write(&tar, &bytes).unwrap();
+        assert!(cache.verified_base("k").is_none());
+        assert!(!tar.exists() && !record.exists(), "the entry is removed");
+
+        cache.store_base("k", &root).unwrap();
+        std::fs::remove_file(&record).unwrap();
+        assert!(cache.verified_base("k").is_none(), "no record, no trust");
+        assert!(!tar.exists());
+        assert!(cache.verified_base("k").is_none(), "a plain miss");
+
+        // A key is a file name in bases/, nothing else.
+        for key in ["", "../k", ".k", "a/b"] {
+            assert!(cache.verified_base(key).is_none(), "{key}");
+            assert!(cache.store_base(key, &root).is_err(), "{key}");
+        }
+    }
+
+    #[test]
+    fn a_base_tar_and_its_record_are_one_entry() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&d.path().join("cache")).unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("f"), "x").unwrap();
+        let tar = cache.store_base("k", &root).unwrap();
+        let record = digest_record(&tar);
+        let entries = cache.entries().unwrap();
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        assert_eq!(entries[0].path, tar);
+        assert_eq!(
+            entries[0].size,
+            std::fs::metadata(&tar).unwrap().len() + std::fs::metadata(&record).unwrap().len()
+        );
+        // A record without its tar: a store in progress, then, after an hour, a leftover.
+        std::fs::write(cache.bases_dir().join("lone.tar.sha256"), "x").unwrap();
+        assert_eq!(cache.entries().unwrap().len(), 1);
+        make_old(&cache.bases_dir().join("lone.tar.sha256"));
+        assert_eq!(cache.entries().unwrap().len(), 2);
+        assert_eq!(cache.prune(0).unwrap().0, 2);
+        assert_eq!(std::fs::read_dir(cache.bases_dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn temporaries_of_an_interrupted_store_go_after_an_hour() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&d.path().join("cache")).unwrap();
+        let fresh = cache.packages_dir().join(".a_1_all.deb.tmp-1");
+        let old = cache.packages_dir().join(".b_1_all.deb.tmp-2");
+        std::fs::write(&fresh, "x").unwrap();
+        std::fs::write(&old, "x").unwrap();
+        make_old(&old);
+        let entries = cache.entries().unwrap();
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        assert_eq!(entries[0].path, old);
+        assert_eq!(cache.prune(0).unwrap(), (1, 1));
+        assert!(fresh.exists() && !old.exists());
+    }
+
+    #[test]
+    fn prune_removes_links_never_their_targets() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&d.path().join("cache")).unwrap();
+        let victim = d.path().join("victim");
+        std::fs::create_dir_all(victim.join("sub")).unwrap();
+        std::fs::write(victim.join("file"), "keep").unwrap();
+        std::fs::write(victim.join("sub/file"), "keep").unwrap();
+        symlink(&victim, cache.bases_dir().join("evil")).unwrap();
+        symlink(&victim, cache.bases_dir().join("evil.tar")).unwrap();
+        symlink(
+            victim.join("file"),
+            cache.packages_dir().join("evil_1_all.deb"),
+        )
+        .unwrap();
+        symlink("../../victim", cache.lists_dir().join("lists-x")).unwrap();
+        symlink(&victim, cache.lists_dir().join("lists-y")).unwrap();
+        symlink(".", cache.lists_dir().join("lists-z")).unwrap();
+        // A real lists entry beside them goes whole: link and version directory.
+        let lists = d.path().join("lists");
+        std::fs::create_dir_all(&lists).unwrap();
+        std::fs::write(lists.join("m_InRelease"), "v1").unwrap();
+        cache.store_lists("lists-good", &lists).unwrap();
+
+        let entries = cache.entries().unwrap();
+        assert_eq!(entries.len(), 7, "{entries:?}");
+        assert_eq!(cache.prune(0).unwrap().0, 7);
+        for part in [cache.packages_dir(), cache.bases_dir(), cache.lists_dir()] {
+            assert_eq!(std::fs::read_dir(&part).unwrap().count(), 0, "{part:?}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(victim.join("file")).unwrap(),
+            "keep"
+        );
+        assert_eq!(
+            std::fs::read_to_string(victim.join("sub/file")).unwrap(),
+            "keep"
+        );
+    }
+
+    #[test]
+    fn prune_removes_directories_in_the_pool_without_following_links_inside() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&d.path().join("cache")).unwrap();
+        let victim = d.path().join("victim");
+        std::fs::create_dir_all(&victim).unwrap();
+        std::fs::write(victim.join("file"), "keep").unwrap();
+        let stray = cache.packages_dir().join("stray");
+        std::fs::create_dir_all(&stray).unwrap();
+        std::fs::write(stray.join("x"), "xx").unwrap();
+        symlink(&victim, stray.join("link")).unwrap();
+        assert_eq!(cache.prune(0).unwrap(), (1, 2));
+        assert!(!stray.exists());
+        assert_eq!(
+            std::fs::read_to_string(victim.join("file")).unwrap(),
+            "keep"
+        );
     }
 }

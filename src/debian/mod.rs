@@ -4,6 +4,7 @@
 pub mod apt;
 pub mod configure;
 pub mod debootstrap;
+pub mod index;
 pub mod mmdebstrap;
 pub mod settings;
 
