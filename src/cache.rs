@@ -220,27 +220,14 @@ impl Cache {
             .with_context(|| format!("linking {}", tmp_link.display()))?;
         std::fs::rename(&tmp_link, &link)
             .with_context(|| format!("moving {} into place", link.display()))?;
-        if let Some(old) =
-            old.filter(|o| o.as_os_str() != version.as_str() && o.components().count() == 1)
+        if let Some(old) = old
+            .filter(|o| o.as_os_str() != version.as_str())
+            .and_then(|o| self.lists_version(&link, &o))
         {
             // A build copying from it right now just misses the cache.
-            let _ = crate::sys::mount::remove_dir_all_safe(&self.lists_dir().join(old));
+            let _ = crate::sys::mount::remove_dir_all_safe(&old);
         }
         Ok(())
-    }
-
-    /// Fills `dest` with every pooled .deb (hard links, or copies across filesystems).
-    /// Superseded by [`Cache::offer_packages`]: this trusts the pool and links into a directory
-    /// a chroot can write.
-    pub fn link_packages_into(&self, dest: &Path) -> Result<usize> {
-        std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
-        share_debs(&self.packages_dir(), dest)
-    }
-
-    /// Adds every .deb in `src` that the pool lacks. Superseded by [`Cache::store_packages`]:
-    /// this pools whatever a chroot left, unchecked, by hard link.
-    pub fn store_packages_from(&self, src: &Path) -> Result<usize> {
-        share_debs(src, &self.packages_dir())
     }
 
     /// Copies into `dest` (a build's private archives directory, created if missing) every
@@ -346,12 +333,6 @@ impl Cache {
         Ok(out)
     }
 
-    /// The base tree cached under `key`, if its tar matches its recorded digest. Superseded by
-    /// [`Cache::verified_base`], whose open file cannot change between the check and the unpack.
-    pub fn base(&self, key: &str) -> Option<PathBuf> {
-        self.verified_base(key).map(|b| b.path)
-    }
-
     /// The base tree cached under `key`, checked against the SHA-256 recorded when it was
     /// stored and held open. A tar that does not match, or has no record, is removed with a
     /// warning: a miss, as is an invalid key.
@@ -441,12 +422,6 @@ impl Cache {
             let _ = std::fs::remove_file(&tmp_record);
         }
         res.map(|()| dest)
-    }
-
-    /// Unpacks the base tree `tar` into `root`. Superseded by [`BaseTar::restore`], which
-    /// unpacks the file that was checked.
-    pub fn restore_base(tar: &Path, root: &Path) -> Result<()> {
-        unpack_base(tar, tar, root)
     }
 
     /// Removes entries unused for at least `older_than_secs` (0: all); returns how many and
@@ -1077,64 +1052,9 @@ pub fn lists_key(sources_list: &str, arch: &str) -> String {
     format!("lists-{}", &hex(&h.finalize())[..32])
 }
 
-/// Hard-links (or copies) every `*.deb` of `from` missing in `to`; returns how many.
-fn share_debs(from: &Path, to: &Path) -> Result<usize> {
-    let mut n = 0;
-    let rd = std::fs::read_dir(from).with_context(|| format!("listing {}", from.display()))?;
-    for e in rd.flatten() {
-        let name = e.file_name();
-        let s = name.to_string_lossy();
-        if !s.ends_with(".deb") || s.starts_with('.') || !e.file_type().is_ok_and(|t| t.is_file()) {
-            continue;
-        }
-        let dest = to.join(&name);
-        if dest.exists() {
-            continue;
-        }
-        match std::fs::hard_link(e.path(), &dest) {
-            Ok(()) => n += 1,
-            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(_) => {
-                // Another filesystem: copy under a temporary name, then rename (atomic).
-                let tmp = to.join(format!(".{s}.tmp-{}", crate::sys::unique_token()));
-                std::fs::copy(e.path(), &tmp).with_context(|| {
-                    format!("copying {} to {}", e.path().display(), tmp.display())
-                })?;
-                std::fs::rename(&tmp, &dest)
-                    .with_context(|| format!("moving {} into place", dest.display()))?;
-                n += 1;
-            }
-        }
-    }
-    Ok(n)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn packages_pool_both_ways() {
-        let d = tempfile::tempdir().unwrap();
-        let cache = Cache::open(&d.path().join("cache")).unwrap();
-        let work = d.path().join("work");
-        std::fs::create_dir_all(&work).unwrap();
-        std::fs::write(work.join("a_1_amd64.deb"), "a").unwrap();
-        std::fs::write(work.join("lock"), "").unwrap();
-        assert_eq!(cache.store_packages_from(&work).unwrap(), 1);
-        assert_eq!(cache.store_packages_from(&work).unwrap(), 0);
-        let other = d.path().join("other");
-        assert_eq!(cache.link_packages_into(&other).unwrap(), 1);
-        assert_eq!(
-            std::fs::read_to_string(other.join("a_1_amd64.deb")).unwrap(),
-            "a"
-        );
-        assert!(!other.join("lock").exists());
-        assert_eq!(cache.entries().unwrap().len(), 1);
-        assert_eq!(cache.prune(3600).unwrap().0, 0, "a fresh entry survives");
-        assert_eq!(cache.prune(0).unwrap(), (1, 1));
-        assert!(cache.entries().unwrap().is_empty());
-    }
 
     #[test]
     fn lists_versions_replace_each_other() {
@@ -1201,7 +1121,10 @@ mod tests {
         std::fs::write(root.join("etc/motd"), "hi").unwrap();
         std::os::unix::fs::chown(root.join("etc/motd"), Some(1234), Some(5678)).ok();
         let tar = cache.store_base("k", &root).unwrap();
-        assert_eq!(cache.base("k"), Some(tar.clone()));
+        assert_eq!(
+            cache.verified_base("k").map(|b| b.path().to_path_buf()),
+            Some(tar.clone())
+        );
         // The record is what sha256sum would write and check.
         let record = std::fs::read_to_string(cache.bases_dir().join("k.tar.sha256")).unwrap();
         assert_eq!(record, format!("{}  k.tar\n", sha256_file(&tar)));
@@ -1717,10 +1640,13 @@ mod tests {
         symlink(&victim, cache.lists_dir().join("lists-y")).unwrap();
         symlink(".", cache.lists_dir().join("lists-z")).unwrap();
         // A real lists entry beside them goes whole: link and version directory.
-        let lists = d.path().join("lists");
+        let image = d.path().join("image");
+        let lists = image.join(crate::debian::apt::LISTS_DIR);
         std::fs::create_dir_all(&lists).unwrap();
         std::fs::write(lists.join("m_InRelease"), "v1").unwrap();
-        cache.store_lists("lists-good", &lists).unwrap();
+        cache
+            .store_lists("lists-good", &crate::root::Root::open(&image).unwrap())
+            .unwrap();
 
         let entries = cache.entries().unwrap();
         assert_eq!(entries.len(), 7, "{entries:?}");

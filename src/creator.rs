@@ -272,9 +272,20 @@ impl Creator {
                 .with_context(|| format!("creating {}/partial", archives.display()))?;
             mounts.push(root.bind(&archives, "/var/cache/apt/archives")?);
             apt.configure_and_update(plan, cache)?;
+            // The repositories' indexes as apt just verified them, before any code from the
+            // packages runs: what the pool offers and takes is checked against them.
+            let index = match cache {
+                Some(_) => apt.package_index()?,
+                None => Default::default(),
+            };
             if let Some(c) = cache {
-                let n = c.link_packages_into(&archives)?;
-                tracing::debug!("{n} cached packages offered to apt");
+                let o = c.offer_packages(&archives, &index)?;
+                tracing::debug!(
+                    "{} cached packages ({} MiB) offered to apt, {} rejected",
+                    o.files,
+                    o.bytes >> 20,
+                    o.rejected
+                );
             }
             let metas = apt.pin(plan)?;
             apt.exclude(&plan.exclude)?;
@@ -291,12 +302,18 @@ impl Creator {
                 tracing::info!("purged excluded packages: {}", purged.join(" "));
             }
             if let Some(c) = cache {
-                let mut n = c.store_packages_from(&archives)?;
+                let mut stored = c.store_packages(&archives, &index)?;
                 let debs = work.join("debs");
                 if debs.is_dir() {
-                    n += c.store_packages_from(&debs)?;
+                    let b = c.store_packages(&debs, &index)?;
+                    stored.files += b.files;
+                    stored.rejected += b.rejected;
                 }
-                tracing::debug!("{n} new packages added to the cache");
+                tracing::debug!(
+                    "{} new packages added to the cache ({} not matching an index)",
+                    stored.files,
+                    stored.rejected
+                );
             }
             let m = mounts.pop().context("the archives bind mount is gone")?;
             m.close()?;
@@ -742,9 +759,9 @@ fn bootstrap(
             None
         }
     };
-    if let Some(tar) = key.as_deref().and_then(|k| cache.base(k)) {
-        tracing::info!("base tree from the cache ({})", tar.display());
-        return Cache::restore_base(&tar, root.path());
+    if let Some(base) = key.as_deref().and_then(|k| cache.verified_base(k)) {
+        tracing::info!("base tree from the cache ({})", base.path().display());
+        return base.restore(root.path());
     }
     let debs = work.join("debs");
     std::fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;

@@ -37,7 +37,12 @@ impl Victim {
             "{} was written",
             self.path.display()
         );
-        assert_eq!(md.mtime(), self.mtime, "{} was touched", self.path.display());
+        assert_eq!(
+            md.mtime(),
+            self.mtime,
+            "{} was touched",
+            self.path.display()
+        );
     }
 }
 
@@ -149,7 +154,11 @@ fn a_package_shipping_links_to_host_files_never_reaches_them() {
     // No host byte in any output: the records, kernel, initrd and every file of the tree.
     for f in files_under(&out) {
         let bytes = std::fs::read(&f).unwrap();
-        assert!(!contains(&bytes, SECRET.as_bytes()), "{} holds a host secret", f.display());
+        assert!(
+            !contains(&bytes, SECRET.as_bytes()),
+            "{} holds a host secret",
+            f.display()
+        );
     }
     assert_eq!(
         std::fs::read_to_string(out.join("hostile.vmlinuz")).unwrap(),
@@ -177,7 +186,11 @@ fn a_package_shipping_links_to_host_files_never_reaches_them() {
     );
     for f in files_under(&tree) {
         let bytes = std::fs::read(&f).unwrap();
-        assert!(!contains(&bytes, SECRET.as_bytes()), "{} holds a host secret", f.display());
+        assert!(
+            !contains(&bytes, SECRET.as_bytes()),
+            "{} holds a host secret",
+            f.display()
+        );
     }
     // The links the package shipped were replaced where debimg writes, never written through.
     let md = std::fs::symlink_metadata(tree.join("etc/hostname")).unwrap();
@@ -189,5 +202,9 @@ fn a_package_shipping_links_to_host_files_never_reaches_them() {
     let md = std::fs::symlink_metadata(tree.join("etc/machine-id")).unwrap();
     assert!(md.is_file() && md.len() == 0, "machine-id: {md:?}");
     // dpkg keeps an existing directory where a package ships a link: /tmp stays the image's.
-    assert!(std::fs::symlink_metadata(tree.join("tmp")).unwrap().is_dir());
+    assert!(
+        std::fs::symlink_metadata(tree.join("tmp"))
+            .unwrap()
+            .is_dir()
+    );
 }

@@ -254,6 +254,31 @@ impl Apt<'_> {
         Ok(())
     }
 
+    /// The packages apt's lists offer, with the size and sha256 each repository's (signed)
+    /// index gives them: read after `update`, before anything from the packages runs.
+    pub fn package_index(&self) -> Result<crate::debian::index::PackageIndex> {
+        let mut index = crate::debian::index::PackageIndex::default();
+        let mut compressed = 0;
+        for e in self.root.read_dir(LISTS_DIR)? {
+            let name = e.name.to_string_lossy();
+            if !e.file_type.is_file() {
+                continue;
+            }
+            if name.ends_with("_Packages") {
+                index.add_packages(&self.root.read(format!("{LISTS_DIR}/{name}"))?);
+            } else if name.contains("_Packages.") {
+                compressed += 1;
+            }
+        }
+        if compressed > 0 {
+            tracing::warn!(
+                "{compressed} compressed package index(es) in /{LISTS_DIR} not read: their \
+                 packages are not taken from the cache"
+            );
+        }
+        Ok(index)
+    }
+
     /// Reads each repo's Release fields from apt's lists (after `update`).
     pub fn release_meta(&self, repo: &PlannedRepo) -> Result<ReleaseMeta> {
         let prefix = format!("{}_dists_{}_", list_file_prefix(&repo.uri), repo.suite);

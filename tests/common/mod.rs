@@ -564,7 +564,11 @@ fn serve_one(conn: std::net::TcpStream, dir: &Path) {
         }
         let mut parts = request.split_whitespace();
         let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
-        let rel = target.split('?').next().unwrap_or("").trim_start_matches('/');
+        let rel = target
+            .split('?')
+            .next()
+            .unwrap_or("")
+            .trim_start_matches('/');
         let file = (!rel.split('/').any(|c| c == ".." || c.is_empty()))
             .then(|| dir.join(rel))
             .filter(|p| p.is_file());
