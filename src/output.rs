@@ -190,11 +190,7 @@ impl OutputDir {
     /// [`OutputDir::commit`]; on failure remove it with [`OutputDir::remove`].
     pub fn create_temp(&self, name: impl AsRef<OsStr>, mode: u32) -> Result<(File, String)> {
         let name = self.checked(name.as_ref())?;
-        let temp = format!(
-            ".{}.tmp-{}",
-            name.to_string_lossy(),
-            crate::sys::unique_token()
-        );
+        let temp = temp_name(&name.to_string_lossy());
         let file = self.create_new(&temp, mode)?;
         Ok((file, temp))
     }
@@ -315,6 +311,12 @@ impl AsFd for OutputDir {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
+}
+
+/// A fresh temporary name for `name`: `.NAME.tmp-TOKEN`, hidden (release sums skip it) and
+/// unguessable.
+pub fn temp_name(name: &str) -> String {
+    format!(".{name}.tmp-{}", crate::sys::unique_token())
 }
 
 /// Writes `dir/name` whole with exactly `mode`, atomically and durably, never following a link
