@@ -570,7 +570,6 @@ impl PendingOutputs {
     /// Pending outputs in a directory already open (the one [`OutputLock::dir`] holds), so
     /// that no later swap of its path redirects them.
     #[allow(dead_code)] // for the creator, as `create_temp`
-
     pub fn in_dir(dir: OutputDir) -> PendingOutputs {
         PendingOutputs {
             path: dir.path().to_path_buf(),
@@ -592,7 +591,6 @@ impl PendingOutputs {
     /// Creates the temporary file for `final_name` (0644, as the output will be; `O_EXCL`, no
     /// link followed) and returns it open for writing, with its path.
     #[allow(dead_code)] // for the creator's qemu-img output and copied files
-
     pub fn create_temp(&mut self, final_name: &str) -> Result<(File, PathBuf)> {
         let (file, temp) = open_dir(&mut self.dir, &self.path)?.create_temp(final_name, 0o644)?;
         let p = self.path.join(&temp);
