@@ -333,7 +333,8 @@ pub fn fd_path(fd: impl AsFd) -> PathBuf {
 }
 
 /// Lets the program `cmd` starts inherit `fds` under the same numbers (debimg opens every
-/// descriptor close-on-exec), so that it can reach them as [`fd_path`]s.
+/// descriptor close-on-exec), so that it can reach them as [`fd_path`]s. They must stay open
+/// until the program has started.
 pub fn inherit_fds(cmd: &mut std::process::Command, fds: &[BorrowedFd<'_>]) {
     use std::os::unix::process::CommandExt;
     let fds: Vec<i32> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
