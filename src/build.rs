@@ -8,6 +8,8 @@
 //! and install, its `package` runs finish, package and publish.
 
 use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,7 @@ use nix::mount::MsFlags;
 
 use crate::creator::Creator;
 use crate::metadata::Metadata;
+use crate::output::{EntryKind, OutputDir};
 use crate::plan::Plan;
 use crate::signals;
 use crate::sys::mkfs;
@@ -207,54 +210,77 @@ pub fn check_tools(plan: &Plan, dirs: &[PathBuf]) -> Result<()> {
     )
 }
 
+/// Name of the output directory's lock file. It persists between builds; a release removes it
+/// when done.
+pub const OUTPUT_LOCK: &str = ".debimg.lock";
+
 /// An exclusive lock on the output directory, held for the whole build.
 #[must_use]
 pub struct OutputLock {
+    dir: OutputDir,
     _lock: nix::fcntl::Flock<File>,
 }
 
 impl OutputLock {
-    /// Takes the lock, waiting for it when `wait` is set.
+    /// Takes the lock of the directory `dir`, waiting for it when `wait` is set.
     pub fn acquire(dir: &Path, wait: bool) -> Result<OutputLock> {
+        OutputLock::acquire_in(&OutputDir::open(dir)?, wait)
+    }
+
+    /// Takes the lock of a directory already open.
+    ///
+    /// The lock file is opened without following a link and only when it is a regular file:
+    /// others who may write to the directory could have planted a link to a host file, or a
+    /// FIFO, under its name.
+    pub fn acquire_in(dir: &OutputDir, wait: bool) -> Result<OutputLock> {
         use nix::fcntl::{Flock, FlockArg};
-        let path = dir.join(".debimg.lock");
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
+        let file = dir
+            .open_or_create(OUTPUT_LOCK, 0o600)
+            .with_context(|| format!("locking the output directory {}", dir.path().display()))?;
         let arg = if wait {
             FlockArg::LockExclusive
         } else {
             FlockArg::LockExclusiveNonblock
         };
         match Flock::lock(file, arg) {
-            Ok(lock) => Ok(OutputLock { _lock: lock }),
+            Ok(lock) => Ok(OutputLock {
+                dir: dir.try_clone()?,
+                _lock: lock,
+            }),
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => bail!(
                 "another debimg build is writing to {}; wait for it (or pass --wait)",
-                dir.display()
+                dir.path().display()
             ),
-            Err((_, e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+            Err((_, e)) => {
+                Err(e).with_context(|| format!("locking {}", dir.join(OUTPUT_LOCK).display()))
+            }
         }
+    }
+
+    /// The locked directory, open: write into it through this, not through its path.
+    pub fn dir(&self) -> &OutputDir {
+        &self.dir
     }
 }
 
-/// Returns the existing metadata when every output matches the plan.
+/// Returns the existing metadata when every output matches the plan. Only regular files count:
+/// a link in the output directory is not followed.
 pub fn reusable(plan: &Plan, output_dir: &Path) -> Option<Metadata> {
-    let meta = Metadata::read(&output_dir.join(plan.metadata_name())).ok()?;
+    let dir = OutputDir::open(output_dir).ok()?;
+    let size = |name: &str| match dir.stat(name) {
+        Ok(Some(st)) if EntryKind::of(&st) == EntryKind::File => Some(st.st_size as u64),
+        _ => None,
+    };
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut dir.open_regular(plan.metadata_name()).ok()?, &mut text)
+        .ok()?;
+    let meta: Metadata = serde_saphyr::from_str(&text).ok()?;
     let names = plan.container_names();
     if meta.spec_digest != plan.digest || meta.images.len() != names.len() {
         return None;
     }
     for (name, m) in names.iter().zip(&meta.images) {
-        if *name != m.container_name {
-            return None;
-        }
-        let len = std::fs::metadata(output_dir.join(&m.container_name))
-            .ok()?
-            .len();
-        if len != m.container_size {
+        if *name != m.container_name || size(&m.container_name)? != m.container_size {
             return None;
         }
     }
@@ -263,8 +289,7 @@ pub fn reusable(plan: &Plan, output_dir: &Path) -> Option<Metadata> {
         return None;
     }
     for (name, f) in extra.iter().zip(&meta.files) {
-        let len = std::fs::metadata(output_dir.join(name)).ok()?.len();
-        if *name != f.name || len != f.size {
+        if *name != f.name || size(name)? != f.size {
             return None;
         }
     }
@@ -314,36 +339,69 @@ pub const KEPT_MARKER: &str = ".debimg-kept";
 /// Removes workspaces of builds that died without cleaning up (SIGKILL, power loss): their lock
 /// is free. Their mounts and loop devices went with their namespaces; only files remain.
 /// Workspaces kept on purpose stay.
+///
+/// The build directory may be world-writable (/var/tmp): an entry named like a workspace may be
+/// anyone's and anything. Only a real directory owned by this user is considered, nothing in it
+/// is followed, and its lock is opened only when it is a regular file (a FIFO would hang the
+/// open).
 pub(crate) fn clean_stale_workspaces(build_dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(build_dir) else {
+    let Ok(dir) = OutputDir::open(build_dir) else {
         return;
     };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
+    let Ok(names) = dir.entries() else {
+        return;
+    };
+    for name in names {
         if !name.to_string_lossy().starts_with("debimg-") {
             continue;
         }
-        let dir = entry.path();
-        if dir.join(KEPT_MARKER).exists() {
-            continue;
-        }
-        let Ok(file) = File::options().write(true).open(dir.join(WORKSPACE_LOCK)) else {
+        let Some(ws) = stale_workspace(&dir, &name) else {
             continue;
         };
         use nix::fcntl::{Flock, FlockArg};
-        let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+        let Ok(lock) = ws
+            .open_regular(WORKSPACE_LOCK)
+            .map_err(|e| tracing::debug!("{e:#}"))
+            .and_then(|f| Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|_| ()))
+        else {
             continue;
         };
+        let path = ws.path().to_path_buf();
+        drop(ws);
         tracing::warn!(
             "removing stale workspace {} of a build that died",
-            dir.display()
+            path.display()
         );
-        let res = mount::unmount_all_under(&dir).and_then(|()| mount::remove_dir_all_safe(&dir));
+        // By path, which another user could only have swapped for a link (removed, not
+        // followed) if the build directory lets them rename entries; the deletion follows no
+        // link and crosses no mount.
+        let res = mount::unmount_all_under(&path).and_then(|()| mount::remove_dir_all_safe(&path));
         if let Err(e) = res {
-            tracing::warn!("could not remove stale workspace {}: {e:#}", dir.display());
+            tracing::warn!("could not remove stale workspace {}: {e:#}", path.display());
         }
         drop(lock);
     }
+}
+
+/// The entry `name` of the build directory, open, when it may be a workspace a build of this
+/// user left: a directory (not a link to one) owned by this user and not kept.
+fn stale_workspace(build_dir: &OutputDir, name: &std::ffi::OsStr) -> Option<OutputDir> {
+    let me = nix::unistd::geteuid().as_raw();
+    let st = build_dir.stat(name).ok()??;
+    if EntryKind::of(&st) != EntryKind::Dir || st.st_uid != me {
+        return None;
+    }
+    let ws = build_dir.open_subdir(name).ok()?;
+    // The entry may have changed between the look and the open.
+    let opened = ws.stat_self().ok()?;
+    if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino) {
+        return None;
+    }
+    // Anything under the marker's name keeps the workspace; only a clear "nothing" does not.
+    if !matches!(ws.stat(KEPT_MARKER), Ok(None)) {
+        return None;
+    }
+    Some(ws)
 }
 
 /// The build's private working directory under `--build-dir`, locked while the build lives.
@@ -359,15 +417,24 @@ pub(crate) struct Workspace {
 }
 
 impl Workspace {
+    /// Creates a workspace in `build_dir`, private to this user (0700): the images in it hold
+    /// password hashes and files of mode 0600, readable by anyone were the directory open. What
+    /// debimg writes directly here is 0600; the image tree inside keeps the modes the image
+    /// needs (a 0755 /usr, setuid binaries, device nodes), unreachable through this directory.
     pub fn create(build_dir: &Path, name: &str, tmpfs: Option<u64>) -> Result<Workspace> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("debimg-{name}-"))
+            .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir_in(build_dir)
             .with_context(|| format!("creating a workspace in {}", build_dir.display()))?
             .keep();
         let lock_path = dir.join(WORKSPACE_LOCK);
         // Should locking fail, the directory is left with a free lock: the next run removes it.
-        let file = File::create_new(&lock_path)
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&lock_path)
             .with_context(|| format!("creating {}", lock_path.display()))?;
         let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| e)
@@ -385,14 +452,9 @@ impl Workspace {
             // namespace).
             let work = ws.dir.join("tmpfs");
             std::fs::create_dir(&work).with_context(|| format!("creating {}", work.display()))?;
-            let m = mount::mount(
-                "debimg-tmpfs",
-                &work,
-                Some("tmpfs"),
-                MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
-                Some(&format!("size={size},mode=0755")),
-            )
-            .with_context(|| format!("mounting a {} MiB tmpfs", size >> 20))?;
+            let (flags, options) = tmpfs_mount_options(size);
+            let m = mount::mount("debimg-tmpfs", &work, Some("tmpfs"), flags, Some(&options))
+                .with_context(|| format!("mounting a {} MiB tmpfs", size >> 20))?;
             tracing::info!(
                 "workspace on a tmpfs of {} MiB at {}",
                 size >> 20,
@@ -436,7 +498,12 @@ impl Workspace {
         self.closed = true;
         self.unmount_all()?;
         let marker = self.dir.join(KEPT_MARKER);
-        std::fs::write(&marker, "kept by --keep-on-failure\n")
+        File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&marker)
+            .and_then(|mut f| f.write_all(b"kept by --keep-on-failure\n"))
             .with_context(|| format!("writing {}", marker.display()))?;
         let mut files: Vec<String> = std::fs::read_dir(&self.dir)
             .map(|rd| {
@@ -457,6 +524,16 @@ impl Workspace {
     }
 }
 
+/// Mount flags and options of a `--tmpfs` workspace of `size` bytes.
+///
+/// Neither `nodev` nor `nosuid`: the image tree built on it holds device nodes (a tarball's
+/// chroot keeps its /dev on it; with `nodev` dpkg fails on `/dev/null`) and setuid binaries,
+/// exactly as a build on disk does. `mode=0700` keeps other users out of the tmpfs, as the
+/// 0700 workspace does on disk: that, not `nodev`, is what keeps them away from those files.
+fn tmpfs_mount_options(size: u64) -> (MsFlags, String) {
+    (MsFlags::empty(), format!("size={size},mode=0700"))
+}
+
 impl Drop for Workspace {
     fn drop(&mut self) {
         if self.closed {
@@ -472,87 +549,102 @@ impl Drop for Workspace {
 }
 
 /// Files being written into the output directory under temporary names; removed unless
-/// published.
+/// published. Every name is looked up in the directory opened once, never followed.
 pub(crate) struct PendingOutputs {
-    dir: PathBuf,
-    temps: Vec<(PathBuf, String)>,
+    path: PathBuf,
+    /// Opened at first use (`new` cannot fail).
+    dir: Option<OutputDir>,
+    /// (temporary name, final name)
+    temps: Vec<(String, String)>,
 }
 
 impl PendingOutputs {
     pub fn new(dir: &Path) -> PendingOutputs {
         PendingOutputs {
-            dir: dir.to_path_buf(),
+            path: dir.to_path_buf(),
+            dir: None,
             temps: Vec::new(),
         }
     }
 
+    /// Pending outputs in a directory already open (the one [`OutputLock::dir`] holds), so
+    /// that no later swap of its path redirects them.
+    #[allow(dead_code)] // for the creator, as `create_temp`
+    pub fn in_dir(dir: OutputDir) -> PendingOutputs {
+        PendingOutputs {
+            path: dir.path().to_path_buf(),
+            dir: Some(dir),
+            temps: Vec::new(),
+        }
+    }
+
+    /// A fresh temporary name for `final_name`, not created: for a writer that creates it
+    /// itself with `O_EXCL` ([`crate::pack::compress::pack`] does). Any other writer (one that
+    /// opens an existing path, such as qemu-img, or a copy) takes [`PendingOutputs::create_temp`].
     pub fn temp_path(&mut self, final_name: &str) -> PathBuf {
-        let p = self
-            .dir
-            .join(format!(".{final_name}.tmp-{}", crate::sys::unique_token()));
-        self.temps.push((p.clone(), final_name.to_string()));
+        let temp = crate::output::temp_name(final_name);
+        let p = self.path.join(&temp);
+        self.temps.push((temp, final_name.to_string()));
         p
+    }
+
+    /// Creates the temporary file for `final_name` (0644, as the output will be; `O_EXCL`, no
+    /// link followed) and returns it open for writing, with its path.
+    #[allow(dead_code)] // for the creator's qemu-img output and copied files
+    pub fn create_temp(&mut self, final_name: &str) -> Result<(File, PathBuf)> {
+        let (file, temp) = open_dir(&mut self.dir, &self.path)?.create_temp(final_name, 0o644)?;
+        let p = self.path.join(&temp);
+        self.temps.push((temp, final_name.to_string()));
+        Ok((file, p))
     }
 
     /// Renames the images into place, then writes the metadata last. The old metadata goes
     /// first, so that no moment shows new images described by old metadata.
     pub fn publish(&mut self, images: &[&str], metadata_name: &str, yaml: &str) -> Result<()> {
-        let meta_path = self.dir.join(metadata_name);
-        match std::fs::remove_file(&meta_path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(e).with_context(|| format!("removing old {}", meta_path.display()));
-            }
-            _ => {}
-        }
-        sync_dir(&self.dir)?;
+        let dir = open_dir(&mut self.dir, &self.path)?;
+        dir.remove(metadata_name)?;
+        dir.sync()?;
         for name in images {
-            let (tmp, _) = self
+            let (temp, _) = self
                 .temps
                 .iter()
                 .find(|(_, n)| n == name)
                 .with_context(|| format!("{name} was not packaged"))?;
-            std::fs::rename(tmp, self.dir.join(name))
-                .with_context(|| format!("moving {name} into {}", self.dir.display()))?;
+            dir.commit(temp, name)?;
         }
-        self.temps.clear();
-        let tmp = self.dir.join(format!(
-            ".{metadata_name}.tmp-{}",
-            crate::sys::unique_token()
-        ));
-        let res = (|| {
-            let mut f =
-                File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            std::io::Write::write_all(&mut f, yaml.as_bytes())
-                .with_context(|| format!("writing {}", tmp.display()))?;
-            f.sync_all()
-                .with_context(|| format!("syncing {}", tmp.display()))?;
-            std::fs::rename(&tmp, &meta_path)
-                .with_context(|| format!("moving {} into place", meta_path.display()))?;
-            sync_dir(&self.dir)
-        })();
-        if res.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        res
+        // Whatever was not published goes on drop.
+        self.temps.retain(|(_, n)| !images.contains(&n.as_str()));
+        dir.write_file(metadata_name, yaml.as_bytes(), 0o644)
+    }
+}
+
+/// The directory `slot` holds, opened from `path` at first use.
+fn open_dir<'a>(slot: &'a mut Option<OutputDir>, path: &Path) -> Result<&'a OutputDir> {
+    match slot {
+        Some(dir) => Ok(dir),
+        None => Ok(slot.insert(OutputDir::open(path)?)),
     }
 }
 
 impl Drop for PendingOutputs {
     fn drop(&mut self) {
-        for (tmp, _) in self.temps.drain(..) {
-            if let Err(e) = std::fs::remove_file(&tmp)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!("removing {}: {e}", tmp.display());
+        if self.temps.is_empty() {
+            return;
+        }
+        let dir = match open_dir(&mut self.dir, &self.path) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!("removing temporary outputs: {e:#}");
+                return;
+            }
+        };
+        let temps = self.temps.drain(..);
+        for (temp, _) in temps {
+            if let Err(e) = dir.remove(&temp) {
+                tracing::warn!("{e:#}");
             }
         }
     }
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("syncing {}", dir.display()))
 }
 
 #[cfg(test)]
@@ -647,6 +739,275 @@ mod tests {
         std::fs::write(out.path().join("tb.packages"), b"a 1\n").unwrap();
         std::fs::remove_file(out.path().join("tb.tar.gz")).unwrap();
         assert!(reusable(&plan, out.path()).is_none(), "a missing archive");
+        std::fs::write(out.path().join("elsewhere"), b"archive").unwrap();
+        std::os::unix::fs::symlink("elsewhere", out.path().join("tb.tar.gz")).unwrap();
+        assert!(
+            reusable(&plan, out.path()).is_none(),
+            "a link is not an output"
+        );
+    }
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
+    }
+
+    fn victim(dir: &Path) -> PathBuf {
+        let v = dir.join("victim");
+        std::fs::write(&v, b"a host file\n").unwrap();
+        v
+    }
+
+    #[test]
+    fn output_lock_refuses_a_link_and_leaves_its_target_alone() {
+        let out = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let v = victim(outside.path());
+        let before = crate::output::fingerprint(&v);
+        std::os::unix::fs::symlink(&v, out.path().join(OUTPUT_LOCK)).unwrap();
+        let err = format!(
+            "{:#}",
+            OutputLock::acquire(out.path(), false).err().unwrap()
+        );
+        assert!(
+            err.contains(".debimg.lock is a symbolic link: refusing to follow it"),
+            "{err}"
+        );
+        assert_eq!(crate::output::fingerprint(&v), before);
+    }
+
+    #[test]
+    fn output_lock_refuses_a_fifo_without_hanging() {
+        let out = tempfile::tempdir().unwrap();
+        let lock = out.path().join(OUTPUT_LOCK);
+        nix::unistd::mkfifo(&lock, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let path = out.path().to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // A blocking open of the FIFO would never return: judge by a deadline.
+        std::thread::spawn(move || {
+            let _ = tx.send(
+                OutputLock::acquire(&path, false)
+                    .err()
+                    .map(|e| format!("{e:#}")),
+            );
+        });
+        let err = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("taking the lock hung on a FIFO")
+            .expect("a FIFO was taken as the lock");
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn output_lock_persists_and_excludes_a_second_build() {
+        let out = tempfile::tempdir().unwrap();
+        let first = OutputLock::acquire(out.path(), false).unwrap();
+        let err = format!(
+            "{:#}",
+            OutputLock::acquire(out.path(), false).err().unwrap()
+        );
+        assert!(err.contains("another debimg build is writing"), "{err}");
+        drop(first);
+        let again = OutputLock::acquire(out.path(), false).unwrap();
+        assert!(out.path().join(OUTPUT_LOCK).is_file());
+        assert_eq!(mode(&out.path().join(OUTPUT_LOCK)), 0o600);
+        assert_eq!(again.dir().path(), out.path());
+    }
+
+    /// Every kind of entry stale-workspace cleanup must leave alone, next to one it must remove
+    /// (without which the test could pass by removing nothing).
+    #[test]
+    fn stale_cleanup_follows_no_link_opens_no_fifo_and_spares_others() {
+        let build_dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let b = build_dir.path();
+        let v = victim(outside.path());
+        let before = crate::output::fingerprint(&v);
+        let make_ws = |name: &str| {
+            let d = b.join(name);
+            std::fs::create_dir(&d).unwrap();
+            std::fs::write(d.join(WORKSPACE_LOCK), b"").unwrap();
+            std::fs::write(d.join("root.img"), b"image").unwrap();
+            d
+        };
+        // A link to a directory that looks like a free workspace.
+        let target = outside.path().join("looks-stale");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::write(target.join(WORKSPACE_LOCK), b"").unwrap();
+        std::fs::write(target.join("keep.txt"), b"keep").unwrap();
+        std::os::unix::fs::symlink(&target, b.join("debimg-link")).unwrap();
+        // A workspace whose lock is a FIFO (a blocking open would hang), or a link to a host
+        // file.
+        let fifo_ws = b.join("debimg-fifo");
+        std::fs::create_dir(&fifo_ws).unwrap();
+        let fifo = fifo_ws.join(WORKSPACE_LOCK);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let link_lock_ws = b.join("debimg-linklock");
+        std::fs::create_dir(&link_lock_ws).unwrap();
+        std::os::unix::fs::symlink(&v, link_lock_ws.join(WORKSPACE_LOCK)).unwrap();
+        // Kept: even a dangling link under the marker's name keeps it.
+        let kept = make_ws("debimg-kept");
+        std::os::unix::fs::symlink("/nonexistent", kept.join(KEPT_MARKER)).unwrap();
+        // Another user's.
+        let others = make_ws("debimg-others");
+        if is_root() {
+            nix::unistd::chown(&others, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        }
+        let stale = make_ws("debimg-stale");
+
+        let path = b.to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            clean_stale_workspaces(&path);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("stale-workspace cleanup hung");
+
+        assert!(!stale.exists(), "a stale workspace of this user is removed");
+        assert!(
+            std::fs::symlink_metadata(b.join("debimg-link"))
+                .unwrap()
+                .is_symlink(),
+            "the link is left"
+        );
+        assert_eq!(std::fs::read(target.join("keep.txt")).unwrap(), b"keep");
+        assert!(target.join(WORKSPACE_LOCK).is_file());
+        assert!(fifo.exists(), "the workspace with a FIFO lock is left");
+        assert!(link_lock_ws.join(WORKSPACE_LOCK).is_symlink());
+        assert_eq!(crate::output::fingerprint(&v), before);
+        assert!(kept.join("root.img").exists(), "a kept workspace is left");
+        if is_root() {
+            assert!(others.join("root.img").exists(), "another user's is left");
+        }
+    }
+
+    #[test]
+    fn workspace_is_private() {
+        let build_dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::create(build_dir.path(), "t", None).unwrap();
+        assert_eq!(mode(&ws.dir), 0o700);
+        assert_eq!(mode(&ws.dir.join(WORKSPACE_LOCK)), 0o600);
+        let dir = ws.dir.clone();
+        ws.keep().unwrap();
+        assert_eq!(mode(&dir.join(KEPT_MARKER)), 0o600);
+        mount::remove_dir_all_safe(&dir).unwrap();
+    }
+
+    #[test]
+    fn tmpfs_workspace_allows_devices_and_setuid_and_is_private() {
+        let (flags, options) = tmpfs_mount_options(64 << 20);
+        assert!(!flags.contains(MsFlags::MS_NODEV), "{flags:?}");
+        assert!(!flags.contains(MsFlags::MS_NOSUID), "{flags:?}");
+        assert!(options.split(',').any(|o| o == "mode=0700"), "{options}");
+    }
+
+    /// The real thing: a `--tmpfs` workspace, in a forked child's private mount namespace, holds
+    /// a usable device node (dpkg's /dev/null in a tarball's chroot) and is 0700.
+    #[test]
+    fn tmpfs_workspace_holds_a_working_dev_null() {
+        use nix::sys::wait::{WaitStatus, waitpid};
+        use nix::unistd::{ForkResult, fork};
+        if !is_root() {
+            eprintln!("skipping: needs root to unshare and mount");
+            return;
+        }
+        let build_dir = tempfile::Builder::new()
+            .prefix("debimg-tmpfs-test-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let bdir = build_dir.path().to_path_buf();
+        // SAFETY: the child only runs the code below and leaves through _exit; glibc makes
+        // malloc safe after fork, and no lock of ours is held.
+        match unsafe { fork() }.unwrap() {
+            ForkResult::Child => {
+                let code = std::panic::catch_unwind(|| {
+                    if crate::sys::namespace::enter_private_mount_namespace().is_err() {
+                        return 2;
+                    }
+                    let Ok(ws) = Workspace::create(&bdir, "t", Some(16 << 20)) else {
+                        return 3;
+                    };
+                    if mode(&ws.work) != 0o700 {
+                        return 4;
+                    }
+                    let null = ws.work.join("null");
+                    let made = nix::sys::stat::mknod(
+                        &null,
+                        nix::sys::stat::SFlag::S_IFCHR,
+                        nix::sys::stat::Mode::from_bits_truncate(0o666),
+                        nix::sys::stat::makedev(1, 3),
+                    );
+                    if made.is_err() {
+                        return 5;
+                    }
+                    if std::fs::write(&null, b"discarded").is_err() {
+                        return 6;
+                    }
+                    if ws.close().is_err() {
+                        return 7;
+                    }
+                    0
+                })
+                .unwrap_or(8);
+                // SAFETY: leaves the child without running the harness's code.
+                unsafe { libc::_exit(code) }
+            }
+            ForkResult::Parent { child } => {
+                let status = waitpid(child, None).unwrap();
+                assert_eq!(
+                    status,
+                    WaitStatus::Exited(child, 0),
+                    "2: unshare, 3: workspace, 4: tmpfs not 0700, 5: mknod, 6: opening the \
+                     device (nodev?), 7: close"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn publish_replaces_a_link_and_drop_removes_temporaries() {
+        let out = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let v = victim(outside.path());
+        let before = crate::output::fingerprint(&v);
+        std::os::unix::fs::symlink(&v, out.path().join("x.yaml")).unwrap();
+        std::os::unix::fs::symlink(&v, out.path().join("x.img.gz")).unwrap();
+        let mut pending = PendingOutputs::new(out.path());
+        let (mut f, tmp) = pending.create_temp("x.img.gz").unwrap();
+        f.write_all(b"image").unwrap();
+        let unused = pending.temp_path("x.raw");
+        std::fs::write(&unused, b"partial").unwrap();
+        pending
+            .publish(&["x.img.gz"], "x.yaml", "name: x\n")
+            .unwrap();
+        drop(pending);
+        assert!(!tmp.exists());
+        assert!(!unused.exists(), "what was not published is removed");
+        assert_eq!(
+            std::fs::read(out.path().join("x.img.gz")).unwrap(),
+            b"image"
+        );
+        assert_eq!(
+            std::fs::read(out.path().join("x.yaml")).unwrap(),
+            b"name: x\n"
+        );
+        assert_eq!(crate::output::fingerprint(&v), before);
+
+        let mut pending = PendingOutputs::new(out.path());
+        let (_, tmp) = pending.create_temp("y.img.gz").unwrap();
+        drop(pending);
+        assert!(!tmp.exists(), "an unpublished temporary is removed");
+        let mut left: Vec<_> = std::fs::read_dir(out.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["x.img.gz", "x.yaml"]);
     }
 
     #[test]

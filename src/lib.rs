@@ -13,6 +13,7 @@ pub mod debian;
 pub mod fuel;
 pub mod kind;
 pub mod metadata;
+pub mod output;
 pub mod pack;
 pub mod plan;
 pub mod post;

@@ -7,8 +7,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use debimg::build::{BuildOptions, DEFAULT_BUILD_DIR, DEFAULT_CACHE_DIR, build};
+use debimg::build::{BuildOptions, DEFAULT_BUILD_DIR, DEFAULT_CACHE_DIR, OUTPUT_LOCK, build};
 use debimg::cache::Cache;
+use debimg::output::OutputDir;
 use debimg::pack::compress;
 use debimg::plan::{Plan, read_host_sources};
 use debimg::release;
@@ -452,8 +453,12 @@ fn run(cli: &Cli) -> Result<()> {
                 (None, Some(f)) => f.output_dir.clone(),
                 (None, None) => PathBuf::from("out"),
             };
-            let output_dir = match release_id {
-                Some(id) => prepare_release_dir(&base_output.join(id))?,
+            let release_dir = release_id
+                .as_deref()
+                .map(|id| release::prepare_dir(&base_output, id))
+                .transpose()?;
+            let output_dir = match &release_dir {
+                Some(dir) => dir.path().to_path_buf(),
                 None => base_output,
             };
             let opts = BuildOptions {
@@ -469,20 +474,20 @@ fn run(cli: &Cli) -> Result<()> {
             };
             let job = Job {
                 input: &input,
-                release: release_id.is_some(),
+                release: release_dir.as_ref(),
                 pack: pack.is_some(),
             };
             // Before any thread exists: the build runs in PID and mount namespaces of its own,
             // so no mount reaches the host and nothing of it outlives this process, even when
             // it is killed with SIGKILL.
             let code = debimg::sys::namespace::run_isolated(|| {
-                let tee = if job.release {
-                    match release::LogTee::start(&opts.output_dir.join("build.log")) {
-                        Ok(t) => Some(t),
-                        Err(e) => return exit_code(Err(e)),
-                    }
-                } else {
-                    None
+                let tee = match job
+                    .release
+                    .map(|dir| release::LogTee::start(dir, "build.log"))
+                {
+                    Some(Ok(t)) => Some(t),
+                    Some(Err(e)) => return exit_code(Err(e)),
+                    None => None,
                 };
                 let res = signals::install().and_then(|()| run_build(&plan, &opts, &job, started));
                 // Printed while the log is still being written, so that it ends with the error.
@@ -493,8 +498,10 @@ fn run(cli: &Cli) -> Result<()> {
                     eprintln!("error: {e:#}");
                     return 1;
                 }
-                if code == 0 && job.release {
-                    return exit_code(release::write_sums(&opts.output_dir).map(|names| {
+                if code == 0
+                    && let Some(dir) = job.release
+                {
+                    return exit_code(release::write_sums(dir).map(|names| {
                         tracing::info!(
                             "release {}: {} files with SHA256SUMS and MD5SUMS",
                             opts.output_dir.display(),
@@ -515,29 +522,9 @@ fn run(cli: &Cli) -> Result<()> {
 /// What the build does besides building.
 struct Job<'a> {
     input: &'a Input,
-    release: bool,
+    /// The release directory (`--release`), open.
+    release: Option<&'a OutputDir>,
     pack: bool,
-}
-
-/// The release directory: new, or left incomplete by a failed run (no SHA256SUMS), which is
-/// emptied. A complete release is never overwritten.
-fn prepare_release_dir(dir: &Path) -> Result<PathBuf> {
-    if dir.join("SHA256SUMS").exists() {
-        anyhow::bail!(
-            "release {} exists already; choose another ID or remove it",
-            dir.display()
-        );
-    }
-    if dir.exists() {
-        for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-            let p = e?.path();
-            if p.is_file() {
-                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-            }
-        }
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir.to_path_buf())
 }
 
 /// This process's peak resident set (VmHWM), in KiB: the build process's own memory, not the
@@ -585,17 +572,21 @@ fn run_build(plan: &Plan, opts: &BuildOptions, job: &Job, started: Instant) -> R
             .iter()
             .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .collect();
-        let archive = release::pack_outputs(&dir, &names, &format!("{}.bundle.tar.gz", plan.name))?;
+        let out = match job.release {
+            Some(d) => d.try_clone()?,
+            None => OutputDir::open(&dir)?,
+        };
+        let archive = release::pack_outputs(&out, &names, &format!("{}.bundle.tar.gz", plan.name))?;
         tracing::info!("packed {} outputs into {}", names.len(), archive.display());
         outputs = vec![archive];
     }
-    if job.release {
-        let copy = dir.join(&job.input.copy_name);
-        std::fs::write(&copy, &job.input.text)
-            .with_context(|| format!("writing {}", copy.display()))?;
-        outputs.push(copy);
+    if let Some(release_dir) = job.release {
+        release_dir.write_file(&job.input.copy_name, job.input.text.as_bytes(), 0o644)?;
+        outputs.push(release_dir.join(&job.input.copy_name));
         // A release is one-off: no later build takes this directory's lock.
-        let _ = std::fs::remove_file(dir.join(".debimg.lock"));
+        if let Err(e) = release_dir.remove(OUTPUT_LOCK) {
+            tracing::warn!("{e:#}");
+        }
     }
     if outcome.reused {
         tracing::info!(

@@ -1,18 +1,27 @@
 //! Release output (`--release ID`, `--pack tar.gz`): a directory per build with the outputs, the
 //! spec as built, the build log and checksum files `sha256sum -c` and `md5sum -c` accept; and
 //! all outputs packed into one archive.
+//!
+//! The output directory may be shared with other users: every file here is reached through the
+//! directory's descriptor ([`OutputDir`]), and no link in it is followed.
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+use crate::build::{OUTPUT_LOCK, OutputLock};
 use crate::cmd::CommandRunExt;
+use crate::output::{EntryKind, OutputDir, fd_path, inherit_fds};
 use crate::pack::compress;
 use crate::pack::digest::digest_file;
 use crate::spec::Container;
+
+/// Marks a directory debimg made for a release: only such a directory is ever emptied for a
+/// new try. Hidden, so the release's sums leave it out.
+pub const RELEASE_MARKER: &str = ".debimg-release";
 
 /// The placeholder a spec may use for the release ID (`name: cloud-@BUILD_ID@`).
 pub const BUILD_ID_PLACEHOLDER: &str = "@BUILD_ID@";
@@ -38,6 +47,80 @@ pub fn substitute_build_id(text: &str, id: &str) -> String {
     text.replace(BUILD_ID_PLACEHOLDER, id)
 }
 
+/// The release directory `base/id`, open: created with its marker, or, when a failed run left it
+/// (the marker and no `SHA256SUMS`), emptied for this one.
+///
+/// Refused, deleting nothing: a link at `base/id` (never followed), anything there but a
+/// directory, a directory debimg did not make (no marker: someone's files), a complete release
+/// (`SHA256SUMS`), a directory holding a sub-directory, and one another build is writing to.
+pub fn prepare_dir(base: &Path, id: &str) -> Result<OutputDir> {
+    check_release_id(id)?;
+    std::fs::create_dir_all(base).with_context(|| format!("creating {}", base.display()))?;
+    let parent = OutputDir::open(base)?;
+    let path = parent.join(id);
+    match parent.kind(id)? {
+        None => {
+            parent.create_subdir(id, 0o755)?;
+            let dir = parent.open_subdir(id)?;
+            dir.write_file(
+                RELEASE_MARKER,
+                b"made by debimg build --release: emptied when a build of this release fails\n",
+                0o644,
+            )?;
+            return Ok(dir);
+        }
+        Some(EntryKind::Dir) => {}
+        Some(EntryKind::Symlink) => bail!(
+            "release directory {} is a symbolic link: refusing to follow it",
+            path.display()
+        ),
+        Some(_) => bail!("{} exists and is not a directory", path.display()),
+    }
+    let dir = parent.open_subdir(id)?;
+    if dir.kind("SHA256SUMS")?.is_some() {
+        bail!(
+            "release {} exists already; choose another ID or remove it",
+            path.display()
+        );
+    }
+    if dir.kind(RELEASE_MARKER)? != Some(EntryKind::File) {
+        bail!(
+            "{} exists and was not made by debimg (no {RELEASE_MARKER}): refusing to empty it; choose another ID or remove it",
+            path.display()
+        );
+    }
+    // Held while emptying, so that a build still writing this release is not pulled from under.
+    let lock = OutputLock::acquire_in(&dir, false)?;
+    empty_incomplete(&dir)?;
+    drop(lock);
+    tracing::info!(
+        "release {}: emptied what a failed build left",
+        path.display()
+    );
+    Ok(dir)
+}
+
+/// Removes every entry of a failed release but its marker and lock, without following or
+/// descending into anything; refuses, before removing anything, if a directory is inside.
+fn empty_incomplete(dir: &OutputDir) -> Result<()> {
+    let names = dir.entries()?;
+    for name in &names {
+        if dir.kind(name)? == Some(EntryKind::Dir) {
+            bail!(
+                "{} holds a directory, {}, which debimg does not make: refusing to empty it",
+                dir.path().display(),
+                dir.join(name).display()
+            );
+        }
+    }
+    for name in names {
+        if name != RELEASE_MARKER && name != OUTPUT_LOCK {
+            dir.remove(&name)?;
+        }
+    }
+    dir.sync()
+}
+
 /// Copies everything written to this process's stderr (its own log lines and the output of the
 /// programs it runs, which inherit the descriptor) into a file as well, until
 /// [`LogTee::finish`].
@@ -47,9 +130,9 @@ pub struct LogTee {
 }
 
 impl LogTee {
-    /// Starts copying stderr into `path` (created, truncated).
-    pub fn start(path: &Path) -> Result<LogTee> {
-        let mut log = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    /// Starts copying stderr into the file `name` of `dir`, made anew.
+    pub fn start(dir: &OutputDir, name: &str) -> Result<LogTee> {
+        let mut log = open_log(dir, name)?;
         let (read, write) = nix::unistd::pipe().context("creating a pipe for the build log")?;
         let saved = nix::unistd::dup(std::io::stderr()).context("duplicating stderr")?;
         let mut terminal = File::from(saved.try_clone().context("duplicating stderr")?);
@@ -96,6 +179,13 @@ impl LogTee {
     }
 }
 
+/// A new, empty log file `name` in `dir`: whatever is there goes first (a link is removed, not
+/// followed), then the file is created with `O_EXCL`.
+fn open_log(dir: &OutputDir, name: &str) -> Result<File> {
+    dir.remove(name)?;
+    dir.create_new(name, 0o644)
+}
+
 /// Makes descriptor 2 a copy of `fd`.
 fn redirect_stderr(fd: &OwnedFd) -> std::io::Result<()> {
     // SAFETY: dup2 on two valid descriptors; descriptor 2 is replaced atomically.
@@ -111,63 +201,81 @@ impl Drop for LogTee {
     }
 }
 
-/// Writes `SHA256SUMS` and `MD5SUMS` for every regular file of `dir` (hidden files and the sum
-/// files themselves excepted), sorted by name, in the format `sha256sum -c` reads.
-pub fn write_sums(dir: &Path) -> Result<Vec<String>> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .with_context(|| format!("listing {}", dir.display()))?
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with('.') && n != "SHA256SUMS" && n != "MD5SUMS")
-        .collect();
+/// Writes `SHA256SUMS` and `MD5SUMS` for every regular file of `dir` (hidden files, the sum
+/// files themselves and anything not a regular file, links included, excepted), sorted by name,
+/// in the format `sha256sum -c` reads. Each file is read without following a link; each sum
+/// file is written whole and renamed into place.
+pub fn write_sums(dir: &OutputDir) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for name in dir.entries()? {
+        let Some(name) = name.to_str() else {
+            bail!(
+                "{}: a file name that is not UTF-8 cannot go into SHA256SUMS",
+                dir.join(&name).display()
+            );
+        };
+        if !name.starts_with('.')
+            && name != "SHA256SUMS"
+            && name != "MD5SUMS"
+            && dir.kind(name)? == Some(EntryKind::File)
+        {
+            names.push(name.to_string());
+        }
+    }
     names.sort();
     let mut sha = String::new();
     let mut md5s = String::new();
     for name in &names {
-        let path = dir.join(name);
-        let d = digest_file(&path)?;
+        let file = dir.open_regular(name)?;
+        // Through the descriptor just opened: the file checked, whatever its name leads to now.
+        let d = digest_file(&fd_path(&file))
+            .with_context(|| format!("digesting {}", dir.join(name).display()))?;
         sha.push_str(&format!("{}  {name}\n", d.sha256));
         md5s.push_str(&format!("{}  {name}\n", d.md5));
     }
-    for (file, text) in [("SHA256SUMS", sha), ("MD5SUMS", md5s)] {
-        let p = dir.join(file);
-        std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
-    }
+    dir.write_file("SHA256SUMS", sha.as_bytes(), 0o644)?;
+    dir.write_file("MD5SUMS", md5s.as_bytes(), 0o644)?;
     Ok(names)
 }
 
 /// Packs `files` (names in `dir`) into `dir/<archive>` (a gzipped tar), then removes them.
 /// The archive appears under its name only when complete.
-pub fn pack_outputs(dir: &Path, files: &[String], archive: &str) -> Result<PathBuf> {
-    let token = crate::sys::unique_token();
-    let tar = dir.join(format!(".{archive}.tar-{token}"));
-    let tmp = dir.join(format!(".{archive}.tmp-{token}"));
-    let res = (|| -> Result<PathBuf> {
-        std::process::Command::new("tar")
-            .arg("--create")
-            .arg("--file")
-            .arg(&tar)
-            .arg("--directory")
-            .arg(dir)
-            .args(["--sparse", "--"])
-            .args(files)
-            .run()
-            .with_context(|| format!("archiving the outputs in {}", dir.display()))?;
-        compress::pack(&tar, Container::Gzip, &tmp)?;
-        let dest = dir.join(archive);
-        std::fs::rename(&tmp, &dest)
-            .with_context(|| format!("moving {} into place", dest.display()))?;
-        Ok(dest)
+pub fn pack_outputs(dir: &OutputDir, files: &[String], archive: &str) -> Result<PathBuf> {
+    let (tar, tar_name) = dir.create_temp(format!("{archive}.tar"), 0o600)?;
+    let res = (|| -> Result<()> {
+        let (gz, gz_name) = dir.create_temp(archive, 0o644)?;
+        let res = (|| {
+            // tar writes into the file just created and reads the outputs from the directory
+            // opened, both through descriptors it inherits: no name someone else may change in
+            // the directory redirects it. It stores a link as a link, never what it points to.
+            let mut cmd = std::process::Command::new("tar");
+            cmd.arg("--create")
+                .arg("--file")
+                .arg(fd_path(&tar))
+                .arg("--directory")
+                .arg(dir.proc_path())
+                .args(["--sparse", "--"])
+                .args(files);
+            inherit_fds(&mut cmd, &[tar.as_fd(), dir.as_fd()]);
+            cmd.run()
+                .with_context(|| format!("archiving the outputs in {}", dir.path().display()))?;
+            compress::pack_into(&fd_path(&tar), Container::Gzip, gz, &dir.join(&gz_name))?;
+            dir.commit(&gz_name, archive)
+        })();
+        if res.is_err() {
+            let _ = dir.remove(&gz_name);
+        }
+        res
     })();
-    let _ = std::fs::remove_file(&tar);
-    let _ = std::fs::remove_file(&tmp);
-    let dest = res?;
+    drop(tar);
+    let removed = dir.remove(&tar_name);
+    res?;
+    removed?;
     for f in files {
-        let p = dir.join(f);
-        std::fs::remove_file(&p).with_context(|| format!("removing packed {}", p.display()))?;
+        dir.remove(f)
+            .with_context(|| format!("removing packed {}", dir.join(f).display()))?;
     }
-    Ok(dest)
+    Ok(dir.join(archive))
 }
 
 #[cfg(test)]
@@ -194,7 +302,8 @@ mod tests {
         std::fs::write(dir.path().join("a.img"), b"abc").unwrap();
         std::fs::write(dir.path().join("b.yaml"), b"name: b\n").unwrap();
         std::fs::write(dir.path().join(".debimg.lock"), b"").unwrap();
-        let names = write_sums(dir.path()).unwrap();
+        std::fs::write(dir.path().join(RELEASE_MARKER), b"").unwrap();
+        let names = write_sums(&OutputDir::open(dir.path()).unwrap()).unwrap();
         assert_eq!(names, ["a.img", "b.yaml"]);
         let sha = std::fs::read_to_string(dir.path().join("SHA256SUMS")).unwrap();
         assert!(sha.starts_with(
@@ -216,7 +325,7 @@ mod tests {
         std::fs::write(dir.path().join("x.img.gz"), b"img").unwrap();
         std::fs::write(dir.path().join("x.yaml"), b"meta").unwrap();
         let a = pack_outputs(
-            dir.path(),
+            &OutputDir::open(dir.path()).unwrap(),
             &["x.img.gz".into(), "x.yaml".into()],
             "x.bundle.tar.gz",
         )
@@ -230,5 +339,174 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "x.img.gz\nx.yaml\n");
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
         assert_eq!(left.len(), 1, "only the archive is left");
+    }
+
+    use crate::output::fingerprint;
+    use std::os::unix::fs::symlink;
+
+    fn victim(dir: &Path) -> PathBuf {
+        let v = dir.join("victim");
+        std::fs::write(&v, b"a host file\n").unwrap();
+        v
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut n: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn sums_follow_no_link_and_replace_links_at_their_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let v = victim(outside.path());
+        let before = fingerprint(&v);
+        std::fs::write(dir.path().join("a.img"), b"abc").unwrap();
+        symlink(&v, dir.path().join("secret.img")).unwrap();
+        symlink(&v, dir.path().join("SHA256SUMS")).unwrap();
+        symlink(&v, dir.path().join("MD5SUMS")).unwrap();
+        let names = write_sums(&OutputDir::open(dir.path()).unwrap()).unwrap();
+        assert_eq!(names, ["a.img"], "a link is no file of the release");
+        for sums in ["SHA256SUMS", "MD5SUMS"] {
+            let p = dir.path().join(sums);
+            assert!(std::fs::symlink_metadata(&p).unwrap().is_file(), "{sums}");
+            let text = std::fs::read_to_string(&p).unwrap();
+            assert!(
+                text.ends_with("  a.img\n") && text.lines().count() == 1,
+                "{text}"
+            );
+        }
+        assert_eq!(fingerprint(&v), before);
+    }
+
+    #[test]
+    fn the_build_log_replaces_a_link_without_writing_through_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let v = victim(outside.path());
+        let before = fingerprint(&v);
+        symlink(&v, dir.path().join("build.log")).unwrap();
+        let mut log = open_log(&OutputDir::open(dir.path()).unwrap(), "build.log").unwrap();
+        log.write_all(b"stage mount: started\n").unwrap();
+        let p = dir.path().join("build.log");
+        assert!(std::fs::symlink_metadata(&p).unwrap().is_file());
+        assert_eq!(std::fs::read(&p).unwrap(), b"stage mount: started\n");
+        assert_eq!(fingerprint(&v), before);
+    }
+
+    #[test]
+    fn a_new_release_directory_gets_the_marker() {
+        let base = tempfile::tempdir().unwrap();
+        let out = base.path().join("out");
+        let dir = prepare_dir(&out, "1").unwrap();
+        assert_eq!(dir.path(), out.join("1"));
+        assert_eq!(names(&out.join("1")), [RELEASE_MARKER]);
+    }
+
+    #[test]
+    fn a_link_at_the_release_directory_is_refused() {
+        let base = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let v = victim(outside.path());
+        let before = fingerprint(&v);
+        // Even a directory that looks like an incomplete release of debimg's.
+        std::fs::write(outside.path().join(RELEASE_MARKER), b"").unwrap();
+        symlink(outside.path(), base.path().join("7")).unwrap();
+        let err = format!("{:#}", prepare_dir(base.path(), "7").unwrap_err());
+        assert!(
+            err.contains("symbolic link: refusing to follow it"),
+            "{err}"
+        );
+        assert_eq!(fingerprint(&v), before);
+        assert_eq!(names(outside.path()), [RELEASE_MARKER, "victim"]);
+    }
+
+    #[test]
+    fn a_directory_debimg_did_not_make_is_refused() {
+        let base = tempfile::tempdir().unwrap();
+        let mine = base.path().join("7");
+        std::fs::create_dir(&mine).unwrap();
+        let v = victim(&mine);
+        let before = fingerprint(&v);
+        let err = format!("{:#}", prepare_dir(base.path(), "7").unwrap_err());
+        assert!(err.contains("not made by debimg"), "{err}");
+        assert!(err.contains("refusing to empty it"), "{err}");
+        assert_eq!(fingerprint(&v), before);
+    }
+
+    #[test]
+    fn an_incomplete_release_is_emptied_without_following_links() {
+        let base = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let v = victim(outside.path());
+        let before = fingerprint(&v);
+        let dir = base.path().join("7");
+        prepare_dir(base.path(), "7").unwrap();
+        for f in ["build.log", "x.img.gz", ".x.yaml.tmp-0123", OUTPUT_LOCK] {
+            std::fs::write(dir.join(f), b"left by a failed run").unwrap();
+        }
+        symlink(&v, dir.join("x.yaml")).unwrap();
+        symlink(outside.path(), dir.join("x.spec.yaml")).unwrap();
+        let reopened = prepare_dir(base.path(), "7").unwrap();
+        assert_eq!(reopened.path(), dir);
+        assert_eq!(names(&dir), [RELEASE_MARKER, OUTPUT_LOCK]);
+        assert_eq!(fingerprint(&v), before);
+        assert_eq!(names(outside.path()), ["victim"]);
+    }
+
+    #[test]
+    fn a_release_with_a_directory_inside_or_complete_or_busy_is_refused_whole() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("7");
+        prepare_dir(base.path(), "7").unwrap();
+        std::fs::write(dir.join("x.img.gz"), b"image").unwrap();
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        let err = format!("{:#}", prepare_dir(base.path(), "7").unwrap_err());
+        assert!(err.contains("holds a directory"), "{err}");
+        assert!(
+            dir.join("x.img.gz").exists(),
+            "nothing removed before refusing"
+        );
+
+        std::fs::remove_dir(dir.join("sub")).unwrap();
+        let busy = OutputLock::acquire(&dir, false).unwrap();
+        let err = format!("{:#}", prepare_dir(base.path(), "7").unwrap_err());
+        assert!(err.contains("another debimg build is writing"), "{err}");
+        assert!(dir.join("x.img.gz").exists());
+        drop(busy);
+
+        std::fs::write(dir.join("SHA256SUMS"), b"").unwrap();
+        let err = format!("{:#}", prepare_dir(base.path(), "7").unwrap_err());
+        assert!(err.contains("exists already"), "{err}");
+        assert!(dir.join("x.img.gz").exists());
+    }
+
+    #[test]
+    fn packing_stores_a_link_as_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let v = victim(outside.path());
+        std::fs::write(dir.path().join("x.yaml"), b"meta").unwrap();
+        symlink(&v, dir.path().join("x.img.gz")).unwrap();
+        let a = pack_outputs(
+            &OutputDir::open(dir.path()).unwrap(),
+            &["x.img.gz".into(), "x.yaml".into()],
+            "x.bundle.tar.gz",
+        )
+        .unwrap();
+        let out = std::process::Command::new("tar")
+            .arg("-tvzf")
+            .arg(&a)
+            .output()
+            .unwrap();
+        let listing = String::from_utf8_lossy(&out.stdout);
+        assert!(listing.contains("x.img.gz -> "), "{listing}");
+        assert!(!listing.contains("a host file"), "{listing}");
+        assert_eq!(names(dir.path()), ["x.bundle.tar.gz"]);
+        assert!(v.exists());
     }
 }

@@ -72,7 +72,8 @@ pub fn pack_with_threads(
     let src = File::open(image)
         .with_context(|| format!("opening {}", image.display()))
         .with_context(context)?;
-    // create_new: never clobber an existing file, and only ever remove a file we created.
+    // create_new (O_EXCL): never clobber an existing file nor write through a link planted at
+    // `dest`, and only ever remove a file we created.
     let out = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -88,6 +89,22 @@ pub fn pack_with_threads(
             tracing::warn!("removing partial {}: {e}", dest.display());
         }
     })
+}
+
+/// [`pack`] into `out`, a new empty file the caller created (with `O_EXCL`, as
+/// [`crate::output::OutputDir::create_temp`] does) and calls `dest` in messages: for an output
+/// directory others may write to, where a path could be swapped for a link before it is opened.
+/// `out` is fsynced before this returns; on error the caller removes it.
+pub fn pack_into(image: &Path, container: Container, out: File, dest: &Path) -> Result<Packed> {
+    let context = || format!("packing {} into {}", image.display(), dest.display());
+    let src = File::open(image)
+        .with_context(|| format!("opening {}", image.display()))
+        .with_context(context)?;
+    match container {
+        Container::Gzip => pack_gzip(src, image, out, dest, default_threads()),
+        Container::Raw => pack_raw(src, image, out, dest),
+    }
+    .with_context(context)
 }
 
 /// Reads `src` to the end in [`CHUNK_SIZE`] chunks, feeding each to the raw digests and then to
@@ -647,6 +664,42 @@ mod tests {
         let err = pack(&image, Container::Gzip, &dest).unwrap_err();
         assert!(format!("{err:#}").contains("creating"), "{err:#}");
         assert_eq!(fs::read(&dest).unwrap(), b"keep me");
+    }
+
+    #[test]
+    fn a_link_at_the_destination_is_refused_and_its_target_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("root.img");
+        fs::write(&image, b"image").unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"host file").unwrap();
+        let before = crate::output::fingerprint(&victim);
+        let dest = dir.path().join("root.img.gz");
+        std::os::unix::fs::symlink(&victim, &dest).unwrap();
+        assert!(pack(&image, Container::Gzip, &dest).is_err());
+        assert_eq!(crate::output::fingerprint(&victim), before);
+        assert!(fs::symlink_metadata(&dest).unwrap().is_symlink());
+    }
+
+    #[test]
+    fn pack_into_a_file_the_caller_created_writes_what_pack_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("root.img");
+        make_image(&image, 3 << 20);
+        for container in [Container::Gzip, Container::Raw] {
+            let by_path = dir.path().join("by-path");
+            let _ = fs::remove_file(&by_path);
+            let a = pack(&image, container, &by_path).unwrap();
+            let out = crate::output::OutputDir::open(dir.path()).unwrap();
+            let (file, temp) = out.create_temp("into", 0o644).unwrap();
+            let b = pack_into(&image, container, file, &out.join(&temp)).unwrap();
+            assert_eq!(a, b);
+            assert_eq!(
+                fs::read(&by_path).unwrap(),
+                fs::read(out.join(&temp)).unwrap()
+            );
+            out.remove(&temp).unwrap();
+        }
     }
 
     #[test]
