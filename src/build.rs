@@ -559,17 +559,8 @@ pub(crate) struct PendingOutputs {
 }
 
 impl PendingOutputs {
-    pub fn new(dir: &Path) -> PendingOutputs {
-        PendingOutputs {
-            path: dir.to_path_buf(),
-            dir: None,
-            temps: Vec::new(),
-        }
-    }
-
     /// Pending outputs in a directory already open (the one [`OutputLock::dir`] holds), so
     /// that no later swap of its path redirects them.
-    #[allow(dead_code)] // for the creator, as `create_temp`
     pub fn in_dir(dir: OutputDir) -> PendingOutputs {
         PendingOutputs {
             path: dir.path().to_path_buf(),
@@ -578,19 +569,8 @@ impl PendingOutputs {
         }
     }
 
-    /// A fresh temporary name for `final_name`, not created: for a writer that creates it
-    /// itself with `O_EXCL` ([`crate::pack::compress::pack`] does). Any other writer (one that
-    /// opens an existing path, such as qemu-img, or a copy) takes [`PendingOutputs::create_temp`].
-    pub fn temp_path(&mut self, final_name: &str) -> PathBuf {
-        let temp = crate::output::temp_name(final_name);
-        let p = self.path.join(&temp);
-        self.temps.push((temp, final_name.to_string()));
-        p
-    }
-
     /// Creates the temporary file for `final_name` (0644, as the output will be; `O_EXCL`, no
     /// link followed) and returns it open for writing, with its path.
-    #[allow(dead_code)] // for the creator's qemu-img output and copied files
     pub fn create_temp(&mut self, final_name: &str) -> Result<(File, PathBuf)> {
         let (file, temp) = open_dir(&mut self.dir, &self.path)?.create_temp(final_name, 0o644)?;
         let p = self.path.join(&temp);
@@ -977,11 +957,11 @@ mod tests {
         let before = crate::output::fingerprint(&v);
         std::os::unix::fs::symlink(&v, out.path().join("x.yaml")).unwrap();
         std::os::unix::fs::symlink(&v, out.path().join("x.img.gz")).unwrap();
-        let mut pending = PendingOutputs::new(out.path());
+        let mut pending = PendingOutputs::in_dir(OutputDir::open(out.path()).unwrap());
         let (mut f, tmp) = pending.create_temp("x.img.gz").unwrap();
         f.write_all(b"image").unwrap();
-        let unused = pending.temp_path("x.raw");
-        std::fs::write(&unused, b"partial").unwrap();
+        let (mut u, unused) = pending.create_temp("x.raw").unwrap();
+        u.write_all(b"partial").unwrap();
         pending
             .publish(&["x.img.gz"], "x.yaml", "name: x\n")
             .unwrap();
@@ -998,7 +978,7 @@ mod tests {
         );
         assert_eq!(crate::output::fingerprint(&v), before);
 
-        let mut pending = PendingOutputs::new(out.path());
+        let mut pending = PendingOutputs::in_dir(OutputDir::open(out.path()).unwrap());
         let (_, tmp) = pending.create_temp("y.img.gz").unwrap();
         drop(pending);
         assert!(!tmp.exists(), "an unpublished temporary is removed");

@@ -468,13 +468,14 @@ impl Creator {
         let work = self.work()?.to_path_buf();
         let (plan, root, kind) = (&self.plan, &self.root_path, &mut self.kind);
         self.staged = stage("finish", || kind.stage_final(plan, &work, root))?;
-        let mut pending = PendingOutputs::new(&self.output_dir);
+        // Through the directory the lock holds open: a swap of its path redirects nothing.
+        let mut pending = PendingOutputs::in_dir(self._lock.dir().try_clone()?);
         let staged = &self.staged;
         let (packed, files) = stage("package", || {
             let mut out = Vec::new();
             for s in staged {
                 signals::check()?;
-                let tmp = pending.temp_path(&s.container_name);
+                let (out_file, tmp) = pending.create_temp(&s.container_name)?;
                 let t = std::time::Instant::now();
                 // A disk shipped in several formats is read for its digests once.
                 let known = staged
@@ -483,8 +484,12 @@ impl Creator {
                     .find(|(o, _): &(&Staged, &compress::Packed)| o.raw == s.raw)
                     .map(|(_, p)| p.raw.clone());
                 let p = match s.ship {
-                    Ship::Packed(container) => compress::pack(&s.raw, container, &tmp),
-                    Ship::Qcow2 { compressed } => pack_qcow2(&s.raw, compressed, &tmp, known),
+                    Ship::Packed(container) => {
+                        compress::pack_into(&s.raw, container, out_file, &tmp)
+                    }
+                    Ship::Qcow2 { compressed } => {
+                        pack_qcow2(&s.raw, compressed, &out_file, &tmp, known)
+                    }
                 }
                 .with_context(|| format!("packaging {}", s.container_name))?;
                 tracing::info!(
@@ -499,10 +504,13 @@ impl Creator {
             }
             let mut files = Vec::new();
             for (name, path) in &self.extra {
-                let tmp = pending.temp_path(name);
-                std::fs::copy(path, &tmp)
+                let (mut f, tmp) = pending.create_temp(name)?;
+                std::fs::File::open(path)
+                    .and_then(|mut from| std::io::copy(&mut from, &mut f))
+                    .and_then(|_| f.sync_all())
                     .with_context(|| format!("copying {name} to {}", tmp.display()))?;
-                let d = crate::pack::digest::digest_file(&tmp)?;
+                let d = crate::pack::digest::digest_file(&crate::output::fd_path(&f))
+                    .with_context(|| format!("digesting {}", tmp.display()))?;
                 files.push(FileMeta {
                     name: name.clone(),
                     size: d.size,
@@ -780,31 +788,39 @@ fn run_backend(plan: &Plan, root: &Root, debs: Option<&Path>, show: bool) -> Res
     }
 }
 
-/// Converts a raw disk to qcow2 with qemu-img, then digests both files.
+/// Converts a raw disk to qcow2 with qemu-img into `out` (the temporary output, created by
+/// debimg; qemu-img reaches it through its descriptor, never by a name a link could replace;
+/// `dest` names it in messages), then digests both files.
 fn pack_qcow2(
     raw: &Path,
     compressed: bool,
+    out: &std::fs::File,
     dest: &Path,
     raw_digests: Option<crate::pack::digest::Digests>,
 ) -> Result<compress::Packed> {
+    use std::os::fd::AsFd;
+    let target = crate::output::fd_path(out);
     let mut cmd = std::process::Command::new("qemu-img");
     cmd.args(["convert", "-q", "-f", "raw", "-O", "qcow2"]);
     if compressed {
         cmd.arg("-c");
     }
-    crate::cmd::CommandRunExt::run(cmd.arg(raw).arg(dest))?;
-    crate::cmd::CommandRunExt::run(
-        std::process::Command::new("qemu-img")
-            .args(["check", "-q", "-f", "qcow2"])
-            .arg(dest),
-    )
-    .with_context(|| format!("checking {}", dest.display()))?;
+    crate::output::inherit_fds(&mut cmd, &[out.as_fd()]);
+    crate::cmd::CommandRunExt::run(cmd.arg(raw).arg(&target))
+        .with_context(|| format!("converting {} to {}", raw.display(), dest.display()))?;
+    let mut check = std::process::Command::new("qemu-img");
+    check.args(["check", "-q", "-f", "qcow2"]);
+    crate::output::inherit_fds(&mut check, &[out.as_fd()]);
+    crate::cmd::CommandRunExt::run(check.arg(&target))
+        .with_context(|| format!("checking {}", dest.display()))?;
+    out.sync_all()
+        .with_context(|| format!("syncing {}", dest.display()))?;
     Ok(compress::Packed {
         raw: match raw_digests {
             Some(d) => d,
             None => crate::pack::digest::digest_file(raw)?,
         },
-        container: crate::pack::digest::digest_file(dest)?,
+        container: crate::pack::digest::digest_file(&target)?,
     })
 }
 

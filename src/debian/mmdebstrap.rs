@@ -33,6 +33,9 @@ pub fn command(plan: &Plan, root: &Path, debs: Option<&Path>) -> Command {
         cmd.arg(format!("--include={}", plan.bootstrap_include.join(",")));
     }
     cmd.arg("--dpkgopt=force-unsafe-io");
+    // The workspace is private (0700): apt's `_apt` user cannot reach the tree, so mmdebstrap
+    // would download as root anyway, with a warning on every build. Say so instead.
+    cmd.arg("--aptopt=APT::Sandbox::User \"root\"");
     if let Some(dir) = debs {
         let dir = dir.display();
         cmd.arg("--skip=essential/unlink");
