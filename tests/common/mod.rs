@@ -88,7 +88,8 @@ pub fn debimg(args: &[&str]) -> Run {
 /// design), kept across runs like a build host's.
 pub const TEST_CACHE: &str = "/var/tmp/debimg-test-cache";
 
-/// `debimg build SPEC -o OUT --build-dir BUILD --cache-dir TEST_CACHE [extra...]`.
+/// `debimg build SPEC -o OUT --build-dir BUILD --cache-dir TEST_CACHE [extra...]` (a
+/// `--cache-dir` or `--no-cache` in `extra` replaces the shared test cache).
 pub fn build(spec: &Path, out: &Path, build_dir: &Path, extra: &[&str]) -> Run {
     let t = Instant::now();
     let output = build_command(spec, out, build_dir, extra)
@@ -109,7 +110,7 @@ pub fn build_command(spec: &Path, out: &Path, build_dir: &Path, extra: &[&str]) 
         .arg(out)
         .arg("--build-dir")
         .arg(build_dir);
-    if !extra.contains(&"--no-cache") {
+    if !extra.contains(&"--no-cache") && !extra.contains(&"--cache-dir") {
         cmd.args(["--cache-dir", TEST_CACHE]);
     }
     cmd.args(extra);

@@ -1,0 +1,98 @@
+//! Builds side by side on one cache, as a build host and the service's workers run them: two
+//! builds whose package sets overlap, started at the same moment on a cold cache, several times
+//! over. Once, mmdebstrap's copy of the pooled packages failed ("file changed as we read it")
+//! because the other build hard-linked the same files at that moment.
+
+mod common;
+
+use std::process::Stdio;
+
+use common::*;
+use debimg::metadata::Metadata;
+
+/// How many times the pair is started on a fresh cache.
+const ROUNDS: usize = 3;
+
+#[test]
+fn two_builds_on_one_cold_cache_at_the_same_moment() {
+    if !can_build() {
+        return;
+    }
+    let work = scratch("shared-cache");
+    let specs: Vec<(String, std::path::PathBuf)> = [
+        ("pair-a", "[curl, less]"),
+        ("pair-b", "[curl, openssh-client]"),
+    ]
+    .iter()
+    .map(|(name, packages)| {
+        let p = work.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &p,
+            format!(
+                "version: 1\nname: {name}\nsuite: bookworm\nmirror: host\nkind: tarball\npackages: {packages}\n"
+            ),
+        )
+        .unwrap();
+        (name.to_string(), p)
+    })
+    .collect();
+    let bdir = work.path().join("build");
+    std::fs::create_dir_all(&bdir).unwrap();
+    for round in 0..ROUNDS {
+        // A cache of this round's own: cold, shared by the two builds only.
+        let cache = work.path().join(format!("cache-{round}"));
+        let children: Vec<_> = specs
+            .iter()
+            .map(|(name, spec)| {
+                let out = work.path().join(format!("out-{round}-{name}"));
+                let mut cmd = build_command(
+                    spec,
+                    &out,
+                    &bdir,
+                    &["-q", "--cache-dir", cache.to_str().unwrap()],
+                );
+                let child = cmd
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                (name.clone(), out, child)
+            })
+            .collect();
+        for (name, out, child) in children {
+            let res = child.wait_with_output().unwrap();
+            assert!(
+                res.status.success(),
+                "round {round}, {name}: {}",
+                String::from_utf8_lossy(&res.stderr)
+            );
+            let meta = Metadata::read(&out.join(format!("{name}.yaml"))).unwrap();
+            for p in ["curl", "less", "openssh-client"] {
+                let wanted = meta.packages.iter().any(|x| x == p);
+                assert_eq!(
+                    meta.installed.contains_key(p),
+                    wanted,
+                    "round {round}, {name}: {p}"
+                );
+            }
+            assert_consistent_result(&out, &format!("{name}.yaml"));
+            assert_no_leftovers(&bdir, &out);
+        }
+        // Every pooled package is whole: each one the builds stored is a valid archive.
+        let pool = cache.join("packages");
+        let debs: Vec<_> = std::fs::read_dir(&pool)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".deb"))
+            .collect();
+        assert!(
+            debs.iter()
+                .any(|e| e.file_name().to_string_lossy().starts_with("curl_")),
+            "round {round}: curl was not pooled"
+        );
+        for e in debs {
+            tool("dpkg-deb", &["--info", e.path().to_str().unwrap()]);
+        }
+        std::fs::remove_dir_all(&cache).unwrap();
+    }
+}
