@@ -63,6 +63,66 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Post scripts that leave a process holding their stderr, in the chroot and on the host: once
+/// they hung the build for ever.
+const LEAVES_CHROOT: &str =
+    "  - name: leaves-a-daemon\n    script: |\n      setsid sleep 86401 >&2 &\n      echo started";
+const LEAVES_HOST: &str = "  - name: leaves-a-host-process\n    chroot: false\n    script: |\n      setsid sleep 86402 >&2 &\n      echo started";
+
+/// Runs a build, killing it (and failing) if it takes longer than `limit`: a hang must fail
+/// the test, not stall the suite.
+fn build_within(
+    spec: &Path,
+    out: &Path,
+    bdir: &Path,
+    limit: std::time::Duration,
+) -> Run {
+    let t = std::time::Instant::now();
+    let mut child = build_command(spec, out, bdir, &["-q"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut { stderr }, &mut s);
+        s
+    });
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            panic!("the build did not end within {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let mut output = child.wait_with_output().unwrap();
+    output.stderr = reader.join().unwrap();
+    Run {
+        output,
+        elapsed: t.elapsed(),
+    }
+}
+
+/// Processes whose command line has `arg` as an argument.
+fn processes_with_arg(arg: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(cmdline) = std::fs::read(e.path().join("cmdline"))
+            && cmdline.split(|b| *b == 0).any(|a| a == arg.as_bytes())
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -122,7 +182,8 @@ fn a_package_shipping_links_to_host_files_never_reaches_them() {
         format!(
             "version: 1\nname: hostile\nsuite: bookworm\nmirror: host\nkind: tarball\n\
              hostname: hostile-test\nlocal_debs: [{}]\nrecords: [packages, files, licenses]\n\
-             copy_kernel: true\npost:\n  - name: writes-tmp\n    script: |\n      echo in-chroot > /tmp/debimg-post-marker\n",
+             copy_kernel: true\npost:\n  - name: writes-tmp\n    script: |\n      echo in-chroot > /tmp/debimg-post-marker\n\
+             {LEAVES_CHROOT}\n{LEAVES_HOST}",
             deb.display()
         ),
     )
@@ -130,9 +191,21 @@ fn a_package_shipping_links_to_host_files_never_reaches_them() {
     let out = work.path().join("out");
     let bdir = work.path().join("build");
     std::fs::create_dir_all(&bdir).unwrap();
-    let run = build(&spec, &out, &bdir, &["-q"]);
+    let run = build_within(&spec, &out, &bdir, std::time::Duration::from_secs(900));
     run.assert_ok("the hostile build");
     assert_no_leftovers(&bdir, &out);
+    // The scripts that left a process holding their output did not hang the build, and
+    // nothing of them outlives it.
+    assert!(
+        run.stderr()
+            .contains("left running in the chroot by post script leaves-a-daemon"),
+        "{}",
+        run.stderr()
+    );
+    for marker in ["86401", "86402"] {
+        let left = processes_with_arg(marker);
+        assert!(left.is_empty(), "sleep {marker} still runs: {left:?}");
+    }
 
     for v in [
         &hostname,

@@ -59,6 +59,7 @@ fn two_builds_on_one_cold_cache_at_the_same_moment() {
                 (name.clone(), out, child)
             })
             .collect();
+        let mut outs = Vec::new();
         for (name, out, child) in children {
             let res = child.wait_with_output().unwrap();
             assert!(
@@ -76,7 +77,11 @@ fn two_builds_on_one_cold_cache_at_the_same_moment() {
                 );
             }
             assert_consistent_result(&out, &format!("{name}.yaml"));
-            assert_no_leftovers(&bdir, &out);
+            outs.push(out);
+        }
+        // Only now: the build directory is shared, and the other build may still be in it.
+        for out in &outs {
+            assert_no_leftovers(&bdir, out);
         }
         // Every pooled package is whole: each one the builds stored is a valid archive.
         let pool = cache.join("packages");
@@ -90,9 +95,49 @@ fn two_builds_on_one_cold_cache_at_the_same_moment() {
                 .any(|e| e.file_name().to_string_lossy().starts_with("curl_")),
             "round {round}: curl was not pooled"
         );
-        for e in debs {
+        for e in &debs {
             tool("dpkg-deb", &["--info", e.path().to_str().unwrap()]);
+        }
+        if round + 1 == ROUNDS {
+            tampered_pool_file_is_never_installed(work.path(), &cache, &specs[0].1, &bdir);
         }
         std::fs::remove_dir_all(&cache).unwrap();
     }
+}
+
+/// A pooled package changed after it was stored, its size kept (as a build's chroot once could
+/// through a hard link): the next build does not take it, says so, and pools the real one.
+fn tampered_pool_file_is_never_installed(
+    work: &std::path::Path,
+    cache: &std::path::Path,
+    spec: &std::path::Path,
+    bdir: &std::path::Path,
+) {
+    let pooled = std::fs::read_dir(cache.join("packages"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("curl_")
+        })
+        .unwrap();
+    let (_, genuine) = sums(&pooled);
+    let mut bytes = std::fs::read(&pooled).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&pooled, &bytes).unwrap();
+    let out = work.join("out-tampered");
+    let run = build(spec, &out, bdir, &["-q", "--cache-dir", cache.to_str().unwrap()]);
+    run.assert_ok("the build after the pool was tampered with");
+    let name = pooled.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        run.stderr().contains(&name) && run.stderr().contains("does not match"),
+        "no warning about {name}: {}",
+        run.stderr()
+    );
+    assert_eq!(sums(&pooled).1, genuine, "the pool holds the real package again");
+    assert_no_leftovers(bdir, &out);
 }
