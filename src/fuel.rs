@@ -299,7 +299,7 @@ pub fn build_from_input(input: &FuelInput, source_name: &str) -> Result<FuelBuil
     if stem.is_empty() {
         bail!(
             "image_data[\"/\"].uri: `{}` has no file name to name the metadata after",
-            root.uri
+            crate::spec::shown(&root.uri)
         );
     }
     let metadata_name = format!("{stem}.yaml");
@@ -655,10 +655,17 @@ pub fn fuel_metadata_yaml(meta: &Metadata) -> Result<String> {
         .context("rendering fuel-agent metadata")
 }
 
-/// Reads a fuel input file and converts it (`debimg build --fuel PATH`).
+/// The text of a fuel-agent input file (`--fuel INPUT.json`): a regular file of at most
+/// [`crate::spec::MAX_INPUT_BYTES`] (1 MiB) in UTF-8, read without blocking on a FIFO or a
+/// device and never more than the limit ([`crate::spec::read_input_text`]).
+pub fn read_input(path: &Path) -> Result<String> {
+    crate::spec::read_input_text(path, "a fuel-agent input")
+        .map_err(|msg| anyhow!("reading {}: {msg}", path.display()))
+}
+
+/// Reads a fuel input file ([`read_input`]) and converts it (`debimg build --fuel PATH`).
 pub fn spec_from_fuel_file(path: &Path) -> Result<FuelBuild> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = read_input(path)?;
     spec_from_fuel(&text, &path.display().to_string())
 }
 

@@ -11,8 +11,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::spec::{
-    Bootstrap, Container, Fs, Kind, PostScript, Proxies, Record, Services, Spec, User, Variant,
-    image_base_name, parse_mode,
+    Bootstrap, Container, Fs, Kind, PostScript, Proxies, Record, Services, Spec, SpecError, User,
+    Variant, image_base_name, parse_mode,
 };
 
 /// The program that bootstraps the base system, once `auto` is decided.
@@ -286,9 +286,25 @@ pub struct LocalDeb {
     pub sha256: String,
 }
 
-/// sha256 of a host file, in hex.
+/// sha256 of a host file, in hex, by the one file digester (`pack::digest`). Only a regular
+/// file is read ([`crate::spec::open_regular`]: checked before and after it is opened, opened
+/// with `O_NONBLOCK`), so a device or a FIFO in its place fails at once instead of hanging or
+/// reading forever.
 pub fn file_sha256(path: &Path) -> Result<String> {
-    Ok(crate::pack::digest::digest_file(path)?.sha256)
+    use crate::pack::digest::{CHUNK_SIZE, Hasher, read_full};
+    let (mut file, _) =
+        crate::spec::open_regular(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut hasher = Hasher::new();
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    loop {
+        let n = read_full(&mut file, &mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finish().sha256)
 }
 
 /// Depth of a mount point: `/` is 0, `/var` 1, `/var/lib/app` 3.
@@ -315,6 +331,16 @@ impl Plan {
         host_sources: &[HostSource],
         host_has_mmdebstrap: bool,
     ) -> Result<Plan> {
+        // A spec from Spec::from_yaml_at was checked already; one from elsewhere (the Creator
+        // API, a service) is checked here, before any of its files is opened.
+        let problems = spec.check_host_inputs();
+        if !problems.is_empty() {
+            return Err(SpecError {
+                source_name: format!("spec `{}`", spec.name),
+                problems,
+            }
+            .into());
+        }
         let resolve = |uri: &str, suite: &str| -> Result<String> {
             if uri == "host" {
                 resolve_host_uri(host_sources, suite)
