@@ -1072,4 +1072,61 @@ mod tests {
             serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(back.images.len(), 2);
     }
+    #[test]
+    fn fuel_repos_are_never_trusted() {
+        let b = spec_from_fuel(EXAMPLE, "example.json").unwrap();
+        assert!(b.spec.repos.iter().all(|r| !r.trusted));
+        // A `trusted` key in the input is ignored, not honoured.
+        let mut v = example();
+        v["repos"][1]["trusted"] = json!(true);
+        assert!(convert(&v).unwrap().spec.repos.iter().all(|r| !r.trusted));
+    }
+
+    #[test]
+    fn injected_repo_uris_are_named_in_fuel_terms() {
+        let mut v = example();
+        v["repos"][1]["uri"] = json!(
+            "http://u:pw@m.example/debian bookworm main\ndeb [trusted=yes] http://x/ sid main\n#"
+        );
+        let e = err(&v);
+        assert!(
+            e.contains("- repos[1].uri: `http://u:***@m.example/debian bookworm main\\ndeb"),
+            "{e}"
+        );
+        assert!(!e.contains(":pw@"), "{e}");
+        v["repos"][1]["uri"] = json!("http://m.example/debian");
+        v["image_data"]["/"]["uri"] = json!("http://u:pw@fuel.example");
+        let e = err(&v);
+        assert!(
+            e.contains("u:***@fuel.example") && !e.contains(":pw@"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn input_files_are_bounded_regular_files() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let good = dir.path().join("in.json");
+        std::fs::write(&good, EXAMPLE).unwrap();
+        assert_eq!(read_input(&good).unwrap(), EXAMPLE);
+        spec_from_fuel_file(&good).unwrap();
+        let big = dir.path().join("big.json");
+        std::fs::write(&big, format!("{}{EXAMPLE}", " ".repeat(2 << 20))).unwrap();
+        let e = format!("{:#}", spec_from_fuel_file(&big).unwrap_err());
+        let size = std::fs::metadata(&big).unwrap().len();
+        assert!(e.contains(&format!("the file is {size} bytes")), "{e}");
+        assert!(
+            e.contains("a fuel-agent input may be at most 1048576 bytes"),
+            "{e}"
+        );
+        let fifo = dir.path().join("fifo.json");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let t = std::time::Instant::now();
+        let e = format!("{:#}", read_input(&fifo).unwrap_err());
+        assert!(e.contains("is a FIFO, not a regular file"), "{e}");
+        assert!(e.contains("fifo.json"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+        let e = format!("{:#}", read_input(Path::new("/dev/zero")).unwrap_err());
+        assert!(e.contains("a character device"), "{e}");
+    }
 }

@@ -616,4 +616,87 @@ mod tests {
         assert_eq!(a.repos[0].uri, "http://mirror.example/debian");
         assert_eq!(a.images[0].container_name, "t-var.img.gz");
     }
+    #[test]
+    fn only_regular_files_are_hashed() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let file = dir.path().join("motd");
+        std::fs::write(&file, "hello\n").unwrap();
+        assert_eq!(
+            file_sha256(&file).unwrap(),
+            hex(&Sha256::digest(b"hello\n"))
+        );
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let t = std::time::Instant::now();
+        for (path, kind) in [
+            (fifo.as_path(), "a FIFO"),
+            (Path::new("/dev/zero"), "a character device"),
+            (dir.path(), "a directory"),
+        ] {
+            let e = format!("{:#}", file_sha256(path).unwrap_err());
+            assert!(e.contains(&format!("is {kind}, not a regular file")), "{e}");
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_device_as_a_source_is_a_spec_error_before_anything_is_read() {
+        let mut s = spec("");
+        s.files.push(crate::spec::FileSpec {
+            source: Some("/dev/zero".into()),
+            content: None,
+            dest: "/etc/zero".into(),
+            mode: "0644".into(),
+            owner: "root:root".into(),
+        });
+        s.local_debs.push("/dev/null".into());
+        let t = std::time::Instant::now();
+        let e = Plan::new(&s, &parse_deb822_sources(DEB822), true).unwrap_err();
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+        let e = e.downcast_ref::<SpecError>().expect("a typed spec error");
+        let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["files[0].source", "local_debs[0]"]);
+        assert!(e.problems[0].message.contains("a character device"), "{e}");
+    }
+
+    #[test]
+    fn output_names_stay_within_the_names_validation_counts() {
+        use crate::spec::{IMAGE_SUFFIXES, NAME_SUFFIXES};
+        let with_suffix = |name: &str, base: &str, suffixes: &[&str]| {
+            suffixes.iter().any(|s| name.strip_suffix(s) == Some(base))
+        };
+        let src = parse_deb822_sources(DEB822);
+        let mut s = spec("");
+        s.records = vec![Record::Packages, Record::Files, Record::Licenses];
+        s.copy_kernel = true;
+        let plan = Plan::new(&s, &src, true).unwrap();
+        let mut names = plan.extra_output_names();
+        names.push(plan.metadata_name());
+        for n in &names {
+            assert!(
+                with_suffix(n, "t", NAME_SUFFIXES),
+                "{n} is not in NAME_SUFFIXES"
+            );
+        }
+        for (img, spec_img) in plan.images.iter().zip(&s.images) {
+            let base = image_base_name(&s.name, spec_img);
+            for n in [&img.raw_name, &img.container_name] {
+                assert!(
+                    with_suffix(n, &base, IMAGE_SUFFIXES),
+                    "{n} is not in IMAGE_SUFFIXES"
+                );
+            }
+        }
+        s.kind = Kind::Tarball;
+        let tar = Plan::new(&s, &src, true).unwrap();
+        assert!(with_suffix(&tar.container_names()[0], "t", NAME_SUFFIXES));
+        for f in [
+            crate::spec::DiskFormat::Raw,
+            crate::spec::DiskFormat::Qcow2,
+            crate::spec::DiskFormat::Qcow2Compressed,
+            crate::spec::DiskFormat::Gzip,
+        ] {
+            assert!(with_suffix(&f.file_name("t"), "t", NAME_SUFFIXES), "{f:?}");
+        }
+    }
 }
