@@ -2942,6 +2942,68 @@ pub mod mkfs_options {
 
         const EXT4: Tool = Tool::Ext(Fs::Ext4);
 
+        const TOOLS: [Tool; 4] = [EXT4, Tool::Xfs, Tool::Btrfs, Tool::Vfat];
+
+        #[test]
+        fn no_option_is_both_allowed_and_refused() {
+            for tool in TOOLS {
+                let t = tool.table();
+                let refused: Vec<&str> = t
+                    .refused
+                    .iter()
+                    .flat_map(|r| r.names.iter().copied())
+                    .collect();
+                let mut seen = std::collections::BTreeSet::new();
+                for name in tool.allowed().into_iter().chain(refused.iter().copied()) {
+                    assert!(seen.insert(name), "{tool:?}: `{name}` listed twice");
+                    assert!(name.starts_with('-') && !name.contains('='), "{name}");
+                }
+            }
+        }
+
+        #[test]
+        fn docs_list_every_option_and_suboption() {
+            let doc = include_str!("../docs/spec.md");
+            for (tool, row) in [
+                (EXT4, "| mke2fs"),
+                (Tool::Xfs, "| mkfs.xfs"),
+                (Tool::Btrfs, "| mkfs.btrfs"),
+                (Tool::Vfat, "| mkfs.vfat"),
+            ] {
+                let line = doc
+                    .lines()
+                    .find(|l| l.starts_with(row))
+                    .unwrap_or_else(|| panic!("docs/spec.md has no row `{row}`"));
+                let t = tool.table();
+                let names = t
+                    .allowed
+                    .iter()
+                    .flat_map(|o| o.names.iter())
+                    .chain(t.refused.iter().flat_map(|r| r.names.iter()));
+                for name in names {
+                    assert!(
+                        line.contains(&format!("`{name}`")) || line.contains(&format!("`{name} ")),
+                        "docs/spec.md's {row} row lacks `{name}`"
+                    );
+                }
+                for o in t.allowed {
+                    let subs: &[Sub] = match &o.arg {
+                        Arg::Subopts(subs) => subs,
+                        _ => &[],
+                    };
+                    for s in subs {
+                        let k = s.key;
+                        assert!(
+                            [format!("`{k}"), format!(" {k}="), format!(" {k}`")]
+                                .iter()
+                                .any(|p| line.contains(p.as_str())),
+                            "docs/spec.md's {row} row lacks the suboption `{k}`"
+                        );
+                    }
+                }
+            }
+        }
+
         #[test]
         fn useful_tuning_passes() {
             let good: &[(Tool, &[&str])] = &[
