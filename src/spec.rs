@@ -3746,7 +3746,7 @@ images:
             let prev = format!("*a{}", i - 1);
             yaml.push_str(&format!(
                 "{indent}- &a{i} [{}]\n",
-                vec![prev.as_str(); 10].join(", ")
+                [prev.as_str(); 10].join(", ")
             ));
         }
         yaml
