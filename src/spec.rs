@@ -862,16 +862,26 @@ impl fmt::Display for SpecError {
 impl Spec {
     /// Parses and validates a spec from YAML text.
     pub fn from_yaml(text: &str, source_name: &str) -> Result<Spec, SpecError> {
-        let spec: Spec = yaml_from_str(text).map_err(|e| SpecError {
+        let spec = Spec::parse(text, source_name)?;
+        let problems = spec.validate();
+        spec.unless(problems, source_name)
+    }
+
+    /// Parses YAML text into a spec, without validating it.
+    fn parse(text: &str, source_name: &str) -> Result<Spec, SpecError> {
+        yaml_from_str(text).map_err(|e| SpecError {
             source_name: source_name.to_string(),
             problems: vec![Problem {
                 field: String::new(),
                 message: parse_message(&e.to_string(), source_name),
             }],
-        })?;
-        let problems = spec.validate();
+        })
+    }
+
+    /// The spec, unless there are problems.
+    fn unless(self, problems: Vec<Problem>, source_name: &str) -> Result<Spec, SpecError> {
         if problems.is_empty() {
-            Ok(spec)
+            Ok(self)
         } else {
             Err(SpecError {
                 source_name: source_name.to_string(),
@@ -902,25 +912,20 @@ impl Spec {
     /// ([`Spec::check_host_inputs`]).
     pub fn from_yaml_at(text: &str, path: &Path) -> Result<Spec, SpecError> {
         let source_name = path.display().to_string();
-        let mut spec = Spec::from_yaml(text, &source_name)?;
+        let mut spec = Spec::parse(text, &source_name)?;
         spec.base_dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => std::path::PathBuf::from("."),
         };
-        let problems = spec.check_host_inputs();
-        if !problems.is_empty() {
-            return Err(SpecError {
-                source_name,
-                problems,
-            });
-        }
-        Ok(spec)
+        let mut problems = spec.validate();
+        problems.extend(spec.check_host_inputs());
+        spec.unless(problems, &source_name)
     }
 
     /// The host files the spec reads (`files[].source`, `local_debs`, relative to `base_dir`)
     /// that are missing or not regular files of stored data ([`check_host_file`]; symlinks are
-    /// followed: the spec chooses host files on purpose). Only their metadata is read: nothing is opened, so a device or a FIFO can
-    /// neither hang the build nor notice it.
+    /// followed: the spec chooses host files on purpose). Only their metadata is read: nothing
+    /// is opened, so a device or a FIFO can neither hang the build nor notice it.
     pub fn check_host_inputs(&self) -> Vec<Problem> {
         let sources = self
             .files
@@ -3734,6 +3739,10 @@ images:
         assert!(e.problems[0].message.contains("a file of procfs"), "{e}");
         let e = spec_at("  - {source: /sys/kernel/address_bits, dest: /k}\n", "[]");
         assert!(e.unwrap_err().problems[0].message.contains("sysfs"));
+        // Reported with the other problems, all at once.
+        let e = spec_at("  - {source: /dev/zero, dest: relative}\n", "[]").unwrap_err();
+        let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["files[0].dest", "files[0].source"], "{e}");
         let e = Spec::read_text(Path::new("/proc/self/status")).unwrap_err();
         assert!(e.to_string().contains("procfs"), "{e}");
     }
