@@ -299,7 +299,7 @@ pub fn build_from_input(input: &FuelInput, source_name: &str) -> Result<FuelBuil
     if stem.is_empty() {
         bail!(
             "image_data[\"/\"].uri: `{}` has no file name to name the metadata after",
-            root.uri
+            crate::spec::shown(&root.uri)
         );
     }
     let metadata_name = format!("{stem}.yaml");
@@ -655,10 +655,17 @@ pub fn fuel_metadata_yaml(meta: &Metadata) -> Result<String> {
         .context("rendering fuel-agent metadata")
 }
 
-/// Reads a fuel input file and converts it (`debimg build --fuel PATH`).
+/// The text of a fuel-agent input file (`--fuel INPUT.json`): a regular file of at most
+/// [`crate::spec::MAX_INPUT_BYTES`] (1 MiB) in UTF-8, read without blocking on a FIFO or a
+/// device and never more than the limit ([`crate::spec::read_input_text`]).
+pub fn read_input(path: &Path) -> Result<String> {
+    crate::spec::read_input_text(path, "a fuel-agent input")
+        .map_err(|msg| anyhow!("reading {}: {msg}", path.display()))
+}
+
+/// Reads a fuel input file ([`read_input`]) and converts it (`debimg build --fuel PATH`).
 pub fn spec_from_fuel_file(path: &Path) -> Result<FuelBuild> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = read_input(path)?;
     spec_from_fuel(&text, &path.display().to_string())
 }
 
@@ -1064,5 +1071,62 @@ mod tests {
         let back: FuelMetadata =
             serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(back.images.len(), 2);
+    }
+    #[test]
+    fn fuel_repos_are_never_trusted() {
+        let b = spec_from_fuel(EXAMPLE, "example.json").unwrap();
+        assert!(b.spec.repos.iter().all(|r| !r.trusted));
+        // A `trusted` key in the input is ignored, not honoured.
+        let mut v = example();
+        v["repos"][1]["trusted"] = json!(true);
+        assert!(convert(&v).unwrap().spec.repos.iter().all(|r| !r.trusted));
+    }
+
+    #[test]
+    fn injected_repo_uris_are_named_in_fuel_terms() {
+        let mut v = example();
+        v["repos"][1]["uri"] = json!(
+            "http://u:pw@m.example/debian bookworm main\ndeb [trusted=yes] http://x/ sid main\n#"
+        );
+        let e = err(&v);
+        assert!(
+            e.contains("- repos[1].uri: `http://u:***@m.example/debian bookworm main\\ndeb"),
+            "{e}"
+        );
+        assert!(!e.contains(":pw@"), "{e}");
+        v["repos"][1]["uri"] = json!("http://m.example/debian");
+        v["image_data"]["/"]["uri"] = json!("http://u:pw@fuel.example");
+        let e = err(&v);
+        assert!(
+            e.contains("u:***@fuel.example") && !e.contains(":pw@"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn input_files_are_bounded_regular_files() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let good = dir.path().join("in.json");
+        std::fs::write(&good, EXAMPLE).unwrap();
+        assert_eq!(read_input(&good).unwrap(), EXAMPLE);
+        spec_from_fuel_file(&good).unwrap();
+        let big = dir.path().join("big.json");
+        std::fs::write(&big, format!("{}{EXAMPLE}", " ".repeat(2 << 20))).unwrap();
+        let e = format!("{:#}", spec_from_fuel_file(&big).unwrap_err());
+        let size = std::fs::metadata(&big).unwrap().len();
+        assert!(e.contains(&format!("the file is {size} bytes")), "{e}");
+        assert!(
+            e.contains("a fuel-agent input may be at most 1048576 bytes"),
+            "{e}"
+        );
+        let fifo = dir.path().join("fifo.json");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let t = std::time::Instant::now();
+        let e = format!("{:#}", read_input(&fifo).unwrap_err());
+        assert!(e.contains("is a FIFO, not a regular file"), "{e}");
+        assert!(e.contains("fifo.json"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+        let e = format!("{:#}", read_input(Path::new("/dev/zero")).unwrap_err());
+        assert!(e.contains("a character device"), "{e}");
     }
 }

@@ -11,8 +11,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::spec::{
-    Bootstrap, Container, Fs, Kind, PostScript, Proxies, Record, Services, Spec, User, Variant,
-    image_base_name, parse_mode,
+    Bootstrap, Container, Fs, Kind, PostScript, Proxies, Record, Services, Spec, SpecError, User,
+    Variant, image_base_name, parse_mode,
 };
 
 /// The program that bootstraps the base system, once `auto` is decided.
@@ -286,9 +286,25 @@ pub struct LocalDeb {
     pub sha256: String,
 }
 
-/// sha256 of a host file, in hex.
+/// sha256 of a host file, in hex, by the one file digester (`pack::digest`). Only a regular
+/// file is read ([`crate::spec::open_regular`]: checked before and after it is opened, opened
+/// with `O_NONBLOCK`), so a device or a FIFO in its place fails at once instead of hanging or
+/// reading forever.
 pub fn file_sha256(path: &Path) -> Result<String> {
-    Ok(crate::pack::digest::digest_file(path)?.sha256)
+    use crate::pack::digest::{CHUNK_SIZE, Hasher, read_full};
+    let (mut file, _) =
+        crate::spec::open_regular(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut hasher = Hasher::new();
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    loop {
+        let n = read_full(&mut file, &mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finish().sha256)
 }
 
 /// Depth of a mount point: `/` is 0, `/var` 1, `/var/lib/app` 3.
@@ -315,6 +331,16 @@ impl Plan {
         host_sources: &[HostSource],
         host_has_mmdebstrap: bool,
     ) -> Result<Plan> {
+        // A spec from Spec::from_yaml_at was checked already; one from elsewhere (the Creator
+        // API, a service) is checked here, before any of its files is opened.
+        let problems = spec.check_host_inputs();
+        if !problems.is_empty() {
+            return Err(SpecError {
+                source_name: format!("spec `{}`", spec.name),
+                problems,
+            }
+            .into());
+        }
         let resolve = |uri: &str, suite: &str| -> Result<String> {
             if uri == "host" {
                 resolve_host_uri(host_sources, suite)
@@ -589,5 +615,88 @@ mod tests {
         assert_eq!(a.root_image().unwrap().mount, "/");
         assert_eq!(a.repos[0].uri, "http://mirror.example/debian");
         assert_eq!(a.images[0].container_name, "t-var.img.gz");
+    }
+    #[test]
+    fn only_regular_files_are_hashed() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let file = dir.path().join("motd");
+        std::fs::write(&file, "hello\n").unwrap();
+        assert_eq!(
+            file_sha256(&file).unwrap(),
+            hex(&Sha256::digest(b"hello\n"))
+        );
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let t = std::time::Instant::now();
+        for (path, kind) in [
+            (fifo.as_path(), "a FIFO"),
+            (Path::new("/dev/zero"), "a character device"),
+            (dir.path(), "a directory"),
+        ] {
+            let e = format!("{:#}", file_sha256(path).unwrap_err());
+            assert!(e.contains(&format!("is {kind}, not a regular file")), "{e}");
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_device_as_a_source_is_a_spec_error_before_anything_is_read() {
+        let mut s = spec("");
+        s.files.push(crate::spec::FileSpec {
+            source: Some("/dev/zero".into()),
+            content: None,
+            dest: "/etc/zero".into(),
+            mode: "0644".into(),
+            owner: "root:root".into(),
+        });
+        s.local_debs.push("/dev/null".into());
+        let t = std::time::Instant::now();
+        let e = Plan::new(&s, &parse_deb822_sources(DEB822), true).unwrap_err();
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+        let e = e.downcast_ref::<SpecError>().expect("a typed spec error");
+        let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["files[0].source", "local_debs[0]"]);
+        assert!(e.problems[0].message.contains("a character device"), "{e}");
+    }
+
+    #[test]
+    fn output_names_stay_within_the_names_validation_counts() {
+        use crate::spec::{IMAGE_SUFFIXES, NAME_SUFFIXES};
+        let with_suffix = |name: &str, base: &str, suffixes: &[&str]| {
+            suffixes.iter().any(|s| name.strip_suffix(s) == Some(base))
+        };
+        let src = parse_deb822_sources(DEB822);
+        let mut s = spec("");
+        s.records = vec![Record::Packages, Record::Files, Record::Licenses];
+        s.copy_kernel = true;
+        let plan = Plan::new(&s, &src, true).unwrap();
+        let mut names = plan.extra_output_names();
+        names.push(plan.metadata_name());
+        for n in &names {
+            assert!(
+                with_suffix(n, "t", NAME_SUFFIXES),
+                "{n} is not in NAME_SUFFIXES"
+            );
+        }
+        for (img, spec_img) in plan.images.iter().zip(&s.images) {
+            let base = image_base_name(&s.name, spec_img);
+            for n in [&img.raw_name, &img.container_name] {
+                assert!(
+                    with_suffix(n, &base, IMAGE_SUFFIXES),
+                    "{n} is not in IMAGE_SUFFIXES"
+                );
+            }
+        }
+        s.kind = Kind::Tarball;
+        let tar = Plan::new(&s, &src, true).unwrap();
+        assert!(with_suffix(&tar.container_names()[0], "t", NAME_SUFFIXES));
+        for f in [
+            crate::spec::DiskFormat::Raw,
+            crate::spec::DiskFormat::Qcow2,
+            crate::spec::DiskFormat::Qcow2Compressed,
+            crate::spec::DiskFormat::Gzip,
+        ] {
+            assert!(with_suffix(&f.file_name("t"), "t", NAME_SUFFIXES), "{f:?}");
+        }
     }
 }

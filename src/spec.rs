@@ -380,6 +380,10 @@ pub struct Repo {
     /// apt pin priority for this repo; none means no pin (apt's default 500).
     #[serde(default)]
     pub priority: Option<i32>,
+    /// A repository without a signature, explicitly: apt gets `[trusted=yes]` for it, every
+    /// build warns and the metadata says so. Never the default.
+    #[serde(default)]
+    pub trusted: bool,
 }
 
 /// One filesystem image.
@@ -660,6 +664,157 @@ fn default_interpreter() -> String {
     "/bin/sh".into()
 }
 
+/// Largest spec or fuel-agent input debimg reads, in bytes (1 MiB).
+pub const MAX_INPUT_BYTES: u64 = 1024 * 1024;
+
+/// Why a host file cannot be used as an input.
+#[derive(Debug, thiserror::Error)]
+pub enum HostFileError {
+    /// It could not be looked at or opened.
+    #[error("cannot be read: {0}")]
+    Unreadable(std::io::Error),
+    /// It is a directory, a device, a FIFO... ([`file_kind`]).
+    #[error("is {0}, not a regular file")]
+    NotRegular(&'static str),
+    /// It lives on a kernel interface filesystem: its size means nothing (`/proc/kcore`
+    /// claims 128 TiB) and reading it can block or never end.
+    #[error("is a file of {0}, a kernel interface, not stored data")]
+    KernelFile(&'static str),
+}
+
+/// The kernel interface filesystem `t` is, if it is one.
+fn kernel_fs(t: nix::sys::statfs::FsType) -> Option<&'static str> {
+    use nix::sys::statfs as f;
+    [
+        (f::PROC_SUPER_MAGIC, "procfs"),
+        (f::SYSFS_MAGIC, "sysfs"),
+        (f::DEBUGFS_MAGIC, "debugfs"),
+        (f::TRACEFS_MAGIC, "tracefs"),
+        (f::SECURITYFS_MAGIC, "securityfs"),
+        (f::CGROUP_SUPER_MAGIC, "cgroupfs"),
+        (f::CGROUP2_SUPER_MAGIC, "cgroupfs"),
+        (f::BPF_FS_MAGIC, "bpffs"),
+        (f::SELINUX_MAGIC, "selinuxfs"),
+        (f::NSFS_MAGIC, "nsfs"),
+    ]
+    .into_iter()
+    .find(|(m, _)| *m == t)
+    .map(|(_, name)| name)
+}
+
+/// Whether `meta` (with `statfs` of the same file) is a regular file of stored data.
+fn check_regular(
+    meta: &std::fs::Metadata,
+    statfs: nix::Result<nix::sys::statfs::Statfs>,
+) -> Result<(), HostFileError> {
+    if !meta.is_file() {
+        return Err(HostFileError::NotRegular(file_kind(&meta.file_type())));
+    }
+    let statfs = statfs.map_err(|e| HostFileError::Unreadable(e.into()))?;
+    match kernel_fs(statfs.filesystem_type()) {
+        Some(fs) => Err(HostFileError::KernelFile(fs)),
+        None => Ok(()),
+    }
+}
+
+/// Checks from its metadata alone (nothing is opened) that the host file at `path` is a
+/// regular file of stored data, symlinks followed.
+pub fn check_host_file(path: &Path) -> Result<(), HostFileError> {
+    let meta = std::fs::metadata(path).map_err(HostFileError::Unreadable)?;
+    check_regular(&meta, nix::sys::statfs::statfs(path))
+}
+
+/// What a file is, for messages: `a directory`, `a character device`, `a FIFO`, ...
+pub fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Opens a host file to read it, only when it is a regular file of stored data (symlinks
+/// followed; not on procfs, sysfs or another kernel interface), and returns it with its size. Its metadata is checked before it is opened (opening a device can
+/// act: a watchdog starts counting) and again on the open file (it may have been swapped). It
+/// is opened with `O_NONBLOCK`, so a FIFO put in its place in between cannot hang the open.
+pub fn open_regular(path: &Path) -> Result<(std::fs::File, u64), HostFileError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    check_host_file(path)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(HostFileError::Unreadable)?;
+    let meta = file.metadata().map_err(HostFileError::Unreadable)?;
+    check_regular(&meta, nix::sys::statfs::fstatfs(&file))?;
+    Ok((file, meta.len()))
+}
+
+/// Reads a text input (`what`: "a spec", "a fuel-agent input"): a regular file
+/// ([`open_regular`]) of at most [`MAX_INPUT_BYTES`], in UTF-8. At most the limit and one byte
+/// are read, whatever the file claims. The error is a sentence about the file.
+pub fn read_input_text(path: &Path, what: &str) -> Result<String, String> {
+    use std::io::Read;
+    let too_big = |size: u64| {
+        format!("the file is {size} bytes: {what} may be at most {MAX_INPUT_BYTES} bytes (1 MiB)")
+    };
+    let (file, size) = open_regular(path).map_err(|e| format!("the file {e}"))?;
+    if size > MAX_INPUT_BYTES {
+        return Err(too_big(size));
+    }
+    let mut buf = Vec::with_capacity(size as usize);
+    file.take(MAX_INPUT_BYTES + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("the file cannot be read: {e}"))?;
+    if buf.len() as u64 > MAX_INPUT_BYTES {
+        return Err(too_big(buf.len() as u64));
+    }
+    String::from_utf8(buf).map_err(|e| {
+        format!(
+            "the file is not UTF-8 text (byte {} is not)",
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+/// The YAML parser's options for what debimg reads. A spec is small, so aliases may replay at
+/// most 20,000 events in all and nest 16 deep, and a document may define at most 10,000
+/// anchors and aliases: a document that would expand into millions of nodes ("billion laughs")
+/// is an error after that much work, in milliseconds and bounded memory, instead of taking the
+/// host's memory.
+pub fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_reader_input_bytes: Some(MAX_INPUT_BYTES as usize),
+            max_aliases: 10_000,
+            max_anchors: 10_000,
+            max_documents: 1,
+        },
+        alias_limits: serde_saphyr::alias_limits! {
+            max_total_replayed_events: 20_000,
+            max_replay_stack_depth: 16,
+        },
+    }
+}
+
+/// Parses YAML with [`yaml_options`].
+pub fn yaml_from_str<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, serde_saphyr::Error> {
+    serde_saphyr::from_str_with_options(text, yaml_options())
+}
+
 /// One problem in a spec: the field it is in and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -707,16 +862,26 @@ impl fmt::Display for SpecError {
 impl Spec {
     /// Parses and validates a spec from YAML text.
     pub fn from_yaml(text: &str, source_name: &str) -> Result<Spec, SpecError> {
-        let spec: Spec = serde_saphyr::from_str(text).map_err(|e| SpecError {
+        let spec = Spec::parse(text, source_name)?;
+        let problems = spec.validate();
+        spec.unless(problems, source_name)
+    }
+
+    /// Parses YAML text into a spec, without validating it.
+    fn parse(text: &str, source_name: &str) -> Result<Spec, SpecError> {
+        yaml_from_str(text).map_err(|e| SpecError {
             source_name: source_name.to_string(),
             problems: vec![Problem {
                 field: String::new(),
                 message: parse_message(&e.to_string(), source_name),
             }],
-        })?;
-        let problems = spec.validate();
+        })
+    }
+
+    /// The spec, unless there are problems.
+    fn unless(self, problems: Vec<Problem>, source_name: &str) -> Result<Spec, SpecError> {
         if problems.is_empty() {
-            Ok(spec)
+            Ok(self)
         } else {
             Err(SpecError {
                 source_name: source_name.to_string(),
@@ -730,26 +895,59 @@ impl Spec {
         Spec::from_yaml_at(&Spec::read_text(path)?, path)
     }
 
-    /// A spec file's text, or the error naming it.
+    /// A spec file's text, or the error naming it: a regular file of at most
+    /// [`MAX_INPUT_BYTES`] in UTF-8 ([`read_input_text`]).
     pub fn read_text(path: &Path) -> Result<String, SpecError> {
-        std::fs::read_to_string(path).map_err(|e| SpecError {
+        read_input_text(path, "a spec").map_err(|message| SpecError {
             source_name: path.display().to_string(),
             problems: vec![Problem {
                 field: String::new(),
-                message: format!("cannot read the file: {e}"),
+                message,
             }],
         })
     }
 
     /// Parses and validates the text of the spec file at `path`: relative paths in it start at
-    /// the file's directory.
+    /// the file's directory, and the host files they name must be regular files
+    /// ([`Spec::check_host_inputs`]).
     pub fn from_yaml_at(text: &str, path: &Path) -> Result<Spec, SpecError> {
-        let mut spec = Spec::from_yaml(text, &path.display().to_string())?;
+        let source_name = path.display().to_string();
+        let mut spec = Spec::parse(text, &source_name)?;
         spec.base_dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => std::path::PathBuf::from("."),
         };
-        Ok(spec)
+        let mut problems = spec.validate();
+        problems.extend(spec.check_host_inputs());
+        spec.unless(problems, &source_name)
+    }
+
+    /// The host files the spec reads (`files[].source`, `local_debs`, relative to `base_dir`)
+    /// that are missing or not regular files of stored data ([`check_host_file`]; symlinks are
+    /// followed: the spec chooses host files on purpose). Only their metadata is read: nothing
+    /// is opened, so a device or a FIFO can neither hang the build nor notice it.
+    pub fn check_host_inputs(&self) -> Vec<Problem> {
+        let sources = self
+            .files
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| Some((format!("files[{i}].source"), f.source.as_deref()?)));
+        let debs = self
+            .local_debs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (format!("local_debs[{i}]"), d.as_str()));
+        sources
+            .chain(debs)
+            .filter_map(|(field, rel)| {
+                let path = self.base_dir.join(rel);
+                let problem = check_host_file(&path).err()?;
+                Some(Problem {
+                    field,
+                    message: format!("`{}` {problem}", path.display()),
+                })
+            })
+            .collect()
     }
 
     /// Every semantic problem of a parsed spec; empty when it is valid.
@@ -768,10 +966,13 @@ impl Spec {
             p.add(
                 "name",
                 format!(
-                    "`{}` must be 1-64 characters of letters, digits, `.`, `_`, `-`, not starting with `.` or `-`",
-                    self.name
+                    "`{}`{} must be 1-64 characters of letters, digits, `.`, `_`, `-`, not starting with `.` or `-`",
+                    shown(&self.name),
+                    too_long_note(&self.name),
                 ),
             );
+        } else if let Err(msg) = check_derived_names(&self.name, NAME_SUFFIXES) {
+            p.add("name", msg);
         }
         if !is_debian_token(&self.arch) {
             p.add(
@@ -780,9 +981,15 @@ impl Spec {
             );
         }
         if !is_debian_token(&self.suite) {
-            p.add("suite", format!("`{}` is not a suite name", self.suite));
+            p.add(
+                "suite",
+                format!(
+                    "`{}` is not a suite name (letters, digits, `.`, `_`, `-`)",
+                    shown(&self.suite)
+                ),
+            );
         }
-        check_mirror(&mut p, "mirror", &self.mirror);
+        check_uri_field(&mut p, "mirror", &self.mirror, UriUse::Source);
         for (i, pkg) in self.bootstrap_include.iter().enumerate() {
             check_package(&mut p, &format!("bootstrap_include[{i}]"), pkg);
         }
@@ -807,22 +1014,29 @@ impl Spec {
                 );
             }
             if let Some(uri) = &r.uri {
-                check_mirror(&mut p, &format!("{f}.uri"), uri);
+                check_uri_field(&mut p, &format!("{f}.uri"), uri, UriUse::Source);
             }
             if !is_debian_token(&r.suite) {
                 p.add(
                     format!("{f}.suite"),
-                    format!("`{}` is not a suite name", r.suite),
+                    format!(
+                        "`{}` is not a suite name (letters, digits, `.`, `_`, `-`)",
+                        shown(&r.suite)
+                    ),
                 );
             }
-            if r.section.split_whitespace().next().is_none()
-                || !r.section.split_whitespace().all(is_debian_token)
+            if r.section.split(' ').all(str::is_empty)
+                || !r
+                    .section
+                    .split(' ')
+                    .filter(|c| !c.is_empty())
+                    .all(is_debian_token)
             {
                 p.add(
                     format!("{f}.section"),
                     format!(
-                        "`{}` must be one or more component names separated by spaces",
-                        r.section
+                        "`{}` must be one or more component names (letters, digits, `.`, `_`, `-`) separated by spaces",
+                        shown(&r.section)
                     ),
                 );
             }
@@ -876,13 +1090,8 @@ impl Spec {
         self.validate_selection(&mut p);
         if let Some(px) = &self.proxies {
             for (field, v) in [("http", &px.http), ("https", &px.https)] {
-                if let Some(url) = v
-                    && !is_url(url)
-                {
-                    p.add(
-                        format!("proxies.{field}"),
-                        format!("`{url}` is not an http(s) URL"),
-                    );
+                if let Some(url) = v {
+                    check_uri_field(&mut p, &format!("proxies.{field}"), url, UriUse::Proxy);
                 }
             }
             for (i, h) in px.direct.iter().enumerate() {
@@ -1291,6 +1500,12 @@ impl Spec {
                         "a `bios-boot` partition needs at least 1MiB",
                     );
                 }
+                if !part.mkfs_options.is_empty() {
+                    p.add(
+                        format!("{f}.mkfs_options"),
+                        "a `bios-boot` partition has no filesystem: leave out `mkfs_options`",
+                    );
+                }
                 continue;
             }
             if esp {
@@ -1369,13 +1584,10 @@ impl Spec {
                     }
                 }
             }
-            for (j, opt) in part.mkfs_options.iter().enumerate() {
-                if opt.is_empty() || opt.contains('\0') || opt.contains('\n') {
-                    p.add(
-                        format!("{f}.mkfs_options[{j}]"),
-                        "must be a non-empty single-line argument",
-                    );
-                }
+            if esp {
+                check_mkfs_options(p, &f, mkfs_options::Tool::Vfat, &part.mkfs_options);
+            } else if let Some(fs) = part.fs {
+                check_mkfs_options(p, &f, mkfs_options::Tool::for_fs(fs), &part.mkfs_options);
             }
         }
         if !mounts.contains("/") {
@@ -1477,25 +1689,32 @@ impl Spec {
                         ),
                     );
             }
-            for (j, opt) in img.mkfs_options.iter().enumerate() {
-                if opt.is_empty() || opt.contains('\0') || opt.contains('\n') {
-                    p.add(
-                        format!("{f}.mkfs_options[{j}]"),
-                        "must be a non-empty single-line argument",
-                    );
-                }
-            }
-            if let Some(out) = &img.output
-                && !is_file_name(out)
-            {
-                p.add(
+            check_mkfs_options(p, &f, mkfs_options::Tool::for_fs(img.fs), &img.mkfs_options);
+            let out = image_base_name(&self.name, img);
+            match &img.output {
+                Some(o) if !is_file_name(o) => p.add(
                     format!("{f}.output"),
                     format!(
-                        "`{out}` must be a plain file name: letters, digits, `.`, `_`, `-`, no `/` or `..`"
+                        "`{}`{} must be a plain file name of 1-64 letters, digits, `.`, `_`, `-`, no `/` or `..`",
+                        shown(o),
+                        too_long_note(o),
                     ),
-                );
+                ),
+                // The default base grows with the mount point (and an invalid `name` is
+                // reported already).
+                None if !is_file_name(&self.name) => {}
+                _ => {
+                    if let Err(msg) = check_derived_names(&out, IMAGE_SUFFIXES) {
+                        let field = if img.output.is_some() { "output" } else { "mount" };
+                        let hint = if img.output.is_some() {
+                            ""
+                        } else {
+                            " (the default output name comes from the mount point: give a shorter `output`)"
+                        };
+                        p.add(format!("{f}.{field}"), format!("{msg}{hint}"));
+                    }
+                }
             }
-            let out = image_base_name(&self.name, img);
             if !outputs.insert(out.clone()) {
                 p.add(
                     format!("{f}.output"),
@@ -1553,6 +1772,66 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// Longest file name Linux filesystems store (`NAME_MAX`), in bytes.
+pub const NAME_MAX: usize = 255;
+
+/// What a temporary name adds to the final name it is renamed to: `.<final>.tmp-<32 hex>`
+/// (build's publish, release's archive). Validation counts it, so that a build never fails on a
+/// name it made itself.
+pub const TEMP_NAME_EXTRA: usize = ".".len() + ".tmp-".len() + 32;
+
+/// The suffixes of every file a build names after the spec `name` (`<name><suffix>`): tarball,
+/// disk formats ([`DiskFormat::file_name`]), metadata, records ([`Record::extension`]), kernel
+/// and initrd, and the `--pack` bundle and release copies of the input (named in main.rs).
+/// Plan's tests check that its names stay within this list.
+pub const NAME_SUFFIXES: &[&str] = &[
+    ".tar.gz",
+    ".img",
+    ".qcow2",
+    ".img.gz",
+    ".yaml",
+    ".packages",
+    ".files",
+    ".licenses",
+    ".vmlinuz",
+    ".initrd",
+    ".bundle.tar.gz",
+    ".spec.yaml",
+    ".fuel.json",
+];
+
+/// The suffixes of an image's files (`<base><suffix>`, [`image_base_name`]).
+pub const IMAGE_SUFFIXES: &[&str] = &[".img", ".img.gz"];
+
+/// Checks that `base` with any of `suffixes`, and its temporary name, fit in [`NAME_MAX`] bytes;
+/// the error names the longest and its size.
+pub fn check_derived_names(base: &str, suffixes: &[&str]) -> Result<(), String> {
+    let suffix = suffixes
+        .iter()
+        .max_by_key(|s| s.len())
+        .copied()
+        .unwrap_or("");
+    let len = base.len() + suffix.len();
+    let temp = len + TEMP_NAME_EXTRA;
+    if temp <= NAME_MAX {
+        return Ok(());
+    }
+    Err(format!(
+        "makes the file name `{}{suffix}` of {len} bytes, {temp} as its temporary name (`.<name>.tmp-<32 hex>`); a file name holds at most {NAME_MAX} bytes: {} too many",
+        shown(base),
+        temp - NAME_MAX
+    ))
+}
+
+/// ` (N bytes long)` for a value over 64 bytes, for messages that show it cut.
+fn too_long_note(s: &str) -> String {
+    if s.len() > 64 {
+        format!(" ({} bytes long)", s.len())
+    } else {
+        String::new()
+    }
+}
+
 /// Base name (without `.img`) of an image's output files.
 pub fn image_base_name(spec_name: &str, img: &Image) -> String {
     if let Some(out) = &img.output {
@@ -1578,6 +1857,13 @@ impl Problems {
     }
 }
 
+/// Checks `<field>.mkfs_options` against the allowlist of `tool`.
+fn check_mkfs_options(p: &mut Problems, field: &str, tool: mkfs_options::Tool, options: &[String]) {
+    if let Err(e) = mkfs_options::check(tool, options) {
+        p.add(format!("{field}.mkfs_options[{}]", e.index), e.message);
+    }
+}
+
 fn check_mount_point(m: &str) -> Result<(), String> {
     if !m.starts_with('/') {
         return Err(format!("`{m}` must be an absolute path (start with `/`)"));
@@ -1594,6 +1880,13 @@ fn check_mount_point(m: &str) -> Result<(), String> {
                 "`{m}` must be a normalized path: no empty, `.` or `..` components"
             ));
         }
+        if comp.len() > NAME_MAX {
+            return Err(format!(
+                "`{}` has a component of {} bytes (a file name holds at most {NAME_MAX})",
+                shown(m),
+                comp.len()
+            ));
+        }
         if !comp
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "._-+@".contains(c))
@@ -1606,11 +1899,170 @@ fn check_mount_point(m: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_mirror(p: &mut Problems, field: &str, value: &str) {
-    if value != "host" && !is_url(value) && !value.starts_with("file:///") {
+/// What a URI field takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UriUse {
+    /// `mirror`, `repos[].uri`: `host`, or an http://, https:// or file:/// URL.
+    Source,
+    /// `proxies.http`, `proxies.https`: an http:// or https:// URL.
+    Proxy,
+}
+
+/// Characters a URI may hold besides ASCII letters and digits: RFC 3986's unreserved ones and
+/// the delimiters a mirror or proxy URL needs. Left out is everything an apt source line, an
+/// apt.conf value or a shell word reads specially: whitespace, `"`, `'`, `;`, `\`, `#` (starts a
+/// comment in a sources.list line), `$` (apt substitutes `$(ARCH)`), `[`, `]` (apt options;
+/// allowed only around an IPv6 host), `` ` ``, `<`, `>`, `|`, `{`, `}`, `(`, `)`, `*`, `!`, `^`.
+pub const URI_PUNCTUATION: &str = "-._~:/?@%+=,&";
+
+/// Longest URI debimg takes.
+const MAX_URI_LEN: usize = 2048;
+
+/// Checks a URI a spec gives; the error says what is wrong with it (the caller names the field
+/// and what is allowed: [`uri_rule`]).
+pub fn check_uri(uri: &str, kind: UriUse) -> Result<(), String> {
+    if kind == UriUse::Source && uri == "host" {
+        return Ok(());
+    }
+    if uri.len() > MAX_URI_LEN {
+        return Err(format!(
+            "is {} bytes long (at most {MAX_URI_LEN})",
+            uri.len()
+        ));
+    }
+    if let Some(c) = uri.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "holds {} (`{}`)",
+            if c.is_control() {
+                "a control character"
+            } else {
+                "whitespace"
+            },
+            c.escape_default()
+        ));
+    }
+    let file = kind == UriUse::Source && uri.starts_with("file:///");
+    let rest = match uri
+        .strip_prefix("http://")
+        .or_else(|| uri.strip_prefix("https://"))
+    {
+        Some(r) => r,
+        None if file => "",
+        None => {
+            return Err(match kind {
+                UriUse::Source => "is not an http://, https:// or file:/// URL".into(),
+                UriUse::Proxy => "is not an http:// or https:// URL".into(),
+            });
+        }
+    };
+    let (authority, path) = if file {
+        ("", &uri["file://".len()..])
+    } else {
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        rest.split_at(end)
+    };
+    let (userinfo, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) => (u, h),
+        None => ("", authority),
+    };
+    if !file {
+        check_host_port(hostport)?;
+    }
+    for part in [userinfo, path] {
+        if let Some(c) = part
+            .chars()
+            .find(|&c| !(c.is_ascii_alphanumeric() || URI_PUNCTUATION.contains(c)))
+        {
+            return Err(format!("holds `{c}`"));
+        }
+    }
+    Ok(())
+}
+
+/// The host (a name, an IPv4 address or an IPv6 one in brackets) and optional port of an
+/// http(s) URL.
+fn check_host_port(hostport: &str) -> Result<(), String> {
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let (inner, after) = v6
+            .split_once(']')
+            .ok_or_else(|| "has a `[` without `]` around its host".to_string())?;
+        if inner.is_empty()
+            || !inner
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
+        {
+            return Err(format!("has `[{inner}]`, which is no IPv6 address"));
+        }
+        match after {
+            "" => ("x", None),
+            a => match a.strip_prefix(':') {
+                Some(p) => ("x", Some(p)),
+                None => return Err(format!("has `{a}` after its IPv6 host")),
+            },
+        }
+    } else {
+        match hostport.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("has no host".into());
+    }
+    if let Some(c) = host
+        .chars()
+        .find(|&c| !(c.is_ascii_alphanumeric() || "-._".contains(c)))
+    {
+        return Err(format!("holds `{c}` in its host"));
+    }
+    if let Some(p) = port
+        && (p.is_empty()
+            || p.len() > 5
+            || !p.chars().all(|c| c.is_ascii_digit())
+            || p.parse::<u32>().map_or(true, |n| n > 65535))
+    {
+        return Err(format!("has `{p}` for a port"));
+    }
+    Ok(())
+}
+
+/// What a URI field allows, for messages.
+pub fn uri_rule(kind: UriUse) -> String {
+    let what = match kind {
+        UriUse::Source => {
+            "`host` (the build host's own mirror) or an http://, https:// or file:/// URL"
+        }
+        UriUse::Proxy => "an http:// or https:// URL",
+    };
+    format!(
+        "give {what} of letters, digits and `{URI_PUNCTUATION}` (percent-encode anything else; an IPv6 host goes in `[]`)"
+    )
+}
+
+/// A value as a message shows it: URL credentials masked ([`crate::redact::text`]), control
+/// characters escaped (a newline shows as `\n`), and cut after 120 characters.
+pub fn shown(value: &str) -> String {
+    let redacted = crate::redact::text(value);
+    let mut out = String::new();
+    for (i, c) in redacted.chars().enumerate() {
+        if i == 120 {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn check_uri_field(p: &mut Problems, field: &str, value: &str, kind: UriUse) {
+    if let Err(why) = check_uri(value, kind) {
         p.add(
             field,
-            format!("`{value}` must be `host` (the build host's own mirror) or an http(s):// or file:/// URL"),
+            format!("`{}` {why}: {}", shown(value), uri_rule(kind)),
         );
     }
 }
@@ -1653,23 +2105,6 @@ fn is_debian_token(s: &str) -> bool {
 
 fn is_file_name(s: &str) -> bool {
     is_debian_token(s) && s != "." && s != ".." && !s.contains("..")
-}
-
-/// An http(s) URL with a host and nothing a config file line could trip on.
-pub fn is_url(s: &str) -> bool {
-    let rest = match s
-        .strip_prefix("http://")
-        .or_else(|| s.strip_prefix("https://"))
-    {
-        Some(r) => r,
-        None => return false,
-    };
-    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = host.rsplit('@').next().unwrap_or("");
-    !host.is_empty()
-        && !s
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == ';' || c == '\\')
 }
 
 fn is_hostname(s: &str) -> bool {
@@ -1792,6 +2227,1088 @@ fn is_crypt_hash(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "$./=,-".contains(c))
 }
 
+/// The allowlist of `mkfs_options`, per mkfs program.
+///
+/// The options reach mkfs as arguments after debimg's own and before the device, so one could
+/// name a host path (`mkfs.ext4 -d /root` copies the host's /root into the image, `mkfs.xfs -p`
+/// reads a protofile), a second device (`mkfs.btrfs /dev/sda` formats that disk too), or undo what
+/// debimg relies on (its label and UUID, a dry run that makes nothing). Only the options listed
+/// here pass, each with a value of a fixed shape: no value holds `/` or starts with `-`, and no
+/// positional argument passes. Accepted forms: `-b 4096` (two items), `-b4096`, `--nodesize 16k`
+/// (two items) and `--nodesize=16k`; one option per item (no `-jD` bundles).
+pub mod mkfs_options {
+    use super::Fs;
+
+    /// The mkfs programs debimg runs.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Tool {
+        /// mke2fs, as `mkfs.ext2`, `mkfs.ext3` or `mkfs.ext4`.
+        Ext(Fs),
+        Xfs,
+        Btrfs,
+        /// `mkfs.vfat`, for an `esp` partition.
+        Vfat,
+    }
+
+    impl Tool {
+        /// The program that makes `fs`.
+        pub fn for_fs(fs: Fs) -> Tool {
+            match fs {
+                Fs::Ext2 | Fs::Ext3 | Fs::Ext4 => Tool::Ext(fs),
+                Fs::Xfs => Tool::Xfs,
+                Fs::Btrfs => Tool::Btrfs,
+            }
+        }
+
+        /// The program's name.
+        pub fn program(self) -> String {
+            match self {
+                Tool::Ext(fs) => format!("mkfs.{fs}"),
+                Tool::Xfs => "mkfs.xfs".into(),
+                Tool::Btrfs => "mkfs.btrfs".into(),
+                Tool::Vfat => "mkfs.vfat".into(),
+            }
+        }
+
+        fn table(self) -> &'static Table {
+            match self {
+                Tool::Ext(_) => &EXT,
+                Tool::Xfs => &XFS,
+                Tool::Btrfs => &BTRFS,
+                Tool::Vfat => &VFAT,
+            }
+        }
+
+        /// Every option the allowlist lets through, for docs and messages.
+        pub fn allowed(self) -> Vec<&'static str> {
+            self.table()
+                .allowed
+                .iter()
+                .flat_map(|o| o.names.iter().copied())
+                .collect()
+        }
+    }
+
+    /// The shape of a value.
+    #[derive(Debug, Clone, Copy)]
+    enum Pat {
+        /// Decimal digits.
+        Int,
+        /// Decimal digits, or `0x` and hex digits (mkfs.fat reads C numbers).
+        CInt,
+        /// A decimal number, a fraction allowed (`0.5`).
+        Dec,
+        /// Decimal digits and at most one unit letter (`4096`, `16k`, `64m`, `1g`).
+        Size,
+        /// One of these words.
+        OneOf(&'static [&'static str]),
+        /// `uid:gid` in numbers.
+        UidGid,
+        /// One name the program knows (an encoding, a creator OS): lowercase letters, digits,
+        /// `.`, `_`, `-`.
+        Word,
+        /// [`Pat::Word`]s separated by `,` (usage types) or `:` (quota types).
+        Words(char),
+    }
+
+    const BIT: Pat = Pat::OneOf(&["0", "1"]);
+
+    impl Pat {
+        fn matches(self, v: &str) -> bool {
+            let digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
+            let word = |s: &str| {
+                !s.is_empty()
+                    && s.len() <= 32
+                    && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+                    && s.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+            };
+            match self {
+                Pat::Int => digits(v) && v.len() <= 20,
+                Pat::CInt => match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+                    Some(h) => {
+                        !h.is_empty() && h.len() <= 16 && h.chars().all(|c| c.is_ascii_hexdigit())
+                    }
+                    None => digits(v) && v.len() <= 20,
+                },
+                Pat::Dec => {
+                    v.len() <= 20
+                        && match v.split_once('.') {
+                            Some((a, b)) => digits(a) && digits(b),
+                            None => digits(v),
+                        }
+                }
+                Pat::Size => {
+                    let num = v.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+                    digits(num) && num.len() <= 20 && v.len() - num.len() <= 1
+                }
+                Pat::OneOf(words) => words.contains(&v),
+                Pat::UidGid => v
+                    .split_once(':')
+                    .is_some_and(|(u, g)| digits(u) && digits(g) && u.len() <= 10 && g.len() <= 10),
+                Pat::Word => word(v),
+                Pat::Words(sep) => v.len() <= 128 && v.split(sep).all(word),
+            }
+        }
+
+        fn describe(self) -> String {
+            match self {
+                Pat::Int => "a whole number".into(),
+                Pat::CInt => "a whole number (decimal, or hex with 0x)".into(),
+                Pat::Dec => "a number such as `1` or `0.5`".into(),
+                Pat::Size => "a number with an optional unit letter (`4096`, `16k`, `64m`)".into(),
+                Pat::OneOf(words) => format!("one of {}", words.join(", ")),
+                Pat::UidGid => "`uid:gid` in numbers".into(),
+                Pat::Word => "a name of lowercase letters, digits, `.`, `_`, `-`".into(),
+                Pat::Words(sep) => {
+                    format!(
+                        "names of lowercase letters, digits, `.`, `_`, `-`, separated by `{sep}`"
+                    )
+                }
+            }
+        }
+    }
+
+    /// What an option takes.
+    #[derive(Debug)]
+    enum Arg {
+        /// Nothing.
+        Flag,
+        /// One value.
+        Value(Pat),
+        /// `key` or `key=value` items separated by commas (`-E stride=8,lazy_itable_init=0`,
+        /// `-m crc=1,finobt=1`).
+        Subopts(&'static [Sub]),
+        /// Feature names separated by commas, `^` turning one off (`^has_journal,metadata_csum`);
+        /// the listed names are refused, with the reason.
+        Features(&'static [(&'static str, &'static str)]),
+    }
+
+    /// One suboption of an [`Arg::Subopts`].
+    #[derive(Debug)]
+    struct Sub {
+        key: &'static str,
+        value: SubValue,
+    }
+
+    #[derive(Debug)]
+    enum SubValue {
+        /// `key` alone.
+        None,
+        /// `key` or `key=value`.
+        Optional(Pat),
+        /// `key=value`.
+        Required(Pat),
+        /// Refused, for this reason.
+        Refused(&'static str),
+    }
+
+    const fn sub(key: &'static str, value: SubValue) -> Sub {
+        Sub { key, value }
+    }
+
+    /// An allowed option under its names (`-n`, `--nodesize`).
+    #[derive(Debug)]
+    struct Opt {
+        names: &'static [&'static str],
+        arg: Arg,
+    }
+
+    /// Options refused with a reason.
+    #[derive(Debug)]
+    struct Refused {
+        names: &'static [&'static str],
+        why: &'static str,
+    }
+
+    #[derive(Debug)]
+    struct Table {
+        allowed: &'static [Opt],
+        refused: &'static [Refused],
+    }
+
+    const fn opt(names: &'static [&'static str], arg: Arg) -> Opt {
+        Opt { names, arg }
+    }
+
+    const fn refused(names: &'static [&'static str], why: &'static str) -> Refused {
+        Refused { names, why }
+    }
+
+    const DEBIMG_LABEL: &str = "debimg sets the label itself (from `label`)";
+    const DEBIMG_UUID: &str = "debimg sets the UUID itself";
+    const DEBIMG_FLAGS: &str = "debimg sets it itself";
+    const NO_FS: &str = "it makes no filesystem";
+
+    /// mke2fs (mkfs.ext2, mkfs.ext3, mkfs.ext4).
+    static EXT: Table = Table {
+        allowed: &[
+            opt(
+                &["-b"],
+                Arg::Value(Pat::OneOf(&[
+                    "1024", "2048", "4096", "8192", "16384", "32768", "65536",
+                ])),
+            ),
+            opt(&["-C"], Arg::Value(Pat::Size)),
+            opt(&["-D"], Arg::Flag),
+            opt(
+                &["-e"],
+                Arg::Value(Pat::OneOf(&["continue", "remount-ro", "panic"])),
+            ),
+            opt(
+                &["-E"],
+                Arg::Subopts(&[
+                    sub("stride", SubValue::Required(Pat::Int)),
+                    sub("stripe_width", SubValue::Required(Pat::Int)),
+                    sub("stripe-width", SubValue::Required(Pat::Int)),
+                    sub("resize", SubValue::Required(Pat::Int)),
+                    sub("lazy_itable_init", SubValue::Optional(BIT)),
+                    sub("lazy_journal_init", SubValue::Optional(BIT)),
+                    sub("assume_storage_prezeroed", SubValue::Optional(BIT)),
+                    sub("packed_meta_blocks", SubValue::Optional(BIT)),
+                    sub(
+                        "num_backup_sb",
+                        SubValue::Required(Pat::OneOf(&["0", "1", "2"])),
+                    ),
+                    sub("root_owner", SubValue::Optional(Pat::UidGid)),
+                    sub("encoding", SubValue::Required(Pat::Word)),
+                    sub("encoding_flags", SubValue::Required(Pat::Word)),
+                    sub("mmp_update_interval", SubValue::Required(Pat::Int)),
+                    sub("orphan_file_size", SubValue::Required(Pat::Size)),
+                    sub("quotatype", SubValue::Required(Pat::Words(':'))),
+                    sub("nodiscard", SubValue::None),
+                    sub("discard", SubValue::None),
+                    sub("test_fs", SubValue::None),
+                    sub(
+                        "offset",
+                        SubValue::Refused(
+                            "it moves the filesystem inside its device, which then does not mount",
+                        ),
+                    ),
+                    sub(
+                        "android_sparse",
+                        SubValue::Refused(
+                            "it writes an Android sparse file instead of a filesystem",
+                        ),
+                    ),
+                    sub(
+                        "no_copy_xattrs",
+                        SubValue::Refused("it only matters with `-d`, which is refused"),
+                    ),
+                ]),
+            ),
+            opt(&["-g"], Arg::Value(Pat::Int)),
+            opt(&["-G"], Arg::Value(Pat::Int)),
+            opt(&["-i"], Arg::Value(Pat::Int)),
+            opt(&["-I"], Arg::Value(Pat::Int)),
+            opt(&["-j"], Arg::Flag),
+            opt(
+                &["-J"],
+                Arg::Subopts(&[
+                    sub("size", SubValue::Required(Pat::Int)),
+                    sub("fast_commit_size", SubValue::Required(Pat::Int)),
+                    sub("location", SubValue::Required(Pat::Size)),
+                    sub(
+                        "device",
+                        SubValue::Refused("it puts the journal on another device of the host"),
+                    ),
+                ]),
+            ),
+            opt(&["-m"], Arg::Value(Pat::Dec)),
+            opt(&["-N"], Arg::Value(Pat::Int)),
+            opt(&["-o"], Arg::Value(Pat::Word)),
+            opt(
+                &["-O"],
+                Arg::Features(&[(
+                    "journal_dev",
+                    "it makes an external journal device instead of a filesystem",
+                )]),
+            ),
+            opt(&["-r"], Arg::Value(BIT)),
+            opt(&["-T"], Arg::Value(Pat::Words(','))),
+        ],
+        refused: &[
+            refused(&["-d"], "it copies a host directory into the filesystem"),
+            refused(&["-l"], "it reads a bad-block list from a host file"),
+            refused(&["-z"], "it writes an undo file on the host"),
+            refused(
+                &["-c"],
+                "it scans the device for bad blocks (an image file has none)",
+            ),
+            refused(
+                &["-n"],
+                "it only shows what mke2fs would do: it makes no filesystem",
+            ),
+            refused(
+                &["-S"],
+                "it rewrites the superblocks of an existing filesystem",
+            ),
+            refused(&["-V"], NO_FS),
+            refused(&["-t"], "the type comes from `fs`"),
+            refused(&["-M"], "its value is a path"),
+            refused(&["-R"], "it is the old name of `-E`: use `-E`"),
+            refused(&["-L"], DEBIMG_LABEL),
+            refused(&["-U"], DEBIMG_UUID),
+            refused(&["-F", "-q"], DEBIMG_FLAGS),
+        ],
+    };
+
+    /// mkfs.xfs.
+    static XFS: Table = Table {
+        allowed: &[
+            opt(
+                &["-b"],
+                Arg::Subopts(&[sub("size", SubValue::Required(Pat::Size))]),
+            ),
+            opt(
+                &["-m"],
+                Arg::Subopts(&[
+                    sub("bigtime", SubValue::Optional(BIT)),
+                    sub("crc", SubValue::Optional(BIT)),
+                    sub("finobt", SubValue::Optional(BIT)),
+                    sub("inobtcount", SubValue::Optional(BIT)),
+                    sub("rmapbt", SubValue::Optional(BIT)),
+                    sub("reflink", SubValue::Optional(BIT)),
+                    sub("uuid", SubValue::Refused(DEBIMG_UUID)),
+                ]),
+            ),
+            opt(
+                &["-d"],
+                Arg::Subopts(&[
+                    sub("agcount", SubValue::Required(Pat::Int)),
+                    sub("agsize", SubValue::Required(Pat::Size)),
+                    sub("cowextsize", SubValue::Required(Pat::Size)),
+                    sub("size", SubValue::Required(Pat::Size)),
+                    sub("sunit", SubValue::Required(Pat::Int)),
+                    sub("su", SubValue::Required(Pat::Size)),
+                    sub("swidth", SubValue::Required(Pat::Int)),
+                    sub("sw", SubValue::Required(Pat::Int)),
+                    sub("noalign", SubValue::None),
+                    sub("rtinherit", SubValue::Optional(BIT)),
+                    sub("projinherit", SubValue::Required(Pat::Int)),
+                    sub("extszinherit", SubValue::Required(Pat::Size)),
+                    sub("daxinherit", SubValue::Optional(BIT)),
+                    sub(
+                        "name",
+                        SubValue::Refused("it names another device or file of the host"),
+                    ),
+                    sub(
+                        "file",
+                        SubValue::Refused("it makes the filesystem in a host file named by `name`"),
+                    ),
+                ]),
+            ),
+            opt(
+                &["-i"],
+                Arg::Subopts(&[
+                    sub("size", SubValue::Required(Pat::Int)),
+                    sub("perblock", SubValue::Required(Pat::Int)),
+                    sub("maxpct", SubValue::Required(Pat::Int)),
+                    sub("align", SubValue::Optional(BIT)),
+                    sub("attr", SubValue::Required(Pat::OneOf(&["1", "2"]))),
+                    sub("projid32bit", SubValue::Optional(BIT)),
+                    sub("sparse", SubValue::Optional(BIT)),
+                    sub("nrext64", SubValue::Optional(BIT)),
+                ]),
+            ),
+            opt(
+                &["-l"],
+                Arg::Subopts(&[
+                    sub("agnum", SubValue::Required(Pat::Int)),
+                    sub("internal", SubValue::Optional(BIT)),
+                    sub("size", SubValue::Required(Pat::Size)),
+                    sub("version", SubValue::Required(Pat::OneOf(&["1", "2"]))),
+                    sub("sunit", SubValue::Required(Pat::Int)),
+                    sub("su", SubValue::Required(Pat::Size)),
+                    sub("lazy-count", SubValue::Required(BIT)),
+                    sub(
+                        "logdev",
+                        SubValue::Refused("it puts the log on another device of the host"),
+                    ),
+                ]),
+            ),
+            opt(
+                &["-n"],
+                Arg::Subopts(&[
+                    sub("size", SubValue::Required(Pat::Size)),
+                    sub("version", SubValue::Required(Pat::OneOf(&["2", "ci"]))),
+                    sub("ftype", SubValue::Required(BIT)),
+                ]),
+            ),
+            opt(
+                &["-s"],
+                Arg::Subopts(&[sub("size", SubValue::Required(Pat::Size))]),
+            ),
+        ],
+        refused: &[
+            refused(
+                &["-p"],
+                "it reads a protofile from the host, and the files it names",
+            ),
+            refused(&["-c"], "it reads a configuration file from the host"),
+            refused(
+                &["-r"],
+                "a realtime section needs another device of the host",
+            ),
+            refused(
+                &["-N"],
+                "it only shows what mkfs.xfs would do: it makes no filesystem",
+            ),
+            refused(&["-V"], NO_FS),
+            refused(&["-L"], DEBIMG_LABEL),
+            refused(&["-f", "-q", "-K"], DEBIMG_FLAGS),
+        ],
+    };
+
+    /// mkfs.btrfs.
+    static BTRFS: Table = Table {
+        allowed: &[
+            opt(&["-b", "--byte-count"], Arg::Value(Pat::Size)),
+            opt(
+                &["--csum", "--checksum"],
+                Arg::Value(Pat::OneOf(&["crc32c", "xxhash", "sha256", "blake2"])),
+            ),
+            opt(
+                &["-d", "--data"],
+                Arg::Value(Pat::OneOf(&["single", "dup"])),
+            ),
+            opt(
+                &["-m", "--metadata"],
+                Arg::Value(Pat::OneOf(&["single", "dup"])),
+            ),
+            opt(&["-M", "--mixed"], Arg::Flag),
+            opt(&["-n", "--nodesize"], Arg::Value(Pat::Size)),
+            opt(&["-s", "--sectorsize"], Arg::Value(Pat::Size)),
+            opt(
+                &["-O", "--features"],
+                Arg::Features(&[("list-all", "it lists the features and makes no filesystem")]),
+            ),
+            opt(
+                &["-R", "--runtime-features"],
+                Arg::Features(&[("list-all", "it lists the features and makes no filesystem")]),
+            ),
+        ],
+        refused: &[
+            refused(
+                &["-r", "--rootdir"],
+                "it copies a host directory into the filesystem",
+            ),
+            refused(
+                &["--shrink"],
+                "it only works with `--rootdir`, which is refused",
+            ),
+            refused(&["-L", "--label"], DEBIMG_LABEL),
+            refused(&["-U", "--uuid"], DEBIMG_UUID),
+            refused(
+                &["-f", "--force", "-q", "--quiet", "-K", "--nodiscard"],
+                DEBIMG_FLAGS,
+            ),
+            refused(&["-V", "--version", "--help"], NO_FS),
+        ],
+    };
+
+    /// mkfs.vfat (the `esp`).
+    static VFAT: Table = Table {
+        allowed: &[
+            opt(&["-a"], Arg::Flag),
+            opt(&["-b"], Arg::Value(Pat::CInt)),
+            opt(&["-D"], Arg::Value(Pat::CInt)),
+            opt(&["-f"], Arg::Value(Pat::OneOf(&["1", "2"]))),
+            opt(&["-F"], Arg::Value(Pat::OneOf(&["12", "16", "32"]))),
+            opt(&["-h"], Arg::Value(Pat::CInt)),
+            opt(&["-M"], Arg::Value(Pat::CInt)),
+            opt(&["-r"], Arg::Value(Pat::CInt)),
+            opt(&["-R"], Arg::Value(Pat::CInt)),
+            opt(
+                &["-s"],
+                Arg::Value(Pat::OneOf(&["1", "2", "4", "8", "16", "32", "64", "128"])),
+            ),
+            opt(
+                &["-S"],
+                Arg::Value(Pat::OneOf(&[
+                    "512", "1024", "2048", "4096", "8192", "16384", "32768",
+                ])),
+            ),
+            opt(&["--codepage"], Arg::Value(Pat::Int)),
+        ],
+        refused: &[
+            refused(&["-C"], "it creates a file on the host"),
+            refused(&["-l"], "it reads a bad-block list from a host file"),
+            refused(
+                &["-m"],
+                "it reads a boot message from a host file or standard input",
+            ),
+            refused(
+                &["-c"],
+                "it scans the device for bad blocks (an image file has none)",
+            ),
+            refused(&["-I"], "it turns off mkfs.fat's safety checks"),
+            refused(
+                &["-A", "--variant"],
+                "an Atari filesystem is no EFI system partition",
+            ),
+            refused(
+                &["--offset"],
+                "it moves the filesystem inside the partition, which then does not mount",
+            ),
+            refused(&["-n"], DEBIMG_LABEL),
+            refused(&["-i", "--invariant"], "debimg sets the volume ID itself"),
+            refused(&["--help"], NO_FS),
+        ],
+    };
+
+    /// A problem with one item of a `mkfs_options` list: its index and what is wrong.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct OptionProblem {
+        pub index: usize,
+        pub message: String,
+    }
+
+    /// Checks a `mkfs_options` list against `tool`'s allowlist; the first problem, if any.
+    pub fn check(tool: Tool, options: &[String]) -> Result<(), OptionProblem> {
+        let table = tool.table();
+        let program = tool.program();
+        let fail = |index: usize, message: String| Err(OptionProblem { index, message });
+        let mut i = 0;
+        while i < options.len() {
+            let item = options[i].as_str();
+            let shown = super::shown(item);
+            if item.is_empty() {
+                return fail(i, "is empty".into());
+            }
+            if item.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return fail(
+                    i,
+                    format!(
+                        "`{shown}` holds whitespace: give the option and its value as two items (`[-b, \"4096\"]`)"
+                    ),
+                );
+            }
+            if item == "--" {
+                return fail(
+                    i,
+                    "`--` ends the options: what follows would be positional arguments, which are refused".into(),
+                );
+            }
+            if !item.starts_with('-') || item == "-" {
+                return fail(
+                    i,
+                    format!(
+                        "`{shown}` is no option: {program} gets no positional arguments (debimg passes the device itself)"
+                    ),
+                );
+            }
+            let (name, joined) = match item.strip_prefix("--") {
+                Some(long) => match long.split_once('=') {
+                    Some((n, v)) => (&item[..n.len() + 2], Some(v)),
+                    None => (item, None),
+                },
+                None => {
+                    let cut = item.char_indices().nth(2).map_or(item.len(), |(k, _)| k);
+                    let (n, rest) = item.split_at(cut);
+                    (n, (!rest.is_empty()).then_some(rest))
+                }
+            };
+            if let Some(r) = table.refused.iter().find(|r| r.names.contains(&name)) {
+                return fail(i, format!("`{name}` is refused: {}", r.why));
+            }
+            let Some(o) = table.allowed.iter().find(|o| o.names.contains(&name)) else {
+                return fail(
+                    i,
+                    format!(
+                        "`{}` is not an option debimg passes to {program}; allowed: {} (see docs/spec.md)",
+                        super::shown(name),
+                        tool.allowed().join(", ")
+                    ),
+                );
+            };
+            let (value, at) = match (&o.arg, joined) {
+                (Arg::Flag, None) => {
+                    i += 1;
+                    continue;
+                }
+                (Arg::Flag, Some(_)) => {
+                    return fail(
+                        i,
+                        format!("`{name}` takes no value: give one option per item (`{shown}`)"),
+                    );
+                }
+                (_, Some(v)) => (v, i),
+                (_, None) => match options.get(i + 1) {
+                    Some(v) => (v.as_str(), i + 1),
+                    None => {
+                        return fail(i, format!("`{name}` needs a value (the next item)"));
+                    }
+                },
+            };
+            check_value(name, &o.arg, value)
+                .map_err(|message| OptionProblem { index: at, message })?;
+            i = at + 1;
+        }
+        Ok(())
+    }
+
+    fn check_value(name: &str, arg: &Arg, value: &str) -> Result<(), String> {
+        let shown = super::shown(value);
+        if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "`{shown}` (the value of `{name}`) holds whitespace: one value per item"
+            ));
+        }
+        if value.contains('/') {
+            return Err(format!(
+                "`{shown}` (the value of `{name}`) holds `/`: no value may name a path"
+            ));
+        }
+        if value.starts_with('-') {
+            return Err(format!(
+                "`{shown}` (the value of `{name}`) starts with `-`: give `{name}` its value"
+            ));
+        }
+        let bad = |what: String| format!("`{shown}` is not a value of `{name}`: {what}");
+        match arg {
+            Arg::Flag => Ok(()),
+            Arg::Value(pat) => {
+                if pat.matches(value) {
+                    Ok(())
+                } else {
+                    Err(bad(format!("it takes {}", pat.describe())))
+                }
+            }
+            Arg::Subopts(subs) => {
+                for item in value.split(',') {
+                    let (key, v) = match item.split_once('=') {
+                        Some((k, v)) => (k, Some(v)),
+                        None => (item, None),
+                    };
+                    let keys = || {
+                        subs.iter()
+                            .filter(|s| !matches!(s.value, SubValue::Refused(_)))
+                            .map(|s| s.key)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    let Some(s) = subs.iter().find(|s| s.key == key) else {
+                        return Err(bad(format!(
+                            "`{}` is not among the allowed suboptions ({})",
+                            super::shown(key),
+                            keys()
+                        )));
+                    };
+                    match (&s.value, v) {
+                        (SubValue::Refused(why), _) => {
+                            return Err(format!("`{name} {key}` is refused: {why}"));
+                        }
+                        (SubValue::None, None) | (SubValue::Optional(_), None) => {}
+                        (SubValue::None, Some(_)) => {
+                            return Err(bad(format!("`{key}` takes no value")));
+                        }
+                        (SubValue::Required(_), None) => {
+                            return Err(bad(format!("`{key}` needs a value: `{key}=VALUE`")));
+                        }
+                        (SubValue::Optional(p) | SubValue::Required(p), Some(v)) => {
+                            if !p.matches(v) {
+                                return Err(bad(format!("`{key}` takes {}", p.describe())));
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Arg::Features(refused) => {
+                for item in value.split(',') {
+                    let feature = item.strip_prefix('^').unwrap_or(item);
+                    if let Some((_, why)) = refused.iter().find(|(f, _)| *f == feature) {
+                        return Err(format!("`{name} {feature}` is refused: {why}"));
+                    }
+                    if !Pat::Word.matches(feature) {
+                        return Err(bad(format!(
+                            "it takes feature names separated by commas, each {} and `^` before one to turn it off",
+                            Pat::Word.describe()
+                        )));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn opts(items: &[&str]) -> Vec<String> {
+            items.iter().map(|s| s.to_string()).collect()
+        }
+
+        fn problem(tool: Tool, items: &[&str]) -> OptionProblem {
+            check(tool, &opts(items)).expect_err(&format!("{items:?} was accepted"))
+        }
+
+        const EXT4: Tool = Tool::Ext(Fs::Ext4);
+
+        const TOOLS: [Tool; 4] = [EXT4, Tool::Xfs, Tool::Btrfs, Tool::Vfat];
+
+        #[test]
+        fn no_option_is_both_allowed_and_refused() {
+            for tool in TOOLS {
+                let t = tool.table();
+                let refused: Vec<&str> = t
+                    .refused
+                    .iter()
+                    .flat_map(|r| r.names.iter().copied())
+                    .collect();
+                let mut seen = std::collections::BTreeSet::new();
+                for name in tool.allowed().into_iter().chain(refused.iter().copied()) {
+                    assert!(seen.insert(name), "{tool:?}: `{name}` listed twice");
+                    assert!(name.starts_with('-') && !name.contains('='), "{name}");
+                }
+            }
+        }
+
+        #[test]
+        fn docs_list_every_option_and_suboption() {
+            let doc = include_str!("../docs/spec.md");
+            for (tool, row) in [
+                (EXT4, "| mke2fs"),
+                (Tool::Xfs, "| mkfs.xfs"),
+                (Tool::Btrfs, "| mkfs.btrfs"),
+                (Tool::Vfat, "| mkfs.vfat"),
+            ] {
+                let line = doc
+                    .lines()
+                    .find(|l| l.starts_with(row))
+                    .unwrap_or_else(|| panic!("docs/spec.md has no row `{row}`"));
+                let t = tool.table();
+                let names = t
+                    .allowed
+                    .iter()
+                    .flat_map(|o| o.names.iter())
+                    .chain(t.refused.iter().flat_map(|r| r.names.iter()));
+                for name in names {
+                    assert!(
+                        line.contains(&format!("`{name}`")) || line.contains(&format!("`{name} ")),
+                        "docs/spec.md's {row} row lacks `{name}`"
+                    );
+                }
+                for o in t.allowed {
+                    let subs: &[Sub] = match &o.arg {
+                        Arg::Subopts(subs) => subs,
+                        _ => &[],
+                    };
+                    for s in subs {
+                        let k = s.key;
+                        assert!(
+                            [format!("`{k}"), format!(" {k}="), format!(" {k}`")]
+                                .iter()
+                                .any(|p| line.contains(p.as_str())),
+                            "docs/spec.md's {row} row lacks the suboption `{k}`"
+                        );
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn useful_tuning_passes() {
+            let good: &[(Tool, &[&str])] = &[
+                (
+                    EXT4,
+                    &["-b", "4096", "-i", "16384", "-I", "256", "-m", "0.5"],
+                ),
+                (
+                    EXT4,
+                    &[
+                        "-O",
+                        "^has_journal,metadata_csum",
+                        "-E",
+                        "stride=8,lazy_itable_init=0,root_owner=0:0",
+                    ],
+                ),
+                (
+                    EXT4,
+                    &[
+                        "-b4096",
+                        "-m0",
+                        "-T",
+                        "largefile,news",
+                        "-J",
+                        "size=64",
+                        "-j",
+                        "-e",
+                        "remount-ro",
+                    ],
+                ),
+                (
+                    Tool::Ext(Fs::Ext2),
+                    &[
+                        "-N",
+                        "100000",
+                        "-r",
+                        "1",
+                        "-o",
+                        "linux",
+                        "-E",
+                        "nodiscard,quotatype=usrquota:grpquota",
+                    ],
+                ),
+                (
+                    Tool::Xfs,
+                    &[
+                        "-m",
+                        "crc=1,finobt=1",
+                        "-m",
+                        "reflink=0",
+                        "-d",
+                        "agcount=4",
+                        "-i",
+                        "size=512",
+                    ],
+                ),
+                (
+                    Tool::Xfs,
+                    &[
+                        "-b",
+                        "size=4096",
+                        "-l",
+                        "size=64m,lazy-count=1",
+                        "-n",
+                        "ftype=1",
+                        "-s",
+                        "size=4096",
+                    ],
+                ),
+                (
+                    Tool::Btrfs,
+                    &[
+                        "-n",
+                        "16k",
+                        "--nodesize=32k",
+                        "--csum",
+                        "xxhash",
+                        "-O",
+                        "no-holes,^extref",
+                    ],
+                ),
+                (
+                    Tool::Btrfs,
+                    &[
+                        "-m",
+                        "dup",
+                        "--data=single",
+                        "-M",
+                        "-R",
+                        "quota,free-space-tree",
+                        "-s",
+                        "4096",
+                    ],
+                ),
+                (
+                    Tool::Vfat,
+                    &[
+                        "-F", "16", "-s", "8", "-S", "4096", "-R", "32", "-f", "2", "-D", "0x80",
+                        "-a",
+                    ],
+                ),
+            ];
+            for (tool, items) in good {
+                assert_eq!(check(*tool, &opts(items)), Ok(()), "{tool:?} {items:?}");
+            }
+        }
+
+        #[test]
+        fn host_paths_and_devices_are_refused() {
+            let p = problem(EXT4, &["-d", "/root"]);
+            assert_eq!(p.index, 0);
+            assert!(
+                p.message.contains("copies a host directory"),
+                "{}",
+                p.message
+            );
+            let p = problem(Tool::Btrfs, &["/dev/sda"]);
+            assert!(
+                p.message.contains("no positional arguments"),
+                "{}",
+                p.message
+            );
+            assert!(
+                problem(Tool::Btrfs, &["--rootdir", "/"])
+                    .message
+                    .contains("host directory")
+            );
+            assert!(
+                problem(Tool::Btrfs, &["--rootdir=/etc"])
+                    .message
+                    .contains("host directory")
+            );
+            assert!(
+                problem(Tool::Btrfs, &["-r", "x"])
+                    .message
+                    .contains("host directory")
+            );
+            assert!(
+                problem(Tool::Xfs, &["-p", "proto"])
+                    .message
+                    .contains("protofile")
+            );
+            assert!(
+                problem(Tool::Xfs, &["-c", "options=x"])
+                    .message
+                    .contains("configuration file")
+            );
+            assert!(
+                problem(Tool::Xfs, &["-l", "logdev=sdb"])
+                    .message
+                    .contains("another device")
+            );
+            assert!(
+                problem(Tool::Xfs, &["-d", "name=sdb"])
+                    .message
+                    .contains("another device")
+            );
+            assert!(
+                problem(Tool::Xfs, &["-r", "rtdev=sdb"])
+                    .message
+                    .contains("another device")
+            );
+            assert!(
+                problem(EXT4, &["-J", "device=sdb"])
+                    .message
+                    .contains("another device")
+            );
+            assert!(
+                problem(EXT4, &["-l", "badblocks"])
+                    .message
+                    .contains("host file")
+            );
+            assert!(problem(EXT4, &["-z", "undo"]).message.contains("undo file"));
+            assert!(
+                problem(Tool::Vfat, &["-m", "-"])
+                    .message
+                    .contains("host file")
+            );
+            assert!(
+                problem(Tool::Vfat, &["-C"])
+                    .message
+                    .contains("creates a file")
+            );
+            // A value never holds `/`, even where the option is allowed.
+            let p = problem(EXT4, &["-b", "4096", "-T", "a/b"]);
+            assert_eq!(p.index, 3);
+            assert!(p.message.contains("holds `/`"), "{}", p.message);
+            // A second device after a flag is positional.
+            let p = problem(Tool::Btrfs, &["-M", "/dev/sdb"]);
+            assert_eq!(p.index, 1);
+        }
+
+        #[test]
+        fn what_debimg_sets_is_refused_saying_so() {
+            for (tool, item) in [
+                (EXT4, "-L"),
+                (EXT4, "-U"),
+                (EXT4, "-F"),
+                (Tool::Xfs, "-L"),
+                (Tool::Xfs, "-f"),
+                (Tool::Btrfs, "--uuid"),
+                (Tool::Btrfs, "-K"),
+                (Tool::Vfat, "-n"),
+                (Tool::Vfat, "-i"),
+            ] {
+                let p = problem(tool, &[item, "x"]);
+                assert!(
+                    p.message.contains("debimg sets"),
+                    "{tool:?} {item}: {}",
+                    p.message
+                );
+            }
+            let p = problem(Tool::Xfs, &["-m", "crc=1,uuid=0"]);
+            assert!(p.message.contains("debimg sets the UUID"), "{}", p.message);
+        }
+
+        #[test]
+        fn options_that_make_no_filesystem_are_refused() {
+            for (tool, items) in [
+                (EXT4, &["-n"][..]),
+                (EXT4, &["-V"]),
+                (EXT4, &["-O", "journal_dev"]),
+                (Tool::Xfs, &["-N"]),
+                (Tool::Btrfs, &["-O", "list-all"]),
+                (Tool::Btrfs, &["--version"]),
+            ] {
+                problem(tool, items);
+            }
+        }
+
+        #[test]
+        fn values_are_checked_and_never_swallow_the_device() {
+            // Without a value, mkfs would take debimg's device as the value.
+            let p = problem(EXT4, &["-b"]);
+            assert!(p.message.contains("needs a value"), "{}", p.message);
+            // A value that starts with `-` is another option.
+            let p = problem(EXT4, &["-m", "-d"]);
+            assert_eq!(p.index, 1);
+            assert!(p.message.contains("starts with `-`"), "{}", p.message);
+            assert!(
+                problem(EXT4, &["-b", "4097"])
+                    .message
+                    .contains("one of 1024")
+            );
+            assert!(
+                problem(EXT4, &["-E", "offset=4096"])
+                    .message
+                    .contains("does not mount")
+            );
+            assert!(
+                problem(EXT4, &["-E", "stride"])
+                    .message
+                    .contains("stride=VALUE")
+            );
+            assert!(
+                problem(EXT4, &["-E", "nodiscard=1"])
+                    .message
+                    .contains("takes no value")
+            );
+            assert!(
+                problem(EXT4, &["-E", "bogus=1"])
+                    .message
+                    .contains("allowed suboptions")
+            );
+            assert!(
+                problem(Tool::Btrfs, &["-d", "raid1"])
+                    .message
+                    .contains("single, dup")
+            );
+            assert!(
+                problem(Tool::Btrfs, &["-n", "16kk"])
+                    .message
+                    .contains("unit letter")
+            );
+            assert!(
+                problem(EXT4, &["-O", "Has Journal"])
+                    .message
+                    .contains("whitespace")
+            );
+            assert!(problem(EXT4, &["-j4"]).message.contains("takes no value"));
+            assert!(
+                problem(EXT4, &["-jD"])
+                    .message
+                    .contains("one option per item")
+            );
+            assert!(problem(EXT4, &["--"]).message.contains("positional"));
+            assert!(problem(EXT4, &[""]).message.contains("empty"));
+            assert!(problem(EXT4, &["-b 4096"]).message.contains("two items"));
+            let p = problem(Tool::Xfs, &["-x"]);
+            assert!(p.message.contains("allowed: -b, -m, -d"), "{}", p.message);
+            // A prefix getopt would complete (`--root` → `--rootdir`) is no listed name.
+            assert!(
+                problem(Tool::Btrfs, &["--root", "x"])
+                    .message
+                    .contains("not an option")
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1896,6 +3413,391 @@ images:
         for bad in ["var", "/var/", "/a/../b", "/a//b", "/a b", "/./x"] {
             assert!(check_mount_point(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A spec with the repos and images given, otherwise GOOD.
+    fn with(top: &str) -> String {
+        GOOD.replace("packages:", &format!("{top}\npackages:"))
+    }
+
+    fn fields(yaml: &str) -> Vec<String> {
+        problems(yaml).into_iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn uris_with_line_breaks_or_apt_syntax_are_refused() {
+        // A second source line and a comment smuggled into a `file:///` URI.
+        let injected = "file:///m bookworm main\ndeb [trusted=yes] http://x/ bookworm main\n#";
+        let yaml = with(&format!(
+            "repos:\n  - {{name: d, suite: bookworm, uri: {injected:?}}}"
+        ));
+        let p = problems(&yaml);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].field, "repos[0].uri");
+        assert!(p[0].message.contains("whitespace"), "{}", p[0].message);
+        assert!(
+            p[0].message.contains(r"\n"),
+            "newlines are shown escaped: {}",
+            p[0].message
+        );
+        assert!(!p[0].message.contains('\n'), "{}", p[0].message);
+        assert!(
+            p[0].message.contains("file:///"),
+            "says what is allowed: {}",
+            p[0].message
+        );
+        let p = problems(&with(&format!("mirror: {injected:?}")));
+        assert_eq!(p[0].field, "mirror");
+
+        for bad in [
+            "http://m.example/debian bookworm",
+            "http://m.example/debian\tx",
+            "http://m.example/a#b",
+            "http://m.example/a\"b",
+            "http://m.example/a;b",
+            "http://m.example/a\\b",
+            "http://m.example/a[b]",
+            "http://m.example/$(ARCH)",
+            "http://m.example/`id`",
+            "file:///srv/m'x",
+            "http://",
+            "http://:80/",
+            "http://m.example:99999/",
+            "http://m.example:x/",
+            "http://[zz]/",
+            "http://m_example!/",
+            "ftp://m.example/debian",
+            "file://m.example/debian",
+            "file:/srv",
+            "m.example/debian",
+        ] {
+            assert!(check_uri(bad, UriUse::Source).is_err(), "{bad:?} accepted");
+        }
+        for good in [
+            "host",
+            "http://m.example/debian",
+            "https://user:p%40ss@m.example:8443/debian?x=1&y=2",
+            "http://10.0.0.2:3142/debian/",
+            "http://[fd00::2]:3142/debian",
+            "http://[::1]/",
+            "file:///srv/mirror/debian",
+            "file:///",
+        ] {
+            assert_eq!(check_uri(good, UriUse::Source), Ok(()), "{good}");
+        }
+        assert!(check_uri("host", UriUse::Proxy).is_err());
+        assert!(check_uri("file:///x", UriUse::Proxy).is_err());
+        assert_eq!(check_uri("http://p.example:3128", UriUse::Proxy), Ok(()));
+    }
+
+    #[test]
+    fn uri_messages_mask_credentials() {
+        let p = problems(&with(
+            "proxies: {http: 'http://u:s3cret@p.example:3128/ x'}",
+        ));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].field, "proxies.http");
+        assert!(!p[0].message.contains("s3cret"), "{}", p[0].message);
+        assert!(
+            p[0].message.contains("http://u:***@p.example"),
+            "{}",
+            p[0].message
+        );
+        let p = problems(&with("mirror: 'https://tok3n@m.example/a;b'"));
+        assert!(!p[0].message.contains("tok3n"), "{}", p[0].message);
+    }
+
+    #[test]
+    fn suites_and_sections_are_plain_tokens() {
+        let repo = |suite: &str, section: &str| {
+            fields(&with(&format!(
+                "repos:\n  - {{name: d, suite: bookworm}}\n  - {{name: e, suite: {suite:?}, section: {section:?}}}"
+            )))
+        };
+        assert!(repo("bookworm-updates", "main contrib non-free-firmware").is_empty());
+        for bad in [
+            "main\ncontrib",
+            "main\tcontrib",
+            "main #",
+            "main [x]",
+            "main/x",
+            "  ",
+        ] {
+            let f = repo("bookworm-updates", bad);
+            assert!(
+                f.iter().any(|f| f.starts_with("repos[1].section:")),
+                "{bad:?}: {f:?}"
+            );
+        }
+        for bad in ["bookworm main", "bookworm\n", "a/b", "-x", "$(x)"] {
+            let f = repo(bad, "main");
+            assert!(
+                f.iter().any(|f| f.starts_with("repos[1].suite:")),
+                "{bad:?}: {f:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn mkfs_options_go_through_the_allowlist() {
+        let img = |fs: &str, opts: &str| {
+            fields(&GOOD.replace(
+                "{mount: /boot, fs: ext2, size: 256MiB, label: boot}",
+                &format!("{{mount: /boot, fs: {fs}, size: 1GiB, mkfs_options: {opts}}}"),
+            ))
+        };
+        assert!(img("ext4", "[-m, '0', -O, '^has_journal']").is_empty());
+        assert!(img("xfs", "[-m, 'crc=1,finobt=1', -i, size=512]").is_empty());
+        let f = img("ext4", "[-d, /root]");
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(
+            f[0].starts_with("images[1].mkfs_options[0]: `-d` is refused"),
+            "{f:?}"
+        );
+        let f = img("btrfs", "[/dev/sda]");
+        assert!(f[0].starts_with("images[1].mkfs_options[0]:"), "{f:?}");
+        assert!(f[0].contains("positional"), "{f:?}");
+        let f = img("btrfs", "[-n, 16k, --rootdir, /etc]");
+        assert!(f[0].starts_with("images[1].mkfs_options[2]:"), "{f:?}");
+        let f = img("xfs", "[-L, x]");
+        assert!(f[0].contains("debimg sets the label"), "{f:?}");
+    }
+
+    const DISK_SPEC: &str = "version: 1\nname: d\nsuite: bookworm\nkind: disk\npackages: [linux-image-amd64]\ndisk:\n  size: 2GiB\n  partitions:\n    - {size: 1MiB, flags: [bios-boot]}\n    - {size: 64MiB, flags: [esp]}\n    - {mount: /, fs: ext4}\n";
+
+    #[test]
+    fn partition_mkfs_options_follow_their_program() {
+        assert!(fields(DISK_SPEC).is_empty(), "{:?}", fields(DISK_SPEC));
+        let part = |n: usize, opts: &str| {
+            let lines: Vec<String> = DISK_SPEC
+                .lines()
+                .enumerate()
+                .map(|(i, l)| {
+                    if i == 8 + n {
+                        l.replace('}', &format!(", mkfs_options: {opts}}}"))
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect();
+            fields(&(lines.join("\n") + "\n"))
+        };
+        // The esp is made by mkfs.vfat: its options, not mke2fs's.
+        assert!(part(1, "[-F, '16', -s, '4']").is_empty());
+        let f = part(1, "[-n, EFI]");
+        assert!(
+            f[0].starts_with("disk.partitions[1].mkfs_options[0]:") && f[0].contains("debimg sets"),
+            "{f:?}"
+        );
+        let f = part(1, "[-C, /tmp/x, '100']");
+        assert!(f[0].contains("creates a file on the host"), "{f:?}");
+        let f = part(2, "[-d, /root]");
+        assert!(
+            f[0].starts_with("disk.partitions[2].mkfs_options[0]:"),
+            "{f:?}"
+        );
+        let f = part(0, "[-b, '4096']");
+        assert!(
+            f[0].starts_with("disk.partitions[0].mkfs_options:"),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn derived_file_names_fit_in_255_bytes() {
+        let long = "a".repeat(300);
+        let f = fields(&GOOD.replace("name: test", &format!("name: {long}")));
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(f[0].starts_with("name: `aaa"), "{f:?}");
+        assert!(f[0].contains("300 bytes"), "{f:?}");
+        // The default base name grows with the mount point: 64 + `-` + 190 + `.img.gz`.
+        let name = "n".repeat(64);
+        let deep = format!("/{}/{}", "d".repeat(94), "e".repeat(95));
+        let yaml = GOOD
+            .replace("name: test", &format!("name: {name}"))
+            .replace("mount: /boot", &format!("mount: {deep}"));
+        let f = fields(&yaml);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(
+            f[0].starts_with("images[1].mount: makes the file name"),
+            "{f:?}"
+        );
+        assert!(
+            f[0].contains(".img.gz` of 262 bytes, 300 as its temporary name"),
+            "{f:?}"
+        );
+        assert!(f[0].contains("45 too many"), "{f:?}");
+        // An `output` fixes it.
+        assert!(fields(&yaml.replace("label: boot", "label: boot, output: deep")).is_empty());
+        // The longest allowed name with the longest suffix fits, temporary name included.
+        assert_eq!(check_derived_names(&name, NAME_SUFFIXES), Ok(()));
+        assert_eq!(
+            check_derived_names(&"x".repeat(217 - 7), IMAGE_SUFFIXES),
+            Ok(())
+        );
+        assert!(check_derived_names(&"x".repeat(218 - 7), IMAGE_SUFFIXES).is_err());
+        let f = fields(&GOOD.replace(
+            "label: boot}",
+            &format!("label: boot, output: {}}}", "o".repeat(250)),
+        ));
+        assert!(
+            f[0].starts_with("images[1].output:") && f[0].contains("250 bytes"),
+            "{f:?}"
+        );
+        assert!(
+            check_mount_point(&format!("/{}", "c".repeat(256)))
+                .unwrap_err()
+                .contains("256 bytes")
+        );
+    }
+
+    fn scratch() -> tempfile::TempDir {
+        tempfile::tempdir_in("/var/tmp").unwrap()
+    }
+
+    #[test]
+    fn spec_files_are_bounded_regular_files() {
+        let dir = scratch();
+        let big = dir.path().join("big.yaml");
+        std::fs::write(&big, format!("# {}\n{GOOD}", "x".repeat(2 << 20))).unwrap();
+        let e = Spec::read_text(&big).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("{} bytes", std::fs::metadata(&big).unwrap().len())),
+            "{e}"
+        );
+        assert!(e.contains("at most 1048576 bytes"), "{e}");
+        let at_limit = dir.path().join("limit.yaml");
+        let pad = MAX_INPUT_BYTES as usize - GOOD.len() - 3;
+        std::fs::write(&at_limit, format!("#{}\n{GOOD}\n", " ".repeat(pad))).unwrap();
+        assert_eq!(std::fs::metadata(&at_limit).unwrap().len(), MAX_INPUT_BYTES);
+        Spec::from_file(&at_limit).unwrap();
+
+        let fifo = dir.path().join("fifo.yaml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let t = std::time::Instant::now();
+        let e = Spec::from_file(&fifo).unwrap_err().to_string();
+        assert!(e.contains("is a FIFO, not a regular file"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+        let e = Spec::read_text(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a character device"), "{e}");
+        let e = Spec::read_text(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("a directory"), "{e}");
+        let bin = dir.path().join("bin.yaml");
+        std::fs::write(&bin, b"version: 1\nname: \xff\n").unwrap();
+        let e = Spec::read_text(&bin).unwrap_err().to_string();
+        assert!(e.contains("not UTF-8"), "{e}");
+    }
+
+    #[test]
+    fn host_inputs_must_be_regular_files() {
+        let dir = scratch();
+        std::fs::write(dir.path().join("motd"), "hi\n").unwrap();
+        std::fs::write(dir.path().join("x.deb"), "!<arch>\n").unwrap();
+        std::os::unix::fs::symlink("motd", dir.path().join("link")).unwrap();
+        nix::unistd::mkfifo(
+            &dir.path().join("p.deb"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("d.deb")).unwrap();
+        let spec_at = |files: &str, debs: &str| {
+            let path = dir.path().join("s.yaml");
+            let yaml = GOOD.replace(
+                "packages:",
+                &format!("files:\n{files}local_debs: {debs}\npackages:"),
+            );
+            Spec::from_yaml_at(&yaml, &path)
+        };
+        let ok = "  - {source: motd, dest: /etc/motd}\n  - {source: link, dest: /etc/l}\n";
+        spec_at(ok, "[x.deb]").unwrap();
+        let bad = "  - {source: /dev/zero, dest: /a}\n  - {source: missing, dest: /b}\n  - {source: motd, dest: /c}\n";
+        let e = spec_at(bad, "[p.deb, d.deb, x.deb]").unwrap_err();
+        let got: Vec<String> = e.problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert!(
+            got[0].starts_with(
+                "files[0].source: `/dev/zero` is a character device, not a regular file"
+            ),
+            "{got:?}"
+        );
+        assert!(
+            got[1].starts_with("files[1].source:") && got[1].contains("cannot be read"),
+            "{got:?}"
+        );
+        assert!(
+            got[2].starts_with("local_debs[0]:") && got[2].contains("a FIFO"),
+            "{got:?}"
+        );
+        assert!(
+            got[3].starts_with("local_debs[1]:") && got[3].contains("a directory"),
+            "{got:?}"
+        );
+        // Kernel files pass as regular ones (/proc/kcore claims 128 TiB): refused too.
+        let e = spec_at("  - {source: /proc/self/status, dest: /k}\n", "[]").unwrap_err();
+        assert!(e.problems[0].message.contains("a file of procfs"), "{e}");
+        let e = spec_at("  - {source: /sys/kernel/address_bits, dest: /k}\n", "[]");
+        assert!(e.unwrap_err().problems[0].message.contains("sysfs"));
+        // Reported with the other problems, all at once.
+        let e = spec_at("  - {source: /dev/zero, dest: relative}\n", "[]").unwrap_err();
+        let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["files[0].dest", "files[0].source"], "{e}");
+        let e = Spec::read_text(Path::new("/proc/self/status")).unwrap_err();
+        assert!(e.to_string().contains("procfs"), "{e}");
+    }
+
+    /// Nine levels of ten aliases each: a billion `lol`s once expanded, in 700 bytes.
+    fn alias_bomb(indent: &str) -> String {
+        let mut yaml =
+            format!("{indent}- &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+        for i in 1..10 {
+            let prev = format!("*a{}", i - 1);
+            yaml.push_str(&format!(
+                "{indent}- &a{i} [{}]\n",
+                [prev.as_str(); 10].join(", ")
+            ));
+        }
+        yaml
+    }
+
+    #[test]
+    fn alias_bombs_stop_quickly() {
+        use std::time::{Duration, Instant};
+        // Untyped, the document would expand whole: the alias budget stops it.
+        let t = Instant::now();
+        let e = yaml_from_str::<serde_json::Value>(&alias_bomb("")).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(e.to_string().contains("alias replay limit"), "{e}");
+        // In a spec.
+        let yaml = GOOD.replace(
+            "packages:",
+            &format!("exclude:\n{}packages:", alias_bomb("  ")),
+        );
+        let t = Instant::now();
+        let e = Spec::from_yaml(&yaml, "bomb.yaml").unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert_eq!(e.problems.len(), 1, "{e}");
+        // Aliases as a normal spec uses them still work.
+        let normal = "version: 1\nname: t\nsuite: bookworm\npackages: &p [less, curl]\nbootstrap_include: *p\nimages:\n  - &img {mount: /, fs: ext4, size: 1GiB}\n";
+        let s = Spec::from_yaml(normal, "t").unwrap();
+        assert_eq!(s.bootstrap_include, ["less", "curl"]);
+    }
+
+    #[test]
+    fn repos_are_signed_unless_marked_trusted() {
+        let yaml = with(
+            "repos:\n  - {name: d, suite: bookworm}\n  - {name: local, suite: bookworm, uri: 'file:///srv/r', trusted: true}",
+        );
+        let s = Spec::from_yaml(&yaml, "t").unwrap();
+        assert!(!s.repos[0].trusted);
+        assert!(s.repos[1].trusted);
+        assert!(
+            !problems(&with(
+                "repos:\n  - {name: d, suite: bookworm, trusted: maybe}"
+            ))
+            .is_empty()
+        );
     }
 
     #[test]
