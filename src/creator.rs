@@ -556,6 +556,7 @@ impl Creator {
                     section: r.section.clone(),
                     priority: r.priority,
                     meta: m.clone(),
+                    trusted: r.trusted,
                 })
                 .collect(),
             packages: plan.packages.clone(),

@@ -60,7 +60,6 @@
 //! `<stem>.debimg` so that file, which decides reuse, does not collide with fuel-agent's.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -244,18 +243,12 @@ impl FuelBuild {
     pub fn write_metadata(&self, meta: &Metadata) -> Result<PathBuf> {
         let path = self.output_dir.join(&self.metadata_name);
         let text = fuel_metadata_yaml(meta)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(&self.output_dir).with_context(|| {
-            format!("creating a temporary file in {}", self.output_dir.display())
-        })?;
-        tmp.write_all(text.as_bytes())
-            .with_context(|| format!("writing {}", tmp.path().display()))?;
-        std::fs::set_permissions(
-            tmp.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o644),
-        )
-        .with_context(|| format!("setting the mode of {}", tmp.path().display()))?;
-        tmp.persist(&path)
-            .with_context(|| format!("renaming into {}", path.display()))?;
+        crate::output::write_atomic(
+            &self.output_dir,
+            &self.metadata_name,
+            text.as_bytes(),
+            0o644,
+        )?;
         Ok(path)
     }
 }

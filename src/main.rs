@@ -267,8 +267,7 @@ struct Input {
 
 fn read_input(spec: Option<&Path>, fuel: Option<&Path>, release: Option<&str>) -> Result<Input> {
     if let Some(fuel) = fuel {
-        let text =
-            std::fs::read_to_string(fuel).with_context(|| format!("reading {}", fuel.display()))?;
+        let text = debimg::fuel::read_input(fuel)?;
         let build = debimg::fuel::spec_from_fuel(&text, &fuel.display().to_string())?;
         return Ok(Input {
             copy_name: format!("{}.fuel.json", build.spec.name),

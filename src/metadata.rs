@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::debian::apt::ReleaseMeta;
 
+/// The largest metadata file debimg reads back (its own are tens of KiB).
+pub const MAX_METADATA_BYTES: u64 = 16 << 20;
+
 /// The whole metadata file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Metadata {
@@ -83,6 +86,9 @@ pub struct RepoMeta {
     /// The repo's Release fields, as pinned.
     #[serde(default)]
     pub meta: ReleaseMeta,
+    /// Used without a signature check (`trusted: true` in the spec).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trusted: bool,
 }
 
 impl Metadata {
@@ -92,10 +98,40 @@ impl Metadata {
     }
 
     /// Reads a metadata file.
+    ///
+    /// The file is in an output directory others may write to: a link there is not followed,
+    /// anything but a regular file of at most [`MAX_METADATA_BYTES`] is refused, and the YAML
+    /// parser's limits apply.
     pub fn read(path: &Path) -> Result<Metadata> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        serde_saphyr::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+            .with_context(|| format!("opening {} (a link is not followed)", path.display()))?;
+        let md = file
+            .metadata()
+            .with_context(|| format!("inspecting {}", path.display()))?;
+        if !md.is_file() {
+            anyhow::bail!("{} is not a regular file", path.display());
+        }
+        let mut text = String::new();
+        file.take(MAX_METADATA_BYTES + 1)
+            .read_to_string(&mut text)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if text.len() as u64 > MAX_METADATA_BYTES {
+            anyhow::bail!(
+                "{} is larger than {MAX_METADATA_BYTES} bytes: not a metadata file of debimg's",
+                path.display()
+            );
+        }
+        Metadata::from_yaml(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// Parses metadata YAML (with the parser's limits on aliases).
+    pub fn from_yaml(text: &str) -> Result<Metadata> {
+        Ok(crate::spec::yaml_from_str(text)?)
     }
 }
 
@@ -175,6 +211,7 @@ mod tests {
                     origin: Some("Debian".into()),
                     ..Default::default()
                 },
+                trusted: true,
             }],
             packages: vec!["curl".into()],
             installed: BTreeMap::from([("1:odd".to_string(), "1:2.0-1".to_string())]),
@@ -187,7 +224,17 @@ mod tests {
         };
         let text = m.to_yaml().unwrap();
         assert!(text.contains("container_md5:"), "{text}");
-        let back: Metadata = serde_saphyr::from_str(&text).unwrap();
+        assert!(text.contains("trusted: true"), "{text}");
+        let back = Metadata::from_yaml(&text).unwrap();
         assert_eq!(back, m);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("real.yaml"), &text).unwrap();
+        assert_eq!(Metadata::read(&dir.path().join("real.yaml")).unwrap(), m);
+        std::os::unix::fs::symlink(dir.path().join("real.yaml"), dir.path().join("link.yaml"))
+            .unwrap();
+        assert!(
+            Metadata::read(&dir.path().join("link.yaml")).is_err(),
+            "a link is not followed"
+        );
     }
 }

@@ -199,6 +199,9 @@ pub struct PlannedRepo {
     pub suite: String,
     pub section: String,
     pub priority: Option<i32>,
+    /// Used without a signature (`[trusted=yes]`), as the spec asks explicitly; part of the
+    /// digest, so the reuse key changes with it.
+    pub trusted: bool,
 }
 
 /// An image with its output names decided.
@@ -355,6 +358,7 @@ impl Plan {
                 suite: spec.suite.clone(),
                 section: "main".into(),
                 priority: None,
+                trusted: false,
             }]
         } else {
             spec.repos
@@ -369,6 +373,7 @@ impl Plan {
                         suite: r.suite.clone(),
                         section: r.section.split_whitespace().collect::<Vec<_>>().join(" "),
                         priority: r.priority,
+                        trusted: r.trusted,
                     })
                 })
                 .collect::<Result<_>>()?
@@ -616,6 +621,28 @@ mod tests {
         assert_eq!(a.repos[0].uri, "http://mirror.example/debian");
         assert_eq!(a.images[0].container_name, "t-var.img.gz");
     }
+
+    #[test]
+    fn trusted_is_carried_and_changes_the_digest() {
+        let src = parse_deb822_sources(DEB822);
+        let mut s = spec("");
+        s.repos = vec![crate::spec::Repo {
+            name: "d".into(),
+            uri: None,
+            suite: "bookworm".into(),
+            section: "main".into(),
+            priority: None,
+            trusted: false,
+        }];
+        let signed = Plan::new(&s, &src, true).unwrap();
+        assert!(!signed.repos[0].trusted);
+        assert!(!Plan::new(&spec(""), &src, true).unwrap().repos[0].trusted);
+        s.repos[0].trusted = true;
+        let trusted = Plan::new(&s, &src, true).unwrap();
+        assert!(trusted.repos[0].trusted);
+        assert_ne!(signed.digest, trusted.digest);
+    }
+
     #[test]
     fn only_regular_files_are_hashed() {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();

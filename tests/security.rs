@@ -71,12 +71,7 @@ const LEAVES_HOST: &str = "  - name: leaves-a-host-process\n    chroot: false\n 
 
 /// Runs a build, killing it (and failing) if it takes longer than `limit`: a hang must fail
 /// the test, not stall the suite.
-fn build_within(
-    spec: &Path,
-    out: &Path,
-    bdir: &Path,
-    limit: std::time::Duration,
-) -> Run {
+fn build_within(spec: &Path, out: &Path, bdir: &Path, limit: std::time::Duration) -> Run {
     let t = std::time::Instant::now();
     let mut child = build_command(spec, out, bdir, &["-q"])
         .stdout(std::process::Stdio::piped())

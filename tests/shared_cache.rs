@@ -130,7 +130,12 @@ fn tampered_pool_file_is_never_installed(
     bytes[mid] ^= 0xff;
     std::fs::write(&pooled, &bytes).unwrap();
     let out = work.join("out-tampered");
-    let run = build(spec, &out, bdir, &["-q", "--cache-dir", cache.to_str().unwrap()]);
+    let run = build(
+        spec,
+        &out,
+        bdir,
+        &["-q", "--cache-dir", cache.to_str().unwrap()],
+    );
     run.assert_ok("the build after the pool was tampered with");
     let name = pooled.file_name().unwrap().to_string_lossy().into_owned();
     assert!(
@@ -138,6 +143,10 @@ fn tampered_pool_file_is_never_installed(
         "no warning about {name}: {}",
         run.stderr()
     );
-    assert_eq!(sums(&pooled).1, genuine, "the pool holds the real package again");
+    assert_eq!(
+        sums(&pooled).1,
+        genuine,
+        "the pool holds the real package again"
+    );
     assert_no_leftovers(bdir, &out);
 }

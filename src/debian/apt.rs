@@ -122,7 +122,8 @@ pub fn parse_release(text: &str) -> ReleaseMeta {
 pub fn render_sources(repos: &[PlannedRepo]) -> String {
     let mut s = String::from("# Written by debimg from the image spec.\n");
     for r in repos {
-        let _ = writeln!(s, "deb {} {} {}", r.uri, r.suite, r.section);
+        let options = if r.trusted { "[trusted=yes] " } else { "" };
+        let _ = writeln!(s, "deb {options}{} {} {}", r.uri, r.suite, r.section);
     }
     s
 }
@@ -226,6 +227,15 @@ impl Apt<'_> {
     /// Writes the sources, the build-only settings, and runs `apt-get update`; with a cache,
     /// starts from the lists it holds for these sources and stores the result.
     pub fn configure_and_update(&self, plan: &Plan, cache: Option<&Cache>) -> Result<()> {
+        for r in plan.repos.iter().filter(|r| r.trusted) {
+            tracing::warn!(
+                "repo `{}` ({} {}) is used without a signature check (trusted: true): anyone \
+                 who can change what it serves can change this image",
+                r.name,
+                crate::redact::text(&r.uri),
+                r.suite
+            );
+        }
         let sources = render_sources(&plan.repos);
         self.root.write(
             "etc/apt/sources.list",
@@ -479,6 +489,7 @@ mod tests {
             suite: "bookworm-security".into(),
             section: section.into(),
             priority: Some(100),
+            trusted: false,
         }
     }
 
@@ -504,8 +515,13 @@ mod tests {
 
     #[test]
     fn sources_and_conf() {
-        let s = render_sources(&[repo("main")]);
+        let mut trusted = repo("main");
+        trusted.trusted = true;
+        let s = render_sources(&[repo("main"), trusted]);
         assert!(s.contains("deb http://m.example/debian-security bookworm-security main\n"));
+        assert!(s.contains(
+            "deb [trusted=yes] http://m.example/debian-security bookworm-security main\n"
+        ));
         let c = render_build_conf(&Proxies {
             http: Some("http://proxy:3128".into()),
             https: None,
