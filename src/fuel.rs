@@ -682,6 +682,29 @@ mod tests {
     }
 
     #[test]
+    fn fuel_pins_above_1000_allow_downgrades() {
+        let mut v = example();
+        v["repos"][1]["priority"] = Value::from(1050);
+        let b = convert(&v).unwrap();
+        let plan = crate::plan::Plan::new(
+            &b.spec,
+            &crate::plan::parse_sources_list("deb http://m.example/debian bookworm main"),
+            false,
+        )
+        .unwrap();
+        assert_eq!(plan.repos[1].priority, Some(1050));
+        assert!(crate::debian::apt::allows_downgrades(&plan.repos));
+        let b = convert(&example()).unwrap();
+        let plan = crate::plan::Plan::new(
+            &b.spec,
+            &crate::plan::parse_sources_list("deb http://m.example/debian bookworm main"),
+            false,
+        )
+        .unwrap();
+        assert!(!crate::debian::apt::allows_downgrades(&plan.repos));
+    }
+
+    #[test]
     fn example_maps_field_by_field() {
         let b = spec_from_fuel(EXAMPLE, "example.json").unwrap();
         assert_eq!(b.output_dir, PathBuf::from("/var/tmp/fuel-out"));

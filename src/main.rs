@@ -215,15 +215,30 @@ fn exit_code(result: Result<()>) -> u8 {
                 return *code;
             }
             if let Some(spec_err) = err.downcast_ref::<SpecError>() {
-                eprintln!("error: {spec_err}");
+                eprintln!("error: {}", debimg::redact::text(&spec_err.to_string()));
                 return EXIT_INVALID;
             }
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", debimg::redact::text(&format!("{err:#}")));
             match signals::interrupted() {
                 None => 1,
                 Some(sig) => 128 + sig as u8,
             }
         }
+    }
+}
+
+/// stderr for log lines, URL credentials masked (each event comes as one write).
+struct RedactedStderr;
+
+impl std::io::Write for RedactedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        std::io::stderr().write_all(debimg::redact::text(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }
 
@@ -237,7 +252,7 @@ fn init_logging(verbose: u8, quiet: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("debimg={level}")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| RedactedStderr)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
@@ -420,7 +435,10 @@ fn run(cli: &Cli) -> Result<()> {
             let plan = plan_spec(input.spec, spec, None)?;
             let mut json = serde_json::to_value(&plan)?;
             json["digest"] = serde_json::Value::String(plan.digest.clone());
-            println!("{}", serde_json::to_string_pretty(&json)?);
+            println!(
+                "{}",
+                debimg::redact::text(&serde_json::to_string_pretty(&json)?)
+            );
             Ok(())
         }
         Command::Build {
@@ -580,7 +598,9 @@ fn run_build(plan: &Plan, opts: &BuildOptions, job: &Job, started: Instant) -> R
         outputs = vec![archive];
     }
     if let Some(release_dir) = job.release {
-        release_dir.write_file(&job.input.copy_name, job.input.text.as_bytes(), 0o644)?;
+        // The copy ships with the release: credentials in its URLs are masked.
+        let copy = debimg::redact::text(&job.input.text);
+        release_dir.write_file(&job.input.copy_name, copy.as_bytes(), 0o644)?;
         outputs.push(release_dir.join(&job.input.copy_name));
         // A release is one-off: no later build takes this directory's lock.
         if let Err(e) = release_dir.remove(OUTPUT_LOCK) {

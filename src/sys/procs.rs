@@ -48,6 +48,11 @@ pub fn kill_processes_in_root(root: &Path, grace: Duration) -> Result<Vec<i32>> 
         .and_then(|p| p.to_str().and_then(|s| s.parse::<i32>().ok()))
         .unwrap_or(std::process::id() as i32);
 
+    // How deep our PID namespace is below the one /proc shows.
+    let level = ns_pids("self")
+        .map(|p| p.len().saturating_sub(1))
+        .unwrap_or(0);
+
     let mut victims: Vec<Victim> = Vec::new();
     for pid in list_pids()? {
         if pid == me {
@@ -61,7 +66,13 @@ pub fn kill_processes_in_root(root: &Path, grace: Duration) -> Result<Vec<i32>> 
                 return Err(e).with_context(|| format!("inspecting the root of process {pid}"));
             }
         }
-        let pidfd = match pidfd_open(pid) {
+        // pidfd_open takes the pid as our PID namespace numbers it, which need not be the
+        // number the mounted /proc shows (a build runs in a PID namespace of its own while
+        // /proc may be the host's).
+        let Some(local) = pid_in_our_namespace(pid, level) else {
+            continue;
+        };
+        let pidfd = match pidfd_open(local) {
             Ok(fd) => fd,
             Err(Errno::ESRCH) => continue,
             Err(e) => return Err(e).with_context(|| format!("opening a pidfd for process {pid}")),
@@ -116,6 +127,23 @@ pub fn kill_processes_in_root(root: &Path, grace: Duration) -> Result<Vec<i32>> 
 struct Victim {
     pid: i32,
     pidfd: OwnedFd,
+}
+
+/// The `NSpid` line of `/proc/<pid>/status`: the process's pid in every PID namespace from the
+/// one /proc belongs to down to its own.
+fn ns_pids(pid: &str) -> Option<Vec<i32>> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    line.split_whitespace().map(|p| p.parse().ok()).collect()
+}
+
+/// The number our PID namespace (`level` below /proc's) gives the process /proc calls `pid`;
+/// `None` when it is not in our namespace or below it (we could not signal it).
+fn pid_in_our_namespace(pid: i32, level: usize) -> Option<i32> {
+    if level == 0 {
+        return Some(pid);
+    }
+    ns_pids(&pid.to_string())?.get(level).copied()
 }
 
 fn list_pids() -> Result<Vec<i32>> {
