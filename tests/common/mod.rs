@@ -542,6 +542,26 @@ impl Drop for StaticServer {
     }
 }
 
+/// `%xx` escapes of a request path decoded (apt writes `~` as `%7e`).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn serve_one(conn: std::net::TcpStream, dir: &Path) {
     use std::io::{BufRead, Write};
     conn.set_nonblocking(false).ok();
@@ -565,11 +585,8 @@ fn serve_one(conn: std::net::TcpStream, dir: &Path) {
         }
         let mut parts = request.split_whitespace();
         let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
-        let rel = target
-            .split('?')
-            .next()
-            .unwrap_or("")
-            .trim_start_matches('/');
+        let rel = percent_decode(target.split('?').next().unwrap_or(""));
+        let rel = rel.trim_start_matches('/');
         let file = (!rel.split('/').any(|c| c == ".." || c.is_empty()))
             .then(|| dir.join(rel))
             .filter(|p| p.is_file());
