@@ -214,6 +214,13 @@ impl Creator {
                 format!("creating build directory {}", self.opts.build_dir.display())
             })?;
             check_free_space(&self.plan, &self.opts.build_dir, self.opts.tmpfs)?;
+            // Before anything is made: a cache another user could write is refused.
+            self.cache = self
+                .opts
+                .cache_dir
+                .as_deref()
+                .map(Cache::open)
+                .transpose()?;
             let ws = Workspace::create(&self.opts.build_dir, &self.plan.name, self.opts.tmpfs)?;
             self.root_path = ws.work.join("root");
             self.ws = Some(ws);
@@ -223,12 +230,6 @@ impl Creator {
             // Opened once the filesystems are mounted: a descriptor taken before would hold the
             // directory underneath them.
             self.tree = Some(Root::open(&self.root_path)?);
-            self.cache = self
-                .opts
-                .cache_dir
-                .as_deref()
-                .map(Cache::open)
-                .transpose()?;
             self.build_only = Some(BuildOnlyFiles::new());
             Ok(())
         })();

@@ -54,10 +54,16 @@ fn a_pin_above_1000_downgrades_what_the_bootstrap_installed() {
     assert_no_leftovers(&bdir, &out);
 
     let meta = Metadata::read(&out.join("pinned-down.yaml")).unwrap();
-    assert_eq!(meta.installed.get("hostname").map(String::as_str), Some(OLD));
+    assert_eq!(
+        meta.installed.get("hostname").map(String::as_str),
+        Some(OLD)
+    );
     assert!(meta.installed.contains_key("less"));
     let local = meta.repos.iter().find(|r| r.name == "local").unwrap();
-    assert!(local.trusted, "the unsigned repository is marked in the metadata");
+    assert!(
+        local.trusted,
+        "the unsigned repository is marked in the metadata"
+    );
     let debian = meta.repos.iter().find(|r| r.name == "debian").unwrap();
     assert!(debian.uri.contains("://debimg:***@"), "{}", debian.uri);
     assert_eq!(local.priority, Some(1001));
@@ -83,7 +89,9 @@ fn a_pin_above_1000_downgrades_what_the_bootstrap_installed() {
     for e in std::fs::read_dir(&out).unwrap().flatten() {
         let bytes = std::fs::read(e.path()).unwrap();
         assert!(
-            !bytes.windows(PASSWORD.len()).any(|w| w == PASSWORD.as_bytes()),
+            !bytes
+                .windows(PASSWORD.len())
+                .any(|w| w == PASSWORD.as_bytes()),
             "{} holds the password",
             e.path().display()
         );

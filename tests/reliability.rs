@@ -329,27 +329,34 @@ fn full_build_disk_fails_cleanly_with_no_space() {
     if !can_build() {
         return;
     }
-    let work = scratch("nospace");
-    let small = work.path().join("small");
-    std::fs::create_dir_all(&small).unwrap();
-    let tmpfs = debimg::sys::mount::mount(
-        "tmpfs",
-        &small,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=96m"),
-    )
-    .unwrap();
-    let spec = write_spec(work.path());
-    let out = work.path().join("out");
-    let bdir = small.join("build");
-    let run = build(&spec, &out, &bdir, &["-q"]);
-    let err = run.stderr();
-    assert_eq!(run.code(), Some(1), "{err}");
-    assert!(err.contains("no space left"), "{err}");
-    assert_no_leftovers(&bdir, &out);
-    assert!(!out.join("rel.yaml").exists());
-    tmpfs.close().unwrap();
+    // 96 MiB: the preflight refuses before anything is made, naming the shortfall. 200 MiB:
+    // past the preflight's floor, the disk fills up half way through the build.
+    for (size, says) in [
+        ("96m", "needs at least 160 MiB (short by"),
+        ("200m", "no space left in the build directory"),
+    ] {
+        let work = scratch("nospace");
+        let small = work.path().join("small");
+        std::fs::create_dir_all(&small).unwrap();
+        let tmpfs = debimg::sys::mount::mount(
+            "tmpfs",
+            &small,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(&format!("size={size}")),
+        )
+        .unwrap();
+        let spec = write_spec(work.path());
+        let out = work.path().join("out");
+        let bdir = small.join("build");
+        let run = build(&spec, &out, &bdir, &["-q"]);
+        let err = run.stderr();
+        assert_eq!(run.code(), Some(1), "{size}: {err}");
+        assert!(err.contains(says), "{size}: {err}");
+        assert_no_leftovers(&bdir, &out);
+        assert!(!out.join("rel.yaml").exists());
+        tmpfs.close().unwrap();
+    }
 }
 
 #[test]

@@ -276,3 +276,34 @@ fn a_package_shipping_links_to_host_files_never_reaches_them() {
             .is_dir()
     );
 }
+
+#[test]
+fn a_cache_other_users_can_write_is_refused_before_anything_is_made() {
+    if !can_build() {
+        return;
+    }
+    let work = scratch("foreign-cache");
+    let cache = work.path().join("cache");
+    for part in ["packages", "bases", "lists"] {
+        std::fs::create_dir_all(cache.join(part)).unwrap();
+    }
+    let planted = Victim::new(cache.join("packages/less_1_amd64.deb"), "planted");
+    std::fs::set_permissions(&cache, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let out = work.path().join("out");
+    let bdir = work.path().join("build");
+    std::fs::create_dir_all(&bdir).unwrap();
+    let run = build(
+        &example("minimal.yaml"),
+        &out,
+        &bdir,
+        &["--cache-dir", cache.to_str().unwrap()],
+    );
+    assert_eq!(run.code(), Some(1), "{}", run.stderr());
+    assert!(
+        run.stderr().contains("writable by others") && run.stderr().contains("chmod go-w"),
+        "{}",
+        run.stderr()
+    );
+    assert_no_leftovers(&bdir, &out);
+    planted.assert_untouched();
+}
