@@ -145,17 +145,17 @@ impl Cache {
         self.dir.join("lists")
     }
 
-    /// Copies the cached apt lists for `key` into the image's lists directory (keeping their
+    /// Copies the cached apt lists for `key` into the image's lists directory `lists` (keeping their
     /// times, which apt sends as If-Modified-Since, so an unchanged mirror answers "Hit" and
     /// nothing is downloaded). Returns how many files; a missing or vanishing entry is a miss.
-    pub fn restore_lists(&self, key: &str, root: &crate::root::Root) -> Result<usize> {
-        let Ok(version) = std::fs::read_link(self.lists_dir().join(key)) else {
+    pub fn restore_lists(&self, key: &str, root: &crate::root::Root, lists: &str) -> Result<usize> {
+        let link = self.lists_dir().join(key);
+        let Some(dir) = std::fs::read_link(&link)
+            .ok()
+            .and_then(|t| self.lists_version(&link, &t))
+        else {
             return Ok(0);
         };
-        if version.components().count() != 1 {
-            return Ok(0);
-        }
-        let dir = self.lists_dir().join(version);
         let Ok(rd) = std::fs::read_dir(&dir) else {
             return Ok(0);
         };
@@ -172,11 +172,7 @@ impl Cache {
             let Ok(mtime) = from.metadata().and_then(|m| m.modified()) else {
                 continue;
             };
-            let dest = format!(
-                "{}/{}",
-                crate::debian::apt::LISTS_DIR,
-                name.to_string_lossy()
-            );
+            let dest = format!("{lists}/{}", name.to_string_lossy());
             root.write_with(&dest, 0o644, crate::root::Owner::ROOT, |f| {
                 std::io::copy(&mut from, f)?;
                 f.set_modified(mtime)?;
@@ -187,15 +183,14 @@ impl Cache {
         Ok(n)
     }
 
-    /// Stores the image's apt lists as the new version for `key`: a fresh directory, then the
+    /// Stores the image's apt lists (in `lists`) as the new version for `key`: a fresh directory, then the
     /// `key` symlink renamed over the old one, so readers see one version or the other. Only
     /// regular files are read out of the image.
-    pub fn store_lists(&self, key: &str, root: &crate::root::Root) -> Result<()> {
+    pub fn store_lists(&self, key: &str, root: &crate::root::Root, lists: &str) -> Result<()> {
         let token = crate::sys::unique_token();
         let version = format!("{key}.{token}");
         let dir = self.lists_dir().join(&version);
         std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let lists = crate::debian::apt::LISTS_DIR;
         for e in root.read_dir(lists)? {
             let name = e.name.to_string_lossy().into_owned();
             if name == "lock" || !e.file_type.is_file() {
@@ -1056,13 +1051,16 @@ pub fn lists_key(sources_list: &str, arch: &str) -> String {
 mod tests {
     use super::*;
 
+    /// Where apt keeps its lists in an image (as `debian::apt` says).
+    const LISTS: &str = "var/lib/apt/lists";
+
     #[test]
     fn lists_versions_replace_each_other() {
         use crate::root::Root;
         let d = tempfile::tempdir().unwrap();
         let cache = Cache::open(&d.path().join("cache")).unwrap();
         let image = d.path().join("image");
-        let lists = image.join(crate::debian::apt::LISTS_DIR);
+        let lists = image.join(LISTS);
         std::fs::create_dir_all(lists.join("partial")).unwrap();
         std::fs::write(lists.join("m_dists_bookworm_InRelease"), "v1").unwrap();
         std::fs::write(lists.join("lock"), "").unwrap();
@@ -1078,20 +1076,20 @@ mod tests {
         set_old();
         let key = lists_key("deb http://m.example/debian bookworm main\n", "amd64");
         let other = d.path().join("other");
-        let back_lists = other.join(crate::debian::apt::LISTS_DIR);
+        let back_lists = other.join(LISTS);
         std::fs::create_dir_all(&back_lists).unwrap();
         let back = Root::open(&other).unwrap();
-        assert_eq!(cache.restore_lists(&key, &back).unwrap(), 0);
+        assert_eq!(cache.restore_lists(&key, &back, LISTS).unwrap(), 0);
         let image_root = Root::open(&image).unwrap();
-        cache.store_lists(&key, &image_root).unwrap();
+        cache.store_lists(&key, &image_root, LISTS).unwrap();
         std::fs::write(lists.join("m_dists_bookworm_InRelease"), "v2").unwrap();
         set_old();
-        cache.store_lists(&key, &image_root).unwrap();
+        cache.store_lists(&key, &image_root, LISTS).unwrap();
         // A link the other image holds where a list goes is replaced, never written through.
         let victim = d.path().join("victim");
         std::fs::write(&victim, "host file").unwrap();
         std::os::unix::fs::symlink(&victim, back_lists.join("m_dists_bookworm_InRelease")).unwrap();
-        assert_eq!(cache.restore_lists(&key, &back).unwrap(), 1);
+        assert_eq!(cache.restore_lists(&key, &back, LISTS).unwrap(), 1);
         let restored = back_lists.join("m_dists_bookworm_InRelease");
         assert_eq!(std::fs::read_to_string(&restored).unwrap(), "v2");
         assert_eq!(
@@ -1641,11 +1639,15 @@ mod tests {
         symlink(".", cache.lists_dir().join("lists-z")).unwrap();
         // A real lists entry beside them goes whole: link and version directory.
         let image = d.path().join("image");
-        let lists = image.join(crate::debian::apt::LISTS_DIR);
+        let lists = image.join(LISTS);
         std::fs::create_dir_all(&lists).unwrap();
         std::fs::write(lists.join("m_InRelease"), "v1").unwrap();
         cache
-            .store_lists("lists-good", &crate::root::Root::open(&image).unwrap())
+            .store_lists(
+                "lists-good",
+                &crate::root::Root::open(&image).unwrap(),
+                LISTS,
+            )
             .unwrap();
 
         let entries = cache.entries().unwrap();

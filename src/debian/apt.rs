@@ -252,14 +252,14 @@ impl Apt<'_> {
         self.root.create_dir_all(LISTS_DIR)?;
         let key = crate::cache::lists_key(&sources, &plan.arch);
         if let Some(c) = cache {
-            let n = c.restore_lists(&key, self.root)?;
+            let n = c.restore_lists(&key, self.root, LISTS_DIR)?;
             if n > 0 {
                 tracing::info!("apt lists: {n} files from the cache");
             }
         }
         self.apt_get(&["update"])?;
         if let Some(c) = cache {
-            c.store_lists(&key, self.root)?;
+            c.store_lists(&key, self.root, LISTS_DIR)?;
         }
         Ok(())
     }
