@@ -294,20 +294,11 @@ pub struct LocalDeb {
 /// with `O_NONBLOCK`), so a device or a FIFO in its place fails at once instead of hanging or
 /// reading forever.
 pub fn file_sha256(path: &Path) -> Result<String> {
-    use crate::pack::digest::{CHUNK_SIZE, Hasher, read_full};
-    let (mut file, _) =
+    let (file, _) =
         crate::spec::open_regular(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut hasher = Hasher::new();
-    let mut buf = vec![0u8; CHUNK_SIZE];
-    loop {
-        let n = read_full(&mut file, &mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher.finish().sha256)
+    let d = crate::pack::digest::digest_reader(file)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(d.sha256)
 }
 
 /// Depth of a mount point: `/` is 0, `/var` 1, `/var/lib/app` 3.

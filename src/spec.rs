@@ -725,26 +725,7 @@ pub fn check_host_file(path: &Path) -> Result<(), HostFileError> {
 }
 
 /// What a file is, for messages: `a directory`, `a character device`, `a FIFO`, ...
-pub fn file_kind(t: &std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if t.is_file() {
-        "a regular file"
-    } else if t.is_dir() {
-        "a directory"
-    } else if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
-    }
-}
+pub use crate::sys::file_kind;
 
 /// Opens a host file to read it, only when it is a regular file of stored data (symlinks
 /// followed; not on procfs, sysfs or another kernel interface), and returns it with its size. Its metadata is checked before it is opened (opening a device can

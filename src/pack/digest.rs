@@ -111,12 +111,16 @@ impl<W: Write> Write for HashingWriter<W> {
 
 /// Digests of the file at `path`, read in [`CHUNK_SIZE`] chunks.
 pub fn digest_file(path: &Path) -> Result<Digests> {
-    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    digest_reader(file).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Digests of everything `reader` yields, read in [`CHUNK_SIZE`] chunks.
+pub fn digest_reader(mut reader: impl std::io::Read) -> std::io::Result<Digests> {
     let mut hasher = Hasher::new();
     let mut buf = vec![0u8; CHUNK_SIZE];
     loop {
-        let n = read_full(&mut file, &mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let n = read_full(&mut reader, &mut buf)?;
         if n == 0 {
             break;
         }

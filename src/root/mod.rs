@@ -19,7 +19,7 @@ use std::ffi::OsString;
 use std::fs::{File, Metadata, Permissions};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
@@ -145,22 +145,7 @@ fn stat_fd(fd: &OwnedFd) -> std::io::Result<Metadata> {
 }
 
 fn kind_name(md: &Metadata) -> &'static str {
-    let t = md.file_type();
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_symlink() {
-        "a symlink"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "a regular file"
-    }
+    crate::sys::file_kind(&md.file_type())
 }
 
 impl Root {

@@ -46,34 +46,11 @@ pub fn mount(
     flags: MsFlags,
     data: Option<&str>,
 ) -> Result<Mount> {
-    let not_creating = MsFlags::MS_REMOUNT
-        | MsFlags::MS_MOVE
-        | MsFlags::MS_SHARED
-        | MsFlags::MS_PRIVATE
-        | MsFlags::MS_SLAVE
-        | MsFlags::MS_UNBINDABLE;
-    if flags.intersects(not_creating) {
-        bail!(
-            "mounting {source} on {}: flags {:?} change an existing mount rather than create one",
-            target.display(),
-            flags & not_creating
-        );
-    }
+    check_creating(source, target, flags)?;
     let resolved = target
         .canonicalize()
         .with_context(|| format!("resolving mount target {}", target.display()))?;
-    nix::mount::mount(Some(source), &resolved, fstype, flags, data).with_context(|| {
-        format!(
-            "mounting {source} on {} (type {})",
-            resolved.display(),
-            fstype.unwrap_or("none")
-        )
-    })?;
-    tracing::debug!("mounted {source} on {}", resolved.display());
-    Ok(Mount {
-        target: resolved,
-        mounted: true,
-    })
+    mount_at(source, &resolved, resolved.clone(), fstype, flags, data)
 }
 
 /// Mounts `source` on the directory `target` holds open (an `O_PATH` or directory descriptor)
@@ -88,6 +65,13 @@ pub fn mount_on_fd(
 ) -> Result<Mount> {
     let link = PathBuf::from(format!("/proc/self/fd/{}", target.as_raw_fd()));
     let shown = fs::read_link(&link).with_context(|| format!("reading {}", link.display()))?;
+    check_creating(source, &shown, flags)?;
+    mount_at(source, &link, shown, fstype, flags, data)
+}
+
+/// Refuses flags that change an existing mount instead of creating one: a guard for them would
+/// unmount something it never mounted.
+fn check_creating(source: &str, target: &Path, flags: MsFlags) -> Result<()> {
     let not_creating = MsFlags::MS_REMOUNT
         | MsFlags::MS_MOVE
         | MsFlags::MS_SHARED
@@ -97,20 +81,33 @@ pub fn mount_on_fd(
     if flags.intersects(not_creating) {
         bail!(
             "mounting {source} on {}: flags {:?} change an existing mount rather than create one",
-            shown.display(),
+            target.display(),
             flags & not_creating
         );
     }
-    nix::mount::mount(Some(source), &link, fstype, flags, data).with_context(|| {
+    Ok(())
+}
+
+/// The mount itself on `path` (what the kernel resolves), held as a guard for `target` (where
+/// it lands, for unmounting and messages).
+fn mount_at(
+    source: &str,
+    path: &Path,
+    target: PathBuf,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<Mount> {
+    nix::mount::mount(Some(source), path, fstype, flags, data).with_context(|| {
         format!(
             "mounting {source} on {} (type {})",
-            shown.display(),
+            target.display(),
             fstype.unwrap_or("none")
         )
     })?;
-    tracing::debug!("mounted {source} on {}", shown.display());
+    tracing::debug!("mounted {source} on {}", target.display());
     Ok(Mount {
-        target: shown,
+        target,
         mounted: true,
     })
 }
