@@ -10,11 +10,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let Ok(meta) = debimg::spec::yaml_from_str::<Metadata>(text) else {
+    let Ok(meta) = Metadata::from_yaml(text) else {
         return;
     };
     let yaml = meta.to_yaml().expect("metadata renders");
-    let back: Metadata = debimg::spec::yaml_from_str(&yaml)
+    let back = Metadata::from_yaml(&yaml)
         .unwrap_or_else(|e| panic!("rendered metadata does not read back: {e}\n{yaml}"));
     assert_eq!(back, meta, "{yaml}");
     let _ = debimg::fuel::fuel_metadata_yaml(&meta);
