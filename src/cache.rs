@@ -705,13 +705,16 @@ fn resolve_parents(dir: &Path) -> Result<PathBuf> {
         } else {
             continue;
         };
-        bail!(
-            "cache directory {} is inside {}, which {why}: whoever can change it could swap the \
+        return Err(crate::error::Error::tagged(
+            crate::error::ErrorKind::Refused,
+            format!(
+                "cache directory {} is inside {}, which {why}: whoever can change it could swap the \
              cache for one that feeds packages and base trees into builds; choose a --cache-dir \
              whose parent directories only root can change",
-            full.display(),
-            a.display()
-        );
+                full.display(),
+                a.display()
+            ),
+        ));
     }
     Ok(full)
 }
@@ -722,24 +725,33 @@ fn check_private(dir: &Path) -> Result<()> {
         .with_context(|| format!("inspecting cache directory {}", dir.display()))?;
     let shown = dir.display();
     if md.file_type().is_symlink() {
-        bail!(
-            "cache directory {shown} is a symbolic link: whoever can change the link or its \
+        return Err(crate::error::Error::tagged(
+            crate::error::ErrorKind::Refused,
+            format!(
+                "cache directory {shown} is a symbolic link: whoever can change the link or its \
              target decides what builds are fed; give the real directory as --cache-dir"
-        );
+            ),
+        ));
     }
     if !md.is_dir() {
-        bail!(
-            "cache directory {shown} is not a directory: remove it or choose another --cache-dir"
-        );
+        return Err(crate::error::Error::tagged(
+            crate::error::ErrorKind::Refused,
+            format!(
+                "cache directory {shown} is not a directory: remove it or choose another --cache-dir"
+            ),
+        ));
     }
     let euid = nix::unistd::geteuid().as_raw();
     if md.uid() != euid {
-        bail!(
-            "cache directory {shown} is owned by uid {}, not by uid {euid} that runs debimg: its \
+        return Err(crate::error::Error::tagged(
+            crate::error::ErrorKind::Refused,
+            format!(
+                "cache directory {shown} is owned by uid {}, not by uid {euid} that runs debimg: its \
              owner could feed packages and base trees into builds, so nothing in it can be \
              trusted; remove it (debimg creates it afresh) or choose another --cache-dir",
-            md.uid()
-        );
+                md.uid()
+            ),
+        ));
     }
     let mode = md.mode() & 0o7777;
     if mode & 0o022 != 0 {
@@ -748,11 +760,14 @@ fn check_private(dir: &Path) -> Result<()> {
         } else {
             "its group"
         };
-        bail!(
-            "cache directory {shown} is writable by {who} (mode {mode:04o}): a cache other users \
+        return Err(crate::error::Error::tagged(
+            crate::error::ErrorKind::Refused,
+            format!(
+                "cache directory {shown} is writable by {who} (mode {mode:04o}): a cache other users \
              can write could feed packages and base trees into builds; `chmod go-w {shown}` or \
              choose another --cache-dir"
-        );
+            ),
+        ));
     }
     Ok(())
 }

@@ -32,8 +32,6 @@ pub trait CommandRunExt {
     /// Like [`CommandRunExt::run_accepting`], also returning stdout and the last lines of
     /// stderr (for programs whose diagnostics are the answer, such as `apt-get --simulate`).
     fn run_accepting_output(&mut self, ok_codes: &[i32]) -> Result<(i32, String, Vec<String>)>;
-    /// Runs the command with stdout and stderr inherited (interactive use).
-    fn run_inherit(&mut self) -> Result<()>;
     /// Runs a long command: its stdout and stderr lines go to our stderr when `show` is true
     /// (progress for the user; our stdout stays for results), and the last lines go into the
     /// error when it fails either way.
@@ -256,18 +254,6 @@ impl CommandRunExt for Command {
             String::from_utf8_lossy(&f.stdout).into_owned(),
             f.tail,
         ))
-    }
-
-    fn run_inherit(&mut self) -> Result<()> {
-        tracing::debug!("running {}", command_line(self));
-        let status = self
-            .stdin(Stdio::null())
-            .status()
-            .with_context(|| format!("starting `{}`", command_line(self)))?;
-        if !status.success() {
-            bail!("`{}` failed with {status}", command_line(self));
-        }
-        Ok(())
     }
 
     fn run_streaming(&mut self, show: bool) -> Result<()> {

@@ -1,31 +1,46 @@
 //! debimg: Debian-family OS images from a YAML spec.
 //!
-//! The pipeline: [`spec::Spec`] (validated YAML) → [`plan::Plan`] (pure decisions: mirrors,
-//! mount order, output names, spec digest) → [`build::build`] (disks, debootstrap, apt,
-//! configure, release, shrink, package, metadata). The `debimg` binary is a thin front-end.
+//! The pipeline: [`Spec`] (validated YAML) → [`Plan`] (pure decisions: mirrors, mount order,
+//! output names, spec digest) → [`Creator`] (the one orchestrator: the build's [`Stage`]s in
+//! order over one build context) → the outputs and their metadata. [`job::Job`] is
+//! `debimg build` as one call (releases, bundles, fuel-agent's metadata, [`Event`]s), run in
+//! namespaces of its own by [`isolated`]; failures are an [`Error`] whose [`ErrorKind`] a caller
+//! matches on. The `debimg` binary is a thin front-end; `docs/architecture.md` maps the modules.
 
 pub mod boottest;
-pub mod build;
 pub mod cache;
-pub mod cmd;
 pub mod creator;
-pub mod debian;
+pub mod error;
+pub mod event;
 pub mod fuel;
+pub mod job;
 pub mod kind;
 pub mod metadata;
 pub mod output;
 pub mod pack;
 pub mod plan;
-pub mod post;
-pub mod records;
 pub mod redact;
-pub mod release;
 pub mod root;
 pub mod signals;
 pub mod spec;
+pub mod stage;
 pub mod sys;
 
-pub use build::{BuildOptions, Outcome, build};
-pub use creator::Creator;
+// Internals, public only for the tests and fuzz targets that check them against the docs.
+#[doc(hidden)]
+pub mod debian;
+#[doc(hidden)]
+pub mod post;
+
+pub(crate) mod cmd;
+pub(crate) mod preflight;
+pub(crate) mod records;
+pub(crate) mod workspace;
+
+pub use creator::{BuildOptions, Creator, Outcome};
+pub use error::{Error, ErrorKind};
+pub use event::Event;
 pub use plan::Plan;
 pub use spec::Spec;
+pub use stage::Stage;
+pub use sys::namespace::isolated;

@@ -1,24 +1,28 @@
-//! The `debimg` command line: parses arguments and calls the library.
+//! The `debimg` command line: parses its arguments and calls the library.
 
-use std::path::{Path, PathBuf};
+use std::io::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use debimg::build::{BuildOptions, DEFAULT_BUILD_DIR, DEFAULT_CACHE_DIR, OUTPUT_LOCK, build};
 use debimg::cache::Cache;
-use debimg::output::OutputDir;
+use debimg::creator::{BuildOptions, DEFAULT_BUILD_DIR, DEFAULT_CACHE_DIR};
+use debimg::error::{Error, ErrorKind};
+use debimg::event::{self, BuildOutcome, Event};
+use debimg::job::{Input, Job};
+use debimg::output::release;
 use debimg::pack::compress;
-use debimg::plan::{Plan, read_host_sources};
-use debimg::release;
 use debimg::signals;
-use debimg::spec::{Bootstrap, Container, Spec, SpecError};
+use debimg::spec::{Bootstrap, Container};
 
 /// Build Debian-family OS images from a YAML spec.
+///
+/// `build` needs root (loop devices, mounts, chroot). The spec format is in docs/spec.md,
+/// examples in data/examples/.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, after_help = exit_codes_help())]
 struct Cli {
     /// More output (-v: debug details such as every command run).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -73,12 +77,19 @@ enum Command {
         #[arg(long, value_name = "INPUT.json", conflicts_with = "spec")]
         fuel: Option<PathBuf>,
         /// Write a release into OUTPUT/ID: the outputs, the spec with @BUILD_ID@ replaced by
-        /// ID, build.log, SHA256SUMS and MD5SUMS. Always builds.
+        /// ID, build.log, SHA256SUMS and MD5SUMS. Always builds; an ID whose earlier build
+        /// failed is emptied and built again, a complete one is refused.
         #[arg(long, value_name = "ID", value_parser = parse_release_id)]
         release: Option<String>,
-        /// Pack all outputs into one archive, `<name>.bundle.tar.gz`.
-        #[arg(long, value_enum, value_name = "FORMAT")]
-        pack: Option<PackFormat>,
+        /// Bundle all outputs into one archive, `<name>.bundle.tar.gz` (`--pack` is the old
+        /// spelling).
+        #[arg(long, alias = "pack", value_enum, value_name = "FORMAT")]
+        bundle: Option<BundleFormat>,
+        /// How results are reported on stdout: `human` (the paths of the outputs) or `json`
+        /// (one JSON object per line: build-started, stage-started/-finished, artifact,
+        /// build-finished; see docs/events.md).
+        #[arg(long, value_enum, default_value = "human")]
+        message_format: MessageFormat,
         /// Open an interactive shell inside the chroot just before unmounting (debugging).
         #[arg(long)]
         shell: bool,
@@ -142,12 +153,28 @@ enum Command {
     },
 }
 
-/// Archive formats for `--pack`.
+/// Archive formats for `--bundle`.
 #[derive(Clone, Copy, clap::ValueEnum)]
-enum PackFormat {
+enum BundleFormat {
     /// A gzipped tar archive.
     #[value(name = "tar.gz")]
     TarGz,
+}
+
+/// What `build` writes on stdout.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MessageFormat {
+    Human,
+    Json,
+}
+
+/// The exit codes, for `--help`.
+fn exit_codes_help() -> String {
+    let mut s = String::from("Exit codes:\n  0      success\n");
+    for (kind, code, what) in ErrorKind::TABLE {
+        s.push_str(&format!("  {code:<6} {what} ({kind})\n"));
+    }
+    s
 }
 
 /// Checks a release ID (a bad one is a usage error, exit 2).
@@ -197,34 +224,18 @@ fn parse_age(text: &str) -> Result<u64, String> {
         .map_err(|_| format!("`{text}` is not an age such as 30d, 12h, 45m or 90s"))
 }
 
-/// Exit code for an invalid spec or bad usage.
-const EXIT_INVALID: u8 = 2;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
-    ExitCode::from(exit_code(run(&cli)))
-}
-
-/// 0 on success, 2 for an invalid spec, 128+N after signal N, 1 for any other failure.
-fn exit_code(result: Result<()>) -> u8 {
-    match result {
+    ExitCode::from(match run(&cli) {
         Ok(()) => 0,
-        Err(err) => {
-            if let Some(ExitWith(code)) = err.downcast_ref::<ExitWith>() {
-                return *code;
+        Err(e) => {
+            if !e.is_reported() {
+                eprintln!("error: {}", debimg::redact::text(&e.to_string()));
             }
-            if let Some(spec_err) = err.downcast_ref::<SpecError>() {
-                eprintln!("error: {}", debimg::redact::text(&spec_err.to_string()));
-                return EXIT_INVALID;
-            }
-            eprintln!("error: {}", debimg::redact::text(&format!("{err:#}")));
-            match signals::interrupted() {
-                None => 1,
-                Some(sig) => 128 + sig as u8,
-            }
+            e.exit_code()
         }
-    }
+    })
 }
 
 /// stderr for log lines, URL credentials masked (each event comes as one write).
@@ -259,141 +270,20 @@ fn init_logging(verbose: u8, quiet: bool) {
         .init();
 }
 
-fn plan_spec(mut spec: Spec, source: &Path, bootstrap: Option<Bootstrap>) -> Result<Plan> {
-    if let Some(b) = bootstrap {
-        spec.bootstrap = b;
-    }
-    let sources = read_host_sources(Path::new("/")).context("reading the host's apt sources")?;
-    Plan::new(&spec, &sources, debimg::plan::host_has("mmdebstrap"))
-        .with_context(|| format!("planning {}", source.display()))
+/// An error of a command that is not a build (those run on the library's own errors).
+fn failed(e: anyhow::Error) -> Error {
+    Error::classify(e, None)
 }
 
-/// What `debimg build` reads: a spec file (its text with @BUILD_ID@ replaced for a release) or
-/// a fuel-agent input.
-struct Input {
-    spec: Spec,
-    /// The text to copy into a release.
-    text: String,
-    /// File name of that copy.
-    copy_name: String,
-    fuel: Option<debimg::fuel::FuelBuild>,
-    path: PathBuf,
-}
-
-fn read_input(spec: Option<&Path>, fuel: Option<&Path>, release: Option<&str>) -> Result<Input> {
-    if let Some(fuel) = fuel {
-        let text = debimg::fuel::read_input(fuel)?;
-        let build = debimg::fuel::spec_from_fuel(&text, &fuel.display().to_string())?;
-        return Ok(Input {
-            copy_name: format!("{}.fuel.json", build.spec.name),
-            spec: build.spec.clone(),
-            text,
-            fuel: Some(build),
-            path: fuel.to_path_buf(),
-        });
-    }
-    let path = spec.context("no spec given")?;
-    let raw = Spec::read_text(path)?;
-    let text = match release {
-        Some(id) => release::substitute_build_id(&raw, id),
-        None => raw,
-    };
-    let spec = match Spec::from_yaml_at(&text, path) {
-        Ok(s) => s,
-        Err(mut e) => {
-            if release.is_none() && text.contains(release::BUILD_ID_PLACEHOLDER) {
-                e.problems.push(debimg::spec::Problem {
-                    field: String::new(),
-                    message: format!(
-                        "the spec uses {}: give the ID with --release ID",
-                        release::BUILD_ID_PLACEHOLDER
-                    ),
-                });
-            }
-            return Err(e.into());
-        }
-    };
-    Ok(Input {
-        copy_name: format!("{}.spec.yaml", spec.name),
-        spec,
-        text,
-        fuel: None,
-        path: path.to_path_buf(),
-    })
-}
-
-fn run(cli: &Cli) -> Result<()> {
+fn run(cli: &Cli) -> Result<(), Error> {
     match &cli.command {
-        Command::Validate { spec, release } => {
-            let s = read_input(Some(spec), None, release.as_deref())?.spec;
-            let what = match s.kind {
-                debimg::spec::Kind::FsImages => format!(
-                    "{} image{}",
-                    s.images.len(),
-                    if s.images.len() == 1 { "" } else { "s" }
-                ),
-                debimg::spec::Kind::Tarball => "a tarball".to_string(),
-                debimg::spec::Kind::Disk => format!(
-                    "a disk with {} partitions",
-                    s.disk.as_ref().map_or(0, |d| d.partitions.len())
-                ),
-            };
-            println!(
-                "{}: valid ({what}, {} package{})",
-                spec.display(),
-                s.packages.len(),
-                if s.packages.len() == 1 { "" } else { "s" },
-            );
-            Ok(())
-        }
+        Command::Validate { spec, release } => validate(spec, release.as_deref()),
         Command::Pack {
             image,
             output,
             container,
-        } => {
-            let t = Instant::now();
-            let p = compress::pack(image, *container, output)
-                .with_context(|| format!("packaging {}", image.display()))?;
-            tracing::info!(
-                "{} MiB in {:.2}s ({:.0} MB/s)",
-                p.raw.size >> 20,
-                t.elapsed().as_secs_f64(),
-                p.raw.size as f64 / 1e6 / t.elapsed().as_secs_f64().max(1e-9)
-            );
-            println!(
-                "raw_size: {}\nraw_md5: {}\nraw_sha256: {}\ncontainer_size: {}\ncontainer_md5: {}\ncontainer_sha256: {}",
-                p.raw.size,
-                p.raw.md5,
-                p.raw.sha256,
-                p.container.size,
-                p.container.md5,
-                p.container.sha256
-            );
-            Ok(())
-        }
-        Command::Cache { cache_dir, action } => {
-            let cache = Cache::open(cache_dir)?;
-            match action {
-                CacheAction::List => {
-                    let entries = cache.entries()?;
-                    let total: u64 = entries.iter().map(|e| e.size).sum();
-                    for e in &entries {
-                        println!(
-                            "{:>10} KiB  {:>6}h  {}",
-                            e.size >> 10,
-                            e.age_secs / 3600,
-                            e.path.display()
-                        );
-                    }
-                    println!("{} entries, {} MiB", entries.len(), total >> 20);
-                }
-                CacheAction::Prune { older_than } => {
-                    let (n, bytes) = cache.prune(older_than.unwrap_or(0))?;
-                    println!("removed {n} entries, {} MiB", bytes >> 20);
-                }
-            }
-            Ok(())
-        }
+        } => pack(image, output, *container).map_err(failed),
+        Command::Cache { cache_dir, action } => cache(cache_dir, action).map_err(failed),
         Command::BootTest {
             image,
             uefi,
@@ -401,228 +291,210 @@ fn run(cli: &Cli) -> Result<()> {
             expect,
             memory,
             accel,
-        } => {
-            signals::install()?;
-            let expect = if expect.is_empty() {
-                vec!["login:".to_string()]
-            } else {
-                expect.clone()
-            };
-            let booted = debimg::boottest::run(&debimg::boottest::BootTest {
-                image: image.clone(),
-                uefi: *uefi,
-                timeout: std::time::Duration::from_secs(*timeout),
-                expect,
-                memory_mib: *memory,
-                accel: *accel,
-            })?;
-            tracing::info!(
-                "{} booted ({}, {}) in {:.1}s",
-                image.display(),
-                if *uefi { "UEFI" } else { "BIOS" },
-                if booted.kvm {
-                    "KVM"
-                } else {
-                    "software emulation"
-                },
-                booted.elapsed.as_secs_f64()
-            );
-            println!("{}", booted.line);
-            Ok(())
-        }
+        } => boot_test(image, *uefi, *timeout, expect, *memory, *accel).map_err(failed),
         Command::Plan { spec, release } => {
-            let input = read_input(Some(spec), None, release.as_deref())?;
-            let plan = plan_spec(input.spec, spec, None)?;
-            let mut json = serde_json::to_value(&plan)?;
+            let input = Input::read(Some(spec), None, release.as_deref())?;
+            let plan = input.plan(None)?;
+            let mut json = serde_json::to_value(&plan).map_err(|e| failed(e.into()))?;
             json["digest"] = serde_json::Value::String(plan.digest.clone());
-            println!(
-                "{}",
-                debimg::redact::text(&serde_json::to_string_pretty(&json)?)
-            );
+            let text = serde_json::to_string_pretty(&json).map_err(|e| failed(e.into()))?;
+            println!("{}", debimg::redact::text(&text));
             Ok(())
         }
-        Command::Build {
-            spec,
-            output,
-            build_dir,
-            force,
-            wait,
-            cache_dir,
-            no_cache,
-            bootstrap,
-            fuel,
-            release: release_id,
-            pack,
-            shell,
-            keep_on_failure,
-            tmpfs,
-        } => {
-            let started = Instant::now();
-            let input = read_input(spec.as_deref(), fuel.as_deref(), release_id.as_deref())?;
-            let plan = plan_spec(input.spec.clone(), &input.path, *bootstrap)?;
-            if !nix::unistd::geteuid().is_root() {
-                anyhow::bail!(
-                    "debimg build needs root (loop devices, mounts, chroot); run it with sudo"
+        Command::Build { .. } => build(cli),
+    }
+}
+
+fn validate(spec: &std::path::Path, release: Option<&str>) -> Result<(), Error> {
+    let s = Input::read(Some(spec), None, release)?.spec;
+    let what = match s.kind {
+        debimg::spec::Kind::FsImages => format!(
+            "{} image{}",
+            s.images.len(),
+            if s.images.len() == 1 { "" } else { "s" }
+        ),
+        debimg::spec::Kind::Tarball => "a tarball".to_string(),
+        debimg::spec::Kind::Disk => format!(
+            "a disk with {} partitions",
+            s.disk.as_ref().map_or(0, |d| d.partitions.len())
+        ),
+    };
+    println!(
+        "{}: valid ({what}, {} package{})",
+        spec.display(),
+        s.packages.len(),
+        if s.packages.len() == 1 { "" } else { "s" },
+    );
+    Ok(())
+}
+
+fn pack(
+    image: &std::path::Path,
+    output: &std::path::Path,
+    container: Container,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let t = Instant::now();
+    let p = compress::pack(image, container, output)
+        .with_context(|| format!("packaging {}", image.display()))?;
+    tracing::info!(
+        "{} MiB in {:.2}s ({:.0} MB/s)",
+        p.raw.size >> 20,
+        t.elapsed().as_secs_f64(),
+        p.raw.size as f64 / 1e6 / t.elapsed().as_secs_f64().max(1e-9)
+    );
+    println!(
+        "raw_size: {}\nraw_md5: {}\nraw_sha256: {}\ncontainer_size: {}\ncontainer_md5: {}\ncontainer_sha256: {}",
+        p.raw.size, p.raw.md5, p.raw.sha256, p.container.size, p.container.md5, p.container.sha256
+    );
+    Ok(())
+}
+
+fn cache(cache_dir: &std::path::Path, action: &CacheAction) -> anyhow::Result<()> {
+    let cache = Cache::open(cache_dir)?;
+    match action {
+        CacheAction::List => {
+            let entries = cache.entries()?;
+            let total: u64 = entries.iter().map(|e| e.size).sum();
+            println!("{:>10}  {:>7}  ENTRY", "SIZE", "UNUSED");
+            for e in &entries {
+                println!(
+                    "{:>6} MiB  {:>6}h  {}",
+                    e.size >> 20,
+                    e.age_secs / 3600,
+                    e.path.display()
                 );
             }
-            let base_output = match (output, &input.fuel) {
-                (Some(o), _) => o.clone(),
-                (None, Some(f)) => f.output_dir.clone(),
-                (None, None) => PathBuf::from("out"),
-            };
-            let release_dir = release_id
-                .as_deref()
-                .map(|id| release::prepare_dir(&base_output, id))
-                .transpose()?;
-            let output_dir = match &release_dir {
-                Some(dir) => dir.path().to_path_buf(),
-                None => base_output,
-            };
-            let opts = BuildOptions {
-                output_dir,
-                build_dir: build_dir.clone(),
-                force: *force || release_id.is_some(),
-                wait: *wait,
-                show_progress: !cli.quiet,
-                cache_dir: (!no_cache).then(|| cache_dir.clone()),
-                shell: *shell,
-                keep_on_failure: *keep_on_failure,
-                tmpfs: *tmpfs,
-            };
-            let job = Job {
-                input: &input,
-                release: release_dir.as_ref(),
-                pack: pack.is_some(),
-            };
-            // Before any thread exists: the build runs in PID and mount namespaces of its own,
-            // so no mount reaches the host and nothing of it outlives this process, even when
-            // it is killed with SIGKILL.
-            let code = debimg::sys::namespace::run_isolated(|| {
-                let tee = match job
-                    .release
-                    .map(|dir| release::LogTee::start(dir, "build.log"))
-                {
-                    Some(Ok(t)) => Some(t),
-                    Some(Err(e)) => return exit_code(Err(e)),
-                    None => None,
-                };
-                let res = signals::install().and_then(|()| run_build(&plan, &opts, &job, started));
-                // Printed while the log is still being written, so that it ends with the error.
-                let code = exit_code(res);
-                if let Some(t) = tee
-                    && let Err(e) = t.finish()
-                {
-                    eprintln!("error: {e:#}");
-                    return 1;
-                }
-                if code == 0
-                    && let Some(dir) = job.release
-                {
-                    return exit_code(release::write_sums(dir).map(|names| {
-                        tracing::info!(
-                            "release {}: {} files with SHA256SUMS and MD5SUMS",
-                            opts.output_dir.display(),
-                            names.len()
-                        );
-                    }));
-                }
-                code
-            })?;
-            match code {
-                0 => Ok(()),
-                c => Err(anyhow::Error::new(ExitWith(c))),
-            }
+            println!("{} entries, {} MiB", entries.len(), total >> 20);
         }
-    }
-}
-
-/// What the build does besides building.
-struct Job<'a> {
-    input: &'a Input,
-    /// The release directory (`--release`), open.
-    release: Option<&'a OutputDir>,
-    pack: bool,
-}
-
-/// This process's peak resident set (VmHWM), in KiB: the build process's own memory, not the
-/// programs it runs.
-fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-/// The build process already reported its error; the supervisor only passes its code on.
-#[derive(Debug)]
-struct ExitWith(u8);
-
-impl std::fmt::Display for ExitWith {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit code {}", self.0)
-    }
-}
-
-impl std::error::Error for ExitWith {}
-
-fn run_build(plan: &Plan, opts: &BuildOptions, job: &Job, started: Instant) -> Result<()> {
-    let outcome = build(plan, opts)?;
-    let dir = outcome
-        .metadata_path
-        .parent()
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let mut outputs = outcome.output_paths();
-    if let Some(f) = &job.input.fuel {
-        // Next to the images, wherever -o put them.
-        let mut f = f.clone();
-        f.output_dir = dir.clone();
-        let path = f.write_metadata(&outcome.metadata)?;
-        tracing::info!("fuel-agent metadata: {}", path.display());
-        if !outputs.contains(&path) {
-            outputs.push(path);
+        CacheAction::Prune { older_than } => {
+            let (n, bytes) = cache.prune(older_than.unwrap_or(0))?;
+            println!("removed {n} entries, {} MiB", bytes >> 20);
         }
-    }
-    if job.pack {
-        let names: Vec<String> = outputs
-            .iter()
-            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .collect();
-        let out = match job.release {
-            Some(d) => d.try_clone()?,
-            None => OutputDir::open(&dir)?,
-        };
-        let archive = release::pack_outputs(&out, &names, &format!("{}.bundle.tar.gz", plan.name))?;
-        tracing::info!("packed {} outputs into {}", names.len(), archive.display());
-        outputs = vec![archive];
-    }
-    if let Some(release_dir) = job.release {
-        // The copy ships with the release: credentials in its URLs are masked.
-        let copy = debimg::redact::text(&job.input.text);
-        release_dir.write_file(&job.input.copy_name, copy.as_bytes(), 0o644)?;
-        outputs.push(release_dir.join(&job.input.copy_name));
-        // A release is one-off: no later build takes this directory's lock.
-        if let Err(e) = release_dir.remove(OUTPUT_LOCK) {
-            tracing::warn!("{e:#}");
-        }
-    }
-    if outcome.reused {
-        tracing::info!(
-            "reused: {} matches the spec (digest {}); nothing to build (--force rebuilds)",
-            outcome.metadata_path.display(),
-            &plan.digest[..12]
-        );
-    } else {
-        tracing::info!(
-            "built {} image(s) in {:.1}s; peak memory of debimg itself {} MiB",
-            outcome.metadata.images.len(),
-            started.elapsed().as_secs_f64(),
-            peak_rss_kib().unwrap_or(0) >> 10
-        );
-    }
-    for p in outputs {
-        println!("{}", p.display());
     }
     Ok(())
+}
+
+fn boot_test(
+    image: &std::path::Path,
+    uefi: bool,
+    timeout: u64,
+    expect: &[String],
+    memory: u32,
+    accel: debimg::boottest::Accel,
+) -> anyhow::Result<()> {
+    signals::install()?;
+    let expect = if expect.is_empty() {
+        vec!["login:".to_string()]
+    } else {
+        expect.to_vec()
+    };
+    let booted = debimg::boottest::run(&debimg::boottest::BootTest {
+        image: image.to_path_buf(),
+        uefi,
+        timeout: std::time::Duration::from_secs(timeout),
+        expect,
+        memory_mib: memory,
+        accel,
+    })?;
+    tracing::info!(
+        "{} booted ({}, {}) in {:.1}s",
+        image.display(),
+        if uefi { "UEFI" } else { "BIOS" },
+        if booted.kvm {
+            "KVM"
+        } else {
+            "software emulation"
+        },
+        booted.elapsed.as_secs_f64()
+    );
+    println!("{}", booted.line);
+    Ok(())
+}
+
+fn build(cli: &Cli) -> Result<(), Error> {
+    let Command::Build {
+        spec,
+        output,
+        build_dir,
+        force,
+        wait,
+        cache_dir,
+        no_cache,
+        bootstrap,
+        fuel,
+        release,
+        bundle,
+        message_format,
+        shell,
+        keep_on_failure,
+        tmpfs,
+    } = &cli.command
+    else {
+        unreachable!("build() runs the build command")
+    };
+    let json = *message_format == MessageFormat::Json;
+    if json {
+        event::json_lines_to_stdout();
+    }
+    let job = (|| {
+        let input = Input::read(spec.as_deref(), fuel.as_deref(), release.as_deref())?;
+        let plan = input.plan(*bootstrap)?;
+        if !nix::unistd::geteuid().is_root() {
+            return Err(failed(anyhow::anyhow!(
+                "debimg build needs root (loop devices, mounts, chroot); run it with sudo"
+            )));
+        }
+        let output_dir = match (output, &input.fuel) {
+            (Some(o), _) => o.clone(),
+            (None, Some(f)) => f.output_dir.clone(),
+            (None, None) => PathBuf::from("out"),
+        };
+        let opts = BuildOptions {
+            output_dir,
+            build_dir: build_dir.clone(),
+            force: *force,
+            wait: *wait,
+            show_progress: !cli.quiet,
+            cache_dir: (!no_cache).then(|| cache_dir.clone()),
+            shell: *shell,
+            keep_on_failure: *keep_on_failure,
+            tmpfs: *tmpfs,
+        };
+        Ok(Job {
+            input,
+            plan,
+            opts,
+            release: release.clone(),
+            bundle: bundle.is_some(),
+        })
+    })();
+    let job = match job {
+        Ok(j) => j,
+        Err(e) => {
+            // A consumer of the events learns of a build that never started too.
+            event::emit(&Event::BuildFinished {
+                outcome: BuildOutcome::Failed,
+                seconds: 0.0,
+                error: Some(e.report()),
+            });
+            return Err(e);
+        }
+    };
+    // Before any thread exists: the build runs in PID and mount namespaces of its own, so no
+    // mount reaches the host and nothing of it outlives this process, even killed with SIGKILL.
+    let code = debimg::isolated(|| {
+        let outcome = job.run()?;
+        if !json {
+            let mut out = std::io::stdout().lock();
+            for p in &outcome.outputs {
+                let _ = writeln!(out, "{}", p.display());
+            }
+        }
+        Ok(())
+    })?;
+    match code {
+        0 => Ok(()),
+        c => Err(Error::exited(c)),
+    }
 }

@@ -92,6 +92,67 @@ pub struct RepoMeta {
 }
 
 impl Metadata {
+    /// The metadata of a finished build: the plan's names and repos, each staged file with its
+    /// digests (`packed`, in the same order), the other files, the repos' Release fields (in
+    /// plan order) and the installed packages.
+    #[allow(clippy::too_many_arguments)]
+    pub fn assemble(
+        plan: &crate::plan::Plan,
+        kind: &str,
+        build_start: String,
+        staged: &[crate::kind::Staged],
+        packed: &[crate::pack::Packed],
+        files: Vec<FileMeta>,
+        release_metas: &[ReleaseMeta],
+        installed: BTreeMap<String, String>,
+    ) -> Metadata {
+        Metadata {
+            name: plan.name.clone(),
+            debimg_version: env!("CARGO_PKG_VERSION").to_string(),
+            spec_digest: plan.digest.clone(),
+            bootstrap: plan.backend.name().to_string(),
+            build_start,
+            build_end: now_rfc3339(),
+            images: staged
+                .iter()
+                .zip(packed)
+                .map(|(s, p)| ImageMeta {
+                    container: s.ship.name().to_string(),
+                    container_name: s.container_name.clone(),
+                    container_size: p.container.size,
+                    container_md5: p.container.md5.clone(),
+                    container_sha256: p.container.sha256.clone(),
+                    format: s.format.clone(),
+                    raw_md5: p.raw.md5.clone(),
+                    raw_name: s.raw_name.clone(),
+                    raw_size: p.raw.size,
+                    raw_sha256: p.raw.sha256.clone(),
+                    mount: s.mount.clone(),
+                    label: s.label.clone(),
+                    uuid: s.uuid.clone(),
+                })
+                .collect(),
+            repos: plan
+                .repos
+                .iter()
+                .zip(release_metas)
+                .map(|(r, m)| RepoMeta {
+                    name: r.name.clone(),
+                    uri: crate::redact::owned(&r.uri),
+                    suite: r.suite.clone(),
+                    section: r.section.clone(),
+                    priority: r.priority,
+                    meta: m.clone(),
+                    trusted: r.trusted,
+                })
+                .collect(),
+            packages: plan.packages.clone(),
+            installed,
+            kind: kind.to_string(),
+            files,
+        }
+    }
+
     /// Renders the YAML text.
     pub fn to_yaml(&self) -> Result<String> {
         serde_saphyr::to_string(self).context("rendering metadata")

@@ -510,17 +510,36 @@ impl Plan {
         }
     }
 
+    /// File name of the raw file a tarball or disk build packs (`<name>.tar`, `<name>.img`);
+    /// per-filesystem images have theirs in [`PlannedImage::raw_name`].
+    pub fn raw_name(&self) -> String {
+        match self.kind {
+            Kind::Tarball => format!("{}.tar", self.name),
+            _ => format!("{}.img", self.name),
+        }
+    }
+
+    /// File name of a record (`<name>.packages`, `.files`, `.licenses`).
+    pub fn record_name(&self, record: crate::spec::Record) -> String {
+        format!("{}.{}", self.name, record.extension())
+    }
+
+    /// File names of the kernel and initrd `copy_kernel` writes.
+    pub fn kernel_names(&self) -> (String, String) {
+        (
+            format!("{}.vmlinuz", self.name),
+            format!("{}.initrd", self.name),
+        )
+    }
+
     /// Names of the files a build writes next to the metadata besides the images: records,
-    /// kernel and initrd.
+    /// kernel and initrd, in the order the metadata lists them.
     pub fn extra_output_names(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .records
-            .iter()
-            .map(|r| format!("{}.{}", self.name, r.extension()))
-            .collect();
+        let mut out: Vec<String> = self.records.iter().map(|r| self.record_name(*r)).collect();
         if self.copy_kernel {
-            out.push(format!("{}.vmlinuz", self.name));
-            out.push(format!("{}.initrd", self.name));
+            let (k, i) = self.kernel_names();
+            out.push(k);
+            out.push(i);
         }
         out
     }
@@ -528,6 +547,30 @@ impl Plan {
     /// File name of the metadata written next to the images.
     pub fn metadata_name(&self) -> String {
         format!("{}.yaml", self.name)
+    }
+
+    /// File name of the archive `--bundle` packs every output into.
+    pub fn bundle_name(&self) -> String {
+        format!("{}.bundle.tar.gz", self.name)
+    }
+
+    /// File name of a release's copy of its input: the spec, or fuel-agent's JSON.
+    pub fn input_copy_name(&self, fuel: bool) -> String {
+        if fuel {
+            format!("{}.fuel.json", self.name)
+        } else {
+            format!("{}.spec.yaml", self.name)
+        }
+    }
+}
+
+impl Plan {
+    /// The plan of `spec` on this host: `host` mirrors from its apt sources, mmdebstrap when it
+    /// is installed.
+    pub fn for_host(spec: &crate::spec::Spec) -> Result<Plan> {
+        let sources =
+            read_host_sources(Path::new("/")).context("reading the host's apt sources")?;
+        Plan::new(spec, &sources, host_has("mmdebstrap"))
     }
 }
 

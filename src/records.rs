@@ -29,6 +29,41 @@ pub const NOT_MACHINE_READABLE: &str = "unknown (not machine-readable)";
 /// field, or only ones whose first line is empty).
 pub const NO_LICENSE_NAME: &str = "unknown (no licence named)";
 
+/// The files the spec asks for next to the images: the package records, and with
+/// `copy_kernel` the kernel and initrd (regular files inside the image, or an error), written
+/// into the workspace. Returns (output file name, workspace path) for each, names from the plan.
+pub fn extra_outputs(
+    plan: &crate::plan::Plan,
+    root: &Root,
+    work: &std::path::Path,
+    installed: &BTreeMap<String, String>,
+) -> Result<Vec<(String, std::path::PathBuf)>> {
+    use crate::spec::Record;
+    let mut out = Vec::new();
+    for r in &plan.records {
+        let text = match r {
+            Record::Packages => packages_record(installed),
+            Record::Files => files_record(root, installed)?,
+            Record::Licenses => licenses_record(root, installed)?,
+        };
+        let name = plan.record_name(*r);
+        let path = work.join(&name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        out.push((name, path));
+    }
+    if plan.copy_kernel {
+        let (kernel, initrd) = crate::kind::find_kernel(root)?;
+        let (kernel_name, initrd_name) = plan.kernel_names();
+        for (src, name) in [(kernel, kernel_name), (initrd, initrd_name)] {
+            let path = work.join(&name);
+            root.copy_out(&src, &path)
+                .with_context(|| format!("copy_kernel: copying {src} out of the image"))?;
+            out.push((name, path));
+        }
+    }
+    Ok(out)
+}
+
 /// The `.packages` record: one `name version` line per installed package, sorted by name.
 pub fn packages_record(installed: &BTreeMap<String, String>) -> String {
     let mut out = String::new();

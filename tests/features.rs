@@ -537,7 +537,7 @@ fn tmpfs_too_small_says_so() {
     std::fs::create_dir_all(&bdir).unwrap();
     let spec = small_spec(work.path(), "tiny", "");
     let run = build(&spec, &out, &bdir, &["--tmpfs", "64MiB"]);
-    assert_eq!(run.code(), Some(1), "{}", run.stderr());
+    assert_eq!(run.code(), Some(5), "{}", run.stderr());
     assert!(
         run.stderr()
             .contains("no space left in the --tmpfs workspace"),

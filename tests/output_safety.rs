@@ -69,7 +69,7 @@ fn a_lock_link_planted_in_the_output_dir_stops_the_build_before_it_starts() {
     symlink(&v, out.join(".debimg.lock")).unwrap();
     let bdir = blocked_build_dir(dir.path());
     let run = build(&example("minimal.yaml"), &out, &bdir, &["--no-cache"]);
-    assert_eq!(run.code(), Some(1), "{}", run.stderr());
+    assert_eq!(run.code(), Some(6), "{}", run.stderr());
     assert!(
         run.stderr()
             .contains(".debimg.lock is a symbolic link: refusing to follow it"),
@@ -103,7 +103,7 @@ fn a_release_id_that_is_a_link_is_refused_and_its_target_left_alone() {
     std::fs::create_dir(&out).unwrap();
     symlink(&elsewhere, out.join("7")).unwrap();
     let run = build_release(dir.path(), &out, "7");
-    assert_eq!(run.code(), Some(1), "{}", run.stderr());
+    assert_eq!(run.code(), Some(6), "{}", run.stderr());
     assert!(
         run.stderr()
             .contains("is a symbolic link: refusing to follow it"),
@@ -126,7 +126,7 @@ fn a_release_directory_debimg_did_not_make_is_refused_and_left_alone() {
     let v = victim(&theirs);
     let before = fingerprint(&v);
     let run = build_release(dir.path(), &out, "7");
-    assert_eq!(run.code(), Some(1), "{}", run.stderr());
+    assert_eq!(run.code(), Some(6), "{}", run.stderr());
     assert!(
         run.stderr().contains("not made by debimg") && run.stderr().contains("refusing"),
         "{}",
@@ -148,7 +148,7 @@ fn an_incomplete_release_of_debimg_is_emptied_and_reused() {
     let before = fingerprint(&v);
     let out = dir.path().join("out");
     let release = out.join("7");
-    debimg::release::prepare_dir(&out, "7").unwrap();
+    debimg::output::release::prepare_dir(&out, "7").unwrap();
     for f in ["minimal.img.gz", ".minimal.yaml.tmp-0123", "build.log"] {
         std::fs::write(release.join(f), b"left by a failed run").unwrap();
     }

@@ -12,16 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const STAGES: &[&str] = &[
-    "mount",
-    "bootstrap",
-    "install",
-    "configure",
-    "unmount",
-    "finish",
-    "package",
-    "publish",
-];
+/// Every stage, by the one list the build runs them from.
+const STAGES: [debimg::Stage; 8] = debimg::Stage::ALL;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Fault {
@@ -93,7 +85,7 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// One cell of the matrix: runs the build with the fault and checks the aftermath.
-fn run_case(spec: &Path, good: &Path, stage: &str, fault: Fault) -> String {
+fn run_case(spec: &Path, good: &Path, stage: debimg::Stage, fault: Fault) -> String {
     let work = scratch(&format!("rel-{stage}-{}", fault.label()));
     let out = work.path().join("out");
     let bdir = work.path().join("build");
@@ -140,7 +132,7 @@ fn run_case(spec: &Path, good: &Path, stage: &str, fault: Fault) -> String {
     } else {
         // Only a fault after the new result was published may change the directory, and then
         // it must hold the complete new result.
-        assert_eq!(stage, "publish", "output changed: {ctx}");
+        assert_eq!(stage, debimg::Stage::Publish, "output changed: {ctx}");
         assert_consistent_result(&out, "rel.yaml");
         "new result complete (fault came after publishing)"
     };
@@ -351,7 +343,7 @@ fn full_build_disk_fails_cleanly_with_no_space() {
         let bdir = small.join("build");
         let run = build(&spec, &out, &bdir, &["-q"]);
         let err = run.stderr();
-        assert_eq!(run.code(), Some(1), "{size}: {err}");
+        assert_eq!(run.code(), Some(5), "{size}: {err}");
         assert!(err.contains(says), "{size}: {err}");
         assert_no_leftovers(&bdir, &out);
         assert!(!out.join("rel.yaml").exists());
@@ -380,7 +372,7 @@ fn four_builds_at_once_all_end_correctly() {
             .any(|l| l.contains("stage mount: started"))
     });
     let refused = build(&spec, &shared, &bdir, &[]);
-    assert_eq!(refused.code(), Some(1), "{}", refused.stderr());
+    assert_eq!(refused.code(), Some(3), "{}", refused.stderr());
     assert!(
         refused.stderr().contains("another debimg build is writing"),
         "{}",

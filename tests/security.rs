@@ -298,7 +298,7 @@ fn a_cache_other_users_can_write_is_refused_before_anything_is_made() {
         &bdir,
         &["--cache-dir", cache.to_str().unwrap()],
     );
-    assert_eq!(run.code(), Some(1), "{}", run.stderr());
+    assert_eq!(run.code(), Some(6), "{}", run.stderr());
     assert!(
         run.stderr().contains("writable by others") && run.stderr().contains("chmod go-w"),
         "{}",

@@ -7,8 +7,13 @@ use std::fmt::Write as _;
 
 use anyhow::{Context, Result};
 
+use std::collections::BTreeMap;
+
 use crate::cmd::CommandRunExt;
-use crate::debian::apt;
+use crate::debian::apt::{self, Apt};
+use crate::debian::settings;
+use crate::kind::FsInfo;
+use crate::plan::Plan;
 use crate::root::{Owner, Root};
 
 /// `policy-rc.d` that forbids every service start inside the chroot.
@@ -20,6 +25,54 @@ pub const DPKG_UNSAFE_IO: &str = "etc/dpkg/dpkg.cfg.d/debimg-unsafe-io";
 
 /// Where the image's own resolv.conf (a link) waits while the host's is in place.
 const SAVED_RESOLV_CONF: &str = "etc/resolv.conf.debimg-saved";
+
+/// The system the spec describes, written into the tree: root's password, fstab (by UUID),
+/// hostname and hosts, time zone, locale, users, files and services; whatever the programs run
+/// for them left running in the chroot is ended.
+pub fn system(plan: &Plan, root: &Root, filesystems: &[FsInfo]) -> Result<()> {
+    if let Some(hash) = &plan.root_password_hash {
+        set_root_password(root, hash)?;
+    }
+    let fstab: Vec<FstabEntry> = filesystems
+        .iter()
+        .map(|f| FstabEntry {
+            uuid: f.uuid.clone(),
+            mount: f.mount.clone(),
+            fs: f.fs.clone(),
+        })
+        .collect();
+    write_system_files(root, &plan.hostname, &fstab)?;
+    if let Some(tz) = &plan.timezone {
+        settings::set_timezone(root, tz)?;
+    }
+    if let Some(locale) = &plan.locale {
+        settings::set_locale(root, locale)?;
+    }
+    settings::create_users(root, &plan.users)?;
+    settings::copy_files(root, &plan.files)?;
+    settings::set_services(root, &plan.services)?;
+    root.end_processes("the system settings")
+}
+
+/// The last touches once the scripts and the bootloader are done: the host identity scrubbed,
+/// apt's archive emptied, every build-only file removed and, unless the spec keeps them, the
+/// build's apt sources. Returns every installed package and its version.
+pub fn finish(
+    plan: &Plan,
+    root: &Root,
+    build_only: &mut BuildOnlyFiles,
+    show: bool,
+) -> Result<BTreeMap<String, String>> {
+    scrub_host_identity(root)?;
+    let apt = Apt { root, show };
+    apt.clean()?;
+    let installed = apt.installed()?;
+    build_only.remove(root)?;
+    if !plan.keep_apt_sources {
+        drop_apt_sources(root)?;
+    }
+    Ok(installed)
+}
 
 /// What fstab needs to know about one filesystem.
 #[derive(Debug, Clone)]

@@ -2,9 +2,11 @@
 //! system configuration written into the image.
 
 pub mod apt;
+pub mod bootstrap;
 pub mod configure;
 pub mod debootstrap;
 pub mod index;
+pub mod install;
 pub mod mmdebstrap;
 pub mod settings;
 

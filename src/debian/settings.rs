@@ -15,8 +15,7 @@ use crate::plan::PlannedFile;
 use crate::root::{Owner, Root};
 use crate::spec::{Services, User};
 
-/// Locales glibc has built in: they need neither the `locales` package nor locale-gen.
-pub const BUILTIN_LOCALES: &[&str] = &["C", "C.UTF-8", "C.utf8", "POSIX"];
+pub use crate::spec::BUILTIN_LOCALES;
 
 /// How many close matches an unknown locale's error lists.
 const LOCALE_SUGGESTIONS: usize = 5;
@@ -163,20 +162,7 @@ fn locale_key(name: &str) -> String {
     name.to_lowercase().replace('-', "")
 }
 
-/// Levenshtein distance between two strings, by characters.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let replace = prev[j] + usize::from(ca != *cb);
-            cur[j + 1] = replace.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
+use crate::spec::edit_distance;
 
 /// Creates each user with useradd in the image (home from /etc/skel, a group of its own, the
 /// password hash or a locked password), then its `~/.ssh/authorized_keys`. The groups are

@@ -431,7 +431,7 @@ impl ImageKind for DiskImage {
 
     fn mount_root(&mut self, plan: &Plan, workspace: &Path, root: &Path) -> Result<()> {
         let disk = self.disk(plan)?;
-        let file = workspace.join(format!("{}.img", plan.name));
+        let file = workspace.join(plan.raw_name());
         let f = File::create_new(&file)
             .with_context(|| format!("creating disk file {}", file.display()))?;
         f.set_len(disk.size.0)
@@ -573,7 +573,7 @@ impl ImageKind for DiskImage {
         self.mounts.sync_and_unmount()
     }
 
-    fn stage_final(&mut self, plan: &Plan, _workspace: &Path, _root: &Path) -> Result<Vec<Staged>> {
+    fn finish(&mut self, plan: &Plan, _workspace: &Path, _root: &Path) -> Result<Vec<Staged>> {
         let disk = self.disk(plan)?;
         for p in &self.parts {
             match p.fs.as_deref() {
@@ -610,16 +610,17 @@ impl ImageKind for DiskImage {
         Ok(disk
             .formats
             .iter()
-            .map(|f| Staged {
+            .zip(plan.container_names())
+            .map(|(f, container_name)| Staged {
                 raw: raw.clone(),
-                raw_name: format!("{}.img", plan.name),
+                raw_name: plan.raw_name(),
                 ship: match f {
                     DiskFormat::Raw => Ship::Packed(Container::Raw),
                     DiskFormat::Gzip => Ship::Packed(Container::Gzip),
                     DiskFormat::Qcow2 => Ship::Qcow2 { compressed: false },
                     DiskFormat::Qcow2Compressed => Ship::Qcow2 { compressed: true },
                 },
-                container_name: f.file_name(&plan.name),
+                container_name,
                 format: table.to_string(),
                 mount: "/".into(),
                 label: None,

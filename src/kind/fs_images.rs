@@ -108,7 +108,7 @@ impl ImageKind for FsImages {
         Ok(())
     }
 
-    fn stage_final(&mut self, plan: &Plan, _workspace: &Path, _root: &Path) -> Result<Vec<Staged>> {
+    fn finish(&mut self, plan: &Plan, _workspace: &Path, _root: &Path) -> Result<Vec<Staged>> {
         let mut staged = Vec::new();
         for (img, f) in plan.images.iter().zip(&self.images) {
             mkfs::check(img.fs, &f.file)?;
@@ -146,15 +146,4 @@ impl Drop for FsImages {
     fn drop(&mut self) {
         self.cleanup();
     }
-}
-
-/// Flushes the filesystem holding `path` and reports any write it lost.
-pub fn syncfs(path: &Path) -> Result<()> {
-    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    nix::unistd::syncfs(&f).with_context(|| {
-        format!(
-            "flushing the filesystem at {}: writes were lost",
-            path.display()
-        )
-    })
 }

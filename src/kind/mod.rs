@@ -17,6 +17,7 @@ use anyhow::{Context, Result, bail};
 use crate::plan::Plan;
 use crate::root::Root;
 use crate::spec::{Container, Kind};
+pub use crate::sys::mount::MountStack;
 use crate::sys::mount::{self, Mount, MsFlags};
 
 /// One filesystem of the install root, as post scripts and fstab see it.
@@ -100,55 +101,10 @@ pub trait ImageKind {
     fn unmount_root(&mut self) -> Result<()>;
 
     /// Turns the unmounted result into the raw files to package (checks, shrinks, archives).
-    fn stage_final(&mut self, plan: &Plan, workspace: &Path, root: &Path) -> Result<Vec<Staged>>;
+    fn finish(&mut self, plan: &Plan, workspace: &Path, root: &Path) -> Result<Vec<Staged>>;
 
     /// Releases whatever is still held, best effort; safe to call at any point and repeatedly.
     fn cleanup(&mut self);
-}
-
-/// The filesystems a kind mounted into the install root, parents first; always unmounted in
-/// reverse, also when dropped.
-#[derive(Default)]
-pub struct MountStack(Vec<Mount>);
-
-impl MountStack {
-    /// Holds a mount made after every one already held.
-    pub fn push(&mut self, m: Mount) {
-        self.0.push(m);
-    }
-
-    /// The mount points, outermost first.
-    pub fn points(&self) -> Vec<PathBuf> {
-        self.0.iter().map(|m| m.target().to_path_buf()).collect()
-    }
-
-    /// Flushes every filesystem, then unmounts them deepest first. One sync for the whole build
-    /// (dpkg skipped its own); syncfs also reports writes the kernel failed to store, which
-    /// unmount would swallow.
-    pub fn sync_and_unmount(&mut self) -> Result<()> {
-        for m in self.0.iter().rev() {
-            fs_images::syncfs(m.target())?;
-        }
-        while let Some(m) = self.0.pop() {
-            m.close()?;
-        }
-        Ok(())
-    }
-
-    /// Unmounts what is left, deepest first, logging failures.
-    pub fn unmount_logging(&mut self) {
-        while let Some(m) = self.0.pop() {
-            if let Err(e) = m.close() {
-                tracing::warn!("{e:#}");
-            }
-        }
-    }
-}
-
-impl Drop for MountStack {
-    fn drop(&mut self) {
-        self.unmount_logging();
-    }
 }
 
 /// Mounts the filesystem on `dev` at `mount` of the tree at `root`: `/` on the tree's

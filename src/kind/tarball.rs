@@ -13,13 +13,6 @@ use crate::spec::Container;
 /// The root filesystem as `<name>.tar.gz`.
 pub struct Tarball;
 
-impl Tarball {
-    /// File name of the archive before compression.
-    pub fn raw_name(plan: &Plan) -> String {
-        format!("{}.tar", plan.name)
-    }
-}
-
 impl ImageKind for Tarball {
     fn name(&self) -> &'static str {
         "tarball"
@@ -41,8 +34,8 @@ impl ImageKind for Tarball {
         Ok(())
     }
 
-    fn stage_final(&mut self, plan: &Plan, workspace: &Path, root: &Path) -> Result<Vec<Staged>> {
-        let raw_name = Tarball::raw_name(plan);
+    fn finish(&mut self, plan: &Plan, workspace: &Path, root: &Path) -> Result<Vec<Staged>> {
+        let raw_name = plan.raw_name();
         let tar = workspace.join(&raw_name);
         // Numeric owners: the image's users, not the host's names for those ids. Sorted names
         // and a fixed format make the archive depend on the tree only.

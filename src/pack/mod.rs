@@ -6,6 +6,8 @@
 
 pub mod compress;
 pub mod digest;
+pub mod package;
+pub mod qcow2;
 pub mod shrink;
 
 pub use compress::{Container, Packed, pack};

@@ -29,7 +29,7 @@ use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 use pathrs::flags::OpenFlags;
 
-use crate::sys::mount::{self, Mount, MsFlags};
+use crate::sys::mount::{self, Mount, MountStack, MsFlags};
 
 /// The environment every program run inside the chroot gets: nothing from the caller's
 /// environment leaks in (no locale, proxy or terminal settings debconf could trip on).
@@ -145,7 +145,7 @@ fn stat_fd(fd: &OwnedFd) -> std::io::Result<Metadata> {
 }
 
 fn kind_name(md: &Metadata) -> &'static str {
-    crate::sys::file_kind(&md.file_type())
+    crate::spec::file_kind(&md.file_type())
 }
 
 impl Root {
@@ -614,6 +614,26 @@ impl Root {
         let dir = self.make_dir(path, 0o755)?;
         mount::mount_on_fd(source, dir.as_fd(), fstype, flags, data)
             .with_context(|| format!("mounting {source} on {} in the image", path.display()))
+    }
+
+    /// Fresh proc, sysfs and devpts for the chroot, never bind mounts of the host's, held by
+    /// `mounts`.
+    pub fn mount_api_filesystems(&self, mounts: &mut MountStack) -> Result<()> {
+        let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        let specs: [(&str, &str, MsFlags, Option<&str>); 3] = [
+            ("/proc", "proc", nosuid, None),
+            ("/sys", "sysfs", nosuid | MsFlags::MS_RDONLY, None),
+            (
+                "/dev/pts",
+                "devpts",
+                MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+                Some("newinstance,ptmxmode=0666,mode=620,gid=5"),
+            ),
+        ];
+        for (path, fstype, flags, data) in specs {
+            mounts.push(self.mount(fstype, path, Some(fstype), flags, data)?);
+        }
+        Ok(())
     }
 
     /// Bind-mounts the host directory `source` (one of the build's own, in its workspace) on

@@ -454,6 +454,87 @@ fn empty_dir(fd: &OwnedFd, path: &Path, dev: u64) -> Result<()> {
     Ok(())
 }
 
+/// Mounts held in the order they were made (parents first) and unmounted in reverse, also
+/// when dropped: the image's filesystems, the chroot's API filesystems, bind mounts.
+#[derive(Default)]
+pub struct MountStack(Vec<Mount>);
+
+impl MountStack {
+    /// Holds a mount made after every one already held.
+    pub fn push(&mut self, m: Mount) {
+        self.0.push(m);
+    }
+
+    /// The mount points, outermost first.
+    pub fn points(&self) -> Vec<PathBuf> {
+        self.0.iter().map(|m| m.target().to_path_buf()).collect()
+    }
+
+    /// Flushes every filesystem, then unmounts them deepest first. One sync for the whole build
+    /// (dpkg skipped its own); syncfs also reports writes the kernel failed to store, which
+    /// unmount would swallow.
+    pub fn sync_and_unmount(&mut self) -> Result<()> {
+        for m in self.0.iter().rev() {
+            syncfs(m.target())?;
+        }
+        while let Some(m) = self.0.pop() {
+            m.close()?;
+        }
+        Ok(())
+    }
+
+    /// Takes the mount made last off the stack, for the caller to close.
+    pub fn pop(&mut self) -> Option<Mount> {
+        self.0.pop()
+    }
+
+    /// Unmounts every mount, deepest first; the first failure stops it.
+    pub fn unmount(&mut self) -> Result<()> {
+        while let Some(m) = self.0.pop() {
+            m.close()?;
+        }
+        Ok(())
+    }
+
+    /// Unmounts what is left, deepest first, logging failures.
+    pub fn unmount_logging(&mut self) {
+        while let Some(m) = self.0.pop() {
+            if let Err(e) = m.close() {
+                tracing::warn!("{e:#}");
+            }
+        }
+    }
+}
+
+impl Drop for MountStack {
+    fn drop(&mut self) {
+        self.unmount_logging();
+    }
+}
+
+/// Flushes the filesystem holding `path` and reports any write it lost.
+pub fn syncfs(path: &Path) -> Result<()> {
+    let f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    nix::unistd::syncfs(&f).with_context(|| {
+        format!(
+            "flushing the filesystem at {}: writes were lost",
+            path.display()
+        )
+    })
+}
+
+/// Unmounts, deepest first, every mount under `dir` that is not one of `keep` (mounts a tool
+/// made on its own, such as debootstrap's proc).
+pub fn unmount_all_under_except(dir: &Path, keep: &[PathBuf]) -> Result<()> {
+    for point in mount_points_under(dir)? {
+        if keep.iter().any(|k| k == &point) {
+            continue;
+        }
+        unmount_all_under(&point)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -63,6 +63,31 @@ fn forward_signals() -> Result<()> {
     Ok(())
 }
 
+/// Runs a build (`body`) the way `debimg build` does: in PID and mount namespaces of its own
+/// (see [`run_isolated`]), with INT, TERM and HUP turned into an orderly unwind. An error is
+/// printed on stderr (credentials masked) unless it was already; the result is the exit code.
+/// Call it before any thread starts.
+pub fn isolated(
+    body: impl FnOnce() -> std::result::Result<(), crate::error::Error>,
+) -> std::result::Result<u8, crate::error::Error> {
+    use crate::error::Error;
+    run_isolated(|| {
+        let res = crate::signals::install()
+            .map_err(|e| Error::classify(e, None))
+            .and_then(|()| body());
+        match res {
+            Ok(()) => 0,
+            Err(e) => {
+                if !e.is_reported() {
+                    eprintln!("error: {}", crate::redact::text(&e.to_string()));
+                }
+                e.exit_code()
+            }
+        }
+    })
+    .map_err(|e| Error::classify(e, None))
+}
+
 /// Runs `body` in a new PID and mount namespace that cannot outlive this process.
 ///
 /// Three processes: this one (the supervisor) stays in the host's PID namespace, forwards INT,

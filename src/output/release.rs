@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::build::{OUTPUT_LOCK, OutputLock};
 use crate::cmd::CommandRunExt;
 use crate::output::{EntryKind, OutputDir, fd_path, inherit_fds};
+use crate::output::{OUTPUT_LOCK, OutputLock};
 use crate::pack::compress;
 use crate::pack::digest::digest_file;
 use crate::spec::Container;
@@ -70,10 +70,15 @@ pub fn prepare_dir(base: &Path, id: &str) -> Result<OutputDir> {
             return Ok(dir);
         }
         Some(EntryKind::Dir) => {}
-        Some(EntryKind::Symlink) => bail!(
-            "release directory {} is a symbolic link: refusing to follow it",
-            path.display()
-        ),
+        Some(EntryKind::Symlink) => {
+            return Err(crate::error::Error::tagged(
+                crate::error::ErrorKind::Refused,
+                format!(
+                    "release directory {} is a symbolic link: refusing to follow it",
+                    path.display()
+                ),
+            ));
+        }
         Some(_) => bail!("{} exists and is not a directory", path.display()),
     }
     let dir = parent.open_subdir(id)?;
@@ -84,10 +89,13 @@ pub fn prepare_dir(base: &Path, id: &str) -> Result<OutputDir> {
         );
     }
     if dir.kind(RELEASE_MARKER)? != Some(EntryKind::File) {
-        bail!(
-            "{} exists and was not made by debimg (no {RELEASE_MARKER}): refusing to empty it; choose another ID or remove it",
-            path.display()
-        );
+        return Err(crate::error::Error::tagged(
+            crate::error::ErrorKind::Refused,
+            format!(
+                "{} exists and was not made by debimg (no {RELEASE_MARKER}): refusing to empty it; choose another ID or remove it",
+                path.display()
+            ),
+        ));
     }
     // Held while emptying, so that a build still writing this release is not pulled from under.
     let lock = OutputLock::acquire_in(&dir, false)?;
@@ -106,11 +114,14 @@ fn empty_incomplete(dir: &OutputDir) -> Result<()> {
     let names = dir.entries()?;
     for name in &names {
         if dir.kind(name)? == Some(EntryKind::Dir) {
-            bail!(
-                "{} holds a directory, {}, which debimg does not make: refusing to empty it",
-                dir.path().display(),
-                dir.join(name).display()
-            );
+            return Err(crate::error::Error::tagged(
+                crate::error::ErrorKind::Refused,
+                format!(
+                    "{} holds a directory, {}, which debimg does not make: refusing to empty it",
+                    dir.path().display(),
+                    dir.join(name).display()
+                ),
+            ));
         }
     }
     for name in names {

@@ -9,6 +9,12 @@
 //! through it), then the directory fsynced. The directory the user named may itself be reached
 //! through links: that is their choice; what others put inside it is not followed.
 
+pub mod lock;
+pub mod publish;
+pub mod release;
+
+pub use lock::{OUTPUT_LOCK, OutputLock};
+
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, Permissions};
 use std::io::Write;
@@ -73,10 +79,15 @@ impl OutputDir {
         let name = self.checked(name.as_ref())?;
         let path = self.path.join(name);
         match self.kind(name)? {
-            Some(EntryKind::Symlink) => bail!(
-                "{} is a symbolic link: refusing to follow it",
-                path.display()
-            ),
+            Some(EntryKind::Symlink) => {
+                return Err(crate::error::Error::tagged(
+                    crate::error::ErrorKind::Refused,
+                    format!(
+                        "{} is a symbolic link: refusing to follow it",
+                        path.display()
+                    ),
+                ));
+            }
             Some(EntryKind::Dir) | None => {}
             Some(_) => bail!("{} is not a directory", path.display()),
         }
@@ -352,26 +363,29 @@ pub fn inherit_fds(cmd: &mut std::process::Command, fds: &[BorrowedFd<'_>]) {
 }
 
 fn refuse_unless_file(kind: EntryKind, path: &Path) -> Result<()> {
-    match kind {
-        EntryKind::File => Ok(()),
-        EntryKind::Symlink => bail!(
-            "{} is a symbolic link: refusing to follow it",
-            path.display()
-        ),
-        EntryKind::Dir => bail!("{} is a directory, not a file", path.display()),
-        EntryKind::Special => bail!(
-            "{} is not a regular file (a FIFO, socket or device): refusing to open it",
-            path.display()
-        ),
-    }
+    let why = match kind {
+        EntryKind::File => return Ok(()),
+        EntryKind::Symlink => "is a symbolic link: refusing to follow it",
+        EntryKind::Dir => "is a directory, not a file",
+        EntryKind::Special => {
+            "is not a regular file (a FIFO, socket or device): refusing to open it"
+        }
+    };
+    Err(crate::error::Error::tagged(
+        crate::error::ErrorKind::Refused,
+        format!("{} {why}", path.display()),
+    ))
 }
 
 /// The error of an `O_NOFOLLOW` open, saying so when a link was refused.
 fn refusal(e: Errno, path: &Path) -> anyhow::Error {
     if e == Errno::ELOOP {
-        anyhow::anyhow!(
-            "{} is a symbolic link: refusing to follow it",
-            path.display()
+        crate::error::Error::tagged(
+            crate::error::ErrorKind::Refused,
+            format!(
+                "{} is a symbolic link: refusing to follow it",
+                path.display()
+            ),
         )
     } else {
         anyhow::Error::new(e)

@@ -1,0 +1,84 @@
+//! The install stage's body: the chroot's API filesystems, apt's sources, pins and build-only
+//! settings, `apt-get update`, the packages (offered from the checked package pool), and what
+//! apt downloaded returned to the pool.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::cache::Cache;
+use crate::debian::apt::{self, Apt, ReleaseMeta};
+use crate::debian::configure::BuildOnlyFiles;
+use crate::plan::Plan;
+use crate::root::Root;
+use crate::sys::mount::MountStack;
+
+/// Installs the plan's packages into `root`; returns every repo's Release fields. The chroot's
+/// API filesystems stay mounted in `mounts` (for configure); the archives' bind mount does not.
+pub fn run(
+    plan: &Plan,
+    root: &Root,
+    work: &Path,
+    cache: Option<&Cache>,
+    build_only: &mut BuildOnlyFiles,
+    mounts: &mut MountStack,
+    show: bool,
+) -> Result<Vec<ReleaseMeta>> {
+    root.mount_api_filesystems(mounts)?;
+    build_only.install_resolv_conf(root)?;
+    build_only.install_dpkg_unsafe_io(root)?;
+    // apt downloads into the workspace, seeded from and returned to the package cache: the
+    // image's filesystem never holds the archives.
+    let archives = work.join("archives");
+    std::fs::create_dir_all(archives.join("partial"))
+        .with_context(|| format!("creating {}/partial", archives.display()))?;
+    mounts.push(root.bind(&archives, "/var/cache/apt/archives")?);
+    let apt = Apt { root, show };
+    apt.configure_and_update(plan, cache)?;
+    // The repositories' indexes as apt just verified them, before any code from the packages
+    // runs: what the pool offers and takes is checked against them.
+    let index = match cache {
+        Some(_) => apt.package_index()?,
+        None => Default::default(),
+    };
+    if let Some(c) = cache {
+        let o = c.offer_packages(&archives, &index)?;
+        tracing::debug!(
+            "{} cached packages ({} MiB) offered to apt, {} rejected",
+            o.files,
+            o.bytes >> 20,
+            o.rejected
+        );
+    }
+    let metas = apt.pin(plan)?;
+    apt.exclude(&plan.exclude)?;
+    let packages = if plan.skip_missing {
+        apt.drop_missing(&plan.packages)?
+    } else {
+        plan.packages.clone()
+    };
+    let downgrades = apt::allows_downgrades(&plan.repos);
+    apt.install(&packages, downgrades)?;
+    apt.install_local(&plan.local_debs, downgrades)?;
+    let purged = apt.purge_excluded(&plan.exclude)?;
+    if !purged.is_empty() {
+        tracing::info!("purged excluded packages: {}", purged.join(" "));
+    }
+    if let Some(c) = cache {
+        let mut stored = c.store_packages(&archives, &index)?;
+        let debs = work.join("debs");
+        if debs.is_dir() {
+            let b = c.store_packages(&debs, &index)?;
+            stored.files += b.files;
+            stored.rejected += b.rejected;
+        }
+        tracing::debug!(
+            "{} new packages added to the cache ({} not matching an index)",
+            stored.files,
+            stored.rejected
+        );
+    }
+    let m = mounts.pop().context("the archives bind mount is gone")?;
+    m.close()?;
+    Ok(metas)
+}

@@ -1,0 +1,190 @@
+//! The one list of a build's stages, and the runner every stage goes through.
+//!
+//! [`Stage`] is the only place stage names are written: the orchestrator runs stages by it, the
+//! log lines, the `--message-format json` events, the fault-injection hook and the reliability
+//! matrix take their names from it, and a test checks the README and `docs/architecture.md`
+//! against [`Stage::ALL`].
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+
+use crate::error::Error;
+use crate::event::{self, Event};
+use crate::signals;
+
+/// A stage of a build, in the order a build runs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Mount,
+    Bootstrap,
+    Install,
+    Configure,
+    Unmount,
+    Finish,
+    Package,
+    Publish,
+}
+
+impl Stage {
+    /// Every stage, in the order a build runs them.
+    pub const ALL: [Stage; 8] = [
+        Stage::Mount,
+        Stage::Bootstrap,
+        Stage::Install,
+        Stage::Configure,
+        Stage::Unmount,
+        Stage::Finish,
+        Stage::Package,
+        Stage::Publish,
+    ];
+
+    /// The stage's name in logs, events, fault injection and docs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Mount => "mount",
+            Stage::Bootstrap => "bootstrap",
+            Stage::Install => "install",
+            Stage::Configure => "configure",
+            Stage::Unmount => "unmount",
+            Stage::Finish => "finish",
+            Stage::Package => "package",
+            Stage::Publish => "publish",
+        }
+    }
+
+    /// What the stage does, in a line (the docs show it).
+    pub fn summary(self) -> &'static str {
+        match self {
+            Stage::Mount => {
+                "the workspace; sparse files on loop devices, mkfs, filesystems mounted depth-sorted"
+            }
+            Stage::Bootstrap => {
+                "policy-rc.d, then mmdebstrap or debootstrap, or the cached base tree"
+            }
+            Stage::Install => {
+                "fresh proc, sysfs and devpts; apt sources, pins, update, dist-upgrade, install"
+            }
+            Stage::Configure => {
+                "system settings, files, users, services, post scripts, bootloader, records; build-only files removed"
+            }
+            Stage::Unmount => {
+                "processes left in the chroot ended, filesystems unmounted deepest first, devices detached"
+            }
+            Stage::Finish => "filesystems checked and shrunk, or the tree archived",
+            Stage::Package => "each image read once: digests, gzip or qcow2, under temporary names",
+            Stage::Publish => "outputs renamed into place, the metadata last",
+        }
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Stage {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Stage, String> {
+        Stage::ALL
+            .into_iter()
+            .find(|st| st.name() == s)
+            .ok_or_else(|| {
+                format!(
+                    "`{s}` is not a stage (stages: {})",
+                    Stage::ALL.map(Stage::name).join(", ")
+                )
+            })
+    }
+}
+
+/// Runs one stage: announces it (log and event), runs `f`, and reports its duration; a failure
+/// becomes [`Error::StageFailed`] naming the stage (an interruption stays
+/// [`Error::Interrupted`]).
+pub(crate) fn run<T>(stage: Stage, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    if let Err(e) = signals::check() {
+        return Err(
+            Error::classify(e.context(format!("before stage {stage}")), Some(stage)).into(),
+        );
+    }
+    tracing::info!("stage {stage}: started");
+    event::emit(&Event::StageStarted { stage });
+    let t = Instant::now();
+    let res = f().and_then(|out| injected_fault(stage).map(|()| out));
+    match res {
+        Ok(out) => {
+            let secs = t.elapsed().as_secs_f64();
+            tracing::info!("stage {stage}: done in {secs:.1}s");
+            event::emit(&Event::StageFinished {
+                stage,
+                seconds: secs,
+            });
+            Ok(out)
+        }
+        Err(e) => Err(Error::classify(e, Some(stage)).into()),
+    }
+}
+
+/// The test-only fault hook: `DEBIMG_TEST_FAULT=<stage>:fail` fails the build at the end of that
+/// stage (its resources held), `<stage>:pause` announces `debimg-test: paused in stage <stage>`
+/// on stderr and waits there for a signal. The fault-injection tests drive every stage with it.
+pub const FAULT_ENV: &str = "DEBIMG_TEST_FAULT";
+
+fn injected_fault(stage: Stage) -> Result<()> {
+    let Ok(spec) = std::env::var(FAULT_ENV) else {
+        return Ok(());
+    };
+    let Some((name, what)) = spec.split_once(':') else {
+        return Ok(());
+    };
+    if name != stage.name() {
+        return Ok(());
+    }
+    match what {
+        "fail" => bail!("injected fault ({FAULT_ENV}={spec})"),
+        "pause" => {
+            eprintln!("debimg-test: paused in stage {stage}");
+            loop {
+                signals::check()?;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_in_order() {
+        let names: Vec<&str> = Stage::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "mount",
+                "bootstrap",
+                "install",
+                "configure",
+                "unmount",
+                "finish",
+                "package",
+                "publish"
+            ]
+        );
+        for s in Stage::ALL {
+            assert_eq!(s.name().parse::<Stage>().unwrap(), s);
+            assert_eq!(serde_json::to_value(s).unwrap(), s.name());
+        }
+        assert!(Stage::ALL.windows(2).all(|w| w[0] < w[1]));
+        let e = "disks".parse::<Stage>().unwrap_err();
+        assert!(e.contains("mount, bootstrap"), "{e}");
+    }
+}
