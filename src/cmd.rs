@@ -277,8 +277,9 @@ fn pump(
             let Ok(line) = line else { break };
             // A program may print the URLs it was given, credentials and all.
             let line = crate::redact::owned(&String::from_utf8_lossy(&line));
+            crate::progress::observe(&line);
             if show {
-                eprintln!("    {line}");
+                crate::progress::print(&format!("    {line}"));
             }
             let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
             if t.len() == STDERR_TAIL_LINES {

@@ -42,7 +42,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
@@ -51,6 +51,7 @@ use crate::debian::apt::ReleaseMeta;
 use crate::debian::configure::{self, BuildOnlyFiles};
 use crate::debian::{bootstrap, install};
 use crate::error::{Error, ErrorKind};
+use crate::event::{self, Event};
 use crate::kind::{self, ImageKind, Staged};
 use crate::metadata::{FileMeta, Metadata, now_rfc3339};
 use crate::output::OutputLock;
@@ -59,7 +60,7 @@ use crate::pack::{self, Packed};
 use crate::plan::Plan;
 use crate::preflight::{check_free_space, no_space_note, preflight};
 use crate::root::Root;
-use crate::stage::{self, Stage};
+use crate::stage::Stage;
 use crate::sys::mount::{self, MountStack};
 use crate::sys::procs;
 use crate::workspace::{Workspace, clean_stale_workspaces};
@@ -338,7 +339,7 @@ impl Creator {
         } else {
             Ok(())
         }
-        .and_then(|()| stage::run(stage, || self.body(stage)));
+        .and_then(|()| run_stage(stage, || self.body(stage)));
         match res {
             Ok(()) => {
                 self.done = Some(stage);
@@ -605,6 +606,61 @@ impl Drop for Creator {
         if let Err(e) = self.cleanup() {
             tracing::warn!("cleaning up: {e:#}");
         }
+    }
+}
+
+/// Runs one stage: announces it (log and event), runs `f`, and reports its duration; a failure
+/// becomes [`Error::StageFailed`] naming the stage (an interruption stays
+/// [`Error::Interrupted`]).
+fn run_stage<T>(stage: Stage, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    if let Err(e) = signals::check() {
+        return Err(
+            Error::classify(e.context(format!("before stage {stage}")), Some(stage)).into(),
+        );
+    }
+    tracing::info!("stage {stage}: started");
+    event::emit(&Event::StageStarted { stage });
+    let t = Instant::now();
+    let res = f().and_then(|out| injected_fault(stage).map(|()| out));
+    match res {
+        Ok(out) => {
+            let secs = t.elapsed().as_secs_f64();
+            tracing::info!("stage {stage}: done in {secs:.1}s");
+            event::emit(&Event::StageFinished {
+                stage,
+                seconds: secs,
+            });
+            Ok(out)
+        }
+        Err(e) => Err(Error::classify(e, Some(stage)).into()),
+    }
+}
+
+/// The test-only fault hook: `DEBIMG_TEST_FAULT=<stage>:fail` fails the build at the end of that
+/// stage (its resources held), `<stage>:pause` announces `debimg-test: paused in stage <stage>`
+/// on stderr and waits there for a signal. The fault-injection tests drive every stage with it.
+pub const FAULT_ENV: &str = "DEBIMG_TEST_FAULT";
+
+fn injected_fault(stage: Stage) -> Result<()> {
+    let Ok(spec) = std::env::var(FAULT_ENV) else {
+        return Ok(());
+    };
+    let Some((name, what)) = spec.split_once(':') else {
+        return Ok(());
+    };
+    if name != stage.name() {
+        return Ok(());
+    }
+    match what {
+        "fail" => bail!("injected fault ({FAULT_ENV}={spec})"),
+        "pause" => {
+            eprintln!("debimg-test: paused in stage {stage}");
+            loop {
+                signals::check()?;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        _ => Ok(()),
     }
 }
 

@@ -56,16 +56,27 @@ pub enum Event {
 
 type Sink = Box<dyn FnMut(&Event) + Send>;
 
-static SINK: Mutex<Option<Sink>> = Mutex::new(None);
+static SINKS: Mutex<Vec<Sink>> = Mutex::new(Vec::new());
 
-/// Sends every later event to `sink` (replacing any earlier one).
+fn sinks() -> std::sync::MutexGuard<'static, Vec<Sink>> {
+    SINKS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sends every later event to `sink`, and to it alone.
 pub fn set_sink(sink: impl FnMut(&Event) + Send + 'static) {
-    *SINK.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(sink));
+    let mut s = sinks();
+    s.clear();
+    s.push(Box::new(sink));
+}
+
+/// Sends every later event to `sink` too.
+pub fn add_sink(sink: impl FnMut(&Event) + Send + 'static) {
+    sinks().push(Box::new(sink));
 }
 
 /// Writes every later event to stdout as one JSON line, flushed at once.
 pub fn json_lines_to_stdout() {
-    set_sink(|e| {
+    add_sink(|e| {
         let mut out = std::io::stdout().lock();
         // A closed stdout (the reader went away) must not stop the build.
         let _ = serde_json::to_writer(&mut out, e);
@@ -74,9 +85,9 @@ pub fn json_lines_to_stdout() {
     });
 }
 
-/// Reports `event` to the sink, if there is one.
+/// Reports `event` to every sink.
 pub fn emit(event: &Event) {
-    if let Some(sink) = SINK.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+    for sink in sinks().iter_mut() {
         sink(event);
     }
 }

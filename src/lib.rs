@@ -19,6 +19,7 @@ pub mod metadata;
 pub mod output;
 pub mod pack;
 pub mod plan;
+pub mod progress;
 pub mod redact;
 pub mod root;
 pub mod signals;

@@ -1,20 +1,14 @@
-//! The one list of a build's stages, and the runner every stage goes through.
+//! The one list of a build's stages.
 //!
-//! [`Stage`] is the only place stage names are written: the orchestrator runs stages by it, the
-//! log lines, the `--message-format json` events, the fault-injection hook and the reliability
-//! matrix take their names from it, and a test checks the README and `docs/architecture.md`
-//! against [`Stage::ALL`].
+//! [`Stage`] is the only place stage names are written: the orchestrator
+//! ([`crate::creator`]) runs stages by it, the log lines, the `--message-format json` events,
+//! the fault-injection hook and the reliability matrix take their names from it, and a test
+//! checks the README and `docs/architecture.md` against [`Stage::ALL`].
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
 use serde::Serialize;
-
-use crate::error::Error;
-use crate::event::{self, Event};
-use crate::signals;
 
 /// A stage of a build, in the order a build runs them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -101,61 +95,6 @@ impl FromStr for Stage {
                     Stage::ALL.map(Stage::name).join(", ")
                 )
             })
-    }
-}
-
-/// Runs one stage: announces it (log and event), runs `f`, and reports its duration; a failure
-/// becomes [`Error::StageFailed`] naming the stage (an interruption stays
-/// [`Error::Interrupted`]).
-pub(crate) fn run<T>(stage: Stage, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    if let Err(e) = signals::check() {
-        return Err(
-            Error::classify(e.context(format!("before stage {stage}")), Some(stage)).into(),
-        );
-    }
-    tracing::info!("stage {stage}: started");
-    event::emit(&Event::StageStarted { stage });
-    let t = Instant::now();
-    let res = f().and_then(|out| injected_fault(stage).map(|()| out));
-    match res {
-        Ok(out) => {
-            let secs = t.elapsed().as_secs_f64();
-            tracing::info!("stage {stage}: done in {secs:.1}s");
-            event::emit(&Event::StageFinished {
-                stage,
-                seconds: secs,
-            });
-            Ok(out)
-        }
-        Err(e) => Err(Error::classify(e, Some(stage)).into()),
-    }
-}
-
-/// The test-only fault hook: `DEBIMG_TEST_FAULT=<stage>:fail` fails the build at the end of that
-/// stage (its resources held), `<stage>:pause` announces `debimg-test: paused in stage <stage>`
-/// on stderr and waits there for a signal. The fault-injection tests drive every stage with it.
-pub const FAULT_ENV: &str = "DEBIMG_TEST_FAULT";
-
-fn injected_fault(stage: Stage) -> Result<()> {
-    let Ok(spec) = std::env::var(FAULT_ENV) else {
-        return Ok(());
-    };
-    let Some((name, what)) = spec.split_once(':') else {
-        return Ok(());
-    };
-    if name != stage.name() {
-        return Ok(());
-    }
-    match what {
-        "fail" => bail!("injected fault ({FAULT_ENV}={spec})"),
-        "pause" => {
-            eprintln!("debimg-test: paused in stage {stage}");
-            loop {
-                signals::check()?;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        _ => Ok(()),
     }
 }
 

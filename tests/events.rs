@@ -97,6 +97,12 @@ fn a_program_follows_builds_from_the_json_lines_alone() {
     // A build: every stage in order, each started then finished with its time.
     let run = build(&spec, &out, &bdir, &json);
     run.assert_ok("the build");
+    // stderr is no terminal here: the log has no status line in it.
+    assert!(
+        !run.stderr().contains('\r') && !run.stderr().contains("\x1b["),
+        "{}",
+        run.stderr()
+    );
     let ev = events(&run.stdout());
     assert_eq!(ev[0]["reason"], "build-started");
     assert_eq!(ev[0]["name"], "ev");
@@ -218,6 +224,21 @@ fn a_program_follows_builds_from_the_json_lines_alone() {
         "{err}"
     );
     assert_no_leftovers(&bdir, &out);
+
+    // On a terminal (a pseudo-terminal by script(1)), a status line names the stage as it runs;
+    // the events on stdout are the same lines.
+    let cmd = build_command(&spec, &out, &bdir, &["--force", "-q"]);
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| format!("'{}'", a.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let shown = tool("script", &["-qefc", &line, "/dev/null"]);
+    assert!(
+        shown.contains("\r\x1b[2K[install ") && shown.contains("\r\x1b[2K[package "),
+        "no status line on the terminal: {shown:?}"
+    );
+    assert!(shown.contains("ev.tar.gz"), "{shown}");
 
     // A spec that never builds: the consumer still gets its end, with the kind.
     let bad = work.path().join("bad.yaml");
