@@ -25,26 +25,23 @@
 //! fsynced: a file torn by a crash fails its check and goes. `prune` and `entries` never follow
 //! a link.
 
-use std::ffi::{OsStr, OsString};
 use std::fs::{File, Metadata};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, anyhow, bail};
-use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag, RenameFlags};
-use nix::sys::stat::{FileStat, Mode, SFlag};
-use nix::unistd::UnlinkatFlags;
+use nix::sys::stat::FileStat;
 use sha2::{Digest, Sha256};
 
 use crate::cmd::CommandRunExt;
 use crate::debian::index::PackageIndex;
-use crate::pack::digest::{CHUNK_SIZE, read_full};
-use crate::plan::{Plan, hex};
+use crate::output::OutputDir;
+use crate::pack::digest::{CHUNK_SIZE, hex, read_full};
+use crate::plan::Plan;
 
 /// The cache directory and its parts.
 #[derive(Debug, Clone)]
@@ -233,34 +230,34 @@ impl Cache {
     /// regular files in the pool are never followed or opened.
     pub fn offer_packages(&self, dest: &Path, index: &PackageIndex) -> Result<Offered> {
         std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
-        let pool = DirFd::open(&self.packages_dir())?;
-        let dest = DirFd::open(dest)?;
+        let pool = OutputDir::open_nofollow(&self.packages_dir())?;
+        let dest = OutputDir::open_nofollow(dest)?;
         let mut out = Offered::default();
-        for name in pool.names()? {
+        for name in pool.entries()? {
             let Some(expected) = name.to_str().and_then(|n| index.expected(n)) else {
                 continue;
             };
-            if name.as_bytes().starts_with(b".") || dest.lstat(&name).is_some() {
+            if name.as_bytes().starts_with(b".") || dest.stat(&name)?.is_some() {
                 continue;
             }
-            let Some((mut file, st)) = pool.open_regular(&name)? else {
+            let Some((mut file, st)) = pool.open_if_regular(&name)? else {
                 continue;
             };
             if st.st_size as u64 != expected.size {
                 // Another repository's file of that name, perhaps: not this build's.
                 continue;
             }
-            let mut tmp = dest.create_temp(&name)?;
+            let mut tmp = dest.temp_file(&name)?;
             let digest =
                 copy_hashed(&mut file, &mut tmp.file, expected.size).with_context(|| {
                     format!(
                         "copying {} to {}",
-                        pool.shown(&name).display(),
-                        dest.shown(&name).display()
+                        pool.join(&name).display(),
+                        dest.join(&name).display()
                     )
                 })?;
             if digest.as_deref() == Some(expected.sha256.as_str()) {
-                if tmp.place()? {
+                if tmp.place_new()? {
                     out.files += 1;
                     out.bytes += expected.size;
                 }
@@ -269,7 +266,7 @@ impl Cache {
                 pool.remove_if_same(&name, &st);
                 tracing::warn!(
                     "pooled {} does not match its repository's index: removed",
-                    pool.shown(&name).display()
+                    pool.join(&name).display()
                 );
                 out.rejected += 1;
             }
@@ -283,23 +280,23 @@ impl Cache {
     /// skipped. Each file is copied, hashed in the same pass, under a temporary name, and put in
     /// place without replacing an entry another build stored first.
     pub fn store_packages(&self, src: &Path, index: &PackageIndex) -> Result<Stored> {
-        let src = DirFd::open(src)?;
-        let pool = DirFd::open(&self.packages_dir())?;
+        let src = OutputDir::open_nofollow(src)?;
+        let pool = OutputDir::open_nofollow(&self.packages_dir())?;
         let mut out = Stored::default();
-        for name in src.names()? {
+        for name in src.entries()? {
             let bytes = name.as_bytes();
-            if bytes.starts_with(b".") || !bytes.ends_with(b".deb") || pool.lstat(&name).is_some() {
+            if bytes.starts_with(b".") || !bytes.ends_with(b".deb") || pool.stat(&name)?.is_some() {
                 continue;
             }
             let mut reject = |why: &str| {
-                tracing::debug!("not pooling {}: {why}", src.shown(&name).display());
+                tracing::debug!("not pooling {}: {why}", src.join(&name).display());
                 out.rejected += 1;
             };
             let Some(expected) = name.to_str().and_then(|n| index.expected(n)) else {
                 reject("no repository index lists it, or two list it differently");
                 continue;
             };
-            let Some((mut file, st)) = src.open_regular(&name)? else {
+            let Some((mut file, st)) = src.open_if_regular(&name)? else {
                 reject("not a regular file");
                 continue;
             };
@@ -307,20 +304,20 @@ impl Cache {
                 reject("its size is not the index's");
                 continue;
             }
-            let mut tmp = pool.create_temp(&name)?;
+            let mut tmp = pool.temp_file(&name)?;
             let digest =
                 copy_hashed(&mut file, &mut tmp.file, expected.size).with_context(|| {
                     format!(
                         "copying {} to {}",
-                        src.shown(&name).display(),
-                        pool.shown(&name).display()
+                        src.join(&name).display(),
+                        pool.join(&name).display()
                     )
                 })?;
             if digest.as_deref() != Some(expected.sha256.as_str()) {
                 reject("its SHA-256 is not the index's");
                 continue;
             }
-            if tmp.place()? {
+            if tmp.place_new()? {
                 out.files += 1;
                 out.bytes += expected.size;
             }
@@ -376,15 +373,12 @@ impl Cache {
         if !valid_key(key) {
             bail!("invalid base-tree key {key:?}");
         }
-        let dest = self.bases_dir().join(format!("{key}.tar"));
-        let token = crate::sys::unique_token();
-        let tmp = self.bases_dir().join(format!(".{key}.tar.tmp-{token}"));
-        let record = digest_record(&dest);
-        let tmp_record = self
-            .bases_dir()
-            .join(format!(".{key}.tar{DIGEST_SUFFIX}.tmp-{token}"));
-        let res = Command::new("tar")
-            .args(TAR_COMMON)
+        let bases = OutputDir::open_nofollow(&self.bases_dir())?;
+        let name = format!("{key}.tar");
+        let dest = bases.join(&name);
+        let tar = bases.temp_file(&name)?;
+        let mut cmd = Command::new("tar");
+        cmd.args(TAR_COMMON)
             .args([
                 "--create",
                 "--exclude=./proc/*",
@@ -394,29 +388,24 @@ impl Cache {
                 "--exclude=./var/cache/apt/archives/*.deb",
                 "--file",
             ])
-            .arg(&tmp)
+            .arg(tar.fd_path())
             .arg("-C")
             .arg(root)
-            .arg(".")
-            .run()
-            .with_context(|| format!("archiving the base tree {}", root.display()))
-            .and_then(|()| {
-                let mut f =
-                    File::open(&tmp).with_context(|| format!("opening {}", tmp.display()))?;
-                let digest =
-                    sha256_of(&mut f).with_context(|| format!("reading {}", tmp.display()))?;
-                std::fs::write(&tmp_record, format!("{digest}  {key}.tar\n"))
-                    .with_context(|| format!("writing {}", tmp_record.display()))?;
-                std::fs::rename(&tmp_record, &record)
-                    .with_context(|| format!("moving {} into place", record.display()))?;
-                std::fs::rename(&tmp, &dest)
-                    .with_context(|| format!("moving {} into place", dest.display()))
-            });
-        if res.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-            let _ = std::fs::remove_file(&tmp_record);
-        }
-        res.map(|()| dest)
+            .arg(".");
+        crate::output::inherit_fds(&mut cmd, &[std::os::fd::AsFd::as_fd(&tar.file)]);
+        cmd.run()
+            .with_context(|| format!("archiving the base tree {}", root.display()))?;
+        let digest = File::open(tar.fd_path())
+            .and_then(|mut f| sha256_of(&mut f))
+            .with_context(|| format!("reading the new {}", dest.display()))?;
+        // The record first, the tar last: a tar is never in place without its record.
+        let record = digest_record(&dest);
+        let record_name = record
+            .file_name()
+            .context("a digest record has a file name")?;
+        bases.write_file(record_name, format!("{digest}  {name}\n").as_bytes(), 0o644)?;
+        tar.commit()?;
+        Ok(dest)
     }
 
     /// Removes entries unused for at least `older_than_secs` (0: all); returns how many and
@@ -635,7 +624,7 @@ fn open_regular_path(path: &Path) -> Result<Option<(File, FileStat)>> {
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
         return Ok(None);
     };
-    DirFd::open(parent)?.open_regular(name)
+    OutputDir::open_nofollow(parent)?.open_if_regular(name)
 }
 
 /// The SHA-256 of the rest of `file`, read in [`CHUNK_SIZE`] chunks.
@@ -815,174 +804,6 @@ fn dir_size(dir: &Path) -> u64 {
         .filter(|m| m.is_file())
         .map(|m| m.len())
         .sum()
-}
-
-/// A directory opened without following a link: names are looked up relative to it, so
-/// nothing in it can lead elsewhere, whatever a chroot does to it meanwhile.
-struct DirFd {
-    fd: OwnedFd,
-    path: PathBuf,
-}
-
-/// A file being written under a temporary name in a [`DirFd`]; removed unless put in place.
-struct TempFile<'a> {
-    dir: &'a DirFd,
-    name: OsString,
-    final_name: OsString,
-    file: File,
-    placed: bool,
-}
-
-impl DirFd {
-    fn open(path: &Path) -> Result<DirFd> {
-        let fd = nix::fcntl::open(
-            path,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .with_context(|| format!("opening directory {}", path.display()))?;
-        Ok(DirFd {
-            fd,
-            path: path.to_path_buf(),
-        })
-    }
-
-    /// `name` in this directory, for messages.
-    fn shown(&self, name: &OsStr) -> PathBuf {
-        self.path.join(name)
-    }
-
-    /// The names in the directory.
-    fn names(&self) -> Result<Vec<OsString>> {
-        // Listing through the descriptor's /proc link reads exactly the directory we opened.
-        let listing = format!("/proc/self/fd/{}", self.fd.as_raw_fd());
-        let mut out = Vec::new();
-        for e in std::fs::read_dir(&listing)
-            .with_context(|| format!("listing {}", self.path.display()))?
-        {
-            let e = e.with_context(|| format!("listing {}", self.path.display()))?;
-            out.push(e.file_name());
-        }
-        Ok(out)
-    }
-
-    fn lstat(&self, name: &OsStr) -> Option<FileStat> {
-        nix::sys::stat::fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).ok()
-    }
-
-    /// Opens `name` for reading if it is a regular file; `None` for a link (not followed), for
-    /// anything else (a FIFO or device is never opened) and for a name that went meanwhile.
-    fn open_regular(&self, name: &OsStr) -> Result<Option<(File, FileStat)>> {
-        // An O_PATH descriptor opens nothing; only once it is known to be a regular file is it
-        // reopened (through /proc, the same inode) for reading.
-        let handle = match nix::fcntl::openat(
-            &self.fd,
-            name,
-            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) {
-            Ok(fd) => fd,
-            Err(Errno::ENOENT) => return Ok(None),
-            Err(e) => {
-                return Err(e).with_context(|| format!("opening {}", self.shown(name).display()));
-            }
-        };
-        let st = nix::sys::stat::fstat(&handle)
-            .with_context(|| format!("inspecting {}", self.shown(name).display()))?;
-        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
-            return Ok(None);
-        }
-        let fd = nix::fcntl::open(
-            format!("/proc/self/fd/{}", handle.as_raw_fd()).as_str(),
-            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .with_context(|| format!("opening {}", self.shown(name).display()))?;
-        Ok(Some((File::from(fd), st)))
-    }
-
-    /// Creates a new file for `final_name` under a temporary name only this process uses.
-    fn create_temp(&self, final_name: &OsStr) -> Result<TempFile<'_>> {
-        let mut name = OsString::from(".");
-        name.push(final_name);
-        name.push(format!(".tmp-{}", crate::sys::unique_token()));
-        let fd = nix::fcntl::openat(
-            &self.fd,
-            name.as_os_str(),
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(0o644),
-        )
-        .with_context(|| format!("creating {}", self.shown(&name).display()))?;
-        Ok(TempFile {
-            dir: self,
-            name,
-            final_name: final_name.to_os_string(),
-            file: File::from(fd),
-            placed: false,
-        })
-    }
-
-    /// Removes `name` if it is still the file `st` describes (another build may have replaced a
-    /// rejected file with a good one meanwhile). Best effort.
-    fn remove_if_same(&self, name: &OsStr, st: &FileStat) {
-        if self
-            .lstat(name)
-            .is_some_and(|now| now.st_dev == st.st_dev && now.st_ino == st.st_ino)
-        {
-            let _ = nix::unistd::unlinkat(&self.fd, name, UnlinkatFlags::NoRemoveDir);
-        }
-    }
-}
-
-impl TempFile<'_> {
-    /// Puts the complete file in place under its final name unless that name exists (another
-    /// build stored it first: fine); returns whether it did.
-    fn place(mut self) -> Result<bool> {
-        let shown = || self.dir.shown(&self.final_name);
-        let fd = &self.dir.fd;
-        match nix::fcntl::renameat2(
-            fd,
-            self.name.as_os_str(),
-            fd,
-            self.final_name.as_os_str(),
-            RenameFlags::RENAME_NOREPLACE,
-        ) {
-            Ok(()) => {
-                self.placed = true;
-                Ok(true)
-            }
-            Err(Errno::EEXIST) => Ok(false),
-            // A filesystem without RENAME_NOREPLACE: a link fails the same way on an existing
-            // name; the temporary name goes on drop.
-            Err(Errno::EINVAL | Errno::ENOSYS) => match nix::unistd::linkat(
-                fd,
-                self.name.as_os_str(),
-                fd,
-                self.final_name.as_os_str(),
-                AtFlags::empty(),
-            ) {
-                Ok(()) => Ok(true),
-                Err(Errno::EEXIST) => Ok(false),
-                Err(e) => Err(anyhow!(e))
-                    .with_context(|| format!("moving {} into place", shown().display())),
-            },
-            Err(e) => {
-                Err(anyhow!(e)).with_context(|| format!("moving {} into place", shown().display()))
-            }
-        }
-    }
-}
-
-impl Drop for TempFile<'_> {
-    fn drop(&mut self) {
-        if !self.placed {
-            let _ = nix::unistd::unlinkat(
-                &self.dir.fd,
-                self.name.as_os_str(),
-                UnlinkatFlags::NoRemoveDir,
-            );
-        }
-    }
 }
 
 const TAR_COMMON: &[&str] = &[
@@ -1376,7 +1197,7 @@ mod tests {
         )
         .unwrap();
         std::fs::remove_file(src.join("fifo_1.0_all.deb")).unwrap();
-        nix::unistd::mkfifo(&src.join("fifo_1.0_all.deb"), Mode::S_IRWXU).unwrap();
+        nix::unistd::mkfifo(&src.join("fifo_1.0_all.deb"), nix::sys::stat::Mode::S_IRWXU).unwrap();
         std::fs::write(src.join("unknown_1_all.deb"), "x").unwrap();
         std::fs::write(src.join(".hidden_1.0_all.deb"), "x").unwrap();
         std::fs::write(src.join("lock"), "").unwrap();
@@ -1548,17 +1369,17 @@ mod tests {
     fn a_stored_entry_is_never_replaced() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("x.deb"), "first").unwrap();
-        let dir = DirFd::open(d.path()).unwrap();
-        let mut tmp = dir.create_temp(OsStr::new("x.deb")).unwrap();
+        let dir = OutputDir::open_nofollow(d.path()).unwrap();
+        let mut tmp = dir.temp_file("x.deb").unwrap();
         tmp.file.write_all(b"second").unwrap();
-        assert!(!tmp.place().unwrap());
+        assert!(!tmp.place_new().unwrap());
         assert_eq!(std::fs::read(d.path().join("x.deb")).unwrap(), b"first");
-        let mut tmp = dir.create_temp(OsStr::new("y.deb")).unwrap();
+        let mut tmp = dir.temp_file("y.deb").unwrap();
         tmp.file.write_all(b"new").unwrap();
-        assert!(tmp.place().unwrap());
+        assert!(tmp.place_new().unwrap());
         assert_eq!(std::fs::read(d.path().join("y.deb")).unwrap(), b"new");
         // A temporary dropped unplaced (an error on the way) is gone.
-        drop(dir.create_temp(OsStr::new("z.deb")).unwrap());
+        drop(dir.temp_file("z.deb").unwrap());
         assert!(hidden(d.path()).is_empty());
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2);
     }

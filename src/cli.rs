@@ -189,7 +189,8 @@ fn parse_size(text: &str) -> Result<u64, String> {
 
 #[derive(Subcommand)]
 pub enum CacheAction {
-    /// List cached packages and base trees with their size and age.
+    /// List the cache's entries (pooled packages, base trees, apt lists) with their size and the
+    /// hours since they were last used.
     List,
     /// Remove cache entries not used for longer than --older-than (default: remove all).
     Prune {

@@ -407,7 +407,10 @@ impl Plan {
                         })?;
                         (Some(path), sha)
                     }
-                    (None, Some(text)) => (None, hex(&Sha256::digest(text.as_bytes()))),
+                    (None, Some(text)) => (
+                        None,
+                        crate::pack::digest::hex(&Sha256::digest(text.as_bytes())),
+                    ),
                     (None, None) => bail!("files[{i}]: neither `source` nor `content`"),
                 };
                 Ok(PlannedFile {
@@ -484,7 +487,7 @@ impl Plan {
         h.update(env!("CARGO_PKG_VERSION").as_bytes());
         h.update(b"\n");
         h.update(&json);
-        hex(&h.finalize())
+        crate::pack::digest::hex(&h.finalize())
     }
 
     /// The image mounted at `/`; `None` for a tarball.
@@ -572,15 +575,6 @@ impl Plan {
             read_host_sources(Path::new("/")).context("reading the host's apt sources")?;
         Plan::new(spec, &sources, host_has("mmdebstrap"))
     }
-}
-
-/// Lowercase hex of a byte string.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 #[cfg(test)]
@@ -684,7 +678,7 @@ mod tests {
         std::fs::write(&file, "hello\n").unwrap();
         assert_eq!(
             file_sha256(&file).unwrap(),
-            hex(&Sha256::digest(b"hello\n"))
+            crate::pack::digest::hex(&Sha256::digest(b"hello\n"))
         );
         let fifo = dir.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();

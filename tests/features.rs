@@ -324,7 +324,7 @@ fn tarball_with_kernel_built_on_tmpfs_and_packed() {
         &example("tarball.yaml"),
         &out,
         &bdir,
-        &["--tmpfs", "4GiB", "--pack", "tar.gz", "-v"],
+        &["--tmpfs", "4GiB", "--bundle", "tar.gz", "-v"],
     );
     run.assert_ok("tarball build");
     assert_no_leftovers(&bdir, &out);

@@ -74,6 +74,22 @@ impl OutputDir {
         })
     }
 
+    /// Opens the directory `path` itself refusing a link (for directories of debimg's own, such
+    /// as the cache's parts).
+    pub fn open_nofollow(path: &Path) -> Result<OutputDir> {
+        let fd = nix::fcntl::open(
+            path,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| refusal(e, path))
+        .with_context(|| format!("opening directory {}", path.display()))?;
+        Ok(OutputDir {
+            fd,
+            path: path.to_path_buf(),
+        })
+    }
+
     /// Opens the sub-directory `name`, refusing a link.
     pub fn open_subdir(&self, name: impl AsRef<OsStr>) -> Result<OutputDir> {
         let name = self.checked(name.as_ref())?;
@@ -252,6 +268,65 @@ impl OutputDir {
         self.write_with(name, mode, |f| f.write_all(bytes).map_err(Into::into))
     }
 
+    /// Opens `name` for reading when it is a regular file; `None` for a link (not followed),
+    /// for anything else (a FIFO or device is never opened) and for a name that is gone. An
+    /// `O_PATH` descriptor is looked at first, and the same inode then reopened for reading.
+    pub fn open_if_regular(&self, name: impl AsRef<OsStr>) -> Result<Option<(File, FileStat)>> {
+        let name = self.checked(name.as_ref())?;
+        let handle = match nix::fcntl::openat(
+            &self.fd,
+            name,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => return Ok(None),
+            Err(e) => {
+                return Err(e).with_context(|| format!("opening {}", self.join(name).display()));
+            }
+        };
+        let st = nix::sys::stat::fstat(&handle)
+            .with_context(|| format!("inspecting {}", self.join(name).display()))?;
+        if EntryKind::of(&st) != EntryKind::File {
+            return Ok(None);
+        }
+        let fd = nix::fcntl::open(
+            &fd_path(&handle),
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(|| format!("opening {}", self.join(name).display()))?;
+        Ok(Some((File::from(fd), st)))
+    }
+
+    /// Removes `name` if it is still the file `st` describes (someone may have replaced it
+    /// meanwhile). Best effort.
+    pub fn remove_if_same(&self, name: impl AsRef<OsStr>, st: &FileStat) {
+        let name = name.as_ref();
+        if self
+            .stat(name)
+            .ok()
+            .flatten()
+            .is_some_and(|now| now.st_dev == st.st_dev && now.st_ino == st.st_ino)
+        {
+            let _ = nix::unistd::unlinkat(&self.fd, name, UnlinkatFlags::NoRemoveDir);
+        }
+    }
+
+    /// A new file for `final_name` under a temporary name, 0644, removed on drop unless put in
+    /// place ([`TempFile::place_new`], [`TempFile::commit`]).
+    pub fn temp_file(&self, final_name: impl AsRef<OsStr>) -> Result<TempFile<'_>> {
+        let final_name = self.checked(final_name.as_ref())?.to_os_string();
+        let (file, name) = self.create_temp(&final_name, 0o644)?;
+        Ok(TempFile {
+            dir: self,
+            name: OsString::from(name),
+            final_name,
+            file,
+            placed: false,
+        })
+    }
+
     /// Opens the existing regular file `name` for reading; refuses a link or anything else.
     pub fn open_regular(&self, name: impl AsRef<OsStr>) -> Result<File> {
         self.open_checked(name.as_ref(), OFlag::O_RDONLY, 0)
@@ -321,6 +396,82 @@ impl OutputDir {
 impl AsFd for OutputDir {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+}
+
+/// A file being written under a temporary name in an [`OutputDir`]; removed on drop unless put
+/// in place.
+pub struct TempFile<'a> {
+    dir: &'a OutputDir,
+    name: OsString,
+    final_name: OsString,
+    /// The file, open for writing.
+    pub file: File,
+    placed: bool,
+}
+
+impl TempFile<'_> {
+    /// The temporary file as a path that reaches it through its descriptor (for programs that
+    /// write it themselves: pass the descriptor on with [`inherit_fds`]).
+    pub fn fd_path(&self) -> PathBuf {
+        fd_path(&self.file)
+    }
+
+    /// Puts the complete file in place under its final name unless that name exists (someone
+    /// put it there first: fine, this one goes); returns whether it did. No fsync: for caches,
+    /// whose entries are checked when read.
+    pub fn place_new(mut self) -> Result<bool> {
+        let fd = &self.dir.fd;
+        let shown = self.dir.join(&self.final_name);
+        match nix::fcntl::renameat2(
+            fd,
+            self.name.as_os_str(),
+            fd,
+            self.final_name.as_os_str(),
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        ) {
+            Ok(()) => {
+                self.placed = true;
+                Ok(true)
+            }
+            Err(Errno::EEXIST) => Ok(false),
+            // A filesystem without RENAME_NOREPLACE: a link fails the same way on an existing
+            // name; the temporary name goes on drop.
+            Err(Errno::EINVAL | Errno::ENOSYS) => match nix::unistd::linkat(
+                fd,
+                self.name.as_os_str(),
+                fd,
+                self.final_name.as_os_str(),
+                AtFlags::empty(),
+            ) {
+                Ok(()) => Ok(true),
+                Err(Errno::EEXIST) => Ok(false),
+                Err(e) => Err(e).with_context(|| format!("moving {} into place", shown.display())),
+            },
+            Err(e) => Err(e).with_context(|| format!("moving {} into place", shown.display())),
+        }
+    }
+
+    /// fsyncs the file, renames it over its final name and fsyncs the directory.
+    pub fn commit(mut self) -> Result<()> {
+        self.file
+            .sync_all()
+            .with_context(|| format!("syncing {}", self.dir.join(&self.name).display()))?;
+        self.dir.commit(&self.name, &self.final_name)?;
+        self.placed = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempFile<'_> {
+    fn drop(&mut self) {
+        if !self.placed {
+            let _ = nix::unistd::unlinkat(
+                &self.dir.fd,
+                self.name.as_os_str(),
+                UnlinkatFlags::NoRemoveDir,
+            );
+        }
     }
 }
 

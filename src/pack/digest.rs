@@ -146,7 +146,8 @@ pub(crate) fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<us
     Ok(filled)
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex of a byte string.
+pub fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
         // Writing to a String cannot fail.

@@ -567,7 +567,15 @@ pub fn check(tool: Tool, options: &[String]) -> Result<(), OptionProblem> {
             }
         };
         if let Some(r) = table.refused.iter().find(|r| r.names.contains(&name)) {
-            return fail(i, format!("`{name}` is refused: {}", r.why));
+            return fail(
+                i,
+                format!(
+                    "`{name}` is refused: {} (the options allowed for {} are listed under \
+                     `mkfs_options` in docs/spec.md)",
+                    r.why,
+                    tool.program()
+                ),
+            );
         }
         let Some(o) = table.allowed.iter().find(|o| o.names.contains(&name)) else {
             return fail(
