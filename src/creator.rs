@@ -670,17 +670,7 @@ mod tests {
 
     #[test]
     fn stages_keep_their_order_and_cleanup_is_always_safe() {
-        let spec = crate::spec::Spec::from_yaml(
-            "version: 1\nname: t\nsuite: bookworm\nkind: tarball\n",
-            "t",
-        )
-        .unwrap();
-        let plan = Plan::new(
-            &spec,
-            &crate::plan::parse_sources_list("deb http://m.example/debian bookworm main"),
-            false,
-        )
-        .unwrap();
+        let plan = Plan::for_test("version: 1\nname: t\nsuite: bookworm\nkind: tarball\n");
         let dir = tempfile::tempdir().unwrap();
         let mut opts = BuildOptions::new(dir.path().join("out"));
         opts.build_dir = dir.path().join("build");

@@ -568,6 +568,18 @@ impl Plan {
 }
 
 impl Plan {
+    /// The plan of a spec in YAML against a made-up mirror, for tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(yaml: &str) -> Plan {
+        let spec = crate::spec::Spec::from_yaml(yaml, "t").unwrap();
+        Plan::new(
+            &spec,
+            &parse_sources_list("deb http://m.example/debian bookworm main"),
+            false,
+        )
+        .unwrap()
+    }
+
     /// The plan of `spec` on this host: `host` mirrors from its apt sources, mmdebstrap when it
     /// is installed.
     pub fn for_host(spec: &crate::spec::Spec) -> Result<Plan> {

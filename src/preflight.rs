@@ -171,21 +171,11 @@ pub(crate) fn check_free_space(plan: &Plan, build_dir: &Path, tmpfs: Option<u64>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::parse_sources_list;
-    use crate::spec::Spec;
 
     fn plan() -> Plan {
-        let spec = Spec::from_yaml(
+        Plan::for_test(
             "version: 1\nname: t\nsuite: bookworm\nimages:\n  - {mount: /, fs: ext4, size: 1GiB}\n  - {mount: /var, fs: xfs, size: 1GiB}\n",
-            "t",
         )
-        .unwrap();
-        Plan::new(
-            &spec,
-            &parse_sources_list("deb http://m.example/debian bookworm main"),
-            false,
-        )
-        .unwrap()
     }
 
     #[test]
@@ -215,17 +205,9 @@ mod tests {
 
     #[test]
     fn space_preflight_names_the_shortfall() {
-        let spec = Spec::from_yaml(
+        let plan = Plan::for_test(
             "version: 1\nname: t\nsuite: bookworm\nimages:\n  - {mount: /, fs: ext4, size: 1GiB}\n",
-            "t",
-        )
-        .unwrap();
-        let plan = Plan::new(
-            &spec,
-            &parse_sources_list("deb http://m.example/debian bookworm main"),
-            false,
-        )
-        .unwrap();
+        );
         assert_eq!(space_needed(&plan), MIN_TREE);
         let dir = tempfile::tempdir().unwrap();
         let e = check_free_space(&plan, dir.path(), Some(64 << 20))

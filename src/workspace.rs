@@ -234,21 +234,11 @@ impl Drop for Workspace {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::output::{mode, victim};
     use std::time::Duration;
 
     fn is_root() -> bool {
         nix::unistd::geteuid().is_root()
-    }
-
-    fn mode(path: &Path) -> u32 {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
-    }
-
-    fn victim(dir: &Path) -> PathBuf {
-        let v = dir.join("victim");
-        std::fs::write(&v, b"a host file\n").unwrap();
-        v
     }
 
     /// Every kind of entry stale-workspace cleanup must leave alone, next to one it must remove

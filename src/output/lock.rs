@@ -66,19 +66,8 @@ impl OutputLock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
+    use crate::output::{mode, victim};
     use std::time::Duration;
-
-    fn mode(path: &Path) -> u32 {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
-    }
-
-    fn victim(dir: &Path) -> PathBuf {
-        let v = dir.join("victim");
-        std::fs::write(&v, b"a host file\n").unwrap();
-        v
-    }
 
     #[test]
     fn output_lock_refuses_a_link_and_leaves_its_target_alone() {

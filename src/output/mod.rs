@@ -543,6 +543,21 @@ fn refusal(e: Errno, path: &Path) -> anyhow::Error {
     }
 }
 
+/// A host file for a test to prove untouched (with [`fingerprint`]).
+#[cfg(test)]
+pub(crate) fn victim(dir: &Path) -> PathBuf {
+    let v = dir.join("victim");
+    std::fs::write(&v, b"a host file\n").unwrap();
+    v
+}
+
+/// A file's permission bits, for tests.
+#[cfg(test)]
+pub(crate) fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
+}
+
 /// The modification time and content of a file, to prove in tests that it was not touched.
 #[cfg(test)]
 pub(crate) fn fingerprint(path: &Path) -> (Vec<u8>, i64, i64, u64) {

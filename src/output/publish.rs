@@ -125,29 +125,14 @@ impl Drop for PendingOutputs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::parse_sources_list;
-    use crate::spec::Spec;
+    use crate::output::victim;
     use std::io::Write;
-
-    fn victim(dir: &Path) -> PathBuf {
-        let v = dir.join("victim");
-        std::fs::write(&v, b"a host file\n").unwrap();
-        v
-    }
 
     #[test]
     fn a_tarball_with_records_is_reused_only_while_complete() {
-        let spec = Spec::from_yaml(
+        let plan = Plan::for_test(
             "version: 1\nname: tb\nsuite: bookworm\nkind: tarball\nrecords: [packages]\n",
-            "t",
-        )
-        .unwrap();
-        let plan = Plan::new(
-            &spec,
-            &parse_sources_list("deb http://m.example/debian bookworm main"),
-            false,
-        )
-        .unwrap();
+        );
         let out = tempfile::tempdir().unwrap();
         std::fs::write(out.path().join("tb.tar.gz"), b"archive").unwrap();
         std::fs::write(out.path().join("tb.packages"), b"a 1\n").unwrap();

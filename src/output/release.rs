@@ -292,6 +292,7 @@ pub fn pack_outputs(dir: &OutputDir, files: &[String], archive: &str) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::output::victim;
 
     #[test]
     fn release_ids() {
@@ -354,12 +355,6 @@ mod tests {
 
     use crate::output::fingerprint;
     use std::os::unix::fs::symlink;
-
-    fn victim(dir: &Path) -> PathBuf {
-        let v = dir.join("victim");
-        std::fs::write(&v, b"a host file\n").unwrap();
-        v
-    }
 
     fn names(dir: &Path) -> Vec<String> {
         let mut n: Vec<String> = std::fs::read_dir(dir)
