@@ -16,6 +16,7 @@ pub mod fuel;
 pub mod job;
 pub mod kind;
 pub mod metadata;
+pub mod openpgp;
 pub mod output;
 pub mod pack;
 pub mod plan;
