@@ -835,6 +835,15 @@ pub fn base_key(plan: &Plan, release_digest: &str) -> String {
         h.update(f.as_bytes());
         h.update(b"\n");
     }
+    // What the bootstrap checked the repository against: a tree made with one key (or none)
+    // is not offered to a build that gives another.
+    let first = &plan.repos[0];
+    if let Some(k) = &first.key_sha256 {
+        h.update(format!("key {k}\n").as_bytes());
+    }
+    if first.trusted {
+        h.update(b"trusted\n");
+    }
     hex(&h.finalize())
 }
 

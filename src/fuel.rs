@@ -16,7 +16,11 @@
 //! - `repos` (required, at least one): `{"name", "uri", "suite", "section", "priority", "type"}`.
 //!   `priority` may be `null` or absent (no pin). `type` is `deb` when given (fuel-agent always
 //!   writes `deb`). The first repo is the one the base system is bootstrapped from, as in
-//!   fuel-agent.
+//!   fuel-agent. fuel-agent checked no repository's signature, and its input carries no keys:
+//!   each repo is built from unauthenticated (`trusted: true`, a warning on every build and a
+//!   line in the metadata), unless the entry has a `key` (debimg's addition, as a spec's
+//!   `repos[].key`: inline armored text or a file next to the input), which it is checked
+//!   against.
 //! - `codename`: the suite; when absent, the first repo's suite. fuel-agent bootstraps the first
 //!   repo's suite whatever `codename` says, so the two must agree.
 //! - `packages`: installed with apt after the bootstrap. Required here, although fuel-agent falls
@@ -138,6 +142,11 @@ pub struct FuelRepo {
     /// `deb` (fuel-agent reads nothing else).
     #[serde(default, rename = "type")]
     pub kind: Option<String>,
+    /// debimg's addition: the repo's OpenPGP key, as a spec's `repos[].key` (inline armored
+    /// text, or a file relative to the input). Without it the repo is used unauthenticated, as
+    /// fuel-agent used every repo.
+    #[serde(default)]
+    pub key: Option<String>,
     /// Keys debimg does not read.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
@@ -329,6 +338,9 @@ pub fn build_from_input(input: &FuelInput, source_name: &str) -> Result<FuelBuil
             "suite": r.suite,
             "section": r.section,
             "priority": r.priority,
+            // fuel-agent checked no signature; with a key, debimg checks against it.
+            "trusted": r.key.is_none(),
+            "key": r.key,
         }));
     }
 
@@ -747,7 +759,7 @@ mod tests {
             Some("http://mirror.example/debian")
         );
         assert_eq!(s.repos[0].suite, "bookworm");
-        assert_eq!(s.repos[0].section, "main");
+        assert_eq!(s.repos[0].components(), "main");
         assert_eq!(s.repos[0].priority, None);
         assert_eq!(s.repos[1].name, "debian-updates");
         assert_eq!(s.repos[1].suite, "bookworm-updates");
@@ -1089,13 +1101,18 @@ mod tests {
         assert_eq!(back.images.len(), 2);
     }
     #[test]
-    fn fuel_repos_are_never_trusted() {
+    fn fuel_repos_are_unauthenticated_unless_given_a_key() {
         let b = spec_from_fuel(EXAMPLE, "example.json").unwrap();
-        assert!(b.spec.repos.iter().all(|r| !r.trusted));
-        // A `trusted` key in the input is ignored, not honoured.
+        assert!(b.spec.repos.iter().all(|r| r.trusted && r.key.is_none()));
+        // A `trusted: false` in the input is not how to ask for a check: a key is.
         let mut v = example();
-        v["repos"][1]["trusted"] = json!(true);
-        assert!(convert(&v).unwrap().spec.repos.iter().all(|r| !r.trusted));
+        v["repos"][1]["trusted"] = json!(false);
+        assert!(convert(&v).unwrap().spec.repos.iter().all(|r| r.trusted));
+        v["repos"][1]["key"] = json!("vendor.asc");
+        let s = convert(&v).unwrap().spec;
+        assert!(s.repos[0].trusted);
+        assert!(!s.repos[1].trusted);
+        assert_eq!(s.repos[1].key.as_deref(), Some("vendor.asc"));
     }
 
     #[test]

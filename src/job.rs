@@ -42,8 +42,10 @@ impl Input {
         let boundary = |e| Error::classify(e, None);
         if let Some(fuel) = fuel {
             let text = crate::fuel::read_input(fuel).map_err(boundary)?;
-            let build = crate::fuel::spec_from_fuel(&text, &fuel.display().to_string())
+            let mut build = crate::fuel::spec_from_fuel(&text, &fuel.display().to_string())
                 .map_err(boundary)?;
+            // Its repos' key files are next to it, as a spec's are.
+            build.spec.base_dir = crate::spec::input_dir(fuel);
             return Ok(Input {
                 spec: build.spec.clone(),
                 text,

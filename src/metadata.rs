@@ -89,6 +89,9 @@ pub struct RepoMeta {
     /// Used without a signature check (`trusted: true` in the spec).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub trusted: bool,
+    /// The fingerprints of the repo's own keys (`key:`), the only ones apt accepted for it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_fingerprints: Vec<String>,
 }
 
 impl Metadata {
@@ -144,6 +147,7 @@ impl Metadata {
                     priority: r.priority,
                     meta: m.clone(),
                     trusted: r.trusted,
+                    key_fingerprints: r.key_fingerprints.clone(),
                 })
                 .collect(),
             packages: plan.packages.clone(),
@@ -273,6 +277,7 @@ mod tests {
                     ..Default::default()
                 },
                 trusted: true,
+                key_fingerprints: vec!["AB".repeat(20)],
             }],
             packages: vec!["curl".into()],
             installed: BTreeMap::from([("1:odd".to_string(), "1:2.0-1".to_string())]),

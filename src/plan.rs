@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -202,7 +202,60 @@ pub struct PlannedRepo {
     /// Used without a signature (`[trusted=yes]`), as the spec asks explicitly; part of the
     /// digest, so the reuse key changes with it.
     pub trusted: bool,
+    /// The repo's own keys (`key:`) as one binary keyring: apt checks the repo against it
+    /// only (`signed-by=`). Its sha256 and fingerprints are in the digest.
+    #[serde(skip)]
+    pub keyring: Option<Vec<u8>>,
+    /// sha256 of [`Self::keyring`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_sha256: Option<String>,
+    /// The primary keys' fingerprints, as the metadata lists them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub key_fingerprints: Vec<String>,
 }
+
+impl PlannedRepo {
+    /// A flat repository (`suite: ./`): no `dists/`, no components.
+    pub fn is_flat(&self) -> bool {
+        crate::spec::is_flat_suite(&self.suite)
+    }
+
+    /// Where its keyring is in the image, when it has one (without the leading `/`).
+    pub fn keyring_path(&self) -> Option<String> {
+        self.keyring
+            .as_ref()
+            .map(|_| format!("{KEYRINGS_DIR}/debimg-{}.gpg", self.name))
+    }
+
+    /// Sets the repo's keys from `key:` (inline armored text, or a file relative to `base`).
+    fn load_key(&mut self, key: &str, base: &Path) -> Result<()> {
+        let data = if crate::openpgp::is_armored(key) {
+            key.as_bytes().to_vec()
+        } else {
+            let path = base.join(key);
+            let (file, _) = crate::spec::open_regular(&path)
+                .map_err(|e| anyhow!("`{}` {e}", path.display()))?;
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(file, crate::spec::MAX_INPUT_BYTES + 1),
+                &mut buf,
+            )
+            .with_context(|| format!("reading {}", path.display()))?;
+            if buf.len() as u64 > crate::spec::MAX_INPUT_BYTES {
+                bail!("`{}` is larger than 1 MiB: not a key file", path.display());
+            }
+            buf
+        };
+        let ring = crate::openpgp::keyring(&data).map_err(|e| anyhow!("{e}"))?;
+        self.key_sha256 = Some(crate::pack::digest::hex(&Sha256::digest(&ring.bytes)));
+        self.key_fingerprints = ring.fingerprints;
+        self.keyring = Some(ring.bytes);
+        Ok(())
+    }
+}
+
+/// Where repos' keyrings go in the image (apt's place for `signed-by=` keys).
+pub const KEYRINGS_DIR: &str = "etc/apt/keyrings";
 
 /// An image with its output names decided.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -350,6 +403,9 @@ impl Plan {
                 section: "main".into(),
                 priority: None,
                 trusted: false,
+                keyring: None,
+                key_sha256: None,
+                key_fingerprints: Vec::new(),
             }]
         } else {
             spec.repos
@@ -357,15 +413,24 @@ impl Plan {
                 .enumerate()
                 .map(|(i, r)| {
                     let uri = r.uri.as_deref().unwrap_or(&spec.mirror);
-                    Ok(PlannedRepo {
+                    let mut planned = PlannedRepo {
                         name: r.name.clone(),
                         uri: resolve(uri, &r.suite)
                             .with_context(|| format!("resolving repos[{i}].uri"))?,
                         suite: r.suite.clone(),
-                        section: r.section.split_whitespace().collect::<Vec<_>>().join(" "),
+                        section: r.components(),
                         priority: r.priority,
                         trusted: r.trusted,
-                    })
+                        keyring: None,
+                        key_sha256: None,
+                        key_fingerprints: Vec::new(),
+                    };
+                    if let Some(key) = &r.key {
+                        planned
+                            .load_key(key, &spec.base_dir)
+                            .with_context(|| format!("repos[{i}].key"))?;
+                    }
+                    Ok(planned)
                 })
                 .collect::<Result<_>>()?
         };
@@ -670,9 +735,10 @@ mod tests {
             name: "d".into(),
             uri: None,
             suite: "bookworm".into(),
-            section: "main".into(),
+            section: Some("main".into()),
             priority: None,
             trusted: false,
+            key: None,
         }];
         let signed = Plan::new(&s, &src, true).unwrap();
         assert!(!signed.repos[0].trusted);
@@ -681,6 +747,54 @@ mod tests {
         let trusted = Plan::new(&s, &src, true).unwrap();
         assert!(trusted.repos[0].trusted);
         assert_ne!(signed.digest, trusted.digest);
+    }
+
+    #[test]
+    fn a_repo_key_is_loaded_named_and_digested() {
+        let src = parse_deb822_sources(DEB822);
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::openpgp::tests::sample_binary();
+        std::fs::write(dir.path().join("vendor.gpg"), &key).unwrap();
+        let mut s = spec("");
+        s.base_dir = dir.path().to_path_buf();
+        let repo = |key: Option<&str>, suite: &str| crate::spec::Repo {
+            name: "vendor".into(),
+            uri: Some("http://vendor.example/repo".into()),
+            suite: suite.into(),
+            section: None,
+            priority: Some(990),
+            trusted: false,
+            key: key.map(str::to_string),
+        };
+        s.repos.push(repo(None, "bookworm"));
+        let plain = Plan::new(&s, &src, true).unwrap();
+        let r = plain.repos.last().unwrap();
+        assert_eq!(r.section, "main");
+        assert_eq!(r.keyring_path(), None);
+        s.repos.last_mut().unwrap().key = Some("vendor.gpg".into());
+        let keyed = Plan::new(&s, &src, true).unwrap();
+        let r = keyed.repos.last().unwrap();
+        assert_eq!(r.keyring.as_deref(), Some(key.as_slice()));
+        assert_eq!(r.key_fingerprints.len(), 1);
+        assert_eq!(
+            r.keyring_path().as_deref(),
+            Some("etc/apt/keyrings/debimg-vendor.gpg")
+        );
+        assert_ne!(plain.digest, keyed.digest);
+        // Another key file under the same name is another build.
+        let mut other = key.clone();
+        *other.last_mut().unwrap() ^= 1;
+        std::fs::write(dir.path().join("vendor.gpg"), &other).unwrap();
+        assert_ne!(Plan::new(&s, &src, true).unwrap().digest, keyed.digest);
+        // What is not a key is refused, naming the field.
+        std::fs::write(dir.path().join("vendor.gpg"), b"not a key").unwrap();
+        let e = format!("{:#}", Plan::new(&s, &src, true).unwrap_err());
+        assert!(e.contains("repos[0].key"), "{e}");
+        // A flat repository has no components.
+        *s.repos.last_mut().unwrap() = repo(None, "./");
+        let flat = Plan::new(&s, &src, true).unwrap();
+        assert!(flat.repos.last().unwrap().is_flat());
+        assert_eq!(flat.repos.last().unwrap().section, "");
     }
 
     #[test]

@@ -667,6 +667,18 @@ fn fuel_agent_input_builds_what_fuel_agent_would() {
         .find(|p| p.to_string_lossy().ends_with(".debimg.yaml"))
         .expect("debimg's own metadata");
     let meta = Metadata::read(&own).unwrap();
+    // As fuel-agent built: its repos unauthenticated (the input has no keys), each one said.
+    let err = run.stderr();
+    for r in &meta.repos {
+        assert!(r.trusted, "repo `{}` is not marked unauthenticated", r.name);
+        assert!(
+            err.contains(&format!("repo `{}`", r.name))
+                && err.contains("without a signature check"),
+            "no warning for repo `{}`:\n{err}",
+            r.name
+        );
+    }
+    assert_eq!(meta.repos.len(), 2);
     let raws = check_outputs(&out, &meta, work.path());
     let tree = MountedTree::mount(&meta, &raws);
     let installed = dpkg_installed(&tree.read("/var/lib/dpkg/status"));

@@ -122,10 +122,100 @@ pub fn parse_release(text: &str) -> ReleaseMeta {
 pub fn render_sources(repos: &[PlannedRepo]) -> String {
     let mut s = String::from("# Written by debimg from the image spec.\n");
     for r in repos {
-        let options = if r.trusted { "[trusted=yes] " } else { "" };
-        let _ = writeln!(s, "deb {options}{} {} {}", r.uri, r.suite, r.section);
+        let options = match (r.trusted, r.keyring_path()) {
+            (true, _) => "[trusted=yes] ".to_string(),
+            (false, Some(k)) => format!("[signed-by=/{k}] "),
+            (false, None) => String::new(),
+        };
+        let line = format!("deb {options}{} {} {}", r.uri, r.suite, r.section);
+        let _ = writeln!(s, "{}", line.trim_end());
     }
     s
+}
+
+/// What apt's lists call a repo's Release file, without the `InRelease`/`Release` ending:
+/// `<uri>_dists_<suite>_`, or for a flat repo `<uri>_<dir>_` (`./` dropped, `/` as `_`).
+pub fn release_list_prefix(repo: &PlannedRepo) -> String {
+    let uri = list_file_prefix(&repo.uri);
+    if repo.is_flat() {
+        let dir = repo.suite.trim_start_matches("./").trim_end_matches('/');
+        if dir.is_empty() {
+            format!("{uri}_._")
+        } else {
+            format!("{uri}_{}_", dir.replace('/', "_"))
+        }
+    } else {
+        format!("{uri}_dists_{}_", repo.suite)
+    }
+}
+
+/// Reads apt-get update's output for the repos whose signature check failed and says, for
+/// each, which repo it is and which key signed it (apt's `NO_PUBKEY <id>`), or that it is not
+/// signed at all. Empty when the failure is something else.
+pub fn explain_signature_failures(repos: &[PlannedRepo], lines: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in repos {
+        // apt names the repo by its URI and suite in its error lines.
+        // apt writes `file:///srv/r` as `file:/srv/r`.
+        let uri = r.uri.trim_end_matches('/');
+        let uri = match uri.strip_prefix("file:///") {
+            Some(path) => format!("file:/{path}"),
+            None => uri.to_string(),
+        };
+        let release_of = |l: &str| {
+            l.contains(&format!("{uri} {} ", r.suite))
+                || l.contains(&format!("{uri}/ {} ", r.suite))
+                || l.ends_with(&format!("{uri} {}", r.suite))
+                || l.contains(&format!("{uri}/dists/{}/", r.suite))
+        };
+        let mine: Vec<&String> = lines.iter().filter(|l| release_of(l)).collect();
+        let mut ids: Vec<String> = Vec::new();
+        for l in &mine {
+            for part in l.split("NO_PUBKEY ").skip(1) {
+                if let Some(id) = part.split_whitespace().next() {
+                    let id = id.trim_end_matches(|c: char| !c.is_ascii_hexdigit());
+                    if !ids.iter().any(|x| x == id) {
+                        ids.push(id.to_string());
+                    }
+                }
+            }
+        }
+        let unsigned = mine.iter().any(|l| l.contains("is not signed"));
+        let how = if !ids.is_empty() {
+            format!("its Release file is signed by key {}", ids.join(", "))
+        } else if unsigned {
+            "its Release file is not signed".to_string()
+        } else if mine.iter().any(|l| {
+            l.contains("signatures couldn't be verified")
+                || l.contains("signatures were invalid")
+                || l.contains("GPG error")
+        }) {
+            "its Release file's signature could not be verified".to_string()
+        } else {
+            continue;
+        };
+        let given = if r.key_fingerprints.is_empty() {
+            "the keys in the image (Debian's archive keyring); give the repo its `key`, or \
+             `trusted: true` for a repository without a signature"
+                .to_string()
+        } else {
+            format!(
+                "its `key` ({})",
+                r.key_fingerprints
+                    .iter()
+                    .map(|f| crate::openpgp::key_id(f))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        out.push(format!(
+            "repo `{}` ({} {}): {how}, which is not among {given}",
+            r.name,
+            crate::redact::text(&r.uri),
+            r.suite
+        ));
+    }
+    out
 }
 
 /// An apt preferences file pinning every package of `repo` to its priority, matched on the
@@ -151,9 +241,17 @@ pub fn render_preferences(repo: &PlannedRepo, meta: &ReleaseMeta, priority: i32)
         fields.push(format!("l={}", quote(v)));
     }
     let mut s = format!("# Pin for repo `{}` written by debimg.\n", repo.name);
-    for comp in repo.section.split_whitespace() {
+    // A flat repository has no components: its pin is on its Release fields alone.
+    let comps: Vec<Option<&str>> = if repo.is_flat() {
+        vec![None]
+    } else {
+        repo.section.split_whitespace().map(Some).collect()
+    };
+    for comp in comps {
         let mut f = fields.clone();
-        f.push(format!("c={comp}"));
+        if let Some(c) = comp {
+            f.push(format!("c={c}"));
+        }
         let _ = write!(
             s,
             "\nPackage: *\nPin: release {}\nPin-Priority: {priority}\n",
@@ -236,6 +334,11 @@ impl Apt<'_> {
                 r.suite
             );
         }
+        for r in &plan.repos {
+            if let (Some(path), Some(ring)) = (r.keyring_path(), &r.keyring) {
+                self.root.write(&path, ring, 0o644, Owner::ROOT)?;
+            }
+        }
         let sources = render_sources(&plan.repos);
         self.root.write(
             "etc/apt/sources.list",
@@ -250,14 +353,29 @@ impl Apt<'_> {
             Owner::ROOT,
         )?;
         self.root.create_dir_all(LISTS_DIR)?;
-        let key = crate::cache::lists_key(&sources, &plan.arch);
+        // The keys are part of the key: lists verified against one key are not offered to a
+        // build that gives the repo another.
+        let keys: Vec<&str> = plan
+            .repos
+            .iter()
+            .filter_map(|r| r.key_sha256.as_deref())
+            .collect();
+        let key = crate::cache::lists_key(&format!("{sources}{}", keys.join("\n")), &plan.arch);
         if let Some(c) = cache {
             let n = c.restore_lists(&key, self.root, LISTS_DIR)?;
             if n > 0 {
                 tracing::info!("apt lists: {n} files from the cache");
             }
         }
-        self.apt_get(&["update"])?;
+        if let Err(e) = self.apt_get(&["update"]) {
+            let text = format!("{e:#}");
+            let lines: Vec<String> = text.lines().map(str::to_string).collect();
+            let why = explain_signature_failures(&plan.repos, &lines);
+            if why.is_empty() {
+                return Err(e);
+            }
+            return Err(e.context(why.join("\n")));
+        }
         if let Some(c) = cache {
             c.store_lists(&key, self.root, LISTS_DIR)?;
         }
@@ -291,7 +409,7 @@ impl Apt<'_> {
 
     /// Reads each repo's Release fields from apt's lists (after `update`).
     pub fn release_meta(&self, repo: &PlannedRepo) -> Result<ReleaseMeta> {
-        let prefix = format!("{}_dists_{}_", list_file_prefix(&repo.uri), repo.suite);
+        let prefix = release_list_prefix(repo);
         for name in ["InRelease", "Release"] {
             let p = format!("{LISTS_DIR}/{prefix}{name}");
             if self.root.is_file(&p) {
@@ -490,7 +608,97 @@ mod tests {
             section: section.into(),
             priority: Some(100),
             trusted: false,
+            keyring: None,
+            key_sha256: None,
+            key_fingerprints: Vec::new(),
         }
+    }
+
+    #[test]
+    fn keyed_and_flat_repos_in_sources_pins_and_lists() {
+        let mut keyed = repo("main");
+        keyed.name = "vendor".into();
+        keyed.keyring = Some(vec![0x99]);
+        keyed.key_fingerprints = vec!["0123456789ABCDEF0123456789ABCDEF01234567".into()];
+        let mut flat = repo("");
+        flat.name = "team".into();
+        flat.uri = "file:///srv/team-repo".into();
+        flat.suite = "./".into();
+        let mut sub = flat.clone();
+        sub.suite = "./stable/".into();
+        let s = render_sources(&[keyed.clone(), flat.clone()]);
+        assert!(
+            s.contains(
+                "deb [signed-by=/etc/apt/keyrings/debimg-vendor.gpg] http://m.example/debian-security bookworm-security main\n"
+            ),
+            "{s}"
+        );
+        assert!(s.contains("deb file:///srv/team-repo ./\n"), "{s}");
+        // apt's list file names (checked against apt 2.6's own).
+        assert_eq!(release_list_prefix(&flat), "_srv_team-repo_._");
+        assert_eq!(release_list_prefix(&sub), "_srv_team-repo_stable_");
+        assert_eq!(
+            release_list_prefix(&keyed),
+            "m.example_debian-security_dists_bookworm-security_"
+        );
+        let meta = ReleaseMeta {
+            origin: Some("Team".into()),
+            ..Default::default()
+        };
+        let p = render_preferences(&flat, &meta, 990);
+        assert!(
+            p.contains("Pin: release o=Team\nPin-Priority: 990\n"),
+            "{p}"
+        );
+        assert!(!p.contains("c="), "{p}");
+    }
+
+    #[test]
+    fn signature_failures_name_the_repo_and_the_key() {
+        let mut keyed = repo("main");
+        keyed.name = "vendor".into();
+        keyed.uri = "http://127.0.0.1:8000/repo".into();
+        keyed.suite = "./".into();
+        keyed.keyring = Some(vec![0x99]);
+        keyed.key_fingerprints = vec!["0123456789ABCDEF0123456789ABCDEF01234567".into()];
+        let mut plain = repo("main");
+        plain.name = "team".into();
+        let lines: Vec<String> = [
+            "W: GPG error: http://127.0.0.1:8000/repo ./ InRelease: The following signatures couldn't be verified because the public key is not available: NO_PUBKEY 6C8E1F0B2A3D4E5F",
+            "E: The repository 'http://127.0.0.1:8000/repo ./ InRelease' is not signed.",
+            "E: The repository 'http://m.example/debian-security bookworm-security Release' is not signed.",
+            "W: GPG error: file:/srv/team ./ InRelease: The following signatures couldn't be verified because the public key is not available: NO_PUBKEY C0924B144CA115A1",
+        ]
+        .map(str::to_string)
+        .to_vec();
+        let mut flat = plain.clone();
+        flat.name = "flat".into();
+        flat.uri = "file:///srv/team".into();
+        flat.suite = "./".into();
+        let why = explain_signature_failures(&[keyed.clone(), plain.clone(), flat], &lines);
+        assert_eq!(why.len(), 3, "{why:?}");
+        assert!(why[2].contains("repo `flat` (file:///srv/team ./): its Release file is signed by key C0924B144CA115A1"), "{}", why[2]);
+        assert!(
+            why[0].starts_with("repo `vendor` (http://127.0.0.1:8000/repo ./)"),
+            "{}",
+            why[0]
+        );
+        assert!(
+            why[0].contains("signed by key 6C8E1F0B2A3D4E5F"),
+            "{}",
+            why[0]
+        );
+        assert!(
+            why[0].contains("its `key` (89ABCDEF01234567)"),
+            "{}",
+            why[0]
+        );
+        assert!(why[1].contains("repo `team`"), "{}", why[1]);
+        assert!(why[1].contains("is not signed"), "{}", why[1]);
+        assert!(why[1].contains("give the repo its `key`"), "{}", why[1]);
+        // Another failure (a 404) explains nothing.
+        let other = vec!["E: Failed to fetch http://m.example/x  404  Not Found".to_string()];
+        assert!(explain_signature_failures(&[plain], &other).is_empty());
     }
 
     #[test]

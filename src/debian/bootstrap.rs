@@ -38,8 +38,10 @@ fn base_tree(
     cache: Option<&Cache>,
     show: bool,
 ) -> Result<()> {
+    let keyring = bootstrap_keyring(plan, work)?;
+    let keyring = keyring.as_deref();
     let Some(cache) = cache else {
-        return backend(plan, root, None, show);
+        return backend(plan, root, None, keyring, show);
     };
     let key = match cache::release_digest(plan, work) {
         Ok(d) => Some(cache::base_key(plan, &d)),
@@ -54,7 +56,7 @@ fn base_tree(
     }
     let debs = work.join("debs");
     std::fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
-    backend(plan, root, Some(&debs), show)?;
+    backend(plan, root, Some(&debs), keyring, show)?;
     if let Some(k) = key {
         let tar = cache.store_base(&k, root.path())?;
         tracing::info!("base tree cached as {}", tar.display());
@@ -62,9 +64,36 @@ fn base_tree(
     Ok(())
 }
 
-fn backend(plan: &Plan, root: &Root, debs: Option<&Path>, show: bool) -> Result<()> {
+fn backend(
+    plan: &Plan,
+    root: &Root,
+    debs: Option<&Path>,
+    keyring: Option<&Path>,
+    show: bool,
+) -> Result<()> {
     match plan.backend {
-        Backend::Debootstrap => debootstrap::run(plan, root, debs, show),
-        Backend::Mmdebstrap => mmdebstrap::run(plan, root, debs, show),
+        Backend::Debootstrap => debootstrap::run(plan, root, debs, keyring, show),
+        Backend::Mmdebstrap => mmdebstrap::run(plan, root, debs, keyring, show),
     }
+}
+
+/// The first repo's own keyring (`key:`), written into the build's private workspace for the
+/// bootstrap program, which then checks the repository against it instead of the host's.
+fn bootstrap_keyring(plan: &Plan, work: &Path) -> Result<Option<std::path::PathBuf>> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let Some(ring) = &plan.repos[0].keyring else {
+        return Ok(None);
+    };
+    let path = work.join("bootstrap-keyring.gpg");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(ring)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(Some(path))
 }

@@ -69,7 +69,7 @@ pub fn finish(
     let installed = apt.installed()?;
     build_only.remove(root)?;
     if !plan.keep_apt_sources {
-        drop_apt_sources(root)?;
+        drop_apt_sources(root, &plan.repos)?;
     }
     Ok(installed)
 }
@@ -275,14 +275,19 @@ pub fn set_root_password(root: &Root, hash: &str) -> Result<()> {
         .context("setting root's password")
 }
 
-/// Removes the spec's repos from the final image's apt sources when the spec says so.
-pub fn drop_apt_sources(root: &Root) -> Result<()> {
+/// Removes the spec's repos from the final image's apt sources when the spec says so, and the
+/// keyrings debimg wrote for them.
+pub fn drop_apt_sources(root: &Root, repos: &[crate::plan::PlannedRepo]) -> Result<()> {
     root.write(
         "etc/apt/sources.list",
         b"# debimg: the build's repos were removed (keep_apt_sources: false).\n",
         0o644,
         Owner::ROOT,
-    )
+    )?;
+    for path in repos.iter().filter_map(|r| r.keyring_path()) {
+        root.remove_file(&path)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

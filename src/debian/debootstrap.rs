@@ -10,7 +10,12 @@ use crate::plan::Plan;
 use crate::root::Root;
 
 /// The debootstrap command line for a plan (pure, so it can be tested).
-pub fn command(plan: &Plan, root: &Path, cache_dir: Option<&Path>) -> Command {
+pub fn command(
+    plan: &Plan,
+    root: &Path,
+    cache_dir: Option<&Path>,
+    keyring: Option<&Path>,
+) -> Command {
     let mut cmd = Command::new("debootstrap");
     if let Some(v) = plan.variant.debootstrap_arg() {
         cmd.arg(format!("--variant={v}"));
@@ -23,6 +28,13 @@ pub fn command(plan: &Plan, root: &Path, cache_dir: Option<&Path>) -> Command {
     }
     if let Some(dir) = cache_dir {
         cmd.arg(format!("--cache-dir={}", dir.display()));
+    }
+    if let Some(k) = keyring {
+        cmd.arg(format!("--keyring={}", k.display()));
+    }
+    if plan.repos[0].trusted {
+        // As the spec asks explicitly: the bootstrap repository without a signature check.
+        cmd.arg("--no-check-gpg");
     }
     cmd.arg(&plan.suite).arg(root).arg(&plan.bootstrap_mirror);
     clean_env(&mut cmd, plan);
@@ -50,8 +62,14 @@ pub fn clean_env(cmd: &mut Command, plan: &Plan) {
 
 /// Bootstraps `root` (which already holds the mounted image tree); with `cache_dir`, the
 /// packages it downloads stay there (for the package cache, which checks them first).
-pub fn run(plan: &Plan, root: &Root, cache_dir: Option<&Path>, show: bool) -> Result<()> {
-    command(plan, root.path(), cache_dir)
+pub fn run(
+    plan: &Plan,
+    root: &Root,
+    cache_dir: Option<&Path>,
+    keyring: Option<&Path>,
+    show: bool,
+) -> Result<()> {
+    command(plan, root.path(), cache_dir, keyring)
         .run_streaming(show)
         .with_context(|| {
             format!(

@@ -33,6 +33,8 @@ pub fn run(
     std::fs::create_dir_all(archives.join("partial"))
         .with_context(|| format!("creating {}/partial", archives.display()))?;
     mounts.push(root.bind(&archives, "/var/cache/apt/archives")?);
+    // apt runs in the chroot: a `file://` repository's directory is there only while it runs.
+    let repo_binds = FileRepoBinds::make(plan, root)?;
     let apt = Apt { root, show };
     apt.configure_and_update(plan, cache)?;
     // The repositories' indexes as apt just verified them, before any code from the packages
@@ -78,7 +80,91 @@ pub fn run(
             stored.rejected
         );
     }
+    repo_binds.close(root)?;
     let m = mounts.pop().context("the archives bind mount is gone")?;
     m.close()?;
     Ok(metas)
+}
+
+/// The `file://` repositories' host directories, bind-mounted read-only at the same paths in
+/// the tree (where the image's sources say they are), and the directories made for them.
+struct FileRepoBinds {
+    mounts: MountStack,
+    /// Directories that were not in the tree, parents first: removed after the unmount.
+    made: Vec<String>,
+}
+
+impl FileRepoBinds {
+    fn make(plan: &Plan, root: &Root) -> Result<FileRepoBinds> {
+        let mut binds = FileRepoBinds {
+            mounts: MountStack::default(),
+            made: Vec::new(),
+        };
+        let mut seen = Vec::new();
+        for r in &plan.repos {
+            let Some(dir) = file_repo_dir(&r.uri) else {
+                continue;
+            };
+            if seen.contains(&dir) {
+                continue;
+            }
+            seen.push(dir.clone());
+            let host = Path::new(&dir);
+            if !host.is_dir() {
+                anyhow::bail!(
+                    "repo `{}`: {} is not a directory on the build host",
+                    r.name,
+                    r.uri
+                );
+            }
+            // Over a directory of the image, the bind would hide what the packages install.
+            if dir == "/" || root.symlink_metadata(&dir)?.is_some() {
+                anyhow::bail!(
+                    "repo `{}`: {} is a path the image itself has: apt reads a `file://` repository at the same path in the image, so move it to a path the image does not use (e.g. under /srv)",
+                    r.name,
+                    r.uri
+                );
+            }
+            let mut prefix = String::new();
+            for comp in dir
+                .trim_start_matches('/')
+                .split('/')
+                .filter(|c| !c.is_empty())
+            {
+                prefix.push('/');
+                prefix.push_str(comp);
+                if root.symlink_metadata(&prefix)?.is_none() {
+                    binds.made.push(prefix.clone());
+                }
+            }
+            let m = root
+                .bind(host, &dir)
+                .with_context(|| format!("repo `{}`: making {} visible to apt", r.name, r.uri))?;
+            m.remount(
+                nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_RDONLY,
+                None,
+            )?;
+            binds.mounts.push(m);
+        }
+        Ok(binds)
+    }
+
+    fn close(mut self, root: &Root) -> Result<()> {
+        self.mounts.unmount()?;
+        for dir in self.made.iter().rev() {
+            root.remove_flat_dir(dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// The host directory of a `file://` URI (`file:///srv/repo` → `/srv/repo`).
+fn file_repo_dir(uri: &str) -> Option<String> {
+    let path = uri.strip_prefix("file://")?;
+    let path = path.trim_end_matches('/');
+    Some(if path.is_empty() {
+        "/".into()
+    } else {
+        path.into()
+    })
 }

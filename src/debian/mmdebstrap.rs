@@ -19,7 +19,7 @@ pub const DPKG_CFG: &str = "etc/dpkg/dpkg.cfg.d/99mmdebstrap";
 /// packages it downloaded are copied out to that directory (for the package cache, which
 /// checks them first). None go in: a sync-in of pooled files could not be checked against the
 /// repository's index before apt took them.
-pub fn command(plan: &Plan, root: &Path, debs: Option<&Path>) -> Command {
+pub fn command(plan: &Plan, root: &Path, debs: Option<&Path>, keyring: Option<&Path>) -> Command {
     let mut cmd = Command::new("mmdebstrap");
     cmd.args(["--mode=root", "--format=directory", "--skip=check/empty"]);
     cmd.arg(format!(
@@ -33,6 +33,9 @@ pub fn command(plan: &Plan, root: &Path, debs: Option<&Path>) -> Command {
         cmd.arg(format!("--include={}", plan.bootstrap_include.join(",")));
     }
     cmd.arg("--dpkgopt=force-unsafe-io");
+    if let Some(k) = keyring {
+        cmd.arg(format!("--keyring={}", k.display()));
+    }
     // The workspace is private (0700): apt's `_apt` user cannot reach the tree, so mmdebstrap
     // would download as root anyway, with a warning on every build. Say so instead.
     cmd.arg("--aptopt=APT::Sandbox::User \"root\"");
@@ -43,14 +46,32 @@ pub fn command(plan: &Plan, root: &Path, debs: Option<&Path>) -> Command {
             "--customize-hook=sync-out /var/cache/apt/archives {dir}"
         ));
     }
-    cmd.arg(&plan.suite).arg(root).arg(&plan.bootstrap_mirror);
+    cmd.arg(&plan.suite).arg(root);
+    if plan.repos[0].trusted {
+        // As the spec asks explicitly (or fuel-agent's input, which checked nothing): the
+        // bootstrap repository without a signature check, in a sources line of its own.
+        cmd.arg(format!(
+            "deb [trusted=yes] {} {} {}",
+            plan.bootstrap_mirror,
+            plan.suite,
+            components.join(" ")
+        ));
+    } else {
+        cmd.arg(&plan.bootstrap_mirror);
+    }
     clean_env(&mut cmd, plan);
     cmd
 }
 
 /// Bootstraps `root` (which already holds the mounted image tree).
-pub fn run(plan: &Plan, root: &Root, debs: Option<&Path>, show: bool) -> Result<()> {
-    let mut cmd = command(plan, root.path(), debs);
+pub fn run(
+    plan: &Plan,
+    root: &Root,
+    debs: Option<&Path>,
+    keyring: Option<&Path>,
+    show: bool,
+) -> Result<()> {
+    let mut cmd = command(plan, root.path(), debs, keyring);
     // mmdebstrap keeps a gpg home under TMPDIR; in the workspace it goes with the workspace even
     // when mmdebstrap is killed before it can remove it (one was found left in /tmp).
     if let Some(ws) = root.path().parent() {

@@ -1,5 +1,5 @@
 //! The host files a spec or fuel-agent input names: the input itself (bounded, a regular file),
-//! `files[].source` and `local_debs` (regular files, not kernel files).
+//! `files[].source`, `local_debs` and `repos[].key` files (regular files, not kernel files).
 
 use std::path::Path;
 
@@ -131,7 +131,8 @@ pub fn file_kind(t: &std::fs::FileType) -> &'static str {
 }
 
 impl Spec {
-    /// The host files the spec reads (`files[].source`, `local_debs`, relative to `base_dir`)
+    /// The host files the spec reads (`files[].source`, `local_debs`, `repos[].key` files,
+    /// relative to `base_dir`)
     /// that are missing or not regular files of stored data ([`check_host_file`]; symlinks are
     /// followed: the spec chooses host files on purpose). Only their metadata is read: nothing
     /// is opened, so a device or a FIFO can neither hang the build nor notice it.
@@ -146,8 +147,15 @@ impl Spec {
             .iter()
             .enumerate()
             .map(|(i, d)| (format!("local_debs[{i}]"), d.as_str()));
+        let keys = self
+            .repos
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.key_is_inline())
+            .filter_map(|(i, r)| Some((format!("repos[{i}].key"), r.key.as_deref()?)));
         sources
             .chain(debs)
+            .chain(keys)
             .filter_map(|(field, rel)| {
                 let path = self.base_dir.join(rel);
                 let problem = check_host_file(&path).err()?;

@@ -380,11 +380,13 @@ pub struct Repo {
     /// `host`, or a URL; defaults to the spec's `mirror`.
     #[serde(default)]
     pub uri: Option<String>,
-    /// The suite (`bookworm`, `bookworm-updates`, ...).
+    /// The suite (`bookworm`, `bookworm-updates`, ...), or for a flat repository its
+    /// directory ending in `/` (`./`).
     pub suite: String,
-    /// Components, space separated (`main contrib`).
-    #[serde(default = "default_section")]
-    pub section: String,
+    /// Components, space separated (`main contrib`); `main` when not given, none for a flat
+    /// repository.
+    #[serde(default)]
+    pub section: Option<String>,
     /// apt pin priority for this repo; none means no pin (apt's default 500).
     #[serde(default)]
     pub priority: Option<i32>,
@@ -392,6 +394,45 @@ pub struct Repo {
     /// build warns and the metadata says so. Never the default.
     #[serde(default)]
     pub trusted: bool,
+    /// The repository's OpenPGP key(s): a file (relative to the spec) or inline ASCII-armored
+    /// text; binary or armored, one or several. apt checks the repo against these only.
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+impl Repo {
+    /// A flat repository (`suite: ./`): a directory with `Packages` and `Release`, no `dists/`.
+    pub fn is_flat(&self) -> bool {
+        is_flat_suite(&self.suite)
+    }
+
+    /// The components as apt gets them: the given ones, `main` by default, none when flat.
+    pub fn components(&self) -> String {
+        match &self.section {
+            Some(s) => s.split_whitespace().collect::<Vec<_>>().join(" "),
+            None if self.is_flat() => String::new(),
+            None => "main".into(),
+        }
+    }
+
+    /// Whether `key` is the key itself (ASCII-armored text) rather than a file name.
+    pub fn key_is_inline(&self) -> bool {
+        self.key.as_deref().is_some_and(crate::openpgp::is_armored)
+    }
+}
+
+/// The directory of an input file (a spec, fuel-agent's JSON): the files it names are
+/// relative to it.
+pub fn input_dir(path: &Path) -> std::path::PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    }
+}
+
+/// Whether a suite names a flat repository's directory (it ends in `/`).
+pub fn is_flat_suite(suite: &str) -> bool {
+    suite.ends_with('/')
 }
 
 /// One filesystem image.
@@ -641,9 +682,6 @@ fn default_arch() -> String {
 fn default_mirror() -> String {
     "host".into()
 }
-fn default_section() -> String {
-    "main".into()
-}
 fn default_hostname() -> String {
     "debian".into()
 }
@@ -795,10 +833,7 @@ impl Spec {
     pub fn from_yaml_at(text: &str, path: &Path) -> Result<Spec, SpecError> {
         let source_name = path.display().to_string();
         let mut spec = Spec::parse(text, &source_name)?;
-        spec.base_dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => std::path::PathBuf::from("."),
-        };
+        spec.base_dir = input_dir(path);
         let mut problems = spec.validate();
         problems.extend(spec.check_host_inputs());
         spec.unless(problems, &source_name)

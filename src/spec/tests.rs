@@ -218,7 +218,16 @@ fn suites_and_sections_are_plain_tokens() {
             "{bad:?}: {f:?}"
         );
     }
-    for bad in ["bookworm main", "bookworm\n", "a/b", "-x", "$(x)"] {
+    for bad in [
+        "bookworm main",
+        "bookworm\n",
+        "a/b",
+        "-x",
+        "$(x)",
+        "../",
+        "a/../",
+        "./ x/",
+    ] {
         let f = repo(bad, "main");
         assert!(
             f.iter().any(|f| f.starts_with("repos[1].suite:")),
@@ -492,4 +501,57 @@ fn base_names() {
     let s = Spec::from_yaml(GOOD, "t").unwrap();
     assert_eq!(image_base_name("test", &s.images[0]), "test-root");
     assert_eq!(image_base_name("test", &s.images[1]), "test-boot");
+}
+
+#[test]
+fn flat_repos_and_keys() {
+    let repo = |extra: &str| {
+        fields(&with(&format!(
+            "repos:\n  - {{name: d, suite: bookworm}}\n  - {{name: e, uri: 'file:///srv/r', {extra}}}"
+        )))
+    };
+    for good in ["suite: ./", "suite: ./stable/", "suite: pool/main/"] {
+        assert!(repo(good).is_empty(), "{good}: {:?}", repo(good));
+    }
+    // A flat repository has no components.
+    let f = repo("suite: ./, section: main");
+    assert!(
+        f.iter().any(|f| f.starts_with("repos[1].section:")),
+        "{f:?}"
+    );
+    // The bootstrap needs `dists/`.
+    let f = fields(&with("repos:\n  - {name: d, suite: ./}"));
+    assert!(f.iter().any(|f| f.starts_with("repos[0].suite:")), "{f:?}");
+    // A key and `trusted` contradict each other.
+    let f = repo("suite: ./, trusted: true, key: k.asc");
+    assert!(
+        f.iter()
+            .any(|f| f.starts_with("repos[1].key:") && f.contains("trusted")),
+        "{f:?}"
+    );
+    // An inline block that is not a public key is refused while validating.
+    let f = repo(
+        "suite: ./, key: \"-----BEGIN PGP PUBLIC KEY BLOCK-----\\n\\nnot base64\\n-----END PGP PUBLIC KEY BLOCK-----\\n\"",
+    );
+    assert!(f.iter().any(|f| f.starts_with("repos[1].key:")), "{f:?}");
+}
+
+#[test]
+fn a_missing_key_file_is_named() {
+    let dir = scratch();
+    let path = dir.path().join("s.yaml");
+    let text = with(
+        "repos:\n  - {name: d, suite: bookworm}\n  - {name: v, suite: bookworm, key: vendor.asc}",
+    );
+    std::fs::write(&path, &text).unwrap();
+    let e = Spec::from_file(&path).unwrap_err();
+    assert!(
+        e.problems
+            .iter()
+            .any(|p| p.field == "repos[1].key" && p.message.contains("vendor.asc")),
+        "{:?}",
+        e.problems
+    );
+    std::fs::write(dir.path().join("vendor.asc"), "x").unwrap();
+    assert!(Spec::from_file(&path).is_ok());
 }

@@ -72,29 +72,73 @@ impl Spec {
             if let Some(uri) = &r.uri {
                 check_uri_field(&mut p, &format!("{f}.uri"), uri, UriUse::Source);
             }
-            if !is_debian_token(&r.suite) {
+            if r.is_flat() {
+                if !is_flat_dir(&r.suite) {
+                    p.add(
+                        format!("{f}.suite"),
+                        format!(
+                            "`{}` is not a flat repository's directory (`./`, or names of letters, digits, `.`, `_`, `-` separated by `/`, ending in `/`; no `..`)",
+                            shown(&r.suite)
+                        ),
+                    );
+                } else if i == 0 {
+                    p.add(
+                        format!("{f}.suite"),
+                        "the first repo is the one the base system is bootstrapped from: it needs a suite with `dists/`, not a flat repository".to_string(),
+                    );
+                }
+                if let Some(s) = &r.section {
+                    p.add(
+                        format!("{f}.section"),
+                        format!(
+                            "`{}`: a flat repository (suite `{}`) has no components; remove `section`",
+                            shown(s),
+                            r.suite
+                        ),
+                    );
+                }
+            } else if !is_debian_token(&r.suite) {
                 p.add(
                     format!("{f}.suite"),
                     format!(
-                        "`{}` is not a suite name (letters, digits, `.`, `_`, `-`)",
+                        "`{}` is not a suite name (letters, digits, `.`, `_`, `-`), nor a flat repository's directory ending in `/`",
                         shown(&r.suite)
                     ),
                 );
             }
-            if r.section.split(' ').all(str::is_empty)
-                || !r
-                    .section
-                    .split(' ')
-                    .filter(|c| !c.is_empty())
-                    .all(is_debian_token)
+            if let Some(section) = &r.section
+                && !r.is_flat()
+                && (section.split(' ').all(str::is_empty)
+                    || !section
+                        .split(' ')
+                        .filter(|c| !c.is_empty())
+                        .all(is_debian_token))
             {
                 p.add(
                     format!("{f}.section"),
                     format!(
                         "`{}` must be one or more component names (letters, digits, `.`, `_`, `-`) separated by spaces",
-                        shown(&r.section)
+                        shown(section)
                     ),
                 );
+            }
+            if let Some(key) = &r.key {
+                if r.trusted {
+                    p.add(
+                        format!("{f}.key"),
+                        "a repo with a key is checked against it: remove `trusted: true` (or the key)",
+                    );
+                }
+                if crate::openpgp::is_armored(key) {
+                    if let Err(e) = crate::openpgp::keyring(key.as_bytes()) {
+                        p.add(format!("{f}.key"), format!("the inline key: {e}"));
+                    }
+                } else if key.is_empty() || key.contains('\n') || key.contains('\0') {
+                    p.add(
+                        format!("{f}.key"),
+                        "is neither a file name nor an ASCII-armored public key block (`-----BEGIN PGP PUBLIC KEY BLOCK-----`)",
+                    );
+                }
             }
             if let Some(prio) = r.priority
                 && !(-1000..=10000).contains(&prio)
@@ -1077,6 +1121,23 @@ pub(super) fn is_debian_token(s: &str) -> bool {
         && !s.starts_with(['-', '.'])
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+/// A flat repository's directory as a sources line takes it: `./`, or `/`-separated names
+/// ending in `/` (`pool/`, `./stable/`), never `..`.
+pub(super) fn is_flat_dir(s: &str) -> bool {
+    let Some(body) = s.strip_suffix('/') else {
+        return false;
+    };
+    s.len() <= 256
+        && (body == "."
+            || body.split('/').enumerate().all(|(i, c)| {
+                (i == 0 && c == ".")
+                    || (!c.is_empty()
+                        && c != ".."
+                        && c.chars()
+                            .all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch)))
+            }))
 }
 
 pub(super) fn is_file_name(s: &str) -> bool {
