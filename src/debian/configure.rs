@@ -353,6 +353,26 @@ mod tests {
     }
 
     #[test]
+    fn dropping_the_sources_takes_their_keyrings() {
+        let d = tempfile::tempdir().unwrap();
+        let root = Root::open(d.path()).unwrap();
+        let mut plan = Plan::for_test("version: 1\nname: t\nsuite: bookworm\nkind: tarball\n");
+        plan.repos[0].keyring = Some(vec![0x99]);
+        let ring = plan.repos[0].keyring_path().unwrap();
+        root.write(&ring, &[0x99], 0o644, Owner::ROOT).unwrap();
+        root.write("etc/apt/keyrings/admin.gpg", b"x", 0o644, Owner::ROOT)
+            .unwrap();
+        drop_apt_sources(&root, &plan.repos).unwrap();
+        assert!(!root.exists(&ring));
+        assert!(root.exists("etc/apt/keyrings/admin.gpg"), "not debimg's");
+        assert!(
+            root.read_to_string("etc/apt/sources.list")
+                .unwrap()
+                .starts_with("# debimg")
+        );
+    }
+
+    #[test]
     fn host_identity_is_scrubbed() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();

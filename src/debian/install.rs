@@ -168,3 +168,40 @@ fn file_repo_dir(uri: &str) -> Option<String> {
         path.into()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_repo_never_hides_a_path_of_the_image() {
+        let d = tempfile::tempdir().unwrap();
+        let host_repo = tempfile::tempdir().unwrap();
+        let root = Root::open(d.path()).unwrap();
+        let plan = |dir: &Path| {
+            Plan::for_test(&format!(
+                "version: 1\nname: t\nsuite: bookworm\nkind: tarball\nrepos:\n  - {{name: d, suite: bookworm}}\n  - {{name: local, uri: 'file://{}', suite: ./, trusted: true}}\n",
+                dir.display()
+            ))
+        };
+        let e = FileRepoBinds::make(&plan(Path::new("/nonexistent/repo")), &root)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("repo `local`") && e.contains("not a directory"),
+            "{e}"
+        );
+        root.create_dir_all(host_repo.path()).unwrap();
+        let e = FileRepoBinds::make(&plan(host_repo.path()), &root)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("repo `local`") && e.contains("the image itself has"),
+            "{e}"
+        );
+        assert_eq!(file_repo_dir("file:///srv/r/"), Some("/srv/r".into()));
+        assert_eq!(file_repo_dir("http://m.example/r"), None);
+    }
+}
