@@ -33,7 +33,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use nix::sys::stat::FileStat;
 use sha2::{Digest, Sha256};
 
@@ -850,37 +850,9 @@ pub fn base_key(plan: &Plan, release_digest: &str) -> String {
 /// sha256 of the mirror's InRelease (or Release) for the bootstrap suite, fetched with apt's own
 /// downloader (proxies from the plan apply). The error shows URLs without their credentials.
 pub fn release_digest(plan: &Plan, scratch: &Path) -> Result<String> {
-    let mut last = None;
-    for name in ["InRelease", "Release"] {
-        let url = format!("{}/dists/{}/{name}", plan.bootstrap_mirror, plan.suite);
-        let dest = scratch.join(format!("mirror-{name}"));
-        let mut cmd = Command::new("/usr/lib/apt/apt-helper");
-        if let Some(p) = &plan.proxies.http {
-            cmd.args(["-o", &format!("Acquire::http::Proxy={p}")]);
-        }
-        if let Some(p) = &plan.proxies.https {
-            cmd.args(["-o", &format!("Acquire::https::Proxy={p}")]);
-        }
-        cmd.arg("download-file").arg(&url).arg(&dest);
-        match cmd.run() {
-            Ok(()) => {
-                let bytes =
-                    std::fs::read(&dest).with_context(|| format!("reading {}", dest.display()))?;
-                let _ = std::fs::remove_file(&dest);
-                return Ok(hex(&Sha256::digest(&bytes)));
-            }
-            Err(e) => {
-                // The command line and apt's messages carry the URL (and a proxy's) too.
-                let cause = format!("{e:#}");
-                last = Some(anyhow!(
-                    "fetching {}: {}",
-                    crate::redact::text(&url),
-                    crate::redact::text(&cause)
-                ));
-            }
-        }
-    }
-    Err(last.expect("tried at least once"))
+    let fetch = |url: &str| crate::debian::fetch::download(url, &plan.proxies, scratch);
+    let bytes = crate::debian::fetch::release(&plan.bootstrap_mirror, &plan.suite, &fetch)?;
+    Ok(hex(&Sha256::digest(&bytes)))
 }
 
 /// The lists key: what apt fetches depends only on the sources and the architecture.

@@ -191,6 +191,107 @@ pub fn resolve_host_uri(sources: &[HostSource], suite: &str) -> Result<String> {
     )
 }
 
+/// The kind of a suite: what follows its codename (`security` for `trixie-security`), none
+/// for a plain codename or alias (`trixie`, `stable`).
+fn suite_kind(suite: &str) -> Option<&str> {
+    suite.split_once('-').map(|(_, kind)| kind)
+}
+
+/// The order in which the host's URIs are asked for a suite none of its sources lists: each
+/// URI once; first those listing a suite of the same kind (a `-security` suite for
+/// `trixie-security`, a plain codename for `trixie`), then those listing a plain codename (the
+/// main archive), then the rest; within each group in the order of the host's sources.
+pub fn probe_order(sources: &[HostSource], suite: &str) -> Vec<String> {
+    let mut uris: Vec<(&str, Vec<&str>)> = Vec::new();
+    for s in sources {
+        let suites = s.suites.iter().map(String::as_str);
+        match uris.iter_mut().find(|(u, _)| *u == s.uri) {
+            Some((_, listed)) => listed.extend(suites),
+            None => uris.push((&s.uri, suites.collect())),
+        }
+    }
+    let wanted = suite_kind(suite);
+    uris.sort_by_key(|(_, listed)| {
+        if listed.iter().any(|s| suite_kind(s) == wanted) {
+            0
+        } else if listed.iter().any(|s| suite_kind(s).is_none()) {
+            1
+        } else {
+            2
+        }
+    });
+    uris.into_iter().map(|(u, _)| u.to_string()).collect()
+}
+
+/// Asks the host's URIs, in [`probe_order`], for `suite`'s Release file (`InRelease`, else
+/// `Release`, by `fetch`: one URL to its bytes) and returns the first URI whose Release names
+/// the suite as its `Suite` or `Codename`. Only the URI is chosen here: apt and the bootstrap
+/// verify the signature when they use it. A download that failed (a
+/// [`crate::debian::fetch::FetchError`]) is an answer and the next URI is asked; any other
+/// error (an interrupt) ends the search. The error lists every URI asked and what it answered.
+pub fn probe_host_uri(
+    sources: &[HostSource],
+    suite: &str,
+    fetch: &dyn Fn(&str) -> Result<Vec<u8>>,
+) -> Result<String> {
+    let mut answers = Vec::new();
+    for uri in probe_order(sources, suite) {
+        let answer = match crate::debian::fetch::release(&uri, suite, fetch) {
+            Ok(bytes) => {
+                let meta = crate::debian::apt::parse_release(&String::from_utf8_lossy(&bytes));
+                if [&meta.suite, &meta.codename]
+                    .iter()
+                    .any(|v| v.as_deref() == Some(suite))
+                {
+                    tracing::info!(
+                        "`host` mirror: {} serves suite `{suite}`",
+                        crate::redact::text(&uri)
+                    );
+                    return Ok(uri);
+                }
+                format!(
+                    "a Release of Suite `{}`, Codename `{}`",
+                    meta.suite.as_deref().unwrap_or("-"),
+                    meta.codename.as_deref().unwrap_or("-")
+                )
+            }
+            Err(e) => match e.downcast_ref::<crate::debian::fetch::FetchError>() {
+                Some(failed) => failed.answer.clone(),
+                None => {
+                    return Err(e.context(format!(
+                        "asking {} for suite `{suite}`",
+                        crate::redact::text(&uri)
+                    )));
+                }
+            },
+        };
+        answers.push(format!("{}: {answer}", crate::redact::text(&uri)));
+    }
+    let known: Vec<String> = sources
+        .iter()
+        .map(|s| format!("{} ({})", crate::redact::text(&s.uri), s.suites.join(" ")))
+        .collect();
+    bail!(
+        "`host` mirror: no apt source of the build host serves suite `{suite}` (it has: {}; asked for dists/{suite}/InRelease and Release, {}); give a URL instead",
+        known.join(", "),
+        answers.join("; ")
+    )
+}
+
+/// The host URI for `suite`: [`resolve_host_uri`]'s, else the first URI of the host that serves
+/// the suite although no source lists it ([`probe_host_uri`]).
+pub fn find_host_uri(
+    sources: &[HostSource],
+    suite: &str,
+    fetch: &dyn Fn(&str) -> Result<Vec<u8>>,
+) -> Result<String> {
+    match resolve_host_uri(sources, suite) {
+        Ok(uri) => Ok(uri),
+        Err(e) if sources.is_empty() => Err(e),
+        Err(_) => probe_host_uri(sources, suite, fetch),
+    }
+}
+
 /// A repo with its URI resolved.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct PlannedRepo {
@@ -371,11 +472,22 @@ pub fn mount_order(mounts: &[&str]) -> Vec<usize> {
 }
 
 impl Plan {
-    /// Builds the plan from a validated spec, the host's apt sources and whether the host has
-    /// mmdebstrap (for `bootstrap: auto`).
+    /// Builds the plan from a validated spec, the host's apt sources (only the suites they list:
+    /// [`resolve_host_uri`]) and whether the host has mmdebstrap (for `bootstrap: auto`).
     pub fn new(
         spec: &Spec,
         host_sources: &[HostSource],
+        host_has_mmdebstrap: bool,
+    ) -> Result<Plan> {
+        let host_uri = |suite: &str| resolve_host_uri(host_sources, suite);
+        Plan::with_host_uri(spec, &host_uri, host_has_mmdebstrap)
+    }
+
+    /// Builds the plan as [`Plan::new`] does, a `host` mirror or repo URI resolved for its suite
+    /// by `host_uri`.
+    pub fn with_host_uri(
+        spec: &Spec,
+        host_uri: &dyn Fn(&str) -> Result<String>,
         host_has_mmdebstrap: bool,
     ) -> Result<Plan> {
         // A spec from Spec::from_yaml_at was checked already; one from elsewhere (the Creator
@@ -390,7 +502,7 @@ impl Plan {
         }
         let resolve = |uri: &str, suite: &str| -> Result<String> {
             if uri == "host" {
-                resolve_host_uri(host_sources, suite)
+                host_uri(suite)
             } else {
                 Ok(uri.trim_end_matches('/').to_string())
             }
@@ -645,12 +757,24 @@ impl Plan {
         .unwrap()
     }
 
-    /// The plan of `spec` on this host: `host` mirrors from its apt sources, mmdebstrap when it
-    /// is installed.
+    /// The plan of `spec` on this host: `host` mirrors from its apt sources, a suite none of
+    /// them lists from the first of its URIs that serves it ([`find_host_uri`], asked with apt's
+    /// downloader and the spec's proxies), mmdebstrap when it is installed.
     pub fn for_host(spec: &crate::spec::Spec) -> Result<Plan> {
         let sources =
             read_host_sources(Path::new("/")).context("reading the host's apt sources")?;
-        Plan::new(spec, &sources, host_has("mmdebstrap"))
+        let proxies = spec.proxies.clone().unwrap_or_default();
+        let fetch = |url: &str| -> Result<Vec<u8>> {
+            // apt downloads as root into a directory no one else can enter, removed after.
+            let dir = tempfile::Builder::new()
+                .prefix("debimg-probe-")
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .tempdir()
+                .context("creating a private directory for apt's downloader")?;
+            crate::debian::fetch::download(url, &proxies, dir.path())
+        };
+        let host_uri = |suite: &str| find_host_uri(&sources, suite, &fetch);
+        Plan::with_host_uri(spec, &host_uri, host_has("mmdebstrap"))
     }
 }
 
@@ -693,6 +817,214 @@ mod tests {
         let err = resolve_host_uri(&s, "trixie").unwrap_err().to_string();
         assert!(err.contains("trixie"), "{err}");
         assert!(resolve_host_uri(&[], "bookworm").is_err());
+    }
+
+    /// A stand-in for apt's downloader: `(url prefix, Release text)` pairs answer, every other
+    /// URL is a 404; the URLs asked are kept.
+    struct Mirror {
+        serves: Vec<(&'static str, &'static str)>,
+        asked: std::cell::RefCell<Vec<String>>,
+    }
+
+    impl Mirror {
+        fn new(serves: &[(&'static str, &'static str)]) -> Mirror {
+            Mirror {
+                serves: serves.to_vec(),
+                asked: Default::default(),
+            }
+        }
+
+        fn fetch(&self, url: &str) -> Result<Vec<u8>> {
+            self.asked.borrow_mut().push(url.to_string());
+            if url.contains("unreachable.example") {
+                return Err(crate::debian::fetch::FetchError {
+                    url: url.into(),
+                    answer: "Could not connect to unreachable.example:80".into(),
+                }
+                .into());
+            }
+            match self
+                .serves
+                .iter()
+                .find(|(prefix, _)| url.starts_with(prefix))
+            {
+                Some((_, text)) => Ok(text.as_bytes().to_vec()),
+                None => Err(crate::debian::fetch::FetchError {
+                    url: url.into(),
+                    answer: "404 Not Found".into(),
+                }
+                .into()),
+            }
+        }
+
+        fn find(&self, sources: &[HostSource], suite: &str) -> Result<String> {
+            find_host_uri(sources, suite, &|url| self.fetch(url))
+        }
+    }
+
+    const TRIXIE: &str = "Origin: Debian\nSuite: stable\nCodename: trixie\n";
+
+    #[test]
+    fn a_listed_suite_asks_no_mirror() {
+        let m = Mirror::new(&[]);
+        let s = parse_deb822_sources(DEB822);
+        assert_eq!(
+            m.find(&s, "bookworm-backports").unwrap(),
+            "http://mirror.example/debian"
+        );
+        assert!(m.asked.borrow().is_empty());
+        let e = m.find(&[], "trixie").unwrap_err().to_string();
+        assert!(e.contains("has no apt sources"), "{e}");
+        assert!(m.asked.borrow().is_empty());
+    }
+
+    #[test]
+    fn an_unlisted_suite_is_found_on_the_second_uri() {
+        let s = parse_sources_list(
+            "deb http://a.example/debian bookworm main\ndeb http://b.example/debian bookworm main\n",
+        );
+        let m = Mirror::new(&[("http://b.example/debian/dists/trixie/", TRIXIE)]);
+        assert_eq!(m.find(&s, "trixie").unwrap(), "http://b.example/debian");
+        assert_eq!(
+            *m.asked.borrow(),
+            [
+                "http://a.example/debian/dists/trixie/InRelease",
+                "http://a.example/debian/dists/trixie/Release",
+                "http://b.example/debian/dists/trixie/InRelease",
+            ]
+        );
+    }
+
+    #[test]
+    fn uris_listing_the_same_kind_of_suite_are_asked_first() {
+        let s = parse_deb822_sources(DEB822);
+        let debian = "http://mirror.example/debian";
+        let security = "http://mirror.example/debian-security";
+        assert_eq!(probe_order(&s, "trixie-security"), [security, debian]);
+        assert_eq!(probe_order(&s, "trixie"), [debian, security]);
+        assert_eq!(probe_order(&s, "trixie-updates"), [debian, security]);
+        // No host source lists a -backports suite: the main archive first.
+        assert_eq!(probe_order(&s, "trixie-backports"), [debian, security]);
+        // Each URI once, however many entries list it; a URI listing only other kinds last.
+        let s = parse_sources_list(
+            "deb http://x.example/other bookworm-updates main\ndeb http://m.example/debian bookworm main\ndeb http://m.example/debian bookworm-updates main\n",
+        );
+        assert_eq!(
+            probe_order(&s, "sid"),
+            ["http://m.example/debian", "http://x.example/other"]
+        );
+        // Both would answer: the security archive is asked first and chosen.
+        let m = Mirror::new(&[
+            (
+                "http://mirror.example/debian-security/dists/trixie-security/",
+                "Suite: stable-security\nCodename: trixie-security\n",
+            ),
+            (
+                "http://mirror.example/debian/dists/trixie-security/",
+                "Suite: stable-security\nCodename: trixie-security\n",
+            ),
+        ]);
+        let s = parse_deb822_sources(DEB822);
+        assert_eq!(m.find(&s, "trixie-security").unwrap(), security);
+        assert_eq!(m.asked.borrow().len(), 1);
+    }
+
+    #[test]
+    fn a_release_of_another_suite_is_rejected() {
+        let s = parse_sources_list(
+            "deb http://a.example/debian bookworm main\ndeb http://b.example/debian bookworm main\n",
+        );
+        // a.example answers dists/trixie with bookworm's Release (a stale link, a wrong alias).
+        let m = Mirror::new(&[
+            (
+                "http://a.example/debian/dists/trixie/",
+                "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\nSuite: stable\nCodename: bookworm\n-----BEGIN PGP SIGNATURE-----\nCodename: trixie\n",
+            ),
+            ("http://b.example/debian/dists/trixie/", TRIXIE),
+            (
+                "http://a.example/debian/dists/testing/",
+                "Suite: testing\nCodename: forky\n",
+            ),
+        ]);
+        assert_eq!(m.find(&s, "trixie").unwrap(), "http://b.example/debian");
+        // The Suite alone is enough.
+        assert_eq!(m.find(&s, "testing").unwrap(), "http://a.example/debian");
+        let m = Mirror::new(&[(
+            "http://a.example/debian/dists/forky/",
+            "Suite: testing\nCodename: trixie\n",
+        )]);
+        let e = m.find(&s, "forky").unwrap_err().to_string();
+        assert!(
+            e.contains("http://a.example/debian: a Release of Suite `testing`, Codename `trixie`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn when_no_uri_serves_the_suite_every_answer_is_listed() {
+        let s = parse_sources_list(
+            "deb http://user:secret@a.example/debian bookworm main\ndeb http://unreachable.example/debian bookworm main\ndeb http://a.example/debian-security bookworm-security main\n",
+        );
+        let m = Mirror::new(&[]);
+        let e = m.find(&s, "trixie").unwrap_err().to_string();
+        for answer in [
+            "http://user:***@a.example/debian: 404 Not Found",
+            "http://unreachable.example/debian: Could not connect to unreachable.example:80",
+            "http://a.example/debian-security: 404 Not Found",
+            "suite `trixie`",
+            "give a URL instead",
+        ] {
+            assert!(e.contains(answer), "`{answer}` not in: {e}");
+        }
+        assert!(!e.contains("secret"), "{e}");
+        assert_eq!(m.asked.borrow().len(), 6, "InRelease and Release of each");
+    }
+
+    #[test]
+    fn an_interrupt_ends_the_search() {
+        let s = parse_sources_list(
+            "deb http://a.example/debian bookworm main\ndeb http://b.example/debian bookworm main\n",
+        );
+        let asked = std::cell::Cell::new(0);
+        let fetch = |_: &str| -> Result<Vec<u8>> {
+            asked.set(asked.get() + 1);
+            bail!("interrupted by SIGINT")
+        };
+        let e = find_host_uri(&s, "trixie", &fetch).unwrap_err();
+        assert!(format!("{e:#}").contains("interrupted"), "{e:#}");
+        assert_eq!(asked.get(), 2, "only a.example's two files");
+    }
+
+    #[test]
+    fn host_repos_are_resolved_per_suite_by_the_given_resolver() {
+        let spec = Spec::from_yaml(
+            "version: 1\nname: t\nsuite: trixie\nmirror: host\nrepos:\n  - {name: debian, suite: trixie}\n  - {name: security, uri: host, suite: trixie-security}\n  - {name: extra, uri: http://x.example/debian, suite: trixie}\nimages:\n  - {mount: /, fs: ext4, size: 1GiB}\n",
+            "t",
+        )
+        .unwrap();
+        let s = parse_deb822_sources(DEB822);
+        let m = Mirror::new(&[
+            ("http://mirror.example/debian/dists/trixie/", TRIXIE),
+            (
+                "http://mirror.example/debian-security/dists/trixie-security/",
+                "Suite: stable-security\nCodename: trixie-security\n",
+            ),
+        ]);
+        let host_uri = |suite: &str| m.find(&s, suite);
+        let plan = Plan::with_host_uri(&spec, &host_uri, false).unwrap();
+        let uris: Vec<&str> = plan.repos.iter().map(|r| r.uri.as_str()).collect();
+        assert_eq!(
+            uris,
+            [
+                "http://mirror.example/debian",
+                "http://mirror.example/debian-security",
+                "http://x.example/debian"
+            ]
+        );
+        assert_eq!(plan.bootstrap_mirror, "http://mirror.example/debian");
+        // The pure plan knows only the listed suites.
+        let e = Plan::new(&spec, &s, false).unwrap_err();
+        assert!(format!("{e:#}").contains("repos[0].uri"), "{e:#}");
     }
 
     #[test]

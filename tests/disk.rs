@@ -1,7 +1,8 @@
 //! The bootable disk: `data/examples/cloud.yaml` built from the host's mirror, its partitions
 //! and bootloaders inspected, then booted in qemu under BIOS and UEFI, as raw and qcow2, on a
 //! larger disk (the root must grow), and broken (no kernel: the boot test must fail and show
-//! the console).
+//! the console). A suite the host's apt sources do not list (trixie on a bookworm host) built
+//! from `mirror: host` boots too.
 
 mod common;
 
@@ -391,4 +392,86 @@ fn boot_test_refuses_what_is_not_an_image() {
     let run = debimg(&["boot-test", "/nonexistent.img", "--timeout", "5"]);
     assert_eq!(run.code(), Some(1));
     assert!(run.stderr().contains("is not a file"), "{}", run.stderr());
+}
+
+/// trixie from `mirror: host`, on a host whose apt sources list bookworm: the host's archive
+/// serves it too. The cheapest bootable disk (MBR, BIOS, raw); the booted system prints its
+/// release from /etc/os-release.
+const TRIXIE_SPEC: &str = "version: 1
+name: trixie
+suite: trixie
+mirror: host
+kind: disk
+packages: [linux-image-cloud-amd64, systemd-sysv]
+root_password_hash: \"!\"
+disk:
+  size: 2GiB
+  table: mbr
+  boot: [bios]
+  formats: [raw]
+  cmdline: console=ttyS0,115200n8
+  partitions:
+    - {mount: /, fs: ext4, label: root}
+files:
+  - dest: /etc/systemd/system/debimg-boot-report.service
+    content: |
+      [Unit]
+      Description=Report the booted release on the serial console (debimg boot-test)
+      After=systemd-user-sessions.service
+      [Service]
+      Type=oneshot
+      ExecStart=/bin/sh -c 'echo \"DEBIMG-BOOT-OK $(grep ^VERSION_CODENAME= /etc/os-release)\" > /dev/ttyS0'
+      [Install]
+      WantedBy=multi-user.target
+services:
+  enable: [debimg-boot-report.service]
+";
+
+#[test]
+fn a_suite_the_host_does_not_list_builds_from_its_mirror_and_boots() {
+    if !can_build() {
+        return;
+    }
+    let sources = debimg::plan::read_host_sources(Path::new("/")).unwrap();
+    let listed = sources.iter().any(|s| {
+        s.suites
+            .iter()
+            .any(|x| x.split('-').next() == Some("trixie"))
+    });
+    let work = scratch("trixie");
+    let out = work.path().join("out");
+    let bdir = work.path().join("build");
+    std::fs::create_dir_all(&bdir).unwrap();
+    let spec = work.path().join("trixie.yaml");
+    std::fs::write(&spec, TRIXIE_SPEC).unwrap();
+
+    let run = build(&spec, &out, &bdir, &[]);
+    run.assert_ok("trixie build from the host's mirror");
+    assert_no_leftovers(&bdir, &out);
+    eprintln!("trixie build: {:.1?}", run.elapsed);
+    if !listed {
+        // Found by asking the host's URIs, not from a listed suite.
+        assert!(
+            run.stderr().contains("serves suite `trixie`"),
+            "{}",
+            run.stderr()
+        );
+    }
+    let meta = Metadata::read(&out.join("trixie.yaml")).unwrap();
+    assert_eq!(meta.repos[0].uri, host_mirror(), "the host's own archive");
+    assert_eq!(meta.repos[0].meta.codename.as_deref(), Some("trixie"));
+    let base_files = &meta.installed["base-files"];
+    assert!(base_files.starts_with("13"), "base-files {base_files}");
+
+    let booted = boot(
+        &out.join("trixie.img"),
+        &["--accel", "tcg", "--expect", MARKER],
+    );
+    booted.assert_ok("BIOS boot of the trixie disk");
+    eprintln!("trixie boot: {:.1?}", booted.elapsed);
+    assert!(
+        booted.stdout().contains("VERSION_CODENAME=trixie"),
+        "{}",
+        booted.stdout()
+    );
 }

@@ -5,6 +5,7 @@ pub mod apt;
 pub mod bootstrap;
 pub mod configure;
 pub mod debootstrap;
+pub mod fetch;
 pub mod index;
 pub mod install;
 pub mod mmdebstrap;
