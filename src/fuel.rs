@@ -336,7 +336,9 @@ pub fn build_from_input(input: &FuelInput, source_name: &str) -> Result<FuelBuil
             "name": r.name,
             "uri": r.uri,
             "suite": r.suite,
-            "section": r.section,
+            // fuel-agent writes `deb URI SUITE` for a flat repository: no section.
+            "section": (!(r.section.trim().is_empty() && crate::spec::is_flat_suite(&r.suite)))
+                .then_some(&r.section),
             "priority": r.priority,
             // fuel-agent checked no signature; with a key, debimg checks against it.
             "trusted": r.key.is_none(),
@@ -671,7 +673,10 @@ pub fn read_input(path: &Path) -> Result<String> {
 /// Reads a fuel input file ([`read_input`]) and converts it (`debimg build --fuel PATH`).
 pub fn spec_from_fuel_file(path: &Path) -> Result<FuelBuild> {
     let text = read_input(path)?;
-    spec_from_fuel(&text, &path.display().to_string())
+    let mut build = spec_from_fuel(&text, &path.display().to_string())?;
+    // Its repos' key files are next to it, as a spec's are.
+    build.spec.base_dir = crate::spec::input_dir(path);
+    Ok(build)
 }
 
 #[cfg(test)]
@@ -1113,6 +1118,12 @@ mod tests {
         assert!(s.repos[0].trusted);
         assert!(!s.repos[1].trusted);
         assert_eq!(s.repos[1].key.as_deref(), Some("vendor.asc"));
+        // A flat repository as fuel-agent writes it: an empty section.
+        v["repos"][1]["suite"] = json!("./");
+        v["repos"][1]["section"] = json!("");
+        let s = convert(&v).unwrap().spec;
+        assert_eq!(s.repos[1].section, None);
+        assert_eq!(s.repos[1].components(), "");
     }
 
     #[test]

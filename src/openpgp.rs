@@ -196,7 +196,9 @@ fn fingerprint(body: &[u8]) -> Result<String, String> {
         Some(4) => {
             let mut h = Sha1::new();
             h.update([0x99]);
-            h.update((body.len() as u16).to_be_bytes());
+            let len = u16::try_from(body.len())
+                .map_err(|_| "a v4 key packet longer than 65535 bytes".to_string())?;
+            h.update(len.to_be_bytes());
             h.update(body);
             h.finalize().to_vec()
         }

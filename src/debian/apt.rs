@@ -133,19 +133,32 @@ pub fn render_sources(repos: &[PlannedRepo]) -> String {
     s
 }
 
-/// What apt's lists call a repo's Release file, without the `InRelease`/`Release` ending:
-/// `<uri>_dists_<suite>_`, or for a flat repo `<uri>_<dir>_` (`./` dropped, `/` as `_`).
-pub fn release_list_prefix(repo: &PlannedRepo) -> String {
-    let uri = list_file_prefix(&repo.uri);
-    if repo.is_flat() {
-        let dir = repo.suite.trim_start_matches("./").trim_end_matches('/');
-        if dir.is_empty() {
-            format!("{uri}_._")
-        } else {
-            format!("{uri}_{}_", dir.replace('/', "_"))
+/// A URI as apt's messages show it: no credentials, `file:///x` as `file:/x`, no trailing `/`.
+fn apt_shown_uri(uri: &str) -> String {
+    let uri = uri.trim_end_matches('/');
+    if let Some(path) = uri.strip_prefix("file:///") {
+        return format!("file:/{path}");
+    }
+    match uri.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority.rsplit('@').next().unwrap_or(authority);
+            format!("{scheme}://{host}{path}")
         }
+        None => uri.to_string(),
+    }
+}
+
+/// What apt's lists call a repo's Release file, without the `InRelease`/`Release` ending:
+/// its URI with `dists/<suite>/`, or for a flat repo its directory as written (`./` and all),
+/// named as [`list_file_prefix`] names a URI (apt 2.6: `host_debian_dists_bookworm_`,
+/// `_srv_repo_._`, `_srv_repo_._stable_`).
+pub fn release_list_prefix(repo: &PlannedRepo) -> String {
+    let base = repo.uri.trim_end_matches('/');
+    if repo.is_flat() {
+        apt_file_name(&format!("{base}/{}", repo.suite))
     } else {
-        format!("{uri}_dists_{}_", repo.suite)
+        apt_file_name(&format!("{base}/dists/{}/", repo.suite))
     }
 }
 
@@ -155,13 +168,9 @@ pub fn release_list_prefix(repo: &PlannedRepo) -> String {
 pub fn explain_signature_failures(repos: &[PlannedRepo], lines: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     for r in repos {
-        // apt names the repo by its URI and suite in its error lines.
-        // apt writes `file:///srv/r` as `file:/srv/r`.
-        let uri = r.uri.trim_end_matches('/');
-        let uri = match uri.strip_prefix("file:///") {
-            Some(path) => format!("file:/{path}"),
-            None => uri.to_string(),
-        };
+        // apt names the repo by its URI (without credentials; `file:///srv/r` as
+        // `file:/srv/r`) and suite in its error lines.
+        let uri = apt_shown_uri(&r.uri);
         let release_of = |l: &str| {
             l.contains(&format!("{uri} {} ", r.suite))
                 || l.contains(&format!("{uri}/ {} ", r.suite))
@@ -181,35 +190,39 @@ pub fn explain_signature_failures(repos: &[PlannedRepo], lines: &[String]) -> Ve
             }
         }
         let unsigned = mine.iter().any(|l| l.contains("is not signed"));
-        let how = if !ids.is_empty() {
-            format!("its Release file is signed by key {}", ids.join(", "))
+        let keys = r
+            .key_fingerprints
+            .iter()
+            .map(|f| crate::openpgp::key_id(f))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let given = if keys.is_empty() {
+            "the keys in the image (Debian's archive keyring): give the repo its `key`".to_string()
+        } else {
+            format!("its `key` ({keys})")
+        };
+        let why = if !ids.is_empty() {
+            format!(
+                "its Release file is signed by key {}, which is not among {given}",
+                ids.join(", ")
+            )
+        } else if unsigned && keys.is_empty() {
+            "its Release file is not signed: for a repository without a signature, say so with \
+             `trusted: true`"
+                .to_string()
         } else if unsigned {
-            "its Release file is not signed".to_string()
+            format!("its Release file is not signed, although the repo has a `key` ({keys})")
         } else if mine.iter().any(|l| {
             l.contains("signatures couldn't be verified")
                 || l.contains("signatures were invalid")
                 || l.contains("GPG error")
         }) {
-            "its Release file's signature could not be verified".to_string()
+            format!("its Release file's signature could not be checked against {given}")
         } else {
             continue;
         };
-        let given = if r.key_fingerprints.is_empty() {
-            "the keys in the image (Debian's archive keyring); give the repo its `key`, or \
-             `trusted: true` for a repository without a signature"
-                .to_string()
-        } else {
-            format!(
-                "its `key` ({})",
-                r.key_fingerprints
-                    .iter()
-                    .map(|f| crate::openpgp::key_id(f))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        };
         out.push(format!(
-            "repo `{}` ({} {}): {how}, which is not among {given}",
+            "repo `{}` ({} {}): {why}",
             r.name,
             crate::redact::text(&r.uri),
             r.suite
@@ -220,7 +233,7 @@ pub fn explain_signature_failures(repos: &[PlannedRepo], lines: &[String]) -> Ve
 
 /// An apt preferences file pinning every package of `repo` to its priority, matched on the
 /// repo's Release fields and each of its components.
-pub fn render_preferences(repo: &PlannedRepo, meta: &ReleaseMeta, priority: i32) -> String {
+pub fn render_preferences(repo: &PlannedRepo, meta: &ReleaseMeta, priority: i32) -> Result<String> {
     let mut fields = Vec::new();
     let quote = |v: &str| v.replace(',', "\\,");
     // The codename, not the suite (`a=`): the suite moves (stable, oldstable, oldoldstable)
@@ -240,6 +253,15 @@ pub fn render_preferences(repo: &PlannedRepo, meta: &ReleaseMeta, priority: i32)
     if let Some(v) = &meta.label {
         fields.push(format!("l={}", quote(v)));
     }
+    if fields.is_empty() && repo.is_flat() {
+        bail!(
+            "repo `{}` has a `priority`, but its Release file has no Origin, Label, Suite or \
+             Codename, and a flat repository has no components: apt would have nothing to pin \
+             it on. Give its Release an Origin (`apt-ftparchive \
+             -o APT::FTPArchive::Release::Origin=NAME release .`)",
+            repo.name
+        );
+    }
     let mut s = format!("# Pin for repo `{}` written by debimg.\n", repo.name);
     // A flat repository has no components: its pin is on its Release fields alone.
     let comps: Vec<Option<&str>> = if repo.is_flat() {
@@ -258,7 +280,7 @@ pub fn render_preferences(repo: &PlannedRepo, meta: &ReleaseMeta, priority: i32)
             f.join(",")
         );
     }
-    s
+    Ok(s)
 }
 
 /// Build-only apt settings: no recommends, retries, proxies, keep the old config on conflicts.
@@ -286,11 +308,28 @@ pub fn render_build_conf(proxies: &Proxies) -> String {
     s
 }
 
-/// The prefix apt gives the list files of a URI (`URItoFileName`): scheme dropped, `/` as `_`.
+/// The name apt gives a URI's file in its lists (`URItoFileName`): scheme and credentials
+/// dropped, `\\|{}[]<>"^~_=!@#$%&*`, space, controls and non-ASCII as `%xx`, `/` as `_`.
+/// A trailing `/` is dropped (the repos' URIs have none; apt adds its own).
 pub fn list_file_prefix(uri: &str) -> String {
+    apt_file_name(uri.trim_end_matches('/'))
+}
+
+fn apt_file_name(uri: &str) -> String {
     let rest = uri.split_once("://").map_or(uri, |(_, r)| r);
-    let rest = rest.rsplit('@').next().unwrap_or(rest);
-    rest.trim_end_matches('/').replace('/', "_")
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority.rsplit('@').next().unwrap_or(authority);
+    let mut out = String::new();
+    for b in format!("{host}{path}").bytes() {
+        if b"\\|{}[]<>\"^~_=!@#$%&*".contains(&b) || b <= 0x20 || b >= 0x7f {
+            let _ = write!(out, "%{b:02x}");
+        } else if b == b'/' {
+            out.push('_');
+        } else {
+            out.push(b as char);
+        }
+    }
+    out
 }
 
 /// Parses `dpkg-query -W -f '${Package}\t${Version}\t${db:Status-Abbrev}\n'` output into the
@@ -431,11 +470,20 @@ impl Apt<'_> {
     pub fn pin(&self, plan: &Plan) -> Result<Vec<ReleaseMeta>> {
         let mut metas = Vec::new();
         for repo in &plan.repos {
-            let meta = self.release_meta(repo)?;
+            let meta = match self.release_meta(repo) {
+                Ok(m) => m,
+                // A repository apt takes without a Release file (a `trusted` flat one made by
+                // dpkg-scanpackages alone) has nothing to pin on, nor to say in the metadata.
+                Err(e) if repo.priority.is_none() && repo.trusted => {
+                    tracing::warn!("{e:#}");
+                    ReleaseMeta::default()
+                }
+                Err(e) => return Err(e),
+            };
             if let Some(prio) = repo.priority {
                 self.root.write(
                     format!("etc/apt/preferences.d/debimg-{}.pref", repo.name),
-                    render_preferences(repo, &meta, prio).as_bytes(),
+                    render_preferences(repo, &meta, prio)?.as_bytes(),
                     0o644,
                     Owner::ROOT,
                 )?;
@@ -636,7 +684,13 @@ mod tests {
         assert!(s.contains("deb file:///srv/team-repo ./\n"), "{s}");
         // apt's list file names (checked against apt 2.6's own).
         assert_eq!(release_list_prefix(&flat), "_srv_team-repo_._");
+        assert_eq!(release_list_prefix(&sub), "_srv_team-repo_._stable_");
+        sub.suite = "stable/".into();
         assert_eq!(release_list_prefix(&sub), "_srv_team-repo_stable_");
+        // apt quotes `_`, `~` and the like (seen in apt 2.6's lists).
+        sub.uri = "file:///tmp/re_po~x".into();
+        sub.suite = "my_repo/".into();
+        assert_eq!(release_list_prefix(&sub), "_tmp_re%5fpo%7ex_my%5frepo_");
         assert_eq!(
             release_list_prefix(&keyed),
             "m.example_debian-security_dists_bookworm-security_"
@@ -645,12 +699,17 @@ mod tests {
             origin: Some("Team".into()),
             ..Default::default()
         };
-        let p = render_preferences(&flat, &meta, 990);
+        let p = render_preferences(&flat, &meta, 990).unwrap();
         assert!(
             p.contains("Pin: release o=Team\nPin-Priority: 990\n"),
             "{p}"
         );
         assert!(!p.contains("c="), "{p}");
+        // A flat Release with nothing to pin on is refused, not pinned on everything.
+        let e = render_preferences(&flat, &ReleaseMeta::default(), 990)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("repo `team`") && e.contains("Origin"), "{e}");
     }
 
     #[test]
@@ -695,7 +754,16 @@ mod tests {
         );
         assert!(why[1].contains("repo `team`"), "{}", why[1]);
         assert!(why[1].contains("is not signed"), "{}", why[1]);
-        assert!(why[1].contains("give the repo its `key`"), "{}", why[1]);
+        assert!(why[1].contains("`trusted: true`"), "{}", why[1]);
+        // apt shows URIs without their credentials.
+        let mut secret = keyed.clone();
+        secret.uri = "http://u:pw@127.0.0.1:8000/repo".into();
+        let why = explain_signature_failures(&[secret], &lines);
+        assert!(
+            why[0].contains("(http://u:***@127.0.0.1:8000/repo ./)"),
+            "{why:?}"
+        );
+        assert!(why[0].contains("signed by key 6C8E1F0B2A3D4E5F"), "{why:?}");
         // Another failure (a 404) explains nothing.
         let other = vec!["E: Failed to fetch http://m.example/x  404  Not Found".to_string()];
         assert!(explain_signature_failures(&[plain], &other).is_empty());
@@ -714,7 +782,7 @@ mod tests {
     #[test]
     fn preferences_per_component() {
         let m = parse_release(INRELEASE);
-        let p = render_preferences(&repo("main contrib"), &m, 100);
+        let p = render_preferences(&repo("main contrib"), &m, 100).unwrap();
         assert!(p.contains(
             "Pin: release n=bookworm-security,o=Debian,l=Debian-Security,c=main\nPin-Priority: 100\n"
         ), "{p}");

@@ -100,12 +100,20 @@ impl FileRepoBinds {
             mounts: MountStack::default(),
             made: Vec::new(),
         };
+        // Parents first, so a nested repo is found inside its parent's bind.
+        let mut repos: Vec<(&crate::plan::PlannedRepo, String)> = plan
+            .repos
+            .iter()
+            .filter_map(|r| Some((r, file_repo_dir(&r.uri)?)))
+            .collect();
+        repos.sort_by_key(|(_, d)| d.len());
         let mut seen = Vec::new();
-        for r in &plan.repos {
-            let Some(dir) = file_repo_dir(&r.uri) else {
-                continue;
-            };
-            if seen.contains(&dir) {
+        for (r, dir) in repos {
+            // Already visible through another repo's bind (`/srv/a` shows `/srv/a/b`).
+            if seen
+                .iter()
+                .any(|s: &String| dir == *s || dir.starts_with(&format!("{s}/")))
+            {
                 continue;
             }
             seen.push(dir.clone());
@@ -140,10 +148,13 @@ impl FileRepoBinds {
             let m = root
                 .bind(host, &dir)
                 .with_context(|| format!("repo `{}`: making {} visible to apt", r.name, r.uri))?;
-            m.remount(
-                nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_RDONLY,
-                None,
-            )?;
+            {
+                use nix::mount::MsFlags as F;
+                m.remount(
+                    F::MS_BIND | F::MS_RDONLY | F::MS_NOSUID | F::MS_NODEV | F::MS_NOEXEC,
+                    None,
+                )?;
+            }
             binds.mounts.push(m);
         }
         Ok(binds)
@@ -151,8 +162,11 @@ impl FileRepoBinds {
 
     fn close(mut self, root: &Root) -> Result<()> {
         self.mounts.unmount()?;
+        // Only what is still empty: a package may have put files in a directory made here.
         for dir in self.made.iter().rev() {
-            root.remove_flat_dir(dir)?;
+            if !root.remove_empty_dir(dir)? {
+                tracing::debug!("{dir} is kept: something in the image uses it");
+            }
         }
         Ok(())
     }

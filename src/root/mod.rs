@@ -485,6 +485,25 @@ impl Root {
         }
     }
 
+    /// Removes the directory `path` when it is empty; returns whether it was removed (a
+    /// directory something was put in since, or none at all, stays as it is).
+    pub fn remove_empty_dir(&self, path: impl AsRef<Path>) -> Result<bool> {
+        let path = path.as_ref();
+        let (parent, name) = split(path)?;
+        let Some(dir) = self.open_dir(&parent)? else {
+            return Ok(false);
+        };
+        match nix::unistd::unlinkat(
+            &dir,
+            name.as_os_str(),
+            nix::unistd::UnlinkatFlags::RemoveDir,
+        ) {
+            Ok(()) => Ok(true),
+            Err(Errno::ENOENT | Errno::ENOTEMPTY | Errno::EEXIST | Errno::ENOTDIR) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("removing {} in the image", path.display())),
+        }
+    }
+
     /// Removes the directory `path` and the files in it (not below: a sub-directory is an
     /// error); returns whether it was there. Links in it are removed, never followed.
     pub fn remove_flat_dir(&self, path: impl AsRef<Path>) -> Result<bool> {

@@ -987,6 +987,17 @@ pub fn check_uri(uri: &str, kind: UriUse) -> Result<(), String> {
     };
     if !file {
         check_host_port(hostport)?;
+    } else {
+        // The path is bound into the image as written, while apt decodes `%xx` and would
+        // resolve `..`: the two must read the same directory.
+        if let Some(c) = path.chars().find(|c| matches!(c, '%' | '?')) {
+            return Err(format!(
+                "holds `{c}`: give a file:/// path as it is on the host, without escapes or a query"
+            ));
+        }
+        if path.split('/').any(|c| c == "." || c == "..") {
+            return Err("holds a `.` or `..` component: give the directory's own path".into());
+        }
     }
     for part in [userinfo, path] {
         if let Some(c) = part
