@@ -183,16 +183,27 @@ fn team_repo(work: &Path, key: &Key) -> PathBuf {
         )],
     );
     let dir = work.join("team");
-    std::fs::create_dir_all(&dir).unwrap();
+    // A second flat repository in its directory `stable/` (`suite: ./stable/`), made first.
+    let stable_deb = build_deb(work, "debimg-stable", "1.0", "", &[]);
+    let stable = dir.join("stable");
+    std::fs::create_dir_all(&stable).unwrap();
+    std::fs::copy(&stable_deb, stable.join(stable_deb.file_name().unwrap())).unwrap();
+    flat_index(&stable, "debimg-team-stable", key);
     std::fs::copy(&deb, dir.join(deb.file_name().unwrap())).unwrap();
-    std::fs::write(dir.join("Packages"), ftparchive(&dir, &["packages", "."])).unwrap();
-    let opts = release_opts("debimg-team", None);
+    flat_index(&dir, "debimg-team", key);
+    dir
+}
+
+/// `Packages`, `Release` (with `origin` as its Origin and Label) and a signed `InRelease` in
+/// the flat repository `dir`.
+fn flat_index(dir: &Path, origin: &str, key: &Key) {
+    std::fs::write(dir.join("Packages"), ftparchive(dir, &["packages", "."])).unwrap();
+    let opts = release_opts(origin, None);
     let mut args: Vec<&str> = opts.iter().map(String::as_str).collect();
     args.extend(["release", "."]);
-    let release = ftparchive(&dir, &args);
+    let release = ftparchive(dir, &args);
     std::fs::write(dir.join("Release"), release).unwrap();
-    key.sign(&dir);
-    dir
+    key.sign(dir);
 }
 
 /// A YAML block scalar of `text`, indented for a repo entry's field.
@@ -222,18 +233,20 @@ fn repos_with_their_own_keys_install_pinned() {
     // The vendor's key as a file next to the spec (armored); the team's inline; the bootstrap
     // repository's as Debian's own keyring file (binary, several keys).
     std::fs::write(work.path().join("vendor.asc"), &vendor_key.armored).unwrap();
+    std::fs::write(work.path().join("team.asc"), &team_key.armored).unwrap();
     let spec = work.path().join("third-party.yaml");
     std::fs::write(
         &spec,
         format!(
             "version: 1\nname: third-party\nsuite: bookworm\nmirror: {}\nkind: tarball\n\
-             packages: [debimg-vendor]\nrepos:\n  - {{name: debian, suite: bookworm, key: {DEBIAN_KEYRING}}}\n\
+             packages: [debimg-vendor, debimg-stable]\nrepos:\n  - {{name: debian, suite: bookworm, key: {DEBIAN_KEYRING}}}\n\
              \x20 - {{name: vendor, uri: \"{}\", suite: debimg-vendor, priority: 990, key: vendor.asc}}\n\
-             \x20 - name: team\n    uri: \"file://{}\"\n    suite: ./\n    priority: 1001\n    key: {}",
+             \x20 - {{name: team-stable, uri: \"file://{team}\", suite: ./stable/, priority: 100, key: team.asc}}\n\
+             \x20 - name: team\n    uri: \"file://{team}\"\n    suite: ./\n    priority: 1001\n    key: {}",
             host_mirror(),
             server.url(),
-            team.display(),
-            block(&team_key.armored)
+            block(&team_key.armored),
+            team = team.display(),
         ),
     )
     .unwrap();
@@ -275,6 +288,10 @@ fn repos_with_their_own_keys_install_pinned() {
     ));
     assert!(debian.len() > 1);
     assert_eq!(fprs("debian"), debian);
+    // The flat repository in a directory of another: its own Release, found where apt put it.
+    assert!(meta.installed.contains_key("debimg-stable"));
+    let stable = meta.repos.iter().find(|r| r.name == "team-stable").unwrap();
+    assert_eq!(stable.meta.origin.as_deref(), Some("debimg-team-stable"));
 
     // The image keeps the sources with their keyrings (keep_apt_sources), and nothing of the
     // bind mount that showed the flat repository to apt.
