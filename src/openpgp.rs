@@ -111,7 +111,12 @@ fn base64(s: &str) -> Result<Vec<u8>, String> {
             b'/' => 63,
             b'=' => break,
             b' ' | b'\t' | b'\r' | b'\n' => continue,
-            _ => return Err(format!("an armored key block holds `{}`, not base64", c as char)),
+            _ => {
+                return Err(format!(
+                    "an armored key block holds `{}`, not base64",
+                    c as char
+                ));
+            }
         };
         acc = (acc << 6) | u32::from(v);
         bits += 6;
@@ -149,7 +154,11 @@ fn packets(data: &[u8]) -> Result<Vec<Packet<'_>>, String> {
                 }
                 255 => {
                     let b = data.get(i + 2..i + 6).ok_or_else(bad)?;
-                    (tag, u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize, 6)
+                    (
+                        tag,
+                        u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize,
+                        6,
+                    )
                 }
                 // Partial lengths never frame a key packet.
                 _ => return Err(bad()),
@@ -164,7 +173,11 @@ fn packets(data: &[u8]) -> Result<Vec<Packet<'_>>, String> {
                 }
                 2 => {
                     let b = data.get(i + 1..i + 5).ok_or_else(bad)?;
-                    (tag, u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize, 5)
+                    (
+                        tag,
+                        u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize,
+                        5,
+                    )
                 }
                 _ => return Err(bad()),
             }
@@ -237,7 +250,11 @@ mod tests {
         let mut s = String::new();
         for chunk in bin.chunks(3) {
             let n = chunk.len();
-            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
             let v = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
             for k in 0..4 {
                 if k <= n {
@@ -273,7 +290,10 @@ mod tests {
     fn what_is_not_a_public_key_is_refused() {
         for (data, says) in [
             (&b"hello"[..], "neither"),
-            (&b"-----BEGIN PGP PRIVATE KEY BLOCK-----\nx\n"[..], "private key"),
+            (
+                &b"-----BEGIN PGP PRIVATE KEY BLOCK-----\nx\n"[..],
+                "private key",
+            ),
             (&[0x98u8, 10, 4][..], "well-formed"),
             (&[0xb4u8, 1, b'x'][..], "no public key"),
             (&[0x94u8, 1, 4][..], "secret key"),
