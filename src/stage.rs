@@ -64,14 +64,16 @@ impl Stage {
                 "fresh proc, sysfs and devpts; apt sources, pins, update, dist-upgrade, install"
             }
             Stage::Configure => {
-                "system settings, files, users, services, post scripts, bootloader, records; build-only files removed"
+                "system settings, files, users, services, post scripts, bootloader, records, attachments copied out; build-only files removed"
             }
             Stage::Unmount => {
                 "processes left in the chroot ended, filesystems unmounted deepest first, devices detached"
             }
             Stage::Finish => "filesystems checked and shrunk, or the tree archived",
             Stage::Package => "each image read once: digests, gzip or qcow2, under temporary names",
-            Stage::Publish => "outputs renamed into place, the metadata last",
+            Stage::Publish => {
+                "outputs renamed into place (the attachments directory whole), the metadata last"
+            }
         }
     }
 }
