@@ -16,7 +16,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use crate::plan::Plan;
 use crate::records::{DPKG_INFO, list_stems, lists_of};
 use crate::root::Root;
-use crate::spec::{Attachment, check_image_path, file_kind, glob};
+use crate::spec::{Attachment, check_image_path, file_kind, glob, image_path};
 
 /// A file copied out of the image, waiting in the workspace for the package stage.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,7 +193,7 @@ fn package_files(root: &Root, package: &str) -> Result<Vec<String>> {
                 );
                 continue;
             };
-            let path = check_image_path(line)
+            let path = image_path(line)
                 .map_err(|msg| anyhow!("/{list} lists {msg}"))
                 .with_context(|| format!("reading the files of package {package}"))?;
             // A name with `*`, `?` or `[` is the file's own name here, never expanded.
@@ -396,6 +396,14 @@ mod tests {
         j.link("tool", "/usr/bin/tool-link");
         j.link(j.host("etc/shadow"), "/usr/share/tool/to-host");
         j.write("/usr/lib/libx.so.1", "ELF");
+        // A name with pattern characters is the file's own name, never expanded nor refused.
+        j.write(
+            "/var/lib/dpkg/info/odd.list",
+            "/.\n/usr/share/odd/[x\n/usr/share/odd/*\n",
+        );
+        j.write("/usr/share/odd/[x", "bracket");
+        j.write("/usr/share/odd/*", "star");
+        j.write("/usr/share/odd/other", "not listed");
         let r = j.root();
         let package = |p: &str| Attachment::Package {
             package: p.to_string(),
@@ -407,6 +415,10 @@ mod tests {
         assert_eq!(
             resolve(&r, &package("libx")).unwrap(),
             ["/usr/lib/libx.so.1"]
+        );
+        assert_eq!(
+            resolve(&r, &package("odd")).unwrap(),
+            ["/usr/share/odd/[x", "/usr/share/odd/*"]
         );
         let e = err(&r, &package("ghost"));
         assert!(e.contains("package ghost is not installed"), "{e}");

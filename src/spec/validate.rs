@@ -766,13 +766,23 @@ impl Spec {
     }
 }
 
-/// A path in the image as `attachments` take it, normalized (`//` and `.` components dropped:
-/// `/etc//./hostname` is `/etc/hostname`), or what is wrong with it: it must be absolute, name
-/// something below `/`, have no `..` component (a path is read as the image resolves it, never
-/// climbing out of it; `..` would only blur what is meant) and no control character, keep each
-/// component within [`NAME_MAX`] bytes, and be a valid pattern where it is one
-/// ([`glob::Pattern`]).
+/// A path in the image as `attachments` take it, normalized, or what is wrong with it: an
+/// [`image_path`] that is a valid pattern where it is one ([`glob::Pattern`]).
 pub fn check_image_path(path: &str) -> Result<String, String> {
+    let normal = image_path(path)?;
+    for c in normal.split('/').filter(|c| glob::is_pattern(c)) {
+        glob::Pattern::parse(c).map_err(|msg| format!("`{}` {msg}", shown(path)))?;
+    }
+    Ok(normal)
+}
+
+/// A path in the image normalized (`//` and `.` components dropped: `/etc//./hostname` is
+/// `/etc/hostname`), or what is wrong with it: it must be absolute, name something below `/`,
+/// have no `..` component (a path is read as the image resolves it, never climbing out of it;
+/// `..` would only blur what is meant) and no control character, and keep each component
+/// within [`NAME_MAX`] bytes and the whole within 4095. No pattern is looked at: this is also
+/// how a name from dpkg's lists is checked, which means itself.
+pub fn image_path(path: &str) -> Result<String, String> {
     if !path.starts_with('/') {
         return Err(format!(
             "`{}` must be an absolute path in the image, such as `/etc/os-release`",
@@ -797,9 +807,6 @@ pub fn check_image_path(path: &str) -> Result<String, String> {
                     "`{}` has a component longer than {NAME_MAX} bytes",
                     shown(path)
                 ));
-            }
-            _ if glob::is_pattern(c) => {
-                glob::Pattern::parse(c).map_err(|msg| format!("`{}` {msg}", shown(path)))?;
             }
             _ => {}
         }
