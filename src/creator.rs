@@ -411,7 +411,6 @@ impl Creator {
                 root.end_processes("the bootloader")?;
                 let installed = configure::finish(plan, root, &mut self.build_only, show)?;
                 self.extra = records::extra_outputs(plan, root, &work, &installed)?;
-                self.attached = attachments::collect(plan, root, &work)?;
                 self.installed = installed;
                 Ok(())
             }
@@ -528,8 +527,8 @@ impl Creator {
     }
 
     /// The unmount stage's body: processes left in the chroot ended, the chroot's mounts and
-    /// any a tool made on its own unmounted deepest first, then the kind's filesystems and
-    /// devices.
+    /// any a tool made on its own unmounted deepest first, the attachments copied out, then the
+    /// kind's filesystems and devices.
     fn unmount_tree(&mut self) -> Result<()> {
         let killed = procs::kill_processes_in_root(&self.root_path, KILL_GRACE)?;
         if !killed.is_empty() {
@@ -537,6 +536,11 @@ impl Creator {
         }
         self.mounts.unmount()?;
         mount::unmount_all_under_except(&self.root_path, &self.kind.mount_points())?;
+        // Only now, with nothing but the image's own filesystems mounted: a link in the image to
+        // /proc/1/environ or /sys/... then finds the image's empty directory, not the kernel's
+        // view of this build. (After --shell too: what it changed is part of the image.)
+        let work = self.work()?.to_path_buf();
+        self.attached = attachments::collect(&self.plan, self.tree()?, &work)?;
         // The descriptor holds the root filesystem busy.
         self.tree = None;
         self.kind.unmount_root()

@@ -64,10 +64,10 @@ impl Stage {
                 "fresh proc, sysfs and devpts; apt sources, pins, update, dist-upgrade, install"
             }
             Stage::Configure => {
-                "system settings, files, users, services, post scripts, bootloader, records, attachments copied out; build-only files removed"
+                "system settings, files, users, services, post scripts, bootloader, records; build-only files removed"
             }
             Stage::Unmount => {
-                "processes left in the chroot ended, filesystems unmounted deepest first, devices detached"
+                "processes left in the chroot ended, its mounts gone, attachments copied out, filesystems unmounted deepest first, devices detached"
             }
             Stage::Finish => "filesystems checked and shrunk, or the tree archived",
             Stage::Package => "each image read once: digests, gzip or qcow2, under temporary names",
