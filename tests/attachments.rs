@@ -1,8 +1,9 @@
 //! `attachments`: files of the finished image copied next to the outputs, proven by one real
 //! build (a tarball from the host's mirror, as a release) with a package made here with
 //! dpkg-deb and a post script that leaves links in the image pointing at a host file by absolute
-//! path and far above the root by `../`: every attachment is the image's own file, none is the
-//! host's, and the metadata, SHA256SUMS and the reuse check all cover them.
+//! path, far above the root by `../` and into `/proc` and `/sys`: every attachment is the image's
+//! own file, none is the host's or the build's, and the metadata, SHA256SUMS and the reuse check
+//! all cover them.
 
 mod common;
 
@@ -101,6 +102,9 @@ fn attachments_come_from_the_image_never_from_the_host() {
              ln -s {marker_path} /etc/att/abs-marker\n      \
              ln -s ../../../../../../../../../../etc/debian_version /etc/att/up\n      \
              ln -s {missing} /etc/att/dangling\n      \
+             ln -s /proc/1/environ /etc/att/environ\n      \
+             ln -s ../../proc/self/environ /etc/att/self-environ\n      \
+             ln -s /sys/kernel/hostname /etc/att/sys-hostname\n      \
              mkdir /etc/att/dir.d\n\
              attachments:\n  - {{package: debimg-att}}\n  - /etc/att/*\n  - /etc/os-release\n  \
              - {{path: /etc/att/abs-marker}}\n",
@@ -112,7 +116,16 @@ fn attachments_come_from_the_image_never_from_the_host() {
     let out = work.path().join("out");
     let bdir = work.path().join("build");
     std::fs::create_dir_all(&bdir).unwrap();
-    let run = build(&spec, &out, &bdir, &["--release", "1"]);
+    // The build's own environment holds the marker too: a link to /proc/1/environ must not
+    // bring it out.
+    let output = build_command(&spec, &out, &bdir, &["--release", "1"])
+        .env("DEBIMG_TEST_HOST_MARKER", HOST_MARKER)
+        .output()
+        .unwrap();
+    let run = Run {
+        output,
+        elapsed: Default::default(),
+    };
     run.assert_ok("the attachments build");
     let rel = out.join("1");
     assert_no_leftovers(&bdir, &rel);
@@ -131,8 +144,9 @@ fn attachments_come_from_the_image_never_from_the_host() {
     assert!(debian_version.starts_with("12"), "{debian_version}");
 
     // Exactly the regular files asked for, each 0644 whatever its mode in the image: the
-    // package's (not its directories or links), the glob's (not the directory, not the link
-    // that leads nowhere in the image), the plain paths; a file named twice is there once.
+    // package's (not its directories or links), the glob's (not the directory, not the links
+    // that lead nowhere in the image: proc and sysfs are unmounted before anything is copied),
+    // the plain paths; a file named twice is there once.
     let dir = rel.join("att.attachments");
     let got = files_under(&dir);
     let mut want: Vec<&str> = vec![
