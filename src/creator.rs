@@ -323,8 +323,10 @@ impl Creator {
         self.run(Stage::Configure)
     }
 
-    /// Ends processes left in the chroot, unmounts everything deepest first and detaches the
-    /// devices (with `shell`, after an interactive shell in the chroot).
+    /// Ends processes left in the chroot, unmounts its mounts, copies the attachments (and
+    /// `copy_kernel`'s kernel and initrd) out of the image, unmounts the image's filesystems
+    /// deepest first and detaches the devices (with `shell`, after an interactive shell in the
+    /// chroot).
     pub fn unmount(&mut self) -> Result<(), Error> {
         if self.opts.shell && self.done == Some(Stage::Configure) {
             self.shell()?;
