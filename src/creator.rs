@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::attachments::{self, Attached};
 use crate::cache::Cache;
 use crate::debian::apt::ReleaseMeta;
 use crate::debian::configure::{self, BuildOnlyFiles};
@@ -53,9 +54,10 @@ use crate::debian::{bootstrap, install};
 use crate::error::{Error, ErrorKind};
 use crate::event::{self, Event};
 use crate::kind::{self, ImageKind, Staged};
-use crate::metadata::{FileMeta, Metadata, now_rfc3339};
+use crate::metadata::{Metadata, now_rfc3339};
 use crate::output::OutputLock;
 use crate::output::publish::{PendingOutputs, reusable};
+use crate::pack::package::Written;
 use crate::pack::{self, Packed};
 use crate::plan::Plan;
 use crate::preflight::{check_free_space, no_space_note, preflight};
@@ -133,11 +135,19 @@ impl Outcome {
             .collect()
     }
 
-    /// Paths of every output: images, records, kernel and initrd, then the metadata file.
+    /// Paths of every output: images, records, kernel and initrd, attachments, then the
+    /// metadata file.
     pub fn output_paths(&self) -> Vec<PathBuf> {
         let dir = self.metadata_path.parent().unwrap_or(Path::new("."));
         let mut out = self.image_paths();
         out.extend(self.metadata.files.iter().map(|f| dir.join(&f.name)));
+        out.extend(
+            self.metadata
+                .attachments
+                .iter()
+                .filter(|a| !self.metadata.files.iter().any(|f| f.name == a.file))
+                .map(|a| dir.join(&a.file)),
+        );
         out.push(self.metadata_path.clone());
         out
     }
@@ -168,12 +178,14 @@ pub struct Creator {
     build_start: String,
     release_metas: Vec<ReleaseMeta>,
     installed: BTreeMap<String, String>,
-    /// Files for the output directory besides the images: (file name, path in the workspace).
+    /// Records for the output directory: (file name, path in the workspace).
     extra: Vec<(String, PathBuf)>,
+    /// Files copied out of the image (attachments, kernel and initrd), in the workspace.
+    attached: Vec<Attached>,
     staged: Vec<Staged>,
     pending: Option<PendingOutputs>,
     packed: Vec<Packed>,
-    files: Vec<FileMeta>,
+    written: Written,
     outcome: Option<Outcome>,
 }
 
@@ -230,10 +242,11 @@ impl Creator {
             release_metas: Vec::new(),
             installed: BTreeMap::new(),
             extra: Vec::new(),
+            attached: Vec::new(),
             staged: Vec::new(),
             pending: None,
             packed: Vec::new(),
-            files: Vec::new(),
+            written: Written::default(),
             outcome: None,
         })
     }
@@ -310,8 +323,10 @@ impl Creator {
         self.run(Stage::Configure)
     }
 
-    /// Ends processes left in the chroot, unmounts everything deepest first and detaches the
-    /// devices (with `shell`, after an interactive shell in the chroot).
+    /// Ends processes left in the chroot, unmounts its mounts, copies the attachments (and
+    /// `copy_kernel`'s kernel and initrd) out of the image, unmounts the image's filesystems
+    /// deepest first and detaches the devices (with `shell`, after an interactive shell in the
+    /// chroot).
     pub fn unmount(&mut self) -> Result<(), Error> {
         if self.opts.shell && self.done == Some(Stage::Configure) {
             self.shell()?;
@@ -411,30 +426,40 @@ impl Creator {
                 // Through the directory the lock holds open: a swap of its path redirects
                 // nothing.
                 let mut pending = PendingOutputs::in_dir(self.lock.dir().try_clone()?);
-                (self.packed, self.files) =
-                    pack::package::run(&self.staged, &self.extra, &mut pending)?;
+                (self.packed, self.written) = pack::package::run(
+                    &self.staged,
+                    &self.extra,
+                    &self.attached,
+                    &self.plan.attachments_dir_name(),
+                    &mut pending,
+                )?;
                 self.pending = Some(pending);
                 Ok(())
             }
             Stage::Publish => {
+                let written = std::mem::take(&mut self.written);
+                // Every file beside the images: the records, the kernel and initrd.
+                let names: Vec<String> = written.files.iter().map(|f| f.name.clone()).collect();
                 let metadata = Metadata::assemble(
                     &self.plan,
                     self.kind.name(),
                     self.build_start.clone(),
                     &self.staged,
                     &self.packed,
-                    std::mem::take(&mut self.files),
+                    written.files,
+                    written.attachments,
                     &self.release_metas,
                     self.installed.clone(),
                 );
-                let mut names: Vec<&str> = self
+                let mut publish: Vec<&str> = self
                     .staged
                     .iter()
                     .map(|s| s.container_name.as_str())
                     .collect();
-                names.extend(self.extra.iter().map(|(n, _)| n.as_str()));
+                publish.extend(names.iter().map(String::as_str));
                 self.pending.as_mut().context("package first")?.publish(
-                    &names,
+                    &publish,
+                    &self.plan.attachments_dir_name(),
                     &self.plan.metadata_name(),
                     &metadata.to_yaml()?,
                 )?;
@@ -504,8 +529,8 @@ impl Creator {
     }
 
     /// The unmount stage's body: processes left in the chroot ended, the chroot's mounts and
-    /// any a tool made on its own unmounted deepest first, then the kind's filesystems and
-    /// devices.
+    /// any a tool made on its own unmounted deepest first, the attachments copied out, then the
+    /// kind's filesystems and devices.
     fn unmount_tree(&mut self) -> Result<()> {
         let killed = procs::kill_processes_in_root(&self.root_path, KILL_GRACE)?;
         if !killed.is_empty() {
@@ -513,6 +538,11 @@ impl Creator {
         }
         self.mounts.unmount()?;
         mount::unmount_all_under_except(&self.root_path, &self.kind.mount_points())?;
+        // Only now, with nothing but the image's own filesystems mounted: a link in the image to
+        // /proc/1/environ or /sys/... then finds the image's empty directory, not the kernel's
+        // view of this build. (After --shell too: what it changed is part of the image.)
+        let work = self.work()?.to_path_buf();
+        self.attached = attachments::collect(&self.plan, self.tree()?, &work)?;
         // The descriptor holds the root filesystem busy.
         self.tree = None;
         self.kind.unmount_root()

@@ -181,7 +181,7 @@ impl Job {
             );
             for name in ["SHA256SUMS", "MD5SUMS", "build.log"] {
                 let p = dir.join(name);
-                artifact(&p, None).map_err(boundary)?;
+                artifact(name, &p, None).map_err(boundary)?;
                 outcome.outputs.push(p);
             }
         }
@@ -216,10 +216,15 @@ impl Job {
             }
         }
         if self.bundle {
-            let names: Vec<String> = outputs
-                .iter()
-                .filter_map(|(p, _)| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-                .collect();
+            // What sits in the directory itself: an attachment goes with its directory.
+            let mut names: Vec<String> = Vec::new();
+            for (p, _) in &outputs {
+                let name = output_name(&dir, p);
+                let top = name.split('/').next().unwrap_or_default().to_string();
+                if !names.contains(&top) {
+                    names.push(top);
+                }
+            }
             let out = match release_dir {
                 Some(d) => d.try_clone(),
                 None => OutputDir::open(&dir),
@@ -259,7 +264,7 @@ impl Job {
         }
         let mut paths = Vec::new();
         for (p, known) in outputs {
-            artifact(&p, known).map_err(boundary)?;
+            artifact(&output_name(&dir, &p), &p, known).map_err(boundary)?;
             paths.push(p);
         }
         Ok(JobOutcome {
@@ -270,7 +275,7 @@ impl Job {
 }
 
 /// Every output of a build with the size and sha256 its metadata knows (none for the metadata
-/// file itself).
+/// file itself): images, records, kernel and initrd, attachments, metadata.
 fn known_outputs(outcome: &Outcome) -> Vec<(PathBuf, Option<(u64, String)>)> {
     let dir = outcome.metadata_path.parent().unwrap_or(Path::new("."));
     let m = &outcome.metadata;
@@ -289,13 +294,32 @@ fn known_outputs(outcome: &Outcome) -> Vec<(PathBuf, Option<(u64, String)>)> {
             .iter()
             .map(|f| (dir.join(&f.name), Some((f.size, f.sha256.clone())))),
     );
+    // The kernel and initrd are among the files already.
+    out.extend(
+        m.attachments
+            .iter()
+            .filter(|a| !m.files.iter().any(|f| f.name == a.file))
+            .map(|a| (dir.join(&a.file), Some((a.size, a.sha256.clone())))),
+    );
     out.push((outcome.metadata_path.clone(), None));
     out
 }
 
-/// Reports the published file `path` as an artifact, digesting it unless its size and sha256
-/// are known.
-fn artifact(path: &Path, known: Option<(u64, String)>) -> anyhow::Result<()> {
+/// The name of the output `path` in the output directory `dir`: a file name, or for an
+/// attachment its path from there (`NAME.attachments/etc/os-release`).
+fn output_name(dir: &Path, path: &Path) -> String {
+    match path.strip_prefix(dir) {
+        Ok(rel) if !rel.as_os_str().is_empty() => rel.to_string_lossy().into_owned(),
+        _ => path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    }
+}
+
+/// Reports the published file `path`, called `name` in its directory, as an artifact,
+/// digesting it unless its size and sha256 are known.
+fn artifact(name: &str, path: &Path, known: Option<(u64, String)>) -> anyhow::Result<()> {
     let (size, sha256) = match known {
         Some(k) => k,
         None => {
@@ -304,10 +328,7 @@ fn artifact(path: &Path, known: Option<(u64, String)>) -> anyhow::Result<()> {
         }
     };
     event::emit(&Event::Artifact {
-        name: path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        name: name.to_string(),
         path: path.to_path_buf(),
         size,
         sha256,

@@ -34,6 +34,7 @@ pub mod debian;
 #[doc(hidden)]
 pub mod post;
 
+pub(crate) mod attachments;
 pub(crate) mod cmd;
 pub(crate) mod preflight;
 pub(crate) mod records;

@@ -43,6 +43,21 @@ pub struct Metadata {
     /// Other files written next to the images: package records, kernel, initrd.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<FileMeta>,
+    /// Files copied out of the image: the spec's `attachments` and `copy_kernel`'s kernel and
+    /// initrd.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<AttachmentMeta>,
+}
+
+/// A file copied out of the image next to the outputs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttachmentMeta {
+    /// Where it is in the image (`/etc/os-release`), as the spec or dpkg named it.
+    pub path: String,
+    /// Its name in the output directory (`NAME.attachments/etc/os-release`, `NAME.vmlinuz`).
+    pub file: String,
+    pub size: u64,
+    pub sha256: String,
 }
 
 /// A file written next to the images that is not an image.
@@ -96,8 +111,8 @@ pub struct RepoMeta {
 
 impl Metadata {
     /// The metadata of a finished build: the plan's names and repos, each staged file with its
-    /// digests (`packed`, in the same order), the other files, the repos' Release fields (in
-    /// plan order) and the installed packages.
+    /// digests (`packed`, in the same order), the other files, the attachments, the repos'
+    /// Release fields (in plan order) and the installed packages.
     #[allow(clippy::too_many_arguments)]
     pub fn assemble(
         plan: &crate::plan::Plan,
@@ -106,6 +121,7 @@ impl Metadata {
         staged: &[crate::kind::Staged],
         packed: &[crate::pack::Packed],
         files: Vec<FileMeta>,
+        attachments: Vec<AttachmentMeta>,
         release_metas: &[ReleaseMeta],
         installed: BTreeMap<String, String>,
     ) -> Metadata {
@@ -154,6 +170,7 @@ impl Metadata {
             installed,
             kind: kind.to_string(),
             files,
+            attachments,
         }
     }
 
@@ -286,6 +303,12 @@ mod tests {
                 name: "t.packages".into(),
                 size: 12,
                 sha256: "44".repeat(32),
+            }],
+            attachments: vec![AttachmentMeta {
+                path: "/etc/systemd/system/mnt-a\\x2db.mount".into(),
+                file: "t.attachments/etc/systemd/system/mnt-a\\x2db.mount".into(),
+                size: 3,
+                sha256: "55".repeat(32),
             }],
         };
         let text = m.to_yaml().unwrap();

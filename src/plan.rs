@@ -11,8 +11,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::spec::{
-    Bootstrap, Container, Fs, Kind, PostScript, Proxies, Record, Services, Spec, SpecError, User,
-    Variant, image_base_name, parse_mode,
+    Attachment, Bootstrap, Container, Fs, Kind, PostScript, Proxies, Record, Services, Spec,
+    SpecError, User, Variant, image_base_name, parse_mode,
 };
 
 /// The program that bootstraps the base system, once `auto` is decided.
@@ -411,6 +411,9 @@ pub struct Plan {
     pub post: Vec<PostScript>,
     pub records: Vec<Record>,
     pub copy_kernel: bool,
+    /// What is copied out of the image into `<name>.attachments/`, as the spec says it: part of
+    /// the digest, so a changed list is a new build.
+    pub attachments: Vec<Attachment>,
     /// The disk of `kind: disk`.
     pub disk: Option<crate::spec::Disk>,
     /// sha256 of everything above plus the debimg version: equal digests, equal images.
@@ -650,6 +653,7 @@ impl Plan {
             post: spec.post.clone(),
             records: spec.records.clone(),
             copy_kernel: spec.copy_kernel,
+            attachments: spec.attachments.clone(),
             disk: spec.disk.clone(),
             digest: String::new(),
         };
@@ -710,6 +714,12 @@ impl Plan {
             format!("{}.vmlinuz", self.name),
             format!("{}.initrd", self.name),
         )
+    }
+
+    /// Name of the directory `attachments` are copied into (`<name>.attachments`): each file
+    /// keeps its path in the image below it.
+    pub fn attachments_dir_name(&self) -> String {
+        format!("{}.attachments", self.name)
     }
 
     /// Names of the files a build writes next to the metadata besides the images: records,
@@ -1185,6 +1195,7 @@ mod tests {
         let plan = Plan::new(&s, &src, true).unwrap();
         let mut names = plan.extra_output_names();
         names.push(plan.metadata_name());
+        names.push(plan.attachments_dir_name());
         for n in &names {
             assert!(
                 with_suffix(n, "t", NAME_SUFFIXES),

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use crate::root::Root;
 
 /// Where dpkg keeps the per-package file lists, relative to the root.
-const DPKG_INFO: &str = "var/lib/dpkg/info";
+pub(crate) const DPKG_INFO: &str = "var/lib/dpkg/info";
 
 /// Where packages install their `copyright` files, relative to the root.
 const DOC_DIR: &str = "usr/share/doc";
@@ -29,9 +29,9 @@ pub const NOT_MACHINE_READABLE: &str = "unknown (not machine-readable)";
 /// field, or only ones whose first line is empty).
 pub const NO_LICENSE_NAME: &str = "unknown (no licence named)";
 
-/// The files the spec asks for next to the images: the package records, and with
-/// `copy_kernel` the kernel and initrd (regular files inside the image, or an error), written
-/// into the workspace. Returns (output file name, workspace path) for each, names from the plan.
+/// The package records the spec asks for next to the images, written into the workspace.
+/// Returns (output file name, workspace path) for each, names from the plan. (`copy_kernel`'s
+/// kernel and initrd leave the image as attachments do: [`crate::attachments`].)
 pub fn extra_outputs(
     plan: &crate::plan::Plan,
     root: &Root,
@@ -50,16 +50,6 @@ pub fn extra_outputs(
         let path = work.join(&name);
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         out.push((name, path));
-    }
-    if plan.copy_kernel {
-        let (kernel, initrd) = crate::kind::find_kernel(root)?;
-        let (kernel_name, initrd_name) = plan.kernel_names();
-        for (src, name) in [(kernel, kernel_name), (initrd, initrd_name)] {
-            let path = work.join(&name);
-            root.copy_out(&src, &path)
-                .with_context(|| format!("copy_kernel: copying {src} out of the image"))?;
-            out.push((name, path));
-        }
     }
     Ok(out)
 }
@@ -117,7 +107,7 @@ pub fn files_record(root: &Root, installed: &BTreeMap<String, String>) -> Result
 }
 
 /// The names of the `*.list` files in dpkg's info directory, without `.list`.
-fn list_stems(root: &Root) -> Result<BTreeSet<String>> {
+pub(crate) fn list_stems(root: &Root) -> Result<BTreeSet<String>> {
     let mut stems = BTreeSet::new();
     if !root.is_dir(DPKG_INFO) {
         bail!("the image has no dpkg database (/{DPKG_INFO})");
@@ -136,7 +126,7 @@ fn list_stems(root: &Root) -> Result<BTreeSet<String>> {
 
 /// The list stems that belong to `name`: the exact one, else `name:<arch>` for every arch;
 /// an arch-qualified name falls back to its bare name (dpkg qualifies only `Multi-Arch: same`).
-fn lists_of<'a>(stems: &'a BTreeSet<String>, name: &str) -> Vec<&'a str> {
+pub(crate) fn lists_of<'a>(stems: &'a BTreeSet<String>, name: &str) -> Vec<&'a str> {
     if let Some(stem) = stems.get(name) {
         return vec![stem];
     }

@@ -67,11 +67,13 @@ impl Stage {
                 "system settings, files, users, services, post scripts, bootloader, records; build-only files removed"
             }
             Stage::Unmount => {
-                "processes left in the chroot ended, filesystems unmounted deepest first, devices detached"
+                "processes left in the chroot ended, its mounts gone, attachments copied out, filesystems unmounted deepest first, devices detached"
             }
             Stage::Finish => "filesystems checked and shrunk, or the tree archived",
             Stage::Package => "each image read once: digests, gzip or qcow2, under temporary names",
-            Stage::Publish => "outputs renamed into place, the metadata last",
+            Stage::Publish => {
+                "outputs renamed into place (the attachments directory whole), the metadata last"
+            }
         }
     }
 }

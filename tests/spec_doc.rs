@@ -143,11 +143,17 @@ impl<'de> Deserializer<'de> for Walker<'_> {
     type Error = WalkError;
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, WalkError> {
-        // Only a hand-written impl asks for "any" (`Size`); say what it expects so the doc's
-        // type can be checked, and feed it a number.
+        // Only a hand-written impl asks for "any" (`Size`, `Attachment`); say what it expects
+        // so the doc's type can be checked, and feed it what it takes: a size a number, the
+        // others a string.
         let expects = format!("{}", &visitor as &dyn de::Expected);
+        let size = expects.contains("size");
         self.record(Shape::Any(expects));
-        visitor.visit_u64(1 << 30)
+        if size {
+            visitor.visit_u64(1 << 30)
+        } else {
+            visitor.visit_str("/")
+        }
     }
 
     fn deserialize_bool<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, WalkError> {
@@ -414,8 +420,8 @@ fn type_fields() -> Vec<(String, TypeField)> {
         .collect()
 }
 
-/// The type as docs/spec.md writes it: `string`, `integer`, `boolean`, `size`, `object`,
-/// `enum`, or `list of <type>s`.
+/// The type as docs/spec.md writes it: `string`, `integer`, `boolean`, `size`, `attachment`,
+/// `object`, `enum`, or `list of <type>s`.
 fn type_name(shapes: &BTreeMap<String, Shape>, path: &str) -> String {
     let shape = shapes
         .get(path)
@@ -428,6 +434,7 @@ fn type_name(shapes: &BTreeMap<String, Shape>, path: &str) -> String {
         Shape::Object => "object".into(),
         Shape::Enum(_) => "enum".into(),
         Shape::Any(expects) if expects.contains("size") => "size".into(),
+        Shape::Any(expects) if *expects == debimg::spec::ATTACHMENT_EXPECTED => "attachment".into(),
         Shape::Any(expects) => panic!(
             "`{path}` is deserialized by hand (expecting {expects}): give its type a name in \
              tests/spec_doc.rs's type_name and docs/spec.md"

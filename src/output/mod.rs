@@ -373,6 +373,108 @@ impl OutputDir {
         }
     }
 
+    /// Removes whatever is at `name`: a file or a link (never followed) is unlinked, a directory
+    /// deleted with everything in it through descriptors, following no link and reaching into
+    /// no other filesystem ([`crate::sys::mount::remove_dir_all_at`]); then fsyncs this
+    /// directory. True when something was there.
+    pub fn remove_all(&self, name: impl AsRef<OsStr>) -> Result<bool> {
+        let name = self.checked(name.as_ref())?;
+        match self.kind(name)? {
+            None => Ok(false),
+            Some(EntryKind::Dir) => {
+                crate::sys::mount::remove_dir_all_at(self.fd.as_fd(), name, &self.join(name))?;
+                self.sync()?;
+                Ok(true)
+            }
+            Some(_) => {
+                let removed = self.remove(name)?;
+                self.sync()?;
+                Ok(removed)
+            }
+        }
+    }
+
+    /// The sub-directory at `rel` (names separated by `/`), each missing directory on the way
+    /// made with mode 0755; every step refuses a link.
+    pub fn create_dirs(&self, rel: &str) -> Result<OutputDir> {
+        let mut dir = self.try_clone()?;
+        for name in rel.split('/').filter(|c| !c.is_empty()) {
+            let made = match nix::sys::stat::mkdirat(&dir.fd, name, Mode::from_bits_truncate(0o700))
+            {
+                Ok(()) => true,
+                Err(Errno::EEXIST) => false,
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("creating directory {}", dir.join(name).display())
+                    });
+                }
+            };
+            dir = dir.open_subdir(name)?;
+            if made {
+                // Exactly 0755, whatever the umask: the outputs are for others to read.
+                dir.set_mode(0o755)?;
+            }
+        }
+        Ok(dir)
+    }
+
+    /// Sets the directory's own mode, exactly.
+    pub fn set_mode(&self, mode: u32) -> Result<()> {
+        nix::sys::stat::fchmod(&self.fd, Mode::from_bits_truncate(mode))
+            .with_context(|| format!("setting the mode of {}", self.path.display()))
+    }
+
+    /// Opens the regular file at `rel` (names separated by `/`) for reading; `None` when
+    /// anything on the way is missing, a link (never followed) or not what it should be.
+    pub fn open_regular_at(&self, rel: &str) -> Result<Option<(File, FileStat)>> {
+        let names: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
+        let Some((last, dirs)) = names.split_last() else {
+            return Ok(None);
+        };
+        let mut dir = self.try_clone()?;
+        for name in dirs {
+            if dir.kind(name)? != Some(EntryKind::Dir) {
+                return Ok(None);
+            }
+            dir = dir.open_subdir(name)?;
+        }
+        dir.open_if_regular(last)
+    }
+
+    /// The regular files below the sub-directory `name`, as paths from this directory
+    /// (`name/etc/hostname`), sorted; links (never followed) and special files are left out.
+    pub fn files_under(&self, name: &str) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        self.open_subdir(name)?.collect_files(name, &mut out)?;
+        out.sort();
+        Ok(out)
+    }
+
+    fn collect_files(&self, prefix: &str, out: &mut Vec<String>) -> Result<()> {
+        for name in self.entries()? {
+            let Some(text) = name.to_str() else {
+                bail!(
+                    "{}: a file name that is not UTF-8",
+                    self.join(&name).display()
+                );
+            };
+            let rel = format!("{prefix}/{text}");
+            match self.kind(&name)? {
+                Some(EntryKind::File) => out.push(rel),
+                Some(EntryKind::Dir) => self.open_subdir(&name)?.collect_files(&rel, out)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes every file of this directory's filesystem (`syncfs`): one call instead of an
+    /// fsync per file, for a tree of many files written at once.
+    pub fn sync_filesystem(&self) -> Result<()> {
+        nix::unistd::syncfs(&self.fd)
+            .with_context(|| format!("syncing the filesystem of {}", self.path.display()))
+    }
+
     /// Fsyncs the directory: renames and removals in it are then durable.
     pub fn sync(&self) -> Result<()> {
         nix::unistd::fsync(&self.fd).with_context(|| format!("syncing {}", self.path.display()))

@@ -2,12 +2,14 @@
 //! check, which reads what an earlier build published.
 
 use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
 use crate::metadata::Metadata;
-use crate::output::{EntryKind, OutputDir};
+use crate::output::{EntryKind, OutputDir, temp_name};
+use crate::pack::digest::{Digests, HashingWriter, digest_reader};
 use crate::plan::Plan;
 
 /// Returns the existing metadata when every output matches the plan. Only regular files count:
@@ -40,6 +42,14 @@ pub fn reusable(plan: &Plan, output_dir: &Path) -> Option<Metadata> {
             return None;
         }
     }
+    // Attachments are few and small next to the images: each is read again, so that a changed
+    // one is found even when its size is the same.
+    for a in &meta.attachments {
+        let (file, st) = dir.open_regular_at(&a.file).ok()??;
+        if st.st_size as u64 != a.size || digest_reader(file).ok()?.sha256 != a.sha256 {
+            return None;
+        }
+    }
     Some(meta)
 }
 
@@ -51,6 +61,9 @@ pub(crate) struct PendingOutputs {
     dir: Option<OutputDir>,
     /// (temporary name, final name)
     temps: Vec<(String, String)>,
+    /// The attachments directory being filled under a temporary name: (temporary name, final
+    /// name).
+    attachments: Option<(String, String)>,
 }
 
 impl PendingOutputs {
@@ -61,6 +74,7 @@ impl PendingOutputs {
             path: dir.path().to_path_buf(),
             dir: Some(dir),
             temps: Vec::new(),
+            attachments: None,
         }
     }
 
@@ -73,9 +87,45 @@ impl PendingOutputs {
         Ok((file, p))
     }
 
-    /// Renames the images into place, then writes the metadata last. The old metadata goes
-    /// first, so that no moment shows new images described by old metadata.
-    pub fn publish(&mut self, images: &[&str], metadata_name: &str, yaml: &str) -> Result<()> {
+    /// Writes the attachment `rel` (a path below the attachments directory `dir_name`, names
+    /// separated by `/`) from `src` with mode 0644, into that directory made under a temporary
+    /// name at the first call (0755, as are the directories below it); returns the digests of
+    /// what was written. [`PendingOutputs::publish`] puts the directory in place whole.
+    pub fn attach(&mut self, dir_name: &str, rel: &str, src: &mut impl Read) -> Result<Digests> {
+        open_dir(&mut self.dir, &self.path)?;
+        let dir = self
+            .dir
+            .as_ref()
+            .context("the output directory is not open")?;
+        let temp = match &self.attachments {
+            Some((temp, _)) => temp.clone(),
+            None => {
+                let temp = temp_name(dir_name);
+                dir.create_subdir(&temp, 0o700)?;
+                self.attachments = Some((temp.clone(), dir_name.to_string()));
+                dir.open_subdir(&temp)?.set_mode(0o755)?;
+                temp
+            }
+        };
+        let (parent, name) = rel.rsplit_once('/').unwrap_or(("", rel));
+        let sub = dir.open_subdir(&temp)?.create_dirs(parent)?;
+        let mut out = HashingWriter::new(sub.create_new(name, 0o644)?);
+        std::io::copy(src, &mut out)
+            .with_context(|| format!("writing {}", sub.join(name).display()))?;
+        Ok(out.finish().1)
+    }
+
+    /// Renames the images into place, replaces the attachments directory `attachments` (an
+    /// earlier build's goes even when this one has none: the metadata describes what is
+    /// there), then writes the metadata last. The old metadata goes first, so that no moment
+    /// shows new images described by old metadata.
+    pub fn publish(
+        &mut self,
+        images: &[&str],
+        attachments: &str,
+        metadata_name: &str,
+        yaml: &str,
+    ) -> Result<()> {
         let dir = open_dir(&mut self.dir, &self.path)?;
         dir.remove(metadata_name)?;
         dir.sync()?;
@@ -89,6 +139,13 @@ impl PendingOutputs {
         }
         // Whatever was not published goes on drop.
         self.temps.retain(|(_, n)| !images.contains(&n.as_str()));
+        // Links in the old directory are removed, never followed.
+        dir.remove_all(attachments)?;
+        if let Some((temp, name)) = &self.attachments {
+            dir.open_subdir(temp)?.sync_filesystem()?;
+            dir.commit(temp, name)?;
+            self.attachments = None;
+        }
         dir.write_file(metadata_name, yaml.as_bytes(), 0o644)
     }
 }
@@ -103,7 +160,7 @@ fn open_dir<'a>(slot: &'a mut Option<OutputDir>, path: &Path) -> Result<&'a Outp
 
 impl Drop for PendingOutputs {
     fn drop(&mut self) {
-        if self.temps.is_empty() {
+        if self.temps.is_empty() && self.attachments.is_none() {
             return;
         }
         let dir = match open_dir(&mut self.dir, &self.path) {
@@ -118,6 +175,11 @@ impl Drop for PendingOutputs {
             if let Err(e) = dir.remove(&temp) {
                 tracing::warn!("{e:#}");
             }
+        }
+        if let Some((temp, _)) = self.attachments.take()
+            && let Err(e) = dir.remove_all(&temp)
+        {
+            tracing::warn!("{e:#}");
         }
     }
 }
@@ -168,6 +230,7 @@ mod tests {
                 size: 4,
                 sha256: String::new(),
             }],
+            attachments: vec![],
         };
         std::fs::write(out.path().join("tb.yaml"), meta.to_yaml().unwrap()).unwrap();
         assert!(reusable(&plan, out.path()).is_some());
@@ -184,6 +247,162 @@ mod tests {
         );
     }
 
+    /// A plan with attachments and the metadata of its build, whose attachment is `content`.
+    fn attached_build(out: &Path, content: &[u8]) -> Plan {
+        let plan = Plan::for_test(
+            "version: 1\nname: at\nsuite: bookworm\nkind: tarball\nattachments: [/etc/hostname]\n",
+        );
+        std::fs::write(out.join("at.tar.gz"), b"archive").unwrap();
+        std::fs::create_dir_all(out.join("at.attachments/etc")).unwrap();
+        std::fs::write(out.join("at.attachments/etc/hostname"), content).unwrap();
+        let meta = Metadata {
+            name: "at".into(),
+            debimg_version: String::new(),
+            spec_digest: plan.digest.clone(),
+            bootstrap: String::new(),
+            build_start: String::new(),
+            build_end: String::new(),
+            images: vec![crate::metadata::ImageMeta {
+                container: "gzip".into(),
+                container_name: "at.tar.gz".into(),
+                container_size: 7,
+                container_md5: String::new(),
+                container_sha256: String::new(),
+                format: "tar".into(),
+                raw_md5: String::new(),
+                raw_name: "at.tar".into(),
+                raw_size: 0,
+                raw_sha256: String::new(),
+                mount: "/".into(),
+                label: None,
+                uuid: String::new(),
+            }],
+            repos: vec![],
+            packages: vec![],
+            installed: Default::default(),
+            kind: "tarball".into(),
+            files: vec![],
+            attachments: vec![crate::metadata::AttachmentMeta {
+                path: "/etc/hostname".into(),
+                file: "at.attachments/etc/hostname".into(),
+                size: content.len() as u64,
+                sha256: crate::pack::digest::digest_reader(content).unwrap().sha256,
+            }],
+        };
+        std::fs::write(out.join("at.yaml"), meta.to_yaml().unwrap()).unwrap();
+        plan
+    }
+
+    #[test]
+    fn attachments_are_reused_only_while_unchanged() {
+        let out = tempfile::tempdir().unwrap();
+        let plan = attached_build(out.path(), b"node1\n");
+        assert!(reusable(&plan, out.path()).is_some());
+        let file = out.path().join("at.attachments/etc/hostname");
+        std::fs::write(&file, b"node2\n").unwrap();
+        assert!(
+            reusable(&plan, out.path()).is_none(),
+            "a changed attachment of the same size"
+        );
+        std::fs::remove_file(&file).unwrap();
+        assert!(
+            reusable(&plan, out.path()).is_none(),
+            "a missing attachment"
+        );
+        std::fs::write(out.path().join("elsewhere"), b"node1\n").unwrap();
+        std::os::unix::fs::symlink(out.path().join("elsewhere"), &file).unwrap();
+        assert!(
+            reusable(&plan, out.path()).is_none(),
+            "a link is not an attachment"
+        );
+        std::fs::remove_file(&file).unwrap();
+        std::fs::write(&file, b"node1\n").unwrap();
+        assert!(reusable(&plan, out.path()).is_some());
+        // A directory on the way swapped for a link is not followed either.
+        std::fs::rename(
+            out.path().join("at.attachments/etc"),
+            out.path().join("etc-real"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(
+            out.path().join("etc-real"),
+            out.path().join("at.attachments/etc"),
+        )
+        .unwrap();
+        assert!(reusable(&plan, out.path()).is_none());
+        // The spec's attachments are part of the digest.
+        let other = Plan::for_test(
+            "version: 1\nname: at\nsuite: bookworm\nkind: tarball\nattachments: [/etc/hosts]\n",
+        );
+        assert_ne!(other.digest, plan.digest);
+    }
+
+    #[test]
+    fn attachments_replace_an_earlier_directory_without_following_its_links() {
+        let out = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let v = victim(outside.path());
+        let before = crate::output::fingerprint(&v);
+        // An earlier build's directory, with a link to a host file and one to a host directory.
+        let old = out.path().join("x.attachments");
+        std::fs::create_dir_all(old.join("etc")).unwrap();
+        std::fs::write(old.join("etc/stale"), b"old").unwrap();
+        std::os::unix::fs::symlink(&v, old.join("etc/victim")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), old.join("outside")).unwrap();
+        let mut pending = PendingOutputs::in_dir(OutputDir::open(out.path()).unwrap());
+        let d = pending
+            .attach("x.attachments", "etc/os-release", &mut &b"ID=debian\n"[..])
+            .unwrap();
+        assert_eq!(d.size, 10);
+        pending
+            .attach(
+                "x.attachments",
+                "usr/lib/os-release",
+                &mut &b"ID=debian\n"[..],
+            )
+            .unwrap();
+        let (mut f, _) = pending.create_temp("x.img.gz").unwrap();
+        f.write_all(b"image").unwrap();
+        pending
+            .publish(&["x.img.gz"], "x.attachments", "x.yaml", "name: x\n")
+            .unwrap();
+        drop(pending);
+        assert_eq!(
+            std::fs::read_to_string(old.join("etc/os-release")).unwrap(),
+            "ID=debian\n"
+        );
+        assert!(!old.join("etc/stale").exists() && !old.join("outside").exists());
+        assert_eq!(crate::output::mode(&old.join("etc/os-release")), 0o644);
+        assert_eq!(crate::output::mode(&old.join("usr/lib")), 0o755);
+        assert_eq!(crate::output::mode(&old), 0o755);
+        assert_eq!(crate::output::fingerprint(&v), before);
+        assert!(v.exists());
+        let mut left: Vec<_> = std::fs::read_dir(out.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["x.attachments", "x.img.gz", "x.yaml"]);
+
+        // A build without attachments removes an earlier one's: the metadata says what is
+        // there. One that fails leaves no temporary directory.
+        let mut pending = PendingOutputs::in_dir(OutputDir::open(out.path()).unwrap());
+        pending
+            .attach("x.attachments", "etc/hostname", &mut &b"n\n"[..])
+            .unwrap();
+        drop(pending);
+        let mut pending = PendingOutputs::in_dir(OutputDir::open(out.path()).unwrap());
+        pending
+            .publish(&[], "x.attachments", "x.yaml", "name: x\n")
+            .unwrap();
+        let mut left: Vec<_> = std::fs::read_dir(out.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["x.img.gz", "x.yaml"]);
+    }
+
     #[test]
     fn publish_replaces_a_link_and_drop_removes_temporaries() {
         let out = tempfile::tempdir().unwrap();
@@ -198,7 +417,7 @@ mod tests {
         let (mut u, unused) = pending.create_temp("x.raw").unwrap();
         u.write_all(b"partial").unwrap();
         pending
-            .publish(&["x.img.gz"], "x.yaml", "name: x\n")
+            .publish(&["x.img.gz"], "x.attachments", "x.yaml", "name: x\n")
             .unwrap();
         drop(pending);
         assert!(!tmp.exists());

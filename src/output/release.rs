@@ -108,12 +108,25 @@ pub fn prepare_dir(base: &Path, id: &str) -> Result<OutputDir> {
     Ok(dir)
 }
 
-/// Removes every entry of a failed release but its marker and lock, without following or
-/// descending into anything; refuses, before removing anything, if a directory is inside.
+/// True for a directory name that is debimg's attachments directory (`NAME.attachments`), or
+/// one being written under a temporary name (`.NAME.attachments.tmp-TOKEN`).
+fn is_attachments_dir(name: &str) -> bool {
+    name.ends_with(".attachments")
+        || (name.starts_with('.')
+            && name
+                .rsplit_once(".tmp-")
+                .is_some_and(|(base, _)| base.ends_with(".attachments")))
+}
+
+/// Removes every entry of a failed release but its marker and lock, without following any
+/// link; refuses, before removing anything, if a directory other than an attachments
+/// directory of debimg's is inside (those are removed whole, through descriptors, never
+/// reaching into another filesystem).
 fn empty_incomplete(dir: &OutputDir) -> Result<()> {
     let names = dir.entries()?;
     for name in &names {
-        if dir.kind(name)? == Some(EntryKind::Dir) {
+        let ours = name.to_str().is_some_and(is_attachments_dir);
+        if !ours && dir.kind(name)? == Some(EntryKind::Dir) {
             return Err(crate::error::Error::tagged(
                 crate::error::ErrorKind::Refused,
                 format!(
@@ -126,7 +139,7 @@ fn empty_incomplete(dir: &OutputDir) -> Result<()> {
     }
     for name in names {
         if name != RELEASE_MARKER && name != OUTPUT_LOCK {
-            dir.remove(&name)?;
+            dir.remove_all(&name)?;
         }
     }
     dir.sync()
@@ -212,10 +225,12 @@ impl Drop for LogTee {
     }
 }
 
-/// Writes `SHA256SUMS` and `MD5SUMS` for every regular file of `dir` (hidden files, the sum
-/// files themselves and anything not a regular file, links included, excepted), sorted by name,
-/// in the format `sha256sum -c` reads. Each file is read without following a link; each sum
-/// file is written whole and renamed into place.
+/// Writes `SHA256SUMS` and `MD5SUMS` for every regular file of `dir` and of its attachments
+/// directories (`NAME.attachments/etc/os-release`; hidden files at the top, the sum files
+/// themselves and anything not a regular file, links included, excepted), sorted by name, in
+/// the format `sha256sum -c` reads (a name with a backslash or a line break escaped as it
+/// expects). Each file is read without following a link; each sum file is written whole and
+/// renamed into place.
 pub fn write_sums(dir: &OutputDir) -> Result<Vec<String>> {
     let mut names = Vec::new();
     for name in dir.entries()? {
@@ -225,31 +240,48 @@ pub fn write_sums(dir: &OutputDir) -> Result<Vec<String>> {
                 dir.join(&name).display()
             );
         };
-        if !name.starts_with('.')
-            && name != "SHA256SUMS"
-            && name != "MD5SUMS"
-            && dir.kind(name)? == Some(EntryKind::File)
-        {
-            names.push(name.to_string());
+        if name.starts_with('.') || name == "SHA256SUMS" || name == "MD5SUMS" {
+            continue;
+        }
+        match dir.kind(name)? {
+            Some(EntryKind::File) => names.push(name.to_string()),
+            Some(EntryKind::Dir) if is_attachments_dir(name) => {
+                names.extend(dir.files_under(name)?);
+            }
+            _ => {}
         }
     }
     names.sort();
     let mut sha = String::new();
     let mut md5s = String::new();
     for name in &names {
-        let file = dir.open_regular(name)?;
+        let Some((file, _)) = dir.open_regular_at(name)? else {
+            bail!("{} changed while it was summed", dir.join(name).display());
+        };
         // Through the descriptor just opened: the file checked, whatever its name leads to now.
         let d = digest_file(&fd_path(&file))
             .with_context(|| format!("digesting {}", dir.join(name).display()))?;
-        sha.push_str(&format!("{}  {name}\n", d.sha256));
-        md5s.push_str(&format!("{}  {name}\n", d.md5));
+        sha.push_str(&sum_line(&d.sha256, name));
+        md5s.push_str(&sum_line(&d.md5, name));
     }
     dir.write_file("SHA256SUMS", sha.as_bytes(), 0o644)?;
     dir.write_file("MD5SUMS", md5s.as_bytes(), 0o644)?;
     Ok(names)
 }
 
-/// Packs `files` (names in `dir`) into `dir/<archive>` (a gzipped tar), then removes them.
+/// A line of a sum file as coreutils write it: `HASH  NAME`, or for a name holding a backslash
+/// or a line break, `\HASH  NAME` with those escaped (`\\`, `\n`).
+fn sum_line(hash: &str, name: &str) -> String {
+    if name.contains(['\\', '\n']) {
+        let escaped = name.replace('\\', "\\\\").replace('\n', "\\n");
+        format!("\\{hash}  {escaped}\n")
+    } else {
+        format!("{hash}  {name}\n")
+    }
+}
+
+/// Packs `files` (names in `dir`; an attachments directory with everything in it) into
+/// `dir/<archive>` (a gzipped tar), then removes them.
 /// The archive appears under its name only when complete.
 pub fn pack_outputs(dir: &OutputDir, files: &[String], archive: &str) -> Result<PathBuf> {
     let (tar, tar_name) = dir.create_temp(format!("{archive}.tar"), 0o600)?;
@@ -283,7 +315,7 @@ pub fn pack_outputs(dir: &OutputDir, files: &[String], archive: &str) -> Result<
     res?;
     removed?;
     for f in files {
-        dir.remove(f)
+        dir.remove_all(f)
             .with_context(|| format!("removing packed {}", dir.join(f).display()))?;
     }
     Ok(dir.join(archive))
@@ -514,5 +546,102 @@ mod tests {
         assert!(!listing.contains("a host file"), "{listing}");
         assert_eq!(names(dir.path()), ["x.bundle.tar.gz"]);
         assert!(v.exists());
+    }
+
+    #[test]
+    fn sums_cover_the_attachments_and_escape_names_as_coreutils_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let v = victim(outside.path());
+        std::fs::write(dir.path().join("x.tar.gz"), b"abc").unwrap();
+        let att = dir.path().join("x.attachments");
+        std::fs::create_dir_all(att.join("etc/systemd/system")).unwrap();
+        std::fs::write(att.join("etc/hostname"), b"node1\n").unwrap();
+        std::fs::write(att.join("etc/.hidden"), b"kept\n").unwrap();
+        std::fs::write(
+            att.join("etc/systemd/system/mnt-a\\x2db.mount"),
+            b"[Mount]\n",
+        )
+        .unwrap();
+        symlink(&v, att.join("etc/victim")).unwrap();
+        // Another directory is no output of debimg's: left out.
+        std::fs::create_dir_all(dir.path().join("other")).unwrap();
+        std::fs::write(dir.path().join("other/file"), b"x").unwrap();
+        let names = write_sums(&OutputDir::open(dir.path()).unwrap()).unwrap();
+        assert_eq!(
+            names,
+            [
+                "x.attachments/etc/.hidden",
+                "x.attachments/etc/hostname",
+                "x.attachments/etc/systemd/system/mnt-a\\x2db.mount",
+                "x.tar.gz",
+            ]
+        );
+        let sha = std::fs::read_to_string(dir.path().join("SHA256SUMS")).unwrap();
+        assert!(
+            sha.contains("  x.attachments/etc/systemd/system/mnt-a\\\\x2db.mount\n"),
+            "{sha}"
+        );
+        for (tool, file) in [("sha256sum", "SHA256SUMS"), ("md5sum", "MD5SUMS")] {
+            let st = std::process::Command::new(tool)
+                .args(["--check", "--strict", file])
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            assert!(st.status.success(), "{tool}: {st:?}");
+            assert_eq!(
+                String::from_utf8_lossy(&st.stdout).matches(": OK").count(),
+                4
+            );
+        }
+    }
+
+    #[test]
+    fn an_incomplete_release_loses_its_attachments_without_following_links() {
+        let base = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let v = victim(outside.path());
+        let before = fingerprint(&v);
+        let dir = base.path().join("7");
+        prepare_dir(base.path(), "7").unwrap();
+        for d in ["x.attachments/etc", ".x.attachments.tmp-0123/usr/bin"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        std::fs::write(dir.join("x.attachments/etc/hostname"), b"n").unwrap();
+        symlink(&v, dir.join("x.attachments/etc/victim")).unwrap();
+        symlink(
+            outside.path(),
+            dir.join(".x.attachments.tmp-0123/usr/bin/out"),
+        )
+        .unwrap();
+        prepare_dir(base.path(), "7").unwrap();
+        assert_eq!(names(&dir), [RELEASE_MARKER, OUTPUT_LOCK]);
+        assert_eq!(fingerprint(&v), before);
+        assert_eq!(names(outside.path()), ["victim"]);
+    }
+
+    #[test]
+    fn a_bundle_takes_the_attachments_directory_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.yaml"), b"meta").unwrap();
+        std::fs::create_dir_all(dir.path().join("x.attachments/etc")).unwrap();
+        std::fs::write(dir.path().join("x.attachments/etc/hostname"), b"n").unwrap();
+        let a = pack_outputs(
+            &OutputDir::open(dir.path()).unwrap(),
+            &["x.attachments".into(), "x.yaml".into()],
+            "x.bundle.tar.gz",
+        )
+        .unwrap();
+        let out = std::process::Command::new("tar")
+            .arg("-tzf")
+            .arg(&a)
+            .output()
+            .unwrap();
+        let listing = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            listing.contains("x.attachments/etc/hostname\n"),
+            "{listing}"
+        );
+        assert_eq!(names(dir.path()), ["x.bundle.tar.gz"]);
     }
 }

@@ -1,25 +1,38 @@
 //! The package stage's body: every staged file packed into its container under a temporary
 //! name in the output directory, in one read pass each; the files besides the images copied
-//! beside them.
+//! beside them, the attachments into their directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use crate::attachments::Attached;
 use crate::kind::{Ship, Staged};
-use crate::metadata::FileMeta;
+use crate::metadata::{AttachmentMeta, FileMeta};
 use crate::output::publish::PendingOutputs;
 use crate::pack::compress::{self, Packed};
-use crate::pack::digest;
+use crate::pack::digest::{self, Digests};
 use crate::signals;
 
-/// Packs every staged file into `pending` (one [`Packed`] each, in order) and copies the extra
-/// outputs (records, kernel) beside them.
+/// What the package stage wrote besides the images.
+#[derive(Debug, Default)]
+pub(crate) struct Written {
+    /// The files beside the images: records, then the kernel and initrd.
+    pub files: Vec<FileMeta>,
+    /// Every file copied out of the image, the kernel and initrd too.
+    pub attachments: Vec<AttachmentMeta>,
+}
+
+/// Packs every staged file into `pending` (one [`Packed`] each, in order), copies the records
+/// (`extra`) beside them, and the files copied out of the image (`attached`): the kernel and
+/// initrd beside them too, the attachments below `attachments_dir`.
 pub(crate) fn run(
     staged: &[Staged],
     extra: &[(String, PathBuf)],
+    attached: &[Attached],
+    attachments_dir: &str,
     pending: &mut PendingOutputs,
-) -> Result<(Vec<Packed>, Vec<FileMeta>)> {
+) -> Result<(Vec<Packed>, Written)> {
     let mut out: Vec<Packed> = Vec::new();
     for s in staged {
         signals::check()?;
@@ -48,20 +61,52 @@ pub(crate) fn run(
         );
         out.push(p);
     }
-    let mut files = Vec::new();
+    let mut written = Written::default();
     for (name, path) in extra {
-        let (mut f, tmp) = pending.create_temp(name)?;
-        std::fs::File::open(path)
-            .and_then(|mut from| std::io::copy(&mut from, &mut f))
-            .and_then(|_| f.sync_all())
-            .with_context(|| format!("copying {name} to {}", tmp.display()))?;
-        let d = digest::digest_file(&crate::output::fd_path(&f))
-            .with_context(|| format!("digesting {}", tmp.display()))?;
-        files.push(FileMeta {
+        let d = beside(pending, name, path)?;
+        written.files.push(FileMeta {
             name: name.clone(),
             size: d.size,
             sha256: d.sha256,
         });
     }
-    Ok((out, files))
+    for a in attached {
+        signals::check()?;
+        let d = match a.in_dir(attachments_dir) {
+            Some(rel) => {
+                let mut from = std::fs::File::open(&a.copy)
+                    .with_context(|| format!("opening {}", a.copy.display()))?;
+                pending
+                    .attach(attachments_dir, rel, &mut from)
+                    .with_context(|| format!("copying {} to the output directory", a.file))?
+            }
+            None => {
+                let d = beside(pending, &a.file, &a.copy)?;
+                written.files.push(FileMeta {
+                    name: a.file.clone(),
+                    size: d.size,
+                    sha256: d.sha256.clone(),
+                });
+                d
+            }
+        };
+        written.attachments.push(AttachmentMeta {
+            path: a.path.clone(),
+            file: a.file.clone(),
+            size: d.size,
+            sha256: d.sha256,
+        });
+    }
+    Ok((out, written))
+}
+
+/// Copies the workspace file `path` into `pending` as `name`, beside the images.
+fn beside(pending: &mut PendingOutputs, name: &str, path: &Path) -> Result<Digests> {
+    let (mut f, tmp) = pending.create_temp(name)?;
+    std::fs::File::open(path)
+        .and_then(|mut from| std::io::copy(&mut from, &mut f))
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("copying {name} to {}", tmp.display()))?;
+    digest::digest_file(&crate::output::fd_path(&f))
+        .with_context(|| format!("digesting {}", tmp.display()))
 }

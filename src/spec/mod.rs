@@ -11,6 +11,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub mod glob;
 mod input;
 pub mod mkfs_options;
 mod validate;
@@ -113,6 +114,10 @@ pub struct Spec {
     /// Copy the kernel and initrd out next to the images (`<name>.vmlinuz`, `<name>.initrd`).
     #[serde(default)]
     pub copy_kernel: bool,
+    /// Files of the finished image copied next to the outputs, under `<name>.attachments/`:
+    /// absolute paths or globs in the image, or every file a package installed.
+    #[serde(default)]
+    pub attachments: Vec<Attachment>,
     /// The whole bootable disk of `kind: disk`: partition table, partitions, bootloaders and
     /// output formats.
     #[serde(default)]
@@ -368,6 +373,62 @@ impl Record {
             Record::Files => "files",
             Record::Licenses => "licenses",
         }
+    }
+}
+
+/// What `attachments[]` copies out of the finished image: written as a plain string (a path),
+/// `{path: ...}` or `{package: ...}`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Attachment {
+    /// An absolute path in the image, or a glob (`*`, `?`, `[...]` within a component).
+    Path(String),
+    /// Every regular file a package installed, as dpkg lists it.
+    Package {
+        /// The package's name, optionally `:arch`.
+        package: String,
+    },
+}
+
+/// What `attachments[]` accepts, as parse errors (and the spec reference's test) say it.
+pub const ATTACHMENT_EXPECTED: &str =
+    "an attachment: an absolute path or glob in the image, or a mapping with `path` or `package`";
+
+impl<'de> Deserialize<'de> for Attachment {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Attachment, D::Error> {
+        /// The mapping form; unknown keys are refused as everywhere in the spec.
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Entry {
+            #[serde(default)]
+            path: Option<String>,
+            #[serde(default)]
+            package: Option<String>,
+        }
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Attachment;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(ATTACHMENT_EXPECTED)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Attachment, E> {
+                Ok(Attachment::Path(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Attachment, A::Error> {
+                let e = Entry::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                match (e.path, e.package) {
+                    (Some(path), None) => Ok(Attachment::Path(path)),
+                    (None, Some(package)) => Ok(Attachment::Package { package }),
+                    _ => Err(serde::de::Error::custom(
+                        "an attachment gives exactly one of `path` and `package`",
+                    )),
+                }
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 

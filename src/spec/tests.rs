@@ -559,3 +559,82 @@ fn a_missing_key_file_is_named() {
     std::fs::write(dir.path().join("vendor.asc"), "x").unwrap();
     assert!(Spec::from_file(&path).is_ok());
 }
+
+#[test]
+fn attachments_take_three_forms() {
+    let s = Spec::from_yaml(
+        &with(
+            "attachments:\n  - /etc/os-release\n  - {path: '/boot/config-*'}\n  - {package: openssh-server}\n  - {package: 'libc6:amd64'}",
+        ),
+        "t.yaml",
+    )
+    .unwrap();
+    assert_eq!(
+        s.attachments,
+        [
+            Attachment::Path("/etc/os-release".into()),
+            Attachment::Path("/boot/config-*".into()),
+            Attachment::Package {
+                package: "openssh-server".into()
+            },
+            Attachment::Package {
+                package: "libc6:amd64".into()
+            },
+        ]
+    );
+    // What the plan digests: the string form for a path, a mapping for a package.
+    assert_eq!(
+        serde_json::to_string(&s.attachments).unwrap(),
+        r#"["/etc/os-release","/boot/config-*",{"package":"openssh-server"},{"package":"libc6:amd64"}]"#
+    );
+}
+
+#[test]
+fn attachments_refuse_unknown_keys_and_two_kinds_at_once() {
+    for (entry, want) in [
+        ("{pth: /etc/hostname}", "unknown field `pth`"),
+        (
+            "{path: /etc/hostname, mode: '0644'}",
+            "unknown field `mode`",
+        ),
+        (
+            "{path: /etc/hostname, package: base-files}",
+            "exactly one of `path` and `package`",
+        ),
+        ("{}", "exactly one of `path` and `package`"),
+        ("42", "an attachment"),
+        ("[/etc/hostname]", "an attachment"),
+    ] {
+        let p = problems(&with(&format!("attachments:\n  - {entry}")));
+        assert_eq!(p.len(), 1, "{entry}: {p:?}");
+        assert!(p[0].message.contains(want), "{entry}: {}", p[0].message);
+    }
+}
+
+#[test]
+fn attachment_paths_and_packages_are_validated() {
+    let yaml = with(
+        "attachments:\n  - etc/hostname\n  - /etc/../etc/shadow\n  - /\n  - '/boot/[abc'\n  - \"/etc/a\\nb\"\n  - {package: Bad_Name}\n  - /etc//hostname\n  - /etc/./hostname\n  - {package: bash}\n  - {package: bash}\n  - '/etc/[!a-z]*'",
+    );
+    let got = fields(&yaml);
+    let want = [
+        "attachments[0]: `etc/hostname` must be an absolute path",
+        "attachments[1]: `/etc/../etc/shadow` has a `..` component",
+        "attachments[2]: `/` is the image's root directory",
+        "attachments[3]: `/boot/[abc` has a `[` without its closing `]`",
+        "attachments[4]: `/etc/a\\nb` holds a control character",
+        "attachments[5].package: `Bad_Name` is not a Debian package name",
+        "attachments[7]: is listed twice",
+        "attachments[9]: is listed twice",
+    ];
+    assert_eq!(got.len(), want.len(), "{got:#?}");
+    for (g, w) in got.iter().zip(want) {
+        assert!(g.starts_with(w), "{g}\n  should start with\n{w}");
+    }
+    assert_eq!(
+        check_image_path("//etc/./ssh//sshd_config").unwrap(),
+        "/etc/ssh/sshd_config"
+    );
+    let long = format!("/{}", "a".repeat(256));
+    assert!(check_image_path(&long).unwrap_err().contains("255 bytes"));
+}

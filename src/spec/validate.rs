@@ -361,6 +361,29 @@ impl Spec {
                 );
             }
         }
+        let mut seen = BTreeSet::new();
+        for (i, a) in self.attachments.iter().enumerate() {
+            let f = format!("attachments[{i}]");
+            let key = match a {
+                Attachment::Path(path) => match check_image_path(path) {
+                    Ok(normal) => normal,
+                    Err(msg) => {
+                        p.add(f, msg);
+                        continue;
+                    }
+                },
+                Attachment::Package { package } => {
+                    if !is_package_name(package) {
+                        check_package(p, &format!("{f}.package"), package);
+                        continue;
+                    }
+                    format!("package {package}")
+                }
+            };
+            if !seen.insert(key) {
+                p.add(f, "is listed twice");
+            }
+        }
     }
 
     fn validate_selection(&self, p: &mut Problems) {
@@ -787,6 +810,62 @@ impl Spec {
     }
 }
 
+/// A path in the image as `attachments` take it, normalized, or what is wrong with it: an
+/// [`image_path`] that is a valid pattern where it is one ([`glob::Pattern`]).
+pub fn check_image_path(path: &str) -> Result<String, String> {
+    let normal = image_path(path)?;
+    for c in normal.split('/').filter(|c| glob::is_pattern(c)) {
+        glob::Pattern::parse(c).map_err(|msg| format!("`{}` {msg}", shown(path)))?;
+    }
+    Ok(normal)
+}
+
+/// A path in the image normalized (`//` and `.` components dropped: `/etc//./hostname` is
+/// `/etc/hostname`), or what is wrong with it: it must be absolute, name something below `/`,
+/// have no `..` component (a path is read as the image resolves it, never climbing out of it;
+/// `..` would only blur what is meant) and no control character, and keep each component
+/// within [`NAME_MAX`] bytes and the whole within 4095. No pattern is looked at: this is also
+/// how a name from dpkg's lists is checked, which means itself.
+pub fn image_path(path: &str) -> Result<String, String> {
+    if !path.starts_with('/') {
+        return Err(format!(
+            "`{}` must be an absolute path in the image, such as `/etc/os-release`",
+            shown(path)
+        ));
+    }
+    if path.chars().any(char::is_control) {
+        return Err(format!("`{}` holds a control character", shown(path)));
+    }
+    let mut normal = String::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => continue,
+            ".." => {
+                return Err(format!(
+                    "`{}` has a `..` component: name the file by its path without it",
+                    shown(path)
+                ));
+            }
+            _ if c.len() > NAME_MAX => {
+                return Err(format!(
+                    "`{}` has a component longer than {NAME_MAX} bytes",
+                    shown(path)
+                ));
+            }
+            _ => {}
+        }
+        normal.push('/');
+        normal.push_str(c);
+    }
+    if normal.is_empty() {
+        return Err("`/` is the image's root directory: name files in it, such as `/etc/os-release` or `/boot/config-*`".to_string());
+    }
+    if normal.len() > 4095 {
+        return Err(format!("`{}` is longer than 4095 bytes", shown(path)));
+    }
+    Ok(normal)
+}
+
 /// Longest file name Linux filesystems store (`NAME_MAX`), in bytes.
 pub const NAME_MAX: usize = 255;
 
@@ -797,8 +876,8 @@ pub const TEMP_NAME_EXTRA: usize = ".".len() + ".tmp-".len() + 32;
 
 /// The suffixes of every file a build names after the spec `name` (`<name><suffix>`): tarball,
 /// disk formats ([`DiskFormat::file_name`]), metadata, records ([`Record::extension`]), kernel
-/// and initrd, and the `--pack` bundle and release copies of the input (named in main.rs).
-/// Plan's tests check that its names stay within this list.
+/// and initrd, the attachments directory, and the `--pack` bundle and release copies of the
+/// input (named in main.rs). Plan's tests check that its names stay within this list.
 pub const NAME_SUFFIXES: &[&str] = &[
     ".tar.gz",
     ".img",
@@ -810,6 +889,7 @@ pub const NAME_SUFFIXES: &[&str] = &[
     ".licenses",
     ".vmlinuz",
     ".initrd",
+    ".attachments",
     ".bundle.tar.gz",
     ".spec.yaml",
     ".fuel.json",

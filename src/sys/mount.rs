@@ -386,6 +386,42 @@ pub fn remove_dir_all_safe(dir: &Path) -> Result<()> {
     remove_tree_same_device(dir)
 }
 
+/// [`remove_dir_all_safe`] of the directory `name` in the open directory `parent`, reached only
+/// through descriptors (`path` names it in messages). Refused, deleting nothing, when `name` is
+/// not a directory (a link is not followed), is a mount point or has one below it.
+pub fn remove_dir_all_at(parent: BorrowedFd<'_>, name: &OsStr, path: &Path) -> Result<()> {
+    let parent_fd = parent
+        .try_clone_to_owned()
+        .with_context(|| format!("opening the directory of {}", path.display()))?;
+    let fd = open_dir_nofollow(Some(&parent_fd), name)
+        .with_context(|| format!("opening {} (a link is not followed)", path.display()))?;
+    let dev = nix::sys::stat::fstat(&fd)
+        .with_context(|| format!("inspecting {}", path.display()))?
+        .st_dev;
+    let parent_dev = nix::sys::stat::fstat(&parent_fd)
+        .with_context(|| format!("inspecting the directory of {}", path.display()))?
+        .st_dev;
+    // Where the descriptor really is: the mount table speaks of canonical paths.
+    let real = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .with_context(|| format!("resolving {}", path.display()))?;
+    let mounts = mount_points_under(&real)?;
+    if dev != parent_dev || !mounts.is_empty() {
+        let mut shown: Vec<_> = mounts.iter().map(|p| p.display().to_string()).collect();
+        if shown.is_empty() {
+            shown.push(path.display().to_string());
+        }
+        bail!(
+            "refusing to delete {}: mount points at or below it: {}",
+            path.display(),
+            shown.join(", ")
+        );
+    }
+    empty_dir(&fd, path, dev)?;
+    drop(fd);
+    nix::unistd::unlinkat(&parent_fd, name, UnlinkatFlags::RemoveDir)
+        .with_context(|| format!("removing {}", path.display()))
+}
+
 /// The deletion itself, without the mount table check (tested on its own).
 fn remove_tree_same_device(dir: &Path) -> Result<()> {
     let fd = open_dir_nofollow(None, dir.as_os_str())
@@ -759,6 +795,55 @@ mod tests {
 
         m.close().unwrap();
         remove_dir_all_safe(&tree).unwrap();
+        assert!(!tree.exists());
+    }
+
+    #[test]
+    fn remove_at_refuses_mounts_even_of_the_same_filesystem() {
+        if !is_root() {
+            return;
+        }
+        let dir = tempdir();
+        let host = dir.path().join("host");
+        fs::create_dir_all(&host).unwrap();
+        fs::write(host.join("precious"), b"keep").unwrap();
+        let tree = dir.path().join("x.attachments");
+        fs::create_dir_all(tree.join("etc")).unwrap();
+        fs::write(tree.join("file"), b"x").unwrap();
+        let parent = nix::fcntl::open(
+            dir.path(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        // A bind mount of a directory on the same filesystem: the device check cannot see it.
+        let m = mount(
+            host.to_str().unwrap(),
+            &tree.join("etc"),
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )
+        .unwrap();
+        let err =
+            remove_dir_all_at(parent.as_fd(), OsStr::new("x.attachments"), &tree).unwrap_err();
+        assert!(format!("{err:#}").contains("mount points"), "{err:#}");
+        assert_eq!(fs::read(host.join("precious")).unwrap(), b"keep");
+        assert_eq!(fs::read(tree.join("file")).unwrap(), b"x");
+        m.close().unwrap();
+        // Mounted on itself.
+        let m = mount(host.to_str().unwrap(), &tree, None, MsFlags::MS_BIND, None).unwrap();
+        assert!(remove_dir_all_at(parent.as_fd(), OsStr::new("x.attachments"), &tree).is_err());
+        assert_eq!(fs::read(host.join("precious")).unwrap(), b"keep");
+        m.close().unwrap();
+        // A link in its place is refused, not followed.
+        fs::rename(&tree, dir.path().join("moved")).unwrap();
+        symlink(&host, &tree).unwrap();
+        assert!(remove_dir_all_at(parent.as_fd(), OsStr::new("x.attachments"), &tree).is_err());
+        assert_eq!(fs::read(host.join("precious")).unwrap(), b"keep");
+        fs::remove_file(&tree).unwrap();
+        fs::rename(dir.path().join("moved"), &tree).unwrap();
+        remove_dir_all_at(parent.as_fd(), OsStr::new("x.attachments"), &tree).unwrap();
         assert!(!tree.exists());
     }
 
