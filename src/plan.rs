@@ -238,7 +238,7 @@ pub fn probe_host_uri(
     for uri in probe_order(sources, suite) {
         let answer = match crate::debian::fetch::release(&uri, suite, fetch) {
             Ok(bytes) => {
-                let meta = crate::debian::apt::parse_release(&String::from_utf8_lossy(&bytes));
+                let meta = crate::debian::release::parse_release(&String::from_utf8_lossy(&bytes));
                 if [&meta.suite, &meta.codename]
                     .iter()
                     .any(|v| v.as_deref() == Some(suite))

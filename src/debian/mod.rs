@@ -9,6 +9,7 @@ pub mod fetch;
 pub mod index;
 pub mod install;
 pub mod mmdebstrap;
+pub mod release;
 pub mod settings;
 
 /// The clean environment of programs run in the chroot (see [`crate::root::Root::command`]);
