@@ -102,6 +102,25 @@ fn features_example_as_a_release_with_a_shell() {
 
     let meta = Metadata::read(&rel.join("features.yaml")).unwrap();
     assert_eq!(meta.kind, "fs-images");
+    // Attachments: a path, a glob and a package's files, as the metadata lists them.
+    let att = rel.join("features.attachments");
+    assert_eq!(
+        std::fs::read_to_string(att.join("usr/share/debimg-hello/hello.txt")).unwrap(),
+        "hello from a local .deb\n"
+    );
+    assert!(att.join("etc/os-release").is_file());
+    assert_eq!(
+        std::fs::read_to_string(att.join("etc/debimg-build-id")).unwrap(),
+        "build 7\n"
+    );
+    for a in &meta.attachments {
+        assert_eq!(sums(&rel.join(&a.file)).1, a.sha256, "{}", a.path);
+    }
+    assert!(
+        meta.attachments
+            .iter()
+            .any(|a| a.path == "/etc/debimg-perl")
+    );
     let raws = check_outputs(&rel, &meta, work.path());
     let tree = MountedTree::mount(&meta, &raws);
     let installed = dpkg_installed(&tree.read("/var/lib/dpkg/status"));
