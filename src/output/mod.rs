@@ -426,8 +426,16 @@ impl OutputDir {
 
     /// Opens the regular file at `rel` (names separated by `/`) for reading; `None` when
     /// anything on the way is missing, a link (never followed) or not what it should be.
+    /// A path that is absolute or holds an empty, `.` or `..` name is refused (`None`): the
+    /// name must say exactly the file it is.
     pub fn open_regular_at(&self, rel: &str) -> Result<Option<(File, FileStat)>> {
-        let names: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
+        let names: Vec<&str> = rel.split('/').collect();
+        if names
+            .iter()
+            .any(|c| c.is_empty() || *c == "." || *c == "..")
+        {
+            return Ok(None);
+        }
         let Some((last, dirs)) = names.split_last() else {
             return Ok(None);
         };

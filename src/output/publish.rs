@@ -43,14 +43,34 @@ pub fn reusable(plan: &Plan, output_dir: &Path) -> Option<Metadata> {
         }
     }
     // Attachments are few and small next to the images: each is read again, so that a changed
-    // one is found even when its size is the same.
+    // one is found even when its size is the same. Each name must be the one this plan gives
+    // its path: the metadata is data, and the names it lists are reported as outputs.
     for a in &meta.attachments {
+        if !is_attachment_name(plan, &a.path, &a.file) {
+            return None;
+        }
         let (file, st) = dir.open_regular_at(&a.file).ok()??;
         if st.st_size as u64 != a.size || digest_reader(file).ok()?.sha256 != a.sha256 {
             return None;
         }
     }
     Some(meta)
+}
+
+/// Whether `file` is the output name a build of `plan` gives the attachment at `path`: the
+/// kernel's or initrd's own name, or `<name>.attachments/<path>` of plain names.
+fn is_attachment_name(plan: &Plan, path: &str, file: &str) -> bool {
+    let (kernel, initrd) = plan.kernel_names();
+    if file == kernel || file == initrd {
+        return true;
+    }
+    let Some(rel) = file.strip_prefix(&format!("{}/", plan.attachments_dir_name())) else {
+        return false;
+    };
+    path.strip_prefix('/') == Some(rel)
+        && rel
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
 /// Files being written into the output directory under temporary names; removed unless
@@ -117,7 +137,9 @@ impl PendingOutputs {
 
     /// Renames the images into place, replaces the attachments directory `attachments` (an
     /// earlier build's goes even when this one has none: the metadata describes what is
-    /// there), then writes the metadata last. The old metadata goes first, so that no moment
+    /// there; a directory no build of this name made stays unless this build has
+    /// attachments, and one holding a release is never removed), then writes the metadata
+    /// last. The old metadata goes first, so that no moment
     /// shows new images described by old metadata.
     pub fn publish(
         &mut self,
@@ -127,6 +149,41 @@ impl PendingOutputs {
         yaml: &str,
     ) -> Result<()> {
         let dir = open_dir(&mut self.dir, &self.path)?;
+        // The old attachments directory goes when this build has its own, or when the old
+        // metadata says an earlier build made it; never one that holds a release.
+        #[derive(serde::Deserialize)]
+        struct Listed {
+            #[serde(default)]
+            attachments: Vec<crate::metadata::AttachmentMeta>,
+        }
+        let old_had_attachments = dir
+            .open_regular(metadata_name)
+            .ok()
+            .and_then(|mut f| {
+                let mut text = String::new();
+                f.read_to_string(&mut text).ok()?;
+                serde_saphyr::from_str::<Listed>(&text).ok()
+            })
+            .is_some_and(|m| {
+                m.attachments
+                    .iter()
+                    .any(|a| a.file.starts_with(&format!("{attachments}/")))
+            });
+        let replace_attachments = self.attachments.is_some() || old_had_attachments;
+        if replace_attachments
+            && dir.kind(attachments)? == Some(EntryKind::Dir)
+            && dir
+                .open_subdir(attachments)?
+                .kind(crate::output::release::RELEASE_MARKER)?
+                .is_some()
+        {
+            anyhow::bail!(
+                "{} holds a release (it has {}): refusing to replace it with this build's \
+                 attachments; choose another output directory",
+                dir.join(attachments).display(),
+                crate::output::release::RELEASE_MARKER
+            );
+        }
         dir.remove(metadata_name)?;
         dir.sync()?;
         for name in images {
@@ -140,7 +197,9 @@ impl PendingOutputs {
         // Whatever was not published goes on drop.
         self.temps.retain(|(_, n)| !images.contains(&n.as_str()));
         // Links in the old directory are removed, never followed.
-        dir.remove_all(attachments)?;
+        if replace_attachments {
+            dir.remove_all(attachments)?;
+        }
         if let Some((temp, name)) = &self.attachments {
             dir.open_subdir(temp)?.sync_filesystem()?;
             dir.commit(temp, name)?;
@@ -363,8 +422,9 @@ mod tests {
             .unwrap();
         let (mut f, _) = pending.create_temp("x.img.gz").unwrap();
         f.write_all(b"image").unwrap();
+        let listed = "name: x\nattachments:\n- {path: /etc/os-release, file: x.attachments/etc/os-release, size: 10, sha256: aa}\n";
         pending
-            .publish(&["x.img.gz"], "x.attachments", "x.yaml", "name: x\n")
+            .publish(&["x.img.gz"], "x.attachments", "x.yaml", listed)
             .unwrap();
         drop(pending);
         assert_eq!(
@@ -401,6 +461,57 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, ["x.img.gz", "x.yaml"]);
+
+        // A directory of that name no build listed stays when this build has no attachments;
+        // one holding a release is never replaced.
+        std::fs::create_dir_all(old.join("mine")).unwrap();
+        let mut pending = PendingOutputs::in_dir(OutputDir::open(out.path()).unwrap());
+        pending
+            .publish(&[], "x.attachments", "x.yaml", "name: x\n")
+            .unwrap();
+        assert!(old.join("mine").is_dir());
+        std::fs::write(old.join(crate::output::release::RELEASE_MARKER), b"").unwrap();
+        let mut pending = PendingOutputs::in_dir(OutputDir::open(out.path()).unwrap());
+        pending
+            .attach("x.attachments", "etc/hostname", &mut &b"n\n"[..])
+            .unwrap();
+        let e = pending
+            .publish(&[], "x.attachments", "x.yaml", "name: x\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("holds a release"), "{e}");
+        assert!(old.join("mine").is_dir());
+    }
+
+    #[test]
+    fn reuse_takes_no_attachment_name_but_the_plans() {
+        let plan = Plan::for_test(
+            "version: 1\nname: tb\nsuite: bookworm\nkind: tarball\nattachments: [/etc/os-release]\n",
+        );
+        for (path, file) in [
+            ("/etc/os-release", "tb.attachments/etc/os-release"),
+            ("/vmlinuz", "tb.vmlinuz"),
+        ] {
+            assert!(is_attachment_name(&plan, path, file), "{file}");
+        }
+        for (path, file) in [
+            ("/etc/shadow", "/etc/shadow"),
+            ("/etc/os-release", "tb.attachments//etc/os-release"),
+            ("/etc/os-release", "tb.attachments/etc/../etc/os-release"),
+            ("/etc/os-release", "tb.attachments/etc/hostname"),
+            ("/etc/os-release", "other.attachments/etc/os-release"),
+        ] {
+            assert!(!is_attachment_name(&plan, path, file), "{file}");
+        }
+        // Nor does the output directory open a name that is not exactly one file's.
+        let out = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(out.path().join("a")).unwrap();
+        std::fs::write(out.path().join("a/f"), b"x").unwrap();
+        let dir = OutputDir::open(out.path()).unwrap();
+        assert!(dir.open_regular_at("a/f").unwrap().is_some());
+        for bad in ["/a/f", "a//f", "a/./f", "a/../a/f"] {
+            assert!(dir.open_regular_at(bad).unwrap().is_none(), "{bad}");
+        }
     }
 
     #[test]

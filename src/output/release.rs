@@ -39,6 +39,12 @@ pub fn check_release_id(id: &str) -> Result<()> {
             "release ID `{id}` must be 1-64 letters, digits, `.`, `_`, `-`, `+`, not starting with `.` or `-`"
         );
     }
+    // Beside the outputs, `<name>.attachments` is a build's own directory.
+    if id.ends_with(".attachments") {
+        bail!(
+            "release ID `{id}` ends in `.attachments`, which names a build's attachments directory"
+        );
+    }
     Ok(())
 }
 
@@ -325,6 +331,12 @@ pub fn pack_outputs(dir: &OutputDir, files: &[String], archive: &str) -> Result<
 mod tests {
     use super::*;
     use crate::output::victim;
+
+    #[test]
+    fn a_release_id_never_names_an_attachments_directory() {
+        assert!(check_release_id("42").is_ok());
+        assert!(check_release_id("foo.attachments").is_err());
+    }
 
     #[test]
     fn release_ids() {

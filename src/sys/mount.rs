@@ -667,6 +667,7 @@ mod tests {
     #[test]
     fn mount_guard_unmounts_on_close_and_on_drop() {
         if !is_root() {
+            eprintln!("skipped: needs root (mounts)");
             return;
         }
         let dir = tempdir();
@@ -705,6 +706,7 @@ mod tests {
     #[test]
     fn busy_mount_is_reported_by_name_and_retried() {
         if !is_root() {
+            eprintln!("skipped: needs root (mounts)");
             return;
         }
         let dir = tempdir();
@@ -734,6 +736,7 @@ mod tests {
     #[test]
     fn unmount_all_under_unmounts_nested_mounts() {
         if !is_root() {
+            eprintln!("skipped: needs root (mounts)");
             return;
         }
         let dir = tempdir();
@@ -767,6 +770,7 @@ mod tests {
     #[test]
     fn remove_refuses_a_tree_with_a_mount_inside() {
         if !is_root() {
+            eprintln!("skipped: needs root (mounts)");
             return;
         }
         let dir = tempdir();
@@ -801,6 +805,7 @@ mod tests {
     #[test]
     fn remove_at_refuses_mounts_even_of_the_same_filesystem() {
         if !is_root() {
+            eprintln!("skipped: needs root (mounts)");
             return;
         }
         let dir = tempdir();
