@@ -36,6 +36,11 @@ pub enum Command {
         /// Check it as `build --release ID` reads it (@BUILD_ID@ replaced by ID).
         #[arg(long, value_name = "ID", value_parser = parse_release_id)]
         release: Option<String>,
+        /// Check it as a spec from someone the build host does not trust: it may not read the
+        /// host's files (`files[].source`, `local_debs`, `file://` repos, key files) nor run
+        /// code on the host (`post` with `chroot: false`). No file it names is looked at.
+        #[arg(long)]
+        untrusted: bool,
     },
     /// Build the images a spec describes (reusing them when the output already matches).
     Build {

@@ -74,7 +74,11 @@ fn failed(e: anyhow::Error) -> Error {
 
 fn run(cli: &Cli) -> Result<(), Error> {
     match &cli.command {
-        Command::Validate { spec, release } => validate(spec, release.as_deref()),
+        Command::Validate {
+            spec,
+            release,
+            untrusted,
+        } => validate(spec, release.as_deref(), *untrusted),
         Command::Pack {
             image,
             output,
@@ -102,8 +106,29 @@ fn run(cli: &Cli) -> Result<(), Error> {
     }
 }
 
-fn validate(spec: &std::path::Path, release: Option<&str>) -> Result<(), Error> {
-    let s = Input::read(Some(spec), None, release)?.spec;
+fn validate(spec: &std::path::Path, release: Option<&str>, untrusted: bool) -> Result<(), Error> {
+    let s = if untrusted {
+        // Parsed and checked without looking at any host file it names: whether one exists is
+        // not an untrusted party's to learn.
+        let raw = debimg::spec::Spec::read_text(spec)?;
+        let text = match release {
+            Some(id) => debimg::output::release::substitute_build_id(&raw, id),
+            None => raw,
+        };
+        let source_name = spec.display().to_string();
+        let s = debimg::spec::Spec::from_yaml(&text, &source_name)?;
+        let problems = s.untrusted_problems();
+        if !problems.is_empty() {
+            return Err(debimg::spec::SpecError {
+                source_name: format!("{source_name} (from an untrusted source)"),
+                problems,
+            }
+            .into());
+        }
+        s
+    } else {
+        Input::read(Some(spec), None, release)?.spec
+    };
     let what = match s.kind {
         debimg::spec::Kind::FsImages => format!(
             "{} image{}",

@@ -40,6 +40,51 @@ fn invalid_spec_exits_2_naming_every_field() {
 }
 
 #[test]
+fn untrusted_specs_may_not_reach_the_host() {
+    let dir = scratch("untrusted");
+    let spec = dir.path().join("reach.yaml");
+    // Every way a spec reaches the host, naming files that do not exist: the answer must be
+    // the same as if they did (whether a host file exists is not the spec's to learn).
+    std::fs::write(
+        &spec,
+        "version: 1\nname: reach\nsuite: bookworm\nkind: tarball\nmirror: 'file:///srv/mirror'\n\
+         repos:\n  - {name: debian, suite: bookworm}\n  - {name: v, uri: 'file:///srv/v', suite: ./, key: /etc/nonexistent.asc}\n\
+         files:\n  - {source: /etc/shadow-nonexistent, dest: /etc/x}\n  - {content: ok, dest: /etc/y}\n\
+         local_debs: [/srv/nonexistent.deb]\n\
+         post:\n  - {script: 'true'}\n  - {script: 'cat /etc/shadow', chroot: false}\n",
+    )
+    .unwrap();
+    let run = debimg(&["validate", "--untrusted", spec.to_str().unwrap()]);
+    assert_eq!(run.code(), Some(2), "{}", run.stderr());
+    let err = run.stderr();
+    assert!(err.contains("from an untrusted source"), "{err}");
+    for field in [
+        "mirror:",
+        "repos[1].uri:",
+        "repos[1].key:",
+        "files[0].source:",
+        "local_debs[0]:",
+        "post[1].chroot:",
+    ] {
+        assert!(err.contains(field), "`{field}` missing from:\n{err}");
+    }
+    for fine in ["files[1]", "post[0]", "repos[0]"] {
+        assert!(!err.contains(fine), "`{fine}` refused:\n{err}");
+    }
+    assert!(
+        !err.contains("cannot be read"),
+        "a host file was looked at:\n{err}"
+    );
+    // The same spec without what reaches the host is fine.
+    std::fs::write(
+        &spec,
+        "version: 1\nname: ok\nsuite: bookworm\nkind: tarball\nfiles:\n  - {content: ok, dest: /etc/y}\npost:\n  - {script: 'true'}\n",
+    )
+    .unwrap();
+    debimg(&["validate", "--untrusted", spec.to_str().unwrap()]).assert_ok("an untrusted spec");
+}
+
+#[test]
 fn unknown_key_exits_2() {
     let dir = scratch("unknown");
     let spec = dir.path().join("bad.yaml");

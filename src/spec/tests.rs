@@ -638,3 +638,29 @@ fn attachment_paths_and_packages_are_validated() {
     let long = format!("/{}", "a".repeat(256));
     assert!(check_image_path(&long).unwrap_err().contains("255 bytes"));
 }
+
+#[test]
+fn an_inline_key_is_fine_from_an_untrusted_source() {
+    let mut s = Spec::from_yaml(
+        "version: 1\nname: t\nsuite: bookworm\nkind: tarball\n",
+        "t.yaml",
+    )
+    .unwrap();
+    let repo = |key: &str| Repo {
+        name: "v".into(),
+        uri: Some("https://v.example/debian".into()),
+        suite: "bookworm".into(),
+        section: None,
+        priority: None,
+        trusted: false,
+        key: Some(key.into()),
+    };
+    s.repos = vec![repo(
+        "-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nmDMEZ\n-----END PGP PUBLIC KEY BLOCK-----\n",
+    )];
+    assert!(s.untrusted_problems().is_empty());
+    s.repos = vec![repo("vendor.asc")];
+    let p = s.untrusted_problems();
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].field, "repos[0].key");
+}

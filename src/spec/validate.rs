@@ -1214,6 +1214,58 @@ pub(super) fn is_debian_token(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
+impl Spec {
+    /// What a spec from someone the build host does not trust may not ask for: anything that
+    /// reads the host's files or runs code on the host outside the chroot (`post` with
+    /// `chroot: false`, `files[].source`, `local_debs`, `file://` repositories, key files; a
+    /// repository's key comes inline). A build service refuses such a spec before it is
+    /// queued. Empty when the spec asks for none of it.
+    pub fn untrusted_problems(&self) -> Vec<Problem> {
+        let mut p = Problems::default();
+        let host_fs = "reads the build host's files, which a spec from an untrusted source may not";
+        for (i, s) in self.post.iter().enumerate() {
+            if !s.chroot {
+                p.add(
+                    format!("post[{i}].chroot"),
+                    "`false` runs the script on the build host, which a spec from an untrusted source may not: run it in the chroot",
+                );
+            }
+        }
+        for (i, f) in self.files.iter().enumerate() {
+            if f.source.is_some() {
+                p.add(
+                    format!("files[{i}].source"),
+                    format!("{host_fs}: give the file's `content` inline"),
+                );
+            }
+        }
+        for i in 0..self.local_debs.len() {
+            p.add(
+                format!("local_debs[{i}]"),
+                format!("{host_fs}: serve the package from a repository"),
+            );
+        }
+        if self.mirror.starts_with("file:") {
+            p.add("mirror", format!("a `file://` mirror {host_fs}"));
+        }
+        for (i, r) in self.repos.iter().enumerate() {
+            if r.uri.as_deref().is_some_and(|u| u.starts_with("file:")) {
+                p.add(
+                    format!("repos[{i}].uri"),
+                    format!("a `file://` repository {host_fs}"),
+                );
+            }
+            if r.key.is_some() && !r.key_is_inline() {
+                p.add(
+                    format!("repos[{i}].key"),
+                    format!("a key file {host_fs}: give the armored key inline"),
+                );
+            }
+        }
+        p.0
+    }
+}
+
 /// A flat repository's directory as a sources line takes it: `./`, or `/`-separated names
 /// ending in `/` (`pool/`, `./stable/`), never `..`.
 pub(super) fn is_flat_dir(s: &str) -> bool {
