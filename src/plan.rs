@@ -334,18 +334,8 @@ impl PlannedRepo {
             key.as_bytes().to_vec()
         } else {
             let path = base.join(key);
-            let (file, _) = crate::spec::open_regular(&path)
-                .map_err(|e| anyhow!("`{}` {e}", path.display()))?;
-            let mut buf = Vec::new();
-            std::io::Read::read_to_end(
-                &mut std::io::Read::take(file, crate::spec::MAX_INPUT_BYTES + 1),
-                &mut buf,
-            )
-            .with_context(|| format!("reading {}", path.display()))?;
-            if buf.len() as u64 > crate::spec::MAX_INPUT_BYTES {
-                bail!("`{}` is larger than 1 MiB: not a key file", path.display());
-            }
-            buf
+            crate::spec::read_input_bytes(&path, "a key file")
+                .map_err(|e| anyhow!("`{}`: {e}", path.display()))?
         };
         let ring = crate::openpgp::keyring(&data).map_err(|e| anyhow!("{e}"))?;
         self.key_sha256 = Some(crate::pack::digest::hex(&Sha256::digest(&ring.bytes)));

@@ -52,10 +52,6 @@ fn dirs_under(dir: &Path) -> Vec<(PathBuf, u32)> {
     out
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 #[test]
 fn attachments_come_from_the_image_never_from_the_host() {
     if !can_build() {
@@ -198,7 +194,7 @@ fn attachments_come_from_the_image_never_from_the_host() {
     for f in &everything {
         let bytes = std::fs::read(f).unwrap();
         assert!(
-            !contains(&bytes, HOST_MARKER.as_bytes()),
+            !contains_bytes(&bytes, HOST_MARKER.as_bytes()),
             "{} holds the host marker",
             f.display()
         );
@@ -209,7 +205,7 @@ fn attachments_come_from_the_image_never_from_the_host() {
         .output()
         .unwrap();
     assert!(tree.status.success());
-    assert!(!contains(&tree.stdout, HOST_MARKER.as_bytes()));
+    assert!(!contains_bytes(&tree.stdout, HOST_MARKER.as_bytes()));
 
     // The metadata lists every attachment (the kernel and initrd too) with its path in the
     // image, its file name and a sha256 that is the file's.

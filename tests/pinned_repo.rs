@@ -89,9 +89,7 @@ fn a_pin_above_1000_downgrades_what_the_bootstrap_installed() {
     for e in std::fs::read_dir(&out).unwrap().flatten() {
         let bytes = std::fs::read(e.path()).unwrap();
         assert!(
-            !bytes
-                .windows(PASSWORD.len())
-                .any(|w| w == PASSWORD.as_bytes()),
+            !contains_bytes(&bytes, PASSWORD.as_bytes()),
             "{} holds the password",
             e.path().display()
         );

@@ -118,10 +118,6 @@ fn processes_with_arg(arg: &str) -> Vec<i32> {
     found
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 #[test]
 fn a_package_shipping_links_to_host_files_never_reaches_them() {
     if !can_build() {
@@ -223,7 +219,7 @@ fn a_package_shipping_links_to_host_files_never_reaches_them() {
     for f in files_under(&out) {
         let bytes = std::fs::read(&f).unwrap();
         assert!(
-            !contains(&bytes, SECRET.as_bytes()),
+            !contains_bytes(&bytes, SECRET.as_bytes()),
             "{} holds a host secret",
             f.display()
         );
@@ -255,7 +251,7 @@ fn a_package_shipping_links_to_host_files_never_reaches_them() {
     for f in files_under(&tree) {
         let bytes = std::fs::read(&f).unwrap();
         assert!(
-            !contains(&bytes, SECRET.as_bytes()),
+            !contains_bytes(&bytes, SECRET.as_bytes()),
             "{} holds a host secret",
             f.display()
         );

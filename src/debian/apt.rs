@@ -88,13 +88,18 @@ fn apt_shown_uri(uri: &str) -> String {
         return format!("file:/{path}");
     }
     match uri.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-            let host = authority.rsplit('@').next().unwrap_or(authority);
-            format!("{scheme}://{host}{path}")
-        }
+        Some((scheme, _)) => format!("{scheme}://{}", host_and_path(uri)),
         None => uri.to_string(),
     }
+}
+
+/// A URI without its scheme and credentials, as apt names it: `host:port/path`
+/// (`file:///srv/r` gives `/srv/r`).
+fn host_and_path(uri: &str) -> String {
+    let rest = uri.split_once("://").map_or(uri, |(_, r)| r);
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority.rsplit('@').next().unwrap_or(authority);
+    format!("{host}{path}")
 }
 
 /// What apt's lists call a repo's Release file, without the `InRelease`/`Release` ending:
@@ -264,11 +269,8 @@ pub fn list_file_prefix(uri: &str) -> String {
 }
 
 fn apt_file_name(uri: &str) -> String {
-    let rest = uri.split_once("://").map_or(uri, |(_, r)| r);
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let host = authority.rsplit('@').next().unwrap_or(authority);
     let mut out = String::new();
-    for b in format!("{host}{path}").bytes() {
+    for b in host_and_path(uri).bytes() {
         if b"\\|{}[]<>\"^~_=!@#$%&*".contains(&b) || b <= 0x20 || b >= 0x7f {
             let _ = write!(out, "%{b:02x}");
         } else if b == b'/' {

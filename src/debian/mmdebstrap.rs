@@ -92,34 +92,29 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(cmd: &Command) -> Vec<String> {
-        cmd.get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect()
-    }
+    use crate::cmd::command_line;
 
     #[test]
     fn the_first_repos_key_or_trust_reaches_mmdebstrap() {
         let mut plan = Plan::for_test("version: 1\nname: t\nsuite: bookworm\nkind: tarball\n");
-        let plain = args(&command(&plan, Path::new("/r"), None, None));
-        assert_eq!(plain.last().unwrap(), "http://m.example/debian");
-        assert!(!plain.iter().any(|a| a.starts_with("--keyring")));
-        let keyed = args(&command(
+        let plain = command_line(&command(&plan, Path::new("/r"), None, None));
+        assert!(
+            plain.ends_with(" bookworm /r http://m.example/debian"),
+            "{plain}"
+        );
+        assert!(!plain.contains("--keyring"), "{plain}");
+        let keyed = command_line(&command(
             &plan,
             Path::new("/r"),
             None,
             Some(Path::new("/w/k.gpg")),
         ));
-        assert!(
-            keyed.contains(&"--keyring=/w/k.gpg".to_string()),
-            "{keyed:?}"
-        );
+        assert!(keyed.contains(" --keyring=/w/k.gpg "), "{keyed}");
         plan.repos[0].trusted = true;
-        let trusted = args(&command(&plan, Path::new("/r"), None, None));
-        assert_eq!(
-            trusted.last().unwrap(),
-            "deb [trusted=yes] http://m.example/debian bookworm main"
+        let trusted = command_line(&command(&plan, Path::new("/r"), None, None));
+        assert!(
+            trusted.ends_with(" /r 'deb [trusted=yes] http://m.example/debian bookworm main'"),
+            "{trusted}"
         );
     }
 }

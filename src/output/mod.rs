@@ -661,6 +661,17 @@ pub(crate) fn victim(dir: &Path) -> PathBuf {
     v
 }
 
+/// The names in a directory, sorted, for tests.
+#[cfg(test)]
+pub(crate) fn names(dir: &Path) -> Vec<String> {
+    let mut n: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    n.sort();
+    n
+}
+
 /// A file's permission bits, for tests.
 #[cfg(test)]
 pub(crate) fn mode(path: &Path) -> u32 {

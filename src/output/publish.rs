@@ -437,12 +437,10 @@ mod tests {
         assert_eq!(crate::output::mode(&old), 0o755);
         assert_eq!(crate::output::fingerprint(&v), before);
         assert!(v.exists());
-        let mut left: Vec<_> = std::fs::read_dir(out.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
-        assert_eq!(left, ["x.attachments", "x.img.gz", "x.yaml"]);
+        assert_eq!(
+            crate::output::names(out.path()),
+            ["x.attachments", "x.img.gz", "x.yaml"]
+        );
 
         // A build without attachments removes an earlier one's: the metadata says what is
         // there. One that fails leaves no temporary directory.
@@ -455,12 +453,7 @@ mod tests {
         pending
             .publish(&[], "x.attachments", "x.yaml", "name: x\n")
             .unwrap();
-        let mut left: Vec<_> = std::fs::read_dir(out.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
-        assert_eq!(left, ["x.img.gz", "x.yaml"]);
+        assert_eq!(crate::output::names(out.path()), ["x.img.gz", "x.yaml"]);
 
         // A directory of that name no build listed stays when this build has no attachments;
         // one holding a release is never replaced.
@@ -547,11 +540,6 @@ mod tests {
         let (_, tmp) = pending.create_temp("y.img.gz").unwrap();
         drop(pending);
         assert!(!tmp.exists(), "an unpublished temporary is removed");
-        let mut left: Vec<_> = std::fs::read_dir(out.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
-        assert_eq!(left, ["x.img.gz", "x.yaml"]);
+        assert_eq!(crate::output::names(out.path()), ["x.img.gz", "x.yaml"]);
     }
 }

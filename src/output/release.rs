@@ -397,17 +397,8 @@ mod tests {
         assert_eq!(left.len(), 1, "only the archive is left");
     }
 
-    use crate::output::fingerprint;
+    use crate::output::{fingerprint, names};
     use std::os::unix::fs::symlink;
-
-    fn names(dir: &Path) -> Vec<String> {
-        let mut n: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        n.sort();
-        n
-    }
 
     #[test]
     fn sums_follow_no_link_and_replace_links_at_their_names() {

@@ -469,37 +469,35 @@ impl Root {
     /// Removes the file or symlink `path` (a link itself, never what it points at); returns
     /// whether something was there. A directory is an error.
     pub fn remove_file(&self, path: impl AsRef<Path>) -> Result<bool> {
-        let path = path.as_ref();
-        let (parent, name) = split(path)?;
-        let Some(dir) = self.open_dir(&parent)? else {
-            return Ok(false);
-        };
-        match nix::unistd::unlinkat(
-            &dir,
-            name.as_os_str(),
-            nix::unistd::UnlinkatFlags::NoRemoveDir,
-        ) {
-            Ok(()) => Ok(true),
-            Err(Errno::ENOENT) => Ok(false),
-            Err(e) => Err(e).with_context(|| format!("removing {} in the image", path.display())),
-        }
+        self.unlink(path.as_ref(), nix::unistd::UnlinkatFlags::NoRemoveDir, &[])
     }
 
     /// Removes the directory `path` when it is empty; returns whether it was removed (a
     /// directory something was put in since, or none at all, stays as it is).
     pub fn remove_empty_dir(&self, path: impl AsRef<Path>) -> Result<bool> {
-        let path = path.as_ref();
+        self.unlink(
+            path.as_ref(),
+            nix::unistd::UnlinkatFlags::RemoveDir,
+            &[Errno::ENOTEMPTY, Errno::EEXIST, Errno::ENOTDIR],
+        )
+    }
+
+    /// `unlinkat` of the last component of `path` in its directory: whether it was removed;
+    /// a missing one, or an error in `keep`, is `false`.
+    fn unlink(
+        &self,
+        path: &Path,
+        flags: nix::unistd::UnlinkatFlags,
+        keep: &[Errno],
+    ) -> Result<bool> {
         let (parent, name) = split(path)?;
         let Some(dir) = self.open_dir(&parent)? else {
             return Ok(false);
         };
-        match nix::unistd::unlinkat(
-            &dir,
-            name.as_os_str(),
-            nix::unistd::UnlinkatFlags::RemoveDir,
-        ) {
+        match nix::unistd::unlinkat(&dir, name.as_os_str(), flags) {
             Ok(()) => Ok(true),
-            Err(Errno::ENOENT | Errno::ENOTEMPTY | Errno::EEXIST | Errno::ENOTDIR) => Ok(false),
+            Err(Errno::ENOENT) => Ok(false),
+            Err(e) if keep.contains(&e) => Ok(false),
             Err(e) => Err(e).with_context(|| format!("removing {} in the image", path.display())),
         }
     }

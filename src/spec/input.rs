@@ -82,10 +82,10 @@ pub fn open_regular(path: &Path) -> Result<(std::fs::File, u64), HostFileError> 
     Ok((file, meta.len()))
 }
 
-/// Reads a text input (`what`: "a spec", "a fuel-agent input"): a regular file
-/// ([`open_regular`]) of at most [`MAX_INPUT_BYTES`], in UTF-8. At most the limit and one byte
-/// are read, whatever the file claims. The error is a sentence about the file.
-pub fn read_input_text(path: &Path, what: &str) -> Result<String, String> {
+/// Reads an input file (`what`: "a spec", "a key file"): a regular file ([`open_regular`]) of
+/// at most [`MAX_INPUT_BYTES`]. At most the limit and one byte are read, whatever the file
+/// claims. The error is a sentence about the file.
+pub fn read_input_bytes(path: &Path, what: &str) -> Result<Vec<u8>, String> {
     use std::io::Read;
     let too_big = |size: u64| {
         format!("the file is {size} bytes: {what} may be at most {MAX_INPUT_BYTES} bytes (1 MiB)")
@@ -101,7 +101,13 @@ pub fn read_input_text(path: &Path, what: &str) -> Result<String, String> {
     if buf.len() as u64 > MAX_INPUT_BYTES {
         return Err(too_big(buf.len() as u64));
     }
-    String::from_utf8(buf).map_err(|e| {
+    Ok(buf)
+}
+
+/// Reads a text input (`what`: "a spec", "a fuel-agent input"): [`read_input_bytes`], in
+/// UTF-8.
+pub fn read_input_text(path: &Path, what: &str) -> Result<String, String> {
+    String::from_utf8(read_input_bytes(path, what)?).map_err(|e| {
         format!(
             "the file is not UTF-8 text (byte {} is not)",
             e.utf8_error().valid_up_to()

@@ -168,6 +168,11 @@ pub fn assert_consistent_result(out: &Path, metadata_name: &str) {
     }
 }
 
+/// Whether `needle` occurs in `haystack` (a marker in a file's bytes).
+pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 /// Runs a host tool and returns its stdout; panics with its stderr on failure.
 pub fn tool(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
