@@ -148,6 +148,165 @@ pub enum Command {
         #[arg(long, value_name = "ID", value_parser = parse_release_id)]
         release: Option<String>,
     },
+    /// Run the build service: a REST API (`/api/v1`, described at `/api/v1/openapi.json`), a
+    /// web page at `/`, a job store in the state directory and local workers that build on this
+    /// host. `debimg serve token add NAME` makes the tokens callers need. Stop it with INT or
+    /// TERM: running builds end and are queued again for the next start.
+    #[command(args_conflicts_with_subcommands = true, subcommand_precedence_over_arg = true)]
+    Serve {
+        #[command(subcommand)]
+        action: Option<ServeAction>,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+    /// Submit a spec to a build service; prints the job id (or follows it, or downloads its
+    /// artifacts). Exit codes with --follow or --download: those of the build (0 succeeded, its
+    /// error's code when it failed, 143 when it was cancelled).
+    Submit {
+        /// The YAML spec.
+        spec: PathBuf,
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The job's name [default: the spec's name].
+        #[arg(long)]
+        name: Option<String>,
+        /// Whom the job is for (shown with the job; given to --post-creation).
+        #[arg(long)]
+        email: Option<String>,
+        /// Stream the build's log until it ends, then exit with its outcome.
+        #[arg(short, long)]
+        follow: bool,
+        /// Wait for the build, then download its artifacts into DIR, each checked against its
+        /// sha256.
+        #[arg(long, value_name = "DIR")]
+        download: Option<PathBuf>,
+    },
+    /// The jobs of a build service: list, show, log, cancel, delete, download.
+    Jobs {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(subcommand)]
+        action: JobsAction,
+    },
+}
+
+/// Where the service is and who calls it.
+#[derive(clap::Args)]
+pub struct ServerArgs {
+    /// The service's URL.
+    #[arg(long, env = "DEBIMG_SERVER", default_value = "http://127.0.0.1:8080", global = true)]
+    pub server: String,
+    /// The token (from `debimg serve token add`).
+    #[arg(long, env = "DEBIMG_TOKEN", hide_env_values = true, global = true, default_value = "")]
+    pub token: String,
+}
+
+/// What `debimg jobs` does.
+#[derive(Subcommand)]
+pub enum JobsAction {
+    /// List the jobs (an admin's token: everyone's), newest first.
+    List {
+        /// Only jobs in this state.
+        #[arg(long, value_parser = ["queued", "running", "succeeded", "failed", "cancelled"])]
+        state: Option<String>,
+        /// Print the jobs as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one job as JSON.
+    Show { id: String },
+    /// Print a job's log; with -f follow it until the job ends (exit code as the build's).
+    Log {
+        id: String,
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Cancel a job (a running build is ended and cleans up).
+    Cancel { id: String },
+    /// Delete a job with its files (cancelling it first).
+    Delete { id: String },
+    /// Download a job's artifacts into DIR, each checked against its sha256.
+    Download { id: String, dir: PathBuf },
+}
+
+/// The options of `debimg serve`.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// The address to listen on (loopback by default; put TLS in front for anything else).
+    #[arg(long, default_value = debimg::service::DEFAULT_LISTEN)]
+    pub listen: String,
+    /// The job store, the build logs and the artifacts.
+    #[arg(long, default_value = debimg::service::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Builds run at once on this host.
+    #[arg(long, default_value_t = 1)]
+    pub local_workers: usize,
+    /// A shell command run after each job ends, with DEBIMG_JOB_ID, DEBIMG_JOB_STATE,
+    /// DEBIMG_JOB_NAME, DEBIMG_JOB_EMAIL, DEBIMG_BUILD_ID and DEBIMG_ARTIFACT_DIR in its
+    /// environment; its exit and output are recorded on the job.
+    #[arg(long, value_name = "CMD")]
+    pub post_creation: Option<String>,
+    /// The package and base-tree caches the builds share.
+    #[arg(long, default_value = DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+    /// Where builds make their workspaces.
+    #[arg(long, default_value = DEFAULT_BUILD_DIR)]
+    pub build_dir: PathBuf,
+    /// The largest spec accepted (bytes); a larger one is refused with 413.
+    #[arg(long, default_value_t = 256 * 1024)]
+    pub max_spec_bytes: usize,
+    /// Per token (admins excepted): queued jobs at most (429 beyond).
+    #[arg(long, default_value_t = 20)]
+    pub max_queued: u64,
+    /// Per token (admins excepted): running builds at most (429 beyond).
+    #[arg(long, default_value_t = 4)]
+    pub max_running: u64,
+    /// Per token (admins excepted): bytes of artifacts kept, e.g. 50GiB (429 beyond).
+    #[arg(long, default_value = "50GiB", value_parser = parse_bytes)]
+    pub max_stored: u64,
+    /// Attempts of a build whose worker vanished before it is failed.
+    #[arg(long, default_value_t = 3)]
+    pub max_attempts: i64,
+}
+
+/// What `debimg serve` does besides serving.
+#[derive(Subcommand)]
+pub enum ServeAction {
+    /// The tokens callers present (`Authorization: Bearer <token>`).
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+}
+
+/// Token management.
+#[derive(Subcommand)]
+pub enum TokenAction {
+    /// Make a token for NAME and print it alone on stdout, once (only its hash is stored).
+    Add {
+        name: String,
+        /// An admin sees every job and is not limited; workers need an admin token.
+        #[arg(long)]
+        admin: bool,
+        #[arg(long, default_value = debimg::service::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// List the tokens' names.
+    List {
+        #[arg(long, default_value = debimg::service::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Remove NAME's token (its jobs stay).
+    Remove {
+        name: String,
+        #[arg(long, default_value = debimg::service::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
+/// Parses a byte count such as `50GiB`.
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    debimg::spec::Size::parse(text).map(|s| s.0)
 }
 
 /// Archive formats for `--bundle`.

@@ -23,6 +23,7 @@ pub mod plan;
 pub mod progress;
 pub mod redact;
 pub mod root;
+pub mod service;
 pub mod signals;
 pub mod spec;
 pub mod stage;

@@ -9,7 +9,10 @@ use std::time::Instant;
 
 use clap::Parser;
 
-use cli::{CacheAction, Cli, Command, MessageFormat};
+use cli::{
+    CacheAction, Cli, Command, JobsAction, MessageFormat, ServeAction, ServeArgs, ServerArgs,
+    TokenAction,
+};
 
 use debimg::cache::Cache;
 use debimg::creator::BuildOptions;
@@ -85,6 +88,23 @@ fn run(cli: &Cli) -> Result<(), Error> {
             container,
         } => pack(image, output, *container).map_err(failed),
         Command::Cache { cache_dir, action } => cache(cache_dir, action).map_err(failed),
+        Command::Serve { action, args } => serve(action.as_ref(), args).map_err(failed),
+        Command::Submit {
+            spec,
+            server,
+            name,
+            email,
+            follow,
+            download,
+        } => submit(
+            spec,
+            server,
+            name.as_deref(),
+            email.as_deref(),
+            *follow,
+            download.as_deref(),
+        ),
+        Command::Jobs { server, action } => jobs(server, action),
         Command::BootTest {
             image,
             uefi,
@@ -321,4 +341,203 @@ fn build(cli: &Cli) -> Result<(), Error> {
         0 => Ok(()),
         c => Err(Error::exited(c)),
     }
+}
+
+fn serve(action: Option<&ServeAction>, args: &ServeArgs) -> anyhow::Result<()> {
+    use debimg::service::store::Store;
+    let open = |dir: &std::path::Path| -> anyhow::Result<Store> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        Store::open(dir)
+    };
+    match action {
+        Some(ServeAction::Token { action }) => match action {
+            TokenAction::Add {
+                name,
+                admin,
+                state_dir,
+            } => {
+                anyhow::ensure!(
+                    !name.is_empty() && name.len() <= 64 && !name.chars().any(char::is_control),
+                    "a token's name is 1 to 64 characters, without control characters"
+                );
+                let token = open(state_dir)?.add_token(name, *admin)?;
+                println!("{token}");
+                Ok(())
+            }
+            TokenAction::List { state_dir } => {
+                for t in open(state_dir)?.tokens()? {
+                    println!(
+                        "{}\t{}\t{}",
+                        t.name,
+                        if t.admin { "admin" } else { "user" },
+                        t.created
+                    );
+                }
+                Ok(())
+            }
+            TokenAction::Remove { name, state_dir } => {
+                if !open(state_dir)?.remove_token(name)? {
+                    anyhow::bail!("there is no token named `{name}`");
+                }
+                Ok(())
+            }
+        },
+        None => {
+            if args.local_workers > 0 && !nix::unistd::geteuid().is_root() {
+                anyhow::bail!(
+                    "local workers build as root: run `debimg serve` as root, or with \
+                     --local-workers 0 and workers elsewhere"
+                );
+            }
+            let config = debimg::service::Config {
+                listen: args.listen.clone(),
+                state_dir: args.state_dir.clone(),
+                local_workers: args.local_workers,
+                post_creation: args.post_creation.clone(),
+                cache_dir: args.cache_dir.clone(),
+                build_dir: args.build_dir.clone(),
+                max_spec_bytes: args.max_spec_bytes,
+                limits: debimg::service::store::Limits {
+                    queued: Some(args.max_queued),
+                    running: Some(args.max_running),
+                    stored_bytes: Some(args.max_stored),
+                },
+                max_attempts: args.max_attempts.max(1),
+                debimg: std::env::current_exe()?,
+            };
+            debimg::service::http::serve(config)
+        }
+    }
+}
+
+/// Ends the process with `code` when it is not 0 (a job's outcome, already reported).
+fn exit_with(code: u8) -> Result<(), Error> {
+    if code == 0 {
+        return Ok(());
+    }
+    let _ = std::io::stdout().flush();
+    std::process::exit(code.into());
+}
+
+fn submit(
+    spec: &std::path::Path,
+    server: &ServerArgs,
+    name: Option<&str>,
+    email: Option<&str>,
+    follow: bool,
+    download: Option<&std::path::Path>,
+) -> Result<(), Error> {
+    use debimg::service::client::{Client, exit_code};
+    let client = Client::new(&server.server, &server.token).map_err(failed)?;
+    let text = debimg::spec::Spec::read_text(spec)?;
+    let job = client.submit(&text, name, email).map_err(failed)?;
+    let id = job["id"].as_str().unwrap_or_default().to_string();
+    println!("{id}");
+    if !follow && download.is_none() {
+        return Ok(());
+    }
+    let job = if follow {
+        client
+            .follow(&id, &mut std::io::stderr())
+            .map_err(failed)?
+    } else {
+        wait_for(&client, &id).map_err(failed)?
+    };
+    report_end(&job);
+    if let Some(dir) = download
+        && job["state"] == "succeeded"
+    {
+        for p in client.download(&id, dir).map_err(failed)? {
+            println!("{}", p.display());
+        }
+    }
+    exit_with(exit_code(&job))
+}
+
+/// Polls job `id` until it ends.
+fn wait_for(client: &debimg::service::client::Client, id: &str) -> anyhow::Result<serde_json::Value> {
+    loop {
+        let job = client.job(id)?;
+        if matches!(
+            job["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            return Ok(job);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+}
+
+/// Says on stderr how a job ended, with its error.
+fn report_end(job: &serde_json::Value) {
+    let state = job["state"].as_str().unwrap_or("?");
+    let id = job["id"].as_str().unwrap_or("?");
+    match state {
+        "failed" => {
+            let e = &job["error"];
+            eprintln!(
+                "job {id} failed{}: {}",
+                e["stage"]
+                    .as_str()
+                    .map(|s| format!(" in stage `{s}`"))
+                    .unwrap_or_default(),
+                e["message"].as_str().unwrap_or("(no message)")
+            );
+        }
+        _ => eprintln!("job {id} {state}"),
+    }
+}
+
+fn jobs(server: &ServerArgs, action: &JobsAction) -> Result<(), Error> {
+    use debimg::service::client::{Client, exit_code};
+    let client = Client::new(&server.server, &server.token).map_err(failed)?;
+    let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
+    match action {
+        JobsAction::List { state, json } => {
+            let jobs = client.jobs(state.as_deref()).map_err(failed)?;
+            if *json {
+                println!("{}", pretty(&serde_json::Value::Array(jobs)));
+            } else {
+                for j in jobs {
+                    let s = |k: &str| j[k].as_str().unwrap_or("-").to_string();
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        s("id"),
+                        s("state"),
+                        s("stage"),
+                        s("created"),
+                        s("name")
+                    );
+                }
+            }
+        }
+        JobsAction::Show { id } => println!("{}", pretty(&client.job(id).map_err(failed)?)),
+        JobsAction::Log { id, follow } => {
+            if *follow {
+                let job = client
+                    .follow(id, &mut std::io::stdout())
+                    .map_err(failed)?;
+                report_end(&job);
+                return exit_with(exit_code(&job));
+            }
+            std::io::stdout()
+                .write_all(&client.log(id).map_err(failed)?)
+                .map_err(|e| failed(e.into()))?;
+        }
+        JobsAction::Cancel { id } => {
+            let job = client.cancel(id).map_err(failed)?;
+            eprintln!("job {id} {}", job["state"].as_str().unwrap_or("?"));
+        }
+        JobsAction::Delete { id } => {
+            client.delete(id).map_err(failed)?;
+            eprintln!("job {id} deleted");
+        }
+        JobsAction::Download { id, dir } => {
+            for p in client.download(id, dir).map_err(failed)? {
+                println!("{}", p.display());
+            }
+        }
+    }
+    Ok(())
 }

@@ -797,7 +797,7 @@ pub fn yaml_from_str<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, se
 }
 
 /// One problem in a spec: the field it is in and what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {
     /// Path of the field, e.g. `images[1].size`; empty for the document as a whole.
     pub field: String,

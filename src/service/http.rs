@@ -1,0 +1,652 @@
+//! The HTTP side of `debimg serve`: the REST API under `/api/v1` (described by
+//! `openapi.json`), the live log as server-sent events, artifact downloads with `Range` and an
+//! `ETag`, `/healthz`, `/metrics` and the web page.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::store::{CancelOutcome, Caller, Submitted, is_terminal};
+use super::{Service, check_spec};
+
+/// The OpenAPI document of the API.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+type Shared = Arc<Service>;
+
+/// An error answer: a status and a JSON body `{"error": ..., "problems": [...]}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: serde_json::Value,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            body: json!({ "error": message.into() }),
+        }
+    }
+
+    fn not_found() -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "no such job")
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> ApiError {
+        tracing::error!("{e:#}");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error (see the server's log)")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, Json(self.body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+/// The caller, from `Authorization: Bearer <token>`.
+pub struct Auth(pub Caller);
+
+impl FromRequestParts<Shared> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, service: &Shared) -> Result<Auth, ApiError> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty());
+        let Some(token) = token else {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "no token: send `Authorization: Bearer <token>` (`debimg serve token add NAME` \
+                 makes one)",
+            ));
+        };
+        match service.store.caller(token)? {
+            Some(caller) => Ok(Auth(caller)),
+            None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unknown token")),
+        }
+    }
+}
+
+/// The router of the whole service.
+pub fn router(service: Shared) -> Router {
+    // JSON may spell every byte of the spec as `\uXXXX`.
+    let body_limit = service.config.max_spec_bytes * 6 + 64 * 1024;
+    Router::new()
+        .route("/", get(page))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/jobs", post(submit).get(list))
+        .route("/api/v1/jobs/{id}", get(show).delete(delete))
+        .route("/api/v1/jobs/{id}/log", get(log))
+        .route("/api/v1/jobs/{id}/cancel", post(cancel))
+        .route("/api/v1/jobs/{id}/artifacts/{*name}", get(artifact))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(service)
+}
+
+/// Every route as `METHOD path`, for the test that holds the OpenAPI document to them.
+pub const ROUTES: &[&str] = &[
+    "GET /",
+    "GET /healthz",
+    "GET /metrics",
+    "GET /api/v1/openapi.json",
+    "POST /api/v1/jobs",
+    "GET /api/v1/jobs",
+    "GET /api/v1/jobs/{id}",
+    "DELETE /api/v1/jobs/{id}",
+    "GET /api/v1/jobs/{id}/log",
+    "POST /api/v1/jobs/{id}/cancel",
+    "GET /api/v1/jobs/{id}/artifacts/{name}",
+];
+
+async fn page() -> impl IntoResponse {
+    (
+        [(header::CACHE_CONTROL, "no-cache")],
+        Html(super::web::PAGE),
+    )
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+async fn metrics(State(service): State<Shared>) -> Result<Response, ApiError> {
+    let c = service.store.counts()?;
+    let text = format!(
+        "# HELP debimg_queue_length Builds waiting for a worker.\n\
+         # TYPE debimg_queue_length gauge\n\
+         debimg_queue_length {}\n\
+         # HELP debimg_running_builds Builds a worker runs now.\n\
+         # TYPE debimg_running_builds gauge\n\
+         debimg_running_builds {}\n\
+         # HELP debimg_builds Finished builds by outcome (those whose jobs are deleted left).\n\
+         # TYPE debimg_builds gauge\n\
+         debimg_builds{{outcome=\"succeeded\"}} {}\n\
+         debimg_builds{{outcome=\"failed\"}} {}\n\
+         debimg_builds{{outcome=\"cancelled\"}} {}\n\
+         # HELP debimg_build_seconds Seconds of finished builds.\n\
+         # TYPE debimg_build_seconds summary\n\
+         debimg_build_seconds_sum {}\n\
+         debimg_build_seconds_count {}\n",
+        c.queued,
+        c.running,
+        c.succeeded,
+        c.failed,
+        c.cancelled,
+        c.build_seconds_sum,
+        c.build_seconds_count
+    );
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        text,
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct SubmitBody {
+    spec: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    email: Option<String>,
+}
+
+async fn submit(
+    State(service): State<Shared>,
+    Auth(caller): Auth,
+    body: Result<Json<SubmitBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body.map_err(|e| {
+        let status = e.status();
+        ApiError::new(
+            status,
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                format!(
+                    "the request is larger than this server takes (specs up to {} bytes)",
+                    service.config.max_spec_bytes
+                )
+            } else {
+                format!("the body must be JSON {{\"spec\": \"<YAML>\", \"name\": ..., \"email\": ...}}: {}", e.body_text())
+            },
+        )
+    })?;
+    let max = service.config.max_spec_bytes;
+    if body.spec.len() > max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the spec has {} bytes; this server takes specs up to {max} bytes",
+                body.spec.len()
+            ),
+        ));
+    }
+    for (field, value) in [("name", &body.name), ("email", &body.email)] {
+        if value.as_ref().is_some_and(|v| v.len() > 256 || v.chars().any(char::is_control)) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("`{field}` must be at most 256 characters, without control characters"),
+            ));
+        }
+    }
+    let checked = match check_spec(&body.spec, caller.admin) {
+        Ok(c) => c,
+        Err(refusal) => {
+            return Err(ApiError {
+                status: StatusCode::BAD_REQUEST,
+                body: serde_json::to_value(&refusal).expect("serializes"),
+            });
+        }
+    };
+    let name = body.name.unwrap_or_else(|| checked.spec.name.clone());
+    let email = body.email.unwrap_or_default();
+    let submitted = service.store.submit(
+        &caller,
+        &name,
+        &email,
+        &body.spec,
+        &checked.digest,
+        &service.config.limits,
+    )?;
+    let id = match submitted {
+        Submitted::Job { id, .. } => id,
+        Submitted::OverLimit(why) => {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("over this token's limit: {why}"),
+            ));
+        }
+    };
+    service.notify_work();
+    let view = service.store.job(&caller, &id)?.ok_or_else(ApiError::not_found)?;
+    let mut r = (StatusCode::CREATED, Json(view)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/jobs/{id}")) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(r)
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    state: Option<String>,
+}
+
+async fn list(
+    State(service): State<Shared>,
+    Auth(caller): Auth,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    if let Some(s) = &q.state {
+        if !super::store::STATES.contains(&s.as_str()) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "unknown state `{s}`; one of {}",
+                    super::store::STATES.join(", ")
+                ),
+            ));
+        }
+    }
+    let jobs = service.store.jobs(&caller, q.state.as_deref())?;
+    Ok(Json(json!({ "jobs": jobs })).into_response())
+}
+
+async fn show(
+    State(service): State<Shared>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let view = service.store.job(&caller, &id)?.ok_or_else(ApiError::not_found)?;
+    Ok(Json(view).into_response())
+}
+
+async fn cancel(
+    State(service): State<Shared>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let view = service.store.job(&caller, &id)?.ok_or_else(ApiError::not_found)?;
+    match service.store.cancel_job(&id)? {
+        CancelOutcome::NoSuchJob => return Err(ApiError::not_found()),
+        CancelOutcome::AlreadyFinished => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("the job has finished already ({})", view.state),
+            ));
+        }
+        CancelOutcome::Cancelled { stop } => {
+            if let Some(build) = stop {
+                service.stop(&build);
+            }
+        }
+    }
+    let s = Arc::clone(&service);
+    let build = view.build_id.clone();
+    tokio::task::spawn_blocking(move || s.after_build(&build));
+    let view = service.store.job(&caller, &id)?.ok_or_else(ApiError::not_found)?;
+    Ok(Json(view).into_response())
+}
+
+async fn delete(
+    State(service): State<Shared>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    service.store.job(&caller, &id)?.ok_or_else(ApiError::not_found)?;
+    if let CancelOutcome::Cancelled { stop: Some(build) } = service.store.cancel_job(&id)? {
+        service.stop(&build);
+    }
+    if let Some(build) = service.store.delete_job(&id)? {
+        let s = Arc::clone(&service);
+        tokio::task::spawn_blocking(move || s.remove_build_files(&build))
+            .await
+            .map_err(|e| anyhow::anyhow!("removing files: {e}"))?;
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn log(
+    State(service): State<Shared>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let view = service.store.job(&caller, &id)?.ok_or_else(ApiError::not_found)?;
+    let wants_events = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if !wants_events {
+        let text = service.read_log(&view.build_id, 0, 64 << 20);
+        return Ok((
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            text,
+        )
+            .into_response());
+    }
+    let from = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let stream = log_events(service, caller, id, view.build_id, from);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+struct Follow {
+    service: Shared,
+    caller: Caller,
+    job: String,
+    build: String,
+    offset: u64,
+    pending: std::collections::VecDeque<SseEvent>,
+    done: bool,
+}
+
+/// The log of a build from byte `from` as events, one per line (its id the offset after it),
+/// then an `end` event with the job's state once the job has ended and all is sent.
+fn log_events(
+    service: Shared,
+    caller: Caller,
+    job: String,
+    build: String,
+    from: u64,
+) -> impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>> {
+    let state = Follow {
+        service,
+        caller,
+        job,
+        build,
+        offset: from,
+        pending: Default::default(),
+        done: false,
+    };
+    futures_util::stream::unfold(state, |mut f| async move {
+        loop {
+            if let Some(e) = f.pending.pop_front() {
+                return Some((Ok(e), f));
+            }
+            if f.done {
+                return None;
+            }
+            // The job's state first, then the log: a job that ended has its whole log written.
+            let state = match f.service.store.job(&f.caller, &f.job) {
+                Ok(Some(v)) => v.state,
+                Ok(None) => "deleted".to_string(),
+                Err(_) => return None,
+            };
+            let chunk = f.service.read_log(&f.build, f.offset, 256 * 1024);
+            let ended = is_terminal(&state) || state == "deleted";
+            let mut used = 0;
+            for line in chunk.split_inclusive(|&b| b == b'\n') {
+                if !line.ends_with(b"\n") && !ended {
+                    break;
+                }
+                used += line.len();
+                let text = String::from_utf8_lossy(line);
+                let text = text.trim_end_matches(['\n', '\r']).replace('\r', "");
+                f.pending.push_back(
+                    SseEvent::default()
+                        .id((f.offset + used as u64).to_string())
+                        .data(text),
+                );
+            }
+            f.offset += used as u64;
+            if f.pending.is_empty() {
+                if ended && chunk.is_empty() {
+                    f.done = true;
+                    f.pending
+                        .push_back(SseEvent::default().event("end").data(state));
+                } else {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+    })
+}
+
+async fn artifact(
+    State(service): State<Shared>,
+    Auth(caller): Auth,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Some((build, art)) = service.store.artifact(&caller, &id, &name)? else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "no such job or artifact"));
+    };
+    let etag = format!("\"{}\"", art.sha256);
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+    {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    let opened = service
+        .artifacts_dir(&build)
+        .and_then(|d| d.open_regular_at(&art.name))?;
+    let Some((mut file, st)) = opened else {
+        return Err(ApiError::new(StatusCode::GONE, "the artifact's file is gone"));
+    };
+    let size = st.st_size as u64;
+    if size != art.size {
+        return Err(anyhow::anyhow!("artifact {} of build {build} changed size", art.name).into());
+    }
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| parse_range(v, size));
+    let (status, start, len) = match range {
+        None | Some(Range::Ignored) => (StatusCode::OK, 0, size),
+        Some(Range::Bytes(a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
+        Some(Range::Unsatisfiable) => {
+            return Ok((
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{size}"))],
+            )
+                .into_response());
+        }
+    };
+    file.seek(SeekFrom::Start(start)).map_err(anyhow::Error::from)?;
+    let body = Body::from_stream(futures_util::stream::unfold(
+        (file, len),
+        |(mut file, left)| async move {
+            if left == 0 {
+                return None;
+            }
+            let want = left.min(256 * 1024) as usize;
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; want];
+                let r = file.read(&mut buf).map(|n| {
+                    buf.truncate(n);
+                    buf
+                });
+                (file, r)
+            })
+            .await;
+            match read {
+                Ok((file, Ok(buf))) if !buf.is_empty() => {
+                    let n = buf.len() as u64;
+                    Some((Ok::<_, std::io::Error>(buf), (file, left - n)))
+                }
+                Ok((_, Err(e))) => Some((Err(e), (std::fs::File::open("/dev/null").ok()?, 0))),
+                _ => None,
+            }
+        },
+    ));
+    let file_name = art.name.rsplit('/').next().unwrap_or(&art.name).to_string();
+    let mut r = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, len)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::ETAG, etag)
+        .header(
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{}\"", file_name.replace(['"', '\\'], "_")),
+        );
+    if status == StatusCode::PARTIAL_CONTENT {
+        r = r.header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{size}", start + len - 1),
+        );
+    }
+    Ok(r.body(body).map_err(anyhow::Error::from)?)
+}
+
+/// A `Range` header as this server answers it.
+#[derive(Debug, PartialEq, Eq)]
+enum Range {
+    /// One byte range, both ends included.
+    Bytes(u64, u64),
+    /// Syntactically a range, but outside the file: 416.
+    Unsatisfiable,
+    /// Not one `bytes=` range (several ranges too): the whole file, as RFC 9110 allows.
+    Ignored,
+}
+
+fn parse_range(value: &str, size: u64) -> Range {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return Range::Ignored;
+    };
+    if spec.contains(',') {
+        return Range::Ignored;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return Range::Ignored;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    if a.is_empty() {
+        // The last b bytes.
+        let Ok(n) = b.parse::<u64>() else {
+            return Range::Ignored;
+        };
+        if n == 0 || size == 0 {
+            return Range::Unsatisfiable;
+        }
+        return Range::Bytes(size.saturating_sub(n), size - 1);
+    }
+    let Ok(start) = a.parse::<u64>() else {
+        return Range::Ignored;
+    };
+    let end = if b.is_empty() {
+        size.saturating_sub(1)
+    } else {
+        match b.parse::<u64>() {
+            Ok(e) => e.min(size.saturating_sub(1)),
+            Err(_) => return Range::Ignored,
+        }
+    };
+    if start >= size || (!b.is_empty() && b.parse::<u64>().is_ok_and(|e| e < start)) {
+        return Range::Unsatisfiable;
+    }
+    Range::Bytes(start, end)
+}
+
+/// `name` with each path segment percent-encoded (the `/` between segments kept).
+pub fn encode_path(name: &str) -> String {
+    let mut out = String::new();
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Serves the API on `config.listen` until INT or TERM; then stops the local builds (the next
+/// start queues them again).
+pub fn serve(config: super::Config) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let local_workers = config.local_workers;
+    let listen = config.listen.clone();
+    let service = Arc::new(Service::open(config)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(&listen))
+        .with_context(|| format!("listening on {listen}"))?;
+    let addr = listener.local_addr()?;
+    super::runner::start_local_workers(&service, local_workers);
+    service.start_reaper();
+    tracing::info!(
+        "debimg serve: http://{addr}/ ({local_workers} local worker{}, state in {})",
+        if local_workers == 1 { "" } else { "s" },
+        service.config.state_dir.display()
+    );
+    let app = router(Arc::clone(&service));
+    let served = runtime.block_on(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("a TERM handler");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                tracing::info!("debimg serve: stopping; running builds are queued again");
+            })
+            .await
+    });
+    // Streams that follow logs would keep a graceful shutdown waiting: they end with the
+    // runtime.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    service.shut_down(Duration::from_secs(300));
+    served.context("serving HTTP")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Range::Bytes(0, 9));
+        assert_eq!(parse_range("bytes=90-", 100), Range::Bytes(90, 99));
+        assert_eq!(parse_range("bytes=-10", 100), Range::Bytes(90, 99));
+        assert_eq!(parse_range("bytes=-500", 100), Range::Bytes(0, 99));
+        assert_eq!(parse_range("bytes=50-500", 100), Range::Bytes(50, 99));
+        assert_eq!(parse_range("bytes=100-", 100), Range::Unsatisfiable);
+        assert_eq!(parse_range("bytes=9-3", 100), Range::Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), Range::Ignored);
+        assert_eq!(parse_range("items=0-1", 100), Range::Ignored);
+    }
+
+    #[test]
+    fn artifact_paths_are_encoded_per_segment() {
+        assert_eq!(encode_path("m.attachments/boot/vmlinuz-6.1"), "m.attachments/boot/vmlinuz-6.1");
+        assert_eq!(encode_path("a b?#"), "a%20b%3F%23");
+    }
+}

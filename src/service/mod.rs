@@ -1,0 +1,429 @@
+//! The build service: `debimg serve` (HTTP API, job store, web page, local workers), and the
+//! client (`debimg submit`, `debimg jobs`). A thin layer over the library: handlers validate,
+//! store and enqueue; every build is a `debimg build --message-format json` child process in its
+//! own process group, so the service learns the stage, the artifacts and the error kind from
+//! the build's events, never from its log text.
+//!
+//! The state directory holds the job store (`debimg.sqlite`) and one directory per build,
+//! `builds/<id>/` (`spec.yaml`, `build.log`, `out/` with the artifacts).
+
+pub mod client;
+pub mod http;
+pub mod runner;
+pub mod store;
+pub mod web;
+
+use std::collections::HashMap;
+use std::os::unix::fs::DirBuilderExt;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::output::OutputDir;
+use crate::spec::{Problem, Spec};
+use store::Store;
+
+/// The default address `serve` listens on.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// The default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/debimg";
+
+/// Seconds a claim lasts without a renewal.
+pub const LEASE_SECS: i64 = 60;
+/// Seconds between renewals.
+pub const RENEW_SECS: u64 = 10;
+
+/// How `serve` runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub state_dir: PathBuf,
+    pub local_workers: usize,
+    pub post_creation: Option<String>,
+    pub cache_dir: PathBuf,
+    pub build_dir: PathBuf,
+    /// The largest spec accepted, in bytes.
+    pub max_spec_bytes: usize,
+    pub limits: store::Limits,
+    /// Attempts of a build whose worker vanished before it fails.
+    pub max_attempts: i64,
+    /// The `debimg` binary the builds run.
+    pub debimg: PathBuf,
+}
+
+/// A spec as the service accepts it.
+#[derive(Debug)]
+pub struct Checked {
+    pub spec: Spec,
+    /// The sha256 of the parsed spec (as JSON): identical specs, however written, have one.
+    pub digest: String,
+}
+
+/// Why a submitted spec is refused.
+#[derive(Debug, Serialize)]
+pub struct Refusal {
+    pub error: String,
+    pub problems: Vec<Problem>,
+}
+
+/// Checks a submitted spec: valid, and for a caller the host does not trust, reading none of
+/// the server's files and running no code outside the chroot. No file it names is looked at.
+pub fn check_spec(text: &str, trusted: bool) -> Result<Checked, Refusal> {
+    let spec = Spec::from_yaml(text, "spec").map_err(|e| Refusal {
+        error: "the spec is invalid".into(),
+        problems: e.problems,
+    })?;
+    if !trusted {
+        let problems = spec.untrusted_problems();
+        if !problems.is_empty() {
+            return Err(Refusal {
+                error: "the spec reads the server's files or runs code on it, which only an \
+                        admin token may ask"
+                    .into(),
+                problems,
+            });
+        }
+    }
+    let json = serde_json::to_vec(&spec).expect("a spec serializes");
+    let digest = Sha256::digest(&json)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(Checked { spec, digest })
+}
+
+/// The running service: its store, its settings and the builds its own workers run.
+pub struct Service {
+    pub store: Store,
+    pub config: Config,
+    /// The name prefix of this server's own workers (`local-<host>-`).
+    pub local_prefix: String,
+    state: OutputDir,
+    /// Builds this server runs, with the flag that ends them ([`runner::RUN`], ...).
+    running: Mutex<HashMap<String, Arc<AtomicU8>>>,
+    work: (Mutex<u64>, Condvar),
+    pub stopping: AtomicBool,
+}
+
+/// Whether `id` is a build id as the store makes them (`b` and 16 hex digits): the only names
+/// a build's directory has.
+pub fn is_build_id(id: &str) -> bool {
+    id.len() == 17
+        && id.starts_with('b')
+        && id[1..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl Service {
+    /// Opens the state directory (made 0700 when missing) and the store in it; builds that this
+    /// host's workers ran when the server stopped go back to the queue.
+    pub fn open(config: Config) -> Result<Service> {
+        let dir = &config.state_dir;
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("creating the state directory {}", dir.display()))?;
+        }
+        let state = OutputDir::open(dir)?;
+        if state.kind("builds")?.is_none() {
+            state.create_subdir("builds", 0o700)?;
+        }
+        let store = Store::open(dir)?;
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "localhost".into());
+        let service = Service {
+            store,
+            local_prefix: format!("local-{host}-"),
+            config,
+            state,
+            running: Mutex::new(HashMap::new()),
+            work: (Mutex::new(0), Condvar::new()),
+            stopping: AtomicBool::new(false),
+        };
+        let (requeued, failed) = service
+            .store
+            .requeue_lost(service.config.max_attempts, Some(&service.local_prefix))?;
+        for id in &requeued {
+            tracing::warn!("build {id}: its worker stopped with the server; queued again");
+        }
+        for id in &failed {
+            service.after_build(id);
+        }
+        service.collect_garbage(true);
+        Ok(service)
+    }
+
+    /// The directory of build `id`, made when missing.
+    pub fn build_files(&self, id: &str) -> Result<OutputDir> {
+        anyhow::ensure!(is_build_id(id), "`{id}` is not a build id");
+        let builds = self.state.open_subdir("builds")?;
+        if builds.kind(id)?.is_none() {
+            builds.create_subdir(id, 0o700)?;
+        }
+        builds.open_subdir(id)
+    }
+
+    /// The log of build `id`, open for appending.
+    pub fn open_log(&self, id: &str) -> Result<std::fs::File> {
+        let mut f = self.build_files(id)?.open_or_create("build.log", 0o600)?;
+        f.seek(SeekFrom::End(0))?;
+        Ok(f)
+    }
+
+    /// The log of build `id` from byte `from`, at most `max` bytes (empty when there is none).
+    pub fn read_log(&self, id: &str, from: u64, max: usize) -> Vec<u8> {
+        let read = || -> Result<Vec<u8>> {
+            let builds = self.state.open_subdir("builds")?;
+            if !is_build_id(id) || builds.kind(id)?.is_none() {
+                return Ok(Vec::new());
+            }
+            let Some((mut f, _)) = builds.open_subdir(id)?.open_if_regular("build.log")? else {
+                return Ok(Vec::new());
+            };
+            f.seek(SeekFrom::Start(from))?;
+            let mut buf = Vec::new();
+            f.take(max as u64).read_to_end(&mut buf)?;
+            Ok(buf)
+        };
+        read().unwrap_or_default()
+    }
+
+    /// The last `max` bytes of build `id`'s log.
+    pub fn read_log_tail(&self, id: &str, max: u64) -> Vec<u8> {
+        let len = self.log_len(id);
+        self.read_log(id, len.saturating_sub(max), max as usize)
+    }
+
+    /// The length of build `id`'s log so far.
+    pub fn log_len(&self, id: &str) -> u64 {
+        let len = || -> Result<u64> {
+            let builds = self.state.open_subdir("builds")?;
+            if !is_build_id(id) || builds.kind(id)?.is_none() {
+                return Ok(0);
+            }
+            Ok(builds
+                .open_subdir(id)?
+                .stat("build.log")?
+                .map_or(0, |st| st.st_size as u64))
+        };
+        len().unwrap_or(0)
+    }
+
+    /// The output directory of build `id`.
+    pub fn artifacts_dir(&self, id: &str) -> Result<OutputDir> {
+        self.build_files(id)?.open_subdir("out")
+    }
+
+    /// Says that work was queued.
+    pub fn notify_work(&self) {
+        let (lock, cv) = &self.work;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        cv.notify_all();
+    }
+
+    /// Waits until work is queued, at most `timeout`.
+    pub fn wait_for_work(&self, timeout: Duration) {
+        let (lock, cv) = &self.work;
+        let seen = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let start = *seen;
+        let _ = cv
+            .wait_timeout_while(seen, timeout, |n| *n == start)
+            .unwrap_or_else(|e| e.into_inner());
+    }
+
+    /// Notes that this server runs build `id`; the flag ends it.
+    pub fn register(&self, id: &str) -> Arc<AtomicU8> {
+        let flag = Arc::new(AtomicU8::new(runner::RUN));
+        self.lock_running().insert(id.to_string(), Arc::clone(&flag));
+        flag
+    }
+
+    pub fn unregister(&self, id: &str) {
+        self.lock_running().remove(id);
+    }
+
+    /// Ends build `id` when this server runs it (a remote worker learns it when it renews).
+    pub fn stop(&self, id: &str) {
+        if let Some(flag) = self.lock_running().get(id) {
+            flag.store(runner::CANCEL, Ordering::SeqCst);
+        }
+    }
+
+    /// Stops taking builds and ends the running ones without reporting them (the next start
+    /// queues them again); waits for them at most `timeout`.
+    pub fn shut_down(&self, timeout: Duration) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.notify_work();
+        for flag in self.lock_running().values() {
+            flag.store(runner::SHUT_DOWN, Ordering::SeqCst);
+        }
+        let until = std::time::Instant::now() + timeout;
+        while !self.lock_running().is_empty() && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Removes the files of build `id` (its record is gone).
+    pub fn remove_build_files(&self, id: &str) {
+        if !is_build_id(id) {
+            return;
+        }
+        if let Err(e) = self.state.open_subdir("builds").and_then(|b| b.remove_all(id)) {
+            tracing::error!("removing the files of build {id}: {e:#}");
+        }
+    }
+
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<AtomicU8>>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// After build `id` ended (or a job of it was cancelled): post-creation for the jobs that
+    /// are finished and have not had it, then the files of builds no job wants any more.
+    pub fn after_build(&self, id: &str) {
+        if let Some(cmd) = &self.config.post_creation {
+            match self.store.take_post_creation(id) {
+                Ok(jobs) => {
+                    for job in jobs {
+                        self.post_creation(cmd, id, &job);
+                    }
+                }
+                Err(e) => tracing::error!("build {id}: post-creation: {e:#}"),
+            }
+        }
+        self.collect_garbage(false);
+    }
+
+    fn post_creation(&self, cmd: &str, build_id: &str, job: &store::PendingJob) {
+        let out = self.config.state_dir.join("builds").join(build_id).join("out");
+        let started = std::time::Instant::now();
+        let result = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(cmd)
+            .env("DEBIMG_JOB_ID", &job.id)
+            .env("DEBIMG_JOB_STATE", &job.state)
+            .env("DEBIMG_JOB_NAME", &job.name)
+            .env("DEBIMG_JOB_EMAIL", &job.email)
+            .env("DEBIMG_BUILD_ID", build_id)
+            .env("DEBIMG_ARTIFACT_DIR", &out)
+            .stdin(std::process::Stdio::null())
+            .output();
+        let report = match result {
+            Ok(o) => {
+                let mut text = o.stdout;
+                text.extend_from_slice(&o.stderr);
+                serde_json::json!({
+                    "ok": o.status.success(),
+                    "exit_code": o.status.code(),
+                    "seconds": started.elapsed().as_secs_f64(),
+                    "output": runner::tail_lines(&text, 20),
+                })
+            }
+            Err(e) => serde_json::json!({
+                "ok": false,
+                "exit_code": null,
+                "output": [format!("could not run /bin/sh: {e}")],
+            }),
+        };
+        let line = format!(
+            "debimg serve: post-creation for job {} ({}): {}\n",
+            job.id,
+            job.state,
+            if report["ok"] == true { "ok".to_string() } else {
+                format!("FAILED (exit {})", report["exit_code"])
+            }
+        );
+        if report["ok"] != true {
+            tracing::warn!("{}", line.trim_end());
+        }
+        if let Ok(mut log) = self.open_log(build_id) {
+            runner::append(&mut log, line.as_bytes());
+        }
+        if let Err(e) = self.store.set_post_creation(&job.id, &report) {
+            tracing::error!("job {}: recording post-creation: {e:#}", job.id);
+        }
+    }
+
+    /// Removes the records and files of builds no job refers to; with `unknown`, also the
+    /// directories of builds the store does not know (at start, before any worker runs: a
+    /// record deleted just before a crash left them).
+    pub fn collect_garbage(&self, unknown: bool) {
+        let run = || -> Result<()> {
+            let orphans = self.store.orphan_builds()?;
+            let builds = self.state.open_subdir("builds")?;
+            if unknown {
+                let known: std::collections::HashSet<String> =
+                    self.store.build_ids()?.into_iter().collect();
+                for name in builds.entries()? {
+                    let Some(name) = name.to_str() else { continue };
+                    if is_build_id(name) && !known.contains(name) {
+                        builds.remove_all(name)?;
+                    }
+                }
+            }
+            for id in orphans {
+                builds.remove_all(&id)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = run() {
+            tracing::error!("removing the files of deleted jobs: {e:#}");
+        }
+    }
+
+    /// Gives builds of vanished workers back to the queue (or fails them), every few seconds.
+    pub fn start_reaper(self: &Arc<Self>) {
+        let service = Arc::clone(self);
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_secs(5));
+                match service.store.requeue_lost(service.config.max_attempts, None) {
+                    Ok((requeued, failed)) => {
+                        for id in &requeued {
+                            tracing::warn!("build {id}: its worker stopped answering; queued again");
+                        }
+                        if !requeued.is_empty() {
+                            service.notify_work();
+                        }
+                        for id in &failed {
+                            service.after_build(id);
+                        }
+                    }
+                    Err(e) => tracing::error!("the job store: {e:#}"),
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_digest_follows_the_spec_not_its_spelling() {
+        let a = check_spec("version: 1\nname: m\nsuite: bookworm\n", false).unwrap();
+        let b = check_spec("# same\nname: m\nversion: 1\nsuite: 'bookworm'\n", false).unwrap();
+        let c = check_spec("version: 1\nname: n\nsuite: bookworm\n", false).unwrap();
+        assert_eq!(a.digest, b.digest);
+        assert_ne!(a.digest, c.digest);
+    }
+
+    #[test]
+    fn untrusted_specs_may_not_read_host_files() {
+        let text = "version: 1\nname: m\nsuite: bookworm\nfiles:\n  - path: /etc/x\n    source: /etc/shadow\n";
+        let r = check_spec(text, false).unwrap_err();
+        assert!(r.problems.iter().any(|p| p.field == "files[0].source"), "{r:?}");
+        assert!(check_spec(text, true).is_ok());
+        let bad = check_spec("version: 1\nname: m\nsuite: bookworm\nimages: 3\n", true).unwrap_err();
+        assert!(!bad.problems.is_empty());
+    }
+}
