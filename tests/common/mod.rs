@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+pub mod service;
+
 use debimg::metadata::Metadata;
 use debimg::sys::loopdev::{self, LoopDevice};
 use debimg::sys::mount::{self, Mount};

@@ -1,0 +1,381 @@
+//! The build service end to end: a real `debimg serve` on loopback, driven over HTTP and with
+//! `debimg submit` / `debimg jobs`, building real images from the host's mirror.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::service::{Api, TestServer};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+const TINY: &str = "version: 1\nname: tiny\nsuite: bookworm\nmirror: host\nkind: tarball\nvariant: minbase\n";
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn id_of(a: &common::service::Answer) -> String {
+    assert_eq!(a.status, 201, "{}", a.text());
+    a.json()["id"].as_str().unwrap().to_string()
+}
+
+/// Everything the API refuses, and what survives a restart, without building (no local
+/// workers: nothing runs, and no root is needed).
+#[test]
+fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
+    let mut server = TestServer::start(
+        "svc-api",
+        &["--local-workers", "0", "--max-queued", "2", "--max-spec-bytes", "4096"],
+    );
+    let alice_token = server.token("alice", false);
+    let alice = Api::new(&server.url, Some(&alice_token));
+    let bob = Api::new(&server.url, Some(&server.token("bob", false)));
+    let nobody = Api::new(&server.url, None);
+    let forger = Api::new(&server.url, Some("dbi_0000"));
+
+    assert_eq!(nobody.get("/healthz", &[]).text(), "ok\n");
+    for api in [&nobody, &forger] {
+        let a = api.get("/api/v1/jobs", &[]);
+        assert_eq!(a.status, 401, "{}", a.text());
+        assert_eq!(a.header("www-authenticate"), Some("Bearer"));
+        assert_eq!(api.submit(TINY, "x").status, 401);
+    }
+
+    // An invalid spec: 400 with every problem and its field.
+    let a = alice.submit("version: 1\nname: m\nsuite: bookworm\nimages: []\nhostname: 'a b'\n", "bad");
+    assert_eq!(a.status, 400, "{}", a.text());
+    let fields: BTreeSet<String> = a.json()["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["field"].as_str().unwrap().to_string())
+        .collect();
+    assert!(fields.contains("images") && fields.contains("hostname"), "{}", a.text());
+    // A spec that would read the server's files, from a token that is not an admin's.
+    let reads_host = format!("{TINY}files:\n  - {{dest: /etc/x, source: /etc/shadow}}\n");
+    let a = alice.submit(&reads_host, "reads-host");
+    assert_eq!(a.status, 400, "{}", a.text());
+    assert!(a.text().contains("files[0].source"), "{}", a.text());
+    let a = alice.submit(
+        &format!("{TINY}post:\n  - {{chroot: false, script: 'cat /etc/shadow'}}\n"),
+        "runs-on-host",
+    );
+    assert_eq!(a.status, 400, "{}", a.text());
+    assert!(a.text().contains("post[0]"), "{}", a.text());
+    // Larger than the limit: 413.
+    let big = format!("{TINY}# {}\n", "x".repeat(5000));
+    let a = alice.submit(&big, "big");
+    assert_eq!(a.status, 413, "{}", a.text());
+    // Not JSON.
+    let a = alice.post("/api/v1/jobs", &json!({"name": "no spec"}));
+    assert_eq!(a.status, 422, "{}", a.text());
+    assert!(alice.get("/api/v1/jobs", &[]).json()["jobs"].as_array().unwrap().is_empty());
+
+    // Two queued jobs; the third is over alice's limit (429), bob's own count is his.
+    let one = id_of(&alice.submit(TINY, "one"));
+    let two = id_of(&alice.submit(&TINY.replace("tiny", "tiny2"), "two"));
+    let a = alice.submit(&TINY.replace("tiny", "tiny3"), "three");
+    assert_eq!(a.status, 429, "{}", a.text());
+    assert!(a.text().contains("limit"), "{}", a.text());
+    let bobs = id_of(&bob.submit(TINY, "bobs"));
+    // bob's identical spec joins alice's build: one build for both.
+    assert_eq!(bob.job(&bobs)["shared_by"], 2);
+    assert_eq!(alice.job(&one)["state"], "queued");
+    assert_eq!(bob.get(&format!("/api/v1/jobs/{one}"), &[]).status, 404);
+    assert_eq!(
+        alice.get("/api/v1/jobs?state=queued", &[]).json()["jobs"].as_array().unwrap().len(),
+        2
+    );
+    assert_eq!(alice.get("/api/v1/jobs?state=bogus", &[]).status, 400);
+
+    // The OpenAPI document names every route the server has.
+    let doc = nobody.get("/api/v1/openapi.json", &[]).json();
+    for route in debimg::service::http::ROUTES {
+        let (method, path) = route.split_once(' ').unwrap();
+        assert!(
+            doc["paths"][path][method.to_lowercase()].is_object(),
+            "openapi.json lacks {route}"
+        );
+    }
+    let metrics = nobody.get("/metrics", &[]).text();
+    assert!(metrics.contains("debimg_queue_length 2"), "{metrics}");
+
+    // A restart keeps every job, its state and its place in the queue.
+    server.restart();
+    let alice = Api::new(&server.url, Some(&alice_token));
+    let listed: Vec<String> = alice.get("/api/v1/jobs", &[]).json()["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed, vec![two.clone(), one.clone()]);
+    assert_eq!(alice.job(&two)["state"], "queued");
+
+    // Cancel a queued job: it never runs. Delete one: it is gone.
+    let a = alice.post(&format!("/api/v1/jobs/{two}/cancel"), &json!({}));
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["state"], "cancelled");
+    assert_eq!(alice.post(&format!("/api/v1/jobs/{two}/cancel"), &json!({})).status, 409);
+    assert_eq!(alice.delete(&format!("/api/v1/jobs/{two}")).status, 204);
+    assert_eq!(alice.get(&format!("/api/v1/jobs/{two}"), &[]).status, 404);
+
+    // The token command: listed by name, never by secret; a removed token is refused.
+    let out = Command::new(env!("CARGO_BIN_EXE_debimg"))
+        .args(["serve", "token", "list", "--state-dir"])
+        .arg(server.state_path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("alice") && text.contains("bob") && !text.contains("dbi_"), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_debimg"))
+        .args(["serve", "token", "remove", "alice", "--state-dir"])
+        .arg(server.state_path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(alice.get("/api/v1/jobs", &[]).status, 401);
+}
+
+/// Reads a job's log as server-sent events until the `end` event: (lines, last id, end data).
+fn follow_events(api: &Api, id: &str, last_id: Option<&str>) -> (Vec<String>, String, String) {
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder().http_status_as_error(false).build(),
+    );
+    let mut req = agent
+        .get(format!("{}/api/v1/jobs/{id}/log", api.base))
+        .header("Accept", "text/event-stream")
+        .header("Authorization", format!("Bearer {}", api.token().unwrap()));
+    if let Some(l) = last_id {
+        req = req.header("Last-Event-ID", l);
+    }
+    let resp = req.call().unwrap();
+    assert_eq!(resp.status(), 200);
+    let (mut lines, mut last, mut event) = (Vec::new(), String::new(), String::new());
+    for line in BufReader::new(resp.into_body().into_reader()).lines() {
+        let line = line.unwrap();
+        if let Some(v) = line.strip_prefix("id: ") {
+            last = v.to_string();
+        } else if let Some(v) = line.strip_prefix("event: ") {
+            event = v.to_string();
+        } else if let Some(v) = line.strip_prefix("data: ").or(line.strip_prefix("data:")) {
+            if event == "end" {
+                return (lines, last, v.to_string());
+            }
+            lines.push(v.to_string());
+        }
+    }
+    panic!("the event stream ended without an end event");
+}
+
+/// Two local workers: builds that succeed (two identical specs built once, one of them through
+/// `debimg submit --follow --download`), one that fails in `install`, one cancelled mid-build,
+/// one deleted; artifacts checked against the metadata; another token sees none of it; the
+/// host clean afterwards.
+#[test]
+fn embedded_service_builds_fails_cancels_and_deletes() {
+    if !common::can_build() {
+        return;
+    }
+    let post_log = common::scratch("svc-post");
+    let post = format!(
+        "printf '%s %s %s\\n' \"$DEBIMG_JOB_ID\" \"$DEBIMG_JOB_STATE\" \"$DEBIMG_ARTIFACT_DIR\" >> {}/post.log; \
+         test \"$DEBIMG_JOB_STATE\" != failed || {{ echo refusing failed jobs >&2; exit 3; }}",
+        post_log.path().display()
+    );
+    let server = TestServer::start(
+        "svc-e2e",
+        &["--local-workers", "2", "--post-creation", &post],
+    );
+    let token = server.token("alice", false);
+    let alice = Api::new(&server.url, Some(&token));
+    let bob = Api::new(&server.url, Some(&server.token("bob", false)));
+    let root = Api::new(&server.url, Some(&server.token("root", true)));
+
+    // The same spec twice, spelled differently: one through the CLI, following and downloading.
+    let scratch = common::scratch("svc-e2e-files");
+    let spec_path = scratch.path().join("tiny.yaml");
+    std::fs::write(&spec_path, TINY).unwrap();
+    let download = scratch.path().join("dl");
+    let cli = Command::new(env!("CARGO_BIN_EXE_debimg"))
+        .arg("submit")
+        .arg(&spec_path)
+        .args(["--follow", "--download"])
+        .arg(&download)
+        .env("DEBIMG_SERVER", &server.url)
+        .env("DEBIMG_TOKEN", &token)
+        .spawn_output();
+    let twin = id_of(&alice.submit(&format!("# the same spec\n{TINY}"), "twin"));
+    let fails = id_of(&alice.submit(
+        "version: 1\nname: fails\nsuite: bookworm\nmirror: host\nkind: tarball\nvariant: minbase\npackages: [debimg-no-such-package]\n",
+        "fails",
+    ));
+    let cancelled = id_of(&alice.submit(
+        "version: 1\nname: cancelme\nsuite: bookworm\nmirror: host\nkind: tarball\nvariant: minbase\npackages: [curl]\n",
+        "cancelme",
+    ));
+
+    // The cancelled one: ended mid-build (its build is running a stage), then cancelled.
+    alice.wait_until(&cancelled, 900, |j| {
+        j["state"] == "running" && j["stage"].as_str().is_some_and(|s| s != "validate")
+    });
+    let a = alice.post(&format!("/api/v1/jobs/{cancelled}/cancel"), &json!({}));
+    assert_eq!(a.status, 200, "{}", a.text());
+    let c = alice.wait_end(&cancelled, 300);
+    assert_eq!(c["state"], "cancelled", "{c:#}");
+    assert!(c["artifacts"].as_array().unwrap().is_empty());
+
+    // The failing one: its stage and error.
+    let f = alice.wait_end(&fails, 900);
+    assert_eq!(f["state"], "failed", "{f:#}");
+    assert_eq!(f["stage"], "install", "{f:#}");
+    assert_eq!(f["error"]["stage"], "install", "{f:#}");
+    assert_eq!(f["error"]["kind"], "failed", "{f:#}");
+    let message = f["error"]["message"].as_str().unwrap();
+    assert!(message.contains("debimg-no-such-package"), "{message}");
+    let tail = f["error"]["log_tail"].as_array().unwrap();
+    assert!(
+        tail.iter().any(|l| l.as_str().unwrap().contains("Unable to locate package")),
+        "{tail:?}"
+    );
+    // Post-creation ran for it, failed, and the failure is on the job.
+    let f = alice.wait_until(&fails, 60, |j| j["post_creation"]["ok"].is_boolean());
+    assert_eq!(f["post_creation"]["ok"], false, "{f:#}");
+    assert_eq!(f["post_creation"]["exit_code"], 3, "{f:#}");
+    assert!(f["post_creation"]["output"].to_string().contains("refusing failed jobs"));
+
+    // The identical specs: one build, both jobs succeeded with the same artifacts.
+    let out = cli.wait();
+    assert!(out.status.success(), "debimg submit failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let cli_id = String::from_utf8_lossy(&out.stdout).lines().next().unwrap().to_string();
+    let t = alice.wait_end(&twin, 60);
+    let c = alice.job(&cli_id);
+    assert_eq!((t["state"].as_str(), c["state"].as_str()), (Some("succeeded"), Some("succeeded")));
+    assert_eq!(t["shared_by"], 2);
+    assert_eq!(t["spec_digest"], c["spec_digest"]);
+    assert_eq!(t["artifacts"], c["artifacts"].as_array().unwrap().iter().map(|a| {
+        let mut a = a.clone();
+        a["url"] = a["url"].as_str().unwrap().replace(&cli_id, &twin).into();
+        a
+    }).collect::<serde_json::Value>());
+    // The log as it followed the build named its stages; it followed to the end.
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(log.contains("stage install: started") && log.contains("job "), "{log}");
+
+    // Artifacts: the tarball and the metadata, as the metadata lists them; the CLI's download
+    // is byte for byte the server's.
+    let arts = t["artifacts"].as_array().unwrap();
+    let names: BTreeSet<&str> = arts.iter().map(|a| a["name"].as_str().unwrap()).collect();
+    assert_eq!(names, BTreeSet::from(["tiny.tar.gz", "tiny.yaml"]));
+    let meta_art = arts.iter().find(|a| a["name"] == "tiny.yaml").unwrap();
+    let meta = alice.get(meta_art["url"].as_str().unwrap(), &[]);
+    assert_eq!(meta.status, 200);
+    assert_eq!(sha256_hex(&meta.body), meta_art["sha256"].as_str().unwrap());
+    let meta_text = meta.text();
+    let tar_art = arts.iter().find(|a| a["name"] == "tiny.tar.gz").unwrap();
+    let tar_sha = tar_art["sha256"].as_str().unwrap();
+    assert!(meta_text.contains(tar_sha), "the metadata does not list {tar_sha}:\n{meta_text}");
+    let tar = alice.get(tar_art["url"].as_str().unwrap(), &[]);
+    assert_eq!(sha256_hex(&tar.body), tar_sha);
+    assert_eq!(tar.header("etag"), Some(format!("\"{tar_sha}\"").as_str()));
+    assert_eq!(std::fs::read(download.join("tiny.tar.gz")).unwrap(), tar.body);
+    // Range and If-None-Match.
+    let part = alice.get(tar_art["url"].as_str().unwrap(), &[("Range", "bytes=100-1123")]);
+    assert_eq!(part.status, 206);
+    assert_eq!(part.body, tar.body[100..1124]);
+    let size = tar.body.len();
+    assert_eq!(part.header("content-range"), Some(format!("bytes 100-1123/{size}").as_str()));
+    let etag = format!("\"{tar_sha}\"");
+    let same = alice.get(tar_art["url"].as_str().unwrap(), &[("If-None-Match", &etag)]);
+    assert_eq!(same.status, 304);
+    let beyond = format!("bytes={size}-");
+    assert_eq!(alice.get(tar_art["url"].as_str().unwrap(), &[("Range", &beyond)]).status, 416);
+    assert_eq!(alice.get(&format!("/api/v1/jobs/{twin}/artifacts/..%2Ftiny.yaml"), &[]).status, 404);
+
+    // The live log, as events: it ends with the job's state; resumed from an id it sends only
+    // what came after.
+    let (lines, _, end) = follow_events(&alice, &twin, None);
+    assert_eq!(end, "succeeded");
+    assert!(lines.iter().any(|l| l.contains("stage publish: done")), "{lines:?}");
+    let (rest, _, _) = follow_events(&alice, &twin, Some("0"));
+    assert_eq!(rest, lines);
+    let text = alice.get(&format!("/api/v1/jobs/{twin}/log"), &[]).text();
+    let middle = text.len() / 2;
+    let cut = text[..middle].rfind('\n').unwrap() + 1;
+    let (after, _, _) = follow_events(&alice, &twin, Some(&cut.to_string()));
+    assert_eq!(after.join("\n") + "\n", text[cut..].replace('\r', ""));
+
+    // Another token sees none of it; an admin sees everything.
+    assert!(bob.get("/api/v1/jobs", &[]).json()["jobs"].as_array().unwrap().is_empty());
+    for id in [&twin, &fails, &cancelled, &cli_id] {
+        assert_eq!(bob.get(&format!("/api/v1/jobs/{id}"), &[]).status, 404);
+        assert_eq!(bob.get(&format!("/api/v1/jobs/{id}/log"), &[]).status, 404);
+        assert_eq!(bob.post(&format!("/api/v1/jobs/{id}/cancel"), &json!({})).status, 404);
+        assert_eq!(bob.delete(&format!("/api/v1/jobs/{id}")).status, 404);
+    }
+    assert_eq!(bob.get(tar_art["url"].as_str().unwrap().replace(&cli_id, &twin).as_str(), &[]).status, 404);
+    assert_eq!(root.get("/api/v1/jobs", &[]).json()["jobs"].as_array().unwrap().len(), 4);
+
+    // Post-creation ran once per finished job, with its state and artifact directory.
+    let post_lines = std::fs::read_to_string(post_log.path().join("post.log")).unwrap();
+    for (id, state) in [(&twin, "succeeded"), (&cli_id, "succeeded"), (&fails, "failed"), (&cancelled, "cancelled")] {
+        let n = post_lines.lines().filter(|l| l.starts_with(&format!("{id} {state} "))).count();
+        assert_eq!(n, 1, "post-creation for {id} ({state}):\n{post_lines}");
+    }
+    let artifact_dir = post_lines.lines().find(|l| l.starts_with(twin.as_str())).unwrap().split(' ').nth(2).unwrap().to_string();
+    assert!(Path::new(&artifact_dir).join("tiny.tar.gz").is_file());
+
+    // Deleting: the failed job goes with its files; of the shared build, the files stay while
+    // the other job wants them.
+    let dirs_before = server.build_dirs().len();
+    assert_eq!(alice.delete(&format!("/api/v1/jobs/{fails}")).status, 204);
+    assert_eq!(alice.get(&format!("/api/v1/jobs/{fails}"), &[]).status, 404);
+    assert_eq!(server.build_dirs().len(), dirs_before - 1);
+    assert_eq!(alice.delete(&format!("/api/v1/jobs/{twin}")).status, 204);
+    assert_eq!(alice.get(tar_art["url"].as_str().unwrap().replace(&twin, &cli_id).as_str(), &[]).status, 200);
+    assert!(Path::new(&artifact_dir).is_dir());
+    assert_eq!(alice.delete(&format!("/api/v1/jobs/{cli_id}")).status, 204);
+    assert!(!Path::new(&artifact_dir).exists(), "the last job's delete removes the build's files");
+
+    // The host: no workspace, loop device, mount or process of any build left.
+    std::thread::sleep(Duration::from_millis(500));
+    common::assert_no_leftovers(server.build_dir.path(), &download);
+    assert!(
+        common::processes_rooted_under(server.build_dir.path()).is_empty(),
+        "processes left in the build directory"
+    );
+    let metrics = root.get("/metrics", &[]).text();
+    assert!(metrics.contains("debimg_running_builds 0"), "{metrics}");
+}
+
+/// `Command::output` in the background.
+trait SpawnOutput {
+    fn spawn_output(&mut self) -> Background;
+}
+
+struct Background(std::thread::JoinHandle<std::process::Output>);
+
+impl Background {
+    fn wait(self) -> std::process::Output {
+        self.0.join().unwrap()
+    }
+}
+
+impl SpawnOutput for Command {
+    fn spawn_output(&mut self) -> Background {
+        let child = self
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        Background(std::thread::spawn(move || child.wait_with_output().unwrap()))
+    }
+}
