@@ -152,7 +152,10 @@ pub enum Command {
     /// web page at `/`, a job store in the state directory and local workers that build on this
     /// host. `debimg serve token add NAME` makes the tokens callers need. Stop it with INT or
     /// TERM: running builds end and are queued again for the next start.
-    #[command(args_conflicts_with_subcommands = true, subcommand_precedence_over_arg = true)]
+    #[command(
+        args_conflicts_with_subcommands = true,
+        subcommand_precedence_over_arg = true
+    )]
     Serve {
         #[command(subcommand)]
         action: Option<ServeAction>,
@@ -181,6 +184,30 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         download: Option<PathBuf>,
     },
+    /// Build for a service from RabbitMQ: take build ids from the queue (prefetch 1), claim
+    /// each from the server, build it here as root, stream the log and upload the artifacts.
+    /// Needs an admin token. Stop it with INT or TERM (a build in progress ends and is
+    /// queued again for another worker).
+    Worker {
+        /// The service's URL.
+        #[arg(long, env = "DEBIMG_SERVER")]
+        server: String,
+        /// An admin token of that service.
+        #[arg(long, env = "DEBIMG_TOKEN", hide_env_values = true)]
+        token: String,
+        /// RabbitMQ, as `amqp://USER:PASSWORD@HOST:5672/%2f` (the same as `serve --amqp`).
+        #[arg(long, env = "DEBIMG_AMQP", hide_env_values = true)]
+        amqp: String,
+        /// This worker's name, shown as the job's `worker` [default: host name and pid].
+        #[arg(long)]
+        name: Option<String>,
+        /// The package and base-tree caches the builds share.
+        #[arg(long, default_value = DEFAULT_CACHE_DIR)]
+        cache_dir: PathBuf,
+        /// Where builds make their workspaces.
+        #[arg(long, default_value = DEFAULT_BUILD_DIR)]
+        build_dir: PathBuf,
+    },
     /// The jobs of a build service: list, show, log, cancel, delete, download.
     Jobs {
         #[command(flatten)]
@@ -194,10 +221,21 @@ pub enum Command {
 #[derive(clap::Args)]
 pub struct ServerArgs {
     /// The service's URL.
-    #[arg(long, env = "DEBIMG_SERVER", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "DEBIMG_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub server: String,
     /// The token (from `debimg serve token add`).
-    #[arg(long, env = "DEBIMG_TOKEN", hide_env_values = true, global = true, default_value = "")]
+    #[arg(
+        long,
+        env = "DEBIMG_TOKEN",
+        hide_env_values = true,
+        global = true,
+        default_value = ""
+    )]
     pub token: String,
 }
 
@@ -267,6 +305,14 @@ pub struct ServeArgs {
     /// Attempts of a build whose worker vanished before it is failed.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: i64,
+    /// Seconds a worker's claim lasts without a renewal (workers renew every quarter of it);
+    /// a worker silent that long has its build queued again.
+    #[arg(long, default_value_t = debimg::service::LEASE_SECS, value_parser = clap::value_parser!(i64).range(4..))]
+    pub lease_secs: i64,
+    /// Hand builds to `debimg worker`s through RabbitMQ at this URL
+    /// (`amqp://USER:PASSWORD@HOST:5672/%2f`); usually with --local-workers 0.
+    #[arg(long, env = "DEBIMG_AMQP", hide_env_values = true)]
+    pub amqp: Option<String>,
 }
 
 /// What `debimg serve` does besides serving.

@@ -105,6 +105,32 @@ fn run(cli: &Cli) -> Result<(), Error> {
             download.as_deref(),
         ),
         Command::Jobs { server, action } => jobs(server, action),
+        Command::Worker {
+            server,
+            token,
+            amqp,
+            name,
+            cache_dir,
+            build_dir,
+        } => {
+            if !nix::unistd::geteuid().is_root() {
+                return Err(failed(anyhow::anyhow!(
+                    "a worker builds as root: run `debimg worker` as root"
+                )));
+            }
+            debimg::service::worker::run(debimg::service::worker::WorkerConfig {
+                server: server.clone(),
+                token: token.clone(),
+                amqp: amqp.clone(),
+                name: name
+                    .clone()
+                    .unwrap_or_else(debimg::service::worker::default_name),
+                cache_dir: cache_dir.clone(),
+                build_dir: build_dir.clone(),
+                debimg: std::env::current_exe().map_err(|e| failed(e.into()))?,
+            })
+            .map_err(failed)
+        }
         Command::BootTest {
             image,
             uefi,
@@ -405,6 +431,8 @@ fn serve(action: Option<&ServeAction>, args: &ServeArgs) -> anyhow::Result<()> {
                 },
                 max_attempts: args.max_attempts.max(1),
                 debimg: std::env::current_exe()?,
+                lease_secs: args.lease_secs,
+                amqp: args.amqp.clone(),
             };
             debimg::service::http::serve(config)
         }
@@ -438,9 +466,7 @@ fn submit(
         return Ok(());
     }
     let job = if follow {
-        client
-            .follow(&id, &mut std::io::stderr())
-            .map_err(failed)?
+        client.follow(&id, &mut std::io::stderr()).map_err(failed)?
     } else {
         wait_for(&client, &id).map_err(failed)?
     };
@@ -456,7 +482,10 @@ fn submit(
 }
 
 /// Polls job `id` until it ends.
-fn wait_for(client: &debimg::service::client::Client, id: &str) -> anyhow::Result<serde_json::Value> {
+fn wait_for(
+    client: &debimg::service::client::Client,
+    id: &str,
+) -> anyhow::Result<serde_json::Value> {
     loop {
         let job = client.job(id)?;
         if matches!(
@@ -515,9 +544,7 @@ fn jobs(server: &ServerArgs, action: &JobsAction) -> Result<(), Error> {
         JobsAction::Show { id } => println!("{}", pretty(&client.job(id).map_err(failed)?)),
         JobsAction::Log { id, follow } => {
             if *follow {
-                let job = client
-                    .follow(id, &mut std::io::stdout())
-                    .map_err(failed)?;
+                let job = client.follow(id, &mut std::io::stdout()).map_err(failed)?;
                 report_end(&job);
                 return exit_with(exit_code(&job));
             }

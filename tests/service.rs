@@ -13,7 +13,8 @@ use common::service::{Api, TestServer};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-const TINY: &str = "version: 1\nname: tiny\nsuite: bookworm\nmirror: host\nkind: tarball\nvariant: minbase\n";
+const TINY: &str =
+    "version: 1\nname: tiny\nsuite: bookworm\nmirror: host\nkind: tarball\nvariant: minbase\n";
 
 fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
@@ -33,7 +34,14 @@ fn id_of(a: &common::service::Answer) -> String {
 fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
     let mut server = TestServer::start(
         "svc-api",
-        &["--local-workers", "0", "--max-queued", "2", "--max-spec-bytes", "4096"],
+        &[
+            "--local-workers",
+            "0",
+            "--max-queued",
+            "2",
+            "--max-spec-bytes",
+            "4096",
+        ],
     );
     let alice_token = server.token("alice", false);
     let alice = Api::new(&server.url, Some(&alice_token));
@@ -50,7 +58,10 @@ fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
     }
 
     // An invalid spec: 400 with every problem and its field.
-    let a = alice.submit("version: 1\nname: m\nsuite: bookworm\nimages: []\nhostname: 'a b'\n", "bad");
+    let a = alice.submit(
+        "version: 1\nname: m\nsuite: bookworm\nimages: []\nhostname: 'a b'\n",
+        "bad",
+    );
     assert_eq!(a.status, 400, "{}", a.text());
     let fields: BTreeSet<String> = a.json()["problems"]
         .as_array()
@@ -58,7 +69,11 @@ fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
         .iter()
         .map(|p| p["field"].as_str().unwrap().to_string())
         .collect();
-    assert!(fields.contains("images") && fields.contains("hostname"), "{}", a.text());
+    assert!(
+        fields.contains("images") && fields.contains("hostname"),
+        "{}",
+        a.text()
+    );
     // A spec that would read the server's files, from a token that is not an admin's.
     let reads_host = format!("{TINY}files:\n  - {{dest: /etc/x, source: /etc/shadow}}\n");
     let a = alice.submit(&reads_host, "reads-host");
@@ -77,7 +92,12 @@ fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
     // Not JSON.
     let a = alice.post("/api/v1/jobs", &json!({"name": "no spec"}));
     assert_eq!(a.status, 422, "{}", a.text());
-    assert!(alice.get("/api/v1/jobs", &[]).json()["jobs"].as_array().unwrap().is_empty());
+    assert!(
+        alice.get("/api/v1/jobs", &[]).json()["jobs"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 
     // Two queued jobs; the third is over alice's limit (429), bob's own count is his.
     let one = id_of(&alice.submit(TINY, "one"));
@@ -91,7 +111,10 @@ fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
     assert_eq!(alice.job(&one)["state"], "queued");
     assert_eq!(bob.get(&format!("/api/v1/jobs/{one}"), &[]).status, 404);
     assert_eq!(
-        alice.get("/api/v1/jobs?state=queued", &[]).json()["jobs"].as_array().unwrap().len(),
+        alice.get("/api/v1/jobs?state=queued", &[]).json()["jobs"]
+            .as_array()
+            .unwrap()
+            .len(),
         2
     );
     assert_eq!(alice.get("/api/v1/jobs?state=bogus", &[]).status, 400);
@@ -124,7 +147,12 @@ fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
     let a = alice.post(&format!("/api/v1/jobs/{two}/cancel"), &json!({}));
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(a.json()["state"], "cancelled");
-    assert_eq!(alice.post(&format!("/api/v1/jobs/{two}/cancel"), &json!({})).status, 409);
+    assert_eq!(
+        alice
+            .post(&format!("/api/v1/jobs/{two}/cancel"), &json!({}))
+            .status,
+        409
+    );
     assert_eq!(alice.delete(&format!("/api/v1/jobs/{two}")).status, 204);
     assert_eq!(alice.get(&format!("/api/v1/jobs/{two}"), &[]).status, 404);
 
@@ -135,7 +163,10 @@ fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("alice") && text.contains("bob") && !text.contains("dbi_"), "{text}");
+    assert!(
+        text.contains("alice") && text.contains("bob") && !text.contains("dbi_"),
+        "{text}"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_debimg"))
         .args(["serve", "token", "remove", "alice", "--state-dir"])
         .arg(server.state_path())
@@ -148,7 +179,9 @@ fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
 /// Reads a job's log as server-sent events until the `end` event: (lines, last id, end data).
 fn follow_events(api: &Api, id: &str, last_id: Option<&str>) -> (Vec<String>, String, String) {
     let agent = ureq::Agent::new_with_config(
-        ureq::Agent::config_builder().http_status_as_error(false).build(),
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build(),
     );
     let mut req = agent
         .get(format!("{}/api/v1/jobs/{id}/log", api.base))
@@ -243,32 +276,59 @@ fn embedded_service_builds_fails_cancels_and_deletes() {
     assert!(message.contains("debimg-no-such-package"), "{message}");
     let tail = f["error"]["log_tail"].as_array().unwrap();
     assert!(
-        tail.iter().any(|l| l.as_str().unwrap().contains("Unable to locate package")),
+        tail.iter()
+            .any(|l| l.as_str().unwrap().contains("Unable to locate package")),
         "{tail:?}"
     );
     // Post-creation ran for it, failed, and the failure is on the job.
     let f = alice.wait_until(&fails, 60, |j| j["post_creation"]["ok"].is_boolean());
     assert_eq!(f["post_creation"]["ok"], false, "{f:#}");
     assert_eq!(f["post_creation"]["exit_code"], 3, "{f:#}");
-    assert!(f["post_creation"]["output"].to_string().contains("refusing failed jobs"));
+    assert!(
+        f["post_creation"]["output"]
+            .to_string()
+            .contains("refusing failed jobs")
+    );
 
     // The identical specs: one build, both jobs succeeded with the same artifacts.
     let out = cli.wait();
-    assert!(out.status.success(), "debimg submit failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    let cli_id = String::from_utf8_lossy(&out.stdout).lines().next().unwrap().to_string();
+    assert!(
+        out.status.success(),
+        "debimg submit failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli_id = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
     let t = alice.wait_end(&twin, 60);
     let c = alice.job(&cli_id);
-    assert_eq!((t["state"].as_str(), c["state"].as_str()), (Some("succeeded"), Some("succeeded")));
+    assert_eq!(
+        (t["state"].as_str(), c["state"].as_str()),
+        (Some("succeeded"), Some("succeeded"))
+    );
     assert_eq!(t["shared_by"], 2);
     assert_eq!(t["spec_digest"], c["spec_digest"]);
-    assert_eq!(t["artifacts"], c["artifacts"].as_array().unwrap().iter().map(|a| {
-        let mut a = a.clone();
-        a["url"] = a["url"].as_str().unwrap().replace(&cli_id, &twin).into();
-        a
-    }).collect::<serde_json::Value>());
+    assert_eq!(
+        t["artifacts"],
+        c["artifacts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                let mut a = a.clone();
+                a["url"] = a["url"].as_str().unwrap().replace(&cli_id, &twin).into();
+                a
+            })
+            .collect::<serde_json::Value>()
+    );
     // The log as it followed the build named its stages; it followed to the end.
     let log = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(log.contains("stage install: started") && log.contains("job "), "{log}");
+    assert!(
+        log.contains("stage install: started") && log.contains("job "),
+        "{log}"
+    );
 
     // Artifacts: the tarball and the metadata, as the metadata lists them; the CLI's download
     // is byte for byte the server's.
@@ -282,29 +342,60 @@ fn embedded_service_builds_fails_cancels_and_deletes() {
     let meta_text = meta.text();
     let tar_art = arts.iter().find(|a| a["name"] == "tiny.tar.gz").unwrap();
     let tar_sha = tar_art["sha256"].as_str().unwrap();
-    assert!(meta_text.contains(tar_sha), "the metadata does not list {tar_sha}:\n{meta_text}");
+    assert!(
+        meta_text.contains(tar_sha),
+        "the metadata does not list {tar_sha}:\n{meta_text}"
+    );
     let tar = alice.get(tar_art["url"].as_str().unwrap(), &[]);
     assert_eq!(sha256_hex(&tar.body), tar_sha);
     assert_eq!(tar.header("etag"), Some(format!("\"{tar_sha}\"").as_str()));
-    assert_eq!(std::fs::read(download.join("tiny.tar.gz")).unwrap(), tar.body);
+    assert_eq!(
+        std::fs::read(download.join("tiny.tar.gz")).unwrap(),
+        tar.body
+    );
     // Range and If-None-Match.
-    let part = alice.get(tar_art["url"].as_str().unwrap(), &[("Range", "bytes=100-1123")]);
+    let part = alice.get(
+        tar_art["url"].as_str().unwrap(),
+        &[("Range", "bytes=100-1123")],
+    );
     assert_eq!(part.status, 206);
     assert_eq!(part.body, tar.body[100..1124]);
     let size = tar.body.len();
-    assert_eq!(part.header("content-range"), Some(format!("bytes 100-1123/{size}").as_str()));
+    assert_eq!(
+        part.header("content-range"),
+        Some(format!("bytes 100-1123/{size}").as_str())
+    );
     let etag = format!("\"{tar_sha}\"");
-    let same = alice.get(tar_art["url"].as_str().unwrap(), &[("If-None-Match", &etag)]);
+    let same = alice.get(
+        tar_art["url"].as_str().unwrap(),
+        &[("If-None-Match", &etag)],
+    );
     assert_eq!(same.status, 304);
     let beyond = format!("bytes={size}-");
-    assert_eq!(alice.get(tar_art["url"].as_str().unwrap(), &[("Range", &beyond)]).status, 416);
-    assert_eq!(alice.get(&format!("/api/v1/jobs/{twin}/artifacts/..%2Ftiny.yaml"), &[]).status, 404);
+    assert_eq!(
+        alice
+            .get(tar_art["url"].as_str().unwrap(), &[("Range", &beyond)])
+            .status,
+        416
+    );
+    assert_eq!(
+        alice
+            .get(
+                &format!("/api/v1/jobs/{twin}/artifacts/..%2Ftiny.yaml"),
+                &[]
+            )
+            .status,
+        404
+    );
 
     // The live log, as events: it ends with the job's state; resumed from an id it sends only
     // what came after.
     let (lines, _, end) = follow_events(&alice, &twin, None);
     assert_eq!(end, "succeeded");
-    assert!(lines.iter().any(|l| l.contains("stage publish: done")), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("stage publish: done")),
+        "{lines:?}"
+    );
     let (rest, _, _) = follow_events(&alice, &twin, Some("0"));
     assert_eq!(rest, lines);
     let text = alice.get(&format!("/api/v1/jobs/{twin}/log"), &[]).text();
@@ -314,23 +405,64 @@ fn embedded_service_builds_fails_cancels_and_deletes() {
     assert_eq!(after.join("\n") + "\n", text[cut..].replace('\r', ""));
 
     // Another token sees none of it; an admin sees everything.
-    assert!(bob.get("/api/v1/jobs", &[]).json()["jobs"].as_array().unwrap().is_empty());
+    assert!(
+        bob.get("/api/v1/jobs", &[]).json()["jobs"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
     for id in [&twin, &fails, &cancelled, &cli_id] {
         assert_eq!(bob.get(&format!("/api/v1/jobs/{id}"), &[]).status, 404);
         assert_eq!(bob.get(&format!("/api/v1/jobs/{id}/log"), &[]).status, 404);
-        assert_eq!(bob.post(&format!("/api/v1/jobs/{id}/cancel"), &json!({})).status, 404);
+        assert_eq!(
+            bob.post(&format!("/api/v1/jobs/{id}/cancel"), &json!({}))
+                .status,
+            404
+        );
         assert_eq!(bob.delete(&format!("/api/v1/jobs/{id}")).status, 404);
     }
-    assert_eq!(bob.get(tar_art["url"].as_str().unwrap().replace(&cli_id, &twin).as_str(), &[]).status, 404);
-    assert_eq!(root.get("/api/v1/jobs", &[]).json()["jobs"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        bob.get(
+            tar_art["url"]
+                .as_str()
+                .unwrap()
+                .replace(&cli_id, &twin)
+                .as_str(),
+            &[]
+        )
+        .status,
+        404
+    );
+    assert_eq!(
+        root.get("/api/v1/jobs", &[]).json()["jobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
 
     // Post-creation ran once per finished job, with its state and artifact directory.
     let post_lines = std::fs::read_to_string(post_log.path().join("post.log")).unwrap();
-    for (id, state) in [(&twin, "succeeded"), (&cli_id, "succeeded"), (&fails, "failed"), (&cancelled, "cancelled")] {
-        let n = post_lines.lines().filter(|l| l.starts_with(&format!("{id} {state} "))).count();
+    for (id, state) in [
+        (&twin, "succeeded"),
+        (&cli_id, "succeeded"),
+        (&fails, "failed"),
+        (&cancelled, "cancelled"),
+    ] {
+        let n = post_lines
+            .lines()
+            .filter(|l| l.starts_with(&format!("{id} {state} ")))
+            .count();
         assert_eq!(n, 1, "post-creation for {id} ({state}):\n{post_lines}");
     }
-    let artifact_dir = post_lines.lines().find(|l| l.starts_with(twin.as_str())).unwrap().split(' ').nth(2).unwrap().to_string();
+    let artifact_dir = post_lines
+        .lines()
+        .find(|l| l.starts_with(twin.as_str()))
+        .unwrap()
+        .split(' ')
+        .nth(2)
+        .unwrap()
+        .to_string();
     assert!(Path::new(&artifact_dir).join("tiny.tar.gz").is_file());
 
     // Deleting: the failed job goes with its files; of the shared build, the files stay while
@@ -340,10 +472,25 @@ fn embedded_service_builds_fails_cancels_and_deletes() {
     assert_eq!(alice.get(&format!("/api/v1/jobs/{fails}"), &[]).status, 404);
     assert_eq!(server.build_dirs().len(), dirs_before - 1);
     assert_eq!(alice.delete(&format!("/api/v1/jobs/{twin}")).status, 204);
-    assert_eq!(alice.get(tar_art["url"].as_str().unwrap().replace(&twin, &cli_id).as_str(), &[]).status, 200);
+    assert_eq!(
+        alice
+            .get(
+                tar_art["url"]
+                    .as_str()
+                    .unwrap()
+                    .replace(&twin, &cli_id)
+                    .as_str(),
+                &[]
+            )
+            .status,
+        200
+    );
     assert!(Path::new(&artifact_dir).is_dir());
     assert_eq!(alice.delete(&format!("/api/v1/jobs/{cli_id}")).status, 204);
-    assert!(!Path::new(&artifact_dir).exists(), "the last job's delete removes the build's files");
+    assert!(
+        !Path::new(&artifact_dir).exists(),
+        "the last job's delete removes the build's files"
+    );
 
     // The host: no workspace, loop device, mount or process of any build left.
     std::thread::sleep(Duration::from_millis(500));
@@ -376,6 +523,8 @@ impl SpawnOutput for Command {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        Background(std::thread::spawn(move || child.wait_with_output().unwrap()))
+        Background(std::thread::spawn(move || {
+            child.wait_with_output().unwrap()
+        }))
     }
 }

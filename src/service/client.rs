@@ -39,7 +39,9 @@ impl Client {
             bail!("--server must be an http:// or https:// URL, not `{server}`");
         }
         if token.trim().is_empty() {
-            bail!("no token: give --token or set DEBIMG_TOKEN (`debimg serve token add NAME` makes one)");
+            bail!(
+                "no token: give --token or set DEBIMG_TOKEN (`debimg serve token add NAME` makes one)"
+            );
         }
         let agent = ureq::Agent::new_with_config(
             ureq::Agent::config_builder()
@@ -193,7 +195,8 @@ impl Client {
                 Err(e) => {
                     failures += 1;
                     if failures > 10 {
-                        return Err(e).with_context(|| format!("following the log at {}", self.base));
+                        return Err(e)
+                            .with_context(|| format!("following the log at {}", self.base));
                     }
                     false
                 }
@@ -215,8 +218,7 @@ impl Client {
                 job["state"].as_str().unwrap_or("in an unknown state")
             );
         }
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let top = OutputDir::open(dir)?;
         let mut paths = Vec::new();
         for a in job["artifacts"].as_array().cloned().unwrap_or_default() {
@@ -227,7 +229,10 @@ impl Client {
             };
             // The name comes from the server: it may only name a file below `dir`.
             let parts: Vec<&str> = name.split('/').collect();
-            if parts.iter().any(|p| p.is_empty() || *p == "." || *p == "..") {
+            if parts
+                .iter()
+                .any(|p| p.is_empty() || *p == "." || *p == "..")
+            {
                 bail!("the server named an artifact `{name}`, which is not a relative path");
             }
             let (file, parents) = parts.split_last().expect("split yields one");
@@ -244,7 +249,10 @@ impl Client {
                 .with_context(|| format!("downloading {name}"))?;
             if !resp.status().is_success() {
                 let text = resp.body_mut().read_to_string().unwrap_or_default();
-                bail!("downloading {name}: {}", describe_error(resp.status().as_u16(), &text));
+                bail!(
+                    "downloading {name}: {}",
+                    describe_error(resp.status().as_u16(), &text)
+                );
             }
             let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
             let mut hasher = Sha256::new();
@@ -362,7 +370,10 @@ mod tests {
             400,
             r#"{"error":"the spec is invalid","problems":[{"field":"images[0].size","message":"too small"}]}"#,
         );
-        assert!(s.contains("400") && s.contains("images[0].size: too small"), "{s}");
+        assert!(
+            s.contains("400") && s.contains("images[0].size: too small"),
+            "{s}"
+        );
     }
 
     #[test]

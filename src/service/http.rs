@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::store::{CancelOutcome, Caller, Submitted, is_terminal};
+use super::store::{Caller, CancelOutcome, Submitted, is_terminal};
 use super::{Service, check_spec};
 
 /// The OpenAPI document of the API.
@@ -47,7 +47,10 @@ impl ApiError {
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> ApiError {
         tracing::error!("{e:#}");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error (see the server's log)")
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error (see the server's log)",
+        )
     }
 }
 
@@ -104,7 +107,17 @@ pub fn router(service: Shared) -> Router {
         .route("/api/v1/jobs/{id}/log", get(log))
         .route("/api/v1/jobs/{id}/cancel", post(cancel))
         .route("/api/v1/jobs/{id}/artifacts/{*name}", get(artifact))
+        .route("/api/v1/builds/{id}/claim", post(claim))
+        .route("/api/v1/builds/{id}/renew", post(renew))
+        .route("/api/v1/builds/{id}/stage", post(stage))
+        .route("/api/v1/builds/{id}/log", post(append_log))
+        .route("/api/v1/builds/{id}/finish", post(finish))
         .layer(DefaultBodyLimit::max(body_limit))
+        // Images are as large as they are.
+        .route(
+            "/api/v1/builds/{id}/artifacts/{*name}",
+            axum::routing::put(upload).layer(DefaultBodyLimit::disable()),
+        )
         .with_state(service)
 }
 
@@ -121,7 +134,270 @@ pub const ROUTES: &[&str] = &[
     "GET /api/v1/jobs/{id}/log",
     "POST /api/v1/jobs/{id}/cancel",
     "GET /api/v1/jobs/{id}/artifacts/{name}",
+    "POST /api/v1/builds/{id}/claim",
+    "POST /api/v1/builds/{id}/renew",
+    "POST /api/v1/builds/{id}/stage",
+    "POST /api/v1/builds/{id}/log",
+    "PUT /api/v1/builds/{id}/artifacts/{name}",
+    "POST /api/v1/builds/{id}/finish",
 ];
+
+/// The header that carries a worker's lease.
+pub const LEASE_HEADER: &str = "x-debimg-lease";
+
+/// A worker's call: an admin's token and, but for a claim, the lease of the build it names.
+fn worker_call(caller: &Caller) -> Result<(), ApiError> {
+    if !caller.admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "workers need an admin token (`debimg serve token add NAME --admin`)",
+        ));
+    }
+    Ok(())
+}
+
+fn lease_of(headers: &HeaderMap) -> Result<String, ApiError> {
+    headers
+        .get(LEASE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() == 32 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_string)
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, format!("no {LEASE_HEADER} header")))
+}
+
+fn lost() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "this lease is not the build's (it ran out, and the build went back to the queue)",
+    )
+}
+
+/// The lease of a worker's call, checked against the build.
+fn held_lease(service: &Service, id: &str, headers: &HeaderMap) -> Result<String, ApiError> {
+    let lease = lease_of(headers)?;
+    if !super::is_build_id(id) || !service.store.holds(id, &lease)? {
+        return Err(lost());
+    }
+    Ok(lease)
+}
+
+#[derive(Deserialize)]
+struct ClaimBody {
+    worker: String,
+}
+
+async fn claim(
+    State(service): State<Shared>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+    Json(body): Json<ClaimBody>,
+) -> Result<Response, ApiError> {
+    worker_call(&caller)?;
+    let worker = body.worker.trim();
+    if worker.is_empty() || worker.len() > 128 || worker.chars().any(char::is_control) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "a worker name is 1 to 128 characters",
+        ));
+    }
+    if !super::is_build_id(&id) {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "no such build"));
+    }
+    let lease_secs = service.config.lease_secs;
+    match service.store.claim(&id, worker, lease_secs)? {
+        Some(claim) => {
+            if let Ok(mut log) = service.open_log(&id) {
+                super::runner::append(
+                    &mut log,
+                    format!(
+                        "debimg serve: build {id}, attempt {}, on worker {worker}\n",
+                        claim.attempt
+                    )
+                    .as_bytes(),
+                );
+            }
+            let mut v = serde_json::to_value(&claim).expect("serializes");
+            v["renew_secs"] = super::renew_secs(lease_secs).into();
+            Ok(Json(v).into_response())
+        }
+        None => match service.store.build_state(&id)? {
+            Some(state) => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("build {id} is not queued ({state})"),
+            )),
+            None => Err(ApiError::new(StatusCode::NOT_FOUND, "no such build")),
+        },
+    }
+}
+
+async fn renew(
+    State(service): State<Shared>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    worker_call(&caller)?;
+    let lease = lease_of(&headers)?;
+    match service
+        .store
+        .renew(&id, &lease, service.config.lease_secs)?
+    {
+        Some(cancel) => Ok(Json(json!({ "cancel": cancel })).into_response()),
+        None => Err(lost()),
+    }
+}
+
+#[derive(Deserialize)]
+struct StageBody {
+    stage: String,
+}
+
+async fn stage(
+    State(service): State<Shared>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<StageBody>,
+) -> Result<Response, ApiError> {
+    worker_call(&caller)?;
+    let lease = lease_of(&headers)?;
+    if crate::stage::Stage::ALL
+        .iter()
+        .all(|s| s.name() != body.stage)
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("no stage `{}`", body.stage),
+        ));
+    }
+    if !service.store.set_stage(&id, &lease, &body.stage)? {
+        return Err(lost());
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn append_log(
+    State(service): State<Shared>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    worker_call(&caller)?;
+    held_lease(&service, &id, &headers)?;
+    let mut log = service.open_log(&id)?;
+    super::runner::append(&mut log, &body);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The directory a lease's uploads go to (the build's `out` once it finishes).
+fn upload_dir_name(lease: &str) -> String {
+    format!("up-{lease}")
+}
+
+async fn upload(
+    State(service): State<Shared>,
+    Auth(caller): Auth,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    use futures_util::StreamExt;
+    use sha2::Digest;
+    use std::io::Write;
+    worker_call(&caller)?;
+    let lease = held_lease(&service, &id, &headers)?;
+    let parts: Vec<&str> = name.split('/').collect();
+    if name.len() > 4096
+        || parts
+            .iter()
+            .any(|p| p.is_empty() || *p == "." || *p == ".." || p.len() > 255)
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "an artifact's name is a relative path",
+        ));
+    }
+    let (file_name, parents) = parts.split_last().expect("one part at least");
+    let build = service.build_files(&id)?;
+    let top = upload_dir_name(&lease);
+    if build.kind(&top)?.is_none() {
+        build.create_subdir(&top, 0o700)?;
+    }
+    let mut dir = build.open_subdir(&top)?;
+    if !parents.is_empty() {
+        dir = dir.create_dirs(&parents.join("/"))?;
+    }
+    let (mut file, temp) = dir.create_temp(file_name, 0o644)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut size = 0u64;
+    let mut stream = body.into_data_stream();
+    let written: anyhow::Result<()> = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| anyhow::anyhow!("receiving {name}: {e}"))?;
+            hasher.update(&chunk);
+            size += chunk.len() as u64;
+            file.write_all(&chunk)?;
+        }
+        file.sync_all()?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = written {
+        let _ = dir.remove(&temp);
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("{e:#}")));
+    }
+    dir.commit(&temp, file_name)?;
+    let sha256: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    service.note_upload(&id, &lease, &name, size, &sha256);
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "name": name, "size": size, "sha256": sha256 })),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct FinishBody {
+    state: String,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+    #[serde(default)]
+    artifacts: Vec<super::store::Artifact>,
+}
+
+async fn finish(
+    State(service): State<Shared>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<FinishBody>,
+) -> Result<Response, ApiError> {
+    worker_call(&caller)?;
+    let lease = held_lease(&service, &id, &headers)?;
+    if !matches!(body.state.as_str(), "succeeded" | "failed" | "cancelled") {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "state: succeeded, failed or cancelled",
+        ));
+    }
+    let s = Arc::clone(&service);
+    let outcome = tokio::task::spawn_blocking(move || {
+        s.finish_remote(&id, &lease, body.state, body.error, body.artifacts)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("finishing: {e}"))??;
+    match outcome {
+        Some((state, problem)) => {
+            Ok(Json(json!({ "state": state, "problem": problem })).into_response())
+        }
+        None => Err(lost()),
+    }
+}
 
 async fn page() -> impl IntoResponse {
     (
@@ -160,11 +436,7 @@ async fn metrics(State(service): State<Shared>) -> Result<Response, ApiError> {
         c.build_seconds_sum,
         c.build_seconds_count
     );
-    Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        text,
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
 #[derive(Deserialize)]
@@ -206,7 +478,10 @@ async fn submit(
         ));
     }
     for (field, value) in [("name", &body.name), ("email", &body.email)] {
-        if value.as_ref().is_some_and(|v| v.len() > 256 || v.chars().any(char::is_control)) {
+        if value
+            .as_ref()
+            .is_some_and(|v| v.len() > 256 || v.chars().any(char::is_control))
+        {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 format!("`{field}` must be at most 256 characters, without control characters"),
@@ -241,8 +516,13 @@ async fn submit(
             ));
         }
     };
-    service.notify_work();
-    let view = service.store.job(&caller, &id)?.ok_or_else(ApiError::not_found)?;
+    if let Some(build) = service.store.job(&caller, &id)?.map(|v| v.build_id) {
+        service.queued(&build);
+    }
+    let view = service
+        .store
+        .job(&caller, &id)?
+        .ok_or_else(ApiError::not_found)?;
     let mut r = (StatusCode::CREATED, Json(view)).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/jobs/{id}")) {
         r.headers_mut().insert(header::LOCATION, v);
@@ -260,16 +540,16 @@ async fn list(
     Auth(caller): Auth,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    if let Some(s) = &q.state {
-        if !super::store::STATES.contains(&s.as_str()) {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "unknown state `{s}`; one of {}",
-                    super::store::STATES.join(", ")
-                ),
-            ));
-        }
+    if let Some(s) = &q.state
+        && !super::store::STATES.contains(&s.as_str())
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "unknown state `{s}`; one of {}",
+                super::store::STATES.join(", ")
+            ),
+        ));
     }
     let jobs = service.store.jobs(&caller, q.state.as_deref())?;
     Ok(Json(json!({ "jobs": jobs })).into_response())
@@ -280,7 +560,10 @@ async fn show(
     Auth(caller): Auth,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let view = service.store.job(&caller, &id)?.ok_or_else(ApiError::not_found)?;
+    let view = service
+        .store
+        .job(&caller, &id)?
+        .ok_or_else(ApiError::not_found)?;
     Ok(Json(view).into_response())
 }
 
@@ -289,7 +572,10 @@ async fn cancel(
     Auth(caller): Auth,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let view = service.store.job(&caller, &id)?.ok_or_else(ApiError::not_found)?;
+    let view = service
+        .store
+        .job(&caller, &id)?
+        .ok_or_else(ApiError::not_found)?;
     match service.store.cancel_job(&id)? {
         CancelOutcome::NoSuchJob => return Err(ApiError::not_found()),
         CancelOutcome::AlreadyFinished => {
@@ -307,7 +593,10 @@ async fn cancel(
     let s = Arc::clone(&service);
     let build = view.build_id.clone();
     tokio::task::spawn_blocking(move || s.after_build(&build));
-    let view = service.store.job(&caller, &id)?.ok_or_else(ApiError::not_found)?;
+    let view = service
+        .store
+        .job(&caller, &id)?
+        .ok_or_else(ApiError::not_found)?;
     Ok(Json(view).into_response())
 }
 
@@ -316,7 +605,10 @@ async fn delete(
     Auth(caller): Auth,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    service.store.job(&caller, &id)?.ok_or_else(ApiError::not_found)?;
+    service
+        .store
+        .job(&caller, &id)?
+        .ok_or_else(ApiError::not_found)?;
     if let CancelOutcome::Cancelled { stop: Some(build) } = service.store.cancel_job(&id)? {
         service.stop(&build);
     }
@@ -335,18 +627,17 @@ async fn log(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let view = service.store.job(&caller, &id)?.ok_or_else(ApiError::not_found)?;
+    let view = service
+        .store
+        .job(&caller, &id)?
+        .ok_or_else(ApiError::not_found)?;
     let wants_events = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if !wants_events {
         let text = service.read_log(&view.build_id, 0, 64 << 20);
-        return Ok((
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            text,
-        )
-            .into_response());
+        return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response());
     }
     let from = headers
         .get("last-event-id")
@@ -438,7 +729,10 @@ async fn artifact(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Some((build, art)) = service.store.artifact(&caller, &id, &name)? else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "no such job or artifact"));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no such job or artifact",
+        ));
     };
     let etag = format!("\"{}\"", art.sha256);
     if headers
@@ -452,7 +746,10 @@ async fn artifact(
         .artifacts_dir(&build)
         .and_then(|d| d.open_regular_at(&art.name))?;
     let Some((mut file, st)) = opened else {
-        return Err(ApiError::new(StatusCode::GONE, "the artifact's file is gone"));
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            "the artifact's file is gone",
+        ));
     };
     let size = st.st_size as u64;
     if size != art.size {
@@ -473,7 +770,8 @@ async fn artifact(
                 .into_response());
         }
     };
-    file.seek(SeekFrom::Start(start)).map_err(anyhow::Error::from)?;
+    file.seek(SeekFrom::Start(start))
+        .map_err(anyhow::Error::from)?;
     let body = Body::from_stream(futures_util::stream::unfold(
         (file, len),
         |(mut file, left)| async move {
@@ -509,7 +807,10 @@ async fn artifact(
         .header(header::ETAG, etag)
         .header(
             header::CONTENT_DISPOSITION,
-            format!("attachment; filename=\"{}\"", file_name.replace(['"', '\\'], "_")),
+            format!(
+                "attachment; filename=\"{}\"",
+                file_name.replace(['"', '\\'], "_")
+            ),
         );
     if status == StatusCode::PARTIAL_CONTENT {
         r = r.header(
@@ -598,6 +899,11 @@ pub fn serve(config: super::Config) -> anyhow::Result<()> {
         .block_on(tokio::net::TcpListener::bind(&listen))
         .with_context(|| format!("listening on {listen}"))?;
     let addr = listener.local_addr()?;
+    if let Some(url) = service.config.amqp.clone() {
+        let _guard = runtime.enter();
+        let publisher = super::amqp::Publisher::start(url, Arc::clone(&service));
+        let _ = service.publisher.set(publisher);
+    }
     super::runner::start_local_workers(&service, local_workers);
     service.start_reaper();
     tracing::info!(
@@ -646,7 +952,10 @@ mod tests {
 
     #[test]
     fn artifact_paths_are_encoded_per_segment() {
-        assert_eq!(encode_path("m.attachments/boot/vmlinuz-6.1"), "m.attachments/boot/vmlinuz-6.1");
+        assert_eq!(
+            encode_path("m.attachments/boot/vmlinuz-6.1"),
+            "m.attachments/boot/vmlinuz-6.1"
+        );
         assert_eq!(encode_path("a b?#"), "a%20b%3F%23");
     }
 }

@@ -7,15 +7,17 @@
 //! The state directory holds the job store (`debimg.sqlite`) and one directory per build,
 //! `builds/<id>/` (`spec.yaml`, `build.log`, `out/` with the artifacts).
 
+pub mod amqp;
 pub mod client;
 pub mod http;
 pub mod runner;
 pub mod store;
 pub mod web;
+pub mod worker;
 
 use std::collections::HashMap;
-use std::os::unix::fs::DirBuilderExt;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -34,10 +36,13 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// The default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/debimg";
 
-/// Seconds a claim lasts without a renewal.
+/// Seconds a claim lasts without a renewal, by default.
 pub const LEASE_SECS: i64 = 60;
-/// Seconds between renewals.
-pub const RENEW_SECS: u64 = 10;
+
+/// Seconds between renewals of a lease of `lease_secs`.
+pub fn renew_secs(lease_secs: i64) -> u64 {
+    (lease_secs / 4).max(1) as u64
+}
 
 /// How `serve` runs.
 #[derive(Debug, Clone)]
@@ -55,6 +60,10 @@ pub struct Config {
     pub max_attempts: i64,
     /// The `debimg` binary the builds run.
     pub debimg: PathBuf,
+    /// Seconds a worker's claim lasts without a renewal.
+    pub lease_secs: i64,
+    /// RabbitMQ, to hand builds to `debimg worker`s.
+    pub amqp: Option<String>,
 }
 
 /// A spec as the service accepts it.
@@ -109,14 +118,23 @@ pub struct Service {
     running: Mutex<HashMap<String, Arc<AtomicU8>>>,
     work: (Mutex<u64>, Condvar),
     pub stopping: AtomicBool,
+    /// Publishes queued builds to RabbitMQ, with `--amqp`.
+    pub publisher: std::sync::OnceLock<amqp::Publisher>,
+    /// What workers uploaded: (build, lease, name) -> (size, sha256).
+    uploads: Mutex<HashMap<UploadKey, (u64, String)>>,
 }
+
+/// An upload: (build, lease, artifact name).
+type UploadKey = (String, String, String);
 
 /// Whether `id` is a build id as the store makes them (`b` and 16 hex digits): the only names
 /// a build's directory has.
 pub fn is_build_id(id: &str) -> bool {
     id.len() == 17
         && id.starts_with('b')
-        && id[1..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && id[1..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl Service {
@@ -148,6 +166,8 @@ impl Service {
             running: Mutex::new(HashMap::new()),
             work: (Mutex::new(0), Condvar::new()),
             stopping: AtomicBool::new(false),
+            publisher: std::sync::OnceLock::new(),
+            uploads: Mutex::new(HashMap::new()),
         };
         let (requeued, failed) = service
             .store
@@ -223,6 +243,42 @@ impl Service {
         self.build_files(id)?.open_subdir("out")
     }
 
+    /// Says that build `id` is queued: to the local workers and to RabbitMQ.
+    pub fn queued(&self, id: &str) {
+        self.notify_work();
+        if let Some(p) = self.publisher.get() {
+            p.publish(id);
+        }
+    }
+
+    /// Notes what a worker uploaded.
+    pub fn note_upload(&self, build: &str, lease: &str, name: &str, size: u64, sha256: &str) {
+        self.uploads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                (build.to_string(), lease.to_string(), name.to_string()),
+                (size, sha256.to_string()),
+            );
+    }
+
+    /// What a worker uploaded as `name` for this lease, if it did (since this server started).
+    pub fn upload(&self, build: &str, lease: &str, name: &str) -> Option<(u64, String)> {
+        self.uploads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(build.to_string(), lease.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// Forgets the uploads of build `id`.
+    pub fn forget_uploads(&self, id: &str) {
+        self.uploads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(b, _, _), _| b != id);
+    }
+
     /// Says that work was queued.
     pub fn notify_work(&self) {
         let (lock, cv) = &self.work;
@@ -243,7 +299,8 @@ impl Service {
     /// Notes that this server runs build `id`; the flag ends it.
     pub fn register(&self, id: &str) -> Arc<AtomicU8> {
         let flag = Arc::new(AtomicU8::new(runner::RUN));
-        self.lock_running().insert(id.to_string(), Arc::clone(&flag));
+        self.lock_running()
+            .insert(id.to_string(), Arc::clone(&flag));
         flag
     }
 
@@ -272,12 +329,97 @@ impl Service {
         }
     }
 
+    /// A worker's report that build `id` ended: for a success each artifact must be what it
+    /// uploaded and what the build's metadata lists, or the build fails (`artifact-mismatch`).
+    /// `None` when `lease` is not (any more) the build's; else the state recorded and the
+    /// problem found.
+    pub fn finish_remote(
+        &self,
+        id: &str,
+        lease: &str,
+        state: String,
+        error: Option<serde_json::Value>,
+        artifacts: Vec<store::Artifact>,
+    ) -> Result<Option<(String, Option<String>)>> {
+        let build = self.build_files(id)?;
+        let up = format!("up-{lease}");
+        let mut problem = None;
+        if state == "succeeded" {
+            if build.kind(&up)?.is_none() {
+                build.create_subdir(&up, 0o700)?;
+            }
+            let dir = build.open_subdir(&up)?;
+            for a in &artifacts {
+                let got = match self.upload(id, lease, &a.name) {
+                    Some(got) => Some(got),
+                    // Uploaded before this server restarted: hash the file again.
+                    None => hash_file(&dir, &a.name)?,
+                };
+                match got {
+                    Some((size, sha)) if size == a.size && sha == a.sha256 => {}
+                    Some((size, sha)) => {
+                        problem = Some(format!(
+                            "{}: {size} bytes with sha256 {sha} arrived; the worker reported {}                              bytes, {}",
+                            a.name, a.size, a.sha256
+                        ));
+                        break;
+                    }
+                    None => {
+                        problem = Some(format!("{} was reported but never uploaded", a.name));
+                        break;
+                    }
+                }
+            }
+            if problem.is_none() {
+                let spec = self.store.build_spec(id)?.unwrap_or_default();
+                problem = runner::metadata_problem(&dir, &artifacts, &runner::metadata_name(&spec));
+            }
+        }
+        let (state, error, artifacts) = match (state.as_str(), &problem) {
+            ("succeeded", None) => (state, None, artifacts),
+            ("succeeded", Some(p)) => (
+                "failed".to_string(),
+                Some(serde_json::json!({"kind": "artifact-mismatch", "message": p})),
+                Vec::new(),
+            ),
+            _ => (state, error, Vec::new()),
+        };
+        if !self.store.holds(id, lease)? {
+            return Ok(None);
+        }
+        if state == "succeeded" {
+            build.remove_all("out")?;
+            build.commit(&up, "out")?;
+        }
+        if !self
+            .store
+            .finish(id, lease, &state, error.as_ref(), &artifacts)?
+        {
+            return Ok(None);
+        }
+        build.remove_all(&up)?;
+        self.forget_uploads(id);
+        if let Ok(mut log) = self.open_log(id) {
+            let line = match &problem {
+                Some(p) => format!("debimg serve: the build's artifacts are refused: {p}\n"),
+                None => format!("debimg serve: {state}\n"),
+            };
+            runner::append(&mut log, line.as_bytes());
+        }
+        self.after_build(id);
+        Ok(Some((state, problem)))
+    }
+
     /// Removes the files of build `id` (its record is gone).
     pub fn remove_build_files(&self, id: &str) {
         if !is_build_id(id) {
             return;
         }
-        if let Err(e) = self.state.open_subdir("builds").and_then(|b| b.remove_all(id)) {
+        if let Err(e) = self
+            .state
+            .open_subdir("builds")
+            .and_then(|b| b.remove_all(id))
+        {
             tracing::error!("removing the files of build {id}: {e:#}");
         }
     }
@@ -303,7 +445,12 @@ impl Service {
     }
 
     fn post_creation(&self, cmd: &str, build_id: &str, job: &store::PendingJob) {
-        let out = self.config.state_dir.join("builds").join(build_id).join("out");
+        let out = self
+            .config
+            .state_dir
+            .join("builds")
+            .join(build_id)
+            .join("out");
         let started = std::time::Instant::now();
         let result = std::process::Command::new("/bin/sh")
             .arg("-c")
@@ -337,7 +484,9 @@ impl Service {
             "debimg serve: post-creation for job {} ({}): {}\n",
             job.id,
             job.state,
-            if report["ok"] == true { "ok".to_string() } else {
+            if report["ok"] == true {
+                "ok".to_string()
+            } else {
                 format!("FAILED (exit {})", report["exit_code"])
             }
         );
@@ -385,13 +534,16 @@ impl Service {
         std::thread::spawn(move || {
             loop {
                 std::thread::sleep(Duration::from_secs(5));
-                match service.store.requeue_lost(service.config.max_attempts, None) {
+                match service
+                    .store
+                    .requeue_lost(service.config.max_attempts, None)
+                {
                     Ok((requeued, failed)) => {
                         for id in &requeued {
-                            tracing::warn!("build {id}: its worker stopped answering; queued again");
-                        }
-                        if !requeued.is_empty() {
-                            service.notify_work();
+                            tracing::warn!(
+                                "build {id}: its worker stopped answering; queued again"
+                            );
+                            service.queued(id);
                         }
                         for id in &failed {
                             service.after_build(id);
@@ -402,6 +554,71 @@ impl Service {
             }
         });
     }
+}
+
+/// The size and sha256 of the regular file at `rel` in `dir`, when there is one.
+fn hash_file(dir: &OutputDir, rel: &str) -> Result<Option<(u64, String)>> {
+    let Some((mut f, _)) = dir.open_regular_at(rel)? else {
+        return Ok(None);
+    };
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok(Some((
+        size,
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect(),
+    )))
+}
+
+/// Checks a build's artifacts against its metadata (the artifact that is the metadata file):
+/// every image, file and attachment it lists is an artifact of that size and sha256, and every
+/// other artifact is one it lists.
+pub fn check_against_metadata(
+    artifacts: &[store::Artifact],
+    metadata_name: &str,
+    metadata_text: &str,
+) -> Result<(), String> {
+    let meta = crate::metadata::Metadata::from_yaml(metadata_text)
+        .map_err(|e| format!("{metadata_name} is not a debimg metadata file: {e:#}"))?;
+    let mut listed: HashMap<&str, (u64, &str)> = HashMap::new();
+    for i in &meta.images {
+        listed.insert(&i.container_name, (i.container_size, &i.container_sha256));
+    }
+    for f in &meta.files {
+        listed.insert(&f.name, (f.size, &f.sha256));
+    }
+    for a in &meta.attachments {
+        listed.insert(&a.file, (a.size, &a.sha256));
+    }
+    for a in artifacts {
+        if a.name == metadata_name {
+            continue;
+        }
+        match listed.remove(a.name.as_str()) {
+            Some((size, sha)) if size == a.size && sha == a.sha256 => {}
+            Some((size, sha)) => {
+                return Err(format!(
+                    "{} has {} bytes and sha256 {}; {metadata_name} says {size} bytes, {sha}",
+                    a.name, a.size, a.sha256
+                ));
+            }
+            None => return Err(format!("{} is not in {metadata_name}", a.name)),
+        }
+    }
+    if let Some(name) = listed.keys().next() {
+        return Err(format!(
+            "{name}, listed in {metadata_name}, was not delivered"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -421,9 +638,13 @@ mod tests {
     fn untrusted_specs_may_not_read_host_files() {
         let text = "version: 1\nname: m\nsuite: bookworm\nfiles:\n  - path: /etc/x\n    source: /etc/shadow\n";
         let r = check_spec(text, false).unwrap_err();
-        assert!(r.problems.iter().any(|p| p.field == "files[0].source"), "{r:?}");
+        assert!(
+            r.problems.iter().any(|p| p.field == "files[0].source"),
+            "{r:?}"
+        );
         assert!(check_spec(text, true).is_ok());
-        let bad = check_spec("version: 1\nname: m\nsuite: bookworm\nimages: 3\n", true).unwrap_err();
+        let bad =
+            check_spec("version: 1\nname: m\nsuite: bookworm\nimages: 3\n", true).unwrap_err();
         assert!(!bad.problems.is_empty());
     }
 }

@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use super::store::Artifact;
-use super::{LEASE_SECS, RENEW_SECS, Service};
+use super::{Service, renew_secs};
 
 /// The flag of a running local build: run on.
 pub const RUN: u8 = 0;
@@ -284,7 +284,7 @@ fn local_worker(service: &Service, name: &str) {
         if service.stopping.load(Ordering::SeqCst) {
             return;
         }
-        match service.store.claim_next(name, LEASE_SECS) {
+        match service.store.claim_next(name, service.config.lease_secs) {
             Ok(Some(claim)) => {
                 let id = claim.build_id.clone();
                 if let Err(e) = run_local(service, name, claim) {
@@ -333,9 +333,9 @@ fn run_local(service: &Service, worker: &str, claim: super::store::Claim) -> Res
                 SHUT_DOWN => return Control::Lost,
                 _ => {}
             }
-            if last_renew.elapsed() >= Duration::from_secs(RENEW_SECS) {
+            if last_renew.elapsed() >= Duration::from_secs(renew_secs(cfg.lease_secs)) {
                 last_renew = Instant::now();
-                match service.store.renew(&id, &claim.lease, LEASE_SECS) {
+                match service.store.renew(&id, &claim.lease, cfg.lease_secs) {
                     Ok(None) => return Control::Lost,
                     Ok(Some(true)) => return Control::Cancel,
                     _ => {}
@@ -347,23 +347,38 @@ fn run_local(service: &Service, worker: &str, claim: super::store::Claim) -> Res
     service.unregister(&id);
     let result = result?;
     if result.stopped == Some(Control::Lost) {
-        append(&mut log, b"debimg serve: the lease of this attempt was lost; it is not reported\n");
+        append(
+            &mut log,
+            b"debimg serve: this attempt was ended before it finished; it is not reported\n",
+        );
         return Ok(());
     }
     let (state, error, artifacts) = if result.succeeded() {
         let out = dir.open_subdir("out")?;
-        let mut artifacts = Vec::new();
-        for (a, _) in &result.artifacts {
+        let artifacts: Vec<Artifact> = result.artifacts.iter().map(|(a, _)| a.clone()).collect();
+        let mut problem = None;
+        for a in &artifacts {
             match out.open_regular_at(&a.name)? {
-                Some((_, st)) if st.st_size as u64 == a.size => artifacts.push(a.clone()),
-                _ => anyhow::bail!(
-                    "build {id}: the artifact {} it reported is not in its output directory \
-                     as reported",
-                    a.name
-                ),
+                Some((_, st)) if st.st_size as u64 == a.size => {}
+                _ => {
+                    problem = Some(format!(
+                        "{} is not in the output directory as reported",
+                        a.name
+                    ))
+                }
             }
         }
-        ("succeeded", None, artifacts)
+        if problem.is_none() {
+            problem = metadata_problem(&out, &artifacts, &metadata_name(&claim.spec));
+        }
+        match problem {
+            None => ("succeeded", None, artifacts),
+            Some(p) => (
+                "failed",
+                Some(serde_json::json!({"kind": "artifact-mismatch", "message": p})),
+                Vec::new(),
+            ),
+        }
     } else if result.stopped == Some(Control::Cancel) {
         append(&mut log, b"debimg serve: cancelled\n");
         ("cancelled", None, Vec::new())
@@ -375,11 +390,47 @@ fn run_local(service: &Service, worker: &str, claim: super::store::Claim) -> Res
         .store
         .finish(&id, &claim.lease, state, error.as_ref(), &artifacts)?
     {
-        append(&mut log, b"debimg serve: the lease was lost before the end; not reported\n");
+        append(
+            &mut log,
+            b"debimg serve: the lease was lost before the end; not reported\n",
+        );
         return Ok(());
     }
     service.after_build(&id);
     Ok(())
+}
+
+/// The name of the metadata file a build of `spec` writes.
+pub fn metadata_name(spec: &str) -> String {
+    match crate::spec::Spec::from_yaml(spec, "spec") {
+        Ok(s) => format!("{}.yaml", s.name),
+        Err(_) => String::new(),
+    }
+}
+
+/// What is wrong with `artifacts` against the build's metadata file `meta_name` in `out`, if
+/// anything.
+pub fn metadata_problem(
+    out: &crate::output::OutputDir,
+    artifacts: &[Artifact],
+    meta_name: &str,
+) -> Option<String> {
+    let Some(meta) = artifacts.iter().find(|a| a.name == meta_name) else {
+        return Some(format!(
+            "the build delivered no metadata file ({meta_name})"
+        ));
+    };
+    let text = match out.open_regular_at(&meta.name) {
+        Ok(Some((mut f, _))) => {
+            let mut s = String::new();
+            if let Err(e) = f.read_to_string(&mut s) {
+                return Some(format!("reading {}: {e}", meta.name));
+            }
+            s
+        }
+        _ => return Some(format!("{} is missing", meta.name)),
+    };
+    super::check_against_metadata(artifacts, &meta.name, &text).err()
 }
 
 /// Appends to a log; a full disk loses log lines, not the build.

@@ -47,13 +47,8 @@ fn getrandom_fill(buf: &mut [u8]) {
     let mut filled = 0;
     while filled < buf.len() {
         // SAFETY: the pointer and length describe the unfilled rest of `buf`.
-        let r = unsafe {
-            libc::getrandom(
-                buf[filled..].as_mut_ptr().cast(),
-                buf.len() - filled,
-                0,
-            )
-        };
+        let r =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
         if r > 0 {
             filled += r as usize;
         } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
@@ -87,7 +82,7 @@ pub struct TokenInfo {
 }
 
 /// An artifact of a build.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Artifact {
     pub name: String,
     pub size: u64,
@@ -434,8 +429,9 @@ impl Store {
         if view.state != "succeeded" {
             return Ok(());
         }
-        let mut st =
-            db.prepare("SELECT name, size, sha256 FROM artifacts WHERE build_id = ?1 ORDER BY name")?;
+        let mut st = db.prepare(
+            "SELECT name, size, sha256 FROM artifacts WHERE build_id = ?1 ORDER BY name",
+        )?;
         let rows = st.query_map(params![view.build_id], |r| {
             Ok(Artifact {
                 name: r.get(0)?,
@@ -800,10 +796,11 @@ impl Store {
         };
         let (mut requeued, mut failed) = (Vec::new(), Vec::new());
         for (id, attempts, worker) in lost {
-            let cancel: bool =
-                tx.query_row("SELECT cancel FROM builds WHERE id = ?1", params![id], |r| {
-                    r.get(0)
-                })?;
+            let cancel: bool = tx.query_row(
+                "SELECT cancel FROM builds WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )?;
             let worker = worker.unwrap_or_default();
             if cancel {
                 tx.execute(
@@ -850,15 +847,23 @@ impl Store {
         Ok(ids)
     }
 
+    /// The spec of build `id`.
+    pub fn build_spec(&self, id: &str) -> Result<Option<String>> {
+        Ok(self
+            .db()
+            .query_row("SELECT spec FROM builds WHERE id = ?1", params![id], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
     /// The state of build `id`.
     pub fn build_state(&self, id: &str) -> Result<Option<String>> {
         Ok(self
             .db()
-            .query_row(
-                "SELECT state FROM builds WHERE id = ?1",
-                params![id],
-                |r| r.get(0),
-            )
+            .query_row("SELECT state FROM builds WHERE id = ?1", params![id], |r| {
+                r.get(0)
+            })
             .optional()?)
     }
 
@@ -897,7 +902,9 @@ impl Store {
         let db = self.db();
         let mut c = Counts::default();
         let mut st = db.prepare("SELECT state, COUNT(*) FROM builds GROUP BY state")?;
-        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
         for row in rows {
             let (state, n) = row?;
             match state.as_str() {
@@ -936,7 +943,9 @@ pub enum CancelOutcome {
     NoSuchJob,
     AlreadyFinished,
     /// Cancelled; `stop` is the running build to end, when no other job wants it.
-    Cancelled { stop: Option<String> },
+    Cancelled {
+        stop: Option<String>,
+    },
 }
 
 #[cfg(test)]
@@ -976,20 +985,37 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(1100));
         let (requeued, failed) = store.requeue_lost(2, None).unwrap();
         assert_eq!((requeued.len(), failed.len()), (1, 0));
-        assert_eq!(store.renew(&claim.build_id, &claim.lease, 60).unwrap(), None);
-        assert!(!store.finish(&claim.build_id, &claim.lease, "succeeded", None, &[]).unwrap());
+        assert_eq!(
+            store.renew(&claim.build_id, &claim.lease, 60).unwrap(),
+            None
+        );
+        assert!(
+            !store
+                .finish(&claim.build_id, &claim.lease, "succeeded", None, &[])
+                .unwrap()
+        );
         let again = store.claim_next("w2", 60).unwrap().unwrap();
-        assert_eq!((again.build_id.as_str(), again.attempt), (claim.build_id.as_str(), 2));
+        assert_eq!(
+            (again.build_id.as_str(), again.attempt),
+            (claim.build_id.as_str(), 2)
+        );
         let art = Artifact {
             name: "x.tar.gz".into(),
             size: 3,
             sha256: "ab".into(),
         };
-        assert!(store.finish(&again.build_id, &again.lease, "succeeded", None, &[art]).unwrap());
-        for id in [&a, match &b {
-            Submitted::Job { id, .. } => id,
-            _ => unreachable!(),
-        }] {
+        assert!(
+            store
+                .finish(&again.build_id, &again.lease, "succeeded", None, &[art])
+                .unwrap()
+        );
+        for id in [
+            &a,
+            match &b {
+                Submitted::Job { id, .. } => id,
+                _ => unreachable!(),
+            },
+        ] {
             let v = store.job(&alice, id).unwrap().unwrap();
             assert_eq!(v.state, "succeeded");
             assert_eq!(v.artifacts.len(), 1);
@@ -1021,9 +1047,16 @@ mod tests {
                 stop: Some(claim.build_id.clone())
             }
         );
-        assert_eq!(store.renew(&claim.build_id, &claim.lease, 60).unwrap(), Some(true));
+        assert_eq!(
+            store.renew(&claim.build_id, &claim.lease, 60).unwrap(),
+            Some(true)
+        );
         assert_eq!(store.delete_job(&a).unwrap(), None, "b still refers to it");
-        assert!(store.finish(&claim.build_id, &claim.lease, "cancelled", None, &[]).unwrap());
+        assert!(
+            store
+                .finish(&claim.build_id, &claim.lease, "cancelled", None, &[])
+                .unwrap()
+        );
         assert_eq!(store.delete_job(&b).unwrap(), Some(claim.build_id));
     }
 
@@ -1043,7 +1076,11 @@ mod tests {
         ));
         assert_eq!(store.jobs(&alice, None).unwrap().len(), 1);
         // Admins are not limited.
-        job_id(store.submit(&caller("root", true), "c", "", "t", "e", &one).unwrap());
+        job_id(
+            store
+                .submit(&caller("root", true), "c", "", "t", "e", &one)
+                .unwrap(),
+        );
     }
 
     #[test]

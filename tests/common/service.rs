@@ -71,7 +71,10 @@ impl TestServer {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("debimg serve exited ({status}):\n{text}");
             }
-            assert!(Instant::now() < until, "debimg serve did not start:\n{text}");
+            assert!(
+                Instant::now() < until,
+                "debimg serve did not start:\n{text}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -98,7 +101,11 @@ impl TestServer {
             cmd.arg("--admin");
         }
         let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
@@ -161,9 +168,8 @@ pub struct Answer {
 
 impl Answer {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body))
-        })
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -287,5 +293,126 @@ impl Api {
                 Some("succeeded" | "failed" | "cancelled")
             )
         })
+    }
+}
+
+/// A private RabbitMQ node on loopback (`scripts/rabbitmq-node`), stopped on drop.
+pub struct RabbitNode {
+    dir: PathBuf,
+    pub url: String,
+}
+
+impl RabbitNode {
+    pub fn start() -> RabbitNode {
+        // Its directory must be reachable by the rabbitmq user: not in a 0700 temp dir.
+        let port = free_port_with(&[10000, 20000]);
+        let dir = PathBuf::from(format!("/tmp/debimg-test-rabbitmq-{port}"));
+        let out = Command::new(super::repo().join("scripts/rabbitmq-node"))
+            .arg("start")
+            .arg(&dir)
+            .arg(port.to_string())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running scripts/rabbitmq-node");
+        assert!(out.status.success(), "scripts/rabbitmq-node start failed");
+        let url = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap()
+            .trim()
+            .to_string();
+        assert!(url.starts_with("amqp://"), "{url}");
+        RabbitNode { dir, url }
+    }
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        let _ = Command::new(super::repo().join("scripts/rabbitmq-node"))
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// A loopback port from 20000 to 45535 that is free, with PORT+each offset free too.
+fn free_port_with(offsets: &[u16]) -> u16 {
+    use std::net::TcpListener;
+    let seed = std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64;
+    for i in 0..2000u64 {
+        let port = 20000 + ((seed.wrapping_mul(7919).wrapping_add(i * 104_729)) % 25000) as u16;
+        let all_free = std::iter::once(0)
+            .chain(offsets.iter().copied())
+            .all(|o| TcpListener::bind(("127.0.0.1", port + o)).is_ok());
+        if all_free {
+            return port;
+        }
+    }
+    panic!("no free port");
+}
+
+/// A `debimg worker` process, killed (KILL) on drop when still running.
+pub struct TestWorker {
+    pub child: Child,
+    pub name: String,
+    pub build_dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl TestWorker {
+    pub fn start(server: &TestServer, token: &str, amqp: &str, name: &str) -> TestWorker {
+        let build_dir = scratch(&format!("worker-{name}"));
+        let log = server.state.path().join(format!("worker-{name}.stderr"));
+        let child = Command::new(env!("CARGO_BIN_EXE_debimg"))
+            .args([
+                "worker",
+                "--server",
+                &server.url,
+                "--token",
+                token,
+                "--amqp",
+                amqp,
+            ])
+            .args(["--name", name, "--cache-dir", TEST_CACHE, "--build-dir"])
+            .arg(build_dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting debimg worker");
+        TestWorker {
+            child,
+            name: name.to_string(),
+            build_dir,
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// TERM, and wait.
+    pub fn stop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
     }
 }

@@ -1,0 +1,374 @@
+//! `debimg worker`: takes build ids from RabbitMQ (prefetch 1), claims each build from the
+//! server (a lease it renews while building), builds it as `serve`'s own workers do, streams the
+//! log, uploads the artifacts and reports the end. The message is acknowledged as soon as the
+//! server answered the claim: a build longer than RabbitMQ's consumer timeout is no problem, and
+//! a worker that dies loses only its lease (the server queues the build again).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use serde_json::{Value, json};
+
+use super::http::LEASE_HEADER;
+use super::runner::{self, Control};
+use super::store::{Artifact, Claim};
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub server: String,
+    pub token: String,
+    pub amqp: String,
+    pub name: String,
+    pub cache_dir: PathBuf,
+    pub build_dir: PathBuf,
+    pub debimg: PathBuf,
+}
+
+/// The default name of a worker: the host name and the pid.
+pub fn default_name() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "worker".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// The server's side of a worker.
+struct Server {
+    agent: ureq::Agent,
+    base: String,
+    auth: String,
+}
+
+/// A claim and how often to renew it.
+struct Claimed {
+    claim: Claim,
+    renew_secs: u64,
+}
+
+impl Server {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Claims build `id`: `Ok(None)` when the server says it is not to be built (not queued,
+    /// gone); an error when the server could not be asked.
+    fn claim(&self, id: &str, worker: &str) -> Result<Option<Claimed>> {
+        let mut resp = self
+            .agent
+            .post(self.url(&format!("/api/v1/builds/{}/claim", path_segment(id))))
+            .header("Authorization", &self.auth)
+            .send_json(json!({ "worker": worker }))
+            .context("claiming a build")?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        match status {
+            200 => {
+                let v: Value = serde_json::from_str(&text).context("the server's claim")?;
+                let renew_secs = v["renew_secs"].as_u64().unwrap_or(10).max(1);
+                let claim: Claim = serde_json::from_value(v).context("the server's claim")?;
+                Ok(Some(Claimed { claim, renew_secs }))
+            }
+            404 | 409 => {
+                tracing::info!("build {id}: not to be built ({})", text.trim());
+                Ok(None)
+            }
+            401 | 403 => bail!("the server refuses this worker's token: {}", text.trim()),
+            _ => bail!("the server answered {status} to a claim: {}", text.trim()),
+        }
+    }
+
+    /// Sends a worker call with the lease; the answer's status and text.
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        lease: &str,
+        body: Option<&Value>,
+        bytes: Option<&[u8]>,
+    ) -> Result<(u16, String)> {
+        let url = self.url(path);
+        let result = match (method, body, bytes) {
+            ("POST", Some(b), _) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &self.auth)
+                .header(LEASE_HEADER, lease)
+                .send_json(b),
+            ("POST", None, Some(bytes)) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &self.auth)
+                .header(LEASE_HEADER, lease)
+                .header("Content-Type", "application/octet-stream")
+                .send(bytes),
+            _ => self
+                .agent
+                .post(&url)
+                .header("Authorization", &self.auth)
+                .header(LEASE_HEADER, lease)
+                .send_empty(),
+        };
+        let mut resp = result.with_context(|| format!("calling {path}"))?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.body_mut().read_to_string().unwrap_or_default()))
+    }
+}
+
+fn path_segment(s: &str) -> String {
+    super::http::encode_path(s).replace('/', "%2F")
+}
+
+/// Runs the worker until INT or TERM (a build in progress is then ended unreported: the
+/// server queues it again when the lease runs out).
+pub fn run(cfg: WorkerConfig) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).context("handling signals")?;
+    }
+    let server = Server {
+        agent: ureq::Agent::new_with_config(
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_connect(Some(Duration::from_secs(10)))
+                .build(),
+        ),
+        base: cfg.server.trim_end_matches('/').to_string(),
+        auth: format!("Bearer {}", cfg.token.trim()),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    tracing::info!(
+        "debimg worker {}: taking builds from RabbitMQ for {}",
+        cfg.name,
+        server.base
+    );
+    while !stop.load(Ordering::SeqCst) {
+        let connected = rt.block_on(async {
+            let (conn, channel) = super::amqp::channel(&cfg.amqp).await?;
+            let consumer = super::amqp::consumer(&channel, &cfg.name).await?;
+            anyhow::Ok((conn, channel, consumer))
+        });
+        let (_conn, _channel, mut consumer) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("{e:#}; trying again in 2 s");
+                std::thread::sleep(Duration::from_secs(2));
+                continue;
+            }
+        };
+        while !stop.load(Ordering::SeqCst) {
+            let next = rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(1), consumer.next()).await
+            });
+            let delivery = match next {
+                Err(_) => continue,
+                Ok(Some(Ok(d))) => d,
+                Ok(Some(Err(e))) => {
+                    tracing::warn!("RabbitMQ: {e}; connecting again");
+                    break;
+                }
+                Ok(None) => {
+                    tracing::warn!("RabbitMQ closed the consumer; connecting again");
+                    break;
+                }
+            };
+            let id = String::from_utf8_lossy(&delivery.data).trim().to_string();
+            match server.claim(&id, &cfg.name) {
+                Ok(claimed) => {
+                    // Acknowledged at once: the job store has the truth from here on.
+                    if let Err(e) = rt.block_on(delivery.ack(BasicAckOptions::default())) {
+                        tracing::warn!("acknowledging build {id}: {e}");
+                    }
+                    if let Some(claimed) = claimed
+                        && let Err(e) = build(&server, &cfg, claimed, &stop)
+                    {
+                        tracing::error!("build {id}: {e:#}");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("build {id}: {e:#}; handing it back to the queue");
+                    let _ = rt.block_on(delivery.nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    }));
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+    tracing::info!("debimg worker {}: stopped", cfg.name);
+    Ok(())
+}
+
+/// Builds one claimed build and reports it.
+fn build(server: &Server, cfg: &WorkerConfig, claimed: Claimed, stop: &AtomicBool) -> Result<()> {
+    let Claimed { claim, renew_secs } = claimed;
+    let id = claim.build_id.clone();
+    let lease = claim.lease.clone();
+    let base = format!("/api/v1/builds/{}", path_segment(&id));
+    tracing::info!("build {id}: attempt {}", claim.attempt);
+    std::fs::create_dir_all(&cfg.build_dir)
+        .with_context(|| format!("creating {}", cfg.build_dir.display()))?;
+    let work = tempfile::Builder::new()
+        .prefix("debimg-worker-")
+        .tempdir_in(&cfg.build_dir)
+        .context("making the worker's directory")?;
+    let spec = work.path().join("spec.yaml");
+    std::fs::write(&spec, &claim.spec)?;
+    let out = work.path().join("out");
+    let cmd = runner::build_command(&cfg.debimg, &spec, &out, &cfg.cache_dir, &cfg.build_dir);
+
+    let mut pending: Vec<u8> = Vec::new();
+    let mut tail: Vec<u8> = Vec::new();
+    let mut last_flush = Instant::now();
+    let mut last_renew = Instant::now();
+    let flush = |pending: &mut Vec<u8>| {
+        if pending.is_empty() {
+            return;
+        }
+        match server.call("POST", &format!("{base}/log"), &lease, None, Some(pending)) {
+            Ok((204, _)) => pending.clear(),
+            Ok((409, _)) => pending.clear(),
+            Ok((status, text)) => tracing::warn!("sending the log: {status} {}", text.trim()),
+            Err(e) => tracing::warn!("sending the log: {e:#}"),
+        }
+    };
+    let pending_cell = std::cell::RefCell::new(&mut pending);
+    let result = runner::run_child(
+        cmd,
+        Duration::from_secs(300),
+        &mut |bytes| {
+            tail.extend_from_slice(bytes);
+            if tail.len() > 16384 {
+                tail.drain(..tail.len() - 8192);
+            }
+            let mut p = pending_cell.borrow_mut();
+            p.extend_from_slice(bytes);
+            if p.len() > 64 * 1024 {
+                flush(&mut p);
+            }
+        },
+        &mut |stage| {
+            let _ = server.call(
+                "POST",
+                &format!("{base}/stage"),
+                &lease,
+                Some(&json!({ "stage": stage })),
+                None,
+            );
+        },
+        &mut || {
+            if stop.load(Ordering::SeqCst) {
+                return Control::Lost;
+            }
+            if last_flush.elapsed() >= Duration::from_secs(1) {
+                last_flush = Instant::now();
+                flush(&mut pending_cell.borrow_mut());
+            }
+            if last_renew.elapsed() >= Duration::from_secs(renew_secs) {
+                last_renew = Instant::now();
+                match server.call("POST", &format!("{base}/renew"), &lease, None, None) {
+                    Ok((200, text)) => {
+                        if serde_json::from_str::<Value>(&text).is_ok_and(|v| v["cancel"] == true) {
+                            return Control::Cancel;
+                        }
+                    }
+                    Ok((409, _)) => return Control::Lost,
+                    Ok((status, text)) => {
+                        tracing::warn!("renewing the lease: {status} {}", text.trim())
+                    }
+                    Err(e) => tracing::warn!("renewing the lease: {e:#}"),
+                }
+            }
+            Control::Continue
+        },
+    );
+    flush(&mut pending_cell.borrow_mut());
+    let result = result?;
+    if result.stopped == Some(Control::Lost) {
+        tracing::warn!("build {id}: ended before it finished; not reported");
+        return Ok(());
+    }
+    let report = if result.succeeded() {
+        let mut artifacts: Vec<Artifact> = Vec::new();
+        for (a, path) in &result.artifacts {
+            upload(server, &base, &lease, a, path)?;
+            artifacts.push(a.clone());
+        }
+        json!({ "state": "succeeded", "artifacts": artifacts })
+    } else if result.stopped == Some(Control::Cancel) {
+        json!({ "state": "cancelled" })
+    } else {
+        let error = runner::failure(&result, runner::tail_lines(&tail, 20));
+        json!({ "state": "failed", "error": error })
+    };
+    let (status, text) = server.call(
+        "POST",
+        &format!("{base}/finish"),
+        &lease,
+        Some(&report),
+        None,
+    )?;
+    match status {
+        200 => {
+            let v: Value = serde_json::from_str(&text).unwrap_or_default();
+            tracing::info!(
+                "build {id}: {}{}",
+                v["state"].as_str().unwrap_or("?"),
+                v["problem"]
+                    .as_str()
+                    .map(|p| format!(" ({p})"))
+                    .unwrap_or_default()
+            );
+        }
+        409 => tracing::warn!("build {id}: the server refused the report (lease lost)"),
+        _ => bail!(
+            "the server answered {status} to the report: {}",
+            text.trim()
+        ),
+    }
+    Ok(())
+}
+
+/// Uploads one artifact from the build's output directory.
+fn upload(
+    server: &Server,
+    base: &str,
+    lease: &str,
+    a: &Artifact,
+    path: &std::path::Path,
+) -> Result<()> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let url = server.url(&format!(
+        "{base}/artifacts/{}",
+        super::http::encode_path(&a.name)
+    ));
+    let mut resp = server
+        .agent
+        .put(&url)
+        .header("Authorization", &server.auth)
+        .header(LEASE_HEADER, lease)
+        .header("Content-Type", "application/octet-stream")
+        .send(&file)
+        .with_context(|| format!("uploading {}", a.name))?;
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap_or_default();
+    if status != 201 {
+        bail!(
+            "uploading {}: the server answered {status}: {}",
+            a.name,
+            text.trim()
+        );
+    }
+    Ok(())
+}
