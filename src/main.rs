@@ -372,8 +372,7 @@ fn build(cli: &Cli) -> Result<(), Error> {
 fn serve(action: Option<&ServeAction>, args: &ServeArgs) -> anyhow::Result<()> {
     use debimg::service::store::Store;
     let open = |dir: &std::path::Path| -> anyhow::Result<Store> {
-        std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        debimg::service::prepare_state_dir(dir)?;
         Store::open(dir)
     };
     match action {

@@ -127,6 +127,48 @@ pub struct Service {
 /// An upload: (build, lease, artifact name).
 type UploadKey = (String, String, String);
 
+/// Makes the state directory (mode 0700) when it is missing; refuses one that is a link, is
+/// not this user's, or that group or others may write: whoever can change it holds every job,
+/// token hash and artifact.
+pub fn prepare_state_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::symlink_metadata(dir).is_err() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating the state directory {}", dir.display()))?;
+    }
+    let md = std::fs::symlink_metadata(dir)
+        .with_context(|| format!("inspecting the state directory {}", dir.display()))?;
+    let euid = nix::unistd::geteuid().as_raw();
+    let why = if md.file_type().is_symlink() {
+        Some("is a symbolic link".to_string())
+    } else if !md.is_dir() {
+        Some("is not a directory".to_string())
+    } else if md.uid() != euid {
+        Some(format!("is owned by uid {}, not {euid}", md.uid()))
+    } else if md.mode() & 0o022 != 0 {
+        Some(format!(
+            "is writable by group or others (mode {:04o})",
+            md.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        return Err(crate::error::Error::tagged(
+            crate::error::ErrorKind::Refused,
+            format!(
+                "the state directory {} {why}: it holds the jobs, the token hashes and the \
+                 artifacts; give one only this user can change (a missing one is made 0700)",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Whether `id` is a build id as the store makes them (`b` and 16 hex digits): the only names
 /// a build's directory has.
 pub fn is_build_id(id: &str) -> bool {
@@ -142,14 +184,8 @@ impl Service {
     /// host's workers ran when the server stopped go back to the queue.
     pub fn open(config: Config) -> Result<Service> {
         let dir = &config.state_dir;
-        if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .with_context(|| format!("creating the state directory {}", dir.display()))?;
-        }
-        let state = OutputDir::open(dir)?;
+        prepare_state_dir(dir)?;
+        let state = OutputDir::open_nofollow(dir)?;
         if state.kind("builds")?.is_none() {
             state.create_subdir("builds", 0o700)?;
         }
@@ -627,16 +663,105 @@ mod tests {
 
     #[test]
     fn the_digest_follows_the_spec_not_its_spelling() {
-        let a = check_spec("version: 1\nname: m\nsuite: bookworm\n", false).unwrap();
-        let b = check_spec("# same\nname: m\nversion: 1\nsuite: 'bookworm'\n", false).unwrap();
-        let c = check_spec("version: 1\nname: n\nsuite: bookworm\n", false).unwrap();
+        let a = check_spec(
+            "version: 1\nname: m\nsuite: bookworm\nkind: tarball\n",
+            false,
+        )
+        .unwrap();
+        let b = check_spec(
+            "# same\nname: m\nkind: tarball\nversion: 1\nsuite: 'bookworm'\n",
+            false,
+        )
+        .unwrap();
+        let c = check_spec(
+            "version: 1\nname: n\nsuite: bookworm\nkind: tarball\n",
+            false,
+        )
+        .unwrap();
         assert_eq!(a.digest, b.digest);
         assert_ne!(a.digest, c.digest);
     }
 
     #[test]
+    fn a_state_directory_others_can_change_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("state");
+        prepare_state_dir(&dir).unwrap();
+        assert_eq!(
+            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = prepare_state_dir(&dir).unwrap_err().to_string();
+        assert!(e.contains("writable by group or others"), "{e}");
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(
+            prepare_state_dir(&link)
+                .unwrap_err()
+                .to_string()
+                .contains("symbolic link")
+        );
+    }
+
+    #[test]
+    fn artifacts_must_be_what_the_metadata_lists() {
+        let meta = crate::metadata::Metadata {
+            name: "m".into(),
+            debimg_version: "0".into(),
+            spec_digest: "d".into(),
+            bootstrap: String::new(),
+            build_start: String::new(),
+            build_end: String::new(),
+            images: Vec::new(),
+            repos: Vec::new(),
+            packages: Vec::new(),
+            installed: Default::default(),
+            kind: "tarball".into(),
+            files: vec![crate::metadata::FileMeta {
+                name: "m.tar.gz".into(),
+                size: 3,
+                sha256: "aa".into(),
+            }],
+            attachments: Vec::new(),
+        };
+        let text = meta.to_yaml().unwrap();
+        let art = |name: &str, size, sha: &str| store::Artifact {
+            name: name.into(),
+            size,
+            sha256: sha.into(),
+        };
+        let meta_art = art("m.yaml", text.len() as u64, "ff");
+        let good = [art("m.tar.gz", 3, "aa"), meta_art.clone()];
+        assert_eq!(check_against_metadata(&good, "m.yaml", &text), Ok(()));
+        let changed = [art("m.tar.gz", 3, "ab"), meta_art.clone()];
+        assert!(
+            check_against_metadata(&changed, "m.yaml", &text)
+                .unwrap_err()
+                .contains("ab")
+        );
+        let extra = [
+            art("m.tar.gz", 3, "aa"),
+            art("x", 1, "00"),
+            meta_art.clone(),
+        ];
+        assert!(
+            check_against_metadata(&extra, "m.yaml", &text)
+                .unwrap_err()
+                .contains("x is not in")
+        );
+        let missing = [meta_art];
+        assert!(
+            check_against_metadata(&missing, "m.yaml", &text)
+                .unwrap_err()
+                .contains("not delivered")
+        );
+    }
+
+    #[test]
     fn untrusted_specs_may_not_read_host_files() {
-        let text = "version: 1\nname: m\nsuite: bookworm\nfiles:\n  - path: /etc/x\n    source: /etc/shadow\n";
+        let text = "version: 1\nname: m\nsuite: bookworm\nkind: tarball\nfiles:\n  - dest: /etc/x\n    source: /etc/shadow\n";
         let r = check_spec(text, false).unwrap_err();
         assert!(
             r.problems.iter().any(|p| p.field == "files[0].source"),
