@@ -302,6 +302,9 @@ pub struct ServeArgs {
     /// Per token (admins excepted): bytes of artifacts kept, e.g. 50GiB (429 beyond).
     #[arg(long, default_value = "50GiB", value_parser = parse_bytes)]
     pub max_stored: u64,
+    /// Per token: logs followed at once (429 beyond).
+    #[arg(long, default_value_t = 64)]
+    pub max_streams: usize,
     /// Attempts of a build whose worker vanished before it is failed.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: i64,

@@ -432,6 +432,7 @@ fn serve(action: Option<&ServeAction>, args: &ServeArgs) -> anyhow::Result<()> {
                 debimg: std::env::current_exe()?,
                 lease_secs: args.lease_secs,
                 amqp: args.amqp.clone(),
+                max_streams: args.max_streams,
             };
             debimg::service::http::serve(config)
         }

@@ -41,6 +41,8 @@ fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
             "2",
             "--max-spec-bytes",
             "4096",
+            "--max-streams",
+            "2",
         ],
     );
     let alice_token = server.token("alice", false);
@@ -131,6 +133,27 @@ fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
     let metrics = nobody.get("/metrics", &[]).text();
     assert!(metrics.contains("debimg_queue_length 2"), "{metrics}");
 
+    // A token follows at most --max-streams logs at once.
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build(),
+    );
+    let follow = || {
+        agent
+            .get(format!("{}/api/v1/jobs/{one}/log", server.url))
+            .header("Accept", "text/event-stream")
+            .header("Authorization", format!("Bearer {alice_token}"))
+            .call()
+            .unwrap()
+    };
+    let held = [follow(), follow()];
+    assert!(held.iter().all(|r| r.status() == 200));
+    assert_eq!(follow().status(), 429);
+    drop(held);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(follow().status(), 200);
+
     // A restart keeps every job, its state and its place in the queue.
     server.restart();
     let alice = Api::new(&server.url, Some(&alice_token));
@@ -174,6 +197,14 @@ fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
         .unwrap();
     assert!(out.status.success());
     assert_eq!(alice.get("/api/v1/jobs", &[]).status, 401);
+    // The name is not given again: alice's jobs stay alice's.
+    let out = Command::new(env!("CARGO_BIN_EXE_debimg"))
+        .args(["serve", "token", "add", "alice", "--state-dir"])
+        .arg(server.state_path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not given twice"));
 }
 
 /// Reads a job's log as server-sent events until the `end` event: (lines, last id, end data).

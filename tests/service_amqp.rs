@@ -126,17 +126,22 @@ fn workers_over_rabbitmq_survive_a_killed_worker_and_a_server_restart() {
         .unwrap();
     assert_eq!(stale.status(), 409);
 
-    // The killed worker's build left nothing on its host: its build unwound (the kernel told
-    // it its parent died), no workspace, loop device or mount.
+    // The killed worker's build left nothing on its host but the worker's own directory (its
+    // build unwound: the kernel told it its parent died): no workspace, loop device or mount.
     let victim_dir = victim.build_dir.path().to_path_buf();
-    std::thread::sleep(Duration::from_secs(2));
-    let left: Vec<_> = std::fs::read_dir(&victim_dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with("debimg-worker-"))
-        .collect();
-    assert!(left.is_empty(), "the killed worker's build left {left:?}");
+    let names = |dir: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != ".debimg-workers.lock")
+            .collect()
+    };
+    let left = names(&victim_dir);
+    assert!(
+        left.len() == 1 && left[0].starts_with("debimg-worker-"),
+        "the killed worker's build left {left:?}"
+    );
     assert!(common::loops_backed_under(&victim_dir).is_empty());
     assert!(common::processes_rooted_under(&victim_dir).is_empty());
     assert!(
@@ -144,4 +149,15 @@ fn workers_over_rabbitmq_survive_a_killed_worker_and_a_server_restart() {
             .unwrap()
             .is_empty()
     );
+    // A worker started there again removes the dead one's directory; a live worker's stays.
+    let dir = std::mem::replace(&mut victim.build_dir, common::scratch("worker-moved"));
+    let mut again = TestWorker::start_in(&server, &admin, &rabbit.url, "w3", dir);
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while !again.log_text().contains("taking builds") {
+        assert!(std::time::Instant::now() < until, "{}", again.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(names(&victim_dir).is_empty(), "{:?}", names(&victim_dir));
+    assert!(again.log_text().contains("left by a worker that died"));
+    again.stop();
 }

@@ -227,6 +227,10 @@ impl Client {
             else {
                 bail!("the server listed an artifact without name, sha256 or url: {a}");
             };
+            // The URL comes from the server: only this server's API gets the token.
+            if !url.starts_with("/api/v1/jobs/") {
+                bail!("the server gave `{url}` as the URL of {name}; refusing it");
+            }
             // The name comes from the server: it may only name a file below `dir`.
             let parts: Vec<&str> = name.split('/').collect();
             if parts

@@ -286,7 +286,7 @@ async fn append_log(
     worker_call(&caller)?;
     held_lease(&service, &id, &headers)?;
     let mut log = service.open_log(&id)?;
-    super::runner::append(&mut log, &body);
+    super::runner::append_capped(&mut log, &body);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -346,6 +346,11 @@ async fn upload(
     if let Err(e) = written {
         let _ = dir.remove(&temp);
         return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("{e:#}")));
+    }
+    // The lease may have run out while the file came.
+    if !service.store.holds(&id, &lease)? {
+        let _ = dir.remove(&temp);
+        return Err(lost());
     }
     dir.commit(&temp, file_name)?;
     let sha256: String = hasher
@@ -636,21 +641,40 @@ async fn log(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if !wants_events {
-        let text = service.read_log(&view.build_id, 0, 64 << 20);
-        return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response());
+        let file = match service.existing_build_files(&view.build_id)? {
+            Some(dir) => dir.open_if_regular("build.log")?,
+            None => None,
+        };
+        let (body, len) = match file {
+            Some((f, st)) => (file_body(f, st.st_size as u64), st.st_size as u64),
+            None => (Body::empty(), 0),
+        };
+        return Ok(Response::builder()
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .header(header::CONTENT_LENGTH, len)
+            .body(body)
+            .map_err(anyhow::Error::from)?);
     }
     let from = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(0);
-    let stream = log_events(service, caller, id, view.build_id, from);
+    let max = service.config.max_streams;
+    let Some(guard) = service.open_stream(&caller.name, max) else {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("this token follows {max} logs already; close one first"),
+        ));
+    };
+    let stream = log_events(service, caller, id, view.build_id, from, guard);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
 }
 
 struct Follow {
+    _guard: super::StreamGuard,
     service: Shared,
     caller: Caller,
     job: String,
@@ -660,6 +684,9 @@ struct Follow {
     done: bool,
 }
 
+/// The most bytes of a log read at once for a stream.
+const LOG_CHUNK: usize = 64 * 1024;
+
 /// The log of a build from byte `from` as events, one per line (its id the offset after it),
 /// then an `end` event with the job's state once the job has ended and all is sent.
 fn log_events(
@@ -668,8 +695,10 @@ fn log_events(
     job: String,
     build: String,
     from: u64,
+    guard: super::StreamGuard,
 ) -> impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>> {
     let state = Follow {
+        _guard: guard,
         service,
         caller,
         job,
@@ -687,16 +716,32 @@ fn log_events(
                 return None;
             }
             // The job's state first, then the log: a job that ended has its whole log written.
-            let state = match f.service.store.job(&f.caller, &f.job) {
-                Ok(Some(v)) => v.state,
-                Ok(None) => "deleted".to_string(),
-                Err(_) => return None,
+            // Both off the async threads.
+            let (service, caller, job, build, offset) = (
+                Arc::clone(&f.service),
+                f.caller.clone(),
+                f.job.clone(),
+                f.build.clone(),
+                f.offset,
+            );
+            let read = tokio::task::spawn_blocking(move || {
+                let state = match service.store.job(&caller, &job) {
+                    Ok(Some(v)) => Some(v.state),
+                    Ok(None) => Some("deleted".to_string()),
+                    Err(_) => None,
+                };
+                (state, service.read_log(&build, offset, LOG_CHUNK))
+            })
+            .await;
+            let Ok((Some(state), chunk)) = read else {
+                return None;
             };
-            let chunk = f.service.read_log(&f.build, f.offset, 256 * 1024);
             let ended = is_terminal(&state) || state == "deleted";
+            // A line longer than a chunk goes out in pieces.
+            let whole = chunk.len() == LOG_CHUNK && !chunk.contains(&b'\n');
             let mut used = 0;
             for line in chunk.split_inclusive(|&b| b == b'\n') {
-                if !line.ends_with(b"\n") && !ended {
+                if !line.ends_with(b"\n") && !ended && !whole {
                     break;
                 }
                 used += line.len();
@@ -742,9 +787,10 @@ async fn artifact(
     {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
-    let opened = service
-        .artifacts_dir(&build)
-        .and_then(|d| d.open_regular_at(&art.name))?;
+    let opened = match service.artifacts_dir(&build)? {
+        Some(d) => d.open_regular_at(&art.name)?,
+        None => None,
+    };
     let Some((mut file, st)) = opened else {
         return Err(ApiError::new(
             StatusCode::GONE,
@@ -772,32 +818,7 @@ async fn artifact(
     };
     file.seek(SeekFrom::Start(start))
         .map_err(anyhow::Error::from)?;
-    let body = Body::from_stream(futures_util::stream::unfold(
-        (file, len),
-        |(mut file, left)| async move {
-            if left == 0 {
-                return None;
-            }
-            let want = left.min(256 * 1024) as usize;
-            let read = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; want];
-                let r = file.read(&mut buf).map(|n| {
-                    buf.truncate(n);
-                    buf
-                });
-                (file, r)
-            })
-            .await;
-            match read {
-                Ok((file, Ok(buf))) if !buf.is_empty() => {
-                    let n = buf.len() as u64;
-                    Some((Ok::<_, std::io::Error>(buf), (file, left - n)))
-                }
-                Ok((_, Err(e))) => Some((Err(e), (std::fs::File::open("/dev/null").ok()?, 0))),
-                _ => None,
-            }
-        },
-    ));
+    let body = file_body(file, len);
     let file_name = art.name.rsplit('/').next().unwrap_or(&art.name).to_string();
     let mut r = Response::builder()
         .status(status)
@@ -819,6 +840,37 @@ async fn artifact(
         );
     }
     Ok(r.body(body).map_err(anyhow::Error::from)?)
+}
+
+/// `len` bytes of `file` from where it stands, read off the async threads.
+fn file_body(file: std::fs::File, len: u64) -> Body {
+    Body::from_stream(futures_util::stream::unfold(
+        (Some(file), len),
+        |(file, left)| async move {
+            let mut file = file?;
+            if left == 0 {
+                return None;
+            }
+            let want = left.min(256 * 1024) as usize;
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; want];
+                let r = file.read(&mut buf).map(|n| {
+                    buf.truncate(n);
+                    buf
+                });
+                (file, r)
+            })
+            .await;
+            match read {
+                Ok((file, Ok(buf))) if !buf.is_empty() => {
+                    let n = buf.len() as u64;
+                    Some((Ok::<_, std::io::Error>(buf), (Some(file), left - n)))
+                }
+                Ok((_, Err(e))) => Some((Err(e), (None, 0))),
+                _ => None,
+            }
+        },
+    ))
 }
 
 /// A `Range` header as this server answers it.

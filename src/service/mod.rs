@@ -64,6 +64,8 @@ pub struct Config {
     pub lease_secs: i64,
     /// RabbitMQ, to hand builds to `debimg worker`s.
     pub amqp: Option<String>,
+    /// Log streams one token may hold open.
+    pub max_streams: usize,
 }
 
 /// A spec as the service accepts it.
@@ -89,7 +91,8 @@ pub fn check_spec(text: &str, trusted: bool) -> Result<Checked, Refusal> {
         problems: e.problems,
     })?;
     if !trusted {
-        let problems = spec.untrusted_problems();
+        let mut problems = spec.untrusted_problems();
+        problems.extend(host_source_problems(&spec));
         if !problems.is_empty() {
             return Err(Refusal {
                 error: "the spec reads the server's files or runs code on it, which only an \
@@ -107,6 +110,57 @@ pub fn check_spec(text: &str, trusted: bool) -> Result<Checked, Refusal> {
     Ok(Checked { spec, digest })
 }
 
+/// `mirror: host` and `uri: host` name the server's own apt sources: from a caller the host
+/// does not trust, only when every one of them is plain http(s) without credentials (a
+/// `file:` source would be bound into the build, a password would be written into the image).
+fn host_source_problems(spec: &Spec) -> Vec<Problem> {
+    let mut fields = Vec::new();
+    if spec.mirror == "host" {
+        fields.push("mirror".to_string());
+    }
+    for (i, r) in spec.repos.iter().enumerate() {
+        if r.uri.as_deref() == Some("host") {
+            fields.push(format!("repos[{i}].uri"));
+        }
+    }
+    if fields.is_empty() {
+        return Vec::new();
+    }
+    let why = match crate::plan::read_host_sources(std::path::Path::new("/")) {
+        Err(e) => Some(format!("the server's apt sources cannot be read ({e:#})")),
+        Ok(sources) => sources_problem(&sources),
+    };
+    match why {
+        None => Vec::new(),
+        Some(why) => fields
+            .into_iter()
+            .map(|field| Problem {
+                field,
+                message: format!("`host` is refused here: {why}; name a mirror's URL"),
+            })
+            .collect(),
+    }
+}
+
+/// Why the host's apt sources may not serve a stranger's build, if they may not.
+fn sources_problem(sources: &[crate::plan::HostSource]) -> Option<String> {
+    sources.iter().find_map(|s| {
+        let plain = s.uri.starts_with("http://") || s.uri.starts_with("https://");
+        let authority = s
+            .uri
+            .split("://")
+            .nth(1)
+            .unwrap_or("")
+            .split('/')
+            .next()
+            .unwrap_or("");
+        (!plain || authority.contains('@')).then(|| {
+            "the server's apt sources include one that is not plain http(s) without credentials"
+                .to_string()
+        })
+    })
+}
+
 /// The running service: its store, its settings and the builds its own workers run.
 pub struct Service {
     pub store: Store,
@@ -122,6 +176,33 @@ pub struct Service {
     pub publisher: std::sync::OnceLock<amqp::Publisher>,
     /// What workers uploaded: (build, lease, name) -> (size, sha256).
     uploads: Mutex<HashMap<UploadKey, (u64, String)>>,
+    /// Held while a worker's report is taken (one at a time: a retried report must not undo
+    /// the first).
+    finishing: Mutex<()>,
+    /// Log streams open per token.
+    streams: Mutex<HashMap<String, usize>>,
+}
+
+/// The most bytes a build's log keeps (the rest is dropped, and the log says so).
+pub const MAX_LOG_BYTES: u64 = 64 << 20;
+
+/// A log stream counted open; closed on drop.
+pub struct StreamGuard {
+    service: Arc<Service>,
+    who: String,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let mut streams = self
+            .service
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = streams.get_mut(&self.who) {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 /// An upload: (build, lease, artifact name).
@@ -204,6 +285,8 @@ impl Service {
             stopping: AtomicBool::new(false),
             publisher: std::sync::OnceLock::new(),
             uploads: Mutex::new(HashMap::new()),
+            finishing: Mutex::new(()),
+            streams: Mutex::new(HashMap::new()),
         };
         let (requeued, failed) = service
             .store
@@ -213,6 +296,10 @@ impl Service {
         }
         for id in &failed {
             service.after_build(id);
+        }
+        // Post-creation that a stop between a build's end and its post-creation left undone.
+        for id in service.store.builds_awaiting_post_creation()? {
+            service.after_build(&id);
         }
         service.collect_garbage(true);
         Ok(service)
@@ -228,11 +315,47 @@ impl Service {
         builds.open_subdir(id)
     }
 
-    /// The log of build `id`, open for appending.
+    /// The directory of build `id` when it exists (read paths never make one).
+    pub fn existing_build_files(&self, id: &str) -> Result<Option<OutputDir>> {
+        if !is_build_id(id) {
+            return Ok(None);
+        }
+        let builds = self.state.open_subdir("builds")?;
+        if builds.kind(id)? != Some(crate::output::EntryKind::Dir) {
+            return Ok(None);
+        }
+        Ok(Some(builds.open_subdir(id)?))
+    }
+
+    /// The log of build `id`, open for appending (the build's directory made when missing).
     pub fn open_log(&self, id: &str) -> Result<std::fs::File> {
         let mut f = self.build_files(id)?.open_or_create("build.log", 0o600)?;
         f.seek(SeekFrom::End(0))?;
         Ok(f)
+    }
+
+    /// Appends `bytes` to build `id`'s log, up to [`MAX_LOG_BYTES`]; nothing when the build's
+    /// directory is gone.
+    pub fn log_line(&self, id: &str, bytes: &[u8]) {
+        if let Ok(Some(dir)) = self.existing_build_files(id)
+            && let Ok(mut f) = dir.open_or_create("build.log", 0o600)
+        {
+            runner::append_capped(&mut f, bytes);
+        }
+    }
+
+    /// Counts a log stream of `who` open; `None` when `who` has `max` open already.
+    pub fn open_stream(self: &Arc<Self>, who: &str, max: usize) -> Option<StreamGuard> {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let n = streams.entry(who.to_string()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(StreamGuard {
+            service: Arc::clone(self),
+            who: who.to_string(),
+        })
     }
 
     /// The log of build `id` from byte `from`, at most `max` bytes (empty when there is none).
@@ -274,9 +397,33 @@ impl Service {
         len().unwrap_or(0)
     }
 
-    /// The output directory of build `id`.
-    pub fn artifacts_dir(&self, id: &str) -> Result<OutputDir> {
-        self.build_files(id)?.open_subdir("out")
+    /// The output directory of build `id`, when it has one.
+    pub fn artifacts_dir(&self, id: &str) -> Result<Option<OutputDir>> {
+        match self.existing_build_files(id)? {
+            Some(b) if b.kind("out")? == Some(crate::output::EntryKind::Dir) => {
+                Ok(Some(b.open_subdir("out")?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Removes the upload directories of build `id` (its leases are gone: it went back to the
+    /// queue).
+    pub fn remove_uploads(&self, id: &str) {
+        let run = || -> Result<()> {
+            if let Some(b) = self.existing_build_files(id)? {
+                for name in b.entries()? {
+                    if name.to_str().is_some_and(|n| n.starts_with("up-")) {
+                        b.remove_all(&name)?;
+                    }
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = run() {
+            tracing::error!("build {id}: removing uploads of lost leases: {e:#}");
+        }
+        self.forget_uploads(id);
     }
 
     /// Says that build `id` is queued: to the local workers and to RabbitMQ.
@@ -377,6 +524,14 @@ impl Service {
         error: Option<serde_json::Value>,
         artifacts: Vec<store::Artifact>,
     ) -> Result<Option<(String, Option<String>)>> {
+        let _one_at_a_time = self.finishing.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.store.holds(id, lease)? {
+            return Ok(None);
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(a) = artifacts.iter().find(|a| !seen.insert(a.name.as_str())) {
+            anyhow::bail!("the worker reported {} twice", a.name);
+        }
         let build = self.build_files(id)?;
         let up = format!("up-{lease}");
         let mut problem = None;
@@ -395,7 +550,8 @@ impl Service {
                     Some((size, sha)) if size == a.size && sha == a.sha256 => {}
                     Some((size, sha)) => {
                         problem = Some(format!(
-                            "{}: {size} bytes with sha256 {sha} arrived; the worker reported {}                              bytes, {}",
+                            "{}: {size} bytes with sha256 {sha} arrived; the worker reported {} \
+                             bytes, {}",
                             a.name, a.size, a.sha256
                         ));
                         break;
@@ -435,13 +591,11 @@ impl Service {
         }
         build.remove_all(&up)?;
         self.forget_uploads(id);
-        if let Ok(mut log) = self.open_log(id) {
-            let line = match &problem {
-                Some(p) => format!("debimg serve: the build's artifacts are refused: {p}\n"),
-                None => format!("debimg serve: {state}\n"),
-            };
-            runner::append(&mut log, line.as_bytes());
-        }
+        let line = match &problem {
+            Some(p) => format!("debimg serve: the build's artifacts are refused: {p}\n"),
+            None => format!("debimg serve: {state}\n"),
+        };
+        self.log_line(id, line.as_bytes());
         self.after_build(id);
         Ok(Some((state, problem)))
     }
@@ -517,8 +671,7 @@ impl Service {
             }),
         };
         let line = format!(
-            "debimg serve: post-creation for job {} ({}): {}\n",
-            job.id,
+            "debimg serve: post-creation for a {} job: {}\n",
             job.state,
             if report["ok"] == true {
                 "ok".to_string()
@@ -529,9 +682,7 @@ impl Service {
         if report["ok"] != true {
             tracing::warn!("{}", line.trim_end());
         }
-        if let Ok(mut log) = self.open_log(build_id) {
-            runner::append(&mut log, line.as_bytes());
-        }
+        self.log_line(build_id, line.as_bytes());
         if let Err(e) = self.store.set_post_creation(&job.id, &report) {
             tracing::error!("job {}: recording post-creation: {e:#}", job.id);
         }
@@ -680,6 +831,25 @@ mod tests {
         .unwrap();
         assert_eq!(a.digest, b.digest);
         assert_ne!(a.digest, c.digest);
+    }
+
+    #[test]
+    fn host_sources_with_files_or_passwords_are_not_for_strangers() {
+        let src = |uri: &str| crate::plan::HostSource {
+            uri: uri.into(),
+            suites: vec!["bookworm".into()],
+        };
+        assert_eq!(
+            sources_problem(&[src("http://mirror.example/debian")]),
+            None
+        );
+        assert!(
+            sources_problem(&[src("http://mirror.example/debian"), src("file:/srv/repo")])
+                .is_some()
+        );
+        assert!(sources_problem(&[src("https://u:p@mirror.example/debian")]).is_some());
+        // An @ in the path is no credential.
+        assert_eq!(sources_problem(&[src("https://mirror.example/a@b")]), None);
     }
 
     #[test]

@@ -323,7 +323,7 @@ fn run_local(service: &Service, worker: &str, claim: super::store::Claim) -> Res
     let result = run_child(
         cmd,
         Duration::from_secs(300),
-        &mut |bytes| append(&mut log, bytes),
+        &mut |bytes| append_capped(&mut log, bytes),
         &mut |stage| {
             let _ = service.store.set_stage(&id, &claim.lease, stage);
         },
@@ -438,5 +438,24 @@ pub fn append(log: &mut std::fs::File, bytes: &[u8]) {
     use std::io::Write;
     if let Err(e) = log.write_all(bytes) {
         tracing::warn!("writing a build log: {e}");
+    }
+}
+
+/// Appends to a log of at most [`super::MAX_LOG_BYTES`]: what would go beyond is dropped, and
+/// the log says so once.
+pub fn append_capped(log: &mut std::fs::File, bytes: &[u8]) {
+    use std::io::Seek;
+    let len = log.seek(std::io::SeekFrom::End(0)).unwrap_or(0);
+    let max = super::MAX_LOG_BYTES;
+    if len >= max {
+        return;
+    }
+    let room = (max - len) as usize;
+    if bytes.len() < room {
+        append(log, bytes);
+    } else {
+        let note = b"\ndebimg serve: the log is full; the rest of it is dropped\n";
+        append(log, &bytes[..room.saturating_sub(note.len())]);
+        append(log, note);
     }
 }

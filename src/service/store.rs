@@ -173,7 +173,8 @@ CREATE TABLE IF NOT EXISTS tokens(
     name TEXT PRIMARY KEY,
     hash TEXT NOT NULL UNIQUE,
     admin INTEGER NOT NULL,
-    created INTEGER NOT NULL
+    created INTEGER NOT NULL,
+    removed INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS builds(
     id TEXT PRIMARY KEY,
@@ -257,23 +258,27 @@ impl Store {
             params![name, token_hash(&token), admin, now()],
         )?;
         if n == 0 {
-            anyhow::bail!("a token named `{name}` exists already (remove it first)");
+            anyhow::bail!(
+                "the name `{name}` has (or had) a token; a name is not given twice, since its \
+                 jobs stay its own: choose another"
+            );
         }
         Ok(token)
     }
 
-    /// Removes the token `name`; false when there was none.
+    /// Revokes the token `name` (its name stays taken); false when there was none.
     pub fn remove_token(&self, name: &str) -> Result<bool> {
-        Ok(self
-            .db()
-            .execute("DELETE FROM tokens WHERE name = ?1", params![name])?
-            > 0)
+        Ok(self.db().execute(
+            "UPDATE tokens SET removed = 1, hash = 'removed-' || ?2 WHERE name = ?1 AND removed = 0",
+            params![name, random_hex(16)],
+        )? > 0)
     }
 
     /// Every token, without its secret.
     pub fn tokens(&self) -> Result<Vec<TokenInfo>> {
         let db = self.db();
-        let mut st = db.prepare("SELECT name, admin, created FROM tokens ORDER BY name")?;
+        let mut st =
+            db.prepare("SELECT name, admin, created FROM tokens WHERE removed = 0 ORDER BY name")?;
         let rows = st.query_map([], |r| {
             Ok(TokenInfo {
                 name: r.get(0)?,
@@ -289,7 +294,7 @@ impl Store {
         Ok(self
             .db()
             .query_row(
-                "SELECT name, admin FROM tokens WHERE hash = ?1",
+                "SELECT name, admin FROM tokens WHERE hash = ?1 AND removed = 0",
                 params![token_hash(token)],
                 |r| {
                     Ok(Caller {
@@ -630,6 +635,20 @@ impl Store {
         }
         tx.commit()?;
         Ok(jobs)
+    }
+
+    /// Builds that ended with jobs still waiting for post-creation.
+    pub fn builds_awaiting_post_creation(&self) -> Result<Vec<String>> {
+        let db = self.db();
+        let mut st = db.prepare(
+            "SELECT DISTINCT b.id FROM builds b JOIN jobs j ON j.build_id = b.id
+             WHERE j.post_creation IS NULL
+             AND (j.cancelled OR b.state IN ('succeeded', 'failed', 'cancelled'))",
+        )?;
+        let ids = st
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ids)
     }
 
     /// Records what post-creation made of job `id`.
@@ -1098,5 +1117,9 @@ mod tests {
         }
         assert!(store.remove_token("ci").unwrap());
         assert!(store.caller(&t).unwrap().is_none());
+        assert!(!store.remove_token("ci").unwrap());
+        // The name is not given again: its jobs would pass to the new holder.
+        assert!(store.add_token("ci", false).is_err());
+        assert!(store.tokens().unwrap().is_empty());
     }
 }

@@ -40,6 +40,7 @@ pub fn default_name() -> String {
 }
 
 /// The server's side of a worker.
+#[derive(Clone)]
 struct Server {
     agent: ureq::Agent,
     base: String,
@@ -147,6 +148,12 @@ pub fn run(cfg: WorkerConfig) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    std::fs::create_dir_all(&cfg.build_dir)
+        .with_context(|| format!("creating {}", cfg.build_dir.display()))?;
+    {
+        let _no_one_else = lock_build_dir(&cfg.build_dir)?;
+        remove_stale_dirs(&cfg.build_dir)?;
+    }
     tracing::info!(
         "debimg worker {}: taking builds from RabbitMQ for {}",
         cfg.name,
@@ -217,12 +224,37 @@ fn build(server: &Server, cfg: &WorkerConfig, claimed: Claimed, stop: &AtomicBoo
     let lease = claim.lease.clone();
     let base = format!("/api/v1/builds/{}", path_segment(&id));
     tracing::info!("build {id}: attempt {}", claim.attempt);
-    std::fs::create_dir_all(&cfg.build_dir)
-        .with_context(|| format!("creating {}", cfg.build_dir.display()))?;
-    let work = tempfile::Builder::new()
-        .prefix("debimg-worker-")
-        .tempdir_in(&cfg.build_dir)
-        .context("making the worker's directory")?;
+    // A server that is not the operator's own could send anything: a build no admin
+    // submitted gets the check the server makes for untrusted specs.
+    if !claim.trusted
+        && let Err(refusal) = super::check_spec(&claim.spec, false)
+    {
+        let error = json!({
+            "kind": "invalid-spec",
+            "message": format!("this worker refuses the spec: {}", refusal.error),
+            "problems": refusal.problems,
+        });
+        let report = json!({"state": "failed", "error": error});
+        server.call(
+            "POST",
+            &format!("{base}/finish"),
+            &lease,
+            Some(&report),
+            None,
+        )?;
+        return Ok(());
+    }
+    // Made and locked while no other worker of this build directory sweeps it.
+    let (work, _held) = {
+        let _no_one_else = lock_build_dir(&cfg.build_dir)?;
+        let work = tempfile::Builder::new()
+            .prefix(WORK_PREFIX)
+            .tempdir_in(&cfg.build_dir)
+            .context("making the worker's directory")?;
+        // Held while the directory is in use: one whose lock is free is a dead worker's.
+        let held = lock_dir(work.path(), true)?.context("locking the worker's directory")?;
+        (work, held)
+    };
     let spec = work.path().join("spec.yaml");
     std::fs::write(&spec, &claim.spec)?;
     let out = work.path().join("out");
@@ -299,26 +331,44 @@ fn build(server: &Server, cfg: &WorkerConfig, claimed: Claimed, stop: &AtomicBoo
         tracing::warn!("build {id}: ended before it finished; not reported");
         return Ok(());
     }
-    let report = if result.succeeded() {
-        let mut artifacts: Vec<Artifact> = Vec::new();
-        for (a, path) in &result.artifacts {
-            upload(server, &base, &lease, a, path)?;
-            artifacts.push(a.clone());
-        }
-        json!({ "state": "succeeded", "artifacts": artifacts })
-    } else if result.stopped == Some(Control::Cancel) {
-        json!({ "state": "cancelled" })
-    } else {
-        let error = runner::failure(&result, runner::tail_lines(&tail, 20));
-        json!({ "state": "failed", "error": error })
-    };
-    let (status, text) = server.call(
-        "POST",
-        &format!("{base}/finish"),
-        &lease,
-        Some(&report),
-        None,
-    )?;
+    // Uploading takes as long as the images are large: the lease is renewed meanwhile.
+    let reported = AtomicBool::new(false);
+    let (status, text) = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut last = Instant::now();
+            while !reported.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(200));
+                if last.elapsed() >= Duration::from_secs(renew_secs) {
+                    last = Instant::now();
+                    let _ = server.call("POST", &format!("{base}/renew"), &lease, None, None);
+                }
+            }
+        });
+        let report = (|| -> Result<(u16, String)> {
+            let report = if result.succeeded() {
+                let mut artifacts: Vec<Artifact> = Vec::new();
+                for (a, path) in &result.artifacts {
+                    upload(server, &base, &lease, a, path)?;
+                    artifacts.push(a.clone());
+                }
+                json!({ "state": "succeeded", "artifacts": artifacts })
+            } else if result.stopped == Some(Control::Cancel) {
+                json!({ "state": "cancelled" })
+            } else {
+                let error = runner::failure(&result, runner::tail_lines(&tail, 20));
+                json!({ "state": "failed", "error": error })
+            };
+            server.call(
+                "POST",
+                &format!("{base}/finish"),
+                &lease,
+                Some(&report),
+                None,
+            )
+        })();
+        reported.store(true, Ordering::SeqCst);
+        report
+    })?;
     match status {
         200 => {
             let v: Value = serde_json::from_str(&text).unwrap_or_default();
@@ -336,6 +386,62 @@ fn build(server: &Server, cfg: &WorkerConfig, claimed: Claimed, stop: &AtomicBoo
             "the server answered {status} to the report: {}",
             text.trim()
         ),
+    }
+    Ok(())
+}
+
+/// The name prefix of a worker's directories in the build directory.
+const WORK_PREFIX: &str = "debimg-worker-";
+
+/// An exclusive lock on directory `dir` (`None` when another process holds it and `wait` is
+/// false).
+fn lock_dir(dir: &std::path::Path, wait: bool) -> Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .with_context(|| format!("opening {}", dir.display()))?;
+    let arg = if wait {
+        nix::fcntl::FlockArg::LockExclusive
+    } else {
+        nix::fcntl::FlockArg::LockExclusiveNonblock
+    };
+    match nix::fcntl::Flock::lock(f, arg) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(e).with_context(|| format!("locking {}", dir.display())),
+    }
+}
+
+/// An exclusive lock on the build directory's `.debimg-workers.lock`: held while a worker
+/// makes its directory or sweeps dead workers' ones.
+fn lock_build_dir(build_dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let f =
+        crate::output::OutputDir::open(build_dir)?.open_or_create(".debimg-workers.lock", 0o600)?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .with_context(|| format!("locking {}/.debimg-workers.lock", build_dir.display()))
+}
+
+/// Removes the directories of workers that died in the build directory (`kill -9` leaves its
+/// spec and output behind); a live worker's is locked and stays.
+fn remove_stale_dirs(build_dir: &std::path::Path) -> Result<()> {
+    let dir = crate::output::OutputDir::open(build_dir)?;
+    for name in dir.entries()? {
+        let Some(text) = name.to_str() else { continue };
+        if !text.starts_with(WORK_PREFIX) || dir.kind(&name)? != Some(crate::output::EntryKind::Dir)
+        {
+            continue;
+        }
+        if let Some(lock) = lock_dir(&build_dir.join(&name), false)? {
+            tracing::info!(
+                "removing {}, left by a worker that died",
+                build_dir.join(&name).display()
+            );
+            dir.remove_all(&name)?;
+            drop(lock);
+        }
     }
     Ok(())
 }

@@ -149,6 +149,9 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.stop();
+        if std::thread::panicking() {
+            eprintln!("--- debimg serve's stderr ---\n{}", self.log_text());
+        }
     }
 }
 
@@ -362,7 +365,23 @@ pub struct TestWorker {
 
 impl TestWorker {
     pub fn start(server: &TestServer, token: &str, amqp: &str, name: &str) -> TestWorker {
-        let build_dir = scratch(&format!("worker-{name}"));
+        Self::start_in(
+            server,
+            token,
+            amqp,
+            name,
+            scratch(&format!("worker-{name}")),
+        )
+    }
+
+    /// A worker whose build directory is `build_dir`.
+    pub fn start_in(
+        server: &TestServer,
+        token: &str,
+        amqp: &str,
+        name: &str,
+        build_dir: tempfile::TempDir,
+    ) -> TestWorker {
         let log = server.state.path().join(format!("worker-{name}.stderr"));
         let child = Command::new(env!("CARGO_BIN_EXE_debimg"))
             .args([
@@ -413,6 +432,9 @@ impl Drop for TestWorker {
     fn drop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
             self.stop();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- debimg worker {}'s stderr ---\n{}", self.name, self.log_text());
         }
     }
 }
