@@ -524,10 +524,7 @@ async fn submit(
     if let Some(build) = service.store.job(&caller, &id)?.map(|v| v.build_id) {
         service.queued(&build);
     }
-    let view = service
-        .store
-        .job(&caller, &id)?
-        .ok_or_else(ApiError::not_found)?;
+    let view = visible_job(&service, &caller, &id)?;
     let mut r = (StatusCode::CREATED, Json(view)).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/jobs/{id}")) {
         r.headers_mut().insert(header::LOCATION, v);
@@ -560,15 +557,24 @@ async fn list(
     Ok(Json(json!({ "jobs": jobs })).into_response())
 }
 
+/// Job `id` when `caller` may see it; `404` otherwise.
+fn visible_job(
+    service: &Service,
+    caller: &Caller,
+    id: &str,
+) -> Result<super::store::JobView, ApiError> {
+    service
+        .store
+        .job(caller, id)?
+        .ok_or_else(ApiError::not_found)
+}
+
 async fn show(
     State(service): State<Shared>,
     Auth(caller): Auth,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let view = service
-        .store
-        .job(&caller, &id)?
-        .ok_or_else(ApiError::not_found)?;
+    let view = visible_job(&service, &caller, &id)?;
     Ok(Json(view).into_response())
 }
 
@@ -577,10 +583,7 @@ async fn cancel(
     Auth(caller): Auth,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let view = service
-        .store
-        .job(&caller, &id)?
-        .ok_or_else(ApiError::not_found)?;
+    let view = visible_job(&service, &caller, &id)?;
     match service.store.cancel_job(&id)? {
         CancelOutcome::NoSuchJob => return Err(ApiError::not_found()),
         CancelOutcome::AlreadyFinished => {
@@ -598,10 +601,7 @@ async fn cancel(
     let s = Arc::clone(&service);
     let build = view.build_id.clone();
     tokio::task::spawn_blocking(move || s.after_build(&build));
-    let view = service
-        .store
-        .job(&caller, &id)?
-        .ok_or_else(ApiError::not_found)?;
+    let view = visible_job(&service, &caller, &id)?;
     Ok(Json(view).into_response())
 }
 
@@ -610,10 +610,7 @@ async fn delete(
     Auth(caller): Auth,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    service
-        .store
-        .job(&caller, &id)?
-        .ok_or_else(ApiError::not_found)?;
+    visible_job(&service, &caller, &id)?;
     if let CancelOutcome::Cancelled { stop: Some(build) } = service.store.cancel_job(&id)? {
         service.stop(&build);
     }
@@ -632,10 +629,7 @@ async fn log(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let view = service
-        .store
-        .job(&caller, &id)?
-        .ok_or_else(ApiError::not_found)?;
+    let view = visible_job(&service, &caller, &id)?;
     let wants_events = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

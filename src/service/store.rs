@@ -130,7 +130,7 @@ pub struct Claim {
     pub lease: String,
     pub spec: String,
     pub attempt: i64,
-    /// Whether an admin submitted every job of it (untrusted builds will run isolated).
+    /// Whether an admin submitted it (a worker checks other specs as the server does).
     pub trusted: bool,
 }
 

@@ -122,6 +122,13 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Reports the end of a build.
+    fn finish(&self, base: &str, lease: &str, report: &Value) -> Result<(u16, String)> {
+        self.call("POST", &format!("{base}/finish"), lease, Some(report), None)
+    }
+}
+
 fn path_segment(s: &str) -> String {
     super::http::encode_path(s).replace('/', "%2F")
 }
@@ -235,13 +242,7 @@ fn build(server: &Server, cfg: &WorkerConfig, claimed: Claimed, stop: &AtomicBoo
             "problems": refusal.problems,
         });
         let report = json!({"state": "failed", "error": error});
-        server.call(
-            "POST",
-            &format!("{base}/finish"),
-            &lease,
-            Some(&report),
-            None,
-        )?;
+        server.finish(&base, &lease, &report)?;
         return Ok(());
     }
     // Made and locked while no other worker of this build directory sweeps it.
@@ -358,13 +359,7 @@ fn build(server: &Server, cfg: &WorkerConfig, claimed: Claimed, stop: &AtomicBoo
                 let error = runner::failure(&result, runner::tail_lines(&tail, 20));
                 json!({ "state": "failed", "error": error })
             };
-            server.call(
-                "POST",
-                &format!("{base}/finish"),
-                &lease,
-                Some(&report),
-                None,
-            )
+            server.finish(&base, &lease, &report)
         })();
         reported.store(true, Ordering::SeqCst);
         report

@@ -434,7 +434,11 @@ impl Drop for TestWorker {
             self.stop();
         }
         if std::thread::panicking() {
-            eprintln!("--- debimg worker {}'s stderr ---\n{}", self.name, self.log_text());
+            eprintln!(
+                "--- debimg worker {}'s stderr ---\n{}",
+                self.name,
+                self.log_text()
+            );
         }
     }
 }
