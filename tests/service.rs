@@ -166,18 +166,47 @@ fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
     assert_eq!(listed, vec![two.clone(), one.clone()]);
     assert_eq!(alice.job(&two)["state"], "queued");
 
-    // Cancel a queued job: it never runs. Delete one: it is gone.
-    let a = alice.post(&format!("/api/v1/jobs/{two}/cancel"), &json!({}));
-    assert_eq!(a.status, 200, "{}", a.text());
-    assert_eq!(a.json()["state"], "cancelled");
+    // Cancel a queued job: it never runs. Delete one: it is gone. Through `debimg jobs`.
+    let jobs = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_debimg"))
+            .arg("jobs")
+            .args(args)
+            .env("DEBIMG_SERVER", &server.url)
+            .env("DEBIMG_TOKEN", &alice_token)
+            .output()
+            .unwrap()
+    };
+    let out = jobs(&["list"]);
+    let listing = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && listing.contains(&one) && listing.contains(&two),
+        "{listing}"
+    );
+    let out = jobs(&["show", &two]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["state"], "queued");
+    let out = jobs(&["cancel", &two]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(alice.job(&two)["state"], "cancelled");
     assert_eq!(
         alice
             .post(&format!("/api/v1/jobs/{two}/cancel"), &json!({}))
             .status,
         409
     );
-    assert_eq!(alice.delete(&format!("/api/v1/jobs/{two}")).status, 204);
+    let out = jobs(&["download", &two, "/nonexistent-debimg-dir"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only a job that succeeded"));
+    assert!(jobs(&["delete", &two]).status.success());
     assert_eq!(alice.get(&format!("/api/v1/jobs/{two}"), &[]).status, 404);
+    let out = jobs(&["show", &two]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("404"), "{err}");
 
     // The token command: listed by name, never by secret; a removed token is refused.
     let out = Command::new(env!("CARGO_BIN_EXE_debimg"))

@@ -1046,6 +1046,38 @@ mod tests {
     }
 
     #[test]
+    fn a_build_whose_workers_keep_vanishing_fails_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let alice = caller("alice", false);
+        let a = job_id(
+            store
+                .submit(&alice, "a", "", "s", "d", &Limits::default())
+                .unwrap(),
+        );
+        for attempt in 1..=2 {
+            let claim = store.claim_next("w", 0).unwrap().unwrap();
+            assert_eq!(claim.attempt, attempt);
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+            let (requeued, failed) = store.requeue_lost(2, None).unwrap();
+            assert_eq!(
+                (requeued.len(), failed.len()),
+                if attempt == 1 { (1, 0) } else { (0, 1) }
+            );
+        }
+        let v = store.job(&alice, &a).unwrap().unwrap();
+        assert_eq!(v.state, "failed");
+        assert_eq!(v.error.as_ref().unwrap()["kind"], "worker-lost");
+        assert!(
+            v.error.unwrap()["message"]
+                .as_str()
+                .unwrap()
+                .contains("tried 2 times")
+        );
+        assert!(store.claim_next("w", 60).unwrap().is_none());
+    }
+
+    #[test]
     fn a_build_shared_by_two_jobs_runs_on_when_one_is_cancelled() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
