@@ -188,10 +188,11 @@ struct ClaimBody {
 
 async fn claim(
     State(service): State<Shared>,
-    Auth(caller): Auth,
+    auth: Result<Auth, ApiError>,
     Path(id): Path<String>,
     Json(body): Json<ClaimBody>,
 ) -> Result<Response, ApiError> {
+    let Auth(caller) = auth?;
     worker_call(&caller)?;
     let worker = body.worker.trim();
     if worker.is_empty() || worker.len() > 128 || worker.chars().any(char::is_control) {
@@ -254,11 +255,12 @@ struct StageBody {
 
 async fn stage(
     State(service): State<Shared>,
-    Auth(caller): Auth,
+    auth: Result<Auth, ApiError>,
     Path(id): Path<String>,
     headers: HeaderMap,
     Json(body): Json<StageBody>,
 ) -> Result<Response, ApiError> {
+    let Auth(caller) = auth?;
     worker_call(&caller)?;
     let lease = lease_of(&headers)?;
     if crate::stage::Stage::ALL
@@ -377,11 +379,12 @@ struct FinishBody {
 
 async fn finish(
     State(service): State<Shared>,
-    Auth(caller): Auth,
+    auth: Result<Auth, ApiError>,
     Path(id): Path<String>,
     headers: HeaderMap,
     Json(body): Json<FinishBody>,
 ) -> Result<Response, ApiError> {
+    let Auth(caller) = auth?;
     worker_call(&caller)?;
     let lease = held_lease(&service, &id, &headers)?;
     if !matches!(body.state.as_str(), "succeeded" | "failed" | "cancelled") {
@@ -455,9 +458,12 @@ struct SubmitBody {
 
 async fn submit(
     State(service): State<Shared>,
-    Auth(caller): Auth,
+    auth: Result<Auth, ApiError>,
     body: Result<Json<SubmitBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
+    // The token is looked at once the body is read: answering before it would close the
+    // connection under a client still sending it.
+    let Auth(caller) = auth?;
     let Json(body) = body.map_err(|e| {
         let status = e.status();
         ApiError::new(
