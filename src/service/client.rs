@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::url::segment;
 use crate::output::OutputDir;
 
 /// A connection to a server, with a token.
@@ -344,11 +345,6 @@ fn describe_error(status: u16, body: &str) -> String {
         }
     }
     s
-}
-
-/// A job id as one URL path segment.
-fn segment(id: &str) -> String {
-    super::http::encode_path(id).replace('/', "%2F")
 }
 
 #[cfg(test)]

@@ -922,19 +922,6 @@ fn parse_range(value: &str, size: u64) -> Range {
     Range::Bytes(start, end)
 }
 
-/// `name` with each path segment percent-encoded (the `/` between segments kept).
-pub fn encode_path(name: &str) -> String {
-    let mut out = String::new();
-    for b in name.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// Serves the API on `config.listen` until INT or TERM; then stops the local builds (the next
 /// start queues them again).
 pub fn serve(config: super::Config) -> anyhow::Result<()> {
@@ -1000,14 +987,5 @@ mod tests {
         assert_eq!(parse_range("bytes=9-3", 100), Range::Unsatisfiable);
         assert_eq!(parse_range("bytes=0-1,5-6", 100), Range::Ignored);
         assert_eq!(parse_range("items=0-1", 100), Range::Ignored);
-    }
-
-    #[test]
-    fn artifact_paths_are_encoded_per_segment() {
-        assert_eq!(
-            encode_path("m.attachments/boot/vmlinuz-6.1"),
-            "m.attachments/boot/vmlinuz-6.1"
-        );
-        assert_eq!(encode_path("a b?#"), "a%20b%3F%23");
     }
 }

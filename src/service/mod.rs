@@ -12,6 +12,7 @@ pub mod client;
 pub mod http;
 pub mod runner;
 pub mod store;
+pub mod url;
 pub mod web;
 pub mod worker;
 

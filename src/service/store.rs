@@ -450,7 +450,7 @@ impl Store {
                 url: format!(
                     "/api/v1/jobs/{}/artifacts/{}",
                     view.id,
-                    crate::service::http::encode_path(&a.name)
+                    super::url::encode_path(&a.name)
                 ),
                 name: a.name,
                 size: a.size,

@@ -63,7 +63,7 @@ impl Server {
     fn claim(&self, id: &str, worker: &str) -> Result<Option<Claimed>> {
         let mut resp = self
             .agent
-            .post(self.url(&format!("/api/v1/builds/{}/claim", path_segment(id))))
+            .post(self.url(&format!("/api/v1/builds/{}/claim", super::url::segment(id))))
             .header("Authorization", &self.auth)
             .send_json(json!({ "worker": worker }))
             .context("claiming a build")?;
@@ -127,10 +127,6 @@ impl Server {
     fn finish(&self, base: &str, lease: &str, report: &Value) -> Result<(u16, String)> {
         self.call("POST", &format!("{base}/finish"), lease, Some(report), None)
     }
-}
-
-fn path_segment(s: &str) -> String {
-    super::http::encode_path(s).replace('/', "%2F")
 }
 
 /// Runs the worker until INT or TERM (a build in progress is then ended unreported: the
@@ -229,7 +225,7 @@ fn build(server: &Server, cfg: &WorkerConfig, claimed: Claimed, stop: &AtomicBoo
     let Claimed { claim, renew_secs } = claimed;
     let id = claim.build_id.clone();
     let lease = claim.lease.clone();
-    let base = format!("/api/v1/builds/{}", path_segment(&id));
+    let base = format!("/api/v1/builds/{}", super::url::segment(&id));
     tracing::info!("build {id}: attempt {}", claim.attempt);
     // A server that is not the operator's own could send anything: a build no admin
     // submitted gets the check the server makes for untrusted specs.
@@ -452,7 +448,7 @@ fn upload(
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let url = server.url(&format!(
         "{base}/artifacts/{}",
-        super::http::encode_path(&a.name)
+        super::url::encode_path(&a.name)
     ));
     let mut resp = server
         .agent
