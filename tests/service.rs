@@ -43,6 +43,8 @@ fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
             "4096",
             "--max-streams",
             "2",
+            "--lease-secs",
+            "4",
         ],
     );
     let alice_token = server.token("alice", false);
@@ -207,6 +209,64 @@ fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(err.contains("404"), "{err}");
+
+    // A worker's lease: claimed by hand as a worker would; left to run out, the build goes back
+    // to the queue and another claim gets it; the first lease's reports are refused, the
+    // second's taken.
+    let admin = server.token("farm", true);
+    let build = {
+        let db = rusqlite::Connection::open(server.state_path().join("debimg.sqlite")).unwrap();
+        db.query_row("SELECT build_id FROM jobs WHERE id = ?1", [&one], |r| {
+            r.get::<_, String>(0)
+        })
+        .unwrap()
+    };
+    let worker_call = |path: &str, lease: Option<&str>, body: serde_json::Value| {
+        let mut req = agent
+            .post(format!("{}/api/v1/builds/{build}/{path}", server.url))
+            .header("Authorization", format!("Bearer {admin}"));
+        if let Some(l) = lease {
+            req = req.header("x-debimg-lease", l);
+        }
+        let mut resp = req.send_json(body).unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.body_mut().read_to_string().unwrap_or_default())
+    };
+    let (status, text) = worker_call("claim", None, json!({"worker": "by-hand"}));
+    assert_eq!(status, 200, "{text}");
+    let first: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let first_lease = first["lease"].as_str().unwrap().to_string();
+    assert_eq!(
+        (first["attempt"].as_i64(), first["renew_secs"].as_i64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(
+        worker_call("claim", None, json!({"worker": "other"})).0,
+        409
+    );
+    assert_eq!(alice.job(&one)["worker"], "by-hand");
+    alice.wait_until(&one, 60, |j| j["state"] == "queued");
+    let (status, text) = worker_call("claim", None, json!({"worker": "second"}));
+    assert_eq!(status, 200, "{text}");
+    let second: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let second_lease = second["lease"].as_str().unwrap().to_string();
+    assert_eq!(second["attempt"], 2);
+    for path in ["renew", "finish"] {
+        let (status, text) = worker_call(path, Some(&first_lease), json!({"state": "failed"}));
+        assert_eq!(status, 409, "{path} with a lost lease: {text}");
+    }
+    let (status, text) = worker_call(
+        "finish",
+        Some(&second_lease),
+        json!({"state": "failed", "error": {"kind": "failed", "message": "by hand"}}),
+    );
+    assert_eq!(status, 200, "{text}");
+    let j = alice.job(&one);
+    assert_eq!(
+        (j["state"].as_str(), j["error"]["message"].as_str()),
+        (Some("failed"), Some("by hand"))
+    );
+    assert_eq!(j["worker"], "second");
 
     // The token command: listed by name, never by secret; a removed token is refused.
     let out = Command::new(env!("CARGO_BIN_EXE_debimg"))

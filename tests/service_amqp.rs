@@ -105,27 +105,6 @@ fn workers_over_rabbitmq_survive_a_killed_worker_and_a_server_restart() {
         "{log}"
     );
 
-    // A report with a lease that is not the build's is refused.
-    let farm = Api::new(&server.url, Some(&admin));
-    let build_id = server
-        .build_dirs()
-        .into_iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-        .next()
-        .unwrap();
-    let agent = ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build(),
-    );
-    let stale = agent
-        .post(format!("{}/api/v1/builds/{build_id}/finish", farm.base))
-        .header("Authorization", format!("Bearer {admin}"))
-        .header("x-debimg-lease", "0123456789abcdef0123456789abcdef")
-        .send_json(json!({"state": "failed"}))
-        .unwrap();
-    assert_eq!(stale.status(), 409);
-
     // The killed worker's build left nothing on its host but the worker's own directory (its
     // build unwound: the kernel told it its parent died): no workspace, loop device or mount.
     let victim_dir = victim.build_dir.path().to_path_buf();

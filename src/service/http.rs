@@ -518,8 +518,8 @@ async fn submit(
         &checked.digest,
         &service.config.limits,
     )?;
-    let id = match submitted {
-        Submitted::Job { id, .. } => id,
+    let (id, joined) = match submitted {
+        Submitted::Job { id, joined } => (id, joined),
         Submitted::OverLimit(why) => {
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -527,10 +527,11 @@ async fn submit(
             ));
         }
     };
-    if let Some(build) = service.store.job(&caller, &id)?.map(|v| v.build_id) {
-        service.queued(&build);
-    }
     let view = visible_job(&service, &caller, &id)?;
+    // A job that joined a build in flight queues nothing new.
+    if !joined {
+        service.queued(&view.build_id);
+    }
     let mut r = (StatusCode::CREATED, Json(view)).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/jobs/{id}")) {
         r.headers_mut().insert(header::LOCATION, v);
@@ -725,8 +726,8 @@ fn log_events(
                 f.offset,
             );
             let read = tokio::task::spawn_blocking(move || {
-                let state = match service.store.job(&caller, &job) {
-                    Ok(Some(v)) => Some(v.state),
+                let state = match service.store.job_state(&caller, &job) {
+                    Ok(Some(state)) => Some(state),
                     Ok(None) => Some("deleted".to_string()),
                     Err(_) => None,
                 };

@@ -359,43 +359,37 @@ impl Service {
         })
     }
 
-    /// The log of build `id` from byte `from`, at most `max` bytes (empty when there is none).
-    pub fn read_log(&self, id: &str, from: u64, max: usize) -> Vec<u8> {
+    /// The log of build `id` from byte `from` (from its end with `tail`), at most `max` bytes;
+    /// empty when there is none.
+    fn log_bytes(&self, id: &str, from: u64, max: u64, tail: bool) -> Vec<u8> {
         let read = || -> Result<Vec<u8>> {
-            let builds = self.state.open_subdir("builds")?;
-            if !is_build_id(id) || builds.kind(id)?.is_none() {
-                return Ok(Vec::new());
-            }
-            let Some((mut f, _)) = builds.open_subdir(id)?.open_if_regular("build.log")? else {
+            let Some(dir) = self.existing_build_files(id)? else {
                 return Ok(Vec::new());
             };
-            f.seek(SeekFrom::Start(from))?;
+            let Some((mut f, st)) = dir.open_if_regular("build.log")? else {
+                return Ok(Vec::new());
+            };
+            let start = if tail {
+                (st.st_size as u64).saturating_sub(max)
+            } else {
+                from
+            };
+            f.seek(SeekFrom::Start(start))?;
             let mut buf = Vec::new();
-            f.take(max as u64).read_to_end(&mut buf)?;
+            f.take(max).read_to_end(&mut buf)?;
             Ok(buf)
         };
         read().unwrap_or_default()
     }
 
-    /// The last `max` bytes of build `id`'s log.
-    pub fn read_log_tail(&self, id: &str, max: u64) -> Vec<u8> {
-        let len = self.log_len(id);
-        self.read_log(id, len.saturating_sub(max), max as usize)
+    /// The log of build `id` from byte `from`, at most `max` bytes (empty when there is none).
+    pub fn read_log(&self, id: &str, from: u64, max: usize) -> Vec<u8> {
+        self.log_bytes(id, from, max as u64, false)
     }
 
-    /// The length of build `id`'s log so far.
-    pub fn log_len(&self, id: &str) -> u64 {
-        let len = || -> Result<u64> {
-            let builds = self.state.open_subdir("builds")?;
-            if !is_build_id(id) || builds.kind(id)?.is_none() {
-                return Ok(0);
-            }
-            Ok(builds
-                .open_subdir(id)?
-                .stat("build.log")?
-                .map_or(0, |st| st.st_size as u64))
-        };
-        len().unwrap_or(0)
+    /// The last `max` bytes of build `id`'s log.
+    pub fn read_log_tail(&self, id: &str, max: u64) -> Vec<u8> {
+        self.log_bytes(id, 0, max, true)
     }
 
     /// The output directory of build `id`, when it has one.

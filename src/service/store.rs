@@ -477,6 +477,21 @@ impl Store {
         Ok(Some(view))
     }
 
+    /// The state of job `id` as `caller` may see it (what a log stream asks several times a
+    /// second: no artifacts, no counts).
+    pub fn job_state(&self, caller: &Caller, id: &str) -> Result<Option<String>> {
+        Ok(self
+            .db()
+            .query_row(
+                "SELECT CASE WHEN j.cancelled THEN 'cancelled' ELSE b.state END
+                 FROM jobs j JOIN builds b ON b.id = j.build_id
+                 WHERE j.id = ?1 AND (?2 OR j.owner = ?3)",
+                params![id, caller.admin, caller.name],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     /// The jobs `caller` may see, newest first, optionally in one state.
     pub fn jobs(&self, caller: &Caller, state: Option<&str>) -> Result<Vec<JobView>> {
         let db = self.db();
@@ -579,14 +594,11 @@ impl Store {
     /// Builds no job refers to and that no worker runs: their files can go.
     pub fn orphan_builds(&self) -> Result<Vec<String>> {
         let db = self.db();
-        let mut st = db.prepare(
+        let ids = Self::ids(
+            &db,
             "SELECT id FROM builds WHERE state != 'running'
              AND NOT EXISTS (SELECT 1 FROM jobs WHERE build_id = builds.id)",
         )?;
-        let ids = st
-            .query_map([], |r| r.get::<_, String>(0))?
-            .collect::<Result<Vec<_>, _>>()?;
-        drop(st);
         for id in &ids {
             db.execute("DELETE FROM builds WHERE id = ?1", params![id])?;
         }
@@ -595,8 +607,12 @@ impl Store {
 
     /// Every build id the store knows.
     pub fn build_ids(&self) -> Result<Vec<String>> {
-        let db = self.db();
-        let mut st = db.prepare("SELECT id FROM builds")?;
+        Self::ids(&self.db(), "SELECT id FROM builds")
+    }
+
+    /// The first column of every row `sql` selects.
+    fn ids(db: &Connection, sql: &str) -> Result<Vec<String>> {
+        let mut st = db.prepare(sql)?;
         let ids = st
             .query_map([], |r| r.get::<_, String>(0))?
             .collect::<Result<Vec<_>, _>>()?;
@@ -639,16 +655,12 @@ impl Store {
 
     /// Builds that ended with jobs still waiting for post-creation.
     pub fn builds_awaiting_post_creation(&self) -> Result<Vec<String>> {
-        let db = self.db();
-        let mut st = db.prepare(
+        Self::ids(
+            &self.db(),
             "SELECT DISTINCT b.id FROM builds b JOIN jobs j ON j.build_id = b.id
              WHERE j.post_creation IS NULL
              AND (j.cancelled OR b.state IN ('succeeded', 'failed', 'cancelled'))",
-        )?;
-        let ids = st
-            .query_map([], |r| r.get::<_, String>(0))?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(ids)
+        )
     }
 
     /// Records what post-creation made of job `id`.
@@ -858,12 +870,10 @@ impl Store {
 
     /// The ids of queued builds, oldest first (to publish again after a restart).
     pub fn queued_builds(&self) -> Result<Vec<String>> {
-        let db = self.db();
-        let mut st = db.prepare("SELECT id FROM builds WHERE state = 'queued' ORDER BY rowid")?;
-        let ids = st
-            .query_map([], |r| r.get::<_, String>(0))?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(ids)
+        Self::ids(
+            &self.db(),
+            "SELECT id FROM builds WHERE state = 'queued' ORDER BY rowid",
+        )
     }
 
     /// The spec of build `id`.
@@ -1040,6 +1050,11 @@ mod tests {
             assert_eq!(v.artifacts.len(), 1);
             assert_eq!(v.shared_by, 2);
         }
+        assert_eq!(
+            store.job_state(&alice, &a).unwrap().as_deref(),
+            Some("succeeded")
+        );
+        assert_eq!(store.job_state(&caller("bob", false), &a).unwrap(), None);
         // Others do not see alice's jobs.
         assert!(store.job(&caller("bob", false), &a).unwrap().is_none());
         assert!(store.job(&caller("root", true), &a).unwrap().is_some());
