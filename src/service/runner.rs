@@ -108,9 +108,11 @@ pub fn run_child(
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    let mut guard = Reaped(
+        cmd.spawn()
+            .with_context(|| format!("starting {:?}", cmd.get_program()))?,
+    );
+    let child = &mut guard.0;
     let pgid = Pid::from_raw(child.id() as i32);
     let (tx, rx) = mpsc::channel();
     let stdout = child.stdout.take().expect("piped");
@@ -204,6 +206,19 @@ pub fn run_child(
     }
     result.status = status;
     Ok(result)
+}
+
+/// A build child that is killed with its process group and reaped when it is left running (an
+/// error or a panic on the way out of [`run_child`]): no build outlives the one who ran it.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = killpg(Pid::from_raw(self.0.id() as i32), Signal::SIGKILL);
+            let _ = self.0.wait();
+        }
+    }
 }
 
 fn take_event(v: &Value, result: &mut ChildResult, stage: &mut dyn FnMut(&str)) {
@@ -445,17 +460,73 @@ pub fn append(log: &mut std::fs::File, bytes: &[u8]) {
 /// the log says so once.
 pub fn append_capped(log: &mut std::fs::File, bytes: &[u8]) {
     use std::io::Seek;
+    let note = b"\ndebimg serve: the log is full; the rest of it is dropped\n";
+    // The content stops where the note still fits under the cap.
+    let limit = super::MAX_LOG_BYTES - note.len() as u64;
     let len = log.seek(std::io::SeekFrom::End(0)).unwrap_or(0);
-    let max = super::MAX_LOG_BYTES;
-    if len >= max {
+    if len >= limit {
         return;
     }
-    let room = (max - len) as usize;
-    if bytes.len() < room {
+    let room = (limit - len) as usize;
+    if bytes.len() <= room {
         append(log, bytes);
     } else {
-        let note = b"\ndebimg serve: the log is full; the rest of it is dropped\n";
-        append(log, &bytes[..room.saturating_sub(note.len())]);
+        append(log, &bytes[..room]);
         append(log, note);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_left_running_by_a_panic_is_killed_and_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(format!("echo $$ > {}; exec sleep 60", pid_file.display()));
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_child(
+                cmd,
+                Duration::from_secs(1),
+                &mut |_| {},
+                &mut |_| {},
+                &mut || panic!("the one who runs the build fails"),
+            )
+        }));
+        assert!(run.is_err());
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        let proc = PathBuf::from(format!("/proc/{}", pid.trim()));
+        assert!(
+            !proc.exists(),
+            "the build child {} outlived run_child",
+            pid.trim()
+        );
+    }
+
+    #[test]
+    fn a_capped_log_says_it_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(super::super::MAX_LOG_BYTES - 1000).unwrap();
+        append_capped(&mut f, &[b'x'; 500]);
+        assert_eq!(
+            f.metadata().unwrap().len(),
+            super::super::MAX_LOG_BYTES - 500
+        );
+        append_capped(&mut f, &[b'x'; 2000]);
+        append_capped(&mut f, b"more\n");
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len, super::super::MAX_LOG_BYTES);
+        let text = std::fs::read(&path).unwrap();
+        assert!(String::from_utf8_lossy(&text[text.len() - 80..]).contains("the log is full"));
     }
 }
