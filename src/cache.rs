@@ -127,6 +127,11 @@ impl Cache {
         Ok(Cache { dir })
     }
 
+    /// The cache directory (its path as resolved when it was opened).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Where downloaded .deb files are pooled.
     pub fn packages_dir(&self) -> PathBuf {
         self.dir.join("packages")

@@ -97,6 +97,22 @@ pub enum Command {
         /// disk; the images must fit in it (sparse files count what they hold).
         #[arg(long, value_name = "SIZE", value_parser = parse_size, conflicts_with = "keep_on_failure")]
         tmpfs: Option<u64>,
+        #[command(flatten)]
+        vm: VmArgs,
+    },
+    /// Build (or rebuild) the builder appliance that `build --vm` machines boot: a kernel and
+    /// the build tools, made by debimg's own pipeline into CACHE_DIR/vm (a `--vm` build makes
+    /// it when it is missing or stale).
+    VmImage {
+        /// The cache directory; the appliance goes into its `vm/`.
+        #[arg(long, default_value = DEFAULT_CACHE_DIR)]
+        cache_dir: PathBuf,
+        /// Directory under which the temporary workspace is created.
+        #[arg(long, default_value = DEFAULT_BUILD_DIR)]
+        build_dir: PathBuf,
+        /// Rebuild it even when it matches its spec (to take the mirror's newest packages).
+        #[arg(long)]
+        force: bool,
     },
     /// Package one image file the way a build does: raw and container md5/sha256, and a
     /// parallel gzip (or a sparse raw copy) written to OUTPUT. Prints the digests as YAML.
@@ -207,6 +223,9 @@ pub enum Command {
         /// Where builds make their workspaces.
         #[arg(long, default_value = DEFAULT_BUILD_DIR)]
         build_dir: PathBuf,
+        /// Which builds run inside a throwaway machine, as `serve --isolation` says.
+        #[arg(long, value_enum, default_value = "host")]
+        isolation: debimg::service::Isolation,
     },
     /// The jobs of a build service: list, show, log, cancel, delete, download.
     Jobs {
@@ -305,6 +324,11 @@ pub struct ServeArgs {
     /// Per token: logs followed at once (429 beyond).
     #[arg(long, default_value_t = 64)]
     pub max_streams: usize,
+    /// Which builds run inside a throwaway machine (`debimg build --vm`): `host` (none; specs
+    /// of non-admin tokens may not read this host's files nor run code outside the chroot),
+    /// `untrusted` (those of non-admin tokens, with every spec field allowed), `vm` (all).
+    #[arg(long, value_enum, default_value = "host")]
+    pub isolation: debimg::service::Isolation,
     /// Attempts of a build whose worker vanished before it is failed.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: i64,
@@ -428,4 +452,37 @@ fn parse_age(text: &str) -> Result<u64, String> {
     num.parse::<u64>()
         .map(|n| n * mult)
         .map_err(|_| format!("`{text}` is not an age such as 30d, 12h, 45m or 90s"))
+}
+
+/// `debimg build --vm` and the limits of its machine.
+#[derive(clap::Args)]
+pub struct VmArgs {
+    /// Build inside a throwaway qemu machine that boots the builder appliance (see `vm-image`):
+    /// this host attaches no loop device, mounts nothing of the build and runs none of its
+    /// code; the outputs come back as files, checked against the metadata.
+    #[arg(long, conflicts_with_all = ["fuel", "shell", "keep_on_failure", "tmpfs"])]
+    pub vm: bool,
+    /// Memory of the machine (e.g. 2GiB); a build that runs out fails with `limit-exceeded`.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "2GiB", requires = "vm")]
+    pub vm_memory: u64,
+    /// Virtual CPUs of the machine [default: this host's, at most 8].
+    #[arg(long, value_name = "N", requires = "vm", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub vm_cpus: Option<u32>,
+    /// The machine's disk budget: its scratch disk (sparse), which holds the workspace and the
+    /// outputs; a build that fills it fails with `no-space`.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "32GiB", requires = "vm")]
+    pub vm_disk: u64,
+    /// Wall-clock limit of the machine in seconds; a build still running then is stopped and
+    /// fails with `limit-exceeded`.
+    #[arg(long, value_name = "SECONDS", requires = "vm")]
+    pub vm_timeout: Option<u64>,
+    /// auto: KVM when /dev/kvm works (falling back to software emulation when the machine does
+    /// not come up in 30 s); kvm; tcg (software emulation).
+    #[arg(long, value_enum, default_value = "auto", requires = "vm")]
+    pub vm_accel: debimg::boottest::Accel,
+    /// The spec comes from someone this host does not trust (a build service's caller): no
+    /// file it names on this host is read or sent into the machine (such paths resolve inside
+    /// it), and this host's apt sources go in only when it asks for `host`.
+    #[arg(long, requires = "vm")]
+    pub untrusted: bool,
 }

@@ -32,6 +32,8 @@ pub enum ErrorKind {
     /// Something on the host debimg refuses to use: a cache other users can write, a link where
     /// a file of debimg's belongs, a release directory it did not make.
     Refused,
+    /// A `--vm` build went over its machine's memory or wall-clock limit.
+    LimitExceeded,
     /// A signal (INT, TERM, HUP) stopped the build; the number is the signal's.
     Interrupted(i32),
     /// Anything else: a stage failed (the error says which), or the build could not start.
@@ -47,6 +49,7 @@ impl ErrorKind {
             ErrorKind::MissingTools => "missing-tools",
             ErrorKind::NoSpace => "no-space",
             ErrorKind::Refused => "refused",
+            ErrorKind::LimitExceeded => "limit-exceeded",
             ErrorKind::Interrupted(_) => "interrupted",
             ErrorKind::Failed => "failed",
         }
@@ -61,6 +64,7 @@ impl ErrorKind {
             ErrorKind::MissingTools => 4,
             ErrorKind::NoSpace => 5,
             ErrorKind::Refused => 6,
+            ErrorKind::LimitExceeded => 7,
             ErrorKind::Interrupted(sig) => 128u8.saturating_add(sig as u8),
         }
     }
@@ -88,6 +92,11 @@ impl ErrorKind {
             "refused",
             "6",
             "debimg refuses a host directory or file (a cache others can write, a link)",
+        ),
+        (
+            "limit-exceeded",
+            "7",
+            "a --vm build went over its memory or wall-clock limit",
         ),
         (
             "interrupted",
@@ -199,6 +208,7 @@ impl Error {
             4 => ErrorKind::MissingTools,
             5 => ErrorKind::NoSpace,
             6 => ErrorKind::Refused,
+            7 => ErrorKind::LimitExceeded,
             c if c > 128 => ErrorKind::Interrupted(i32::from(c - 128)),
             _ => ErrorKind::Failed,
         };

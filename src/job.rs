@@ -103,6 +103,8 @@ pub struct Job {
     pub release: Option<String>,
     /// `--bundle`: every output packed into `<name>.bundle.tar.gz`.
     pub bundle: bool,
+    /// `--vm`: the build runs inside a machine of these options ([`crate::vm`]).
+    pub vm: Option<crate::vm::VmOptions>,
 }
 
 /// What a job left.
@@ -197,7 +199,17 @@ impl Job {
     ) -> Result<JobOutcome, Error> {
         let boundary = |e| Error::classify(e, None);
         let plan = &self.plan;
-        let outcome = Creator::new(plan.clone(), opts)?.create()?;
+        let outcome = match &self.vm {
+            Some(vm) => crate::vm::create(
+                plan,
+                &self.input.spec,
+                &self.input.path,
+                &self.input.text,
+                &opts,
+                vm,
+            )?,
+            None => Creator::new(plan.clone(), opts)?.create()?,
+        };
         let dir = outcome
             .metadata_path
             .parent()

@@ -112,6 +112,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
             name,
             cache_dir,
             build_dir,
+            isolation,
         } => {
             if !nix::unistd::geteuid().is_root() {
                 return Err(failed(anyhow::anyhow!(
@@ -128,6 +129,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
                 cache_dir: cache_dir.clone(),
                 build_dir: build_dir.clone(),
                 debimg: std::env::current_exe().map_err(|e| failed(e.into()))?,
+                isolation: *isolation,
             })
             .map_err(failed)
         }
@@ -149,6 +151,11 @@ fn run(cli: &Cli) -> Result<(), Error> {
             Ok(())
         }
         Command::Build { .. } => build(cli),
+        Command::VmImage {
+            cache_dir,
+            build_dir,
+            force,
+        } => vm_image(cli, cache_dir, build_dir, *force),
     }
 }
 
@@ -297,6 +304,7 @@ fn build(cli: &Cli) -> Result<(), Error> {
         shell,
         keep_on_failure,
         tmpfs,
+        vm,
     } = &cli.command
     else {
         unreachable!("build() runs the build command")
@@ -305,9 +313,17 @@ fn build(cli: &Cli) -> Result<(), Error> {
     if json {
         event::json_lines_to_stdout();
     }
+    let default_vm = debimg::vm::VmOptions::new(cache_dir.join("vm"));
     let job = (|| {
         let input = Input::read(spec.as_deref(), fuel.as_deref(), release.as_deref())?;
-        let plan = input.plan(*bootstrap)?;
+        let plan = if vm.untrusted {
+            // Planned without reading any file it names here (see `debimg::vm`).
+            let mut i = input.clone();
+            i.spec = debimg::vm::without_host_files(&input.spec);
+            i.plan(*bootstrap)?
+        } else {
+            input.plan(*bootstrap)?
+        };
         if !nix::unistd::geteuid().is_root() {
             return Err(failed(anyhow::anyhow!(
                 "debimg build needs root (loop devices, mounts, chroot); run it with sudo"
@@ -329,12 +345,22 @@ fn build(cli: &Cli) -> Result<(), Error> {
             keep_on_failure: *keep_on_failure,
             tmpfs: *tmpfs,
         };
+        let vm = vm.vm.then(|| debimg::vm::VmOptions {
+            memory_mib: (vm.vm_memory >> 20) as u32,
+            cpus: vm.vm_cpus.unwrap_or(default_vm.cpus),
+            disk_bytes: vm.vm_disk,
+            timeout: vm.vm_timeout.map(std::time::Duration::from_secs),
+            accel: vm.vm_accel,
+            appliance_dir: cache_dir.join("vm"),
+            untrusted: vm.untrusted,
+        });
         Ok(Job {
             input,
             plan,
             opts,
             release: release.clone(),
             bundle: bundle.is_some(),
+            vm,
         })
     })();
     let job = match job {
@@ -360,6 +386,51 @@ fn build(cli: &Cli) -> Result<(), Error> {
             for p in &outcome.outputs {
                 let _ = writeln!(out, "{}", p.display());
             }
+        }
+        Ok(())
+    })?;
+    match code {
+        0 => Ok(()),
+        c => Err(Error::exited(c)),
+    }
+}
+
+/// `debimg vm-image`: the appliance's spec built as any spec, into CACHE_DIR/vm.
+fn vm_image(
+    cli: &Cli,
+    cache_dir: &std::path::Path,
+    build_dir: &std::path::Path,
+    force: bool,
+) -> Result<(), Error> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(failed(anyhow::anyhow!(
+            "debimg vm-image needs root (it is a build); run it with sudo"
+        )));
+    }
+    let dir = cache_dir.join("vm");
+    let spec = debimg::vm::appliance::write_spec(&dir).map_err(failed)?;
+    let input = Input::read(Some(&spec), None, None)?;
+    let plan = input.plan(None)?;
+    let mut opts = BuildOptions::new(&dir);
+    opts.build_dir = build_dir.to_path_buf();
+    opts.force = force;
+    opts.wait = true;
+    opts.show_progress = !cli.quiet;
+    opts.cache_dir = Some(cache_dir.to_path_buf());
+    let job = Job {
+        input,
+        plan,
+        opts,
+        release: None,
+        bundle: false,
+        vm: None,
+    };
+    let code = debimg::isolated(|| {
+        debimg::progress::enable();
+        let outcome = job.run()?;
+        let mut out = std::io::stdout().lock();
+        for p in &outcome.outputs {
+            let _ = writeln!(out, "{}", p.display());
         }
         Ok(())
     })?;
@@ -433,6 +504,7 @@ fn serve(action: Option<&ServeAction>, args: &ServeArgs) -> anyhow::Result<()> {
                 lease_secs: args.lease_secs,
                 amqp: args.amqp.clone(),
                 max_streams: args.max_streams,
+                isolation: args.isolation,
             };
             debimg::service::http::serve(config)
         }

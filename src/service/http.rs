@@ -499,7 +499,7 @@ async fn submit(
             ));
         }
     }
-    let checked = match check_spec(&body.spec, caller.admin) {
+    let checked = match check_spec(&body.spec, caller.admin, service.config.isolation) {
         Ok(c) => c,
         Err(refusal) => {
             return Err(ApiError {

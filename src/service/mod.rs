@@ -67,6 +67,42 @@ pub struct Config {
     pub amqp: Option<String>,
     /// Log streams one token may hold open.
     pub max_streams: usize,
+    /// Which builds run inside a throwaway machine (`debimg build --vm`).
+    pub isolation: Isolation,
+}
+
+/// Which builds of the service run inside a throwaway machine (`debimg build --vm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Isolation {
+    /// Every build on this host (in a chroot); specs of non-admin tokens may not read the
+    /// host's files nor run code outside the chroot.
+    #[default]
+    Host,
+    /// Builds of non-admin tokens in a machine, with every spec field allowed (the paths they
+    /// name resolve inside it); admins' on this host.
+    Untrusted,
+    /// Every build in a machine.
+    Vm,
+}
+
+impl Isolation {
+    /// Whether a build submitted by a caller `trusted` (an admin) or not runs in a machine.
+    pub fn in_vm(self, trusted: bool) -> bool {
+        match self {
+            Isolation::Host => false,
+            Isolation::Untrusted => !trusted,
+            Isolation::Vm => true,
+        }
+    }
+
+    /// The `debimg build` arguments of such a build.
+    pub fn build_args(self, trusted: bool) -> Vec<&'static str> {
+        match (self.in_vm(trusted), trusted) {
+            (false, _) => vec![],
+            (true, true) => vec!["--vm"],
+            (true, false) => vec!["--vm", "--untrusted"],
+        }
+    }
 }
 
 /// A spec as the service accepts it.
@@ -85,14 +121,20 @@ pub struct Refusal {
 }
 
 /// Checks a submitted spec: valid, and for a caller the host does not trust, reading none of
-/// the server's files and running no code outside the chroot. No file it names is looked at.
-pub fn check_spec(text: &str, trusted: bool) -> Result<Checked, Refusal> {
+/// the server's files and running no code outside the chroot, unless `isolation` builds it in
+/// a machine (where such paths and scripts reach the machine only). `mirror: host` from such a
+/// caller only when the server's sources are plain. No file it names is looked at.
+pub fn check_spec(text: &str, trusted: bool, isolation: Isolation) -> Result<Checked, Refusal> {
     let spec = Spec::from_yaml(text, "spec").map_err(|e| Refusal {
         error: "the spec is invalid".into(),
         problems: e.problems,
     })?;
     if !trusted {
-        let mut problems = spec.untrusted_problems();
+        let mut problems = if isolation.in_vm(false) {
+            Vec::new()
+        } else {
+            spec.untrusted_problems()
+        };
         problems.extend(host_source_problems(&spec));
         if !problems.is_empty() {
             return Err(Refusal {
@@ -812,16 +854,19 @@ mod tests {
         let a = check_spec(
             "version: 1\nname: m\nsuite: bookworm\nkind: tarball\n",
             false,
+            Isolation::Host,
         )
         .unwrap();
         let b = check_spec(
             "# same\nname: m\nkind: tarball\nversion: 1\nsuite: 'bookworm'\n",
             false,
+            Isolation::Host,
         )
         .unwrap();
         let c = check_spec(
             "version: 1\nname: n\nsuite: bookworm\nkind: tarball\n",
             false,
+            Isolation::Host,
         )
         .unwrap();
         assert_eq!(a.digest, b.digest);
@@ -927,14 +972,19 @@ mod tests {
     #[test]
     fn untrusted_specs_may_not_read_host_files() {
         let text = "version: 1\nname: m\nsuite: bookworm\nkind: tarball\nfiles:\n  - dest: /etc/x\n    source: /etc/shadow\n";
-        let r = check_spec(text, false).unwrap_err();
+        let r = check_spec(text, false, Isolation::Host).unwrap_err();
         assert!(
             r.problems.iter().any(|p| p.field == "files[0].source"),
             "{r:?}"
         );
-        assert!(check_spec(text, true).is_ok());
-        let bad =
-            check_spec("version: 1\nname: m\nsuite: bookworm\nimages: 3\n", true).unwrap_err();
+        assert!(check_spec(text, true, Isolation::Host).is_ok());
+        assert!(check_spec(text, false, Isolation::Untrusted).is_ok());
+        let bad = check_spec(
+            "version: 1\nname: m\nsuite: bookworm\nimages: 3\n",
+            true,
+            Isolation::Host,
+        )
+        .unwrap_err();
         assert!(!bad.problems.is_empty());
     }
 }

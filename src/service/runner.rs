@@ -63,9 +63,11 @@ pub fn build_command(
     out: &Path,
     cache_dir: &Path,
     build_dir: &Path,
+    isolation: &[&str],
 ) -> Command {
     let mut cmd = Command::new(debimg);
     cmd.arg("build")
+        .args(isolation)
         .arg(spec)
         .arg("--output")
         .arg(out)
@@ -332,6 +334,7 @@ fn run_local(service: &Service, worker: &str, claim: super::store::Claim) -> Res
         &dir.join("out"),
         &cfg.cache_dir,
         &cfg.build_dir,
+        &cfg.isolation.build_args(claim.trusted),
     );
     let cancel = service.register(&id);
     let mut last_renew = Instant::now();

@@ -28,6 +28,8 @@ pub struct WorkerConfig {
     pub cache_dir: PathBuf,
     pub build_dir: PathBuf,
     pub debimg: PathBuf,
+    /// Which builds run inside a throwaway machine.
+    pub isolation: super::Isolation,
 }
 
 /// The default name of a worker: the host name and the pid.
@@ -230,7 +232,7 @@ fn build(server: &Server, cfg: &WorkerConfig, claimed: Claimed, stop: &AtomicBoo
     // A server that is not the operator's own could send anything: a build no admin
     // submitted gets the check the server makes for untrusted specs.
     if !claim.trusted
-        && let Err(refusal) = super::check_spec(&claim.spec, false)
+        && let Err(refusal) = super::check_spec(&claim.spec, false, cfg.isolation)
     {
         let error = json!({
             "kind": "invalid-spec",
@@ -255,7 +257,14 @@ fn build(server: &Server, cfg: &WorkerConfig, claimed: Claimed, stop: &AtomicBoo
     let spec = work.path().join("spec.yaml");
     std::fs::write(&spec, &claim.spec)?;
     let out = work.path().join("out");
-    let cmd = runner::build_command(&cfg.debimg, &spec, &out, &cfg.cache_dir, &cfg.build_dir);
+    let cmd = runner::build_command(
+        &cfg.debimg,
+        &spec,
+        &out,
+        &cfg.cache_dir,
+        &cfg.build_dir,
+        &cfg.isolation.build_args(claim.trusted),
+    );
 
     let mut pending: Vec<u8> = Vec::new();
     let mut tail: Vec<u8> = Vec::new();

@@ -1,0 +1,1247 @@
+//! Builds inside a throwaway virtual machine: `debimg build --vm`.
+//!
+//! A chroot is no boundary: the spec's scripts and every package's maintainer scripts run as
+//! root. With `--vm` the whole build runs, unchanged, as `debimg build` inside a qemu machine
+//! that boots the builder appliance ([`appliance`]); this host attaches no loop device, mounts
+//! nothing of the build and runs none of its code. What crosses the boundary:
+//!
+//! - In, read-only: one tar on a raw disk (serial `debimg-input`) with this debimg binary, the
+//!   guest script (`guest.sh`), the arguments, and the files the spec names on this host placed
+//!   at the same paths (so that for `files[].source`, `local_debs`, `file://` repos, key files
+//!   and `mirror: host` the machine is "the host"); the package cache as a read-only 9p share,
+//!   which the guest overlays with a writable layer on its scratch disk. Nothing the machine
+//!   writes goes back into the cache.
+//! - A scratch disk (serial `debimg-scratch`), sparse, of the disk budget, formatted in the
+//!   guest: the build's workspace and its output directory.
+//! - Out: one tar on a raw disk (serial `debimg-output`) with `status` (the guest build's exit
+//!   code), and `out/`, the guest's output directory. This host reads that tar as data: regular
+//!   files and directories only, names checked, every file's size and sha256 checked against
+//!   the metadata the guest wrote, the metadata checked against this host's plan; only then
+//!   are the files published, the metadata last, as a host build publishes.
+//! - The guest's events (JSON lines) and its log arrive on two virtio serial ports; only stage
+//!   events are passed on, and the log's control characters are masked.
+//!
+//! Every disk file is unlinked from the start (`O_TMPFILE`) and reaches qemu as an inherited
+//! descriptor; the appliance's root is opened with `snapshot=on` (qemu's own unlinked
+//! overlay). qemu runs in its own process group, dies with debimg (`PR_SET_PDEATHSIG`), is
+//! killed on INT, TERM or HUP and when the wall-clock limit passes: a killed build leaves no
+//! file behind, and nothing reaches the output directory before the result is complete.
+
+pub mod appliance;
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::boottest::{Accel, kvm_usable};
+use crate::creator::{BuildOptions, Outcome};
+use crate::error::{Error, ErrorKind};
+use crate::event::{self, Event};
+use crate::metadata::Metadata;
+use crate::output::OutputLock;
+use crate::output::publish::{PendingOutputs, reusable};
+use crate::pack::digest::HashingWriter;
+use crate::plan::Plan;
+use crate::spec::Spec;
+use crate::stage::Stage;
+
+/// The script the guest runs (see its header).
+const GUEST_SCRIPT: &str = include_str!("guest.sh");
+
+/// The console line the guest prints once its init runs: the machine is alive.
+const UP_MARKER: &str = "debimg-vm: up";
+
+/// How long a KVM machine may take to print [`UP_MARKER`] before KVM is taken for one that
+/// does not work (this project's hosts have a `/dev/kvm` whose guests hang after the
+/// firmware) and the machine is started again with software emulation.
+const KVM_PROBE: Duration = Duration::from_secs(30);
+
+/// The largest metadata file taken from the machine.
+const MAX_METADATA_BYTES: u64 = 16 << 20;
+
+/// The longest line of the guest's events or log passed on as one.
+const MAX_LINE: usize = 64 << 10;
+
+/// How a `--vm` build's machine is made.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    /// Memory of the machine, in MiB.
+    pub memory_mib: u32,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Size of the scratch disk: the workspace and the outputs must fit in it.
+    pub disk_bytes: u64,
+    /// Wall-clock limit of the machine, from its start.
+    pub timeout: Option<Duration>,
+    pub accel: Accel,
+    /// Where the appliance is cached (`<cache-dir>/vm`).
+    pub appliance_dir: PathBuf,
+    /// The spec comes from someone this host does not trust: no file it names here is read or
+    /// sent in (its paths resolve inside the machine), and the host's apt sources go in only
+    /// when it asks for `host`.
+    pub untrusted: bool,
+}
+
+impl VmOptions {
+    /// The defaults: 2 GiB, every CPU (at most 8), a 32 GiB sparse scratch disk, no time
+    /// limit, KVM when it works.
+    pub fn new(appliance_dir: PathBuf) -> VmOptions {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(8) as u32);
+        VmOptions {
+            memory_mib: 2048,
+            cpus,
+            disk_bytes: 32 << 30,
+            timeout: None,
+            accel: Accel::Auto,
+            appliance_dir,
+            untrusted: false,
+        }
+    }
+}
+
+/// `spec` as this host may plan it when it comes from someone it does not trust: every file
+/// it names here left out (inline empty content, no local packages, no key files), so that
+/// planning reads nothing of this host. Its digest is not the machine's.
+pub fn without_host_files(spec: &Spec) -> Spec {
+    let mut s = spec.clone();
+    for f in &mut s.files {
+        if f.source.take().is_some() {
+            f.content = Some(String::new());
+        }
+    }
+    s.local_debs.clear();
+    for r in &mut s.repos {
+        if r.key.is_some() && !r.key_is_inline() {
+            r.key = None;
+        }
+    }
+    s
+}
+
+/// Builds `plan` (read from `spec` at `spec_path`, whose text is `spec_text`) inside a
+/// machine and publishes its outputs into `opts.output_dir`, as [`crate::creator::Creator`]
+/// would have. Reuses a matching output without starting a machine.
+pub fn create(
+    plan: &Plan,
+    spec: &Spec,
+    spec_path: &Path,
+    spec_text: &str,
+    opts: &BuildOptions,
+    vm: &VmOptions,
+) -> Result<Outcome, Error> {
+    let boundary = |e| Error::classify(e, None);
+    let metadata_path = opts.output_dir.join(plan.metadata_name());
+    if !opts.force
+        && let Some(metadata) = reusable(plan, &opts.output_dir)
+    {
+        return Ok(Outcome {
+            reused: true,
+            metadata_path,
+            metadata,
+        });
+    }
+    std::fs::create_dir_all(&opts.output_dir)
+        .with_context(|| format!("creating {}", opts.output_dir.display()))
+        .map_err(boundary)?;
+    let lock = OutputLock::acquire(&opts.output_dir, opts.wait).map_err(boundary)?;
+    let appliance = appliance::ensure(&vm.appliance_dir, &opts.build_dir).map_err(boundary)?;
+    let cache = match &opts.cache_dir {
+        Some(dir) => Some(
+            crate::cache::Cache::open(dir)
+                .map_err(boundary)?
+                .dir()
+                .to_path_buf(),
+        ),
+        None => None,
+    };
+    let input = make_input(plan, spec, spec_path, spec_text, opts, vm, cache.is_some())
+        .map_err(boundary)?;
+    let result = run_machine(&appliance, &input, cache.as_deref(), opts, vm)?;
+    let metadata = publish(&result, plan, lock, !vm.untrusted)?;
+    Ok(Outcome {
+        reused: false,
+        metadata_path,
+        metadata,
+    })
+}
+
+/// The files of one machine's input, on an unlinked file.
+struct Input {
+    tar: File,
+}
+
+/// Writes the input tar: the guest script, this binary, the arguments of the guest's build,
+/// the working directory, and the host files the spec names, at their paths.
+fn make_input(
+    plan: &Plan,
+    spec: &Spec,
+    spec_path: &Path,
+    spec_text: &str,
+    opts: &BuildOptions,
+    vm: &VmOptions,
+    with_cache: bool,
+) -> Result<Input> {
+    let build_dir = &opts.build_dir;
+    let file = tempfile::tempfile_in(build_dir)
+        .with_context(|| format!("creating the machine's input in {}", build_dir.display()))?;
+    let mut tar = tar::Builder::new(file);
+    tar.mode(tar::HeaderMode::Deterministic);
+    let add = |tar: &mut tar::Builder<File>, name: &str, bytes: &[u8], mode: u32| -> Result<()> {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(mode);
+        h.set_entry_type(tar::EntryType::Regular);
+        tar.append_data(&mut h, name, bytes)
+            .with_context(|| format!("adding {name} to the machine's input"))
+    };
+    add(&mut tar, "guest.sh", GUEST_SCRIPT.as_bytes(), 0o755)?;
+    let exe = std::env::current_exe().context("finding the debimg binary")?;
+    let mut bin = File::open("/proc/self/exe").context("opening the debimg binary")?;
+    let mut h = tar::Header::new_gnu();
+    h.set_size(bin.metadata()?.len());
+    h.set_mode(0o755);
+    tar.append_data(&mut h, "debimg", &mut bin)
+        .with_context(|| format!("adding {} to the machine's input", exe.display()))?;
+    let cwd = if vm.untrusted {
+        PathBuf::from("/")
+    } else {
+        std::env::current_dir().context("finding the working directory")?
+    };
+    let spec_abs = if vm.untrusted {
+        PathBuf::from("/run/debimg-spec.yaml")
+    } else {
+        std::path::absolute(spec_path)?
+    };
+    let mut args: Vec<String> = vec![
+        "build".into(),
+        text_arg(&spec_abs)?,
+        "--output".into(),
+        "/scratch/out".into(),
+        "--build-dir".into(),
+        "/scratch/build".into(),
+        "--message-format".into(),
+        "json".into(),
+        "--bootstrap".into(),
+        plan.backend.name().into(),
+    ];
+    if with_cache {
+        args.extend([
+            "--cache-dir".into(),
+            crate::creator::DEFAULT_CACHE_DIR.into(),
+        ]);
+    } else {
+        args.push("--no-cache".into());
+    }
+    if !opts.show_progress {
+        args.push("--quiet".into());
+    }
+    add(&mut tar, "args", (args.join("\n") + "\n").as_bytes(), 0o644)?;
+    add(&mut tar, "cwd", (text_arg(&cwd)? + "\n").as_bytes(), 0o644)?;
+    let features = if with_cache { "cache\n" } else { "" };
+    add(&mut tar, "features", features.as_bytes(), 0o644)?;
+    // The spec as read (a release's ID already in it), at its path.
+    add(
+        &mut tar,
+        &format!("root{}", text_arg(&spec_abs)?),
+        spec_text.as_bytes(),
+        0o644,
+    )?;
+    let paths = if vm.untrusted {
+        host_apt_sources(spec)
+    } else {
+        host_paths(plan, spec, &cwd)
+    };
+    for path in paths {
+        let name = format!("root{}", text_arg(&path)?);
+        let meta =
+            std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        if meta.is_dir() {
+            tar.append_dir_all(&name, &path)
+                .with_context(|| format!("adding {} to the machine's input", path.display()))?;
+        } else {
+            tar.append_path_with_name(&path, &name)
+                .with_context(|| format!("adding {} to the machine's input", path.display()))?;
+        }
+    }
+    let mut file = tar.into_inner().context("finishing the machine's input")?;
+    file.flush()?;
+    file.rewind()?;
+    Ok(Input { tar: file })
+}
+
+/// A path as one line of text for the guest script.
+fn text_arg(path: &Path) -> Result<String> {
+    let s = path.to_str().with_context(|| {
+        format!(
+            "{} is not UTF-8: a --vm build cannot name it",
+            path.display()
+        )
+    })?;
+    if s.contains('\n') {
+        bail!("{s:?} holds a line break: a --vm build cannot name it");
+    }
+    Ok(s.to_string())
+}
+
+/// The host files and directories the spec reads, as the guest will look for them: sources
+/// of `files`, `local_debs`, key files, `file://` mirrors and repositories, and the host's
+/// apt sources (for `mirror: host`).
+fn host_paths(plan: &Plan, spec: &Spec, cwd: &Path) -> Vec<PathBuf> {
+    let base = cwd.join(&spec.base_dir);
+    let mut out: Vec<PathBuf> = Vec::new();
+    for f in &spec.files {
+        if let Some(src) = &f.source {
+            out.push(base.join(src));
+        }
+    }
+    for d in &spec.local_debs {
+        out.push(base.join(d));
+    }
+    for r in &spec.repos {
+        if let Some(k) = &r.key
+            && !r.key_is_inline()
+        {
+            out.push(base.join(k));
+        }
+        if let Some(u) = r.uri.as_deref().and_then(|u| u.strip_prefix("file://")) {
+            out.push(PathBuf::from(u));
+        }
+    }
+    if let Some(u) = spec.mirror.strip_prefix("file://") {
+        out.push(PathBuf::from(u));
+    }
+    let _ = plan;
+    out.extend(apt_sources());
+    out.iter()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// The host's apt sources when `spec` asks for them (`mirror: host`, `uri: host`).
+fn host_apt_sources(spec: &Spec) -> Vec<PathBuf> {
+    let wants =
+        spec.mirror == "host" || spec.repos.iter().any(|r| r.uri.as_deref() == Some("host"));
+    if wants { apt_sources() } else { Vec::new() }
+}
+
+/// The files of this host's apt sources.
+fn apt_sources() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let apt = Path::new("/etc/apt");
+    if apt.join("sources.list").is_file() {
+        out.push(apt.join("sources.list"));
+    }
+    if let Ok(entries) = std::fs::read_dir(apt.join("sources.list.d")) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("list" | "sources")
+            ) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// What a machine left: its output disk, and what it said.
+struct MachineResult {
+    output: File,
+    /// The guest build's error, from its `build-finished` event.
+    guest_error: Option<serde_json::Value>,
+    console: String,
+}
+
+/// The disks of one machine.
+struct Disks {
+    input: File,
+    scratch: File,
+    output: File,
+}
+
+/// Runs the machine (probing KVM when asked) until it powers off; fails when it ends without
+/// a result, with the guest build's error, or when a limit or a signal stopped it.
+fn run_machine(
+    appliance: &appliance::Appliance,
+    input: &Input,
+    cache: Option<&Path>,
+    opts: &BuildOptions,
+    vm: &VmOptions,
+) -> Result<MachineResult, Error> {
+    let boundary = |e| Error::classify(e, None);
+    let new_disks = || -> Result<Disks> {
+        let scratch = tempfile::tempfile_in(&opts.build_dir)?;
+        scratch.set_len(vm.disk_bytes)?;
+        let output = tempfile::tempfile_in(&opts.build_dir)?;
+        // The outputs fit on the scratch disk; their tar a little more.
+        output.set_len(vm.disk_bytes + (64 << 20))?;
+        Ok(Disks {
+            input: input.tar.try_clone()?,
+            scratch,
+            output,
+        })
+    };
+    let kvm = match vm.accel {
+        Accel::Kvm => true,
+        Accel::Tcg => false,
+        Accel::Auto => kvm_usable() && !kvm_known_broken(&vm.appliance_dir),
+    };
+    if kvm {
+        let disks = new_disks().map_err(boundary)?;
+        let probe = (vm.accel == Accel::Auto).then_some(KVM_PROBE);
+        match boot(appliance, &disks, cache, opts, vm, true, probe)? {
+            Boot::Done(r) => return finish(r, disks, vm),
+            Boot::Silent => {
+                tracing::warn!(
+                    "the KVM machine did not come up in {}s (a nested or restricted KVM); starting it again with software emulation (and so until this host restarts)",
+                    KVM_PROBE.as_secs()
+                );
+                remember_kvm_broken(&vm.appliance_dir);
+            }
+        }
+    }
+    let disks = new_disks().map_err(boundary)?;
+    match boot(appliance, &disks, cache, opts, vm, false, None)? {
+        Boot::Done(r) => finish(r, disks, vm),
+        Boot::Silent => unreachable!("only a probed KVM machine gives up on silence"),
+    }
+}
+
+/// Records, in the appliance directory, that KVM machines do not come up on this host until
+/// it restarts: later `auto` builds go straight to software emulation.
+const KVM_BROKEN: &str = "kvm-unusable";
+
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+fn kvm_known_broken(dir: &Path) -> bool {
+    let Some(id) = boot_id() else { return false };
+    crate::output::OutputDir::open(dir)
+        .and_then(|d| d.open_regular(KVM_BROKEN))
+        .ok()
+        .and_then(|mut f| {
+            let mut s = String::new();
+            f.read_to_string(&mut s).ok()?;
+            Some(s.trim() == id)
+        })
+        .unwrap_or(false)
+}
+
+fn remember_kvm_broken(dir: &Path) {
+    if let Some(id) = boot_id()
+        && let Err(e) =
+            crate::output::write_atomic(dir, KVM_BROKEN, format!("{id}\n").as_bytes(), 0o644)
+    {
+        tracing::warn!("{e:#}");
+    }
+}
+
+/// A machine that powered off: its console and the guest's error.
+struct Ended {
+    console: String,
+    guest_error: Option<serde_json::Value>,
+}
+
+enum Boot {
+    Done(Ended),
+    /// A KVM machine that never came up: try software emulation.
+    Silent,
+}
+
+fn finish(r: Ended, disks: Disks, _vm: &VmOptions) -> Result<MachineResult, Error> {
+    Ok(MachineResult {
+        output: disks.output,
+        guest_error: r.guest_error,
+        console: r.console,
+    })
+}
+
+/// A pipe whose write end a child inherits; the read end stays here.
+fn pipe() -> Result<(File, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
+    Ok((File::from(r), w))
+}
+
+fn boot(
+    appliance: &appliance::Appliance,
+    disks: &Disks,
+    cache: Option<&Path>,
+    opts: &BuildOptions,
+    vm: &VmOptions,
+    kvm: bool,
+    probe: Option<Duration>,
+) -> Result<Boot, Error> {
+    let boundary = |e| Error::classify(e, None);
+    let (events_r, events_w) = pipe().map_err(boundary)?;
+    let (log_r, log_w) = pipe().map_err(boundary)?;
+    let fd = |f: &dyn AsRawFd| format!("/dev/fd/{}", f.as_raw_fd());
+    let drive = |path: &str, serial: &str, extra: &str| {
+        format!(
+            "file={},format=raw,if=none,id={serial},cache=unsafe,aio=threads{extra}",
+            path.replace(',', ",,")
+        )
+    };
+    let mut cmd = Command::new("qemu-system-x86_64");
+    const CMDLINE: &str = "root=LABEL=debimg-vm rw console=ttyS0 init=/usr/local/sbin/debimg-vm-init panic=-1 quiet loglevel=4";
+    cmd.args(["-machine", "q35", "-nodefaults", "-no-user-config"])
+        .args([
+            "-m",
+            &vm.memory_mib.to_string(),
+            "-smp",
+            &vm.cpus.to_string(),
+        ])
+        .args(["-accel", if kvm { "kvm" } else { "tcg" }])
+        .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
+        .args(["-no-reboot"])
+        .arg("-kernel")
+        .arg(&appliance.kernel)
+        .arg("-initrd")
+        .arg(&appliance.initrd)
+        .args(["-append", CMDLINE])
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=virtio,snapshot=on,cache=unsafe",
+            appliance.root.display().to_string().replace(',', ",,")
+        ));
+    for (file, serial, extra) in [
+        (&disks.input, "debimg-input", ",readonly=on"),
+        (&disks.scratch, "debimg-scratch", ""),
+        (&disks.output, "debimg-output", ""),
+    ] {
+        cmd.arg("-drive")
+            .arg(drive(&fd(file), serial, extra))
+            .arg("-device")
+            .arg(format!("virtio-blk-pci,drive={serial},serial={serial}"));
+    }
+    cmd.args(["-nic", "user,model=virtio-net-pci"])
+        .args(["-device", "virtio-serial-pci"])
+        .arg("-chardev")
+        .arg(format!("file,id=events,path={}", fd(&events_w)))
+        .args([
+            "-device",
+            "virtserialport,chardev=events,name=debimg.events",
+        ])
+        .arg("-chardev")
+        .arg(format!("file,id=log,path={}", fd(&log_w)))
+        .args(["-device", "virtserialport,chardev=log,name=debimg.log"]);
+    if let Some(dir) = cache {
+        cmd.arg("-virtfs").arg(format!(
+            "local,path={},mount_tag=debimg.cache,security_model=none,readonly=on",
+            dir.display().to_string().replace(',', ",,")
+        ));
+    }
+    // qemu's own temporary files (the root's overlay) go where the build's disks are.
+    cmd.env("TMPDIR", &opts.build_dir);
+    crate::output::inherit_fds(
+        &mut cmd,
+        &[
+            disks.input.as_fd(),
+            disks.scratch.as_fd(),
+            disks.output.as_fd(),
+            events_w.as_fd(),
+            log_w.as_fd(),
+        ],
+    );
+    // SAFETY: prctl is async-signal-safe; qemu dies with debimg even on SIGKILL.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    tracing::info!(
+        "starting the build machine ({}, {} MiB, {} CPUs, a {} GiB disk)",
+        if kvm { "KVM" } else { "software emulation" },
+        vm.memory_mib,
+        vm.cpus,
+        vm.disk_bytes >> 30
+    );
+    tracing::debug!("running {}", crate::cmd::command_line(&cmd));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .context("starting qemu-system-x86_64 (apt-get install qemu-system-x86)")
+        .map_err(boundary)?;
+    drop(events_w);
+    drop(log_w);
+    let machine = Machine::new(&mut child);
+    let console = Arc::new(Mutex::new(String::new()));
+    let up = Arc::new(AtomicBool::new(false));
+    let guest_error = Arc::new(Mutex::new(None));
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let readers = [
+        {
+            let console = console.clone();
+            let up = up.clone();
+            std::thread::spawn(move || read_console(stdout, &console, &up))
+        },
+        {
+            let console = console.clone();
+            std::thread::spawn(move || read_console(stderr, &console, &AtomicBool::new(false)))
+        },
+        {
+            let guest_error = guest_error.clone();
+            std::thread::spawn(move || read_events(events_r, &guest_error))
+        },
+        std::thread::spawn(move || read_log(log_r)),
+    ];
+    let started = Instant::now();
+    let stopped = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Stopped::Exited(status),
+            Ok(None) => {}
+            Err(e) => break Stopped::Failed(e.into()),
+        }
+        if let Some(sig) = crate::signals::interrupted() {
+            break Stopped::Signal(sig);
+        }
+        if let Some(limit) = vm.timeout
+            && started.elapsed() > limit
+        {
+            break Stopped::TimeLimit(limit);
+        }
+        if let Some(p) = probe
+            && !up.load(Ordering::SeqCst)
+            && started.elapsed() > p
+        {
+            break Stopped::Silent;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let exited = matches!(stopped, Stopped::Exited(_));
+    if !exited {
+        machine.kill();
+    }
+    let _ = child.wait();
+    for r in readers {
+        let _ = r.join();
+    }
+    let console = std::mem::take(&mut *console.lock().unwrap_or_else(|e| e.into_inner()));
+    let guest_error = guest_error.lock().unwrap_or_else(|e| e.into_inner()).take();
+    match stopped {
+        Stopped::Exited(status) if status.success() => Ok(Boot::Done(Ended {
+            console,
+            guest_error,
+        })),
+        Stopped::Exited(status) => Err(boundary(anyhow::anyhow!(
+            "the build machine's qemu failed ({status}): {}",
+            tail(&console, 20)
+        ))),
+        Stopped::Failed(e) => Err(boundary(e.context("waiting for qemu"))),
+        Stopped::Signal(sig) => Err(boundary(anyhow::anyhow!(
+            "the build machine was stopped (signal {sig})"
+        ))),
+        Stopped::TimeLimit(limit) => Err(Error::classify(
+            Error::tagged(
+                ErrorKind::LimitExceeded,
+                format!(
+                    "the build machine ran longer than its wall-clock limit of {}s (--vm-timeout) and was stopped",
+                    limit.as_secs()
+                ),
+            ),
+            None,
+        )),
+        Stopped::Silent => Ok(Boot::Silent),
+    }
+}
+
+enum Stopped {
+    Exited(std::process::ExitStatus),
+    Failed(anyhow::Error),
+    Signal(i32),
+    TimeLimit(Duration),
+    Silent,
+}
+
+/// qemu's process group, killed when this goes.
+struct Machine {
+    pgid: i32,
+    _group: crate::signals::ChildGroup,
+}
+
+impl Machine {
+    fn new(child: &mut Child) -> Machine {
+        let pgid = child.id() as i32;
+        Machine {
+            pgid,
+            _group: crate::signals::ChildGroup::register(pgid),
+        }
+    }
+
+    fn kill(&self) {
+        crate::signals::kill_group(self.pgid);
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        // A machine still running when its build gives up (a panic, an early return) goes.
+        self.kill();
+    }
+}
+
+/// Keeps the last 256 KiB of the console (and qemu's stderr) for errors; marks the machine up.
+fn read_console(src: impl Read, console: &Mutex<String>, up: &AtomicBool) {
+    let mut r = BufReader::new(src);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match r.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let text = mask(&String::from_utf8_lossy(&line));
+        let text = text.trim_end();
+        if text == UP_MARKER {
+            up.store(true, Ordering::SeqCst);
+        }
+        tracing::debug!("vm: {text}");
+        let mut c = console.lock().unwrap_or_else(|e| e.into_inner());
+        c.push_str(text);
+        c.push('\n');
+        if c.len() > 256 << 10 {
+            let cut = c.len() - (192 << 10);
+            let cut = (cut..c.len())
+                .find(|&i| c.is_char_boundary(i))
+                .unwrap_or(c.len());
+            c.drain(..cut);
+        }
+    }
+}
+
+/// Passes the guest's stage events on; keeps its `build-finished` error.
+fn read_events(src: File, guest_error: &Mutex<Option<serde_json::Value>>) {
+    let mut r = BufReader::new(src);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut r).take(MAX_LINE as u64).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let stage = || serde_json::from_value::<Stage>(v.get("stage")?.clone()).ok();
+        match v.get("reason").and_then(|r| r.as_str()) {
+            Some("stage-started") => {
+                if let Some(stage) = stage() {
+                    event::emit(&Event::StageStarted { stage });
+                }
+            }
+            Some("stage-finished") => {
+                let seconds = v.get("seconds").and_then(|s| s.as_f64()).unwrap_or(0.0);
+                if let Some(stage) = stage() {
+                    event::emit(&Event::StageFinished { stage, seconds });
+                }
+            }
+            Some("build-finished") => {
+                if let Some(e) = v.get("error") {
+                    *guest_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Copies the guest's log to stderr, control characters masked.
+fn read_log(src: File) {
+    let mut r = BufReader::new(src);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut r).take(MAX_LINE as u64).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let text = mask(&String::from_utf8_lossy(&line));
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{}", text.trim_end_matches('\n'));
+    }
+}
+
+/// `text` with every control character but tab and line feed shown as `?`: what the machine
+/// prints must not drive this host's terminal.
+fn mask(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Reads the output disk: the guest's status, then its outputs, published into the output
+/// directory when everything checks out.
+fn publish(
+    result: &MachineResult,
+    plan: &Plan,
+    lock: OutputLock,
+    same_digest: bool,
+) -> Result<Metadata, Error> {
+    let boundary = |e| Error::classify(e, None);
+    let mut output = result.output.try_clone().map_err(|e| boundary(e.into()))?;
+    output.rewind().map_err(|e| boundary(e.into()))?;
+    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, output));
+    let mut status: Option<String> = None;
+    let mut reason: Option<String> = None;
+    let mut pending = PendingOutputs::in_dir(lock.dir().try_clone().map_err(boundary)?);
+    let metadata_name = plan.metadata_name();
+    let attachments = plan.attachments_dir_name();
+    // name -> (size, sha256) of every file taken.
+    let mut taken: std::collections::BTreeMap<String, (u64, String)> = Default::default();
+    let mut metadata_text: Option<String> = None;
+    let entries = archive
+        .entries()
+        .context("reading the build machine's output disk")
+        .map_err(boundary)?;
+    for entry in entries {
+        let mut entry = match entry {
+            Ok(e) => e,
+            // A machine that stopped before writing leaves no tar at all.
+            Err(_) if status.is_none() => break,
+            Err(e) => {
+                return Err(boundary(
+                    anyhow::Error::new(e).context("reading the build machine's output disk"),
+                ));
+            }
+        };
+        let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let name = raw
+            .trim_start_matches("./")
+            .trim_end_matches('/')
+            .to_string();
+        let kind = entry.header().entry_type();
+        if kind == tar::EntryType::Directory {
+            continue;
+        }
+        if kind != tar::EntryType::Regular {
+            return Err(boundary(anyhow::anyhow!(
+                "the build machine's output holds {name:?}, which is not a regular file: refused"
+            )));
+        }
+        match name.as_str() {
+            "status" | "reason" => {
+                let mut s = String::new();
+                (&mut entry)
+                    .take(256)
+                    .read_to_string(&mut s)
+                    .map_err(|e| boundary(e.into()))?;
+                if name == "status" {
+                    status = Some(s.trim().to_string());
+                } else {
+                    reason = Some(s.trim().to_string());
+                }
+                continue;
+            }
+            _ => {}
+        }
+        if status.as_deref() != Some("0") {
+            break;
+        }
+        let Some(rel) = name.strip_prefix("out/") else {
+            return Err(boundary(anyhow::anyhow!(
+                "the build machine's output holds {name:?}, outside its output directory: refused"
+            )));
+        };
+        if !rel
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.starts_with(".debimg"))
+        {
+            return Err(boundary(anyhow::anyhow!(
+                "the build machine's output holds the name {rel:?}: refused"
+            )));
+        }
+        if rel == metadata_name {
+            let mut text = String::new();
+            (&mut entry)
+                .take(MAX_METADATA_BYTES)
+                .read_to_string(&mut text)
+                .context("reading the build machine's metadata")
+                .map_err(boundary)?;
+            metadata_text = Some(text);
+        } else if let Some(sub) = rel.strip_prefix(&format!("{attachments}/")) {
+            let d = pending
+                .attach(&attachments, sub, &mut entry)
+                .map_err(boundary)?;
+            taken.insert(rel.to_string(), (d.size, d.sha256));
+        } else if !rel.contains('/') {
+            let (file, _) = pending.create_temp(rel).map_err(boundary)?;
+            let mut w = HashingWriter::new(file);
+            std::io::copy(&mut entry, &mut w)
+                .with_context(|| format!("copying {rel} out of the build machine"))
+                .map_err(boundary)?;
+            let (_, d) = w.finish();
+            taken.insert(rel.to_string(), (d.size, d.sha256));
+        } else {
+            return Err(boundary(anyhow::anyhow!(
+                "the build machine's output holds {rel:?}, which no build of this spec makes: refused"
+            )));
+        }
+    }
+    match status.as_deref() {
+        Some("0") => {}
+        None => return Err(no_result(result)),
+        Some(code) => return Err(guest_failure(result, code, reason.as_deref())),
+    }
+    let text = metadata_text
+        .context("the build machine's output has no metadata")
+        .map_err(boundary)?;
+    let metadata: Metadata = serde_saphyr::from_str(&text)
+        .context("reading the build machine's metadata")
+        .map_err(boundary)?;
+    check_outputs(plan, &metadata, &taken, same_digest).map_err(boundary)?;
+    let images: Vec<&str> = taken
+        .keys()
+        .filter(|n| !n.contains('/'))
+        .map(String::as_str)
+        .collect();
+    pending
+        .publish(&images, &attachments, &metadata_name, &text)
+        .map_err(boundary)?;
+    Ok(metadata)
+}
+
+/// Whether the files taken from the machine are exactly those the metadata lists, with their
+/// sizes and digests, and the metadata is that of this plan.
+fn check_outputs(
+    plan: &Plan,
+    m: &Metadata,
+    taken: &std::collections::BTreeMap<String, (u64, String)>,
+    same_digest: bool,
+) -> Result<()> {
+    if same_digest && m.spec_digest != plan.digest {
+        bail!(
+            "the build machine built another spec (digest {}, this host planned {}): refused",
+            m.spec_digest,
+            plan.digest
+        );
+    }
+    let mut listed: std::collections::BTreeMap<String, (u64, String)> = Default::default();
+    for i in &m.images {
+        listed.insert(
+            i.container_name.clone(),
+            (i.container_size, i.container_sha256.clone()),
+        );
+    }
+    for f in &m.files {
+        listed.insert(f.name.clone(), (f.size, f.sha256.clone()));
+    }
+    for a in &m.attachments {
+        listed.insert(a.file.clone(), (a.size, a.sha256.clone()));
+    }
+    let names: Vec<&String> = m.images.iter().map(|i| &i.container_name).collect();
+    if names != plan.container_names().iter().collect::<Vec<_>>() {
+        bail!("the build machine's metadata lists other images than this spec makes: refused");
+    }
+    let extra: Vec<&String> = m.files.iter().map(|f| &f.name).collect();
+    if extra != plan.extra_output_names().iter().collect::<Vec<_>>() {
+        bail!("the build machine's metadata lists other files than this spec makes: refused");
+    }
+    if listed != *taken {
+        let differ: Vec<&String> = listed
+            .keys()
+            .chain(taken.keys())
+            .filter(|k| listed.get(*k) != taken.get(*k))
+            .collect();
+        bail!(
+            "the build machine's outputs do not match its metadata ({}): refused",
+            differ
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The error of a machine that powered off without a result: out of memory, or it died.
+fn no_result(result: &MachineResult) -> Error {
+    let console = &result.console;
+    if console.contains("Out of memory") || console.contains("oom-kill") {
+        return Error::classify(
+            Error::tagged(
+                ErrorKind::LimitExceeded,
+                format!(
+                    "the build machine ran out of memory (raise --vm-memory); its console:\n{}",
+                    tail(console, 15)
+                ),
+            ),
+            None,
+        );
+    }
+    Error::classify(
+        anyhow::anyhow!(
+            "the build machine stopped without a result; its console:\n{}",
+            tail(console, 30)
+        ),
+        None,
+    )
+}
+
+/// The error of a guest build that failed: its own kind, stage and message.
+fn guest_failure(result: &MachineResult, code: &str, reason: Option<&str>) -> Error {
+    if reason == Some("disk-full") {
+        return Error::classify(
+            Error::tagged(
+                ErrorKind::NoSpace,
+                "the build machine's disk budget is used up (raise --vm-disk)",
+            ),
+            None,
+        );
+    }
+    if code == "125" {
+        return Error::classify(
+            anyhow::anyhow!(
+                "the build machine could not start the build: {}; its console:\n{}",
+                reason.unwrap_or("unknown"),
+                tail(&result.console, 20)
+            ),
+            None,
+        );
+    }
+    if result.console.contains("Out of memory") {
+        return no_result(result);
+    }
+    let e = result.guest_error.as_ref();
+    let message = e
+        .and_then(|e| e.get("message"))
+        .and_then(|m| m.as_str())
+        .map(mask)
+        .unwrap_or_else(|| format!("the build in the machine exited with {code}"));
+    let stage = e
+        .and_then(|e| e.get("stage"))
+        .and_then(|s| serde_json::from_value::<Stage>(s.clone()).ok());
+    let kind = match e.and_then(|e| e.get("kind")).and_then(|k| k.as_str()) {
+        Some("invalid-spec") => ErrorKind::InvalidSpec,
+        Some("missing-tools") => ErrorKind::MissingTools,
+        Some("no-space") => ErrorKind::NoSpace,
+        Some("refused") => ErrorKind::Refused,
+        _ => ErrorKind::Failed,
+    };
+    Error::classify(
+        Error::tagged(kind, format!("in the build machine: {message}")),
+        stage,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pack::digest::hex;
+    use sha2::{Digest, Sha256};
+
+    const SPEC: &str = "version: 1\nname: tb\nsuite: bookworm\nkind: tarball\n";
+
+    /// The metadata a guest would write for `archive` (the tarball's bytes).
+    fn metadata(plan: &Plan, archive: &[u8]) -> String {
+        let image = crate::metadata::ImageMeta {
+            container: "gzip".into(),
+            container_name: "tb.tar.gz".into(),
+            container_size: archive.len() as u64,
+            container_md5: String::new(),
+            container_sha256: hex(&Sha256::digest(archive)),
+            format: "tar".into(),
+            raw_md5: String::new(),
+            raw_name: "tb.tar".into(),
+            raw_size: 0,
+            raw_sha256: String::new(),
+            mount: "/".into(),
+            label: None,
+            uuid: String::new(),
+        };
+        Metadata {
+            name: "tb".into(),
+            debimg_version: String::new(),
+            spec_digest: plan.digest.clone(),
+            bootstrap: String::new(),
+            build_start: String::new(),
+            build_end: String::new(),
+            images: vec![image],
+            repos: vec![],
+            packages: vec![],
+            installed: Default::default(),
+            kind: "tarball".into(),
+            files: vec![],
+            attachments: vec![],
+        }
+        .to_yaml()
+        .unwrap()
+    }
+
+    /// An output disk holding `entries`: (name, kind, bytes or link target).
+    fn disk(entries: &[(&str, tar::EntryType, &[u8])]) -> File {
+        let mut b = tar::Builder::new(tempfile::tempfile().unwrap());
+        for (name, kind, bytes) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_mode(0o644);
+            if *kind == tar::EntryType::Symlink {
+                h.set_size(0);
+                b.append_link(&mut h, name, std::str::from_utf8(bytes).unwrap())
+                    .unwrap();
+            } else if name.contains("..") {
+                // The tar crate writes no `..`; a hostile guest's tar would.
+                h.set_size(bytes.len() as u64);
+                h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+                h.set_cksum();
+                b.append(&h, *bytes).unwrap();
+            } else {
+                h.set_size(bytes.len() as u64);
+                b.append_data(&mut h, name, *bytes).unwrap();
+            }
+        }
+        let f = b.into_inner().unwrap();
+        // The rest of the disk: zeros, as a sparse file reads.
+        f.set_len(f.metadata().unwrap().len() + (1 << 20)).unwrap();
+        f
+    }
+
+    fn take(
+        entries: &[(&str, tar::EntryType, &[u8])],
+    ) -> (Result<Metadata, Error>, tempfile::TempDir) {
+        let plan = Plan::for_test(SPEC);
+        let out = tempfile::tempdir().unwrap();
+        let lock = OutputLock::acquire(out.path(), false).unwrap();
+        let result = MachineResult {
+            output: disk(entries),
+            guest_error: None,
+            console: "Out of nothing\n".into(),
+        };
+        (publish(&result, &plan, lock, true), out)
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != crate::output::lock::OUTPUT_LOCK)
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_complete_result_is_published_and_anything_else_leaves_nothing() {
+        use tar::EntryType::{Directory, Regular, Symlink};
+        let plan = Plan::for_test(SPEC);
+        let archive: &[u8] = b"the archive";
+        let meta = metadata(&plan, archive);
+        let good = [
+            ("./", Directory, &b""[..]),
+            ("./status", Regular, b"0\n"),
+            ("out/", Directory, b""),
+            ("out/tb.tar.gz", Regular, archive),
+            ("out/tb.yaml", Regular, meta.as_bytes()),
+        ];
+        let (res, out) = take(&good);
+        let m = res.unwrap();
+        assert_eq!(m.images[0].container_name, "tb.tar.gz");
+        assert_eq!(names(out.path()), ["tb.tar.gz", "tb.yaml"]);
+        assert_eq!(
+            std::fs::read(out.path().join("tb.tar.gz")).unwrap(),
+            archive
+        );
+
+        let refused = |entries: &[(&str, tar::EntryType, &[u8])], why: &str| {
+            let (res, out) = take(entries);
+            let e = res.expect_err(why);
+            assert!(
+                names(out.path()).is_empty(),
+                "{why}: {:?}",
+                names(out.path())
+            );
+            e.to_string()
+        };
+        // A link, however named.
+        let e = refused(
+            &[good[1], ("out/tb.tar.gz", Symlink, b"/etc/shadow"), good[4]],
+            "a link",
+        );
+        assert!(e.contains("not a regular file"), "{e}");
+        // A name outside the output directory, and `..`.
+        let e = refused(
+            &[good[1], ("etc/passwd", Regular, b"x"), good[3], good[4]],
+            "outside",
+        );
+        assert!(e.contains("outside its output directory"), "{e}");
+        let e = refused(
+            &[good[1], ("out/../x", Regular, b"x"), good[3], good[4]],
+            "dotdot",
+        );
+        assert!(e.contains("refused"), "{e}");
+        // An image other than the metadata says.
+        let e = refused(
+            &[good[1], ("out/tb.tar.gz", Regular, b"another"), good[4]],
+            "forged image",
+        );
+        assert!(e.contains("do not match its metadata"), "{e}");
+        // A file no build of this spec makes.
+        let e = refused(
+            &[good[1], good[3], ("out/extra", Regular, b"x"), good[4]],
+            "extra file",
+        );
+        assert!(e.contains("do not match"), "{e}");
+        // Another spec's metadata.
+        let other = metadata(
+            &Plan::for_test(&format!("{SPEC}hostname: other\n")),
+            archive,
+        );
+        let e = refused(
+            &[good[1], good[3], ("out/tb.yaml", Regular, other.as_bytes())],
+            "another spec",
+        );
+        assert!(e.contains("another spec"), "{e}");
+        // No metadata.
+        refused(&[good[1], good[3]], "no metadata");
+        // A failed build: its files are not even looked at.
+        let e = refused(&[("./status", Regular, b"1\n"), good[3], good[4]], "failed");
+        assert!(e.contains("exited with 1"), "{e}");
+        // No status at all (the disk as qemu left it: zeros).
+        let e = refused(&[], "empty disk");
+        assert!(e.contains("without a result"), "{e}");
+    }
+
+    #[test]
+    fn masking_keeps_text_and_hides_terminal_controls() {
+        assert_eq!(mask("a\tb\n"), "a\tb\n");
+        assert_eq!(mask("\x1b]0;owned\x07x"), "?]0;owned?x");
+        assert_eq!(mask("\r"), "?");
+    }
+
+    #[test]
+    fn tail_gives_the_last_lines() {
+        assert_eq!(tail("a\nb\nc\n", 2), "b\nc");
+        assert_eq!(tail("a", 5), "a");
+    }
+}

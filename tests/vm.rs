@@ -1,0 +1,634 @@
+//! `debimg build --vm`: the whole build inside a throwaway qemu machine. Real builds from the
+//! host's mirror, under software emulation on this project's hosts (their KVM hangs).
+//!
+//! Every test here builds in a machine; host builds happen only before a [`LoopWatch`] starts,
+//! and the watch asserts that no loop device was attached on this host while the machines ran.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use debimg::metadata::Metadata;
+use debimg::sys::loopdev;
+use debimg::sys::mount;
+use nix::mount::MsFlags;
+
+/// Held for writing while a test builds on the host (attaching loop devices), for reading
+/// while a [`LoopWatch`] runs: the tests of this file run side by side.
+static HOST_BUILDS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Polls the host's loop devices every 100 ms and keeps every backing file it sees.
+struct LoopWatch {
+    _no_host_builds: std::sync::RwLockReadGuard<'static, ()>,
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<String>>>,
+    polls: Arc<Mutex<u64>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn attached_loops() -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        if let Ok(f) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
+            out.push(format!("{name}: {}", f.trim()));
+        }
+    }
+    out
+}
+
+impl LoopWatch {
+    fn start() -> LoopWatch {
+        let no_host_builds = HOST_BUILDS.read().unwrap_or_else(|e| e.into_inner());
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let polls = Arc::new(Mutex::new(0));
+        let thread = {
+            let (stop, seen, polls) = (stop.clone(), seen.clone(), polls.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let now = attached_loops();
+                    let mut s = seen.lock().unwrap();
+                    for l in now {
+                        if !s.contains(&l) {
+                            s.push(l);
+                        }
+                    }
+                    *polls.lock().unwrap() += 1;
+                    drop(s);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        LoopWatch {
+            _no_host_builds: no_host_builds,
+            stop,
+            seen,
+            polls,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops watching; returns how often it looked and what it saw.
+    fn finish(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap();
+        let polls = *self.polls.lock().unwrap();
+        (polls, self.seen.lock().unwrap().clone())
+    }
+}
+
+/// Every entry below `root` with what identifies its content: type, mode, owner and the
+/// sha256 of a file, the target of a link, the numbers of a device.
+fn tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let ft = m.file_type();
+            let what = if ft.is_symlink() {
+                format!("l {}", std::fs::read_link(&p).unwrap().display())
+            } else if ft.is_dir() {
+                stack.push(p.clone());
+                "d".to_string()
+            } else if ft.is_file() {
+                format!("f {}", sums(&p).1)
+            } else if ft.is_block_device() || ft.is_char_device() {
+                format!("c {}", m.rdev())
+            } else {
+                "o".to_string()
+            };
+            out.insert(
+                rel,
+                format!(
+                    "{what} {:o} {}:{}",
+                    m.permissions().mode() & 0o7777,
+                    m.uid(),
+                    m.gid()
+                ),
+            );
+        }
+    }
+    out
+}
+
+/// Files whose content differs between any two builds of one spec (logs, caches keyed by
+/// time): the only differences allowed between a host build and a machine's.
+fn varies_per_build(path: &str) -> bool {
+    path.starts_with("var/log/")
+        || path.starts_with("var/cache/debconf/")
+        || path.starts_with("var/lib/dpkg/")
+            && (path.ends_with("-old") || path.starts_with("var/lib/dpkg/triggers"))
+        || path == "var/cache/ldconfig/aux-cache"
+        || path == "etc/shadow"
+        || path == "etc/shadow-"
+        || path == "etc/gshadow-"
+        || path == "var/lib/systemd/deb-systemd-helper-enabled/ssh.service.dsh-also"
+        || path.starts_with("var/lib/apt/")
+        || path.starts_with("var/lib/ucf/")
+}
+
+/// Differences between two trees, except those [`varies_per_build`] allows.
+fn tree_differences(a: &Path, b: &Path) -> Vec<String> {
+    let (ta, tb) = (tree(a), tree(b));
+    let mut out = Vec::new();
+    for k in ta
+        .keys()
+        .chain(tb.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        if ta.get(k) != tb.get(k) && !varies_per_build(k) {
+            out.push(format!("{k}: host {:?}, vm {:?}", ta.get(k), tb.get(k)));
+        }
+    }
+    out
+}
+
+fn vm_build(spec: &Path, out: &Path, build_dir: &Path, extra: &[&str]) -> Run {
+    let mut args = vec!["--vm", "--vm-accel", "tcg"];
+    args.extend_from_slice(extra);
+    build(spec, out, build_dir, &args)
+}
+
+/// qemu processes started for builds in `build_dir` (their TMPDIR).
+fn machines_of(build_dir: &Path) -> Vec<i32> {
+    let want = format!("TMPDIR={}", build_dir.display());
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if env.split(|&b| b == 0).any(|v| v == want.as_bytes()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Nothing of a machine left: no qemu, no file in its build directory, nothing partial in the
+/// output directory.
+fn assert_machine_gone(build_dir: &Path, out: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !machines_of(build_dir).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        machines_of(build_dir),
+        Vec::<i32>::new(),
+        "qemu left running"
+    );
+    let left: Vec<_> = std::fs::read_dir(build_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left in the build directory: {left:?}");
+    if out.exists() {
+        let files: Vec<_> = std::fs::read_dir(out)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != ".debimg.lock")
+            .collect();
+        assert!(files.is_empty(), "left in the output directory: {files:?}");
+    }
+}
+
+#[test]
+fn machine_builds_equal_host_builds_and_attach_nothing_here() {
+    if !can_build() {
+        return;
+    }
+    let work = scratch("vm-equal");
+    let w = work.path();
+    let dirs = |tag: &str| {
+        let b = w.join(format!("{tag}-build"));
+        std::fs::create_dir_all(&b).unwrap();
+        (w.join(format!("{tag}-out")), b)
+    };
+    let (host_min, host_min_b) = dirs("host-minimal");
+    let (host_cloud, host_cloud_b) = dirs("host-cloud");
+    let (vm_min, vm_min_b) = dirs("vm-minimal");
+    let (vm_cloud, vm_cloud_b) = dirs("vm-cloud");
+    let minimal = example("minimal.yaml");
+    let cloud = example("cloud.yaml");
+    // The host builds first, side by side: they attach loop devices, the machines must not.
+    let host_builds = HOST_BUILDS.write().unwrap_or_else(|e| e.into_inner());
+    std::thread::scope(|s| {
+        let a = s.spawn(|| build(&minimal, &host_min, &host_min_b, &["-q"]));
+        let b = s.spawn(|| build(&cloud, &host_cloud, &host_cloud_b, &["-q"]));
+        a.join().unwrap().assert_ok("host minimal");
+        b.join().unwrap().assert_ok("host cloud");
+    });
+    drop(host_builds);
+    let watch = LoopWatch::start();
+    let (rm, rc) = std::thread::scope(|s| {
+        let a = s.spawn(|| vm_build(&minimal, &vm_min, &vm_min_b, &[]));
+        let b = s.spawn(|| vm_build(&cloud, &vm_cloud, &vm_cloud_b, &["-q"]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let (polls, seen) = watch.finish();
+    // What follows attaches loop devices to look into the images.
+    let _host_builds = HOST_BUILDS.write().unwrap_or_else(|e| e.into_inner());
+    rm.assert_ok("minimal in a machine");
+    rc.assert_ok("cloud in a machine");
+    assert!(polls > 100, "the watch looked only {polls} times");
+    assert_eq!(
+        seen,
+        Vec::<String>::new(),
+        "loop devices attached on the host while the machines built"
+    );
+    let err = rm.stderr();
+    assert!(
+        err.contains("starting the build machine (software emulation"),
+        "{err}"
+    );
+    // The guest's log arrives here, stage by stage, and the cache was shared.
+    assert!(err.contains("stage install: done in"), "{err}");
+    assert!(err.contains("base tree from the cache"), "{err}");
+    assert!(
+        rm.stdout().contains("minimal-root.img.gz"),
+        "{}",
+        rm.stdout()
+    );
+    for b in [&vm_min_b, &vm_cloud_b] {
+        assert_machine_gone(b, Path::new("/nonexistent"));
+    }
+
+    // minimal: the same spec digest, package set and versions, a clean filesystem with the
+    // same files.
+    let hm = Metadata::read(&host_min.join("minimal.yaml")).unwrap();
+    let vmm = Metadata::read(&vm_min.join("minimal.yaml")).unwrap();
+    assert_eq!(vmm.spec_digest, hm.spec_digest);
+    assert_eq!(vmm.installed, hm.installed);
+    assert_eq!(vmm.packages, hm.packages);
+    let hraws = check_outputs(&host_min, &hm, &w.join("host-minimal-build"));
+    let vraws = check_outputs(&vm_min, &vmm, &w.join("vm-minimal-build"));
+    {
+        let ht = MountedTree::mount(&hm, &hraws);
+        let vt = MountedTree::mount(&vmm, &vraws);
+        let diff = tree_differences(ht.root.path(), vt.root.path());
+        assert!(diff.is_empty(), "the trees differ:\n{}", diff.join("\n"));
+        let status = |t: &MountedTree| dpkg_installed(&t.read("/var/lib/dpkg/status"));
+        assert_eq!(status(&vt), status(&ht));
+    }
+    for r in hraws.iter().chain(&vraws) {
+        std::fs::remove_file(r).unwrap();
+    }
+    // Reused like any output: nothing starts.
+    let again = vm_build(&minimal, &vm_min, &vm_min_b, &[]);
+    again.assert_ok("reuse");
+    assert!(again.stderr().contains("reused"), "{}", again.stderr());
+    assert!(!again.stderr().contains("starting the build machine"));
+
+    // cloud: the same packages; every format checks out; the root is fsck-clean and holds the
+    // host build's files; the disk boots.
+    let hc = Metadata::read(&host_cloud.join("cloud.yaml")).unwrap();
+    let vc = Metadata::read(&vm_cloud.join("cloud.yaml")).unwrap();
+    assert_eq!(vc.spec_digest, hc.spec_digest);
+    assert_eq!(vc.installed, hc.installed);
+    for img in &vc.images {
+        let p = vm_cloud.join(&img.container_name);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), img.container_size);
+        assert_eq!(sums(&p).1, img.container_sha256, "{}", img.container_name);
+    }
+    {
+        let hd = loopdev::attach_partitioned(&host_cloud.join("cloud.img")).unwrap();
+        let vd = loopdev::attach_partitioned(&vm_cloud.join("cloud.img")).unwrap();
+        let (hr, vr) = (hd.partition(3).unwrap(), vd.partition(3).unwrap());
+        tool("e2fsck", &["-fn", vr.to_str().unwrap()]);
+        let (hmnt, vmnt) = (scratch("vm-host-root"), scratch("vm-vm-root"));
+        let ro = MsFlags::MS_RDONLY;
+        let m1 = mount::mount(hr.to_str().unwrap(), hmnt.path(), Some("ext4"), ro, None).unwrap();
+        let m2 = mount::mount(vr.to_str().unwrap(), vmnt.path(), Some("ext4"), ro, None).unwrap();
+        let diff: Vec<String> = tree_differences(hmnt.path(), vmnt.path())
+            .into_iter()
+            // The filesystem UUIDs are each build's own, and so are the files naming them.
+            .filter(|d| {
+                !["etc/fstab:", "boot/grub/grub.cfg:", "etc/default/grub:"]
+                    .iter()
+                    .any(|p| d.starts_with(p))
+            })
+            .collect();
+        m2.close().unwrap();
+        m1.close().unwrap();
+        vd.close().unwrap();
+        hd.close().unwrap();
+        assert!(
+            diff.is_empty(),
+            "the cloud roots differ:\n{}",
+            diff.join("\n")
+        );
+    }
+    let boot = debimg(&[
+        "boot-test",
+        vm_cloud.join("cloud.qcow2").to_str().unwrap(),
+        "--expect",
+        "DEBIMG-BOOT-OK",
+        "--accel",
+        "tcg",
+    ]);
+    boot.assert_ok("boot of the machine-built cloud disk");
+}
+
+/// A spec that tries to reach the host from its post scripts, on and off the chroot.
+const HOSTILE: &str = r#"version: 1
+name: hostile
+suite: bookworm
+variant: minbase
+mirror: host
+kind: tarball
+local_debs: [DEB]
+files:
+  - {source: MOTD, dest: /etc/motd}
+post:
+  - name: outside-the-chroot
+    chroot: false
+    script: |
+      echo pwned > /tmp/debimg-hostile-MARK
+      cp /etc/shadow "$INSTALL_ROOT/stolen-shadow"
+      ls / > "$INSTALL_ROOT/outside-listing"
+  - name: inside-the-chroot
+    script: |
+      ls /proc/1/root/ > /proc1-listing 2>&1 || true
+      echo pwned > /proc/1/root/tmp/debimg-hostile-MARK2 2>/dev/null || true
+      mknod /host-disk b MAJOR MINOR 2>/dev/null || true
+      dd if=/host-disk of=/stolen-sector bs=512 count=1 2>/dev/null || true
+"#;
+
+#[test]
+fn a_hostile_spec_in_a_machine_reaches_nothing_of_the_host() {
+    if !can_build() {
+        return;
+    }
+    let work = scratch("vm-hostile");
+    let out = work.path().join("out");
+    let bdir = work.path().join("build");
+    std::fs::create_dir_all(&bdir).unwrap();
+    // The host's first disk: what a mknod of its numbers would read here.
+    let partitions = std::fs::read_to_string("/proc/partitions").unwrap();
+    let (major, minor, disk) = partitions
+        .lines()
+        .skip(2)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 4 && !f[3].starts_with("loop"))
+                .then(|| (f[0].to_string(), f[1].to_string(), f[3].to_string()))
+        })
+        .next()
+        .expect("a disk in /proc/partitions");
+    let host_sector = {
+        use std::io::Read;
+        let mut b = vec![0u8; 512];
+        std::fs::File::open(format!("/dev/{disk}"))
+            .unwrap()
+            .read_exact(&mut b)
+            .unwrap();
+        b
+    };
+    let spec = work.path().join("hostile.yaml");
+    std::fs::write(
+        &spec,
+        HOSTILE
+            .replace("MAJOR", &major)
+            .replace("MINOR", &minor)
+            .replace(
+                "DEB",
+                example("debs/debimg-hello_1.0_all.deb").to_str().unwrap(),
+            )
+            .replace("MOTD", example("files/motd").to_str().unwrap()),
+    )
+    .unwrap();
+    for m in ["/tmp/debimg-hostile-MARK", "/tmp/debimg-hostile-MARK2"] {
+        let _ = std::fs::remove_file(m);
+    }
+    let watch = LoopWatch::start();
+    let run = vm_build(&spec, &out, &bdir, &[]);
+    let (_, seen) = watch.finish();
+    run.assert_ok("hostile spec in a machine");
+    assert_eq!(
+        seen,
+        Vec::<String>::new(),
+        "loop devices attached on the host"
+    );
+    for m in ["/tmp/debimg-hostile-MARK", "/tmp/debimg-hostile-MARK2"] {
+        assert!(!Path::new(m).exists(), "{m} reached the host");
+    }
+    assert_machine_gone(&bdir, Path::new("/nonexistent"));
+    let x = work.path().join("x");
+    std::fs::create_dir_all(&x).unwrap();
+    tool(
+        "tar",
+        &[
+            "-xzf",
+            out.join("hostile.tar.gz").to_str().unwrap(),
+            "-C",
+            x.to_str().unwrap(),
+        ],
+    );
+    let read = |p: &str| std::fs::read(x.join(p)).unwrap_or_default();
+    let stolen = read("stolen-shadow");
+    assert!(!stolen.is_empty(), "the outside script did not run");
+    assert_ne!(
+        stolen,
+        std::fs::read("/etc/shadow").unwrap(),
+        "the host's /etc/shadow reached the image"
+    );
+    let outside = String::from_utf8_lossy(&read("outside-listing")).into_owned();
+    assert!(
+        outside.contains("scratch"),
+        "not the machine's root: {outside}"
+    );
+    let host_only: Vec<String> = std::fs::read_dir("/")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !outside.lines().any(|l| l == n))
+        .collect();
+    assert!(
+        !host_only.is_empty(),
+        "the host's / looks like the machine's"
+    );
+    let proc1 = String::from_utf8_lossy(&read("proc1-listing")).into_owned();
+    for n in &host_only {
+        assert!(
+            !proc1.lines().any(|l| l == n),
+            "/proc/1/root showed the host's {n}: {proc1}"
+        );
+    }
+    let sector = read("stolen-sector");
+    assert_ne!(sector, host_sector, "the host's disk was read");
+    // What the spec names on this host went in: its file and its local package.
+    assert_eq!(
+        read("etc/motd"),
+        std::fs::read(example("files/motd")).unwrap()
+    );
+    assert!(
+        x.join("usr/share/doc/debimg-hello").exists() || x.join("usr/bin/debimg-hello").exists()
+    );
+}
+
+/// `serve --isolation untrusted`: a non-admin token's spec that reads host files and runs a
+/// script outside the chroot is accepted and built in a machine, where those paths are the
+/// machine's.
+#[test]
+fn the_service_builds_untrusted_specs_in_machines() {
+    use common::service::{Api, TestServer};
+    if !can_build() {
+        return;
+    }
+    let mut server = TestServer::start(
+        "vm-serve",
+        &["--local-workers", "1", "--isolation", "untrusted"],
+    );
+    let carol = Api::new(&server.url, Some(&server.token("carol", false)));
+    let spec = r#"version: 1
+name: untrusted
+suite: bookworm
+variant: minbase
+mirror: host
+kind: tarball
+files:
+  - {source: /etc/shadow, dest: /stolen-shadow}
+post:
+  - name: outside
+    chroot: false
+    script: |
+      echo pwned > /tmp/debimg-untrusted-MARK
+      ls / > "$INSTALL_ROOT/outside-listing"
+"#;
+    let _ = std::fs::remove_file("/tmp/debimg-untrusted-MARK");
+    let watch = LoopWatch::start();
+    let a = carol.submit(spec, "untrusted");
+    assert_eq!(a.status, 201, "{}", a.text());
+    let id = a.json()["id"].as_str().unwrap().to_string();
+    let j = carol.wait_end(&id, 1800);
+    let (_, seen) = watch.finish();
+    let log = carol.get(&format!("/api/v1/jobs/{id}/log"), &[]).text();
+    assert_eq!(j["state"], "succeeded", "{j:#}\n{log}");
+    assert_eq!(
+        seen,
+        Vec::<String>::new(),
+        "loop devices attached on the host"
+    );
+    assert!(log.contains("starting the build machine"), "{log}");
+    assert!(!Path::new("/tmp/debimg-untrusted-MARK").exists());
+    let arts = j["artifacts"].as_array().unwrap();
+    let tar = arts
+        .iter()
+        .find(|a| a["name"] == "untrusted.tar.gz")
+        .unwrap();
+    let body = carol.get(tar["url"].as_str().unwrap(), &[]).body;
+    let work = scratch("vm-serve-x");
+    let tgz = work.path().join("t.tar.gz");
+    std::fs::write(&tgz, body).unwrap();
+    tool(
+        "tar",
+        &[
+            "-xzf",
+            tgz.to_str().unwrap(),
+            "-C",
+            work.path().to_str().unwrap(),
+        ],
+    );
+    let stolen = std::fs::read(work.path().join("stolen-shadow")).unwrap();
+    assert_ne!(
+        stolen,
+        std::fs::read("/etc/shadow").unwrap(),
+        "the server's /etc/shadow leaked"
+    );
+    let outside = std::fs::read_to_string(work.path().join("outside-listing")).unwrap();
+    assert!(outside.lines().any(|l| l == "scratch"), "{outside}");
+    server.stop();
+    assert_eq!(machines_of(server.build_dir.path()), Vec::<i32>::new());
+}
+
+#[test]
+fn limits_and_signals_stop_the_machine_and_leave_nothing() {
+    if !can_build() {
+        return;
+    }
+    let work = scratch("vm-limits");
+    let spec = example("minimal.yaml");
+    let case = |tag: &str| {
+        let out = work.path().join(format!("{tag}-out"));
+        let b = work.path().join(format!("{tag}-build"));
+        std::fs::create_dir_all(&b).unwrap();
+        (out, b)
+    };
+
+    // The wall-clock limit.
+    let (out, b) = case("time");
+    let run = vm_build(&spec, &out, &b, &["--vm-timeout", "15"]);
+    assert_eq!(run.code(), Some(7), "{}", run.stderr());
+    assert!(
+        run.stderr().contains("wall-clock limit of 15s"),
+        "{}",
+        run.stderr()
+    );
+    assert_machine_gone(&b, &out);
+
+    // The disk budget: the root image does not fit.
+    let (out, b) = case("disk");
+    let run = vm_build(&spec, &out, &b, &["--vm-disk", "300MiB"]);
+    assert_eq!(run.code(), Some(5), "{}", run.stderr());
+    assert!(
+        run.stderr().contains("disk budget") || run.stderr().contains("no space"),
+        "{}",
+        run.stderr()
+    );
+    assert_machine_gone(&b, &out);
+
+    // TERM: the machine stops, the build says so.
+    let (out, b) = case("term");
+    let mut child = build_command(&spec, &out, &b, &["--vm", "--vm-accel", "tcg"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_machine(&b);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143));
+    assert_machine_gone(&b, &out);
+
+    // kill -9 of debimg: qemu goes with it, nothing partial stays.
+    let (out, b) = case("kill");
+    let mut child = build_command(&spec, &out, &b, &["--vm", "--vm-accel", "tcg"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_machine(&b);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_machine_gone(&b, &out);
+}
+
+/// Waits until a machine of `build_dir` runs.
+fn wait_for_machine(build_dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while machines_of(build_dir).is_empty() {
+        assert!(Instant::now() < deadline, "no machine started");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Into its boot.
+    std::thread::sleep(Duration::from_secs(3));
+}
