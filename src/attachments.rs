@@ -19,7 +19,7 @@ use crate::root::Root;
 use crate::spec::{Attachment, check_image_path, file_kind, glob, image_path};
 
 /// A file copied out of the image, waiting in the workspace for the package stage.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Attached {
     /// Where it is in the image, as named (`/etc/os-release`, `/boot/vmlinuz-6.1.0-9-amd64`).
     pub path: String,

@@ -99,6 +99,11 @@ pub enum Command {
         tmpfs: Option<u64>,
         #[command(flatten)]
         vm: VmArgs,
+        /// Inside a `--vm` machine: stop after the finish stage and leave the staged images,
+        /// records and attachments in the output directory with `handoff.json`, for the host
+        /// that started the machine to package and publish.
+        #[arg(long, hide = true, conflicts_with_all = ["vm", "release", "bundle", "fuel"])]
+        hand_off: bool,
     },
     /// Build (or rebuild) the builder appliance that `build --vm` machines boot: a kernel and
     /// the build tools, made by debimg's own pipeline into CACHE_DIR/vm (a `--vm` build makes

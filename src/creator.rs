@@ -153,6 +153,25 @@ impl Outcome {
     }
 }
 
+/// Everything a build made up to its finish stage, handed to another host that packages and
+/// publishes it (`build --vm`: the machine builds, this host packs at its own speed). Paths are
+/// relative to the handoff directory, each `files/<name>`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Handoff {
+    pub build_start: String,
+    /// The kind's name (`fs-images`, `tarball`, `disk`).
+    pub kind: String,
+    pub staged: Vec<Staged>,
+    /// Records: (output name, file).
+    pub extra: Vec<(String, PathBuf)>,
+    pub attached: Vec<Attached>,
+    pub release_metas: Vec<ReleaseMeta>,
+    pub installed: BTreeMap<String, String>,
+}
+
+/// The name of the handoff's description in its directory.
+pub const HANDOFF_FILE: &str = "handoff.json";
+
 /// How long processes left in the chroot get between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
@@ -304,6 +323,75 @@ impl Creator {
         let outcome = res?;
         cleaned?;
         Ok(outcome)
+    }
+
+    /// Every stage up to `finish`, then the staged images, records and attachments moved into
+    /// `dir/files/` and described in `dir/handoff.json` instead of packaged. Cleans up
+    /// whatever happens.
+    pub fn hand_off(&mut self, dir: &Path) -> Result<Handoff, Error> {
+        let res = (|| {
+            self.mount()?;
+            self.install()?;
+            self.configure()?;
+            self.unmount()?;
+            self.run(Stage::Finish)?;
+            self.write_handoff(dir)
+                .map_err(|e| Error::classify(e, Some(Stage::Finish)))
+        })();
+        let cleaned = self.cleanup();
+        let handoff = res?;
+        cleaned?;
+        Ok(handoff)
+    }
+
+    fn write_handoff(&mut self, dir: &Path) -> Result<Handoff> {
+        let files = dir.join("files");
+        std::fs::create_dir_all(&files).with_context(|| format!("creating {}", files.display()))?;
+        let mut n = 0;
+        let mut take = |from: &Path| -> Result<PathBuf> {
+            n += 1;
+            let rel = PathBuf::from(format!("files/{n}"));
+            std::fs::rename(from, dir.join(&rel)).with_context(|| {
+                format!("moving {} to {}", from.display(), dir.join(&rel).display())
+            })?;
+            Ok(rel)
+        };
+        // A disk shipped in several formats stages one raw file several times: moved once.
+        let mut moved: Vec<(PathBuf, PathBuf)> = Vec::new();
+        let mut staged = self.staged.clone();
+        for s in &mut staged {
+            s.raw = match moved.iter().find(|(from, _)| *from == s.raw) {
+                Some((_, to)) => to.clone(),
+                None => {
+                    let to = take(&s.raw)?;
+                    moved.push((s.raw.clone(), to.clone()));
+                    to
+                }
+            };
+        }
+        let mut extra = Vec::new();
+        for (name, path) in &self.extra {
+            extra.push((name.clone(), take(path)?));
+        }
+        let mut attached = Vec::new();
+        for a in &self.attached {
+            let mut a = a.clone();
+            a.copy = take(&a.copy)?;
+            attached.push(a);
+        }
+        let handoff = Handoff {
+            build_start: self.build_start.clone(),
+            kind: self.kind.name().to_string(),
+            staged,
+            extra,
+            attached,
+            release_metas: self.release_metas.clone(),
+            installed: self.installed.clone(),
+        };
+        let json = serde_json::to_vec_pretty(&handoff)?;
+        std::fs::write(dir.join(HANDOFF_FILE), json)
+            .with_context(|| format!("writing {}", dir.join(HANDOFF_FILE).display()))?;
+        Ok(handoff)
     }
 
     /// Creates the workspace, prepares the storage and mounts the install root.

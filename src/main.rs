@@ -305,6 +305,7 @@ fn build(cli: &Cli) -> Result<(), Error> {
         keep_on_failure,
         tmpfs,
         vm,
+        hand_off,
     } = &cli.command
     else {
         unreachable!("build() runs the build command")
@@ -375,6 +376,9 @@ fn build(cli: &Cli) -> Result<(), Error> {
             return Err(e);
         }
     };
+    if *hand_off {
+        return hand_off_build(job);
+    }
     // Before any thread exists: the build runs in PID and mount namespaces of its own, so no
     // mount reaches the host and nothing of it outlives this process, even killed with SIGKILL.
     let code = debimg::isolated(|| {
@@ -388,6 +392,35 @@ fn build(cli: &Cli) -> Result<(), Error> {
             }
         }
         Ok(())
+    })?;
+    match code {
+        0 => Ok(()),
+        c => Err(Error::exited(c)),
+    }
+}
+
+/// `build --hand-off` (inside a `--vm` machine): the stages up to `finish`, the result left in
+/// the output directory for the host to package; events as a build reports them.
+fn hand_off_build(job: Job) -> Result<(), Error> {
+    let code = debimg::isolated(|| {
+        let started = std::time::Instant::now();
+        event::emit(&Event::BuildStarted {
+            name: job.plan.name.clone(),
+            spec_digest: job.plan.digest.clone(),
+        });
+        let dir = job.opts.output_dir.clone();
+        let res = debimg::creator::Creator::new(job.plan.clone(), job.opts.clone())
+            .and_then(|mut c| c.hand_off(&dir));
+        event::emit(&Event::BuildFinished {
+            outcome: if res.is_ok() {
+                BuildOutcome::Built
+            } else {
+                BuildOutcome::Failed
+            },
+            seconds: started.elapsed().as_secs_f64(),
+            error: res.as_ref().err().map(|e| e.report()),
+        });
+        res.map(|_| ())
     })?;
     match code {
         0 => Ok(()),

@@ -36,7 +36,8 @@ pub struct FsInfo {
 }
 
 /// How a staged file is shipped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Ship {
     /// gzip or a sparse raw copy, by the packer.
     Packed(Container),
@@ -55,7 +56,7 @@ impl Ship {
 }
 
 /// A file staged for packaging: a raw image (or archive) in the workspace and how it ships.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Staged {
     /// The raw file in the workspace.
     pub raw: PathBuf,

@@ -59,7 +59,7 @@ pub fn reusable(plan: &Plan, output_dir: &Path) -> Option<Metadata> {
 
 /// Whether `file` is the output name a build of `plan` gives the attachment at `path`: the
 /// kernel's or initrd's own name, or `<name>.attachments/<path>` of plain names.
-fn is_attachment_name(plan: &Plan, path: &str, file: &str) -> bool {
+pub(crate) fn is_attachment_name(plan: &Plan, path: &str, file: &str) -> bool {
     let (kernel, initrd) = plan.kernel_names();
     if file == kernel || file == initrd {
         return true;

@@ -28,7 +28,7 @@ finish() {
   if [ -n "${2:-}" ]; then printf '%s\n' "$2" > /run/debimg-result/reason; fi
   output=$(disk debimg-output) || { say "no output disk"; exit 1; }
   if [ -d /scratch/out ]; then
-    tar -cf "$output" --format=gnu -C /run/debimg-result . -C /scratch out || say "writing the output disk failed"
+    tar -cf "$output" --format=gnu --sparse -C /run/debimg-result . -C /scratch out || say "writing the output disk failed"
   else
     tar -cf "$output" --format=gnu -C /run/debimg-result . || say "writing the output disk failed"
   fi

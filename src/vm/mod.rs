@@ -42,13 +42,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::boottest::{Accel, kvm_usable};
-use crate::creator::{BuildOptions, Outcome};
+use crate::creator::{BuildOptions, Handoff, Outcome};
 use crate::error::{Error, ErrorKind};
 use crate::event::{self, Event};
 use crate::metadata::Metadata;
 use crate::output::OutputLock;
 use crate::output::publish::{PendingOutputs, reusable};
-use crate::pack::digest::HashingWriter;
 use crate::plan::Plan;
 use crate::spec::Spec;
 use crate::stage::Stage;
@@ -164,8 +163,9 @@ pub fn create(
     };
     let input = make_input(plan, spec, spec_path, spec_text, opts, vm, cache.is_some())
         .map_err(boundary)?;
-    let result = run_machine(&appliance, &input, cache.as_deref(), opts, vm)?;
-    let metadata = publish(&result, plan, lock, !vm.untrusted)?;
+    let mut result = run_machine(&appliance, &input, cache.as_deref(), opts, vm)?;
+    result.expect_digest = (!vm.untrusted).then(|| plan.digest.clone());
+    let metadata = publish(&result, plan, lock, &opts.build_dir)?;
     Ok(Outcome {
         reused: false,
         metadata_path,
@@ -229,6 +229,7 @@ fn make_input(
         "/scratch/build".into(),
         "--message-format".into(),
         "json".into(),
+        "--hand-off".into(),
         "--bootstrap".into(),
         plan.backend.name().into(),
     ];
@@ -360,6 +361,10 @@ struct MachineResult {
     output: File,
     /// The guest build's error, from its `build-finished` event.
     guest_error: Option<serde_json::Value>,
+    /// The spec digest the guest planned (its `build-started` event), and the one this host
+    /// expects it to (none for an untrusted spec, planned here without its files).
+    guest_digest: Option<String>,
+    expect_digest: Option<String>,
     console: String,
 }
 
@@ -453,7 +458,16 @@ fn remember_kvm_broken(dir: &Path) {
 /// A machine that powered off: its console and the guest's error.
 struct Ended {
     console: String,
-    guest_error: Option<serde_json::Value>,
+    report: GuestReport,
+}
+
+/// What the guest's events said of its build.
+#[derive(Debug, Default)]
+struct GuestReport {
+    /// Its `build-finished` error.
+    error: Option<serde_json::Value>,
+    /// Its `build-started` spec digest.
+    digest: Option<String>,
 }
 
 enum Boot {
@@ -465,7 +479,9 @@ enum Boot {
 fn finish(r: Ended, disks: Disks, _vm: &VmOptions) -> Result<MachineResult, Error> {
     Ok(MachineResult {
         output: disks.output,
-        guest_error: r.guest_error,
+        guest_error: r.report.error,
+        guest_digest: r.report.digest,
+        expect_digest: None,
         console: r.console,
     })
 }
@@ -584,7 +600,7 @@ fn boot(
     let machine = Machine::new(&mut child);
     let console = Arc::new(Mutex::new(String::new()));
     let up = Arc::new(AtomicBool::new(false));
-    let guest_error = Arc::new(Mutex::new(None));
+    let report = Arc::new(Mutex::new(GuestReport::default()));
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
     let readers = [
@@ -598,20 +614,25 @@ fn boot(
             std::thread::spawn(move || read_console(stderr, &console, &AtomicBool::new(false)))
         },
         {
-            let guest_error = guest_error.clone();
-            std::thread::spawn(move || read_events(events_r, &guest_error))
+            let report = report.clone();
+            std::thread::spawn(move || read_events(events_r, &report))
         },
         std::thread::spawn(move || read_log(log_r)),
     ];
     let started = Instant::now();
     let stopped = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Stopped::Exited(status),
-            Ok(None) => {}
-            Err(e) => break Stopped::Failed(e.into()),
-        }
+        // First: a signal also reaches qemu (this build's process groups get it), which may
+        // then end before this loop sees why.
         if let Some(sig) = crate::signals::interrupted() {
             break Stopped::Signal(sig);
+        }
+        match child.try_wait() {
+            Ok(Some(status)) => match crate::signals::interrupted() {
+                Some(sig) => break Stopped::Signal(sig),
+                None => break Stopped::Exited(status),
+            },
+            Ok(None) => {}
+            Err(e) => break Stopped::Failed(e.into()),
         }
         if let Some(limit) = vm.timeout
             && started.elapsed() > limit
@@ -635,12 +656,9 @@ fn boot(
         let _ = r.join();
     }
     let console = std::mem::take(&mut *console.lock().unwrap_or_else(|e| e.into_inner()));
-    let guest_error = guest_error.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let report = std::mem::take(&mut *report.lock().unwrap_or_else(|e| e.into_inner()));
     match stopped {
-        Stopped::Exited(status) if status.success() => Ok(Boot::Done(Ended {
-            console,
-            guest_error,
-        })),
+        Stopped::Exited(status) if status.success() => Ok(Boot::Done(Ended { console, report })),
         Stopped::Exited(status) => Err(boundary(anyhow::anyhow!(
             "the build machine's qemu failed ({status}): {}",
             tail(&console, 20)
@@ -708,8 +726,9 @@ fn read_console(src: impl Read, console: &Mutex<String>, up: &AtomicBool) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let text = mask(&String::from_utf8_lossy(&line));
-        let text = text.trim_end();
+        // A serial console ends its lines with CR LF.
+        let text = mask(String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']));
+        let text = text.as_str();
         if text == UP_MARKER {
             up.store(true, Ordering::SeqCst);
         }
@@ -728,7 +747,7 @@ fn read_console(src: impl Read, console: &Mutex<String>, up: &AtomicBool) {
 }
 
 /// Passes the guest's stage events on; keeps its `build-finished` error.
-fn read_events(src: File, guest_error: &Mutex<Option<serde_json::Value>>) {
+fn read_events(src: File, report: &Mutex<GuestReport>) {
     let mut r = BufReader::new(src);
     let mut line = Vec::new();
     loop {
@@ -753,9 +772,15 @@ fn read_events(src: File, guest_error: &Mutex<Option<serde_json::Value>>) {
                     event::emit(&Event::StageFinished { stage, seconds });
                 }
             }
+            Some("build-started") => {
+                report.lock().unwrap_or_else(|e| e.into_inner()).digest = v
+                    .get("spec_digest")
+                    .and_then(|d| d.as_str())
+                    .map(|d| d.chars().take(128).collect());
+            }
             Some("build-finished") => {
                 if let Some(e) = v.get("error") {
-                    *guest_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
+                    report.lock().unwrap_or_else(|e| e.into_inner()).error = Some(e.clone());
                 }
             }
             _ => {}
@@ -799,26 +824,31 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Reads the output disk: the guest's status, then its outputs, published into the output
-/// directory when everything checks out.
+/// Reads the output disk: the guest's status, then what its build handed off (staged images,
+/// records, attachments and their description), checked against this host's plan, then
+/// packaged and published here as a host build would (the images never mounted, only read).
 fn publish(
     result: &MachineResult,
     plan: &Plan,
     lock: OutputLock,
-    same_digest: bool,
+    build_dir: &Path,
 ) -> Result<Metadata, Error> {
     let boundary = |e| Error::classify(e, None);
     let mut output = result.output.try_clone().map_err(|e| boundary(e.into()))?;
     output.rewind().map_err(|e| boundary(e.into()))?;
+    let work = tempfile::Builder::new()
+        .prefix("debimg-vm-out-")
+        .tempdir_in(build_dir)
+        .with_context(|| format!("creating a directory in {}", build_dir.display()))
+        .map_err(boundary)?;
+    std::fs::create_dir(work.path().join("files"))
+        .context("creating the handoff's directory")
+        .map_err(boundary)?;
     let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, output));
     let mut status: Option<String> = None;
     let mut reason: Option<String> = None;
-    let mut pending = PendingOutputs::in_dir(lock.dir().try_clone().map_err(boundary)?);
-    let metadata_name = plan.metadata_name();
-    let attachments = plan.attachments_dir_name();
-    // name -> (size, sha256) of every file taken.
-    let mut taken: std::collections::BTreeMap<String, (u64, String)> = Default::default();
-    let mut metadata_text: Option<String> = None;
+    let mut handoff_text: Option<String> = None;
+    let mut files: std::collections::BTreeSet<String> = Default::default();
     let entries = archive
         .entries()
         .context("reading the build machine's output disk")
@@ -843,67 +873,51 @@ fn publish(
         if kind == tar::EntryType::Directory {
             continue;
         }
-        if kind != tar::EntryType::Regular {
+        if !matches!(kind, tar::EntryType::Regular | tar::EntryType::GNUSparse) {
             return Err(boundary(anyhow::anyhow!(
                 "the build machine's output holds {name:?}, which is not a regular file: refused"
             )));
         }
-        match name.as_str() {
-            "status" | "reason" => {
-                let mut s = String::new();
-                (&mut entry)
-                    .take(256)
-                    .read_to_string(&mut s)
-                    .map_err(|e| boundary(e.into()))?;
-                if name == "status" {
-                    status = Some(s.trim().to_string());
-                } else {
-                    reason = Some(s.trim().to_string());
-                }
-                continue;
+        if name == "status" || name == "reason" {
+            let mut s = String::new();
+            (&mut entry)
+                .take(256)
+                .read_to_string(&mut s)
+                .map_err(|e| boundary(e.into()))?;
+            if name == "status" {
+                status = Some(s.trim().to_string());
+            } else {
+                reason = Some(s.trim().to_string());
             }
-            _ => {}
+            continue;
         }
         if status.as_deref() != Some("0") {
             break;
         }
-        let Some(rel) = name.strip_prefix("out/") else {
-            return Err(boundary(anyhow::anyhow!(
-                "the build machine's output holds {name:?}, outside its output directory: refused"
-            )));
-        };
-        if !rel
-            .split('/')
-            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.starts_with(".debimg"))
-        {
-            return Err(boundary(anyhow::anyhow!(
-                "the build machine's output holds the name {rel:?}: refused"
-            )));
-        }
-        if rel == metadata_name {
+        if name == format!("out/{}", crate::creator::HANDOFF_FILE) {
             let mut text = String::new();
             (&mut entry)
                 .take(MAX_METADATA_BYTES)
                 .read_to_string(&mut text)
-                .context("reading the build machine's metadata")
+                .context("reading the build machine's handoff")
                 .map_err(boundary)?;
-            metadata_text = Some(text);
-        } else if let Some(sub) = rel.strip_prefix(&format!("{attachments}/")) {
-            let d = pending
-                .attach(&attachments, sub, &mut entry)
+            handoff_text = Some(text);
+        } else if let Some(file) = name.strip_prefix("out/files/")
+            && is_plain_name(file)
+        {
+            let dest = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(work.path().join("files").join(file))
+                .with_context(|| format!("creating {file} in {}", work.path().display()))
                 .map_err(boundary)?;
-            taken.insert(rel.to_string(), (d.size, d.sha256));
-        } else if !rel.contains('/') {
-            let (file, _) = pending.create_temp(rel).map_err(boundary)?;
-            let mut w = HashingWriter::new(file);
-            std::io::copy(&mut entry, &mut w)
-                .with_context(|| format!("copying {rel} out of the build machine"))
+            copy_sparse(&mut entry, dest)
+                .with_context(|| format!("copying {file} out of the build machine"))
                 .map_err(boundary)?;
-            let (_, d) = w.finish();
-            taken.insert(rel.to_string(), (d.size, d.sha256));
+            files.insert(format!("files/{file}"));
         } else {
             return Err(boundary(anyhow::anyhow!(
-                "the build machine's output holds {rel:?}, which no build of this spec makes: refused"
+                "the build machine's output holds {name:?}, which no build hands off: refused"
             )));
         }
     }
@@ -912,73 +926,164 @@ fn publish(
         None => return Err(no_result(result)),
         Some(code) => return Err(guest_failure(result, code, reason.as_deref())),
     }
-    let text = metadata_text
-        .context("the build machine's output has no metadata")
+    if let Some(guest) = &result.guest_digest
+        && let Some(expected) = &result.expect_digest
+        && guest != expected
+    {
+        return Err(boundary(anyhow::anyhow!(
+            "the build machine built another spec (digest {guest}, this host planned {expected}): refused"
+        )));
+    }
+    let text = handoff_text
+        .context("the build machine handed nothing off")
         .map_err(boundary)?;
-    let metadata: Metadata = serde_saphyr::from_str(&text)
-        .context("reading the build machine's metadata")
+    let mut handoff: Handoff = serde_json::from_str(&text)
+        .context("reading the build machine's handoff")
         .map_err(boundary)?;
-    check_outputs(plan, &metadata, &taken, same_digest).map_err(boundary)?;
-    let images: Vec<&str> = taken
-        .keys()
-        .filter(|n| !n.contains('/'))
-        .map(String::as_str)
+    check_handoff(plan, &handoff, &files).map_err(boundary)?;
+    for s in &mut handoff.staged {
+        s.raw = work.path().join(&s.raw);
+    }
+    for (_, p) in &mut handoff.extra {
+        *p = work.path().join(&*p);
+    }
+    for a in &mut handoff.attached {
+        a.copy = work.path().join(&a.copy);
+    }
+    let attachments = plan.attachments_dir_name();
+    let mut pending = PendingOutputs::in_dir(lock.dir().try_clone().map_err(boundary)?);
+    let t = Instant::now();
+    tracing::info!("stage package: started (on this host)");
+    event::emit(&Event::StageStarted {
+        stage: Stage::Package,
+    });
+    let (packed, written) = crate::pack::package::run(
+        &handoff.staged,
+        &handoff.extra,
+        &handoff.attached,
+        &attachments,
+        &mut pending,
+    )
+    .map_err(|e| Error::classify(e, Some(Stage::Package)))?;
+    event::emit(&Event::StageFinished {
+        stage: Stage::Package,
+        seconds: t.elapsed().as_secs_f64(),
+    });
+    let t = Instant::now();
+    tracing::info!("stage publish: started");
+    event::emit(&Event::StageStarted {
+        stage: Stage::Publish,
+    });
+    let names: Vec<String> = written.files.iter().map(|f| f.name.clone()).collect();
+    let metadata = Metadata::assemble(
+        plan,
+        &handoff.kind,
+        handoff.build_start.clone(),
+        &handoff.staged,
+        &packed,
+        written.files,
+        written.attachments,
+        &handoff.release_metas,
+        handoff.installed.clone(),
+    );
+    let mut images: Vec<&str> = handoff
+        .staged
+        .iter()
+        .map(|s| s.container_name.as_str())
         .collect();
+    images.extend(names.iter().map(String::as_str));
+    let yaml = metadata
+        .to_yaml()
+        .map_err(|e| Error::classify(e, Some(Stage::Publish)))?;
     pending
-        .publish(&images, &attachments, &metadata_name, &text)
-        .map_err(boundary)?;
+        .publish(&images, &attachments, &plan.metadata_name(), &yaml)
+        .map_err(|e| Error::classify(e, Some(Stage::Publish)))?;
+    event::emit(&Event::StageFinished {
+        stage: Stage::Publish,
+        seconds: t.elapsed().as_secs_f64(),
+    });
     Ok(metadata)
 }
 
-/// Whether the files taken from the machine are exactly those the metadata lists, with their
-/// sizes and digests, and the metadata is that of this plan.
-fn check_outputs(
+/// A name of one path component that is not `.`, `..` or hidden.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains('/') && !name.starts_with('.') && name.len() <= 255
+}
+
+/// Copies `src` into `dest`, leaving holes where it reads 64 KiB of zeros: a disk image is
+/// mostly holes.
+fn copy_sparse(src: &mut impl Read, dest: File) -> Result<()> {
+    let mut dest = dest;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut len: u64 = 0;
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = src.read(&mut buf[filled..])?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        if buf[..filled].iter().all(|&b| b == 0) {
+            dest.seek(std::io::SeekFrom::Current(filled as i64))?;
+        } else {
+            dest.write_all(&buf[..filled])?;
+        }
+        len += filled as u64;
+    }
+    dest.set_len(len)?;
+    Ok(())
+}
+
+/// Whether a handoff is what a build of `plan` hands off: its kind, its images by name in the
+/// plan's order, its records, attachments this plan makes, every file among those that came
+/// out (`files`, as `files/<name>`) and none other.
+fn check_handoff(
     plan: &Plan,
-    m: &Metadata,
-    taken: &std::collections::BTreeMap<String, (u64, String)>,
-    same_digest: bool,
+    h: &Handoff,
+    files: &std::collections::BTreeSet<String>,
 ) -> Result<()> {
-    if same_digest && m.spec_digest != plan.digest {
+    if h.kind != plan.kind.name() {
         bail!(
-            "the build machine built another spec (digest {}, this host planned {}): refused",
-            m.spec_digest,
-            plan.digest
+            "the build machine made a {} build, this spec a {}: refused",
+            h.kind,
+            plan.kind.name()
         );
     }
-    let mut listed: std::collections::BTreeMap<String, (u64, String)> = Default::default();
-    for i in &m.images {
-        listed.insert(
-            i.container_name.clone(),
-            (i.container_size, i.container_sha256.clone()),
-        );
-    }
-    for f in &m.files {
-        listed.insert(f.name.clone(), (f.size, f.sha256.clone()));
-    }
-    for a in &m.attachments {
-        listed.insert(a.file.clone(), (a.size, a.sha256.clone()));
-    }
-    let names: Vec<&String> = m.images.iter().map(|i| &i.container_name).collect();
+    let names: Vec<&String> = h.staged.iter().map(|s| &s.container_name).collect();
     if names != plan.container_names().iter().collect::<Vec<_>>() {
-        bail!("the build machine's metadata lists other images than this spec makes: refused");
+        bail!("the build machine staged other images than this spec makes: refused");
     }
-    let extra: Vec<&String> = m.files.iter().map(|f| &f.name).collect();
-    if extra != plan.extra_output_names().iter().collect::<Vec<_>>() {
-        bail!("the build machine's metadata lists other files than this spec makes: refused");
+    let records: Vec<String> = plan.records.iter().map(|r| plan.record_name(*r)).collect();
+    if h.extra.iter().map(|(n, _)| n).collect::<Vec<_>>() != records.iter().collect::<Vec<_>>() {
+        bail!("the build machine made other records than this spec asks for: refused");
     }
-    if listed != *taken {
-        let differ: Vec<&String> = listed
-            .keys()
-            .chain(taken.keys())
-            .filter(|k| listed.get(*k) != taken.get(*k))
-            .collect();
+    for a in &h.attached {
+        if !crate::output::publish::is_attachment_name(plan, &a.path, &a.file) {
+            bail!(
+                "the build machine copied {:?} out as {:?}, which this spec does not make: refused",
+                a.path,
+                a.file
+            );
+        }
+    }
+    let named: std::collections::BTreeSet<String> = h
+        .staged
+        .iter()
+        .map(|s| &s.raw)
+        .chain(h.extra.iter().map(|(_, p)| p))
+        .chain(h.attached.iter().map(|a| &a.copy))
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    if named != *files {
         bail!(
-            "the build machine's outputs do not match its metadata ({}): refused",
-            differ
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            "the build machine's files are not those its handoff names ({} named, {} came out): refused",
+            named.len(),
+            files.len()
         );
     }
     Ok(())
@@ -1062,40 +1167,26 @@ mod tests {
 
     const SPEC: &str = "version: 1\nname: tb\nsuite: bookworm\nkind: tarball\n";
 
-    /// The metadata a guest would write for `archive` (the tarball's bytes).
-    fn metadata(plan: &Plan, archive: &[u8]) -> String {
-        let image = crate::metadata::ImageMeta {
-            container: "gzip".into(),
-            container_name: "tb.tar.gz".into(),
-            container_size: archive.len() as u64,
-            container_md5: String::new(),
-            container_sha256: hex(&Sha256::digest(archive)),
-            format: "tar".into(),
-            raw_md5: String::new(),
-            raw_name: "tb.tar".into(),
-            raw_size: 0,
-            raw_sha256: String::new(),
-            mount: "/".into(),
-            label: None,
-            uuid: String::new(),
-        };
-        Metadata {
-            name: "tb".into(),
-            debimg_version: String::new(),
-            spec_digest: plan.digest.clone(),
-            bootstrap: String::new(),
-            build_start: String::new(),
-            build_end: String::new(),
-            images: vec![image],
-            repos: vec![],
-            packages: vec![],
-            installed: Default::default(),
+    /// The handoff a guest would write for the tarball spec, its archive at `files/1`.
+    fn handoff() -> Handoff {
+        Handoff {
+            build_start: "2026-01-01T00:00:00Z".into(),
             kind: "tarball".into(),
-            files: vec![],
-            attachments: vec![],
+            staged: vec![crate::kind::Staged {
+                raw: "files/1".into(),
+                raw_name: "tb.tar".into(),
+                ship: crate::kind::Ship::Packed(crate::spec::Container::Gzip),
+                container_name: "tb.tar.gz".into(),
+                format: "tar".into(),
+                mount: "/".into(),
+                label: None,
+                uuid: String::new(),
+            }],
+            extra: vec![],
+            attached: vec![],
+            release_metas: vec![],
+            installed: [("base-files".to_string(), "12.4".to_string())].into(),
         }
-        .to_yaml()
-        .unwrap()
     }
 
     /// An output disk holding `entries`: (name, kind, bytes or link target).
@@ -1128,16 +1219,23 @@ mod tests {
 
     fn take(
         entries: &[(&str, tar::EntryType, &[u8])],
+        guest_digest: Option<&str>,
     ) -> (Result<Metadata, Error>, tempfile::TempDir) {
         let plan = Plan::for_test(SPEC);
         let out = tempfile::tempdir().unwrap();
+        let build = tempfile::tempdir().unwrap();
         let lock = OutputLock::acquire(out.path(), false).unwrap();
         let result = MachineResult {
             output: disk(entries),
             guest_error: None,
+            guest_digest: guest_digest.map(str::to_string),
+            expect_digest: Some(plan.digest.clone()),
             console: "Out of nothing\n".into(),
         };
-        (publish(&result, &plan, lock, true), out)
+        let res = publish(&result, &plan, lock, build.path());
+        let left: Vec<_> = std::fs::read_dir(build.path()).unwrap().collect();
+        assert!(left.is_empty(), "left in the build directory: {left:?}");
+        (res, out)
     }
 
     fn names(dir: &Path) -> Vec<String> {
@@ -1152,29 +1250,33 @@ mod tests {
     }
 
     #[test]
-    fn a_complete_result_is_published_and_anything_else_leaves_nothing() {
+    fn a_complete_handoff_is_packed_and_published_and_anything_else_leaves_nothing() {
         use tar::EntryType::{Directory, Regular, Symlink};
         let plan = Plan::for_test(SPEC);
-        let archive: &[u8] = b"the archive";
-        let meta = metadata(&plan, archive);
+        let archive: &[u8] = b"the archive as the machine staged it";
+        let json = serde_json::to_string(&handoff()).unwrap();
         let good = [
             ("./", Directory, &b""[..]),
             ("./status", Regular, b"0\n"),
             ("out/", Directory, b""),
-            ("out/tb.tar.gz", Regular, archive),
-            ("out/tb.yaml", Regular, meta.as_bytes()),
+            ("out/handoff.json", Regular, json.as_bytes()),
+            ("out/files/1", Regular, archive),
         ];
-        let (res, out) = take(&good);
+        let (res, out) = take(&good, Some(&plan.digest));
         let m = res.unwrap();
-        assert_eq!(m.images[0].container_name, "tb.tar.gz");
         assert_eq!(names(out.path()), ["tb.tar.gz", "tb.yaml"]);
-        assert_eq!(
-            std::fs::read(out.path().join("tb.tar.gz")).unwrap(),
-            archive
-        );
+        assert_eq!(m.spec_digest, plan.digest);
+        assert_eq!(m.installed["base-files"], "12.4");
+        let gz = std::fs::read(out.path().join("tb.tar.gz")).unwrap();
+        assert_eq!(m.images[0].container_sha256, hex(&Sha256::digest(&gz)));
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut raw)
+            .unwrap();
+        assert_eq!(raw, archive, "packed here from what the machine staged");
 
-        let refused = |entries: &[(&str, tar::EntryType, &[u8])], why: &str| {
-            let (res, out) = take(entries);
+        let refused = |entries: &[(&str, tar::EntryType, &[u8])], digest: &str, why: &str| {
+            let (res, out) = take(entries, Some(digest));
             let e = res.expect_err(why);
             assert!(
                 names(out.path()).is_empty(),
@@ -1183,53 +1285,106 @@ mod tests {
             );
             e.to_string()
         };
+        let d = plan.digest.as_str();
         // A link, however named.
         let e = refused(
-            &[good[1], ("out/tb.tar.gz", Symlink, b"/etc/shadow"), good[4]],
+            &[good[1], good[3], ("out/files/1", Symlink, b"/etc/shadow")],
+            d,
             "a link",
         );
         assert!(e.contains("not a regular file"), "{e}");
-        // A name outside the output directory, and `..`.
+        // A name outside the handoff, and `..`.
+        for bad in [
+            "etc/passwd",
+            "out/files/../../x",
+            "out/tb.tar.gz",
+            "out/files/.x",
+        ] {
+            let e = refused(&[good[1], good[3], good[4], (bad, Regular, b"x")], d, bad);
+            assert!(e.contains("no build hands off"), "{bad}: {e}");
+        }
+        // Another image than the plan's.
+        let mut h = handoff();
+        h.staged[0].container_name = "evil.tar.gz".into();
+        let j = serde_json::to_string(&h).unwrap();
         let e = refused(
-            &[good[1], ("etc/passwd", Regular, b"x"), good[3], good[4]],
-            "outside",
+            &[
+                good[1],
+                ("out/handoff.json", Regular, j.as_bytes()),
+                good[4],
+            ],
+            d,
+            "image",
         );
-        assert!(e.contains("outside its output directory"), "{e}");
+        assert!(e.contains("other images"), "{e}");
+        // An attachment this spec does not make.
+        let mut h = handoff();
+        h.attached.push(crate::attachments::Attached {
+            path: "/etc/shadow".into(),
+            file: "../shadow".into(),
+            copy: "files/2".into(),
+        });
+        let j = serde_json::to_string(&h).unwrap();
         let e = refused(
-            &[good[1], ("out/../x", Regular, b"x"), good[3], good[4]],
-            "dotdot",
+            &[
+                good[1],
+                ("out/handoff.json", Regular, j.as_bytes()),
+                good[4],
+                ("out/files/2", Regular, b"x"),
+            ],
+            d,
+            "attachment",
         );
-        assert!(e.contains("refused"), "{e}");
-        // An image other than the metadata says.
+        assert!(e.contains("does not make"), "{e}");
+        // A file the handoff names that did not come, and one it does not name.
+        let mut h = handoff();
+        h.staged[0].raw = "files/7".into();
+        let j = serde_json::to_string(&h).unwrap();
         let e = refused(
-            &[good[1], ("out/tb.tar.gz", Regular, b"another"), good[4]],
-            "forged image",
+            &[
+                good[1],
+                ("out/handoff.json", Regular, j.as_bytes()),
+                good[4],
+            ],
+            d,
+            "missing",
         );
-        assert!(e.contains("do not match its metadata"), "{e}");
-        // A file no build of this spec makes.
+        assert!(e.contains("not those its handoff names"), "{e}");
         let e = refused(
-            &[good[1], good[3], ("out/extra", Regular, b"x"), good[4]],
-            "extra file",
+            &[good[1], good[3], good[4], ("out/files/9", Regular, b"x")],
+            d,
+            "extra",
         );
-        assert!(e.contains("do not match"), "{e}");
-        // Another spec's metadata.
-        let other = metadata(
-            &Plan::for_test(&format!("{SPEC}hostname: other\n")),
-            archive,
-        );
-        let e = refused(
-            &[good[1], good[3], ("out/tb.yaml", Regular, other.as_bytes())],
-            "another spec",
-        );
+        assert!(e.contains("not those its handoff names"), "{e}");
+        // The machine planned another spec.
+        let e = refused(&good, "0000", "another spec");
         assert!(e.contains("another spec"), "{e}");
-        // No metadata.
-        refused(&[good[1], good[3]], "no metadata");
+        // No handoff.
+        let e = refused(&[good[1], good[4]], d, "no handoff");
+        assert!(e.contains("handed nothing off"), "{e}");
         // A failed build: its files are not even looked at.
-        let e = refused(&[("./status", Regular, b"1\n"), good[3], good[4]], "failed");
+        let e = refused(
+            &[("./status", Regular, b"1\n"), good[3], good[4]],
+            d,
+            "failed",
+        );
         assert!(e.contains("exited with 1"), "{e}");
         // No status at all (the disk as qemu left it: zeros).
-        let e = refused(&[], "empty disk");
+        let e = refused(&[], d, "empty disk");
         assert!(e.contains("without a result"), "{e}");
+    }
+
+    #[test]
+    fn a_sparse_copy_keeps_the_bytes_and_leaves_holes() {
+        let mut data = vec![0u8; 4 << 20];
+        data[5] = 1;
+        data[(3 << 20) + 7] = 2;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x");
+        copy_sparse(&mut &data[..], File::create(&p).unwrap()).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), data);
+        use std::os::unix::fs::MetadataExt;
+        assert!(std::fs::metadata(&p).unwrap().blocks() * 512 < 1 << 20);
     }
 
     #[test]
