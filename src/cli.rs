@@ -464,7 +464,8 @@ fn parse_age(text: &str) -> Result<u64, String> {
 pub struct VmArgs {
     /// Build inside a throwaway qemu machine that boots the builder appliance (see `vm-image`):
     /// this host attaches no loop device, mounts nothing of the build and runs none of its
-    /// code; the outputs come back as files, checked against the metadata.
+    /// code. The machine hands back the raw images as files, which this host checks against
+    /// its plan, then packages and publishes.
     #[arg(long, conflicts_with_all = ["fuel", "shell", "keep_on_failure", "tmpfs"])]
     pub vm: bool,
     /// Memory of the machine (e.g. 2GiB); a build that runs out fails with `limit-exceeded`.
