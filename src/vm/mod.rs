@@ -63,6 +63,9 @@ const UP_MARKER: &str = "debimg-vm: up";
 /// firmware) and the machine is started again with software emulation.
 const KVM_PROBE: Duration = Duration::from_secs(30);
 
+/// The most files a machine may hand off.
+const MAX_FILES: usize = 100_000;
+
 /// The largest metadata file taken from the machine.
 const MAX_METADATA_BYTES: u64 = 16 << 20;
 
@@ -165,7 +168,7 @@ pub fn create(
         .map_err(boundary)?;
     let mut result = run_machine(&appliance, &input, cache.as_deref(), opts, vm)?;
     result.expect_digest = (!vm.untrusted).then(|| plan.digest.clone());
-    let metadata = publish(&result, plan, lock, &opts.build_dir)?;
+    let metadata = publish(&result, plan, lock, &opts.build_dir, vm.disk_bytes)?;
     Ok(Outcome {
         reused: false,
         metadata_path,
@@ -597,7 +600,7 @@ fn boot(
         .map_err(boundary)?;
     drop(events_w);
     drop(log_w);
-    let machine = Machine::new(&mut child);
+    let mut machine = Machine::new(&mut child);
     let console = Arc::new(Mutex::new(String::new()));
     let up = Arc::new(AtomicBool::new(false));
     let report = Arc::new(Mutex::new(GuestReport::default()));
@@ -651,6 +654,8 @@ fn boot(
     if !exited {
         machine.kill();
     }
+    // A process not yet reaped keeps its group id: disarmed before the wait, never after.
+    machine.disarm();
     let _ = child.wait();
     for r in readers {
         let _ = r.join();
@@ -689,10 +694,10 @@ enum Stopped {
     Silent,
 }
 
-/// qemu's process group, killed when this goes.
+/// qemu's process group, killed when this goes unless disarmed.
 struct Machine {
     pgid: i32,
-    _group: crate::signals::ChildGroup,
+    group: Option<crate::signals::ChildGroup>,
 }
 
 impl Machine {
@@ -700,12 +705,19 @@ impl Machine {
         let pgid = child.id() as i32;
         Machine {
             pgid,
-            _group: crate::signals::ChildGroup::register(pgid),
+            group: Some(crate::signals::ChildGroup::register(pgid)),
         }
     }
 
     fn kill(&self) {
-        crate::signals::kill_group(self.pgid);
+        if self.group.is_some() {
+            crate::signals::kill_group(self.pgid);
+        }
+    }
+
+    /// Forgets the group before qemu is reaped: after that its id may be another's.
+    fn disarm(&mut self) {
+        self.group = None;
     }
 }
 
@@ -722,7 +734,7 @@ fn read_console(src: impl Read, console: &Mutex<String>, up: &AtomicBool) {
     let mut line = Vec::new();
     loop {
         line.clear();
-        match r.read_until(b'\n', &mut line) {
+        match (&mut r).take(MAX_LINE as u64).read_until(b'\n', &mut line) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
@@ -832,8 +844,13 @@ fn publish(
     plan: &Plan,
     lock: OutputLock,
     build_dir: &Path,
+    limit: u64,
 ) -> Result<Metadata, Error> {
     let boundary = |e| Error::classify(e, None);
+    // What the files may hold together: what fits on the scratch disk (a sparse entry claims
+    // its size without taking room on the output disk).
+    let mut budget = limit;
+    let mut count = 0usize;
     let mut output = result.output.try_clone().map_err(|e| boundary(e.into()))?;
     output.rewind().map_err(|e| boundary(e.into()))?;
     let work = tempfile::Builder::new()
@@ -911,7 +928,15 @@ fn publish(
                 .open(work.path().join("files").join(file))
                 .with_context(|| format!("creating {file} in {}", work.path().display()))
                 .map_err(boundary)?;
-            copy_sparse(&mut entry, dest)
+            count += 1;
+            let size = entry.size();
+            if count > MAX_FILES || size > budget {
+                return Err(boundary(anyhow::anyhow!(
+                    "the build machine's output is larger than its disk budget or holds more than {MAX_FILES} files: refused"
+                )));
+            }
+            budget -= size;
+            copy_sparse(&mut (&mut entry).take(size), dest)
                 .with_context(|| format!("copying {file} out of the build machine"))
                 .map_err(boundary)?;
             files.insert(format!("files/{file}"));
@@ -926,12 +951,12 @@ fn publish(
         None => return Err(no_result(result)),
         Some(code) => return Err(guest_failure(result, code, reason.as_deref())),
     }
-    if let Some(guest) = &result.guest_digest
-        && let Some(expected) = &result.expect_digest
-        && guest != expected
+    if let Some(expected) = &result.expect_digest
+        && result.guest_digest.as_ref() != Some(expected)
     {
         return Err(boundary(anyhow::anyhow!(
-            "the build machine built another spec (digest {guest}, this host planned {expected}): refused"
+            "the build machine built another spec (digest {:?}, this host planned {expected}): refused",
+            result.guest_digest.as_deref().map(mask)
         )));
     }
     let text = handoff_text
@@ -1028,6 +1053,7 @@ fn copy_sparse(src: &mut impl Read, dest: File) -> Result<()> {
         if filled == 0 {
             break;
         }
+        crate::signals::check()?;
         if buf[..filled].iter().all(|&b| b == 0) {
             dest.seek(std::io::SeekFrom::Current(filled as i64))?;
         } else {
@@ -1049,8 +1075,8 @@ fn check_handoff(
 ) -> Result<()> {
     if h.kind != plan.kind.name() {
         bail!(
-            "the build machine made a {} build, this spec a {}: refused",
-            h.kind,
+            "the build machine made a {:?} build, this spec a {}: refused",
+            h.kind.chars().take(64).collect::<String>(),
             plan.kind.name()
         );
     }
@@ -1058,12 +1084,36 @@ fn check_handoff(
     if names != plan.container_names().iter().collect::<Vec<_>>() {
         bail!("the build machine staged other images than this spec makes: refused");
     }
+    for s in &h.staged {
+        let shipped = match s.ship {
+            crate::kind::Ship::Qcow2 { .. } => s.container_name.ends_with(".qcow2"),
+            crate::kind::Ship::Packed(crate::spec::Container::Gzip) => {
+                s.container_name.ends_with(".gz")
+            }
+            crate::kind::Ship::Packed(_) => {
+                !s.container_name.ends_with(".gz") && !s.container_name.ends_with(".qcow2")
+            }
+        };
+        if !shipped {
+            bail!(
+                "the build machine would ship {} as {}: refused",
+                s.container_name,
+                s.ship.name()
+            );
+        }
+    }
     let records: Vec<String> = plan.records.iter().map(|r| plan.record_name(*r)).collect();
     if h.extra.iter().map(|(n, _)| n).collect::<Vec<_>>() != records.iter().collect::<Vec<_>>() {
         bail!("the build machine made other records than this spec asks for: refused");
     }
+    let (kernel, initrd) = plan.kernel_names();
     for a in &h.attached {
-        if !crate::output::publish::is_attachment_name(plan, &a.path, &a.file) {
+        let asked = if a.file == kernel || a.file == initrd {
+            plan.copy_kernel
+        } else {
+            !plan.attachments.is_empty()
+        };
+        if !asked || !crate::output::publish::is_attachment_name(plan, &a.path, &a.file) {
             bail!(
                 "the build machine copied {:?} out as {:?}, which this spec does not make: refused",
                 a.path,
@@ -1128,7 +1178,7 @@ fn guest_failure(result: &MachineResult, code: &str, reason: Option<&str>) -> Er
         return Error::classify(
             anyhow::anyhow!(
                 "the build machine could not start the build: {}; its console:\n{}",
-                reason.unwrap_or("unknown"),
+                mask(reason.unwrap_or("unknown")),
                 tail(&result.console, 20)
             ),
             None,
@@ -1142,15 +1192,14 @@ fn guest_failure(result: &MachineResult, code: &str, reason: Option<&str>) -> Er
         .and_then(|e| e.get("message"))
         .and_then(|m| m.as_str())
         .map(mask)
-        .unwrap_or_else(|| format!("the build in the machine exited with {code}"));
+        .unwrap_or_else(|| format!("the build in the machine exited with {}", mask(code)));
     let stage = e
         .and_then(|e| e.get("stage"))
         .and_then(|s| serde_json::from_value::<Stage>(s.clone()).ok());
+    // The guest's own word on the kind is taken only where it cannot mislead: a full disk is
+    // the disk budget; anything else is a failed build.
     let kind = match e.and_then(|e| e.get("kind")).and_then(|k| k.as_str()) {
-        Some("invalid-spec") => ErrorKind::InvalidSpec,
-        Some("missing-tools") => ErrorKind::MissingTools,
         Some("no-space") => ErrorKind::NoSpace,
-        Some("refused") => ErrorKind::Refused,
         _ => ErrorKind::Failed,
     };
     Error::classify(
@@ -1221,6 +1270,14 @@ mod tests {
         entries: &[(&str, tar::EntryType, &[u8])],
         guest_digest: Option<&str>,
     ) -> (Result<Metadata, Error>, tempfile::TempDir) {
+        take_within(entries, guest_digest, 1 << 30)
+    }
+
+    fn take_within(
+        entries: &[(&str, tar::EntryType, &[u8])],
+        guest_digest: Option<&str>,
+        limit: u64,
+    ) -> (Result<Metadata, Error>, tempfile::TempDir) {
         let plan = Plan::for_test(SPEC);
         let out = tempfile::tempdir().unwrap();
         let build = tempfile::tempdir().unwrap();
@@ -1232,7 +1289,7 @@ mod tests {
             expect_digest: Some(plan.digest.clone()),
             console: "Out of nothing\n".into(),
         };
-        let res = publish(&result, &plan, lock, build.path());
+        let res = publish(&result, &plan, lock, build.path(), limit);
         let left: Vec<_> = std::fs::read_dir(build.path()).unwrap().collect();
         assert!(left.is_empty(), "left in the build directory: {left:?}");
         (res, out)
@@ -1356,9 +1413,50 @@ mod tests {
             "extra",
         );
         assert!(e.contains("not those its handoff names"), "{e}");
-        // The machine planned another spec.
+        // More than the disk budget.
+        let (res, out) = take_within(&good, Some(d), archive.len() as u64 - 1);
+        let e = res.unwrap_err().to_string();
+        assert!(e.contains("larger than its disk budget"), "{e}");
+        assert!(names(out.path()).is_empty());
+        // The machine planned another spec, or did not say which.
         let e = refused(&good, "0000", "another spec");
         assert!(e.contains("another spec"), "{e}");
+        let (res, out) = take(&good, None);
+        assert!(res.unwrap_err().to_string().contains("another spec"));
+        assert!(names(out.path()).is_empty());
+        // An image shipped in another format than its name says.
+        let mut h = handoff();
+        h.staged[0].ship = crate::kind::Ship::Qcow2 { compressed: false };
+        let j = serde_json::to_string(&h).unwrap();
+        let e = refused(
+            &[
+                good[1],
+                ("out/handoff.json", Regular, j.as_bytes()),
+                good[4],
+            ],
+            d,
+            "ship",
+        );
+        assert!(e.contains("would ship"), "{e}");
+        // A kernel this spec does not copy out.
+        let mut h = handoff();
+        h.attached.push(crate::attachments::Attached {
+            path: "/boot/vmlinuz-6".into(),
+            file: "tb.vmlinuz".into(),
+            copy: "files/2".into(),
+        });
+        let j = serde_json::to_string(&h).unwrap();
+        let e = refused(
+            &[
+                good[1],
+                ("out/handoff.json", Regular, j.as_bytes()),
+                good[4],
+                ("out/files/2", Regular, b"k"),
+            ],
+            d,
+            "kernel",
+        );
+        assert!(e.contains("does not make"), "{e}");
         // No handoff.
         let e = refused(&[good[1], good[4]], d, "no handoff");
         assert!(e.contains("handed nothing off"), "{e}");
