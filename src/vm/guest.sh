@@ -36,8 +36,6 @@ finish() {
   exit 0
 }
 say up
-# initramfs-tools mounts /run noexec; the input (this binary) is unpacked there.
-mount -o remount,exec /run
 modprobe -a virtio_net virtio_console loop 9pnet_virtio 9p overlay 2>/dev/ttyS0
 # devtmpfs makes the ports' nodes once the module is in.
 n=0
