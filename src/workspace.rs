@@ -112,16 +112,22 @@ impl Workspace {
             .with_context(|| format!("creating a workspace in {}", build_dir.display()))?
             .keep();
         let lock_path = dir.join(WORKSPACE_LOCK);
-        // Should locking fail, the directory is left with a free lock: the next run removes it.
+        // Locked under another name, then renamed into place: another build's sweep of stale
+        // workspaces (`clean_stale_workspaces`) takes a workspace whose lock it can get for a
+        // dead build's; between creating the lock file and locking it, it could get this one's
+        // and remove the workspace being made. A workspace with no lock file is not swept.
+        let temp_path = dir.join(format!("{WORKSPACE_LOCK}.new"));
         let file = File::options()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&lock_path)
-            .with_context(|| format!("creating {}", lock_path.display()))?;
+            .open(&temp_path)
+            .with_context(|| format!("creating {}", temp_path.display()))?;
         let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| e)
-            .with_context(|| format!("locking {}", lock_path.display()))?;
+            .with_context(|| format!("locking {}", temp_path.display()))?;
+        std::fs::rename(&temp_path, &lock_path)
+            .with_context(|| format!("renaming {} into place", temp_path.display()))?;
         let mut ws = Workspace {
             work: dir.clone(),
             dir,
