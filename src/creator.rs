@@ -344,6 +344,19 @@ impl Creator {
         Ok(handoff)
     }
 
+    /// The finished build as packaging and publishing take it, its files where they are.
+    fn finished(&self) -> Handoff {
+        Handoff {
+            build_start: self.build_start.clone(),
+            kind: self.kind.name().to_string(),
+            staged: self.staged.clone(),
+            extra: self.extra.clone(),
+            attached: self.attached.clone(),
+            release_metas: self.release_metas.clone(),
+            installed: self.installed.clone(),
+        }
+    }
+
     fn write_handoff(&mut self, dir: &Path) -> Result<Handoff> {
         let files = dir.join("files");
         std::fs::create_dir_all(&files).with_context(|| format!("creating {}", files.display()))?;
@@ -380,13 +393,10 @@ impl Creator {
             attached.push(a);
         }
         let handoff = Handoff {
-            build_start: self.build_start.clone(),
-            kind: self.kind.name().to_string(),
             staged,
             extra,
             attached,
-            release_metas: self.release_metas.clone(),
-            installed: self.installed.clone(),
+            ..self.finished()
         };
         let json = serde_json::to_vec_pretty(&handoff)?;
         std::fs::write(dir.join(HANDOFF_FILE), json)
@@ -511,46 +521,15 @@ impl Creator {
                 Ok(())
             }
             Stage::Package => {
-                // Through the directory the lock holds open: a swap of its path redirects
-                // nothing.
-                let mut pending = PendingOutputs::in_dir(self.lock.dir().try_clone()?);
-                (self.packed, self.written) = pack::package::run(
-                    &self.staged,
-                    &self.extra,
-                    &self.attached,
-                    &self.plan.attachments_dir_name(),
-                    &mut pending,
-                )?;
-                self.pending = Some(pending);
+                let (pending, packed, written) =
+                    package_finished(&self.plan, &self.lock, &self.finished())?;
+                (self.pending, self.packed, self.written) = (Some(pending), packed, written);
                 Ok(())
             }
             Stage::Publish => {
-                let written = std::mem::take(&mut self.written);
-                // Every file beside the images: the records, the kernel and initrd.
-                let names: Vec<String> = written.files.iter().map(|f| f.name.clone()).collect();
-                let metadata = Metadata::assemble(
-                    &self.plan,
-                    self.kind.name(),
-                    self.build_start.clone(),
-                    &self.staged,
-                    &self.packed,
-                    written.files,
-                    written.attachments,
-                    &self.release_metas,
-                    self.installed.clone(),
-                );
-                let mut publish: Vec<&str> = self
-                    .staged
-                    .iter()
-                    .map(|s| s.container_name.as_str())
-                    .collect();
-                publish.extend(names.iter().map(String::as_str));
-                self.pending.as_mut().context("package first")?.publish(
-                    &publish,
-                    &self.plan.attachments_dir_name(),
-                    &self.plan.metadata_name(),
-                    &metadata.to_yaml()?,
-                )?;
+                let (written, done) = (std::mem::take(&mut self.written), self.finished());
+                let pending = self.pending.as_mut().context("package first")?;
+                let metadata = publish_packed(&self.plan, done, &self.packed, written, pending)?;
                 self.outcome = Some(Outcome {
                     reused: false,
                     metadata_path: self.output_dir.join(self.plan.metadata_name()),
@@ -727,10 +706,65 @@ impl Drop for Creator {
     }
 }
 
+/// The package stage, of a build here and of a build machine's handoff alike: every image,
+/// record and attachment of `done` packed into the output directory under a temporary name.
+pub(crate) fn package_finished(
+    plan: &Plan,
+    lock: &OutputLock,
+    done: &Handoff,
+) -> Result<(PendingOutputs, Vec<Packed>, Written)> {
+    // Through the directory the lock holds open: a swap of its path redirects nothing.
+    let mut pending = PendingOutputs::in_dir(lock.dir().try_clone()?);
+    let (packed, written) = pack::package::run(
+        &done.staged,
+        &done.extra,
+        &done.attached,
+        &plan.attachments_dir_name(),
+        &mut pending,
+    )?;
+    Ok((pending, packed, written))
+}
+
+/// The publish stage, after `package_finished`: the images and every file beside them (the
+/// records, the kernel and initrd) renamed into place, the metadata last.
+pub(crate) fn publish_packed(
+    plan: &Plan,
+    done: Handoff,
+    packed: &[Packed],
+    written: Written,
+    pending: &mut PendingOutputs,
+) -> Result<Metadata> {
+    let names: Vec<String> = written.files.iter().map(|f| f.name.clone()).collect();
+    let metadata = Metadata::assemble(
+        plan,
+        &done.kind,
+        done.build_start,
+        &done.staged,
+        packed,
+        written.files,
+        written.attachments,
+        &done.release_metas,
+        done.installed,
+    );
+    let mut publish: Vec<&str> = done
+        .staged
+        .iter()
+        .map(|s| s.container_name.as_str())
+        .collect();
+    publish.extend(names.iter().map(String::as_str));
+    pending.publish(
+        &publish,
+        &plan.attachments_dir_name(),
+        &plan.metadata_name(),
+        &metadata.to_yaml()?,
+    )?;
+    Ok(metadata)
+}
+
 /// Runs one stage: announces it (log and event), runs `f`, and reports its duration; a failure
 /// becomes [`Error::StageFailed`] naming the stage (an interruption stays
 /// [`Error::Interrupted`]).
-fn run_stage<T>(stage: Stage, f: impl FnOnce() -> Result<T>) -> Result<T> {
+pub(crate) fn run_stage<T>(stage: Stage, f: impl FnOnce() -> Result<T>) -> Result<T> {
     if let Err(e) = signals::check() {
         return Err(
             Error::classify(e.context(format!("before stage {stage}")), Some(stage)).into(),

@@ -42,12 +42,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::boottest::{Accel, kvm_usable};
-use crate::creator::{BuildOptions, Handoff, Outcome};
+use crate::creator::{self, BuildOptions, Handoff, Outcome, run_stage};
 use crate::error::{Error, ErrorKind};
 use crate::event::{self, Event};
 use crate::metadata::Metadata;
 use crate::output::OutputLock;
-use crate::output::publish::{PendingOutputs, reusable};
+use crate::output::publish::reusable;
 use crate::plan::Plan;
 use crate::spec::Spec;
 use crate::stage::Stage;
@@ -575,13 +575,7 @@ fn boot(
             log_w.as_fd(),
         ],
     );
-    // SAFETY: prctl is async-signal-safe; qemu dies with debimg even on SIGKILL.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+    crate::cmd::die_with_parent(&mut cmd, libc::SIGKILL);
     tracing::info!(
         "starting the build machine ({}, {} MiB, {} CPUs, a {} GiB disk)",
         if kvm { "KVM" } else { "software emulation" },
@@ -975,58 +969,15 @@ fn publish(
     for a in &mut handoff.attached {
         a.copy = work.path().join(&a.copy);
     }
-    let attachments = plan.attachments_dir_name();
-    let mut pending = PendingOutputs::in_dir(lock.dir().try_clone().map_err(boundary)?);
-    let t = Instant::now();
-    tracing::info!("stage package: started (on this host)");
-    event::emit(&Event::StageStarted {
-        stage: Stage::Package,
-    });
-    let (packed, written) = crate::pack::package::run(
-        &handoff.staged,
-        &handoff.extra,
-        &handoff.attached,
-        &attachments,
-        &mut pending,
-    )
-    .map_err(|e| Error::classify(e, Some(Stage::Package)))?;
-    event::emit(&Event::StageFinished {
-        stage: Stage::Package,
-        seconds: t.elapsed().as_secs_f64(),
-    });
-    let t = Instant::now();
-    tracing::info!("stage publish: started");
-    event::emit(&Event::StageStarted {
-        stage: Stage::Publish,
-    });
-    let names: Vec<String> = written.files.iter().map(|f| f.name.clone()).collect();
-    let metadata = Metadata::assemble(
-        plan,
-        &handoff.kind,
-        handoff.build_start.clone(),
-        &handoff.staged,
-        &packed,
-        written.files,
-        written.attachments,
-        &handoff.release_metas,
-        handoff.installed.clone(),
-    );
-    let mut images: Vec<&str> = handoff
-        .staged
-        .iter()
-        .map(|s| s.container_name.as_str())
-        .collect();
-    images.extend(names.iter().map(String::as_str));
-    let yaml = metadata
-        .to_yaml()
-        .map_err(|e| Error::classify(e, Some(Stage::Publish)))?;
-    pending
-        .publish(&images, &attachments, &plan.metadata_name(), &yaml)
-        .map_err(|e| Error::classify(e, Some(Stage::Publish)))?;
-    event::emit(&Event::StageFinished {
-        stage: Stage::Publish,
-        seconds: t.elapsed().as_secs_f64(),
-    });
+    let stage_error = |stage| move |e| Error::classify(e, Some(stage));
+    let (mut pending, packed, written) = run_stage(Stage::Package, || {
+        creator::package_finished(plan, &lock, &handoff)
+    })
+    .map_err(stage_error(Stage::Package))?;
+    let metadata = run_stage(Stage::Publish, || {
+        creator::publish_packed(plan, handoff, &packed, written, &mut pending)
+    })
+    .map_err(stage_error(Stage::Publish))?;
     Ok(metadata)
 }
 
