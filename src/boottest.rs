@@ -243,13 +243,7 @@ fn attempt(
     let mut cmd = qemu_command(disk, format, vars, kvm, t.memory_mib);
     tracing::debug!("running {}", crate::cmd::command_line(&cmd));
     use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe; qemu dies with debimg even on SIGKILL.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+    crate::cmd::die_with_parent(&mut cmd, libc::SIGKILL);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -38,6 +38,18 @@ pub trait CommandRunExt {
     fn run_streaming(&mut self, show: bool) -> Result<()>;
 }
 
+/// Arranges for the command's process to get `signal` when debimg dies, `kill -9` included
+/// (`PR_SET_PDEATHSIG`): for children that must not outlive the build, such as qemu.
+pub fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
+    // SAFETY: prctl is async-signal-safe; the closure touches nothing else.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, signal);
+            Ok(())
+        });
+    }
+}
+
 /// Renders a command line for logs and errors, URL credentials masked.
 pub fn command_line(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();

@@ -101,15 +101,8 @@ pub fn run_child(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            // The build ends (and unwinds: TERM) when the thread that runs it dies with its
-            // process.
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            Ok(())
-        });
-    }
+    // The build ends (and unwinds: TERM) when the thread that runs it dies with its process.
+    crate::cmd::die_with_parent(&mut cmd, libc::SIGTERM);
     let mut guard = Reaped(
         cmd.spawn()
             .with_context(|| format!("starting {:?}", cmd.get_program()))?,
