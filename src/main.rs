@@ -379,21 +379,30 @@ fn build(cli: &Cli) -> Result<(), Error> {
     if *hand_off {
         return hand_off_build(job);
     }
-    // Before any thread exists: the build runs in PID and mount namespaces of its own, so no
-    // mount reaches the host and nothing of it outlives this process, even killed with SIGKILL.
-    let code = debimg::isolated(|| {
+    run_job(job, !json)
+}
+
+/// Runs `job` and prints the paths of its outputs, one a line, when `print_paths`.
+fn run_job(job: Job, print_paths: bool) -> Result<(), Error> {
+    in_namespaces(|| {
         // On a terminal only: the stage, its time and apt's progress on a line of its own.
         debimg::progress::enable();
         let outcome = job.run()?;
-        if !json {
+        if print_paths {
             let mut out = std::io::stdout().lock();
             for p in &outcome.outputs {
                 let _ = writeln!(out, "{}", p.display());
             }
         }
         Ok(())
-    })?;
-    match code {
+    })
+}
+
+/// Runs a build's `body` in PID and mount namespaces of its own, so that no mount reaches the
+/// host and nothing of it outlives this process, even killed with SIGKILL. Call it before any
+/// thread exists.
+fn in_namespaces(body: impl FnOnce() -> Result<(), Error>) -> Result<(), Error> {
+    match debimg::isolated(body)? {
         0 => Ok(()),
         c => Err(Error::exited(c)),
     }
@@ -402,7 +411,7 @@ fn build(cli: &Cli) -> Result<(), Error> {
 /// `build --hand-off` (inside a `--vm` machine): the stages up to `finish`, the result left in
 /// the output directory for the host to package; events as a build reports them.
 fn hand_off_build(job: Job) -> Result<(), Error> {
-    let code = debimg::isolated(|| {
+    in_namespaces(|| {
         let started = std::time::Instant::now();
         event::emit(&Event::BuildStarted {
             name: job.plan.name.clone(),
@@ -421,11 +430,7 @@ fn hand_off_build(job: Job) -> Result<(), Error> {
             error: res.as_ref().err().map(|e| e.report()),
         });
         res.map(|_| ())
-    })?;
-    match code {
-        0 => Ok(()),
-        c => Err(Error::exited(c)),
-    }
+    })
 }
 
 /// `debimg vm-image`: the appliance's spec built as any spec, into CACHE_DIR/vm.
@@ -458,19 +463,7 @@ fn vm_image(
         bundle: false,
         vm: None,
     };
-    let code = debimg::isolated(|| {
-        debimg::progress::enable();
-        let outcome = job.run()?;
-        let mut out = std::io::stdout().lock();
-        for p in &outcome.outputs {
-            let _ = writeln!(out, "{}", p.display());
-        }
-        Ok(())
-    })?;
-    match code {
-        0 => Ok(()),
-        c => Err(Error::exited(c)),
-    }
+    run_job(job, true)
 }
 
 fn serve(action: Option<&ServeAction>, args: &ServeArgs) -> anyhow::Result<()> {
