@@ -8,6 +8,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,7 @@ use debimg::metadata::Metadata;
 use debimg::sys::loopdev;
 use debimg::sys::mount;
 use nix::mount::MsFlags;
+use nix::sys::signal::Signal;
 
 /// Held for writing while a test builds on the host (attaching loop devices), for reading
 /// while a [`LoopWatch`] runs: the tests of this file run side by side.
@@ -691,30 +693,32 @@ fn limits_and_signals_stop_the_machine_and_leave_nothing() {
 
     // TERM: the machine stops, the build says so.
     let (out, b) = case("term");
-    let mut child = build_command(&spec, &out, &b, &["--vm", "--vm-accel", "tcg"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_machine(&b);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(143));
+    let status = signal_machine_build(&spec, &out, &b, Signal::SIGTERM);
+    assert_eq!(status.code(), Some(143), "{status:?}");
     assert_machine_gone(&b, &out);
 
     // kill -9 of debimg: qemu goes with it, nothing partial stays.
     let (out, b) = case("kill");
-    let mut child = build_command(&spec, &out, &b, &["--vm", "--vm-accel", "tcg"])
+    let status = signal_machine_build(&spec, &out, &b, Signal::SIGKILL);
+    assert_eq!(status.signal(), Some(9), "{status:?}");
+    assert_machine_gone(&b, &out);
+}
+
+/// Starts a machine build of `spec`, sends debimg `signal` once its machine runs and returns
+/// how debimg ended.
+fn signal_machine_build(
+    spec: &Path,
+    out: &Path,
+    build_dir: &Path,
+    signal: Signal,
+) -> std::process::ExitStatus {
+    let mut child = build_command(spec, out, build_dir, &["--vm", "--vm-accel", "tcg"])
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    wait_for_machine(&b);
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert_machine_gone(&b, &out);
+    wait_for_machine(build_dir);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+    child.wait().unwrap()
 }
 
 /// Waits until a machine of `build_dir` runs.
