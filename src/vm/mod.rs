@@ -14,10 +14,12 @@
 //! - A scratch disk (serial `debimg-scratch`), sparse, of the disk budget, formatted in the
 //!   guest: the build's workspace and its output directory.
 //! - Out: one tar on a raw disk (serial `debimg-output`) with `status` (the guest build's exit
-//!   code), and `out/`, the guest's output directory. This host reads that tar as data: regular
-//!   files and directories only, names checked, every file's size and sha256 checked against
-//!   the metadata the guest wrote, the metadata checked against this host's plan; only then
-//!   are the files published, the metadata last, as a host build publishes.
+//!   code) and `out/`, what the guest build hands off after its finish stage (`--hand-off`:
+//!   the staged raw images, records and attachments, described in `out/handoff.json`). This
+//!   host reads that tar as data, with its own strict reader (`untar`: files, sparse files
+//!   and directories only, nothing held in memory), names checked, the handoff checked against
+//!   this host's plan; only then does it package and publish the files, the metadata last, as
+//!   a host build does.
 //! - The guest's events (JSON lines) and its log arrive on two virtio serial ports; only stage
 //!   events are passed on, and the log's control characters are masked.
 //!
@@ -28,6 +30,7 @@
 //! file behind, and nothing reaches the output directory before the result is complete.
 
 pub mod appliance;
+mod untar;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, Write};
@@ -855,50 +858,37 @@ fn publish(
     std::fs::create_dir(work.path().join("files"))
         .context("creating the handoff's directory")
         .map_err(boundary)?;
-    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, output));
+    let mut archive = untar::Untar::new(BufReader::with_capacity(1 << 20, output));
     let mut status: Option<String> = None;
     let mut reason: Option<String> = None;
     let mut handoff_text: Option<String> = None;
     let mut files: std::collections::BTreeSet<String> = Default::default();
-    let entries = archive
-        .entries()
-        .context("reading the build machine's output disk")
-        .map_err(boundary)?;
-    for entry in entries {
-        let mut entry = match entry {
-            Ok(e) => e,
+    loop {
+        let entry = match archive.next_member() {
+            Ok(Some(e)) => e,
+            Ok(None) => break,
             // A machine that stopped before writing leaves no tar at all.
             Err(_) if status.is_none() => break,
             Err(e) => {
                 return Err(boundary(
-                    anyhow::Error::new(e).context("reading the build machine's output disk"),
+                    e.context("reading the build machine's output disk"),
                 ));
             }
         };
-        let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        let name = raw
-            .trim_start_matches("./")
-            .trim_end_matches('/')
-            .to_string();
-        let kind = entry.header().entry_type();
-        if kind == tar::EntryType::Directory {
+        let name = entry.name.clone();
+        if entry.kind == untar::Kind::Directory {
             continue;
         }
-        if !matches!(kind, tar::EntryType::Regular | tar::EntryType::GNUSparse) {
-            return Err(boundary(anyhow::anyhow!(
-                "the build machine's output holds {name:?}, which is not a regular file: refused"
-            )));
-        }
         if name == "status" || name == "reason" {
-            let mut s = String::new();
-            (&mut entry)
-                .take(256)
-                .read_to_string(&mut s)
-                .map_err(|e| boundary(e.into()))?;
+            let text = archive
+                .read_small(&entry, 256)
+                .context("reading the build machine's status")
+                .map_err(boundary)?;
+            let text = String::from_utf8_lossy(&text).trim().to_string();
             if name == "status" {
-                status = Some(s.trim().to_string());
+                status = Some(text);
             } else {
-                reason = Some(s.trim().to_string());
+                reason = Some(text);
             }
             continue;
         }
@@ -906,31 +896,33 @@ fn publish(
             break;
         }
         if name == format!("out/{}", crate::creator::HANDOFF_FILE) {
-            let mut text = String::new();
-            (&mut entry)
-                .take(MAX_METADATA_BYTES)
-                .read_to_string(&mut text)
+            let text = archive
+                .read_small(&entry, MAX_METADATA_BYTES)
                 .context("reading the build machine's handoff")
                 .map_err(boundary)?;
-            handoff_text = Some(text);
+            handoff_text = Some(
+                String::from_utf8(text)
+                    .context("reading the build machine's handoff")
+                    .map_err(boundary)?,
+            );
         } else if let Some(file) = name.strip_prefix("out/files/")
             && is_plain_name(file)
         {
-            let dest = std::fs::OpenOptions::new()
+            count += 1;
+            if count > MAX_FILES || entry.size > budget {
+                return Err(boundary(anyhow::anyhow!(
+                    "the build machine's output is larger than its disk budget or holds more than {MAX_FILES} files: refused"
+                )));
+            }
+            budget -= entry.size;
+            let mut dest = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(work.path().join("files").join(file))
                 .with_context(|| format!("creating {file} in {}", work.path().display()))
                 .map_err(boundary)?;
-            count += 1;
-            let size = entry.size();
-            if count > MAX_FILES || size > budget {
-                return Err(boundary(anyhow::anyhow!(
-                    "the build machine's output is larger than its disk budget or holds more than {MAX_FILES} files: refused"
-                )));
-            }
-            budget -= size;
-            copy_sparse(&mut (&mut entry).take(size), dest)
+            archive
+                .copy_to(&entry, &mut dest, crate::signals::check)
                 .with_context(|| format!("copying {file} out of the build machine"))
                 .map_err(boundary)?;
             files.insert(format!("files/{file}"));
@@ -984,36 +976,6 @@ fn publish(
 /// A name of one path component that is not `.`, `..` or hidden.
 fn is_plain_name(name: &str) -> bool {
     !name.is_empty() && !name.contains('/') && !name.starts_with('.') && name.len() <= 255
-}
-
-/// Copies `src` into `dest`, leaving holes where it reads 64 KiB of zeros: a disk image is
-/// mostly holes.
-fn copy_sparse(src: &mut impl Read, dest: File) -> Result<()> {
-    let mut dest = dest;
-    let mut buf = vec![0u8; 64 << 10];
-    let mut len: u64 = 0;
-    loop {
-        let mut filled = 0;
-        while filled < buf.len() {
-            let n = src.read(&mut buf[filled..])?;
-            if n == 0 {
-                break;
-            }
-            filled += n;
-        }
-        if filled == 0 {
-            break;
-        }
-        crate::signals::check()?;
-        if buf[..filled].iter().all(|&b| b == 0) {
-            dest.seek(std::io::SeekFrom::Current(filled as i64))?;
-        } else {
-            dest.write_all(&buf[..filled])?;
-        }
-        len += filled as u64;
-    }
-    dest.set_len(len)?;
-    Ok(())
 }
 
 /// Whether a handoff is what a build of `plan` hands off: its kind, its images by name in the
@@ -1300,7 +1262,7 @@ mod tests {
             d,
             "a link",
         );
-        assert!(e.contains("not a regular file"), "{e}");
+        assert!(e.contains("not a file or directory"), "{e}");
         // A name outside the handoff, and `..`.
         for bad in [
             "etc/passwd",
@@ -1421,19 +1383,6 @@ mod tests {
         // No status at all (the disk as qemu left it: zeros).
         let e = refused(&[], d, "empty disk");
         assert!(e.contains("without a result"), "{e}");
-    }
-
-    #[test]
-    fn a_sparse_copy_keeps_the_bytes_and_leaves_holes() {
-        let mut data = vec![0u8; 4 << 20];
-        data[5] = 1;
-        data[(3 << 20) + 7] = 2;
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("x");
-        copy_sparse(&mut &data[..], File::create(&p).unwrap()).unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), data);
-        use std::os::unix::fs::MetadataExt;
-        assert!(std::fs::metadata(&p).unwrap().blocks() * 512 < 1 << 20);
     }
 
     #[test]
