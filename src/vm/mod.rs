@@ -54,6 +54,7 @@ use crate::output::publish::reusable;
 use crate::plan::Plan;
 use crate::spec::Spec;
 use crate::stage::Stage;
+use crate::workspace::Workspace;
 
 /// The script the guest runs (see its header).
 const GUEST_SCRIPT: &str = include_str!("guest.sh");
@@ -157,6 +158,8 @@ pub fn create(
         .with_context(|| format!("creating {}", opts.output_dir.display()))
         .map_err(boundary)?;
     let lock = OutputLock::acquire(&opts.output_dir, opts.wait).map_err(boundary)?;
+    // What builds killed in this build directory left, as a host build sweeps it.
+    crate::workspace::clean_stale_workspaces(&opts.build_dir);
     let appliance = appliance::ensure(&vm.appliance_dir, &opts.build_dir).map_err(boundary)?;
     let cache = match &opts.cache_dir {
         Some(dir) => Some(
@@ -850,12 +853,11 @@ fn publish(
     let mut count = 0usize;
     let mut output = result.output.try_clone().map_err(|e| boundary(e.into()))?;
     output.rewind().map_err(|e| boundary(e.into()))?;
-    let work = tempfile::Builder::new()
-        .prefix("debimg-vm-out-")
-        .tempdir_in(build_dir)
-        .with_context(|| format!("creating a directory in {}", build_dir.display()))
-        .map_err(boundary)?;
-    std::fs::create_dir(work.path().join("files"))
+    // A workspace: locked while this build lives, swept by a later build if this one dies
+    // (`kill -9` while packaging).
+    let workspace = Workspace::create(build_dir, "vm-out", None).map_err(boundary)?;
+    let work = workspace.work.as_path();
+    std::fs::create_dir(work.join("files"))
         .context("creating the handoff's directory")
         .map_err(boundary)?;
     let mut archive = untar::Untar::new(BufReader::with_capacity(1 << 20, output));
@@ -918,8 +920,8 @@ fn publish(
             let mut dest = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .open(work.path().join("files").join(file))
-                .with_context(|| format!("creating {file} in {}", work.path().display()))
+                .open(work.join("files").join(file))
+                .with_context(|| format!("creating {file} in {}", work.display()))
                 .map_err(boundary)?;
             archive
                 .copy_to(&entry, &mut dest, crate::signals::check)
@@ -953,13 +955,13 @@ fn publish(
         .map_err(boundary)?;
     check_handoff(plan, &handoff, &files).map_err(boundary)?;
     for s in &mut handoff.staged {
-        s.raw = work.path().join(&s.raw);
+        s.raw = work.join(&s.raw);
     }
     for (_, p) in &mut handoff.extra {
-        *p = work.path().join(&*p);
+        *p = work.join(&*p);
     }
     for a in &mut handoff.attached {
-        a.copy = work.path().join(&a.copy);
+        a.copy = work.join(&a.copy);
     }
     let stage_error = |stage| move |e| Error::classify(e, Some(stage));
     let (mut pending, packed, written) = run_stage(Stage::Package, || {
