@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use nix::mount::MsFlags;
 
-use super::{FsInfo, ImageKind, MountStack, Ship, Staged};
+use super::{FsInfo, ImageKind, MountStack, Staged};
 use crate::cmd::CommandRunExt;
 use crate::pack::shrink;
 use crate::plan::{Plan, mount_order};
 use crate::root::{Owner, Root};
-use crate::spec::{Container, Disk, DiskFormat, Firmware, Fs, PartitionFlag, PartitionTable};
+use crate::spec::{Disk, Firmware, Fs, PartitionFlag, PartitionTable};
 use crate::sys::loopdev::{self, LoopDevice};
 use crate::sys::mkfs::{self, MkfsRequest};
 use crate::sys::mount::Mount;
@@ -599,32 +599,16 @@ impl ImageKind for DiskImage {
             d.close()?;
         }
         let raw = self.file.clone().context("no disk file")?;
-        let table = match disk.table {
-            PartitionTable::Gpt => "gpt",
-            PartitionTable::Mbr => "mbr",
-        };
         let root_uuid = self
             .part_at("/")
             .map(|p| p.uuid.clone())
             .unwrap_or_default();
-        Ok(disk
-            .formats
-            .iter()
-            .zip(plan.container_names())
-            .map(|(f, container_name)| Staged {
+        Ok(super::planned_staged(plan)
+            .into_iter()
+            .map(|s| Staged {
                 raw: raw.clone(),
-                raw_name: plan.raw_name(),
-                ship: match f {
-                    DiskFormat::Raw => Ship::Packed(Container::Raw),
-                    DiskFormat::Gzip => Ship::Packed(Container::Gzip),
-                    DiskFormat::Qcow2 => Ship::Qcow2 { compressed: false },
-                    DiskFormat::Qcow2Compressed => Ship::Qcow2 { compressed: true },
-                },
-                container_name,
-                format: table.to_string(),
-                mount: "/".into(),
-                label: None,
                 uuid: root_uuid.clone(),
+                ..s
             })
             .collect())
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use super::{FsInfo, ImageKind, MountStack, Ship, Staged};
+use super::{FsInfo, ImageKind, MountStack, Staged};
 use crate::pack::shrink;
 use crate::plan::Plan;
 use crate::spec::Fs;
@@ -110,7 +110,8 @@ impl ImageKind for FsImages {
 
     fn finish(&mut self, plan: &Plan, _workspace: &Path, _root: &Path) -> Result<Vec<Staged>> {
         let mut staged = Vec::new();
-        for (img, f) in plan.images.iter().zip(&self.images) {
+        let planned = super::planned_staged(plan);
+        for ((img, f), s) in plan.images.iter().zip(&self.images).zip(planned) {
             mkfs::check(img.fs, &f.file)?;
             if matches!(img.fs, Fs::Ext3 | Fs::Ext4) {
                 shrink::set_ext_journal(&f.file, true)?;
@@ -120,13 +121,8 @@ impl ImageKind for FsImages {
             }
             staged.push(Staged {
                 raw: f.file.clone(),
-                raw_name: img.raw_name.clone(),
-                ship: Ship::Packed(img.container),
-                container_name: img.container_name.clone(),
-                format: img.fs.name().to_string(),
-                mount: img.mount.clone(),
-                label: img.label.clone(),
                 uuid: f.uuid.clone(),
+                ..s
             });
         }
         Ok(staged)

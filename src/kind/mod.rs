@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::plan::Plan;
 use crate::root::Root;
-use crate::spec::{Container, Kind};
+use crate::spec::{Container, DiskFormat, Kind, PartitionTable};
 pub use crate::sys::mount::MountStack;
 use crate::sys::mount::{self, Mount, MsFlags};
 
@@ -56,7 +56,7 @@ impl Ship {
 }
 
 /// A file staged for packaging: a raw image (or archive) in the workspace and how it ships.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Staged {
     /// The raw file in the workspace.
     pub raw: PathBuf,
@@ -70,6 +70,65 @@ pub struct Staged {
     pub mount: String,
     pub label: Option<String>,
     pub uuid: String,
+}
+
+/// What a build of `plan` stages, but for what only the build knows (each `raw` file and
+/// `uuid`, left empty): names, how each file ships, its format, mount point and label. Each
+/// kind's `finish` fills it in; a build machine's handoff must match it.
+pub fn planned_staged(plan: &Plan) -> Vec<Staged> {
+    let staged = |container_name: String, raw_name: String, ship, format: &str| Staged {
+        raw: PathBuf::new(),
+        raw_name,
+        ship,
+        container_name,
+        format: format.to_string(),
+        mount: "/".into(),
+        label: None,
+        uuid: String::new(),
+    };
+    match plan.kind {
+        Kind::FsImages => plan
+            .images
+            .iter()
+            .map(|img| Staged {
+                mount: img.mount.clone(),
+                label: img.label.clone(),
+                ..staged(
+                    img.container_name.clone(),
+                    img.raw_name.clone(),
+                    Ship::Packed(img.container),
+                    img.fs.name(),
+                )
+            })
+            .collect(),
+        Kind::Tarball => plan
+            .container_names()
+            .into_iter()
+            .map(|name| staged(name, plan.raw_name(), Ship::Packed(Container::Gzip), "tar"))
+            .collect(),
+        Kind::Disk => {
+            let Some(disk) = &plan.disk else {
+                return Vec::new();
+            };
+            let table = match disk.table {
+                PartitionTable::Gpt => "gpt",
+                PartitionTable::Mbr => "mbr",
+            };
+            disk.formats
+                .iter()
+                .zip(plan.container_names())
+                .map(|(f, name)| {
+                    let ship = match f {
+                        DiskFormat::Raw => Ship::Packed(Container::Raw),
+                        DiskFormat::Gzip => Ship::Packed(Container::Gzip),
+                        DiskFormat::Qcow2 => Ship::Qcow2 { compressed: false },
+                        DiskFormat::Qcow2Compressed => Ship::Qcow2 { compressed: true },
+                    };
+                    staged(name, plan.raw_name(), ship, table)
+                })
+                .collect()
+        }
+    }
 }
 
 /// What a kind of image does at the points of a build that differ between kinds.

@@ -5,10 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use super::{FsInfo, ImageKind, Ship, Staged};
+use super::{FsInfo, ImageKind, Staged};
 use crate::cmd::CommandRunExt;
 use crate::plan::Plan;
-use crate::spec::Container;
 
 /// The root filesystem as `<name>.tar.gz`.
 pub struct Tarball;
@@ -58,16 +57,13 @@ impl ImageKind for Tarball {
             ])
             .run()
             .with_context(|| format!("archiving {}", root.display()))?;
-        Ok(vec![Staged {
-            raw: tar,
-            raw_name: raw_name.clone(),
-            ship: Ship::Packed(Container::Gzip),
-            container_name: plan.container_names().remove(0),
-            format: "tar".into(),
-            mount: "/".into(),
-            label: None,
-            uuid: String::new(),
-        }])
+        Ok(super::planned_staged(plan)
+            .into_iter()
+            .map(|s| Staged {
+                raw: tar.clone(),
+                ..s
+            })
+            .collect())
     }
 
     fn cleanup(&mut self) {}

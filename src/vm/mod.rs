@@ -995,27 +995,37 @@ fn check_handoff(
             plan.kind.name()
         );
     }
-    let names: Vec<&String> = h.staged.iter().map(|s| &s.container_name).collect();
-    if names != plan.container_names().iter().collect::<Vec<_>>() {
-        bail!("the build machine staged other images than this spec makes: refused");
+    // Names, order, how each ships, format, mount point and label are this host's plan's;
+    // only the files and the UUIDs are the machine's.
+    let planned = crate::kind::planned_staged(plan);
+    let same = h.staged.len() == planned.len()
+        && h.staged.iter().zip(&planned).all(|(got, want)| {
+            *want
+                == crate::kind::Staged {
+                    raw: PathBuf::new(),
+                    uuid: String::new(),
+                    ..got.clone()
+                }
+        });
+    if !same {
+        bail!(
+            "the build machine staged other images than this spec makes ({}): refused",
+            h.staged
+                .iter()
+                .map(|s| format!("{} as {}", s.container_name, s.ship.name()))
+                .collect::<Vec<_>>()
+                .join(", ")
+                .chars()
+                .take(256)
+                .collect::<String>()
+        );
     }
-    for s in &h.staged {
-        let shipped = match s.ship {
-            crate::kind::Ship::Qcow2 { .. } => s.container_name.ends_with(".qcow2"),
-            crate::kind::Ship::Packed(crate::spec::Container::Gzip) => {
-                s.container_name.ends_with(".gz")
-            }
-            crate::kind::Ship::Packed(_) => {
-                !s.container_name.ends_with(".gz") && !s.container_name.ends_with(".qcow2")
-            }
-        };
-        if !shipped {
-            bail!(
-                "the build machine would ship {} as {}: refused",
-                s.container_name,
-                s.ship.name()
-            );
-        }
+    if let Some(s) = h.staged.iter().find(|s| s.uuid.len() > 64) {
+        bail!(
+            "the build machine names a UUID of {} characters for {}: refused",
+            s.uuid.len(),
+            s.container_name
+        );
     }
     let records: Vec<String> = plan.records.iter().map(|r| plan.record_name(*r)).collect();
     if h.extra.iter().map(|(n, _)| n).collect::<Vec<_>>() != records.iter().collect::<Vec<_>>() {
@@ -1352,7 +1362,30 @@ mod tests {
             d,
             "ship",
         );
-        assert!(e.contains("would ship"), "{e}");
+        assert!(e.contains("staged other images"), "{e}");
+        // Another format, mount point or label than the plan's; a UUID that is no UUID.
+        type Forge = fn(&mut crate::kind::Staged);
+        let forgeries: [(Forge, &str); 4] = [
+            (|s| s.format = "ext4".into(), "staged other images"),
+            (|s| s.mount = "/etc".into(), "staged other images"),
+            (|s| s.label = Some("x".into()), "staged other images"),
+            (|s| s.uuid = "u".repeat(65), "a UUID of 65"),
+        ];
+        for (forge, why) in forgeries {
+            let mut h = handoff();
+            forge(&mut h.staged[0]);
+            let j = serde_json::to_string(&h).unwrap();
+            let e = refused(
+                &[
+                    good[1],
+                    ("out/handoff.json", Regular, j.as_bytes()),
+                    good[4],
+                ],
+                d,
+                why,
+            );
+            assert!(e.contains(why), "{e}");
+        }
         // A kernel this spec does not copy out.
         let mut h = handoff();
         h.attached.push(crate::attachments::Attached {
