@@ -171,9 +171,6 @@ fn varies_per_build(path: &str) -> bool {
         || path == "var/cache/ldconfig/aux-cache"
         // update-initramfs's cpio carries the build's times.
         || path.starts_with("boot/initrd.img-")
-        // grub-mkconfig's output names the build's devices as well as its UUIDs (a machine
-        // build's differs from a host build's beyond the UUIDs); the boot test proves it.
-        || path == "boot/grub/grub.cfg"
         || path == "etc/shadow"
         || path == "etc/shadow-"
         || path == "etc/gshadow-"
@@ -184,31 +181,53 @@ fn varies_per_build(path: &str) -> bool {
 
 /// Files that name the filesystems by their UUIDs (each build's own): compared with every UUID
 /// masked.
-const NAMES_UUIDS: &[&str] = &["etc/fstab"];
+const NAMES_UUIDS: &[&str] = &["etc/fstab", "boot/grub/grub.cfg"];
 
-/// `text` with every UUID (`8-4-4-4-12` hex digits, or a FAT serial `XXXX-XXXX`) as `UUID`.
+/// `text` with every UUID (`8-4-4-4-12` hex digits, or a FAT serial `XXXX-XXXX`) as `UUID`,
+/// also inside a longer word (grub's menu entry ids: `gnulinux-simple-<uuid>`), but not inside a
+/// longer run of hex digits.
 fn mask_uuids(text: &str) -> String {
-    let is_uuid = |w: &str| {
-        let parts: Vec<&str> = w.split('-').collect();
-        let lens: Vec<usize> = parts.iter().map(|p| p.len()).collect();
-        (lens == [8, 4, 4, 4, 12] || lens == [4, 4])
-            && parts
-                .iter()
-                .all(|p| p.chars().all(|c| c.is_ascii_hexdigit()))
-    };
-    let mut out = String::new();
-    let mut word = String::new();
-    for c in text.chars().chain(std::iter::once('\n')) {
-        if c.is_ascii_hexdigit() || c == '-' {
-            word.push(c);
-            continue;
+    let b = text.as_bytes();
+    let hex = |i: usize| b.get(i).is_some_and(u8::is_ascii_hexdigit);
+    // The length of `groups` of hex digits joined by dashes at `at`, bounded by no hex digit
+    // (nor, for a short pattern, a dash) on either side.
+    let fits = |at: usize, groups: &[usize], no_dash_around: bool| -> Option<usize> {
+        let mut i = at;
+        for (n, &g) in groups.iter().enumerate() {
+            if n > 0 {
+                if b.get(i) != Some(&b'-') {
+                    return None;
+                }
+                i += 1;
+            }
+            for _ in 0..g {
+                if !hex(i) {
+                    return None;
+                }
+                i += 1;
+            }
         }
-        out.push_str(if is_uuid(&word) { "UUID" } else { &word });
-        word.clear();
-        out.push(c);
+        let dash = |j: usize| no_dash_around && b.get(j) == Some(&b'-');
+        let before_ok = at == 0 || !(hex(at - 1) || dash(at - 1));
+        let after_ok = !(hex(i) || dash(i));
+        (before_ok && after_ok).then_some(i - at)
+    };
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match fits(i, &[8, 4, 4, 4, 12], false).or_else(|| fits(i, &[4, 4], true)) {
+            Some(n) => {
+                out.extend_from_slice(b"UUID");
+                i += n;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
     }
-    out.pop();
-    out
+    // Only ASCII was replaced.
+    String::from_utf8(out).unwrap()
 }
 
 /// Differences between two trees, except those [`varies_per_build`] allows; the files of
@@ -227,8 +246,11 @@ fn tree_differences(a: &Path, b: &Path) -> Vec<String> {
                     .map(|t| mask_uuids(&t))
                     .ok()
             };
-            if read(a) != read(b) {
-                out.push(format!("{k}: differs beyond its UUIDs"));
+            let (ra, rb) = (read(a), read(b));
+            if ra != rb {
+                let (ra, rb) = (ra.unwrap_or_default(), rb.unwrap_or_default());
+                let first = ra.lines().zip(rb.lines()).find(|(x, y)| x != y);
+                out.push(format!("{k}: differs beyond its UUIDs, first {first:?}"));
             }
             continue;
         }
@@ -248,6 +270,19 @@ fn uuids_are_masked_and_nothing_else() {
     assert_eq!(
         mask_uuids("deadbeef cafe-babe-1 a-b"),
         "deadbeef cafe-babe-1 a-b"
+    );
+    // Inside grub's menu entry ids, after a word ending in hex letters too.
+    assert_eq!(
+        mask_uuids(
+            "'gnulinux-simple-0474e57e-89a2-4070-8dd3-f1195d88f5bc' \
+             'gnulinux-advanced-0474e57e-89a2-4070-8dd3-f1195d88f5bc' root=UUID=AB12-CD34 ü"
+        ),
+        "'gnulinux-simple-UUID' 'gnulinux-advanced-UUID' root=UUID=UUID ü"
+    );
+    // Not a part of a longer run of hex digits or dashes.
+    assert_eq!(
+        mask_uuids("a0474e57e-89a2-4070-8dd3-f1195d88f5bc 12345-6789 1234-5678-9abc"),
+        "a0474e57e-89a2-4070-8dd3-f1195d88f5bc 12345-6789 1234-5678-9abc"
     );
 }
 
