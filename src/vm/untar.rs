@@ -67,6 +67,8 @@ impl<R: Read> Untar<R> {
             .trim_end_matches('/')
             .to_string();
         let stored = number(&h[124..136]).context("the size field")?;
+        // Padded to whole blocks below without overflow.
+        ensure!(stored < 1 << 62, "a member of {stored} bytes");
         let (kind, size, map) = match h[156] {
             b'0' | 0 => (Kind::File, stored, vec![(0, stored)]),
             b'5' => {
@@ -83,6 +85,10 @@ impl<R: Read> Untar<R> {
                     self.src
                         .read_exact(&mut x)
                         .context("the archive ends inside a sparse map")?;
+                    // GNU tar writes an extension block only for entries left over: one
+                    // without any is forged (and a chain of them would be read to the disk's
+                    // end).
+                    ensure!(x[0] != 0, "an empty sparse map extension of {name:?}");
                     push_chunks(&mut map, &x[..504])?;
                     extended = x[504] != 0;
                 }
@@ -373,6 +379,19 @@ mod tests {
         assert!(sparse(&[(0, 10), (5, 10)], 100, 20).contains("overlapping"));
         assert!(sparse(&[(90, 20)], 100, 20).contains("past the file's end"));
         assert!(sparse(&[(0, 10)], 100, 20).contains("do not add up"));
+        // An extension block promised and empty.
+        let mut h = header("out/files/1", b'S', 0);
+        h[482] = 1;
+        seal(&mut h);
+        let err = first_error(&archive(&[&h, &[0u8; BLOCK]]));
+        assert!(err.contains("empty sparse map extension"), "{err}");
+        // A size whose padding would overflow.
+        let mut h = header("out/files/1", b'0', 0);
+        h[124] = 0x80;
+        h[125..128].copy_from_slice(&[0; 3]);
+        h[128..136].copy_from_slice(&[0xff; 8]);
+        seal(&mut h);
+        assert!(first_error(&archive(&[&h])).contains("a member of"));
     }
 
     #[test]
@@ -428,6 +447,11 @@ mod tests {
             f.write_all(b"head").unwrap();
             f.seek(SeekFrom::Start(5 << 30)).unwrap();
             f.write_all(&[7u8; 70_000]).unwrap();
+            // Fifty more regions: the map goes on in two extension blocks.
+            for i in 1..=50u64 {
+                f.seek(SeekFrom::Start((6 << 30) + i * (1 << 20))).unwrap();
+                f.write_all(&i.to_le_bytes()).unwrap();
+            }
             f.seek(SeekFrom::Start(size - 4)).unwrap();
             f.write_all(b"tail").unwrap();
         }
@@ -468,6 +492,14 @@ mod tests {
                 assert_eq!(at((5 << 30) - 1, 3), [0, 7, 7]);
                 assert_eq!(at((5 << 30) + 69_999, 2), [7, 0]);
                 assert_eq!(at(size - 4, 4), b"tail");
+                for i in 1..=50u64 {
+                    assert_eq!(at((6 << 30) + i * (1 << 20), 8), i.to_le_bytes());
+                }
+                assert!(
+                    m.map.len() > 4 + 21,
+                    "no extension block read: {}",
+                    m.map.len()
+                );
             }
         }
         seen.sort_by(|a, b| a.0.cmp(&b.0));
