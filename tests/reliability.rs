@@ -77,13 +77,6 @@ fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
 /// One cell of the matrix: runs the build with the fault and checks the aftermath.
 fn run_case(spec: &Path, good: &Path, stage: debimg::Stage, fault: Fault) -> String {
     let work = scratch(&format!("rel-{stage}-{}", fault.label()));
@@ -408,5 +401,112 @@ fn four_builds_at_once_all_end_correctly() {
     for out in [&shared, &out2, &out3] {
         assert_consistent_result(out, "rel.yaml");
         assert_no_leftovers(&bdir, out);
+    }
+}
+
+/// What a reader that follows the metadata finds in `out`: the hostname the metadata's
+/// attachment has, after checking every image, file and attachment it lists against it (no
+/// mix of two results); None when there is no metadata.
+fn follow_metadata(out: &Path) -> Option<String> {
+    let path = out.join("pub.yaml");
+    if !path.exists() {
+        return None;
+    }
+    assert_consistent_result(out, "pub.yaml");
+    let meta = debimg::metadata::Metadata::read(&path).unwrap();
+    for f in &meta.files {
+        assert_eq!(sums(&out.join(&f.name)).1, f.sha256, "{}", f.name);
+    }
+    let mut host = None;
+    for a in &meta.attachments {
+        assert_eq!(sums(&out.join(&a.file)).1, a.sha256, "{}", a.file);
+        if a.path == "/etc/hostname" {
+            host = Some(std::fs::read_to_string(out.join(&a.file)).unwrap());
+        }
+    }
+    Some(host.expect("no hostname attachment").trim().to_string())
+}
+
+/// `kill -9` of debimg before steps of publish (`DEBIMG_TEST_FAULT=publish:kill-at-N`), over a
+/// directory holding the previous result: a reader that follows the metadata sees the previous
+/// result whole, none, or the new one whole; and the next run finds the previous complete
+/// result (killed before the commit) or the new one, and reuses it. The unit test
+/// `a_crash_between_any_two_publish_steps_leaves_the_previous_or_the_new_result` crashes before
+/// every step; this one kills the real process at the steps around each kind of rename: the
+/// last before the commit (2), the first after it (3, the old metadata still there), between
+/// the two files (5), before the new metadata (8) and before the journal goes (10, the last).
+#[test]
+fn kill9_between_any_two_publish_steps_leaves_a_whole_result() {
+    if !can_build() {
+        return;
+    }
+    let work = scratch("pubkill");
+    let bdir = work.path().join("build");
+    std::fs::create_dir_all(&bdir).unwrap();
+    let spec = |host: &str| {
+        let p = work.path().join(format!("{host}.yaml"));
+        std::fs::write(
+            &p,
+            format!(
+                "version: 1\nname: pub\nsuite: bookworm\nmirror: host\nkind: tarball\n\
+                 hostname: {host}\nrecords: [packages]\nattachments: [/etc/hostname]\n"
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let (old, new) = (spec("old"), spec("new"));
+    let good = work.path().join("good");
+    build(&old, &good, &bdir, &["-q"]).assert_ok("the previous result");
+    assert_eq!(follow_metadata(&good).as_deref(), Some("old"));
+    for step in [2, 3, 5, 8, 10] {
+        let out = work.path().join(format!("out-{step}"));
+        copy_dir(&good, &out);
+        let mut cmd = build_command(&new, &out, &bdir, &["-q"]);
+        cmd.env("DEBIMG_TEST_FAULT", format!("publish:kill-at-{step}"));
+        let run = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        let ctx = format!("killed before publish step {step}: {stderr}");
+        // The build's process (in its own namespaces) died of SIGKILL: debimg says so.
+        assert_eq!(run.status.code(), Some(128 + libc::SIGKILL), "{ctx}");
+        assert!(
+            stderr.contains(&format!("killed before publish step {step}")),
+            "{ctx}"
+        );
+        // The old metadata stays until step 3, the new one comes at step 8.
+        let seen = follow_metadata(&out);
+        let want = match step {
+            0..=3 => Some("old"),
+            4..=8 => None,
+            _ => Some("new"),
+        };
+        assert_eq!(seen.as_deref(), want, "{ctx}");
+        // The next holder of the lock completes the publish or drops it; the build then finds
+        // a complete result to reuse.
+        let expect = if step <= 2 { "old" } else { "new" };
+        let next = build(if step <= 2 { &old } else { &new }, &out, &bdir, &[]);
+        next.assert_ok(&ctx);
+        assert!(next.stderr().contains("reused"), "{ctx}\n{}", next.stderr());
+        assert_eq!(follow_metadata(&out).as_deref(), Some(expect), "{ctx}");
+        let hidden: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.') && n != ".debimg.lock")
+            .collect();
+        assert!(hidden.is_empty(), "{ctx}: left {hidden:?}");
+        assert_no_leftovers(&bdir, &out);
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
     }
 }

@@ -40,10 +40,20 @@ impl OutputLock {
             FlockArg::LockExclusiveNonblock
         };
         match Flock::lock(file, arg) {
-            Ok(lock) => Ok(OutputLock {
-                dir: dir.try_clone()?,
-                _lock: lock,
-            }),
+            Ok(lock) => {
+                // A publish that crashed is completed, or its leftovers removed, before this
+                // holder reads or writes anything.
+                crate::output::publish::recover(dir).with_context(|| {
+                    format!(
+                        "completing an interrupted publish in {}",
+                        dir.path().display()
+                    )
+                })?;
+                Ok(OutputLock {
+                    dir: dir.try_clone()?,
+                    _lock: lock,
+                })
+            }
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(crate::error::Error::tagged(
                 crate::error::ErrorKind::OutputLocked,
                 format!(

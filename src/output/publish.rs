@@ -135,18 +135,38 @@ impl PendingOutputs {
         Ok(out.finish().1)
     }
 
-    /// Renames the images into place, replaces the attachments directory `attachments` (an
-    /// earlier build's goes even when this one has none: the metadata describes what is
-    /// there; a directory no build of this name made stays unless this build has
-    /// attachments, and one holding a release is never removed), then writes the metadata
-    /// last. The old metadata goes first, so that no moment
-    /// shows new images described by old metadata.
+    /// Publishes this build: the images and files `images` (each packaged under a temporary
+    /// name), the attachments directory `attachments` (an earlier build's goes even when this
+    /// one has none: the metadata describes what is there; a directory no build of this name
+    /// made stays unless this build has attachments, and one holding a release is never
+    /// removed) and the metadata `yaml` as `metadata_name`.
+    ///
+    /// Crash-safe: everything new is written and fsynced under temporary names first, then a
+    /// journal naming each rename is put in place: that is the commit. Before it, the directory
+    /// holds the previous result untouched; from it on, the new one, which the journal's steps
+    /// (here, or [`recover`] under the next holder of the output lock after a crash) put in
+    /// place: the old metadata first goes, then the images and attachments, then the new
+    /// metadata. A reader that follows the metadata file sees the previous result whole, no
+    /// metadata, or the new result whole.
     pub fn publish(
         &mut self,
         images: &[&str],
         attachments: &str,
         metadata_name: &str,
         yaml: &str,
+    ) -> Result<()> {
+        self.publish_with(images, attachments, metadata_name, yaml, &mut env_fault)
+    }
+
+    /// [`PendingOutputs::publish`], calling `fault` with each step's number before it (the
+    /// fault tests end the process, or return an error, there).
+    fn publish_with(
+        &mut self,
+        images: &[&str],
+        attachments: &str,
+        metadata_name: &str,
+        yaml: &str,
+        fault: &mut dyn FnMut(usize) -> Result<()>,
     ) -> Result<()> {
         let dir = open_dir(&mut self.dir, &self.path)?;
         // The old attachments directory goes when this build has its own, or when the old
@@ -184,29 +204,254 @@ impl PendingOutputs {
                 crate::output::release::RELEASE_MARKER
             );
         }
-        dir.remove(metadata_name)?;
-        dir.sync()?;
+        let mut files = Vec::new();
         for name in images {
             let (temp, _) = self
                 .temps
                 .iter()
                 .find(|(_, n)| n == name)
                 .with_context(|| format!("{name} was not packaged"))?;
-            dir.commit(temp, name)?;
+            files.push((temp.clone(), name.to_string()));
         }
-        // Whatever was not published goes on drop.
-        self.temps.retain(|(_, n)| !images.contains(&n.as_str()));
-        // Links in the old directory are removed, never followed.
-        if replace_attachments {
-            dir.remove_all(attachments)?;
-        }
-        if let Some((temp, name)) = &self.attachments {
+        fault(0)?;
+        let (mut file, meta_temp) = dir.create_temp(metadata_name, 0o644)?;
+        self.temps
+            .push((meta_temp.clone(), metadata_name.to_string()));
+        let meta_path = dir.join(&meta_temp);
+        std::io::Write::write_all(&mut file, yaml.as_bytes())
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("writing {}", meta_path.display()))?;
+        drop(file);
+        fault(1)?;
+        if let Some((temp, _)) = &self.attachments {
             dir.open_subdir(temp)?.sync_filesystem()?;
-            dir.commit(temp, name)?;
+        }
+        let journal = Journal {
+            files,
+            metadata: (meta_temp, metadata_name.to_string()),
+            attachments: replace_attachments.then(|| AttachmentsStep {
+                name: attachments.to_string(),
+                new: self.attachments.as_ref().map(|(t, _)| t.clone()),
+                old: format!(".{attachments}.old-{}", crate::sys::unique_token()),
+            }),
+        };
+        let text = serde_json::to_string(&journal)?;
+        fault(2)?;
+        // The commit: from here the new result is the directory's, whatever happens.
+        dir.write_file(journal_name(metadata_name), text.as_bytes(), 0o600)?;
+        // What the journal names is no longer this build's to remove; the rest goes on drop.
+        self.temps.retain(|(t, _)| {
+            t != &journal.metadata.0 && !journal.files.iter().any(|(jt, _)| jt == t)
+        });
+        if journal
+            .attachments
+            .as_ref()
+            .is_some_and(|a| a.new.is_some())
+        {
             self.attachments = None;
         }
-        dir.write_file(metadata_name, yaml.as_bytes(), 0o644)
+        roll_forward(dir, &journal, &mut |i| fault(3 + i))
     }
+}
+
+/// The journal of a publish in progress: the renames that put a new result in place, all of
+/// whose files are complete and fsynced under their temporary names.
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+struct Journal {
+    /// (temporary name, final name) of each image and file beside them.
+    files: Vec<(String, String)>,
+    /// (temporary name, final name) of the metadata.
+    metadata: (String, String),
+    /// The attachments directory, when an earlier one goes or a new one comes.
+    attachments: Option<AttachmentsStep>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+struct AttachmentsStep {
+    /// Its final name.
+    name: String,
+    /// The new directory's temporary name; none when the old one just goes.
+    new: Option<String>,
+    /// The name the old directory is moved to before it is removed.
+    old: String,
+}
+
+/// The journal's name for the metadata file `metadata_name`: hidden, as temporary names are.
+fn journal_name(metadata_name: &str) -> String {
+    format!(".{metadata_name}.publish")
+}
+
+/// Whether `temp` is a name debimg gives a temporary entry for `name`: `.NAME.tmp-TOKEN` (or,
+/// with `kind` "old", `.NAME.old-TOKEN`), TOKEN letters and digits.
+fn is_temp_of(temp: &str, name: &str, kind: &str) -> bool {
+    temp.strip_prefix('.')
+        .and_then(|t| t.strip_prefix(name))
+        .and_then(|t| t.strip_prefix('.'))
+        .and_then(|t| t.strip_prefix(kind))
+        .and_then(|t| t.strip_prefix('-'))
+        .is_some_and(|tok| !tok.is_empty() && tok.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+impl Journal {
+    /// The journal is data (the directory is shared with whoever may write it): every name must
+    /// be a plain name and every temporary one a temporary name of its final name, so that no
+    /// journal renames or removes anything but a publish's own entries.
+    fn check(&self) -> Result<()> {
+        let plain = |n: &str| {
+            !n.is_empty() && n != "." && n != ".." && !n.contains('/') && !n.contains('\0')
+        };
+        let pairs = self.files.iter().chain(std::iter::once(&self.metadata));
+        for (temp, name) in pairs {
+            anyhow::ensure!(
+                plain(name) && is_temp_of(temp, name, "tmp"),
+                "the publish journal names `{temp}` for `{name}`"
+            );
+        }
+        if let Some(a) = &self.attachments {
+            anyhow::ensure!(
+                plain(&a.name)
+                    && a.new
+                        .as_deref()
+                        .is_none_or(|t| is_temp_of(t, &a.name, "tmp"))
+                    && is_temp_of(&a.old, &a.name, "old"),
+                "the publish journal names an attachments directory it may not: {a:?}"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Carries out a committed journal's steps, each of which is done again harmlessly or skipped
+/// when a crash interrupted the publish after it: the old metadata goes (while the new one is
+/// still to come), each file is renamed into place, the old attachments directory is moved
+/// aside and the new one into place, the new metadata is renamed into place, the old
+/// attachments directory removed and the journal last. `fault` is called before each step.
+fn roll_forward(
+    dir: &OutputDir,
+    j: &Journal,
+    fault: &mut dyn FnMut(usize) -> Result<()>,
+) -> Result<()> {
+    let (meta_temp, meta_name) = &j.metadata;
+    let mut step = 0;
+    let mut next = |fault: &mut dyn FnMut(usize) -> Result<()>| {
+        step += 1;
+        fault(step - 1)
+    };
+    let exists = |name: &str| dir.kind(name).map(|k| k.is_some());
+    next(fault)?;
+    let pending = exists(meta_temp)?;
+    if pending {
+        dir.remove(meta_name)?;
+        dir.sync()?;
+    }
+    for (temp, name) in &j.files {
+        next(fault)?;
+        if exists(temp)? {
+            dir.commit(temp, name)?;
+        }
+    }
+    if let Some(a) = &j.attachments {
+        next(fault)?;
+        // The directory there is the old one while the new one waits (or, with none new,
+        // while the metadata is still to come).
+        let new_waits = match &a.new {
+            Some(t) => exists(t)?,
+            None => pending,
+        };
+        if new_waits && exists(&a.name)? {
+            dir.commit(&a.name, &a.old)?;
+        }
+        if let Some(t) = &a.new {
+            next(fault)?;
+            if exists(t)? {
+                dir.commit(t, &a.name)?;
+            }
+        }
+    }
+    next(fault)?;
+    if pending {
+        dir.commit(meta_temp, meta_name)?;
+    }
+    if let Some(a) = &j.attachments {
+        next(fault)?;
+        dir.remove_all(&a.old)?;
+    }
+    next(fault)?;
+    dir.remove(journal_name(meta_name))?;
+    dir.sync()
+}
+
+/// Completes what a publish that crashed left: run by each new holder of the output lock
+/// (nobody else writes the directory then). A committed journal is carried out (the directory
+/// then holds that publish's result); every temporary entry debimg made that no journal names
+/// is removed (a build that died before its commit: the previous result is untouched).
+pub fn recover(dir: &OutputDir) -> Result<()> {
+    let names: Vec<String> = dir
+        .entries()?
+        .into_iter()
+        .filter_map(|n| n.into_string().ok())
+        .collect();
+    for name in &names {
+        let Some(meta) = name
+            .strip_prefix('.')
+            .and_then(|n| n.strip_suffix(".publish"))
+        else {
+            continue;
+        };
+        let mut text = String::new();
+        dir.open_regular(name)?
+            .read_to_string(&mut text)
+            .with_context(|| format!("reading {}", dir.join(name).display()))?;
+        let journal: Journal = serde_json::from_str(&text)
+            .map_err(anyhow::Error::from)
+            .and_then(|j: Journal| {
+                j.check()?;
+                anyhow::ensure!(j.metadata.1 == meta, "it is not the journal of {meta}");
+                Ok(j)
+            })
+            .with_context(|| format!("reading the publish journal {}", dir.join(name).display()))?;
+        tracing::info!(
+            "completing the publish of {} that an earlier build left",
+            dir.join(meta).display()
+        );
+        roll_forward(dir, &journal, &mut |_| Ok(()))?;
+    }
+    // What is left under a temporary name was never committed, or is an old attachments
+    // directory whose removal a crash interrupted.
+    for name in dir.entries()? {
+        let Some(name) = name.to_str() else { continue };
+        let stale = [".tmp-", ".old-"].iter().any(|k| {
+            name.rsplit_once(k).is_some_and(|(base, tok)| {
+                base.len() > 1
+                    && base.starts_with('.')
+                    && !tok.is_empty()
+                    && tok.bytes().all(|b| b.is_ascii_alphanumeric())
+            })
+        });
+        if stale {
+            tracing::info!(
+                "removing {}, which a build that died left",
+                dir.join(name).display()
+            );
+            dir.remove_all(name)?;
+        }
+    }
+    Ok(())
+}
+
+/// The fault hook of publish (`DEBIMG_TEST_FAULT=publish:kill-at-N`): the process kills itself
+/// with SIGKILL before step N, as a crash would end it there.
+fn env_fault(step: usize) -> Result<()> {
+    if let Ok(spec) = std::env::var(crate::creator::FAULT_ENV)
+        && spec.strip_prefix("publish:kill-at-") == Some(step.to_string().as_str())
+    {
+        eprintln!("debimg-test: killed before publish step {step}");
+        // SAFETY: kill(2) with this process's own id.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+    Ok(())
 }
 
 /// The directory `slot` holds, opened from `path` at first use.
@@ -505,6 +750,187 @@ mod tests {
         for bad in ["/a/f", "a//f", "a/./f", "a/../a/f"] {
             assert!(dir.open_regular_at(bad).unwrap().is_none(), "{bad}");
         }
+    }
+
+    /// One result of build `x` in `dir`: its image, a record and (with `attached`) an
+    /// attachment, each holding `tag`, and the metadata listing each with its digest.
+    fn result_files(tag: &str, attached: bool) -> (Vec<(String, String)>, String) {
+        let mut files = vec![
+            ("x.img.gz".to_string(), format!("image {tag}")),
+            ("x.packages".to_string(), format!("records {tag}")),
+        ];
+        let sha = |t: &str| digest_reader(t.as_bytes()).unwrap().sha256;
+        let mut yaml = format!("name: x\ntag: {tag}\nfiles:\n");
+        for (n, c) in &files {
+            yaml += &format!("- {{name: {n}, size: {}, sha256: {}}}\n", c.len(), sha(c));
+        }
+        if attached {
+            let c = format!("host-{tag}\n");
+            yaml += &format!(
+                "attachments:\n- {{path: /etc/hostname, file: x.attachments/etc/hostname, size: {}, sha256: {}}}\n",
+                c.len(),
+                sha(&c)
+            );
+            files.push(("x.attachments/etc/hostname".into(), c));
+        }
+        (files, yaml)
+    }
+
+    /// What a reader that follows the metadata finds: the tag of the result the metadata
+    /// describes, after checking that every file it lists is exactly that result's; None when
+    /// there is no metadata.
+    fn follow_metadata(out: &Path) -> Option<String> {
+        #[derive(serde::Deserialize)]
+        struct Listed {
+            tag: String,
+            files: Vec<crate::metadata::FileMeta>,
+            #[serde(default)]
+            attachments: Vec<crate::metadata::AttachmentMeta>,
+        }
+        let text = std::fs::read_to_string(out.join("x.yaml")).ok()?;
+        let m: Listed = serde_saphyr::from_str(&text).unwrap();
+        let listed = m
+            .files
+            .iter()
+            .map(|f| (&f.name, &f.sha256))
+            .chain(m.attachments.iter().map(|a| (&a.file, &a.sha256)));
+        for (name, sha) in listed {
+            let got = std::fs::read(out.join(name))
+                .map(|b| digest_reader(&b[..]).unwrap().sha256)
+                .unwrap_or_default();
+            assert_eq!(
+                &got, sha,
+                "{name} is not what the metadata of {} says",
+                m.tag
+            );
+        }
+        Some(m.tag)
+    }
+
+    /// Whether `out` holds exactly the complete result `tag` and nothing else of a publish.
+    fn holds_only(out: &Path, tag: &str, attached: bool) {
+        assert_eq!(follow_metadata(out).as_deref(), Some(tag));
+        let (files, _) = result_files(tag, attached);
+        for (n, c) in &files {
+            assert_eq!(std::fs::read_to_string(out.join(n)).unwrap(), *c, "{n}");
+        }
+        let mut want = vec!["x.img.gz", "x.packages", "x.yaml"];
+        if attached {
+            want.insert(0, "x.attachments");
+        }
+        assert_eq!(crate::output::names(out), want);
+    }
+
+    /// Publishes result `tag` into `out` through `fault`; on an error, the process "crashes":
+    /// nothing is cleaned up.
+    fn publish_crashing(
+        out: &Path,
+        tag: &str,
+        attached: bool,
+        fault: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<()> {
+        let mut pending = PendingOutputs::in_dir(OutputDir::open(out).unwrap());
+        let (files, yaml) = result_files(tag, attached);
+        for (n, c) in &files {
+            match n.strip_prefix("x.attachments/") {
+                Some(rel) => {
+                    pending
+                        .attach("x.attachments", rel, &mut c.as_bytes())
+                        .unwrap();
+                }
+                None => {
+                    let (mut f, _) = pending.create_temp(n).unwrap();
+                    f.write_all(c.as_bytes()).unwrap();
+                    f.sync_all().unwrap();
+                }
+            }
+        }
+        let res = pending.publish_with(
+            &["x.img.gz", "x.packages"],
+            "x.attachments",
+            "x.yaml",
+            &yaml,
+            fault,
+        );
+        if res.is_err() {
+            std::mem::forget(pending);
+        }
+        res
+    }
+
+    #[test]
+    fn a_crash_between_any_two_publish_steps_leaves_the_previous_or_the_new_result() {
+        // The old result has attachments; the new one has them too, or not (the old directory
+        // then just goes).
+        for new_attached in [true, false] {
+            let mut steps = 0;
+            let out = tempfile::tempdir().unwrap();
+            publish_crashing(out.path(), "old", true, &mut |_| Ok(())).unwrap();
+            holds_only(out.path(), "old", true);
+            publish_crashing(out.path(), "new", new_attached, &mut |i| {
+                steps = steps.max(i + 1);
+                Ok(())
+            })
+            .unwrap();
+            holds_only(out.path(), "new", new_attached);
+            assert!(steps >= 9, "{steps} steps");
+            for crash_at in 0..steps {
+                let ctx = format!("crash before step {crash_at}, new attachments {new_attached}");
+                let out = tempfile::tempdir().unwrap();
+                publish_crashing(out.path(), "old", true, &mut |_| Ok(())).unwrap();
+                let e = publish_crashing(out.path(), "new", new_attached, &mut |i| {
+                    if i == crash_at {
+                        anyhow::bail!("crash")
+                    }
+                    Ok(())
+                })
+                .unwrap_err();
+                assert_eq!(e.to_string(), "crash", "{ctx}");
+                // A reader that follows the metadata sees one whole result or none, never a mix.
+                let seen = follow_metadata(out.path());
+                assert!(
+                    crash_at > 3 || seen.as_deref() == Some("old"),
+                    "{ctx}: {seen:?}"
+                );
+                // The next holder of the lock completes it: the previous result when the crash
+                // came before the commit (the journal, step 2), else the new one.
+                recover(&OutputDir::open(out.path()).unwrap()).unwrap();
+                if crash_at <= 2 {
+                    holds_only(out.path(), "old", true);
+                } else {
+                    holds_only(out.path(), "new", new_attached);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn recovery_refuses_a_journal_that_names_what_is_not_a_publishs_own() {
+        let out = tempfile::tempdir().unwrap();
+        std::fs::write(out.path().join("keep"), b"k").unwrap();
+        std::fs::create_dir(out.path().join("keepdir")).unwrap();
+        let dir = OutputDir::open(out.path()).unwrap();
+        for journal in [
+            r#"{"files":[["keep","x.img.gz"]],"metadata":[".x.yaml.tmp-1","x.yaml"],"attachments":null}"#,
+            r#"{"files":[],"metadata":[".x.yaml.tmp-1","../x.yaml"],"attachments":null}"#,
+            r#"{"files":[],"metadata":[".x.yaml.tmp-1","x.yaml"],"attachments":{"name":"x.attachments","new":null,"old":"keepdir"}}"#,
+            r#"{"files":[],"metadata":[".y.yaml.tmp-1","y.yaml"],"attachments":null}"#,
+        ] {
+            std::fs::write(out.path().join(".x.yaml.publish"), journal).unwrap();
+            let e = format!("{:#}", recover(&dir).unwrap_err());
+            assert!(e.contains("publish journal"), "{e}");
+            assert!(out.path().join("keep").exists() && out.path().join("keepdir").is_dir());
+        }
+        // Leftovers of a build that died before its commit go; other hidden names stay.
+        std::fs::remove_file(out.path().join(".x.yaml.publish")).unwrap();
+        std::fs::write(out.path().join(".x.img.gz.tmp-abc123"), b"partial").unwrap();
+        std::fs::create_dir(out.path().join(".x.attachments.old-abc")).unwrap();
+        std::fs::write(out.path().join(".hidden"), b"h").unwrap();
+        recover(&dir).unwrap();
+        assert_eq!(
+            crate::output::names(out.path()),
+            [".hidden", "keep", "keepdir"]
+        );
     }
 
     #[test]
