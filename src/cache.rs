@@ -1,5 +1,6 @@
 //! Caches shared by builds under `--cache-dir`: downloaded packages (`packages/`), bootstrapped
-//! base trees (`bases/`) and apt's lists (`lists/`).
+//! base trees (`bases/`), installed trees (`trees/`: a tree after the install stage, with what
+//! decided it, see [`crate::debian::trees`]) and apt's lists (`lists/`).
 //!
 //! What is trusted, and why:
 //! - The cache directory, because only the user running debimg (root) can change it:
@@ -89,8 +90,28 @@ pub struct BaseTar {
     file: File,
 }
 
+/// What decided an installed tree, stored beside it (`<key>.tar.info`): the context every tree
+/// built the same way shares (base tree, repositories and their Release files, pins, excludes,
+/// local packages), the packages the spec asked for, what dpkg then had installed, and the
+/// dpkg status of the base the install started from (a later build simulates a cold install
+/// from it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TreeInfo {
+    pub context: String,
+    pub requested: Vec<String>,
+    pub installed: std::collections::BTreeMap<String, String>,
+    pub base_status: String,
+}
+
 /// The parts of the cache directory.
-const PARTS: [&str; 3] = ["packages", "bases", "lists"];
+const PARTS: [&str; 4] = ["packages", "bases", "trees", "lists"];
+
+/// The record of what decided an installed tree: `<key>.tar` + this (JSON).
+const INFO_SUFFIX: &str = ".info";
+
+/// How many installed trees the cache keeps: storing one more removes the least recently used.
+/// Each is a whole installed system (hundreds of MiB).
+pub const MAX_TREES: usize = 6;
 
 /// The record of a base tar's digest: `<key>.tar` + this.
 const DIGEST_SUFFIX: &str = ".sha256";
@@ -140,6 +161,12 @@ impl Cache {
     /// Where bootstrapped base trees are kept as tar files.
     pub fn bases_dir(&self) -> PathBuf {
         self.dir.join("bases")
+    }
+
+    /// Where installed trees are kept as tar files, each with its digest record and its
+    /// [`TreeInfo`].
+    pub fn trees_dir(&self) -> PathBuf {
+        self.dir.join("trees")
     }
 
     /// Where apt's index files are kept, one version directory per set of sources.
@@ -334,83 +361,89 @@ impl Cache {
     /// stored and held open. A tar that does not match, or has no record, is removed with a
     /// warning: a miss, as is an invalid key.
     pub fn verified_base(&self, key: &str) -> Option<BaseTar> {
-        if !valid_key(key) {
-            return None;
-        }
-        let path = self.bases_dir().join(format!("{key}.tar"));
-        let record_path = digest_record(&path);
-        // A second look when the tar or its record changed under us: a build storing the same
-        // key renames its record, then its tar, into place, and a reader in between sees the
-        // new record beside the old tar.
-        for attempt in 0..2 {
-            let Ok(Some((mut file, st))) = open_regular_path(&path) else {
-                return None;
-            };
-            let recorded = read_record(&record_path);
-            tracing::debug!("checking the base tree {}", path.display());
-            let problem = match (&recorded, sha256_of(&mut file)) {
-                (Some(r), Ok(a)) if *r == a => return Some(BaseTar { path, file }),
-                (None, _) => "it has no recorded digest".to_string(),
-                (Some(_), Ok(_)) => "it does not match its recorded digest".to_string(),
-                (Some(_), Err(e)) => format!("reading it failed: {e}"),
-            };
-            let changed = !same_file(&path, &st) || read_record(&record_path) != recorded;
-            if changed {
-                if attempt == 0 {
-                    continue;
-                }
-                tracing::debug!("base tree {} keeps changing: a miss", path.display());
-                return None;
-            }
-            std::fs::remove_file(&path).ok();
-            if read_record(&record_path) == recorded {
-                std::fs::remove_file(&record_path).ok();
-            }
-            tracing::warn!("cached base tree {}: {problem}: removed", path.display());
-            return None;
-        }
-        None
+        verified_tar(&self.bases_dir(), key)
     }
 
+    /// The installed tree cached under `key`, checked as [`Cache::verified_base`] checks a base
+    /// tree, with the record of what decided it; its use is recorded (the least recently used
+    /// tree goes first when the cache is full).
+    pub fn verified_tree(&self, key: &str) -> Option<(BaseTar, TreeInfo)> {
+        let tar = verified_tar(&self.trees_dir(), key)?;
+        let info = read_info(&self.trees_dir().join(format!("{key}.tar{INFO_SUFFIX}")))?;
+        // Touched through the descriptor that was checked.
+        let now = nix::sys::time::TimeSpec::UTIME_NOW;
+        nix::sys::stat::futimens(&tar.file, &now, &now).ok();
+        Some((tar, info))
+    }
+
+    /// Every installed tree's key and record, for finding the closest subset; entries without a
+    /// readable record are skipped.
+    pub fn tree_infos(&self) -> Vec<(String, TreeInfo)> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(self.trees_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name();
+            let Some(key) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(&format!(".tar{INFO_SUFFIX}")))
+            else {
+                continue;
+            };
+            if !valid_key(key) {
+                continue;
+            }
+            if let Some(info) = read_info(&e.path()) {
+                out.push((key.to_string(), info));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Stores the tree at `root` (spanning its mounts) as the installed tree `key` with its
+    /// record `info` (renamed into place before the tar, after the digest record), then removes
+    /// the least recently used trees beyond [`MAX_TREES`].
+    pub fn store_tree(&self, key: &str, root: &Path, info: &TreeInfo) -> Result<PathBuf> {
+        let trees = self.trees_dir();
+        let dir = OutputDir::open_nofollow(&trees)?;
+        let text = serde_json::to_vec(info)?;
+        dir.write_file(format!("{key}.tar{INFO_SUFFIX}"), &text, 0o644)?;
+        // apt's binary caches: apt makes them again when it needs them, `apt-get clean` removes
+        // them from the image.
+        let dest = store_tar_excluding(&trees, key, root, &["./var/cache/apt/*.bin"])?;
+        let mut tars: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&trees)?
+            .flatten()
+            .filter(|e| {
+                e.file_name().as_bytes().ends_with(b".tar")
+                    && !e.file_name().as_bytes().starts_with(b".")
+            })
+            .filter_map(|e| {
+                let md = e.metadata().ok()?;
+                let used = md.accessed().ok().max(md.modified().ok())?;
+                md.is_file().then(|| (used, e.path()))
+            })
+            .collect();
+        tars.sort();
+        let excess = tars.len().saturating_sub(MAX_TREES);
+        for (_, old) in tars.into_iter().take(excess) {
+            if old == dest {
+                continue;
+            }
+            tracing::info!("installed-tree cache full: removing {}", old.display());
+            remove_tree_entry(&old)?;
+        }
+        Ok(dest)
+    }
+}
+
+impl Cache {
     /// Stores the tree at `root` (spanning its mounts) as the base for `key`, with the SHA-256
     /// of the tar recorded beside it: the record is renamed into place first, the tar last.
     pub fn store_base(&self, key: &str, root: &Path) -> Result<PathBuf> {
-        if !valid_key(key) {
-            bail!("invalid base-tree key {key:?}");
-        }
-        let bases = OutputDir::open_nofollow(&self.bases_dir())?;
-        let name = format!("{key}.tar");
-        let dest = bases.join(&name);
-        let tar = bases.temp_file(&name)?;
-        let mut cmd = Command::new("tar");
-        cmd.args(TAR_COMMON)
-            .args([
-                "--create",
-                "--exclude=./proc/*",
-                "--exclude=./sys/*",
-                "--exclude=./dev/pts/*",
-                "--exclude=lost+found",
-                "--exclude=./var/cache/apt/archives/*.deb",
-                "--file",
-            ])
-            .arg(tar.fd_path())
-            .arg("-C")
-            .arg(root)
-            .arg(".");
-        crate::output::inherit_fds(&mut cmd, &[std::os::fd::AsFd::as_fd(&tar.file)]);
-        cmd.run()
-            .with_context(|| format!("archiving the base tree {}", root.display()))?;
-        let digest = File::open(tar.fd_path())
-            .and_then(|mut f| sha256_of(&mut f))
-            .with_context(|| format!("reading the new {}", dest.display()))?;
-        // The record first, the tar last: a tar is never in place without its record.
-        let record = digest_record(&dest);
-        let record_name = record
-            .file_name()
-            .context("a digest record has a file name")?;
-        bases.write_file(record_name, format!("{digest}  {name}\n").as_bytes(), 0o644)?;
-        tar.commit()?;
-        Ok(dest)
+        store_tar(&self.bases_dir(), key, root)
     }
 
     /// Removes entries unused for at least `older_than_secs` (0: all); returns how many and
@@ -431,10 +464,14 @@ impl Cache {
             if let Some(dir) = version {
                 remove_entry(&dir)?;
             }
-            if e.path.parent() == Some(self.bases_dir().as_path())
+            let parent = e.path.parent();
+            if (parent == Some(self.bases_dir().as_path())
+                || parent == Some(self.trees_dir().as_path()))
                 && e.path.as_os_str().as_bytes().ends_with(b".tar")
             {
-                remove_entry(&digest_record(&e.path))?;
+                for c in companions(&e.path) {
+                    remove_entry(&c)?;
+                }
             }
             n += 1;
             bytes += e.size;
@@ -458,8 +495,9 @@ impl Cache {
                 .map(|d| d.as_secs())
                 .unwrap_or(0)
         };
-        let bases = self.bases_dir();
-        for d in [self.packages_dir(), bases.clone()] {
+        let (bases, trees) = (self.bases_dir(), self.trees_dir());
+        for d in [self.packages_dir(), bases.clone(), trees.clone()] {
+            let tars = d == bases || d == trees;
             let Ok(rd) = std::fs::read_dir(&d) else {
                 continue;
             };
@@ -470,20 +508,23 @@ impl Cache {
                 let Ok(md) = e.metadata() else { continue };
                 let path = e.path();
                 let mut size = entry_size(&path, &md);
-                let leftover = name.starts_with(b".")
-                    || (d == bases && name.ends_with(DIGEST_SUFFIX.as_bytes()));
+                let companion = name.ends_with(DIGEST_SUFFIX.as_bytes())
+                    || name.ends_with(INFO_SUFFIX.as_bytes());
+                let leftover = name.starts_with(b".") || (tars && companion);
                 if leftover {
                     let owner = path.with_extension("");
-                    let owned = d == bases
+                    let owned = tars
                         && !name.starts_with(b".")
                         && std::fs::symlink_metadata(&owner).is_ok_and(|m| m.is_file());
                     if owned || age(&md) < LEFTOVER_SECS {
                         continue;
                     }
-                } else if d == bases && name.ends_with(b".tar") && md.is_file() {
-                    size += std::fs::symlink_metadata(digest_record(&path))
-                        .map(|m| entry_size(&path, &m))
-                        .unwrap_or(0);
+                } else if tars && name.ends_with(b".tar") && md.is_file() {
+                    for c in companions(&path) {
+                        size += std::fs::symlink_metadata(&c)
+                            .map(|m| entry_size(&c, &m))
+                            .unwrap_or(0);
+                    }
                 }
                 out.push(Entry {
                     path,
@@ -583,6 +624,117 @@ impl BaseTar {
             .join(self.file.as_raw_fd().to_string());
         unpack_base(&fd, &self.path, root)
     }
+}
+
+/// [`Cache::verified_base`] in the part `dir`.
+fn verified_tar(dir: &Path, key: &str) -> Option<BaseTar> {
+    if !valid_key(key) {
+        return None;
+    }
+    let path = dir.join(format!("{key}.tar"));
+    let record_path = digest_record(&path);
+    // A second look when the tar or its record changed under us: a build storing the same
+    // key renames its record, then its tar, into place, and a reader in between sees the
+    // new record beside the old tar.
+    for attempt in 0..2 {
+        let Ok(Some((mut file, st))) = open_regular_path(&path) else {
+            return None;
+        };
+        let recorded = read_record(&record_path);
+        tracing::debug!("checking the base tree {}", path.display());
+        let problem = match (&recorded, sha256_of(&mut file)) {
+            (Some(r), Ok(a)) if *r == a => return Some(BaseTar { path, file }),
+            (None, _) => "it has no recorded digest".to_string(),
+            (Some(_), Ok(_)) => "it does not match its recorded digest".to_string(),
+            (Some(_), Err(e)) => format!("reading it failed: {e}"),
+        };
+        let changed = !same_file(&path, &st) || read_record(&record_path) != recorded;
+        if changed {
+            if attempt == 0 {
+                continue;
+            }
+            tracing::debug!("base tree {} keeps changing: a miss", path.display());
+            return None;
+        }
+        std::fs::remove_file(&path).ok();
+        if read_record(&record_path) == recorded {
+            std::fs::remove_file(&record_path).ok();
+        }
+        tracing::warn!("cached base tree {}: {problem}: removed", path.display());
+        return None;
+    }
+    None
+}
+
+/// Stores the tree at `root` (spanning its mounts) as `<key>.tar` in the part `dir`, with the
+/// SHA-256 of the tar recorded beside it: the record is renamed into place first, the tar last.
+fn store_tar(dir: &Path, key: &str, root: &Path) -> Result<PathBuf> {
+    store_tar_excluding(dir, key, root, &[])
+}
+
+/// [`store_tar`], leaving out what matches `exclude` (tar patterns) too.
+fn store_tar_excluding(dir: &Path, key: &str, root: &Path, exclude: &[&str]) -> Result<PathBuf> {
+    if !valid_key(key) {
+        bail!("invalid cache key {key:?}");
+    }
+    let bases = OutputDir::open_nofollow(dir)?;
+    let name = format!("{key}.tar");
+    let dest = bases.join(&name);
+    let tar = bases.temp_file(&name)?;
+    let mut cmd = Command::new("tar");
+    cmd.args(TAR_COMMON)
+        .args([
+            "--create",
+            "--exclude=./proc/*",
+            "--exclude=./sys/*",
+            "--exclude=./dev/pts/*",
+            "--exclude=lost+found",
+            "--exclude=./var/cache/apt/archives/*.deb",
+        ])
+        .args(exclude.iter().map(|e| format!("--exclude={e}")))
+        .arg("--file")
+        .arg(tar.fd_path())
+        .arg("-C")
+        .arg(root)
+        .arg(".");
+    crate::output::inherit_fds(&mut cmd, &[std::os::fd::AsFd::as_fd(&tar.file)]);
+    cmd.run()
+        .with_context(|| format!("archiving the base tree {}", root.display()))?;
+    let digest = File::open(tar.fd_path())
+        .and_then(|mut f| sha256_of(&mut f))
+        .with_context(|| format!("reading the new {}", dest.display()))?;
+    // The record first, the tar last: a tar is never in place without its record.
+    let record = digest_record(&dest);
+    let record_name = record
+        .file_name()
+        .context("a digest record has a file name")?;
+    bases.write_file(record_name, format!("{digest}  {name}\n").as_bytes(), 0o644)?;
+    tar.commit()?;
+    Ok(dest)
+}
+
+/// The record of an installed tree, if it is a regular file holding one.
+fn read_info(path: &Path) -> Option<TreeInfo> {
+    let (file, _) = open_regular_path(path).ok()??;
+    let mut text = Vec::new();
+    Read::take(file, 64 << 20).read_to_end(&mut text).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// The companions of a base or installed tree's tar: its digest record and (trees) its record.
+fn companions(tar: &Path) -> [PathBuf; 2] {
+    let mut info = tar.as_os_str().to_os_string();
+    info.push(INFO_SUFFIX);
+    [digest_record(tar), PathBuf::from(info)]
+}
+
+/// Removes an installed tree's tar first (a reader then misses it), then its companions.
+fn remove_tree_entry(tar: &Path) -> Result<()> {
+    remove_entry(tar)?;
+    for c in companions(tar) {
+        remove_entry(&c)?;
+    }
+    Ok(())
 }
 
 /// Runs tar to unpack `tar` (shown as `shown`) into `root`.
@@ -1423,6 +1575,71 @@ mod tests {
         assert_eq!(cache.entries().unwrap().len(), 2);
         assert_eq!(cache.prune(0).unwrap().0, 2);
         assert_eq!(std::fs::read_dir(cache.bases_dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn installed_trees_are_listed_bounded_and_pruned_with_their_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&dir.path().join("c")).unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/hostname"), b"t\n").unwrap();
+        let info = |i: usize| TreeInfo {
+            context: "ctx".into(),
+            requested: vec![format!("p{i}")],
+            installed: [(format!("p{i}"), "1".into())].into(),
+            base_status: "Package: base\n".into(),
+        };
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(86400);
+        for i in 0..=MAX_TREES {
+            let tar = cache
+                .store_tree(&format!("tree-{i}"), &root, &info(i))
+                .unwrap();
+            // Each older than the next: tree-0 is the least recently used.
+            let t = old + std::time::Duration::from_secs(i as u64 * 60);
+            std::fs::File::options()
+                .write(true)
+                .open(&tar)
+                .unwrap()
+                .set_times(std::fs::FileTimes::new().set_accessed(t).set_modified(t))
+                .unwrap();
+        }
+        // Using tree-1 makes it the most recent: the next store removes tree-0 and tree-2.
+        let (tar, got) = cache.verified_tree("tree-1").unwrap();
+        assert_eq!(got, info(1));
+        let dest = dir.path().join("out");
+        std::fs::create_dir_all(&dest).unwrap();
+        tar.restore(&dest).unwrap();
+        assert_eq!(std::fs::read(dest.join("etc/hostname")).unwrap(), b"t\n");
+        cache.store_tree("tree-new", &root, &info(99)).unwrap();
+        let keys: Vec<String> = cache.tree_infos().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys.len(), MAX_TREES);
+        assert!(!keys.contains(&"tree-0".to_string()) && !keys.contains(&"tree-2".to_string()));
+        assert!(keys.contains(&"tree-1".to_string()) && keys.contains(&"tree-new".to_string()));
+        assert!(hidden(&cache.trees_dir()).is_empty());
+        // `cache list` shows each tree once, its records counted in its size; prune takes all.
+        let entries: Vec<_> = cache
+            .entries()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.path.starts_with(cache.trees_dir()))
+            .collect();
+        assert_eq!(entries.len(), MAX_TREES);
+        let tar_len = std::fs::metadata(cache.trees_dir().join("tree-1.tar"))
+            .unwrap()
+            .len();
+        let e1 = entries
+            .iter()
+            .find(|e| e.path.ends_with("tree-1.tar"))
+            .unwrap();
+        assert!(e1.size > tar_len);
+        cache.prune(0).unwrap();
+        assert_eq!(std::fs::read_dir(cache.trees_dir()).unwrap().count(), 0);
+        // A tree whose record is gone is no tree.
+        cache.store_tree("tree-x", &root, &info(1)).unwrap();
+        std::fs::remove_file(cache.trees_dir().join("tree-x.tar.info")).unwrap();
+        assert!(cache.verified_tree("tree-x").is_none());
+        assert!(cache.tree_infos().is_empty());
     }
 
     #[test]

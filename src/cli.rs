@@ -66,6 +66,10 @@ pub enum Command {
         /// Build without the caches (download everything, run the bootstrap).
         #[arg(long)]
         no_cache: bool,
+        /// Neither start from nor store installed trees (the tree after apt installed the
+        /// packages): apt installs every package on the base tree, as without a cache.
+        #[arg(long)]
+        no_tree_cache: bool,
         /// Bootstrap backend, overriding the spec's `bootstrap` (auto: mmdebstrap when present).
         #[arg(long, value_enum)]
         bootstrap: Option<Bootstrap>,

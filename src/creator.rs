@@ -50,6 +50,7 @@ use crate::attachments::{self, Attached};
 use crate::cache::Cache;
 use crate::debian::apt::ReleaseMeta;
 use crate::debian::configure::{self, BuildOnlyFiles};
+use crate::debian::trees::Start;
 use crate::debian::{bootstrap, install};
 use crate::error::{Error, ErrorKind};
 use crate::event::{self, Event};
@@ -89,6 +90,8 @@ pub struct BuildOptions {
     pub show_progress: bool,
     /// Package and base-tree caches shared by builds; `None` builds without them.
     pub cache_dir: Option<PathBuf>,
+    /// Start from (and store) installed trees in the cache ([`crate::debian::trees`]).
+    pub tree_cache: bool,
     /// Open an interactive shell in the chroot just before unmounting.
     pub shell: bool,
     /// After a failure, keep the workspace (unmounted, devices detached) for inspection.
@@ -107,6 +110,7 @@ impl BuildOptions {
             wait: false,
             show_progress: true,
             cache_dir: Some(PathBuf::from(DEFAULT_CACHE_DIR)),
+            tree_cache: true,
             shell: false,
             keep_on_failure: false,
             tmpfs: None,
@@ -191,6 +195,8 @@ pub struct Creator {
     /// The chroot's API filesystems and bind mounts, unmounted from the end.
     mounts: MountStack,
     build_only: BuildOnlyFiles,
+    /// Where the bootstrap stage's tree came from (a base, a cached installed tree).
+    start: Start,
     /// The last stage that finished.
     done: Option<Stage>,
     failed: bool,
@@ -254,6 +260,7 @@ impl Creator {
             root_path: PathBuf::new(),
             tree: None,
             mounts: MountStack::default(),
+            start: Start::default(),
             build_only: BuildOnlyFiles::new(),
             done: None,
             failed: false,
@@ -483,7 +490,10 @@ impl Creator {
             Stage::Bootstrap => {
                 let (root, work) = (self.tree()?, self.work()?);
                 let cache = self.cache.as_ref();
-                bootstrap::run(&self.plan, root, work, cache, &self.build_only, show)
+                let trees = self.opts.tree_cache;
+                self.start =
+                    bootstrap::run(&self.plan, root, work, cache, trees, &self.build_only, show)?;
+                Ok(())
             }
             Stage::Install => {
                 let work = self.work()?.to_path_buf();
@@ -493,6 +503,7 @@ impl Creator {
                     root,
                     &work,
                     self.cache.as_ref(),
+                    &mut self.start,
                     &mut self.build_only,
                     &mut self.mounts,
                     show,

@@ -141,7 +141,8 @@ fn kill9_mid_apt(spec: &Path, good: &Path) -> String {
     std::fs::create_dir_all(&bdir).unwrap();
     copy_dir(good, &out);
     let before = dir_digest(&out);
-    let mut cmd = build_command(spec, &out, &bdir, &["--force", "-q"]);
+    // Without the installed-tree cache: apt runs whatever the cache holds.
+    let mut cmd = build_command(spec, &out, &bdir, &["--force", "-q", "--no-tree-cache"]);
     let (mut child, _lines, reader) = spawn(&mut cmd);
     let apt_running = || {
         processes_rooted_under(&bdir).into_iter().any(|pid| {

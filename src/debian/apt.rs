@@ -236,6 +236,16 @@ pub fn render_preferences(repo: &PlannedRepo, meta: &ReleaseMeta, priority: i32)
     Ok(s)
 }
 
+/// Writes the build-only apt settings ([`render_build_conf`]) for `plan` into the tree.
+pub fn write_build_conf(root: &Root, plan: &Plan) -> Result<()> {
+    root.write(
+        BUILD_CONF,
+        render_build_conf(&plan.proxies).as_bytes(),
+        0o644,
+        Owner::ROOT,
+    )
+}
+
 /// Build-only apt settings: no recommends, retries, proxies, keep the old config on conflicts.
 pub fn render_build_conf(proxies: &Proxies) -> String {
     let mut s = String::from(
@@ -335,12 +345,7 @@ impl Apt<'_> {
             0o644,
             Owner::ROOT,
         )?;
-        self.root.write(
-            BUILD_CONF,
-            render_build_conf(&plan.proxies).as_bytes(),
-            0o644,
-            Owner::ROOT,
-        )?;
+        write_build_conf(self.root, plan)?;
         self.root.create_dir_all(LISTS_DIR)?;
         // The keys are part of the key: lists verified against one key are not offered to a
         // build that gives the repo another.
@@ -553,6 +558,41 @@ impl Apt<'_> {
                 .context("purging excluded packages the bootstrap installed")?;
         }
         Ok(hits)
+    }
+
+    /// What a cold install of `packages` ends with, by apt's simulation from the dpkg status
+    /// `base_status` (written into the tree for the simulation, build-only): the base's
+    /// packages with what the install adds or upgrades. None when a dist-upgrade of the base
+    /// would change it: the install alone does not show that.
+    pub fn predict_from(
+        &self,
+        base_status: &str,
+        packages: &[String],
+    ) -> Result<Option<BTreeMap<String, String>>> {
+        const STATUS: &str = "var/lib/dpkg/status.debimg-base";
+        self.root
+            .write(STATUS, base_status.as_bytes(), 0o644, Owner::ROOT)?;
+        let simulate = |args: &[&str]| {
+            let mut cmd = self.root.command("apt-get");
+            cmd.args(["--simulate", "-q", "-o", "APT::Color=0"])
+                .arg(format!("-o=Dir::State::status=/{STATUS}"))
+                .args(args);
+            cmd.run_stdout()
+                .with_context(|| format!("simulating apt-get {}", args.join(" ")))
+        };
+        let res = (|| {
+            let up = crate::debian::trees::parse_simulation(&simulate(&["dist-upgrade"])?);
+            if !up.installs.is_empty() || !up.removes.is_empty() {
+                return Ok(None);
+            }
+            let mut args = vec!["install"];
+            args.extend(packages.iter().map(String::as_str));
+            let sim = crate::debian::trees::parse_simulation(&simulate(&args)?);
+            let base = crate::debian::trees::status_installed(base_status);
+            Ok(Some(crate::debian::trees::predicted(&base, &sim)))
+        })();
+        self.root.remove_file(STATUS)?;
+        res
     }
 
     /// Empties the package archive.

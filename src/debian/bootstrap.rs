@@ -7,28 +7,33 @@ use anyhow::{Context, Result};
 
 use crate::cache::{self, Cache};
 use crate::debian::configure::BuildOnlyFiles;
+use crate::debian::trees::{self, Start, TreeContext};
 use crate::debian::{debootstrap, mmdebstrap};
 use crate::plan::{Backend, Plan};
 use crate::root::Root;
 
-/// Fills `root` with the base system, policy-rc.d in place before and after. What the backend
-/// downloads stays in the workspace's `debs/` for the package cache, which takes it only after
-/// checking it against the repository's index (the bootstrap itself takes nothing from the
-/// cache).
+/// Fills `root` with the base system, policy-rc.d in place before and after; or, with
+/// `trees` and a cache holding one, with a cached installed tree (this build's own, or the
+/// closest subset of it: [`trees`]). What the backend downloads stays in the workspace's
+/// `debs/` for the package cache, which takes it only after checking it against the
+/// repository's index (the bootstrap itself takes nothing from the cache). Returns where the
+/// tree came from, for the install stage.
 pub fn run(
     plan: &Plan,
     root: &Root,
     work: &Path,
     cache: Option<&Cache>,
+    trees: bool,
     build_only: &BuildOnlyFiles,
     show: bool,
-) -> Result<()> {
+) -> Result<Start> {
     build_only.install_policy(root)?;
     // dpkg reads dpkg.cfg.d as soon as the bootstrap installed it: no fsyncs from then on.
     build_only.install_dpkg_unsafe_io(root)?;
-    base_tree(plan, root, work, cache, show)?;
+    let start = base_tree(plan, root, work, cache, trees, show)?;
     root.end_processes("the bootstrap")?;
-    build_only.install_policy(root)
+    build_only.install_policy(root)?;
+    Ok(start)
 }
 
 fn base_tree(
@@ -36,12 +41,14 @@ fn base_tree(
     root: &Root,
     work: &Path,
     cache: Option<&Cache>,
+    use_trees: bool,
     show: bool,
-) -> Result<()> {
+) -> Result<Start> {
     let keyring = bootstrap_keyring(plan, work)?;
     let keyring = keyring.as_deref();
     let Some(cache) = cache else {
-        return backend(plan, root, None, keyring, show);
+        backend(plan, root, None, keyring, show)?;
+        return Ok(Start::Uncached);
     };
     let key = match cache::release_digest(plan, work) {
         Ok(d) => Some(cache::base_key(plan, &d)),
@@ -50,9 +57,30 @@ fn base_tree(
             None
         }
     };
+    let ctx = match &key {
+        Some(k) if use_trees => match trees::release_digests(plan, work) {
+            Ok(d) => Some(TreeContext {
+                base_key: k.clone(),
+                context: trees::context(plan, k, &d),
+                requested: trees::requested(plan),
+            }),
+            Err(e) => {
+                tracing::warn!("not using the installed-tree cache: {e:#}");
+                None
+            }
+        },
+        _ => None,
+    };
+    if let Some(ctx) = &ctx
+        && let Some(start) = cached_tree(plan, cache, ctx, root)?
+    {
+        return Ok(start);
+    }
+    let start = ctx.map_or(Start::Uncached, |ctx| Start::Base { ctx });
     if let Some(base) = key.as_deref().and_then(|k| cache.verified_base(k)) {
         tracing::info!("base tree from the cache ({})", base.path().display());
-        return base.restore(root.path());
+        base.restore(root.path())?;
+        return Ok(start);
     }
     let debs = work.join("debs");
     std::fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
@@ -61,7 +89,56 @@ fn base_tree(
         let tar = cache.store_base(&k, root.path())?;
         tracing::info!("base tree cached as {}", tar.display());
     }
-    Ok(())
+    Ok(start)
+}
+
+/// The cached installed tree this build starts from, restored into `root`: its own key's, else
+/// (when [`trees::subsets_allowed`]) the closest subset's; None when the cache holds neither.
+fn cached_tree(
+    plan: &Plan,
+    cache: &Cache,
+    ctx: &TreeContext,
+    root: &Root,
+) -> Result<Option<Start>> {
+    let key = ctx.key();
+    if let Some((tar, info)) = cache.verified_tree(&key)
+        && info.context == ctx.context
+        && info.requested == ctx.requested
+    {
+        tracing::info!(
+            "installed tree from the cache ({}): the same packages, apt has nothing to do",
+            tar.path().display()
+        );
+        tar.restore(root.path())?;
+        return Ok(Some(Start::Tree {
+            ctx: ctx.clone(),
+            key,
+            info: Box::new(info),
+            exact: true,
+        }));
+    }
+    if !trees::subsets_allowed(plan) {
+        return Ok(None);
+    }
+    let Some((key, _)) = trees::closest_subset(cache.tree_infos(), ctx) else {
+        return Ok(None);
+    };
+    let Some((tar, info)) = cache.verified_tree(&key) else {
+        return Ok(None);
+    };
+    tracing::info!(
+        "installed tree from the cache ({}): {} of the {} packages asked for; apt installs the rest",
+        tar.path().display(),
+        info.requested.len(),
+        ctx.requested.len()
+    );
+    tar.restore(root.path())?;
+    Ok(Some(Start::Tree {
+        ctx: ctx.clone(),
+        key,
+        info: Box::new(info),
+        exact: false,
+    }))
 }
 
 fn backend(

@@ -154,6 +154,10 @@ impl BuildOnlyFiles {
     /// the image brought (systemd-resolved, resolvconf) is kept aside and restored; a plain
     /// file is debootstrap's copy of the host's and does not belong in the image.
     pub fn install_resolv_conf(&mut self, root: &Root) -> Result<()> {
+        // A tree from the cache may hold the link already set aside.
+        if root.symlink_metadata(SAVED_RESOLV_CONF)?.is_some() {
+            self.saved_resolv = true;
+        }
         if !self.saved_resolv
             && root
                 .symlink_metadata("etc/resolv.conf")?

@@ -2,28 +2,96 @@
 //! settings, `apt-get update`, the packages (offered from the checked package pool), and what
 //! apt downloaded returned to the pool.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::cache::Cache;
+use crate::cache::{Cache, TreeInfo};
 use crate::debian::apt::{self, Apt, ReleaseMeta};
 use crate::debian::configure::BuildOnlyFiles;
+use crate::debian::trees::{self, Start};
 use crate::plan::Plan;
 use crate::root::Root;
 use crate::sys::mount::MountStack;
 
-/// Installs the plan's packages into `root`; returns every repo's Release fields. The chroot's
-/// API filesystems stay mounted in `mounts` (for configure); the archives' bind mount does not.
+/// A warm install that did not end where a cold one would have: the build starts again from the
+/// base.
+#[derive(Debug)]
+struct TreeMismatch(String);
+
+impl std::fmt::Display for TreeMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TreeMismatch {}
+
+/// Installs the plan's packages into `root`, which holds what `start` says; returns every
+/// repo's Release fields. The chroot's API filesystems stay mounted in `mounts` (for
+/// configure); the archives' bind mount does not. From a cached tree of the build's own key
+/// nothing is installed; from a subset, apt installs the difference and the result must be
+/// what a cold install would give, else the tree is emptied and the build starts again from
+/// the base. With an installed-tree context, the result is stored in the cache.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     plan: &Plan,
     root: &Root,
     work: &Path,
     cache: Option<&Cache>,
+    start: &mut Start,
     build_only: &mut BuildOnlyFiles,
     mounts: &mut MountStack,
     show: bool,
 ) -> Result<Vec<ReleaseMeta>> {
+    if let Start::Tree { exact: true, .. } = start {
+        root.mount_api_filesystems(mounts)?;
+        build_only.install_resolv_conf(root)?;
+        build_only.install_dpkg_unsafe_io(root)?;
+        apt::write_build_conf(root, plan)?;
+        // The Release fields from the lists the tree holds: the same files, as the key says.
+        return Apt { root, show }.pin(plan);
+    }
+    let depth = mounts.len();
+    match install(plan, root, work, cache, start, build_only, mounts, show) {
+        Err(e) if e.downcast_ref::<TreeMismatch>().is_some() => {
+            let Start::Tree { ctx, .. } = std::mem::take(start) else {
+                return Err(e);
+            };
+            tracing::warn!("{e}: starting again from the base tree");
+            while mounts.len() > depth {
+                mounts.pop().context("a mount went missing")?.close()?;
+            }
+            let own: Vec<&str> = plan.images.iter().map(|i| i.mount.as_str()).collect();
+            root.empty(&own)?;
+            crate::debian::bootstrap::run(plan, root, work, cache, false, build_only, show)?;
+            *start = Start::Base { ctx };
+            install(plan, root, work, cache, start, build_only, mounts, show)
+        }
+        r => r,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn install(
+    plan: &Plan,
+    root: &Root,
+    work: &Path,
+    cache: Option<&Cache>,
+    start: &Start,
+    build_only: &mut BuildOnlyFiles,
+    mounts: &mut MountStack,
+    show: bool,
+) -> Result<Vec<ReleaseMeta>> {
+    // The dpkg status of the base the install starts from (or the cached tree started from):
+    // a later build that starts from this one's tree simulates a cold install from it.
+    let base_status = match start {
+        Start::Uncached => String::new(),
+        Start::Base { .. } => root.read_to_string("var/lib/dpkg/status")?,
+        Start::Tree { info, .. } => info.base_status.clone(),
+    };
+    let depth = mounts.len();
     root.mount_api_filesystems(mounts)?;
     build_only.install_resolv_conf(root)?;
     build_only.install_dpkg_unsafe_io(root)?;
@@ -59,6 +127,35 @@ pub fn run(
     } else {
         plan.packages.clone()
     };
+    // From a subset's tree: what a cold install would end with, by apt's own simulation from
+    // the base's status; the tree must be part of it.
+    let predicted = match start {
+        Start::Tree { info, .. } => {
+            let p = apt.predict_from(&base_status, &packages)?;
+            let p = p.ok_or_else(|| {
+                TreeMismatch(
+                    "the base tree is not up to date with the repositories: a cold install \
+                     would upgrade it, which no simulation of the install alone shows"
+                        .into(),
+                )
+            })?;
+            let outside: BTreeMap<String, String> = info
+                .installed
+                .iter()
+                .filter(|(n, v)| p.get(*n) != Some(*v))
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect();
+            if !outside.is_empty() {
+                return Err(TreeMismatch(format!(
+                    "the cached tree has what a cold install would not: {}",
+                    trees::differences(&outside, &BTreeMap::new())
+                ))
+                .into());
+            }
+            Some(p)
+        }
+        _ => None,
+    };
     let downgrades = apt::allows_downgrades(&plan.repos);
     apt.install(&packages, downgrades)?;
     apt.install_local(&plan.local_debs, downgrades)?;
@@ -83,6 +180,55 @@ pub fn run(
     repo_binds.close(root)?;
     let m = mounts.pop().context("the archives bind mount is gone")?;
     m.close()?;
+    let ctx = match start {
+        Start::Uncached => return Ok(metas),
+        Start::Base { ctx } | Start::Tree { ctx, .. } => ctx,
+    };
+    let installed = apt.installed()?;
+    // The fault tests take the way back to the base with `install:tree-mismatch`.
+    let injected =
+        std::env::var(crate::creator::FAULT_ENV).as_deref() == Ok("install:tree-mismatch");
+    if let Some(want) = predicted
+        && (installed != want || injected)
+    {
+        return Err(TreeMismatch(format!(
+            "the install from the cached tree differs from a cold one: {}",
+            if injected {
+                format!(
+                    "injected ({}=install:tree-mismatch)",
+                    crate::creator::FAULT_ENV
+                )
+            } else {
+                trees::differences(&installed, &want)
+            }
+        ))
+        .into());
+    }
+    if let Some(c) = cache {
+        let info = TreeInfo {
+            context: ctx.context.clone(),
+            requested: ctx.requested.clone(),
+            installed,
+            base_status,
+        };
+        // The cache is an optimization: a tree that could not be stored is a warning. The
+        // chroot's API filesystems are unmounted meanwhile: tar would take the mode of a
+        // mounted proc or sysfs for the image's own directory.
+        while mounts.len() > depth {
+            mounts.pop().context("a mount went missing")?.close()?;
+        }
+        let t = std::time::Instant::now();
+        let stored = c.store_tree(&ctx.key(), root.path(), &info);
+        root.mount_api_filesystems(mounts)?;
+        match stored {
+            Ok(tar) => tracing::info!(
+                "installed tree cached as {} in {:.1}s",
+                tar.display(),
+                t.elapsed().as_secs_f64()
+            ),
+            Err(e) => tracing::warn!("not caching the installed tree: {e:#}"),
+        }
+    }
     Ok(metas)
 }
 

@@ -11,6 +11,7 @@ pub mod install;
 pub mod mmdebstrap;
 pub mod release;
 pub mod settings;
+pub mod trees;
 
 /// The clean environment of programs run in the chroot (see [`crate::root::Root::command`]);
 /// host post scripts get it too.

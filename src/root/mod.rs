@@ -543,6 +543,19 @@ impl Root {
         Ok(true)
     }
 
+    /// Empties the whole tree for a fresh start, spanning the image's own filesystems mounted
+    /// at `mounts` (paths in the image, `/` included): their mount points stay (emptied), as
+    /// does each filesystem's `lost+found`. Anything else mounted in the tree (the chroot's
+    /// proc or a bind left mounted) refuses it before anything is removed.
+    pub fn empty(&self, mounts: &[&str]) -> Result<()> {
+        let allowed: Vec<PathBuf> = mounts
+            .iter()
+            .map(|m| self.path.join(m.trim_start_matches('/')))
+            .collect();
+        crate::sys::mount::empty_spanning_mounts(&self.path, &allowed)
+            .with_context(|| format!("emptying the image tree {}", self.path.display()))
+    }
+
     /// Renames `from` to `to` inside the tree (the last components themselves, never what a
     /// link there points at).
     pub fn rename(&self, from: impl AsRef<Path>, to: impl AsRef<Path>) -> Result<()> {

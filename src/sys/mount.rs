@@ -442,6 +442,60 @@ fn open_dir_nofollow(parent: Option<&OwnedFd>, name: &OsStr) -> nix::Result<Owne
     }
 }
 
+/// Empties the tree at `dir` spanning the filesystems mounted in it, which must all be in
+/// `allowed` (anything else mounted there, a bind of a host directory say, refuses the whole
+/// operation before anything is removed): every entry goes, but the directories those
+/// filesystems are mounted on stay, emptied, as does the `lost+found` of each filesystem's
+/// root. Nothing is followed.
+pub fn empty_spanning_mounts(dir: &Path, allowed: &[PathBuf]) -> Result<()> {
+    let real = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
+    let allowed: Vec<PathBuf> = allowed
+        .iter()
+        .filter_map(|p| p.canonicalize().ok())
+        .collect();
+    let points = mount_points_under(&real)?;
+    if let Some(p) = points.iter().find(|p| !allowed.contains(p)) {
+        bail!(
+            "refusing to empty {}: {} is mounted in it and is not one of its own filesystems",
+            real.display(),
+            p.display()
+        );
+    }
+    let fd = open_dir_nofollow(None, real.as_os_str())
+        .with_context(|| format!("opening {}", real.display()))?;
+    empty_keeping(&fd, &real, &points)
+}
+
+fn empty_keeping(fd: &OwnedFd, path: &Path, points: &[PathBuf]) -> Result<()> {
+    let listing = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
+    let names: Vec<OsString> = fs::read_dir(&listing)
+        .with_context(|| format!("listing {}", path.display()))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("listing {}", path.display()))?;
+    let fs_root = points.iter().any(|p| p == path);
+    for name in names {
+        let child = path.join(&name);
+        if fs_root && name == "lost+found" {
+            continue;
+        }
+        if points.iter().any(|p| p.starts_with(&child)) {
+            let sub = open_dir_nofollow(Some(fd), &name)
+                .with_context(|| format!("opening {}", child.display()))?;
+            empty_keeping(&sub, &child, points)?;
+            continue;
+        }
+        match nix::unistd::unlinkat(fd, name.as_os_str(), UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(Errno::EISDIR) => remove_dir_all_at(fd.as_fd(), &name, &child)?,
+            Err(e) => return Err(e).with_context(|| format!("removing {}", child.display())),
+        }
+    }
+    Ok(())
+}
+
 /// Deletes everything inside the open directory `fd` (shown as `path` in errors).
 fn empty_dir(fd: &OwnedFd, path: &Path, dev: u64) -> Result<()> {
     // Listing through the descriptor's /proc link reads exactly the directory we opened, whatever
@@ -522,6 +576,16 @@ impl MountStack {
     /// Takes the mount made last off the stack, for the caller to close.
     pub fn pop(&mut self) -> Option<Mount> {
         self.0.pop()
+    }
+
+    /// How many mounts it holds.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// Unmounts every mount, deepest first; the first failure stops it.
@@ -800,6 +864,76 @@ mod tests {
         m.close().unwrap();
         remove_dir_all_safe(&tree).unwrap();
         assert!(!tree.exists());
+    }
+
+    #[test]
+    fn emptying_a_tree_keeps_its_filesystems_and_refuses_any_other_mount() {
+        if !is_root() {
+            eprintln!("skipped: needs root (mounts)");
+            return;
+        }
+        let dir = tempdir();
+        let tree = dir.path().join("tree");
+        for d in ["boot/efi", "usr/bin", "lost+found", "srv/repo"] {
+            fs::create_dir_all(tree.join(d)).unwrap();
+        }
+        let boot = mount(
+            "tmpfs",
+            &tree.join("boot"),
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None,
+        )
+        .unwrap();
+        for d in ["efi", "lost+found", "grub"] {
+            fs::create_dir_all(tree.join("boot").join(d)).unwrap();
+        }
+        let efi = mount(
+            "tmpfs",
+            &tree.join("boot/efi"),
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None,
+        )
+        .unwrap();
+        fs::create_dir_all(tree.join("boot/efi/EFI/debian")).unwrap();
+        fs::write(tree.join("boot/efi/EFI/debian/grubx64.efi"), b"x").unwrap();
+        fs::write(tree.join("boot/grub/grub.cfg"), b"x").unwrap();
+        fs::write(tree.join("usr/bin/ls"), b"x").unwrap();
+        std::os::unix::fs::symlink("/etc", tree.join("etc-link")).unwrap();
+        // A host directory bound into the tree (a file:// repository, say) is not the tree's.
+        let host = dir.path().join("host-repo");
+        fs::create_dir_all(&host).unwrap();
+        fs::write(host.join("Packages"), b"keep").unwrap();
+        let bind = mount(
+            host.to_str().unwrap(),
+            &tree.join("srv/repo"),
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )
+        .unwrap();
+        let own = [tree.clone(), tree.join("boot"), tree.join("boot/efi")];
+        let err = empty_spanning_mounts(&tree, &own).unwrap_err();
+        assert!(format!("{err:#}").contains("srv/repo"), "{err:#}");
+        assert!(tree.join("usr/bin/ls").exists(), "nothing is removed first");
+        bind.close().unwrap();
+
+        empty_spanning_mounts(&tree, &own).unwrap();
+        assert!(fs::read(host.join("Packages")).is_ok());
+        let mut left: Vec<String> = Vec::new();
+        for p in ["", "boot", "boot/efi"] {
+            for e in fs::read_dir(tree.join(p)).unwrap().flatten() {
+                left.push(format!("{p}/{}", e.file_name().to_string_lossy()));
+            }
+        }
+        left.sort();
+        // Each filesystem root keeps its lost+found only when it is one (the tree's own root
+        // here is not a mount point: its lost+found goes).
+        assert_eq!(left, ["/boot", "boot/efi", "boot/lost+found"]);
+        assert!(Path::new("/etc").is_dir());
+        efi.close().unwrap();
+        boot.close().unwrap();
     }
 
     #[test]

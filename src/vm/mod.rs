@@ -243,9 +243,12 @@ fn make_input(
         plan.backend.name().into(),
     ];
     if with_cache {
+        // The cache is read-only inside the machine (an overlay takes what it writes): a tree
+        // stored there would be lost, and restoring one through 9p costs more than apt.
         args.extend([
             "--cache-dir".into(),
             crate::creator::DEFAULT_CACHE_DIR.into(),
+            "--no-tree-cache".into(),
         ]);
     } else {
         args.push("--no-cache".into());
