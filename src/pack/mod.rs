@@ -5,6 +5,7 @@
 //! one read pass, and [`digest`] supplies the size, MD5 and SHA-256 of both sides.
 
 pub mod compress;
+pub mod deflate;
 pub mod digest;
 pub mod package;
 pub mod qcow2;
