@@ -63,6 +63,7 @@ use crate::pack::{self, Packed};
 use crate::plan::Plan;
 use crate::preflight::{check_free_space, no_space_note, preflight};
 use crate::root::Root;
+pub use crate::stage::FAULT_ENV;
 use crate::stage::Stage;
 use crate::sys::mount::{self, MountStack};
 use crate::sys::procs;
@@ -798,11 +799,6 @@ pub(crate) fn run_stage<T>(stage: Stage, f: impl FnOnce() -> Result<T>) -> Resul
         Err(e) => Err(Error::classify(e, Some(stage)).into()),
     }
 }
-
-/// The test-only fault hook: `DEBIMG_TEST_FAULT=<stage>:fail` fails the build at the end of that
-/// stage (its resources held), `<stage>:pause` announces `debimg-test: paused in stage <stage>`
-/// on stderr and waits there for a signal. The fault-injection tests drive every stage with it.
-pub const FAULT_ENV: &str = "DEBIMG_TEST_FAULT";
 
 fn injected_fault(stage: Stage) -> Result<()> {
     let Ok(spec) = std::env::var(FAULT_ENV) else {

@@ -10,6 +10,13 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+/// The test-only fault hook: `DEBIMG_TEST_FAULT=<stage>:fail` fails the build at the end of that
+/// stage (its resources held), `<stage>:pause` announces `debimg-test: paused in stage <stage>`
+/// on stderr and waits there for a signal. The fault-injection tests drive every stage with it;
+/// `publish:kill-at-N` kills the process before step N of publishing, `install:tree-mismatch`
+/// takes a warm install from a cached tree back to the base.
+pub const FAULT_ENV: &str = "DEBIMG_TEST_FAULT";
+
 /// A stage of a build, in the order a build runs them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -58,10 +65,10 @@ impl Stage {
                 "the workspace; sparse files on loop devices, mkfs, filesystems mounted depth-sorted"
             }
             Stage::Bootstrap => {
-                "policy-rc.d, then mmdebstrap or debootstrap, or the cached base tree"
+                "policy-rc.d, then mmdebstrap or debootstrap, or the cached base tree, or a cached installed tree (`debian::trees`)"
             }
             Stage::Install => {
-                "fresh proc, sysfs and devpts; apt sources, pins, update, dist-upgrade, install"
+                "fresh proc, sysfs and devpts; apt sources, pins, update, dist-upgrade, install (from a cached subset: the difference, checked against a simulated cold install); the installed tree stored"
             }
             Stage::Configure => {
                 "system settings, files, users, services, post scripts, bootloader, records; build-only files removed"
@@ -72,7 +79,7 @@ impl Stage {
             Stage::Finish => "filesystems checked and shrunk, or the tree archived",
             Stage::Package => "each image read once: digests, gzip or qcow2, under temporary names",
             Stage::Publish => {
-                "outputs renamed into place (the attachments directory whole), the metadata last"
+                "a journal of the renames as the commit, then the outputs renamed into place (the attachments directory whole), the metadata last"
             }
         }
     }

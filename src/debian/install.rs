@@ -15,6 +15,16 @@ use crate::plan::Plan;
 use crate::root::Root;
 use crate::sys::mount::MountStack;
 
+/// The files whose content depends on the order in which a whole install ran maintainer
+/// scripts (`adduser --system`, `add-shell`).
+const ACCOUNT_FILES: [&str; 5] = [
+    "etc/passwd",
+    "etc/group",
+    "etc/shadow",
+    "etc/gshadow",
+    "etc/shells",
+];
+
 /// A warm install that did not end where a cold one would have: the build starts again from the
 /// base.
 #[derive(Debug)]
@@ -65,6 +75,8 @@ pub fn run(
             }
             let own: Vec<&str> = plan.images.iter().map(|i| i.mount.as_str()).collect();
             root.empty(&own)?;
+            // The build-only files went with the tree.
+            *build_only = BuildOnlyFiles::new();
             crate::debian::bootstrap::run(plan, root, work, cache, false, build_only, show)?;
             *start = Start::Base { ctx };
             install(plan, root, work, cache, start, build_only, mounts, show)
@@ -156,6 +168,19 @@ fn install(
         }
         _ => None,
     };
+    // Users, groups and shells the added packages create get ids and places in the order of
+    // the whole install, which a warm install cannot reproduce: such a difference goes back to
+    // the base.
+    let accounts = |root: &Root| -> Result<Vec<Option<Vec<u8>>>> {
+        ACCOUNT_FILES
+            .iter()
+            .map(|f| root.exists(f).then(|| root.read(f)).transpose())
+            .collect()
+    };
+    let accounts_before = match start {
+        Start::Tree { .. } => Some(accounts(root)?),
+        _ => None,
+    };
     let downgrades = apt::allows_downgrades(&plan.repos);
     apt.install(&packages, downgrades)?;
     apt.install_local(&plan.local_debs, downgrades)?;
@@ -180,14 +205,26 @@ fn install(
     repo_binds.close(root)?;
     let m = mounts.pop().context("the archives bind mount is gone")?;
     m.close()?;
+    // A package may have made /etc/resolv.conf its own link (systemd-resolved, resolvconf):
+    // set aside now, as a link the base brought is, and put back when the image is finished.
+    build_only.install_resolv_conf(root)?;
+    if let Some(before) = accounts_before
+        && before != accounts(root)?
+    {
+        return Err(TreeMismatch(
+            "the packages added to the cached tree created users, groups or shells, whose ids \
+             and order depend on the order of a whole install"
+                .into(),
+        )
+        .into());
+    }
     let ctx = match start {
         Start::Uncached => return Ok(metas),
         Start::Base { ctx } | Start::Tree { ctx, .. } => ctx,
     };
     let installed = apt.installed()?;
     // The fault tests take the way back to the base with `install:tree-mismatch`.
-    let injected =
-        std::env::var(crate::creator::FAULT_ENV).as_deref() == Ok("install:tree-mismatch");
+    let injected = std::env::var(crate::stage::FAULT_ENV).as_deref() == Ok("install:tree-mismatch");
     if let Some(want) = predicted
         && (installed != want || injected)
     {
@@ -196,7 +233,7 @@ fn install(
             if injected {
                 format!(
                     "injected ({}=install:tree-mismatch)",
-                    crate::creator::FAULT_ENV
+                    crate::stage::FAULT_ENV
                 )
             } else {
                 trees::differences(&installed, &want)

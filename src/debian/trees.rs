@@ -65,8 +65,9 @@ impl TreeContext {
     }
 }
 
-/// The context digest: the base key, every repository (where, which suite and components, its
-/// pin, its key, whether it is trusted) with the SHA-256 of its current Release file, the
+/// The context digest: the base key, every repository (its name, where, which suite and
+/// components, its pin, its key, whether it is trusted) with the SHA-256 of its current Release
+/// file, the
 /// excludes, the local packages' digests and `skip_missing`. A mirror update changes a Release
 /// file and so every key.
 pub fn context(plan: &Plan, base_key: &str, release_digests: &[String]) -> String {
@@ -80,9 +81,10 @@ pub fn context(plan: &Plan, base_key: &str, release_digests: &[String]) -> Strin
     line(base_key);
     line(&plan.arch);
     for (r, d) in plan.repos.iter().zip(release_digests) {
+        // The name too: it names the repo's keyring and pin files in the tree.
         line(&format!(
-            "repo {} {} {} {:?} {:?} {} release {d}",
-            r.uri, r.suite, r.section, r.priority, r.key_sha256, r.trusted
+            "repo {} {} {} {} {:?} {:?} {} release {d}",
+            r.name, r.uri, r.suite, r.section, r.priority, r.key_sha256, r.trusted
         ));
     }
     for e in &plan.exclude {

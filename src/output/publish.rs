@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use crate::metadata::Metadata;
-use crate::output::{EntryKind, OutputDir, temp_name};
+use crate::output::{EntryKind, OutputDir};
 use crate::pack::digest::{Digests, HashingWriter, digest_reader};
 use crate::plan::Plan;
 
@@ -16,6 +16,15 @@ use crate::plan::Plan;
 /// a link in the output directory is not followed.
 pub fn reusable(plan: &Plan, output_dir: &Path) -> Option<Metadata> {
     let dir = OutputDir::open(output_dir).ok()?;
+    // A publish in progress, or one a crash interrupted after its commit: the directory holds
+    // the new result once the next holder of the lock has completed it.
+    if dir
+        .kind(journal_name(&plan.metadata_name()))
+        .ok()?
+        .is_some()
+    {
+        return None;
+    }
     let size = |name: &str| match dir.stat(name) {
         Ok(Some(st)) if EntryKind::of(&st) == EntryKind::File => Some(st.st_size as u64),
         _ => None,
@@ -101,7 +110,8 @@ impl PendingOutputs {
     /// Creates the temporary file for `final_name` (0644, as the output will be; `O_EXCL`, no
     /// link followed) and returns it open for writing, with its path.
     pub fn create_temp(&mut self, final_name: &str) -> Result<(File, PathBuf)> {
-        let (file, temp) = open_dir(&mut self.dir, &self.path)?.create_temp(final_name, 0o644)?;
+        let temp = publish_temp(final_name);
+        let file = open_dir(&mut self.dir, &self.path)?.create_new(&temp, 0o644)?;
         let p = self.path.join(&temp);
         self.temps.push((temp, final_name.to_string()));
         Ok((file, p))
@@ -120,7 +130,7 @@ impl PendingOutputs {
         let temp = match &self.attachments {
             Some((temp, _)) => temp.clone(),
             None => {
-                let temp = temp_name(dir_name);
+                let temp = publish_temp(dir_name);
                 dir.create_subdir(&temp, 0o700)?;
                 self.attachments = Some((temp.clone(), dir_name.to_string()));
                 dir.open_subdir(&temp)?.set_mode(0o755)?;
@@ -214,7 +224,8 @@ impl PendingOutputs {
             files.push((temp.clone(), name.to_string()));
         }
         fault(0)?;
-        let (mut file, meta_temp) = dir.create_temp(metadata_name, 0o644)?;
+        let meta_temp = publish_temp(metadata_name);
+        let mut file = dir.create_new(&meta_temp, 0o644)?;
         self.temps
             .push((meta_temp.clone(), metadata_name.to_string()));
         let meta_path = dir.join(&meta_temp);
@@ -281,8 +292,16 @@ fn journal_name(metadata_name: &str) -> String {
     format!(".{metadata_name}.publish")
 }
 
-/// Whether `temp` is a name debimg gives a temporary entry for `name`: `.NAME.tmp-TOKEN` (or,
-/// with `kind` "old", `.NAME.old-TOKEN`), TOKEN letters and digits.
+/// A fresh temporary name for an output `name` a publish puts in place: `.NAME.pub-TOKEN`,
+/// hidden, unguessable, and a kind of name only a publish makes (what else writes into the
+/// directory under `.NAME.tmp-TOKEN` is never taken for a publish's leftover).
+fn publish_temp(name: &str) -> String {
+    format!(".{name}.pub-{}", crate::sys::unique_token())
+}
+
+/// Whether `temp` is a name debimg gives a temporary entry for `name`: `.NAME.KIND-TOKEN`
+/// (`pub` for what a publish puts in place, `old` for an attachments directory it moves
+/// aside), TOKEN letters and digits.
 fn is_temp_of(temp: &str, name: &str, kind: &str) -> bool {
     temp.strip_prefix('.')
         .and_then(|t| t.strip_prefix(name))
@@ -303,16 +322,23 @@ impl Journal {
         let pairs = self.files.iter().chain(std::iter::once(&self.metadata));
         for (temp, name) in pairs {
             anyhow::ensure!(
-                plain(name) && is_temp_of(temp, name, "tmp"),
+                plain(name) && is_temp_of(temp, name, "pub"),
                 "the publish journal names `{temp}` for `{name}`"
             );
         }
         if let Some(a) = &self.attachments {
+            // Only the attachments directory of the build the metadata is of.
+            let own = self
+                .metadata
+                .1
+                .strip_suffix(".yaml")
+                .map(|stem| format!("{stem}.attachments"));
             anyhow::ensure!(
                 plain(&a.name)
+                    && own.as_deref() == Some(a.name.as_str())
                     && a.new
                         .as_deref()
-                        .is_none_or(|t| is_temp_of(t, &a.name, "tmp"))
+                        .is_none_or(|t| is_temp_of(t, &a.name, "pub"))
                     && is_temp_of(&a.old, &a.name, "old"),
                 "the publish journal names an attachments directory it may not: {a:?}"
             );
@@ -359,6 +385,18 @@ fn roll_forward(
             None => pending,
         };
         if new_waits && exists(&a.name)? {
+            // Never a release's directory, whatever the journal says.
+            if dir.kind(&a.name)? == Some(EntryKind::Dir)
+                && dir
+                    .open_subdir(&a.name)?
+                    .kind(crate::output::release::RELEASE_MARKER)?
+                    .is_some()
+            {
+                anyhow::bail!(
+                    "{} holds a release: the publish journal may not replace it",
+                    dir.join(&a.name).display()
+                );
+            }
             dir.commit(&a.name, &a.old)?;
         }
         if let Some(t) = &a.new {
@@ -383,14 +421,18 @@ fn roll_forward(
 
 /// Completes what a publish that crashed left: run by each new holder of the output lock
 /// (nobody else writes the directory then). A committed journal is carried out (the directory
-/// then holds that publish's result); every temporary entry debimg made that no journal names
-/// is removed (a build that died before its commit: the previous result is untouched).
+/// then holds that publish's result); every temporary entry a publish made that no journal
+/// names is removed (a build that died before its commit: the previous result is untouched).
+/// Only what this user owns, and no group or other can write, is a journal; only what this
+/// user owns is removed: others who can write the directory cannot make debimg move or
+/// remove anything with a planted journal or name.
 pub fn recover(dir: &OutputDir) -> Result<()> {
     let names: Vec<String> = dir
         .entries()?
         .into_iter()
         .filter_map(|n| n.into_string().ok())
         .collect();
+    let me = nix::unistd::geteuid().as_raw();
     for name in &names {
         let Some(meta) = name
             .strip_prefix('.')
@@ -398,10 +440,24 @@ pub fn recover(dir: &OutputDir) -> Result<()> {
         else {
             continue;
         };
+        let shown = dir.join(name);
+        let Some((file, st)) = dir.open_if_regular(name)? else {
+            tracing::warn!("ignoring {}: not a file", shown.display());
+            continue;
+        };
+        if st.st_uid != me || st.st_mode & 0o022 != 0 {
+            tracing::warn!(
+                "ignoring {}: not a publish journal of this user's (owner {}, mode {:o})",
+                shown.display(),
+                st.st_uid,
+                st.st_mode & 0o7777
+            );
+            continue;
+        }
         let mut text = String::new();
-        dir.open_regular(name)?
+        Read::take(file, 1 << 20)
             .read_to_string(&mut text)
-            .with_context(|| format!("reading {}", dir.join(name).display()))?;
+            .with_context(|| format!("reading {}", shown.display()))?;
         let journal: Journal = serde_json::from_str(&text)
             .map_err(anyhow::Error::from)
             .and_then(|j: Journal| {
@@ -409,18 +465,23 @@ pub fn recover(dir: &OutputDir) -> Result<()> {
                 anyhow::ensure!(j.metadata.1 == meta, "it is not the journal of {meta}");
                 Ok(j)
             })
-            .with_context(|| format!("reading the publish journal {}", dir.join(name).display()))?;
+            .with_context(|| {
+                format!(
+                    "reading the publish journal {} (remove it to go on without that publish)",
+                    shown.display()
+                )
+            })?;
         tracing::info!(
             "completing the publish of {} that an earlier build left",
             dir.join(meta).display()
         );
         roll_forward(dir, &journal, &mut |_| Ok(()))?;
     }
-    // What is left under a temporary name was never committed, or is an old attachments
-    // directory whose removal a crash interrupted.
+    // What is left under a publish's temporary name was never committed, or is an old
+    // attachments directory whose removal a crash interrupted, or a journal never put in place.
     for name in dir.entries()? {
         let Some(name) = name.to_str() else { continue };
-        let stale = [".tmp-", ".old-"].iter().any(|k| {
+        let stale = [".pub-", ".old-", ".publish.tmp-"].iter().any(|k| {
             name.rsplit_once(k).is_some_and(|(base, tok)| {
                 base.len() > 1
                     && base.starts_with('.')
@@ -428,7 +489,7 @@ pub fn recover(dir: &OutputDir) -> Result<()> {
                     && tok.bytes().all(|b| b.is_ascii_alphanumeric())
             })
         });
-        if stale {
+        if stale && dir.stat(name)?.is_some_and(|st| st.st_uid == me) {
             tracing::info!(
                 "removing {}, which a build that died left",
                 dir.join(name).display()
@@ -442,7 +503,7 @@ pub fn recover(dir: &OutputDir) -> Result<()> {
 /// The fault hook of publish (`DEBIMG_TEST_FAULT=publish:kill-at-N`): the process kills itself
 /// with SIGKILL before step N, as a crash would end it there.
 fn env_fault(step: usize) -> Result<()> {
-    if let Ok(spec) = std::env::var(crate::creator::FAULT_ENV)
+    if let Ok(spec) = std::env::var(crate::stage::FAULT_ENV)
         && spec.strip_prefix("publish:kill-at-") == Some(step.to_string().as_str())
     {
         eprintln!("debimg-test: killed before publish step {step}");
@@ -911,25 +972,58 @@ mod tests {
         std::fs::create_dir(out.path().join("keepdir")).unwrap();
         let dir = OutputDir::open(out.path()).unwrap();
         for journal in [
-            r#"{"files":[["keep","x.img.gz"]],"metadata":[".x.yaml.tmp-1","x.yaml"],"attachments":null}"#,
-            r#"{"files":[],"metadata":[".x.yaml.tmp-1","../x.yaml"],"attachments":null}"#,
-            r#"{"files":[],"metadata":[".x.yaml.tmp-1","x.yaml"],"attachments":{"name":"x.attachments","new":null,"old":"keepdir"}}"#,
-            r#"{"files":[],"metadata":[".y.yaml.tmp-1","y.yaml"],"attachments":null}"#,
+            r#"{"files":[["keep","x.img.gz"]],"metadata":[".x.yaml.pub-1","x.yaml"],"attachments":null}"#,
+            r#"{"files":[],"metadata":[".x.yaml.pub-1","../x.yaml"],"attachments":null}"#,
+            r#"{"files":[],"metadata":[".x.yaml.pub-1","x.yaml"],"attachments":{"name":"x.attachments","new":null,"old":"keepdir"}}"#,
+            r#"{"files":[],"metadata":[".x.yaml.pub-1","x.yaml"],"attachments":{"name":"keepdir","new":null,"old":".keepdir.old-1"}}"#,
+            r#"{"files":[],"metadata":[".x.yaml.tmp-1","x.yaml"],"attachments":null}"#,
+            r#"{"files":[],"metadata":[".y.yaml.pub-1","y.yaml"],"attachments":null}"#,
         ] {
             std::fs::write(out.path().join(".x.yaml.publish"), journal).unwrap();
             let e = format!("{:#}", recover(&dir).unwrap_err());
             assert!(e.contains("publish journal"), "{e}");
             assert!(out.path().join("keep").exists() && out.path().join("keepdir").is_dir());
         }
-        // Leftovers of a build that died before its commit go; other hidden names stay.
+        // A journal someone else could have written is no journal: ignored, nothing moved.
+        let planted = r#"{"files":[],"metadata":[".x.yaml.pub-1","x.yaml"],"attachments":{"name":"x.attachments","new":null,"old":".x.attachments.old-1"}}"#;
+        std::fs::write(out.path().join(".x.yaml.publish"), planted).unwrap();
+        std::fs::create_dir(out.path().join("x.attachments")).unwrap();
+        std::fs::write(out.path().join(".x.yaml.pub-1"), b"name: x\n").unwrap();
+        let chmod = |name: &str, mode: u32| {
+            std::fs::set_permissions(
+                out.path().join(name),
+                std::os::unix::fs::PermissionsExt::from_mode(mode),
+            )
+            .unwrap()
+        };
+        for mode in [0o666, 0o620] {
+            chmod(".x.yaml.publish", mode);
+            recover(&dir).unwrap();
+            assert!(out.path().join("x.attachments").is_dir(), "mode {mode:o}");
+            assert!(out.path().join(".x.yaml.publish").exists());
+        }
+        // Nor does a journal move a release's directory aside. (The sweep above took the
+        // metadata temporary, which is this user's: it comes back.)
+        chmod(".x.yaml.publish", 0o600);
+        std::fs::write(out.path().join(".x.yaml.pub-1"), b"name: x\n").unwrap();
+        let marker = crate::output::release::RELEASE_MARKER;
+        std::fs::write(out.path().join("x.attachments").join(marker), b"").unwrap();
+        let e = format!("{:#}", recover(&dir).unwrap_err());
+        assert!(e.contains("holds a release"), "{e}");
+        std::fs::remove_dir_all(out.path().join("x.attachments")).unwrap();
         std::fs::remove_file(out.path().join(".x.yaml.publish")).unwrap();
-        std::fs::write(out.path().join(".x.img.gz.tmp-abc123"), b"partial").unwrap();
+        std::fs::remove_file(out.path().join(".x.yaml.pub-1")).unwrap();
+        // Leftovers of a build that died before its commit go; others' temporary names and
+        // other hidden names stay.
+        std::fs::write(out.path().join(".x.img.gz.pub-abc123"), b"partial").unwrap();
         std::fs::create_dir(out.path().join(".x.attachments.old-abc")).unwrap();
+        std::fs::write(out.path().join(".x.yaml.publish.tmp-abc"), b"{").unwrap();
+        std::fs::write(out.path().join(".fuel.yaml.tmp-abc"), b"being written").unwrap();
         std::fs::write(out.path().join(".hidden"), b"h").unwrap();
         recover(&dir).unwrap();
         assert_eq!(
             crate::output::names(out.path()),
-            [".hidden", "keep", "keepdir"]
+            [".fuel.yaml.tmp-abc", ".hidden", "keep", "keepdir"]
         );
     }
 

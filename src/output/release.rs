@@ -115,13 +115,15 @@ pub fn prepare_dir(base: &Path, id: &str) -> Result<OutputDir> {
 }
 
 /// True for a directory name that is debimg's attachments directory (`NAME.attachments`), or
-/// one being written under a temporary name (`.NAME.attachments.tmp-TOKEN`).
+/// one being written or moved aside by a publish (`.NAME.attachments.pub-TOKEN`,
+/// `.NAME.attachments.old-TOKEN`; `.tmp-` as earlier versions named it).
 fn is_attachments_dir(name: &str) -> bool {
     name.ends_with(".attachments")
         || (name.starts_with('.')
-            && name
-                .rsplit_once(".tmp-")
-                .is_some_and(|(base, _)| base.ends_with(".attachments")))
+            && [".pub-", ".old-", ".tmp-"].iter().any(|k| {
+                name.rsplit_once(k)
+                    .is_some_and(|(base, _)| base.ends_with(".attachments"))
+            }))
 }
 
 /// Removes every entry of a failed release but its marker and lock, without following any

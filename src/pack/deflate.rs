@@ -464,6 +464,32 @@ mod tests {
     }
 
     #[test]
+    fn cut_or_random_streams_end_in_an_error_or_a_stream_never_a_hang() {
+        let good = libdeflate(&b"root:x:0:0:root:/root:/bin/bash\n".repeat(3000), 6);
+        for n in 0..good.len() {
+            let mut s = good[..n].to_vec();
+            assert!(unfinalize(&mut s).is_err(), "cut at {n}");
+        }
+        let mut x: u32 = 99;
+        for len in [1usize, 2, 5, 17, 100, 1000, 5000] {
+            for _ in 0..200 {
+                let mut s: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 17;
+                        x ^= x << 5;
+                        x as u8
+                    })
+                    .collect();
+                let before = s.clone();
+                if unfinalize(&mut s).is_err() {
+                    assert_eq!(s, before);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn a_stream_that_does_not_parse_is_refused_unchanged() {
         let good = libdeflate(b"some data some data", 6);
         for bad in [

@@ -243,7 +243,11 @@ pub fn assert_no_leftovers(build_dir: &Path, out: &Path) {
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.contains(".tmp-"))
+            .filter(|n| {
+                [".tmp-", ".pub-", ".old-", ".publish"]
+                    .iter()
+                    .any(|k| n.contains(k))
+            })
             .collect();
         assert!(
             temps.is_empty(),
