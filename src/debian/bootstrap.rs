@@ -50,15 +50,16 @@ fn base_tree(
         backend(plan, root, None, keyring, show)?;
         return Ok(Start::Uncached);
     };
-    let key = match cache::release_digest(plan, work) {
-        Ok(d) => Some(cache::base_key(plan, &d)),
+    let digest = match cache::release_digest(plan, work) {
+        Ok(d) => Some(d),
         Err(e) => {
             tracing::warn!("not using the base-tree cache: {e:#}");
             None
         }
     };
-    let ctx = match &key {
-        Some(k) if use_trees => match trees::release_digests(plan, work) {
+    let key = digest.as_deref().map(|d| cache::base_key(plan, d));
+    let ctx = match (&key, &digest) {
+        (Some(k), Some(d)) if use_trees => match trees::release_digests(plan, work, d) {
             Ok(d) => Some(TreeContext {
                 base_key: k.clone(),
                 context: trees::context(plan, k, &d),

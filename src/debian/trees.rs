@@ -105,12 +105,16 @@ pub fn subsets_allowed(plan: &Plan) -> bool {
 }
 
 /// The SHA-256 of each repository's current InRelease (or Release) file, fetched as the base
-/// key's is, in the plan's order.
-pub fn release_digests(plan: &Plan, scratch: &Path) -> Result<Vec<String>> {
+/// key's is, in the plan's order; the bootstrap mirror's suite is `mirror_digest`, which the
+/// base key already fetched.
+pub fn release_digests(plan: &Plan, scratch: &Path, mirror_digest: &str) -> Result<Vec<String>> {
     let fetch = |url: &str| crate::debian::fetch::download(url, &plan.proxies, scratch);
     plan.repos
         .iter()
         .map(|r| {
+            if !r.is_flat() && r.uri == plan.bootstrap_mirror && r.suite == plan.suite {
+                return Ok(mirror_digest.to_string());
+            }
             let bytes = if r.is_flat() {
                 let base = format!(
                     "{}/{}",

@@ -440,16 +440,7 @@ mod tests {
         let mut f = File::create(path).unwrap();
         f.set_len(len).unwrap();
         let mut x: u32 = 0x9e37_79b9;
-        let mut noise = |n: usize| -> Vec<u8> {
-            (0..n)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    x as u8
-                })
-                .collect()
-        };
+        let mut noise = |n: usize| crate::pack::test_noise(&mut x, n);
         let text: Vec<u8> = b"root:x:0:0:root:/root:/bin/bash\n".repeat(40_000);
         // Few distinct bytes in long runs: the kind of input where a deflate state that is
         // reset rather than fresh picked other matches (zlib-rs), so any dependence of a block's

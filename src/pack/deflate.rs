@@ -402,16 +402,7 @@ mod tests {
 
     fn inputs() -> Vec<Vec<u8>> {
         let mut x: u32 = 7;
-        let mut noise = |n: usize| -> Vec<u8> {
-            (0..n)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    x as u8
-                })
-                .collect()
-        };
+        let mut noise = |n: usize| crate::pack::test_noise(&mut x, n);
         vec![
             Vec::new(),
             b"a".to_vec(),
@@ -473,14 +464,7 @@ mod tests {
         let mut x: u32 = 99;
         for len in [1usize, 2, 5, 17, 100, 1000, 5000] {
             for _ in 0..200 {
-                let mut s: Vec<u8> = (0..len)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 17;
-                        x ^= x << 5;
-                        x as u8
-                    })
-                    .collect();
+                let mut s = crate::pack::test_noise(&mut x, len);
                 let before = s.clone();
                 if unfinalize(&mut s).is_err() {
                     assert_eq!(s, before);

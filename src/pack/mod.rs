@@ -14,3 +14,16 @@ pub mod shrink;
 pub use compress::{Container, Packed, pack};
 pub use digest::{Digests, digest_file};
 pub use shrink::{Ext2Info, ext_info, set_ext_journal, shrink_ext};
+
+/// Deterministic noise for tests: `n` bytes of a xorshift32 stream from `seed` (kept in it).
+#[cfg(test)]
+pub(crate) fn test_noise(seed: &mut u32, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 17;
+            *seed ^= *seed << 5;
+            *seed as u8
+        })
+        .collect()
+}
