@@ -499,6 +499,9 @@ impl Creator {
             Stage::Install => {
                 let work = self.work()?.to_path_buf();
                 let root = self.tree.as_ref().context("mount first")?;
+                // The image's own filesystems (a disk's partitions, fs-images' images): a
+                // fallback to the base empties them and leaves them mounted.
+                let own = self.kind.mount_points();
                 self.release_metas = install::run(
                     &self.plan,
                     root,
@@ -507,6 +510,7 @@ impl Creator {
                     &mut self.start,
                     &mut self.build_only,
                     &mut self.mounts,
+                    &own,
                     show,
                 )?;
                 Ok(())

@@ -195,7 +195,26 @@ fn a_warm_build_from_a_cached_subset_equals_a_cold_build() {
 
     // Added packages that create a system user (uuid-runtime: uuidd) get ids in the order of a
     // whole install, which a warm one does not reproduce: back to the base, never from [less].
-    let users = spec(work.path(), "users", "[less, uuid-runtime]");
+    // Here in filesystem images (`/` and `/var` mounted in the tree, as a disk's partitions
+    // are; their layout is part of the key, so [less] is built in it first): the tree is
+    // emptied across them, and they stay mounted.
+    let images = |name: &str, packages: &str| {
+        let p = work.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &p,
+            format!(
+                "version: 1\nname: tc\nsuite: bookworm\nmirror: host\npackages: {packages}\n\
+                 images:\n\
+                 \x20 - {{mount: /, fs: ext4, size: 1GiB, container: raw}}\n\
+                 \x20 - {{mount: /var, fs: ext4, size: 512MiB, container: raw}}\n"
+            ),
+        )
+        .unwrap();
+        p
+    };
+    build(&images("less-fs", "[less]"), &out("less-fs"), &bdir, &[])
+        .assert_ok("[less] in filesystem images");
+    let users = images("users", "[less, uuid-runtime]");
     let mut u = build(&users, &out("users"), &bdir, &["--force"]);
     if u.stderr().contains("the same packages") {
         std::fs::remove_file(tree_named(&u.stderr()).unwrap()).unwrap();

@@ -3,7 +3,7 @@
 //! apt downloaded returned to the pool.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
@@ -43,7 +43,8 @@ impl std::error::Error for TreeMismatch {}
 /// configure); the archives' bind mount does not. From a cached tree of the build's own key
 /// nothing is installed; from a subset, apt installs the difference and the result must be
 /// what a cold install would give, else the tree is emptied and the build starts again from
-/// the base. With an installed-tree context, the result is stored in the cache.
+/// the base (`own_mounts`: the image's own filesystems, host mount points, which stay). With an
+/// installed-tree context, the result is stored in the cache.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     plan: &Plan,
@@ -53,6 +54,7 @@ pub fn run(
     start: &mut Start,
     build_only: &mut BuildOnlyFiles,
     mounts: &mut MountStack,
+    own_mounts: &[PathBuf],
     show: bool,
 ) -> Result<Vec<ReleaseMeta>> {
     if let Start::Tree { exact: true, .. } = start {
@@ -73,8 +75,7 @@ pub fn run(
             while mounts.len() > depth {
                 mounts.pop().context("a mount went missing")?.close()?;
             }
-            let own: Vec<&str> = plan.images.iter().map(|i| i.mount.as_str()).collect();
-            root.empty(&own)?;
+            root.empty(own_mounts)?;
             // The build-only files went with the tree.
             *build_only = BuildOnlyFiles::new();
             crate::debian::bootstrap::run(plan, root, work, cache, false, build_only, show)?;

@@ -544,15 +544,12 @@ impl Root {
     }
 
     /// Empties the whole tree for a fresh start, spanning the image's own filesystems mounted
-    /// at `mounts` (paths in the image, `/` included): their mount points stay (emptied), as
-    /// does each filesystem's `lost+found`. Anything else mounted in the tree (the chroot's
-    /// proc or a bind left mounted) refuses it before anything is removed.
-    pub fn empty(&self, mounts: &[&str]) -> Result<()> {
-        let allowed: Vec<PathBuf> = mounts
-            .iter()
-            .map(|m| self.path.join(m.trim_start_matches('/')))
-            .collect();
-        crate::sys::mount::empty_spanning_mounts(&self.path, &allowed)
+    /// at `mounts` (their host mount points, as the image kind reports them; the tree's own
+    /// directory when its root is one): their mount points stay (emptied), as does each
+    /// filesystem's `lost+found`. Anything else mounted in the tree (the chroot's proc or a
+    /// bind left mounted) refuses it before anything is removed.
+    pub fn empty(&self, mounts: &[PathBuf]) -> Result<()> {
+        crate::sys::mount::empty_spanning_mounts(&self.path, mounts)
             .with_context(|| format!("emptying the image tree {}", self.path.display()))
     }
 
