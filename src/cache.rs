@@ -94,13 +94,17 @@ pub struct BaseTar {
 /// built the same way shares (base tree, repositories and their Release files, pins, excludes,
 /// local packages), the packages the spec asked for, what dpkg then had installed, and the
 /// dpkg status of the base the install started from (a later build simulates a cold install
-/// from it).
+/// from it), and whether a dist-upgrade of that base changed nothing (the same for every tree
+/// of the context: the same base and Release files).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TreeInfo {
     pub context: String,
     pub requested: Vec<String>,
     pub installed: std::collections::BTreeMap<String, String>,
     pub base_status: String,
+    /// Unknown (false) in a record written before it existed: then simulated again.
+    #[serde(default)]
+    pub base_current: bool,
 }
 
 /// The parts of the cache directory.
@@ -261,6 +265,16 @@ impl Cache {
     /// but another digest is removed from the pool with a warning. Links and anything but
     /// regular files in the pool are never followed or opened.
     pub fn offer_packages(&self, dest: &Path, index: &PackageIndex) -> Result<Offered> {
+        self.offer_packages_of(dest, index, None)
+    }
+
+    /// [`Cache::offer_packages`], only of the packages whose name `wanted` takes (when given).
+    pub fn offer_packages_of(
+        &self,
+        dest: &Path,
+        index: &PackageIndex,
+        wanted: Option<&dyn Fn(&str) -> bool>,
+    ) -> Result<Offered> {
         std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
         let pool = OutputDir::open_nofollow(&self.packages_dir())?;
         let dest = OutputDir::open_nofollow(dest)?;
@@ -269,6 +283,13 @@ impl Cache {
             let Some(expected) = name.to_str().and_then(|n| index.expected(n)) else {
                 continue;
             };
+            // `NAME_VERSION_ARCH.deb`: the package's name is everything before the first `_`.
+            if let Some(wanted) = wanted {
+                let package = name.to_str().and_then(|n| n.split('_').next());
+                if !package.is_some_and(wanted) {
+                    continue;
+                }
+            }
             if name.as_bytes().starts_with(b".") || dest.stat(&name)?.is_some() {
                 continue;
             }
@@ -411,9 +432,10 @@ impl Cache {
         let dir = OutputDir::open_nofollow(&trees)?;
         let text = serde_json::to_vec(info)?;
         dir.write_file(format!("{key}.tar{INFO_SUFFIX}"), &text, 0o644)?;
-        // apt's binary caches: apt makes them again when it needs them, `apt-get clean` removes
-        // them from the image.
-        let dest = store_tar_excluding(&trees, key, root, &["./var/cache/apt/*.bin"])?;
+        // apt's binary caches stay: a build from this tree runs apt without an update, which
+        // would otherwise make them again for every command (`apt-get clean` removes them from
+        // the image).
+        let dest = store_tar_excluding(&trees, key, root, &[])?;
         let mut tars: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&trees)?
             .flatten()
             .filter(|e| {
@@ -709,7 +731,10 @@ fn store_tar_excluding(dir: &Path, key: &str, root: &Path, exclude: &[&str]) -> 
         .file_name()
         .context("a digest record has a file name")?;
     bases.write_file(record_name, format!("{digest}  {name}\n").as_bytes(), 0o644)?;
-    tar.commit()?;
+    // Every restore checks the tar against that record first: not waiting for its data to
+    // reach the disk (a quarter of a second for an installed tree here) risks only a tar a
+    // crash tore, which the check then refuses.
+    tar.commit_unsynced()?;
     Ok(dest)
 }
 
@@ -1589,6 +1614,7 @@ mod tests {
             requested: vec![format!("p{i}")],
             installed: [(format!("p{i}"), "1".into())].into(),
             base_status: "Package: base\n".into(),
+            base_current: i.is_multiple_of(2),
         };
         let old = std::time::SystemTime::now() - std::time::Duration::from_secs(86400);
         for i in 0..=MAX_TREES {
@@ -1616,6 +1642,13 @@ mod tests {
         assert_eq!(keys.len(), MAX_TREES);
         assert!(!keys.contains(&"tree-0".to_string()) && !keys.contains(&"tree-2".to_string()));
         assert!(keys.contains(&"tree-1".to_string()) && keys.contains(&"tree-new".to_string()));
+        // The records read back whole; one written before `base_current` existed reads as
+        // not known to be current.
+        let infos: std::collections::BTreeMap<String, TreeInfo> = cache.tree_infos().into_iter().collect();
+        assert_eq!(infos["tree-4"], info(4));
+        assert!(infos["tree-4"].base_current && !infos["tree-3"].base_current);
+        let old_record = r#"{"context":"c","requested":[],"installed":{},"base_status":""}"#;
+        assert!(!serde_json::from_str::<TreeInfo>(old_record).unwrap().base_current);
         assert!(hidden(&cache.trees_dir()).is_empty());
         // `cache list` shows each tree once, its records counted in its size; prune takes all.
         let entries: Vec<_> = cache

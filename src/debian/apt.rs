@@ -455,24 +455,35 @@ impl Apt<'_> {
         Ok(metas)
     }
 
-    /// Upgrades what debootstrap installed and installs the spec's packages. With a pin above
-    /// 1000 (`downgrades`), apt may have to downgrade what the bootstrap installed: allowed.
-    pub fn install(&self, packages: &[String], downgrades: bool) -> Result<()> {
-        let allow: &[&str] = if downgrades {
-            &["--allow-downgrades"]
-        } else {
-            &[]
-        };
+    /// Upgrades what debootstrap installed. With a pin above 1000 (`downgrades`), apt may have
+    /// to downgrade what the bootstrap installed: allowed.
+    pub fn dist_upgrade(&self, downgrades: bool) -> Result<()> {
         let mut args = vec!["dist-upgrade"];
-        args.extend(allow);
-        self.apt_get(&args)?;
-        if !packages.is_empty() {
-            let mut args = vec!["install"];
-            args.extend(allow);
-            args.extend(packages.iter().map(String::as_str));
-            self.apt_get(&args)?;
+        if downgrades {
+            args.push("--allow-downgrades");
         }
-        Ok(())
+        self.apt_get(&args)
+    }
+
+    /// Installs the spec's packages (after [`Apt::dist_upgrade`]).
+    pub fn install(&self, packages: &[String], downgrades: bool) -> Result<()> {
+        let res = self.install_leaving_processes(packages, downgrades);
+        self.root.end_processes("apt-get install")?;
+        res
+    }
+
+    /// [`Apt::install`] without ending what the maintainer scripts left running: the caller
+    /// does, once whatever else it runs in the tree meanwhile (a simulation) is done.
+    pub fn install_leaving_processes(&self, packages: &[String], downgrades: bool) -> Result<()> {
+        if packages.is_empty() {
+            return Ok(());
+        }
+        let mut args = vec!["install"];
+        if downgrades {
+            args.push("--allow-downgrades");
+        }
+        args.extend(packages.iter().map(String::as_str));
+        self.apt_get_leaving_processes(&args)
     }
 
     /// Writes the build-only pins that keep excluded packages out.
@@ -563,27 +574,36 @@ impl Apt<'_> {
     /// What a cold install of `packages` ends with, by apt's simulation from the dpkg status
     /// `base_status` (written into the tree for the simulation, build-only): the base's
     /// packages with what the install adds or upgrades. None when a dist-upgrade of the base
-    /// would change it: the install alone does not show that.
+    /// would change it: the install alone does not show that (simulated unless `base_current`
+    /// says a build of the same context saw it change nothing).
     pub fn predict_from(
         &self,
         base_status: &str,
+        base_current: bool,
         packages: &[String],
     ) -> Result<Option<BTreeMap<String, String>>> {
         const STATUS: &str = "var/lib/dpkg/status.debimg-base";
+        // The simulation may run beside the real install: it writes neither apt's binary
+        // cache nor its planner log (both the install's), only this build-only file.
+        const PLANNER_LOG: &str = "var/lib/dpkg/status.debimg-base.eipp.xz";
         self.root
             .write(STATUS, base_status.as_bytes(), 0o644, Owner::ROOT)?;
         let simulate = |args: &[&str]| {
             let mut cmd = self.root.command("apt-get");
             cmd.args(["--simulate", "-q", "-o", "APT::Color=0"])
                 .arg(format!("-o=Dir::State::status=/{STATUS}"))
+                .arg("-o=Dir::Cache::pkgcache=")
+                .arg(format!("-o=Dir::Log::Planner=/{PLANNER_LOG}"))
                 .args(args);
             cmd.run_stdout()
                 .with_context(|| format!("simulating apt-get {}", args.join(" ")))
         };
         let res = (|| {
-            let up = crate::debian::trees::parse_simulation(&simulate(&["dist-upgrade"])?);
-            if !up.installs.is_empty() || !up.removes.is_empty() {
-                return Ok(None);
+            if !base_current {
+                let up = crate::debian::trees::parse_simulation(&simulate(&["dist-upgrade"])?);
+                if !up.installs.is_empty() || !up.removes.is_empty() {
+                    return Ok(None);
+                }
             }
             let mut args = vec!["install"];
             args.extend(packages.iter().map(String::as_str));
@@ -592,6 +612,7 @@ impl Apt<'_> {
             Ok(Some(crate::debian::trees::predicted(&base, &sim)))
         })();
         self.root.remove_file(STATUS)?;
+        self.root.remove_file(PLANNER_LOG)?;
         res
     }
 
@@ -613,22 +634,28 @@ impl Apt<'_> {
 
     /// Runs apt-get in the chroot, then ends whatever its maintainer scripts left running.
     fn apt_get(&self, args: &[&str]) -> Result<()> {
+        let res = self.apt_get_leaving_processes(args);
+        self.root.end_processes(&format!(
+            "apt-get {}",
+            args.first().copied().unwrap_or_default()
+        ))?;
+        res
+    }
+
+    fn apt_get_leaving_processes(&self, args: &[&str]) -> Result<()> {
         let mut cmd = self.root.command("apt-get");
         cmd.args(["-y", "-o", "APT::Color=0"]);
         if !self.show {
             cmd.arg("-q");
         }
         cmd.args(args);
-        let what = format!("apt-get {}", args.first().copied().unwrap_or_default());
-        let res = cmd.run_streaming(self.show).with_context(|| {
+        cmd.run_streaming(self.show).with_context(|| {
             format!(
                 "apt-get {} in {}",
                 args.join(" "),
                 self.root.path().display()
             )
-        });
-        self.root.end_processes(&what)?;
-        res
+        })
     }
 }
 

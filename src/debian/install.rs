@@ -117,22 +117,25 @@ fn install(
     // apt runs in the chroot: a `file://` repository's directory is there only while it runs.
     let repo_binds = FileRepoBinds::make(plan, root)?;
     let apt = Apt { root, show };
-    apt.configure_and_update(plan, cache)?;
-    // The repositories' indexes as apt just verified them, before any code from the packages
+    // A cached tree of the same context holds the sources, keys and lists apt verified for the
+    // very Release files the key names: no update (only the build settings, proxies among
+    // them, are this build's).
+    let from_tree = match start {
+        Start::Tree { info, .. } => Some(info),
+        _ => None,
+    };
+    if from_tree.is_some() {
+        apt::write_build_conf(root, plan)?;
+        tracing::info!("apt lists: the installed tree's (the same Release files)");
+    } else {
+        apt.configure_and_update(plan, cache)?;
+    }
+    // The repositories' indexes as apt verified them, before any code from the packages
     // runs: what the pool offers and takes is checked against them.
     let index = match cache {
         Some(_) => apt.package_index()?,
         None => Default::default(),
     };
-    if let Some(c) = cache {
-        let o = c.offer_packages(&archives, &index)?;
-        tracing::debug!(
-            "{} cached packages ({} MiB) offered to apt, {} rejected",
-            o.files,
-            o.bytes >> 20,
-            o.rejected
-        );
-    }
     let metas = apt.pin(plan)?;
     apt.exclude(&plan.exclude)?;
     let packages = if plan.skip_missing {
@@ -140,12 +143,49 @@ fn install(
     } else {
         plan.packages.clone()
     };
-    // From a subset's tree: what a cold install would end with, by apt's own simulation from
-    // the base's status; the tree must be part of it.
-    let predicted = match start {
-        Start::Tree { info, .. } => {
-            let p = apt.predict_from(&base_status, &packages)?;
-            let p = p.ok_or_else(|| {
+    if let Some(c) = cache {
+        // From a tree, only what it does not have: the rest is installed already.
+        let missing = |name: &str| from_tree.is_some_and(|info| !info.installed.contains_key(name));
+        let wanted: Option<&dyn Fn(&str) -> bool> = from_tree.map(|_| &missing as _);
+        let o = c.offer_packages_of(&archives, &index, wanted)?;
+        tracing::debug!(
+            "{} cached packages ({} MiB) offered to apt, {} rejected",
+            o.files,
+            o.bytes >> 20,
+            o.rejected
+        );
+    }
+    // Users, groups and shells the added packages create get ids and places in the order of
+    // the whole install, which a warm install cannot reproduce: such a difference goes back to
+    // the base.
+    let accounts = |root: &Root| -> Result<Vec<Option<Vec<u8>>>> {
+        ACCOUNT_FILES
+            .iter()
+            .map(|f| root.exists(f).then(|| root.read(f)).transpose())
+            .collect()
+    };
+    let accounts_before = match start {
+        Start::Tree { .. } => Some(accounts(root)?),
+        _ => None,
+    };
+    let downgrades = apt::allows_downgrades(&plan.repos);
+    let (base_current, predicted) = match from_tree {
+        // From a subset's tree: what a cold install would end with, by apt's simulation from
+        // the base's status, run beside the install (it reads the lists and a status file of
+        // its own). The dist-upgrade a cold install begins with changes nothing here: the
+        // simulation says so (or the result goes back to the base).
+        Some(info) => {
+            let (installed, predicted) = std::thread::scope(|s| {
+                let sim = s.spawn(|| apt.predict_from(&base_status, info.base_current, &packages));
+                let installed = apt.install_leaving_processes(&packages, downgrades);
+                let predicted = sim
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the apt simulation panicked")));
+                (installed, predicted)
+            });
+            root.end_processes("apt-get install")?;
+            installed?;
+            let p = predicted?.ok_or_else(|| {
                 TreeMismatch(
                     "the base tree is not up to date with the repositories: a cold install \
                      would upgrade it, which no simulation of the install alone shows"
@@ -165,25 +205,23 @@ fn install(
                 ))
                 .into());
             }
-            Some(p)
+            (true, Some(p))
         }
-        _ => None,
+        // From the base, whether the dist-upgrade changed anything is recorded for the builds
+        // that start from this one's tree.
+        None => {
+            apt.dist_upgrade(downgrades)?;
+            let current = match start {
+                Start::Base { .. } => {
+                    trees::status_installed(&base_status)
+                        == trees::status_installed(&root.read_to_string("var/lib/dpkg/status")?)
+                }
+                _ => false,
+            };
+            apt.install(&packages, downgrades)?;
+            (current, None)
+        }
     };
-    // Users, groups and shells the added packages create get ids and places in the order of
-    // the whole install, which a warm install cannot reproduce: such a difference goes back to
-    // the base.
-    let accounts = |root: &Root| -> Result<Vec<Option<Vec<u8>>>> {
-        ACCOUNT_FILES
-            .iter()
-            .map(|f| root.exists(f).then(|| root.read(f)).transpose())
-            .collect()
-    };
-    let accounts_before = match start {
-        Start::Tree { .. } => Some(accounts(root)?),
-        _ => None,
-    };
-    let downgrades = apt::allows_downgrades(&plan.repos);
-    apt.install(&packages, downgrades)?;
     apt.install_local(&plan.local_debs, downgrades)?;
     let purged = apt.purge_excluded(&plan.exclude)?;
     if !purged.is_empty() {
@@ -248,6 +286,7 @@ fn install(
             requested: ctx.requested.clone(),
             installed,
             base_status,
+            base_current,
         };
         // The cache is an optimization: a tree that could not be stored is a warning. The
         // chroot's API filesystems are unmounted meanwhile: tar would take the mode of a

@@ -268,6 +268,7 @@ mod tests {
                 .map(|i| (format!("p{i}"), "1".into()))
                 .collect(),
             base_status: String::new(),
+            base_current: true,
         }
     }
 

@@ -28,7 +28,7 @@ use super::digest::{CHUNK_SIZE, Digests, Hasher, HashingWriter, read_full};
 /// libdeflate's level: 4 gives what zlib's level 6 (gzip's default) gave on the reference image
 /// (a little smaller) at 1.9 times zlib-rs's speed per core, and within 1% of `gzip -6`'s size
 /// (`bench/deflate`, docs/benchmarks.md).
-const GZIP_LEVEL: i32 = 4;
+const GZIP_LEVEL: i32 = 3;
 /// Input bytes deflated per block. Fixed: it shapes the output bytes.
 const GZIP_BLOCK: usize = 1 << 20;
 /// Gzip header: deflate, no flags, mtime 0 (reproducible), no extra flags, OS "Unix" as gzip.

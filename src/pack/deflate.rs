@@ -235,58 +235,157 @@ const CODE_LENGTH_ORDER: [usize; 19] = [
     16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15,
 ];
 
+/// A block's two codes: canonical decoders for every code, and [`FAST_BITS`]-bit tables that
+/// take the common case (codes that short) in one lookup per symbol, two per literal pair.
+struct Codes {
+    litlen: Huffman,
+    dist: Huffman,
+    /// Per pattern: bits to drop (with a length symbol's extra bits) and what was there.
+    fast_litlen: Vec<u32>,
+    /// Per pattern: bits to drop (code and extra bits), or [`SLOW`].
+    fast_dist: Vec<u32>,
+}
+
+/// Bits the fast tables look at.
+const FAST_BITS: u32 = 11;
+const FAST_MASK: u64 = (1 << FAST_BITS) - 1;
+/// Fast entries: the bits to drop in the low byte, the kind above.
+const K_LITERALS: u32 = 0 << 8;
+const K_LENGTH: u32 = 1 << 8;
+const K_END: u32 = 2 << 8;
+/// A longer code or no code: decoded the slow way.
+const SLOW: u32 = 3 << 8;
+const KIND: u32 = 3 << 8;
+
+impl Codes {
+    fn new(litlen: &[u8], dist: &[u8]) -> Result<Codes> {
+        // (symbol, length) of the code each FAST_BITS pattern starts with, 0 if longer or none.
+        let (litlen, dist) = (Huffman::new(litlen)?, Huffman::new(dist)?);
+        let short = |h: &Huffman| -> Vec<(u16, u32)> {
+            (0..1u64 << FAST_BITS)
+                .map(|i| match h.lookup(i) {
+                    (s, l) if l != 0 && l <= FAST_BITS => (s, l),
+                    _ => (0, 0),
+                })
+                .collect()
+        };
+        let (lit, dis) = (short(&litlen), short(&dist));
+        let fast_litlen = (0..lit.len())
+            .map(|i| match lit[i] {
+                (_, 0) => SLOW,
+                (s, l) if s < 256 => {
+                    // A second literal when the rest of the pattern decides it.
+                    match lit[i >> l] {
+                        (s2, l2) if l2 != 0 && l2 <= FAST_BITS - l && s2 < 256 => {
+                            K_LITERALS | (l + l2)
+                        }
+                        _ => K_LITERALS | l,
+                    }
+                }
+                (256, l) => K_END | l,
+                (s @ 257..=285, l) => K_LENGTH | (l + LENGTH_EXTRA[(s - 257) as usize]),
+                _ => SLOW,
+            })
+            .collect();
+        let fast_dist = dis
+            .iter()
+            .map(|&(d, l)| {
+                if l != 0 && d < 30 {
+                    l + DISTANCE_EXTRA[d as usize]
+                } else {
+                    SLOW
+                }
+            })
+            .collect();
+        Ok(Codes {
+            litlen,
+            dist,
+            fast_litlen,
+            fast_dist,
+        })
+    }
+}
+
 /// Skips the symbols of one Huffman-coded block, up to and including its end-of-block code.
-fn skip_symbols(bits: &mut Bits<'_>, litlen: &Huffman, dist: &Huffman) -> Result<()> {
+fn skip_symbols(bits: &mut Bits<'_>, codes: &Codes) -> Result<()> {
     loop {
         bits.refill();
         ensure!(!bits.overrun, "the deflate stream ends inside a block");
-        let (sym, len) = litlen.lookup(bits.buf);
-        ensure!(len != 0, "a bit pattern no Huffman code has");
-        bits.consume(len);
-        if sym < 256 {
-            // More literals while the buffer surely holds a whole code; anything else is
-            // decoded again after the next refill.
-            while bits.count >= 15 {
-                let (s, l) = litlen.lookup(bits.buf);
-                if s >= 256 || l == 0 {
-                    break;
+        // At least 56 bits now: a length code with its extra bits (20) and a distance code
+        // with its extra bits (28) both fit.
+        let e = codes.fast_litlen[(bits.buf & FAST_MASK) as usize];
+        match e & KIND {
+            K_LITERALS => {
+                bits.consume(e & 0xff);
+                // More literals while the buffer surely holds the bits a fast entry looks at.
+                while bits.count >= FAST_BITS {
+                    let e = codes.fast_litlen[(bits.buf & FAST_MASK) as usize];
+                    if e & KIND != K_LITERALS {
+                        break;
+                    }
+                    bits.consume(e & 0xff);
                 }
-                bits.consume(l);
             }
-            continue;
-        }
-        // After a refill (56 bits) and one code (15): at least 41 bits, enough for the
-        // length's extra bits, the distance and its extra bits (33).
-        match sym {
-            256 => {
-                ensure!(
-                    bits.pos() <= bits.data.len() * 8,
-                    "the deflate stream ends inside a block"
-                );
-                return Ok(());
+            K_LENGTH => {
+                bits.consume(e & 0xff);
+                skip_distance(bits, codes)?;
             }
-            257..=285 => {
-                bits.consume(LENGTH_EXTRA[(sym - 257) as usize]);
-                let (d, dlen) = dist.lookup(bits.buf);
-                ensure!(dlen != 0 && d < 30, "a bit pattern no distance code has");
-                bits.consume(dlen);
-                bits.consume(DISTANCE_EXTRA[d as usize]);
+            K_END => {
+                bits.consume(e & 0xff);
+                return end_of_block(bits);
             }
-            _ => bail!("length symbol {sym}"),
+            _ => {
+                // A code longer than FAST_BITS, or none.
+                let (sym, len) = codes.litlen.lookup(bits.buf);
+                ensure!(len != 0, "a bit pattern no Huffman code has");
+                bits.consume(len);
+                match sym {
+                    0..=255 => {}
+                    256 => return end_of_block(bits),
+                    257..=285 => {
+                        bits.consume(LENGTH_EXTRA[(sym - 257) as usize]);
+                        skip_distance(bits, codes)?;
+                    }
+                    _ => bail!("length symbol {sym}"),
+                }
+            }
         }
     }
 }
 
+/// Skips a distance code and its extra bits (at most 28 bits, in the buffer).
+#[inline(always)]
+fn skip_distance(bits: &mut Bits<'_>, codes: &Codes) -> Result<()> {
+    let e = codes.fast_dist[(bits.buf & FAST_MASK) as usize];
+    if e != SLOW {
+        bits.consume(e);
+        return Ok(());
+    }
+    let (d, dlen) = codes.dist.lookup(bits.buf);
+    ensure!(dlen != 0 && d < 30, "a bit pattern no distance code has");
+    bits.consume(dlen);
+    bits.consume(DISTANCE_EXTRA[d as usize]);
+    Ok(())
+}
+
+fn end_of_block(bits: &Bits<'_>) -> Result<()> {
+    ensure!(
+        bits.pos() <= bits.data.len() * 8,
+        "the deflate stream ends inside a block"
+    );
+    Ok(())
+}
+
 /// The fixed codes of BTYPE 01.
-fn fixed() -> Result<(Huffman, Huffman)> {
+fn fixed() -> Result<Codes> {
     let mut l = [8u8; 288];
     l[144..256].fill(9);
     l[256..280].fill(7);
-    Ok((Huffman::new(&l)?, Huffman::new(&[5u8; 30])?))
+    Codes::new(&l, &[5u8; 30])
 }
 
 /// Reads a dynamic block's code definitions (BTYPE 10).
-fn dynamic(bits: &mut Bits<'_>) -> Result<(Huffman, Huffman)> {
+fn dynamic(bits: &mut Bits<'_>) -> Result<Codes> {
     let hlit = bits.take(5)? as usize + 257;
     let hdist = bits.take(5)? as usize + 1;
     let hclen = bits.take(4)? as usize + 4;
@@ -317,10 +416,7 @@ fn dynamic(bits: &mut Bits<'_>) -> Result<(Huffman, Huffman)> {
         lengths.extend(std::iter::repeat_n(value, times));
     }
     ensure!(lengths[256] != 0, "no end-of-block code");
-    Ok((
-        Huffman::new(&lengths[..hlit])?,
-        Huffman::new(&lengths[hlit..])?,
-    ))
+    Codes::new(&lengths[..hlit], &lengths[hlit..])
 }
 
 /// Makes the complete raw deflate stream `stream` a non-final piece of a longer stream: the
@@ -340,13 +436,10 @@ pub fn unfinalize(stream: &mut Vec<u8>) -> Result<()> {
                 ensure!(len == !nlen & 0xffff, "a stored block's length check fails");
                 bits.skip_bytes(len as usize)?;
             }
-            1 => {
-                let (l, d) = fixed()?;
-                skip_symbols(&mut bits, &l, &d)?;
-            }
+            1 => skip_symbols(&mut bits, &fixed()?)?,
             2 => {
-                let (l, d) = dynamic(&mut bits)?;
-                skip_symbols(&mut bits, &l, &d)?;
+                let codes = dynamic(&mut bits)?;
+                skip_symbols(&mut bits, &codes)?;
             }
             _ => bail!("a block of the reserved type 3"),
         }
