@@ -432,10 +432,11 @@ impl Cache {
         let dir = OutputDir::open_nofollow(&trees)?;
         let text = serde_json::to_vec(info)?;
         dir.write_file(format!("{key}.tar{INFO_SUFFIX}"), &text, 0o644)?;
-        // apt's binary caches stay: a build from this tree runs apt without an update, which
-        // would otherwise make them again for every command (`apt-get clean` removes them from
-        // the image).
-        let dest = store_tar_excluding(&trees, key, root, &[])?;
+        // apt's cache of the lists stays: a build from this tree runs apt without an update,
+        // which would otherwise make it again for every command. The cache with the dpkg status
+        // merged in goes: apt makes it from that one quickly, and the simulation needs its own
+        // (`apt-get clean` removes both from the image).
+        let dest = store_tar_excluding(&trees, key, root, &["./var/cache/apt/pkgcache.bin"])?;
         let mut tars: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&trees)?
             .flatten()
             .filter(|e| {
@@ -1644,11 +1645,16 @@ mod tests {
         assert!(keys.contains(&"tree-1".to_string()) && keys.contains(&"tree-new".to_string()));
         // The records read back whole; one written before `base_current` existed reads as
         // not known to be current.
-        let infos: std::collections::BTreeMap<String, TreeInfo> = cache.tree_infos().into_iter().collect();
+        let infos: std::collections::BTreeMap<String, TreeInfo> =
+            cache.tree_infos().into_iter().collect();
         assert_eq!(infos["tree-4"], info(4));
         assert!(infos["tree-4"].base_current && !infos["tree-3"].base_current);
         let old_record = r#"{"context":"c","requested":[],"installed":{},"base_status":""}"#;
-        assert!(!serde_json::from_str::<TreeInfo>(old_record).unwrap().base_current);
+        assert!(
+            !serde_json::from_str::<TreeInfo>(old_record)
+                .unwrap()
+                .base_current
+        );
         assert!(hidden(&cache.trees_dir()).is_empty());
         // `cache list` shows each tree once, its records counted in its size; prune takes all.
         let entries: Vec<_> = cache
