@@ -466,7 +466,9 @@ impl Cache {
     /// Stores the tree at `root` (spanning its mounts) as the base for `key`, with the SHA-256
     /// of the tar recorded beside it: the record is renamed into place first, the tar last.
     pub fn store_base(&self, key: &str, root: &Path) -> Result<PathBuf> {
-        store_tar(&self.bases_dir(), key, root)
+        // apt's lists (mmdebstrap leaves them for the install stage): the lists cache holds
+        // them, and they would double the tar.
+        store_tar_excluding(&self.bases_dir(), key, root, &["./var/lib/apt/lists/*"])
     }
 
     /// Removes entries unused for at least `older_than_secs` (0: all); returns how many and
@@ -691,11 +693,8 @@ fn verified_tar(dir: &Path, key: &str) -> Option<BaseTar> {
 
 /// Stores the tree at `root` (spanning its mounts) as `<key>.tar` in the part `dir`, with the
 /// SHA-256 of the tar recorded beside it: the record is renamed into place first, the tar last.
-fn store_tar(dir: &Path, key: &str, root: &Path) -> Result<PathBuf> {
-    store_tar_excluding(dir, key, root, &[])
-}
-
-/// [`store_tar`], leaving out what matches `exclude` (tar patterns) too.
+/// Leaves out what matches `exclude` (tar patterns) as well as the API filesystems' contents,
+/// `lost+found` and downloaded packages.
 fn store_tar_excluding(dir: &Path, key: &str, root: &Path, exclude: &[&str]) -> Result<PathBuf> {
     if !valid_key(key) {
         bail!("invalid cache key {key:?}");

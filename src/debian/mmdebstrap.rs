@@ -22,6 +22,9 @@ pub const DPKG_CFG: &str = "etc/dpkg/dpkg.cfg.d/99mmdebstrap";
 pub fn command(plan: &Plan, root: &Path, debs: Option<&Path>, keyring: Option<&Path>) -> Command {
     let mut cmd = Command::new("mmdebstrap");
     cmd.args(["--mode=root", "--format=directory", "--skip=check/empty"]);
+    // The lists apt just fetched and verified stay for the install stage's `apt-get update`,
+    // which then fetches again only what changed since (the stored base tree leaves them out).
+    cmd.arg("--skip=cleanup/apt/lists");
     cmd.arg(format!(
         "--variant={}",
         plan.variant.debootstrap_arg().unwrap_or("standard")
