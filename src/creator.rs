@@ -499,9 +499,11 @@ impl Creator {
             Stage::Install => {
                 let work = self.work()?.to_path_buf();
                 let root = self.tree.as_ref().context("mount first")?;
-                // The image's own filesystems (a disk's partitions, fs-images' images): a
-                // fallback to the base empties them and leaves them mounted.
-                let own = self.kind.mount_points();
+                // A fallback to the base empties the tree as the image kind knows it: its own
+                // filesystems (a disk's partitions, fs-images' images) stay mounted, its
+                // mount-time directories (a disk's ESP mount point) are made again.
+                let kind = &*self.kind;
+                let empty_tree = |tree: &Root| kind.empty_tree(tree);
                 self.release_metas = install::run(
                     &self.plan,
                     root,
@@ -510,7 +512,7 @@ impl Creator {
                     &mut self.start,
                     &mut self.build_only,
                     &mut self.mounts,
-                    &own,
+                    &empty_tree,
                     show,
                 )?;
                 Ok(())

@@ -3,7 +3,7 @@
 //! apt downloaded returned to the pool.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 
@@ -43,8 +43,8 @@ impl std::error::Error for TreeMismatch {}
 /// configure); the archives' bind mount does not. From a cached tree of the build's own key
 /// nothing is installed; from a subset, apt installs the difference and the result must be
 /// what a cold install would give, else the tree is emptied and the build starts again from
-/// the base (`own_mounts`: the image's own filesystems, host mount points, which stay). With an
-/// installed-tree context, the result is stored in the cache.
+/// the base (`empty_tree` empties it as the image kind left it after mounting: its own
+/// filesystems stay). With an installed-tree context, the result is stored in the cache.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     plan: &Plan,
@@ -54,7 +54,7 @@ pub fn run(
     start: &mut Start,
     build_only: &mut BuildOnlyFiles,
     mounts: &mut MountStack,
-    own_mounts: &[PathBuf],
+    empty_tree: &dyn Fn(&Root) -> Result<()>,
     show: bool,
 ) -> Result<Vec<ReleaseMeta>> {
     if let Start::Tree { exact: true, .. } = start {
@@ -75,7 +75,7 @@ pub fn run(
             while mounts.len() > depth {
                 mounts.pop().context("a mount went missing")?.close()?;
             }
-            root.empty(own_mounts)?;
+            empty_tree(root)?;
             // The build-only files went with the tree.
             *build_only = BuildOnlyFiles::new();
             crate::debian::bootstrap::run(plan, root, work, cache, false, build_only, show)?;

@@ -201,6 +201,15 @@ pub fn efi_early_config(boot_fs_uuid: &str, boot_is_separate: bool) -> String {
 }
 
 impl DiskImage {
+    /// The ESP's mount point in the tree: made with the tree, the ESP itself mounted there
+    /// only for the bootloader.
+    fn make_esp_mount_points(&self, tree: &Root) -> Result<()> {
+        for p in self.parts.iter().filter(|p| p.esp) {
+            tree.create_dir_all(p.mount.as_deref().unwrap_or("/boot/efi"))?;
+        }
+        Ok(())
+    }
+
     fn disk<'a>(&self, plan: &'a Plan) -> Result<&'a Disk> {
         plan.disk.as_ref().context("the plan has no disk")
     }
@@ -528,11 +537,12 @@ impl ImageKind for DiskImage {
                 p.fs.as_deref().unwrap_or_default(),
             )?);
         }
-        let tree = Root::open(root)?;
-        for p in self.parts.iter().filter(|p| p.esp) {
-            tree.create_dir_all(p.mount.as_deref().unwrap_or("/boot/efi"))?;
-        }
-        Ok(())
+        self.make_esp_mount_points(&Root::open(root)?)
+    }
+
+    fn empty_tree(&self, tree: &Root) -> Result<()> {
+        tree.empty(&self.mount_points())?;
+        self.make_esp_mount_points(tree)
     }
 
     fn filesystems(&self) -> Vec<FsInfo> {

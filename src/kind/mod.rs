@@ -150,6 +150,13 @@ pub trait ImageKind {
     /// Mount points this kind owns under `root`, outermost first.
     fn mount_points(&self) -> Vec<PathBuf>;
 
+    /// Empties the mounted tree for a fresh start (an install from a cached tree that goes
+    /// back to the base): this kind's filesystems stay mounted, emptied, and the tree is as
+    /// [`ImageKind::mount_root`] left it.
+    fn empty_tree(&self, tree: &Root) -> Result<()> {
+        tree.empty(&self.mount_points())
+    }
+
     /// Makes the tree bootable (bootloader, kernel command line); the chroot's API filesystems
     /// are still mounted. `workspace` is private to this build. The default does nothing.
     fn make_bootable(&mut self, _plan: &Plan, _root: &Root, _workspace: &Path) -> Result<()> {
