@@ -47,7 +47,9 @@ fn ensure_appliance() {
                     std::fs::create_dir_all(&b).unwrap();
                     s.spawn(move || {
                         let spec = example(&format!("{name}.yaml"));
-                        (name, build(&spec, &reference(name), &b, &["-q"]))
+                        // Forced: a reference an older debimg left in the shared cache
+                        // would compare this binary's machine builds with that one's.
+                        (name, build(&spec, &reference(name), &b, &["-q", "--force"]))
                     })
                 })
                 .collect();
