@@ -145,8 +145,8 @@ fn install(
     };
     if let Some(c) = cache {
         // From a tree, only what it does not have: the rest is installed already.
-        let missing = |name: &str| from_tree.is_some_and(|info| !info.installed.contains_key(name));
-        let wanted: Option<&dyn Fn(&str) -> bool> = from_tree.map(|_| &missing as _);
+        let missing = from_tree.map(|info| move |name: &str| !info.installed.contains_key(name));
+        let wanted = missing.as_ref().map(|f| f as &dyn Fn(&str) -> bool);
         let o = c.offer_packages_of(&archives, &index, wanted)?;
         tracing::debug!(
             "{} cached packages ({} MiB) offered to apt, {} rejected",
@@ -164,10 +164,7 @@ fn install(
             .map(|f| root.exists(f).then(|| root.read(f)).transpose())
             .collect()
     };
-    let accounts_before = match start {
-        Start::Tree { .. } => Some(accounts(root)?),
-        _ => None,
-    };
+    let accounts_before = from_tree.map(|_| accounts(root)).transpose()?;
     let downgrades = apt::allows_downgrades(&plan.repos);
     let (base_current, predicted) = match from_tree {
         // From a subset's tree: what a cold install would end with, by apt's simulation from
