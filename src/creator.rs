@@ -49,8 +49,8 @@ use anyhow::{Context, Result, bail};
 use crate::attachments::{self, Attached};
 use crate::cache::Cache;
 use crate::debian::apt::ReleaseMeta;
+use crate::debian::bootstrap::Bootstrapped;
 use crate::debian::configure::{self, BuildOnlyFiles};
-use crate::debian::trees::Start;
 use crate::debian::{bootstrap, install};
 use crate::error::{Error, ErrorKind};
 use crate::event::{self, Event};
@@ -196,8 +196,9 @@ pub struct Creator {
     /// The chroot's API filesystems and bind mounts, unmounted from the end.
     mounts: MountStack,
     build_only: BuildOnlyFiles,
-    /// Where the bootstrap stage's tree came from (a base, a cached installed tree).
-    start: Start,
+    /// Where the bootstrap stage's tree came from (a base, a cached installed tree), and
+    /// whether its lists are fresh.
+    bootstrapped: Bootstrapped,
     /// The last stage that finished.
     done: Option<Stage>,
     failed: bool,
@@ -261,7 +262,7 @@ impl Creator {
             root_path: PathBuf::new(),
             tree: None,
             mounts: MountStack::default(),
-            start: Start::default(),
+            bootstrapped: Bootstrapped::default(),
             build_only: BuildOnlyFiles::new(),
             done: None,
             failed: false,
@@ -492,7 +493,7 @@ impl Creator {
                 let (root, work) = (self.tree()?, self.work()?);
                 let cache = self.cache.as_ref();
                 let trees = self.opts.tree_cache;
-                self.start =
+                self.bootstrapped =
                     bootstrap::run(&self.plan, root, work, cache, trees, &self.build_only, show)?;
                 Ok(())
             }
@@ -509,7 +510,7 @@ impl Creator {
                     root,
                     &work,
                     self.cache.as_ref(),
-                    &mut self.start,
+                    &mut self.bootstrapped,
                     &mut self.build_only,
                     &mut self.mounts,
                     &empty_tree,

@@ -323,7 +323,16 @@ pub struct Apt<'a> {
 impl Apt<'_> {
     /// Writes the sources, the build-only settings, and runs `apt-get update`; with a cache,
     /// starts from the lists it holds for these sources and stores the result.
-    pub fn configure_and_update(&self, plan: &Plan, cache: Option<&Cache>) -> Result<()> {
+    /// With `fresh_lists` (mmdebstrap fetched and verified the lists in this build, seconds
+    /// ago) and [`Apt::bootstrap_lists_cover`], apt's lists are those: the update would fetch
+    /// the same Release file again and nothing else. Returns true then: the bootstrap installed
+    /// the base from these very lists.
+    pub fn configure_and_update(
+        &self,
+        plan: &Plan,
+        cache: Option<&Cache>,
+        fresh_lists: bool,
+    ) -> Result<bool> {
         for r in plan.repos.iter().filter(|r| r.trusted) {
             tracing::warn!(
                 "repo `{}` ({} {}) is used without a signature check (trusted: true): anyone \
@@ -355,25 +364,66 @@ impl Apt<'_> {
             .filter_map(|r| r.key_sha256.as_deref())
             .collect();
         let key = crate::cache::lists_key(&format!("{sources}{}", keys.join("\n")), &plan.arch);
-        if let Some(c) = cache {
-            let n = c.restore_lists(&key, self.root, LISTS_DIR)?;
-            if n > 0 {
-                tracing::info!("apt lists: {n} files from the cache");
+        let bootstrap_lists = fresh_lists && self.bootstrap_lists_cover(plan)?;
+        if bootstrap_lists {
+            tracing::info!(
+                "apt lists: the bootstrap's, fetched and verified in this build for the same \
+                 repository"
+            );
+        } else {
+            if let Some(c) = cache {
+                let n = c.restore_lists(&key, self.root, LISTS_DIR)?;
+                if n > 0 {
+                    tracing::info!("apt lists: {n} files from the cache");
+                }
             }
-        }
-        if let Err(e) = self.apt_get(&["update"]) {
-            let text = format!("{e:#}");
-            let lines: Vec<String> = text.lines().map(str::to_string).collect();
-            let why = explain_signature_failures(&plan.repos, &lines);
-            if why.is_empty() {
-                return Err(e);
+            if let Err(e) = self.apt_get(&["update"]) {
+                let text = format!("{e:#}");
+                let lines: Vec<String> = text.lines().map(str::to_string).collect();
+                let why = explain_signature_failures(&plan.repos, &lines);
+                if why.is_empty() {
+                    return Err(e);
+                }
+                return Err(e.context(why.join("\n")));
             }
-            return Err(e.context(why.join("\n")));
         }
         if let Some(c) = cache {
             c.store_lists(&key, self.root, LISTS_DIR)?;
         }
-        Ok(())
+        Ok(bootstrap_lists)
+    }
+
+    /// Whether the lists in the tree are all an `apt-get update` of the plan's sources would
+    /// fetch: the plan has one repository, the bootstrap's (same URI, suite, components and
+    /// architecture), and its Release file and every component's package index are there.
+    /// Only the bootstrap program's own lists can be there before the install stage's update
+    /// (a cached base holds none). Extra index files (translations) come from the same apt
+    /// run, with the same default targets.
+    pub fn bootstrap_lists_cover(&self, plan: &Plan) -> Result<bool> {
+        let [repo] = plan.repos.as_slice() else {
+            return Ok(false);
+        };
+        if repo.uri != plan.bootstrap_mirror || repo.suite != plan.suite || repo.suite == "./" {
+            return Ok(false);
+        }
+        if !self.root.exists(LISTS_DIR) {
+            return Ok(false);
+        }
+        let names: Vec<String> = self
+            .root
+            .read_dir(LISTS_DIR)?
+            .into_iter()
+            .filter(|e| e.file_type.is_file())
+            .map(|e| e.name.to_string_lossy().into_owned())
+            .collect();
+        let prefix = release_list_prefix(repo);
+        if !names.contains(&format!("{prefix}InRelease")) {
+            return Ok(false);
+        }
+        Ok(repo.section.split_whitespace().all(|component| {
+            let packages = format!("{prefix}{component}_binary-{}_Packages", plan.arch);
+            names.contains(&packages)
+        }))
     }
 
     /// The packages apt's lists offer, with the size and sha256 each repository's (signed)
@@ -677,6 +727,42 @@ mod tests {
             key_sha256: None,
             key_fingerprints: Vec::new(),
         }
+    }
+
+    #[test]
+    fn only_the_bootstrap_repos_complete_lists_stand_for_an_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path()).unwrap();
+        let apt = Apt {
+            root: &root,
+            show: false,
+        };
+        let spec = "version: 1\nname: t\nsuite: bookworm\nkind: tarball\n";
+        let mut plan = Plan::for_test(spec);
+        plan.repos[0].section = "main contrib".into();
+        plan.bootstrap_mirror = plan.repos[0].uri.clone();
+        // No lists at all (a base tree from the cache): update.
+        assert!(!apt.bootstrap_lists_cover(&plan).unwrap());
+        root.create_dir_all(LISTS_DIR).unwrap();
+        let prefix = release_list_prefix(&plan.repos[0]);
+        let put = |name: &str| {
+            let path = format!("{LISTS_DIR}/{prefix}{name}");
+            root.write(&path, b"x", 0o644, Owner::ROOT).unwrap();
+        };
+        put("InRelease");
+        put("main_binary-amd64_Packages");
+        // contrib's index is missing.
+        assert!(!apt.bootstrap_lists_cover(&plan).unwrap());
+        put("contrib_binary-amd64_Packages");
+        assert!(apt.bootstrap_lists_cover(&plan).unwrap());
+        // A second repository has no lists from the bootstrap.
+        let mut two = plan.clone();
+        two.repos.push(repo("main"));
+        assert!(!apt.bootstrap_lists_cover(&two).unwrap());
+        // Another architecture's index is not this one.
+        let mut arm = plan.clone();
+        arm.arch = "arm64".into();
+        assert!(!apt.bootstrap_lists_cover(&arm).unwrap());
     }
 
     #[test]

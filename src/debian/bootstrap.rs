@@ -26,14 +26,24 @@ pub fn run(
     trees: bool,
     build_only: &BuildOnlyFiles,
     show: bool,
-) -> Result<Start> {
+) -> Result<Bootstrapped> {
     build_only.install_policy(root)?;
     // dpkg reads dpkg.cfg.d as soon as the bootstrap installed it: no fsyncs from then on.
     build_only.install_dpkg_unsafe_io(root)?;
-    let start = base_tree(plan, root, work, cache, trees, show)?;
+    let done = base_tree(plan, root, work, cache, trees, show)?;
     root.end_processes("the bootstrap")?;
     build_only.install_policy(root)?;
-    Ok(start)
+    Ok(done)
+}
+
+/// What the bootstrap stage leaves for the install stage.
+#[derive(Debug, Default)]
+pub struct Bootstrapped {
+    /// Where the tree came from.
+    pub start: Start,
+    /// mmdebstrap ran in this build and left the lists it fetched and verified for the
+    /// bootstrap repository, seconds ago (a base tree from the cache holds no lists).
+    pub fresh_lists: bool,
 }
 
 fn base_tree(
@@ -43,12 +53,16 @@ fn base_tree(
     cache: Option<&Cache>,
     use_trees: bool,
     show: bool,
-) -> Result<Start> {
+) -> Result<Bootstrapped> {
     let keyring = bootstrap_keyring(plan, work)?;
     let keyring = keyring.as_deref();
+    let fresh_lists = plan.backend == Backend::Mmdebstrap;
     let Some(cache) = cache else {
         backend(plan, root, None, keyring, show)?;
-        return Ok(Start::Uncached);
+        return Ok(Bootstrapped {
+            start: Start::Uncached,
+            fresh_lists,
+        });
     };
     let digest = match cache::release_digest(plan, work) {
         Ok(d) => Some(d),
@@ -75,13 +89,19 @@ fn base_tree(
     if let Some(ctx) = &ctx
         && let Some(start) = cached_tree(plan, cache, ctx, root)?
     {
-        return Ok(start);
+        return Ok(Bootstrapped {
+            start,
+            fresh_lists: false,
+        });
     }
     let start = ctx.map_or(Start::Uncached, |ctx| Start::Base { ctx });
     if let Some(base) = key.as_deref().and_then(|k| cache.verified_base(k)) {
         tracing::info!("base tree from the cache ({})", base.path().display());
         base.restore(root.path())?;
-        return Ok(start);
+        return Ok(Bootstrapped {
+            start,
+            fresh_lists: false,
+        });
     }
     let debs = work.join("debs");
     std::fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
@@ -90,7 +110,7 @@ fn base_tree(
         let tar = cache.store_base(&k, root.path())?;
         tracing::info!("base tree cached as {}", tar.display());
     }
-    Ok(start)
+    Ok(Bootstrapped { start, fresh_lists })
 }
 
 /// The cached installed tree this build starts from, restored into `root`: its own key's, else

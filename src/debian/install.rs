@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 
 use crate::cache::{Cache, TreeInfo};
 use crate::debian::apt::{self, Apt, ReleaseMeta};
+use crate::debian::bootstrap::Bootstrapped;
 use crate::debian::configure::BuildOnlyFiles;
 use crate::debian::trees::{self, Start};
 use crate::plan::Plan;
@@ -51,13 +52,13 @@ pub fn run(
     root: &Root,
     work: &Path,
     cache: Option<&Cache>,
-    start: &mut Start,
+    boot: &mut Bootstrapped,
     build_only: &mut BuildOnlyFiles,
     mounts: &mut MountStack,
     empty_tree: &dyn Fn(&Root) -> Result<()>,
     show: bool,
 ) -> Result<Vec<ReleaseMeta>> {
-    if let Start::Tree { exact: true, .. } = start {
+    if let Start::Tree { exact: true, .. } = boot.start {
         root.mount_api_filesystems(mounts)?;
         build_only.install_resolv_conf(root)?;
         build_only.install_dpkg_unsafe_io(root)?;
@@ -66,9 +67,9 @@ pub fn run(
         return Apt { root, show }.pin(plan);
     }
     let depth = mounts.len();
-    match install(plan, root, work, cache, start, build_only, mounts, show) {
+    match install(plan, root, work, cache, boot, build_only, mounts, show) {
         Err(e) if e.downcast_ref::<TreeMismatch>().is_some() => {
-            let Start::Tree { ctx, .. } = std::mem::take(start) else {
+            let Start::Tree { ctx, .. } = std::mem::take(&mut boot.start) else {
                 return Err(e);
             };
             tracing::warn!("{e}: starting again from the base tree");
@@ -78,9 +79,13 @@ pub fn run(
             empty_tree(root)?;
             // The build-only files went with the tree.
             *build_only = BuildOnlyFiles::new();
-            crate::debian::bootstrap::run(plan, root, work, cache, false, build_only, show)?;
-            *start = Start::Base { ctx };
-            install(plan, root, work, cache, start, build_only, mounts, show)
+            let again =
+                crate::debian::bootstrap::run(plan, root, work, cache, false, build_only, show)?;
+            *boot = Bootstrapped {
+                start: Start::Base { ctx },
+                fresh_lists: again.fresh_lists,
+            };
+            install(plan, root, work, cache, boot, build_only, mounts, show)
         }
         r => r,
     }
@@ -92,11 +97,12 @@ fn install(
     root: &Root,
     work: &Path,
     cache: Option<&Cache>,
-    start: &Start,
+    boot: &Bootstrapped,
     build_only: &mut BuildOnlyFiles,
     mounts: &mut MountStack,
     show: bool,
 ) -> Result<Vec<ReleaseMeta>> {
+    let start = &boot.start;
     // The dpkg status of the base the install starts from (or the cached tree started from):
     // a later build that starts from this one's tree simulates a cold install from it.
     let base_status = match start {
@@ -124,12 +130,13 @@ fn install(
         Start::Tree { info, .. } => Some(info),
         _ => None,
     };
-    if from_tree.is_some() {
+    let bootstrap_lists = if from_tree.is_some() {
         apt::write_build_conf(root, plan)?;
         tracing::info!("apt lists: the installed tree's (the same Release files)");
+        false
     } else {
-        apt.configure_and_update(plan, cache)?;
-    }
+        apt.configure_and_update(plan, cache, boot.fresh_lists)?
+    };
     // The repositories' indexes as apt verified them, before any code from the packages
     // runs: what the pool offers and takes is checked against them.
     let index = match cache {
@@ -203,6 +210,14 @@ fn install(
                 .into());
             }
             (true, Some(p))
+        }
+        // The bootstrap installed the base from the very lists apt has, for the only
+        // repository: a dist-upgrade has nothing to do (the pins weigh that repository's
+        // versions against themselves).
+        None if bootstrap_lists => {
+            tracing::debug!("no dist-upgrade: the base was installed from these lists");
+            apt.install(&packages, downgrades)?;
+            (matches!(start, Start::Base { .. }), None)
         }
         // From the base, whether the dist-upgrade changed anything is recorded for the builds
         // that start from this one's tree.
