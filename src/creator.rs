@@ -486,7 +486,9 @@ impl Creator {
                 self.kind.mount_root(&self.plan, &work, &self.root_path)?;
                 // Opened once the filesystems are mounted: a descriptor taken before would hold
                 // the directory underneath them.
-                self.tree = Some(Root::open(&self.root_path)?);
+                let mut tree = Root::open(&self.root_path)?;
+                tree.set_source_date_epoch(self.plan.source_date_epoch);
+                self.tree = Some(tree);
                 Ok(())
             }
             Stage::Bootstrap => {
@@ -629,6 +631,11 @@ impl Creator {
         // view of this build. (After --shell too: what it changed is part of the image.)
         let work = self.work()?.to_path_buf();
         self.attached = attachments::collect(&self.plan, self.tree()?, &work)?;
+        if let Some(epoch) = self.plan.source_date_epoch {
+            let epoch = i64::try_from(epoch).context("source_date_epoch is out of range")?;
+            let n = self.tree()?.clamp_times(epoch)?;
+            tracing::debug!("clamped the times of {n} files to the epoch {epoch}");
+        }
         // The descriptor holds the root filesystem busy.
         self.tree = None;
         self.kind.unmount_root()

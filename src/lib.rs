@@ -22,6 +22,7 @@ pub mod pack;
 pub mod plan;
 pub mod progress;
 pub mod redact;
+pub mod reproducible;
 pub mod root;
 pub mod service;
 pub mod signals;

@@ -401,6 +401,9 @@ pub struct Plan {
     pub post: Vec<PostScript>,
     pub records: Vec<Record>,
     pub copy_kernel: bool,
+    /// Build reproducibly as of this time ([`crate::reproducible`]): the spec's
+    /// `source_date_epoch`, else `SOURCE_DATE_EPOCH` from the environment of `for_host`.
+    pub source_date_epoch: Option<u64>,
     /// What is copied out of the image into `<name>.attachments/`, as the spec says it: part of
     /// the digest, so a changed list is a new build.
     pub attachments: Vec<Attachment>,
@@ -643,6 +646,7 @@ impl Plan {
             post: spec.post.clone(),
             records: spec.records.clone(),
             copy_kernel: spec.copy_kernel,
+            source_date_epoch: spec.source_date_epoch,
             attachments: spec.attachments.clone(),
             disk: spec.disk.clone(),
             digest: String::new(),
@@ -774,7 +778,13 @@ impl Plan {
             crate::debian::fetch::download(url, &proxies, dir.path())
         };
         let host_uri = |suite: &str| find_host_uri(&sources, suite, &fetch);
-        Plan::with_host_uri(spec, &host_uri, host_has("mmdebstrap"))
+        let mut spec = std::borrow::Cow::Borrowed(spec);
+        if spec.source_date_epoch.is_none()
+            && let Some(epoch) = crate::reproducible::from_env()?
+        {
+            spec.to_mut().source_date_epoch = Some(epoch);
+        }
+        Plan::with_host_uri(&spec, &host_uri, host_has("mmdebstrap"))
     }
 }
 

@@ -130,6 +130,10 @@ fn run_one(
             .current_dir(root.path())
             .env_clear()
             .envs(CHROOT_ENV.iter().copied())
+            .envs(
+                root.source_date_epoch()
+                    .map(|e| (crate::reproducible::ENV, e.to_string())),
+            )
             .envs(environment(
                 &root.path().display().to_string(),
                 image_name,

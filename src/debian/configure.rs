@@ -66,6 +66,10 @@ pub fn finish(
     scrub_host_identity(root)?;
     let apt = Apt { root, show };
     apt.clean()?;
+    if plan.source_date_epoch.is_some() {
+        let removed = crate::reproducible::scrub(root)?;
+        tracing::debug!("removed what records the build: {}", removed.join(" "));
+    }
     let installed = apt.installed()?;
     build_only.remove(root)?;
     if !plan.keep_apt_sources {

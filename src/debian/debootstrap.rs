@@ -49,6 +49,9 @@ pub fn clean_env(cmd: &mut Command, plan: &Plan) {
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         )
         .env("LC_ALL", "C");
+    if let Some(e) = plan.source_date_epoch {
+        cmd.env(crate::reproducible::ENV, e.to_string());
+    }
     if let Some(p) = &plan.proxies.http {
         cmd.env("http_proxy", p);
     }

@@ -600,7 +600,7 @@ impl ImageKind for DiskImage {
                     debug_assert_eq!(fs.name(), name);
                     mkfs::check(fs, &p.dev)?;
                     if matches!(fs, Fs::Ext3 | Fs::Ext4) {
-                        shrink::set_ext_journal(&p.dev, true)?;
+                        shrink::set_ext_journal(&p.dev, true, plan.source_date_epoch)?;
                     }
                 }
             }

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use super::{FsInfo, ImageKind, MountStack, Staged};
 use crate::pack::shrink;
 use crate::plan::Plan;
+use crate::reproducible;
 use crate::spec::Fs;
 use crate::sys::loopdev::{self, LoopDevice};
 use crate::sys::mkfs::{self, MkfsRequest};
@@ -47,7 +48,7 @@ impl ImageKind for FsImages {
                 .with_context(|| format!("sizing {} to {} bytes", file.display(), img.size))?;
             drop(f);
             let dev = loopdev::attach(&file, false)?;
-            let uuid = mkfs::new_uuid()?;
+            let uuid = reproducible::fs_uuid(plan, &img.mount)?;
             mkfs::make(
                 &MkfsRequest {
                     fs: img.fs,
@@ -108,16 +109,26 @@ impl ImageKind for FsImages {
         Ok(())
     }
 
-    fn finish(&mut self, plan: &Plan, _workspace: &Path, _root: &Path) -> Result<Vec<Staged>> {
+    fn finish(&mut self, plan: &Plan, workspace: &Path, _root: &Path) -> Result<Vec<Staged>> {
         let mut staged = Vec::new();
         let planned = super::planned_staged(plan);
+        let clock = plan.source_date_epoch;
         for ((img, f), s) in plan.images.iter().zip(&self.images).zip(planned) {
             mkfs::check(img.fs, &f.file)?;
+            if let (Some(epoch), true) = (clock, img.fs.is_ext()) {
+                let ext = reproducible::ExtImage {
+                    fs: img.fs,
+                    uuid: &f.uuid,
+                    label: img.label.as_deref(),
+                    options: &img.mkfs_options,
+                };
+                reproducible::rewrite_ext(&ext, &f.file, workspace, epoch)?;
+            }
             if matches!(img.fs, Fs::Ext3 | Fs::Ext4) {
-                shrink::set_ext_journal(&f.file, true)?;
+                shrink::set_ext_journal(&f.file, true, clock)?;
             }
             if img.fs.is_ext() {
-                shrink::shrink_ext(&f.file)?;
+                shrink::shrink_ext(&f.file, clock)?;
             }
             staged.push(Staged {
                 raw: f.file.clone(),

@@ -22,6 +22,8 @@ pub struct Ext2Info {
     pub block_size: u64,
     /// Free blocks as counted in the superblock.
     pub free_blocks: u64,
+    /// Number of inodes in the filesystem.
+    pub inode_count: u64,
     /// Filesystem UUID, as printed (lowercase, hyphenated).
     pub uuid: String,
     /// Volume label; `None` when the filesystem has none.
@@ -87,6 +89,7 @@ pub fn parse_dumpe2fs(text: &str) -> Result<Ext2Info> {
         block_count,
         block_size,
         free_blocks: number("Free blocks")?,
+        inode_count: number("Inode count")?,
         uuid: get("Filesystem UUID")?.to_string(),
         label,
         has_journal: features.iter().any(|f| f == "has_journal"),
@@ -109,21 +112,29 @@ pub fn ext_info(image: &Path) -> Result<Ext2Info> {
 /// (`resize2fs -M`) and truncates the file to exactly the filesystem's new size.
 ///
 /// Returns the new file size in bytes. The image must not be mounted.
-pub fn shrink_ext(image: &Path) -> Result<u64> {
-    shrink(image).with_context(|| format!("shrinking {}", image.display()))
+///
+/// With `clock` (a reproducible build's epoch), e2fsprogs write that time instead of now.
+pub fn shrink_ext(image: &Path, clock: Option<u64>) -> Result<u64> {
+    shrink(image, clock).with_context(|| format!("shrinking {}", image.display()))
 }
 
-fn shrink(image: &Path) -> Result<u64> {
+fn shrink(image: &Path, clock: Option<u64>) -> Result<u64> {
+    let env = crate::reproducible::e2fs_env(clock);
     let old_size = std::fs::metadata(image)
         .with_context(|| format!("reading the size of {}", image.display()))?
         .len();
     // resize2fs refuses a filesystem that was not checked since its last mount. Exit 1 means
     // errors were corrected, which is fine for an image that was just unmounted.
     Command::new("e2fsck")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .args(["-f", "-y"])
         .arg(image)
         .run_accepting(&[0, 1])?;
-    Command::new("resize2fs").arg("-M").arg(image).run()?;
+    Command::new("resize2fs")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .arg("-M")
+        .arg(image)
+        .run()?;
 
     let info = ext_info(image)?;
     let new_size = info.size_bytes();
@@ -153,7 +164,8 @@ fn shrink(image: &Path) -> Result<u64> {
 ///
 /// Does nothing when the journal is already in the asked state. The builder turns the journal
 /// off while it writes the root filesystem (two to three times faster) and back on at the end.
-pub fn set_ext_journal(image: &Path, on: bool) -> Result<()> {
+/// With `clock`, as [`shrink_ext`].
+pub fn set_ext_journal(image: &Path, on: bool, clock: Option<u64>) -> Result<()> {
     let what = if on { "adding" } else { "removing" };
     let info = ext_info(image)?;
     if info.has_journal == on {
@@ -161,6 +173,7 @@ pub fn set_ext_journal(image: &Path, on: bool) -> Result<()> {
     }
     let feature = if on { "has_journal" } else { "^has_journal" };
     Command::new("tune2fs")
+        .envs(crate::reproducible::e2fs_env(clock))
         .args(["-O", feature])
         .arg(image)
         .run()
@@ -298,7 +311,7 @@ mod tests {
         let before = ext_info(&image).unwrap();
         assert_eq!(before.size_bytes(), 256 << 20);
 
-        let new_size = shrink_ext(&image).unwrap();
+        let new_size = shrink_ext(&image, None).unwrap();
         assert_eq!(std::fs::metadata(&image).unwrap().len(), new_size);
         assert!(new_size < 64 << 20, "only shrank to {new_size} bytes");
         let after = ext_info(&image).unwrap();
@@ -321,7 +334,7 @@ mod tests {
         }
 
         // A second shrink finds nothing more to take (or very little) and stays valid.
-        let again = shrink_ext(&image).unwrap();
+        let again = shrink_ext(&image, None).unwrap();
         assert!(again <= new_size);
         Command::new("e2fsck")
             .args(["-f", "-n"])
@@ -339,13 +352,13 @@ mod tests {
         let (image, _) = make_ext4(dir.path());
         assert!(ext_info(&image).unwrap().has_journal);
 
-        set_ext_journal(&image, false).unwrap();
+        set_ext_journal(&image, false, None).unwrap();
         assert!(!ext_info(&image).unwrap().has_journal);
-        set_ext_journal(&image, false).unwrap();
+        set_ext_journal(&image, false, None).unwrap();
 
-        set_ext_journal(&image, true).unwrap();
+        set_ext_journal(&image, true, None).unwrap();
         assert!(ext_info(&image).unwrap().has_journal);
-        set_ext_journal(&image, true).unwrap();
+        set_ext_journal(&image, true, None).unwrap();
         Command::new("e2fsck")
             .args(["-f", "-n"])
             .arg(&image)
@@ -361,7 +374,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("not-a-fs.img");
         std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-        let err = shrink_ext(&image).unwrap_err();
+        let err = shrink_ext(&image, None).unwrap_err();
         let msg = format!("{err:#}");
         assert!(
             msg.contains("shrinking") && msg.contains("not-a-fs.img"),

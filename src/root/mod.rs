@@ -27,6 +27,7 @@ use anyhow::{Context, Result, bail};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
+use nix::sys::time::TimeSpec;
 use pathrs::flags::OpenFlags;
 
 use crate::sys::mount::{self, Mount, MountStack, MsFlags};
@@ -73,6 +74,8 @@ pub struct Entry {
 pub struct Root {
     path: PathBuf,
     inner: pathrs::Root,
+    /// `SOURCE_DATE_EPOCH` for the programs run in the tree (a reproducible build's).
+    source_date_epoch: Option<u64>,
 }
 
 impl std::fmt::Debug for Root {
@@ -132,6 +135,61 @@ fn is_not_found(e: &pathrs::error::Error) -> bool {
     )
 }
 
+/// The times [`Root::clamp_times`] gives an entry: its modification time, at most `epoch`,
+/// for both; or none when it has them already. (Access times are whenever a build happened to
+/// read the file, or unpacked it from a cache: they follow the modification time.)
+fn clamped(st: &nix::sys::stat::FileStat, epoch: i64) -> Option<TimeSpec> {
+    let m = if st.st_mtime > epoch {
+        TimeSpec::new(epoch, 0)
+    } else {
+        TimeSpec::new(st.st_mtime, st.st_mtime_nsec)
+    };
+    let same = |sec: i64, nsec: i64| sec == m.tv_sec() && nsec == m.tv_nsec();
+    (!same(st.st_mtime, st.st_mtime_nsec) || !same(st.st_atime, st.st_atime_nsec)).then_some(m)
+}
+
+/// [`Root::clamp_times`] below the directory `dir` (shown as `shown` in errors).
+fn clamp_dir(dir: &OwnedFd, epoch: i64, shown: &Path) -> Result<u64> {
+    use nix::fcntl::AtFlags;
+    use nix::sys::stat::{SFlag, UtimensatFlags};
+    let mut changed = 0;
+    let listing = fd_path(dir.as_fd());
+    let mut names: Vec<OsString> = std::fs::read_dir(&listing)
+        .and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect())
+        .with_context(|| format!("listing {} in the image", shown.display()))?;
+    names.sort();
+    for name in names {
+        let path = shown.join(&name);
+        let stat = || {
+            nix::sys::stat::fstatat(dir, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                .with_context(|| format!("inspecting {} in the image", path.display()))
+        };
+        let mut st = stat()?;
+        // A directory's entries first, and its times read again after: listing it sets its
+        // access time.
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
+            let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+            let sub = nix::fcntl::openat(dir, name.as_os_str(), flags, Mode::empty())
+                .with_context(|| format!("opening {} in the image", path.display()))?;
+            changed += clamp_dir(&sub, epoch, &path)?;
+            drop(sub);
+            st = stat()?;
+        }
+        if let Some(t) = clamped(&st, epoch) {
+            nix::sys::stat::utimensat(
+                dir,
+                name.as_os_str(),
+                &t,
+                &t,
+                UtimensatFlags::NoFollowSymlink,
+            )
+            .with_context(|| format!("setting the times of {} in the image", path.display()))?;
+            changed += 1;
+        }
+    }
+    Ok(changed)
+}
+
 /// The magic link of a descriptor: operations on it reach exactly the inode the descriptor
 /// holds, whatever has happened to its name.
 fn fd_path(fd: BorrowedFd<'_>) -> PathBuf {
@@ -156,7 +214,18 @@ impl Root {
         Ok(Root {
             path: path.to_path_buf(),
             inner,
+            source_date_epoch: None,
         })
+    }
+
+    /// Every program run in the tree from now on sees `SOURCE_DATE_EPOCH=epoch` (or none).
+    pub fn set_source_date_epoch(&mut self, epoch: Option<u64>) {
+        self.source_date_epoch = epoch;
+    }
+
+    /// What [`Root::set_source_date_epoch`] set.
+    pub fn source_date_epoch(&self) -> Option<u64> {
+        self.source_date_epoch
     }
 
     /// The tree's directory on the host: for programs that take a path and work inside the
@@ -172,6 +241,9 @@ impl Root {
             .arg(program)
             .env_clear()
             .envs(CHROOT_ENV.iter().copied());
+        if let Some(e) = self.source_date_epoch {
+            cmd.env(crate::reproducible::ENV, e.to_string());
+        }
         cmd
     }
 
@@ -551,6 +623,23 @@ impl Root {
     pub fn empty(&self, mounts: &[PathBuf]) -> Result<()> {
         crate::sys::mount::empty_spanning_mounts(&self.path, mounts)
             .with_context(|| format!("emptying the image tree {}", self.path.display()))
+    }
+
+    /// Sets every modification time in the tree later than `epoch` (seconds) to `epoch`, and
+    /// every access time to the modification time, across the image's filesystems mounted in it: a link's own times, never its
+    /// target's, and no link followed on the way. For reproducible builds, where the files the
+    /// build made carry its clock. Returns how many entries changed.
+    pub fn clamp_times(&self, epoch: i64) -> Result<u64> {
+        let top = self
+            .open_dir(Path::new("/"))?
+            .context("the image tree has no root directory")?;
+        let mut changed = clamp_dir(&top, epoch, Path::new("/"))?;
+        let st = nix::sys::stat::fstat(&top).context("inspecting the image's /")?;
+        if let Some(t) = clamped(&st, epoch) {
+            nix::sys::stat::futimens(&top, &t, &t).context("setting the times of the image's /")?;
+            changed += 1;
+        }
+        Ok(changed)
     }
 
     /// Renames `from` to `to` inside the tree (the last components themselves, never what a

@@ -383,3 +383,45 @@ fn no_operation_ever_leaves_the_root() {
         }
     }
 }
+
+#[test]
+fn clamp_times_sets_the_tree_s_own_times_and_follows_no_link() {
+    use std::os::unix::fs::MetadataExt;
+    let j = Jail::new();
+    let epoch = 1_700_000_000;
+    let victim = j.host("etc/shadow");
+    std::fs::create_dir_all(j.root_path().join("usr/share")).unwrap();
+    std::fs::write(j.root_path().join("usr/share/new"), "made by the build").unwrap();
+    std::fs::write(j.root_path().join("usr/share/old"), "from a package").unwrap();
+    let old = nix::sys::time::TimeSpec::new(1_600_000_000, 0);
+    let later = nix::sys::time::TimeSpec::new(1_650_000_000, 0);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        &j.root_path().join("usr/share/old"),
+        &later,
+        &old,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
+    symlink(&victim, j.root_path().join("etc/shadow")).unwrap();
+    let victim_before = std::fs::metadata(&victim).unwrap().mtime();
+    let changed = j.root().clamp_times(epoch).unwrap();
+    assert!(changed >= 5, "{changed}");
+    let md = |rel: &str| std::fs::symlink_metadata(j.root_path().join(rel)).unwrap();
+    for rel in ["", "etc", "usr", "usr/share", "usr/share/new", "etc/shadow"] {
+        let m = md(rel);
+        assert_eq!((m.mtime(), m.atime()), (epoch, epoch), "/{rel}");
+    }
+    // Older than the epoch: kept; its access time follows it.
+    let m = md("usr/share/old");
+    assert_eq!((m.mtime(), m.atime()), (1_600_000_000, 1_600_000_000));
+    // The link's target on the host is untouched.
+    assert_eq!(std::fs::metadata(&victim).unwrap().mtime(), victim_before);
+    assert_ne!(victim_before, epoch);
+    // A second time gives the same times (a listing may have set an access time in between).
+    j.root().clamp_times(epoch).unwrap();
+    for rel in ["", "etc", "usr", "usr/share", "usr/share/new", "etc/shadow"] {
+        let m = md(rel);
+        assert_eq!((m.mtime(), m.atime()), (epoch, epoch), "/{rel} again");
+    }
+}

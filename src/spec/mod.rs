@@ -114,6 +114,14 @@ pub struct Spec {
     /// Copy the kernel and initrd out next to the images (`<name>.vmlinuz`, `<name>.initrd`).
     #[serde(default)]
     pub copy_kernel: bool,
+    /// Build reproducibly, as of this time (seconds since 1970, UTC): every file time in the
+    /// image is clamped to it, build-time residue (logs, caches, random seeds) is removed,
+    /// filesystem UUIDs and hash seeds come from the spec, and ext2/3/4 images are written
+    /// afresh from the finished tree, so two builds of the same spec and package set give
+    /// byte-identical outputs. `SOURCE_DATE_EPOCH` in the environment sets it when the spec
+    /// does not.
+    #[serde(default)]
+    pub source_date_epoch: Option<u64>,
     /// Files of the finished image copied next to the outputs, under `<name>.attachments/`:
     /// absolute paths or globs in the image, or every file a package installed.
     #[serde(default)]

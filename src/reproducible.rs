@@ -1,0 +1,307 @@
+//! Reproducible builds: what makes two builds of one spec and one package set, at different
+//! times and in different directories, give the same bytes.
+//!
+//! A build is reproducible when its plan has a `source_date_epoch` (the spec's, or
+//! `SOURCE_DATE_EPOCH` from the environment). Then: every program run in the image sees
+//! `SOURCE_DATE_EPOCH` (shadow's last-change day, initramfs-tools' archive times); identifiers
+//! that are random otherwise (filesystem UUIDs, ext hash seeds) are derived from the spec's
+//! digest ([`seeded_uuid`]); files that only record the build (logs, caches, random seeds) are
+//! removed ([`scrub`]); every file time later than the epoch is clamped to it; and each
+//! ext2/3/4 image is written afresh from its finished tree by `mke2fs -d` ([`rewrite_ext`]),
+//! since a filesystem the kernel wrote has its block placement, inode order and change times
+//! from the build's own run.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+
+use crate::cmd::CommandRunExt;
+use crate::root::Root;
+use crate::spec::Fs;
+use crate::sys::mount::{self, MsFlags};
+use crate::sys::{loopdev, mkfs};
+
+/// The environment variable of reproducible-builds.org.
+pub const ENV: &str = "SOURCE_DATE_EPOCH";
+
+/// e2fsprogs' own clock override: superblock and inode times written by mke2fs, e2fsck,
+/// tune2fs and resize2fs come from it.
+const E2FS_CLOCK: &str = "E2FSPROGS_FAKE_TIME";
+
+/// `SOURCE_DATE_EPOCH` from the environment: none when unset or empty, an error naming the
+/// variable when it is not a number of seconds.
+pub fn from_env() -> Result<Option<u64>> {
+    match std::env::var(ENV) {
+        Ok(v) if v.trim().is_empty() => Ok(None),
+        Ok(v) => v.trim().parse::<u64>().map(Some).map_err(|_| {
+            anyhow::anyhow!("{ENV}={v:?} is not a number of seconds since 1970 (UTC)")
+        }),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(e) => bail!("{ENV}: {e}"),
+    }
+}
+
+/// A UUID that every build of the plan with `digest` gets for `purpose` (`fs:/boot`): a
+/// version 8 (custom) UUID from sha256 of both.
+pub fn seeded_uuid(digest: &str, purpose: &str) -> String {
+    let h = Sha256::digest(format!("debimg uuid\0{digest}\0{purpose}").as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h[..16]);
+    b[6] = (b[6] & 0x0f) | 0x80;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex = crate::pack::digest::hex(&b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// Files that record the build, not the system: its logs, caches made from the clock or from
+/// the order the build ran in, and seeds (mmdebstrap's list, and what the packages debimg's
+/// tests install leave).
+pub const RESIDUE: &[&str] = &[
+    "var/log/dpkg.log",
+    "var/log/alternatives.log",
+    "var/log/bootstrap.log",
+    "var/log/apt/history.log",
+    "var/log/apt/term.log",
+    "var/log/apt/eipp.log.xz",
+    "var/cache/ldconfig/aux-cache",
+    "var/lib/dbus/machine-id",
+    "var/lib/systemd/random-seed",
+    "var/cache/man/index.db",
+];
+
+/// Removes [`RESIDUE`] from the tree (regular files only; a link is removed, never followed).
+/// Returns what was removed.
+pub fn scrub(root: &Root) -> Result<Vec<&'static str>> {
+    let mut removed = Vec::new();
+    for path in RESIDUE {
+        if root.remove_file(path)? {
+            removed.push(*path);
+        }
+    }
+    Ok(removed)
+}
+
+/// What [`rewrite_ext`] makes again.
+pub struct ExtImage<'a> {
+    pub fs: Fs,
+    pub uuid: &'a str,
+    pub label: Option<&'a str>,
+    /// The spec's `mkfs_options`.
+    pub options: &'a [String],
+}
+
+/// The `mke2fs` line that writes `image` (a file of its final size) from the directory
+/// `source` (pure, so it can be tested).
+pub fn mke2fs_command(img: &ExtImage, source: &Path, image: &Path, epoch: u64) -> Command {
+    let mut cmd = Command::new("mke2fs");
+    cmd.env(E2FS_CLOCK, epoch.to_string())
+        .args(["-F", "-q", "-t", img.fs.name(), "-U", img.uuid, "-E"])
+        .arg(format!("nodiscard,hash_seed={}", img.uuid));
+    if img.fs != Fs::Ext2 {
+        // The journal is added once the image is checked, as for every build.
+        cmd.args(["-O", "^has_journal"]);
+    }
+    if let Some(label) = img.label {
+        cmd.args(["-L", label]);
+    }
+    cmd.args(img.options).arg("-d").arg(source).arg(image);
+    cmd
+}
+
+/// Writes the ext2/3/4 filesystem in `image` afresh from its own tree: the image is mounted
+/// (without access times) in `work` and its times clamped again (the directories other
+/// filesystems were mounted on showed their own times until now), `mke2fs -d` copies it into
+/// a new file of the same size (entries in name order, inodes and blocks in that order,
+/// superblock and creation times from `epoch`), every inode's change time is set to `epoch`
+/// with debugfs, and the new file takes the old one's place.
+pub fn rewrite_ext(img: &ExtImage, image: &Path, work: &Path, epoch: u64) -> Result<()> {
+    let size = std::fs::metadata(image)
+        .with_context(|| format!("reading the size of {}", image.display()))?
+        .len();
+    let fresh = image.with_extension("reproducible");
+    let source = work.join("reproducible-source");
+    std::fs::create_dir(&source).with_context(|| format!("creating {}", source.display()))?;
+    let made = (|| -> Result<()> {
+        let f = std::fs::File::create_new(&fresh)
+            .with_context(|| format!("creating {}", fresh.display()))?;
+        f.set_len(size)
+            .with_context(|| format!("sizing {}", fresh.display()))?;
+        drop(f);
+        // Writable, for the times of the directories other filesystems were mounted on (the
+        // build's clock, hidden until now); the old image is thrown away after.
+        let dev = loopdev::attach(image, false)?;
+        let flags =
+            MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+        let dev_path = dev.path().to_string_lossy().into_owned();
+        let m = mount::mount(&dev_path, &source, Some(img.fs.name()), flags, None)?;
+        let copied = clamp_source(&source, epoch).and_then(|()| {
+            mke2fs_command(img, &source, &fresh, epoch)
+                .run()
+                .with_context(|| format!("writing {} afresh from its tree", image.display()))
+        });
+        m.close()?;
+        dev.close()?;
+        copied?;
+        set_change_times(&fresh, epoch)
+    })();
+    let removed =
+        std::fs::remove_dir(&source).with_context(|| format!("removing {}", source.display()));
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(&fresh);
+        return Err(e);
+    }
+    removed?;
+    std::fs::rename(&fresh, image)
+        .with_context(|| format!("renaming {} to {}", fresh.display(), image.display()))
+}
+
+fn clamp_source(source: &Path, epoch: u64) -> Result<()> {
+    let epoch = i64::try_from(epoch).context("source_date_epoch is out of range")?;
+    Root::open(source)?.clamp_times(epoch)?;
+    Ok(())
+}
+
+/// Sets the change time of every inode in use in the ext image to `epoch` (mke2fs -d takes it
+/// from the source, where only the kernel's clock can set it).
+fn set_change_times(image: &Path, epoch: u64) -> Result<()> {
+    let groups = Command::new("dumpe2fs")
+        .env(E2FS_CLOCK, epoch.to_string())
+        .arg(image)
+        .run_stdout()
+        .with_context(|| format!("reading the inode bitmaps of {}", image.display()))?;
+    let info = crate::pack::shrink::parse_dumpe2fs(&groups)?;
+    let used = used_inodes(&groups, info.inode_count)?;
+    let mut script = String::new();
+    for ino in used {
+        script.push_str(&format!("sif <{ino}> ctime @{epoch}\n"));
+    }
+    let file = image.with_extension("debugfs");
+    std::fs::write(&file, script).with_context(|| format!("writing {}", file.display()))?;
+    let res = Command::new("debugfs")
+        .env(E2FS_CLOCK, epoch.to_string())
+        .arg("-w")
+        .arg("-f")
+        .arg(&file)
+        .arg(image)
+        .run_accepting_output(&[0])
+        .with_context(|| format!("setting the change times in {}", image.display()));
+    let _ = std::fs::remove_file(&file);
+    // debugfs exits 0 whatever its commands met: anything on stderr but its banner fails.
+    let (_, _, stderr) = res?;
+    if let Some(line) = stderr.iter().find(|l| !l.starts_with("debugfs ")) {
+        bail!("debugfs on {}: {line}", image.display());
+    }
+    Ok(())
+}
+
+/// Inodes in use, from `dumpe2fs`'s per-group `Free inodes:` ranges (pure, tested): every inode
+/// from 1 to `count` that no range names.
+pub fn used_inodes(dumpe2fs: &str, count: u64) -> Result<Vec<u64>> {
+    let mut free = vec![false; count as usize + 1];
+    for line in dumpe2fs.lines() {
+        let Some(ranges) = line.trim().strip_prefix("Free inodes:") else {
+            continue;
+        };
+        for r in ranges.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            let (a, b): (u64, u64) = (
+                a.parse()
+                    .with_context(|| format!("dumpe2fs free inodes {r:?}"))?,
+                b.parse()
+                    .with_context(|| format!("dumpe2fs free inodes {r:?}"))?,
+            );
+            if a == 0 || b < a || b > count {
+                bail!("dumpe2fs free inodes {r:?} outside 1-{count}");
+            }
+            for i in a..=b {
+                free[i as usize] = true;
+            }
+        }
+    }
+    Ok((1..=count).filter(|&i| !free[i as usize]).collect())
+}
+
+/// e2fsck's own clock override (its last-check time).
+const E2FSCK_CLOCK: &str = "E2FSCK_TIME";
+
+/// The environment e2fsprogs run with in a reproducible build (none otherwise).
+pub fn e2fs_env(epoch: Option<u64>) -> Vec<(&'static str, String)> {
+    epoch
+        .map(|e| vec![(E2FS_CLOCK, e.to_string()), (E2FSCK_CLOCK, e.to_string())])
+        .unwrap_or_default()
+}
+
+/// The UUID of the filesystem at `mount` in a build of `plan`: derived from the spec in a
+/// reproducible build, fresh from the kernel otherwise.
+pub fn fs_uuid(plan: &crate::plan::Plan, mount: &str) -> Result<String> {
+    match plan.source_date_epoch {
+        Some(_) => Ok(seeded_uuid(&plan.digest, &format!("fs:{mount}"))),
+        None => mkfs::new_uuid(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeded_uuids_follow_the_digest_and_purpose_only() {
+        let a = seeded_uuid("d1", "fs:/");
+        assert_eq!(a, seeded_uuid("d1", "fs:/"));
+        assert_ne!(a, seeded_uuid("d1", "fs:/boot"));
+        assert_ne!(a, seeded_uuid("d2", "fs:/"));
+        assert_eq!(a.len(), 36);
+        let parts: Vec<&str> = a.split('-').collect();
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+        assert!(parts[2].starts_with('8'), "version 8: {a}");
+        assert!("89ab".contains(&parts[3][..1]), "RFC variant: {a}");
+    }
+
+    #[test]
+    fn used_inodes_are_those_no_free_range_names() {
+        let text = "Group 0: (Blocks 1-8192)\n  Free inodes: 14-16, 18\nGroup 1:\n  Free inodes: 21-24\n  Free inodes: \n";
+        assert_eq!(
+            used_inodes(text, 24).unwrap(),
+            vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 17, 19, 20]
+        );
+        assert!(used_inodes("  Free inodes: 5-30\n", 24).is_err());
+        assert!(used_inodes("  Free inodes: x-3\n", 24).is_err());
+    }
+
+    #[test]
+    fn mke2fs_writes_from_the_tree_with_the_spec_s_identity() {
+        let opts = vec!["-m".to_string(), "0".to_string()];
+        let img = ExtImage {
+            fs: Fs::Ext4,
+            uuid: "u-1",
+            label: Some("root"),
+            options: &opts,
+        };
+        let cmd = mke2fs_command(&img, Path::new("/w/src"), Path::new("/w/r.img"), 1700000000);
+        let line = crate::cmd::command_line(&cmd);
+        assert_eq!(
+            line,
+            "mke2fs -F -q -t ext4 -U u-1 -E nodiscard,hash_seed=u-1 -O ^has_journal -L root -m 0 -d /w/src /w/r.img"
+        );
+        let env: Vec<_> = cmd.get_envs().collect();
+        assert_eq!(
+            env,
+            vec![(
+                std::ffi::OsStr::new(E2FS_CLOCK),
+                Some(std::ffi::OsStr::new("1700000000"))
+            )]
+        );
+    }
+}

@@ -1,0 +1,181 @@
+//! Reproducible builds (`source_date_epoch`, or `SOURCE_DATE_EPOCH` in the environment): one
+//! spec built twice, in different build directories and at different times, the first from
+//! the shared test cache and the second without any cache (a bootstrap and install of its
+//! own), gives byte-identical outputs; the metadata differs only in the build times.
+//!
+//! Needs root, loop devices and the host's Debian mirror.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+const EPOCH: u64 = 1_700_000_000;
+
+/// Two builds of `spec` with `env`: `(scratch, first output dir, second output dir)`.
+fn build_twice(
+    spec: &Path,
+    tag: &str,
+    env: &[(&str, String)],
+) -> (tempfile::TempDir, [PathBuf; 2]) {
+    let work = scratch(tag);
+    let mut outs = Vec::new();
+    for (i, extra) in [&[][..], &["--no-cache"][..]].into_iter().enumerate() {
+        let build_dir = work.path().join(format!("build-{i}"));
+        let out = work.path().join(format!("out-{i}"));
+        std::fs::create_dir_all(&build_dir).unwrap();
+        let mut cmd = build_command(spec, &out, &build_dir, extra);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        let output = cmd.output().expect("running debimg");
+        assert!(
+            output.status.success(),
+            "build {i} of {} failed:\n{}",
+            spec.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_no_leftovers(&build_dir, &out);
+        outs.push(out);
+    }
+    let [a, b] = <[PathBuf; 2]>::try_from(outs).unwrap();
+    (work, [a, b])
+}
+
+/// The files of an output directory (names, sorted), without its lock.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".debimg.lock")
+        .collect();
+    names.sort();
+    names
+}
+
+/// Every output of the two builds is the same, byte for byte, but the metadata, whose only
+/// differences are `build_start` and `build_end` (which must differ: two runs, not one).
+fn assert_identical(outs: &[PathBuf; 2], metadata: &str) {
+    let names = listing(&outs[0]);
+    assert_eq!(
+        names,
+        listing(&outs[1]),
+        "the two builds wrote different files"
+    );
+    assert!(names.iter().any(|n| n == metadata), "{names:?}");
+    for name in &names {
+        let (a, b) = (outs[0].join(name), outs[1].join(name));
+        if name == metadata {
+            continue;
+        }
+        let st = Command::new("cmp").arg(&a).arg(&b).output().unwrap();
+        assert!(
+            st.status.success(),
+            "{name} differs between the two builds: {}",
+            String::from_utf8_lossy(&st.stdout)
+        );
+    }
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+    let (ma, mb) = (read(&outs[0].join(metadata)), read(&outs[1].join(metadata)));
+    let timed = |l: &&str| l.starts_with("build_start:") || l.starts_with("build_end:");
+    let untimed =
+        |m: &str| -> Vec<String> { m.lines().filter(|l| !timed(l)).map(String::from).collect() };
+    assert_eq!(
+        untimed(&ma),
+        untimed(&mb),
+        "the metadata differs beyond the build times"
+    );
+    let times = |m: &str| -> Vec<String> { m.lines().filter(timed).map(String::from).collect() };
+    assert_eq!(times(&ma).len(), 2, "{ma}");
+    assert_ne!(
+        times(&ma),
+        times(&mb),
+        "the two builds ran at the same time"
+    );
+}
+
+/// No file in the tree at `dir` has a modification time after the epoch (nor an access time,
+/// with `atime`: a tree tar just unpacked has its own).
+fn assert_clamped(dir: &Path, atime: bool) {
+    let epoch = format!("@{EPOCH}");
+    let mut find = Command::new("find");
+    find.arg(dir).args(["-xdev", "(", "-newermt", &epoch]);
+    if atime {
+        find.args(["-o", "-newerat", &epoch]);
+    }
+    let newer = find.args([")", "-print"]).output().unwrap();
+    let listed = String::from_utf8_lossy(&newer.stdout);
+    assert!(
+        newer.status.success() && listed.trim().is_empty(),
+        "times after the epoch: {}",
+        listed.lines().take(10).collect::<Vec<_>>().join("\n")
+    );
+}
+
+#[test]
+fn tarball_example_twice_gives_the_same_bytes() {
+    if !can_build() {
+        return;
+    }
+    // The epoch from the environment, as reproducible-builds.org has it.
+    let env = [("SOURCE_DATE_EPOCH", EPOCH.to_string())];
+    let (work, outs) = build_twice(&example("tarball.yaml"), "repro-tar", &env);
+    assert_identical(&outs, "tarball.yaml");
+    // What the tarball holds: every time clamped, none of the build's logs.
+    let x = work.path().join("x");
+    std::fs::create_dir(&x).unwrap();
+    tool(
+        "tar",
+        &[
+            "-xzf",
+            outs[0].join("tarball.tar.gz").to_str().unwrap(),
+            "-C",
+            x.to_str().unwrap(),
+        ],
+    );
+    assert_clamped(&x, false);
+    for residue in debimg::reproducible::RESIDUE {
+        assert!(!x.join(residue).exists(), "{residue} is in the tarball");
+    }
+}
+
+#[test]
+fn ext4_and_ext2_images_twice_give_the_same_bytes() {
+    if !can_build() {
+        return;
+    }
+    let work = scratch("repro-spec");
+    let spec = work.path().join("repro.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "version: 1\nname: repro\nsuite: bookworm\nmirror: host\n\
+             packages: [less, openssh-server]\nsource_date_epoch: {EPOCH}\n\
+             images:\n  - {{mount: /, fs: ext4, size: 1GiB, label: root}}\n  \
+             - {{mount: /boot, fs: ext2, size: 128MiB, label: boot, container: raw}}\n"
+        ),
+    )
+    .unwrap();
+    // The spec's epoch wins over the environment's.
+    let env = [("SOURCE_DATE_EPOCH", "1600000000".to_string())];
+    let (work2, outs) = build_twice(&spec, "repro-fs", &env);
+    assert_identical(&outs, "repro.yaml");
+    let meta = debimg::metadata::Metadata::read(&outs[0].join("repro.yaml")).unwrap();
+    let raws = check_outputs(&outs[0], &meta, work2.path());
+    let tree = MountedTree::mount(&meta, &raws);
+    assert_clamped(tree.path("/").as_path(), true);
+    assert_clamped(tree.path("/boot").as_path(), true);
+    for residue in debimg::reproducible::RESIDUE {
+        assert!(!tree.path(residue).exists(), "{residue} is in the image");
+    }
+    // The SSH host keys were made by the package and removed, as in every build.
+    assert!(!tree.path("/etc/ssh/ssh_host_ed25519_key").exists());
+    // Change times too, which only the image's own inodes show.
+    let root_raw = raws[0].to_str().unwrap();
+    let stat = tool("debugfs", &["-R", "stat /usr/bin/less", root_raw]);
+    assert!(
+        stat.contains(&format!("ctime: 0x{EPOCH:08x}")),
+        "the ctime of /usr/bin/less is not the epoch:\n{stat}"
+    );
+}
