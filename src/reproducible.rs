@@ -117,51 +117,159 @@ pub fn mke2fs_command(img: &ExtImage, source: &Path, image: &Path, epoch: u64) -
     cmd
 }
 
-/// Writes the ext2/3/4 filesystem in `image` afresh from its own tree: the image is mounted
-/// (without access times) in `work` and its times clamped again (the directories other
-/// filesystems were mounted on showed their own times until now), `mke2fs -d` copies it into
-/// a new file of the same size (entries in name order, inodes and blocks in that order,
-/// superblock and creation times from `epoch`), every inode's change time is set to `epoch`
-/// with debugfs, and the new file takes the old one's place.
+/// Writes the ext2/3/4 filesystem in `image` afresh from its own tree ([`write_ext_from`]);
+/// the new file takes the old one's place.
 pub fn rewrite_ext(img: &ExtImage, image: &Path, work: &Path, epoch: u64) -> Result<()> {
     let size = std::fs::metadata(image)
         .with_context(|| format!("reading the size of {}", image.display()))?
         .len();
     let fresh = image.with_extension("reproducible");
-    let source = work.join("reproducible-source");
-    std::fs::create_dir(&source).with_context(|| format!("creating {}", source.display()))?;
     let made = (|| -> Result<()> {
-        let f = std::fs::File::create_new(&fresh)
-            .with_context(|| format!("creating {}", fresh.display()))?;
-        f.set_len(size)
-            .with_context(|| format!("sizing {}", fresh.display()))?;
-        drop(f);
-        // Writable, for the times of the directories other filesystems were mounted on (the
-        // build's clock, hidden until now); the old image is thrown away after.
+        // Writable: see write_ext_from. The old image is thrown away after.
         let dev = loopdev::attach(image, false)?;
-        let flags =
-            MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
-        let dev_path = dev.path().to_string_lossy().into_owned();
-        let m = mount::mount(&dev_path, &source, Some(img.fs.name()), flags, None)?;
-        let copied = clamp_source(&source, epoch).and_then(|()| {
-            mke2fs_command(img, &source, &fresh, epoch)
-                .run()
-                .with_context(|| format!("writing {} afresh from its tree", image.display()))
-        });
-        m.close()?;
+        let res = write_ext_from(img, dev.path(), &fresh, size, work, epoch);
         dev.close()?;
-        copied?;
-        set_change_times(&fresh, epoch)
+        res
     })();
-    let removed =
-        std::fs::remove_dir(&source).with_context(|| format!("removing {}", source.display()));
     if let Err(e) = made {
         let _ = std::fs::remove_file(&fresh);
         return Err(e);
     }
-    removed?;
     std::fs::rename(&fresh, image)
         .with_context(|| format!("renaming {} to {}", fresh.display(), image.display()))
+}
+
+/// Writes the ext2/3/4 filesystem on the block device `dev` afresh into the new file `fresh`
+/// of `size` bytes: `dev` is mounted (without access times) in `work` and its times clamped
+/// again (the directories other filesystems were mounted on showed their own times until now,
+/// so `dev` is changed), `mke2fs -d` copies the tree (entries in name order, inodes and blocks
+/// in that order, superblock and creation times from `epoch`), and every inode's change time
+/// is set to `epoch` with debugfs.
+pub fn write_ext_from(
+    img: &ExtImage,
+    dev: &Path,
+    fresh: &Path,
+    size: u64,
+    work: &Path,
+    epoch: u64,
+) -> Result<()> {
+    let f = std::fs::File::create_new(fresh)
+        .with_context(|| format!("creating {}", fresh.display()))?;
+    f.set_len(size)
+        .with_context(|| format!("sizing {}", fresh.display()))?;
+    drop(f);
+    with_mounted(dev, img.fs.name(), work, |source| {
+        clamp_source(source, epoch)?;
+        mke2fs_command(img, source, fresh, epoch)
+            .run()
+            .with_context(|| format!("writing {} afresh from its tree", dev.display()))
+    })?;
+    set_change_times(fresh, epoch)
+}
+
+/// Runs `f` on `dev` mounted (without access times, devices, set-id bits or execution) on a
+/// new directory in `work`, unmounted and removed after.
+fn with_mounted<T>(
+    dev: &Path,
+    fstype: &str,
+    work: &Path,
+    f: impl FnOnce(&Path) -> Result<T>,
+) -> Result<T> {
+    let source = work.join("reproducible-source");
+    std::fs::create_dir(&source).with_context(|| format!("creating {}", source.display()))?;
+    let res = (|| {
+        let flags =
+            MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+        let m = mount::mount(&dev.to_string_lossy(), &source, Some(fstype), flags, None)?;
+        let res = f(&source);
+        m.close()?;
+        res
+    })();
+    let removed =
+        std::fs::remove_dir(&source).with_context(|| format!("removing {}", source.display()));
+    let out = res?;
+    removed?;
+    Ok(out)
+}
+
+/// Writes the volume serial `serial` (eight hex digits) into the FAT32 boot sector of `image`
+/// (a file or a device) and into its backup: `mkfs.fat --invariant`, which takes no clock and
+/// draws no random number, also ignores `-i`.
+pub fn set_fat_serial(image: &Path, serial: &str) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let id = u32::from_str_radix(serial, 16)
+        .with_context(|| format!("the FAT serial {serial:?} is not eight hex digits"))?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .with_context(|| format!("opening {}", image.display()))?;
+    let mut bpb = [0u8; 512];
+    f.read_exact_at(&mut bpb, 0)
+        .with_context(|| format!("reading the boot sector of {}", image.display()))?;
+    let sector = u64::from(u16::from_le_bytes([bpb[11], bpb[12]]));
+    let backup = u64::from(u16::from_le_bytes([bpb[50], bpb[51]]));
+    if bpb[510..512] != [0x55, 0xaa] || sector == 0 || bpb[66] != 0x29 {
+        bail!("{} has no FAT32 boot sector", image.display());
+    }
+    // BS_VolID: offset 67 of a FAT32 boot sector.
+    f.write_all_at(&id.to_le_bytes(), 67)
+        .with_context(|| format!("writing the serial of {}", image.display()))?;
+    if backup != 0 {
+        f.write_all_at(&id.to_le_bytes(), backup * sector + 67)
+            .with_context(|| format!("writing the serial of {}", image.display()))?;
+    }
+    Ok(())
+}
+
+/// Puts the filesystem image `fresh` into `disk` at `offset`, over `len` bytes that held the old
+/// one: the range is emptied first (a hole: no old block survives in the free space), then only
+/// `fresh`'s data is written.
+pub fn splice(fresh: &Path, disk: &Path, offset: u64, len: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let src = std::fs::File::open(fresh).with_context(|| format!("opening {}", fresh.display()))?;
+    let size = src.metadata()?.len();
+    if size > len {
+        bail!(
+            "{} ({size} bytes) does not fit its partition ({len} bytes)",
+            fresh.display()
+        );
+    }
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .with_context(|| format!("opening {}", disk.display()))?;
+    nix::fcntl::fallocate(
+        &dst,
+        nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        offset as i64,
+        len as i64,
+    )
+    .with_context(|| format!("emptying a partition of {}", disk.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < size {
+        let data = match nix::unistd::lseek(&src, pos as i64, nix::unistd::Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e).context(format!("reading {}", fresh.display())),
+        };
+        let hole = nix::unistd::lseek(&src, data as i64, nix::unistd::Whence::SeekHole)
+            .with_context(|| format!("reading {}", fresh.display()))? as u64;
+        let mut at = data;
+        while at < hole {
+            let n = buf.len().min((hole - at) as usize);
+            src.read_exact_at(&mut buf[..n], at)
+                .with_context(|| format!("reading {}", fresh.display()))?;
+            dst.write_all_at(&buf[..n], offset + at)
+                .with_context(|| format!("writing into {}", disk.display()))?;
+            at += n as u64;
+        }
+        pos = hole;
+    }
+    dst.sync_all()
+        .with_context(|| format!("syncing {}", disk.display()))
 }
 
 fn clamp_source(source: &Path, epoch: u64) -> Result<()> {

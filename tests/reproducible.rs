@@ -179,3 +179,57 @@ fn ext4_and_ext2_images_twice_give_the_same_bytes() {
         "the ctime of /usr/bin/less is not the epoch:\n{stat}"
     );
 }
+
+#[test]
+fn cloud_disk_twice_gives_the_same_bytes() {
+    if !can_build() {
+        return;
+    }
+    // The whole GPT disk: its table and partition GUIDs, the BIOS boot partition's GRUB, the
+    // ESP (FAT) and the root (ext4), raw, qcow2 and gzip.
+    let env = [("SOURCE_DATE_EPOCH", EPOCH.to_string())];
+    let (work, outs) = build_twice(&example("cloud.yaml"), "repro-disk", &env);
+    assert_identical(&outs, "cloud.yaml");
+    let raw = outs[0].join("cloud.img");
+    let table = tool("sfdisk", &["--dump", raw.to_str().unwrap()]);
+    assert!(table.contains("label: gpt"), "{table}");
+    // The ESP as a file of its own: checked, its files' times clamped.
+    let esp = work.path().join("esp.img");
+    let start_size: Vec<u64> = table
+        .lines()
+        .find(|l| l.contains("name=\"ESP\""))
+        .map(|l| {
+            l.split(',')
+                .filter_map(|f| {
+                    let (k, v) = f.split_once('=')?;
+                    let k = k.rsplit(' ').next()?.trim();
+                    matches!(k, "start" | "size").then(|| v.trim().parse().unwrap())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(start_size.len(), 2, "{table}");
+    tool(
+        "dd",
+        &[
+            &format!("if={}", raw.display()),
+            &format!("of={}", esp.display()),
+            "bs=512",
+            &format!("skip={}", start_size[0]),
+            &format!("count={}", start_size[1]),
+            "status=none",
+        ],
+    );
+    tool("fsck.vfat", &["-n", esp.to_str().unwrap()]);
+    let listing = Command::new("mdir")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-/", "-i", esp.to_str().unwrap(), "::/"])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.contains("EFI"), "{listing}");
+    assert!(
+        !listing.contains("2026") && listing.contains("2023-11-14"),
+        "the ESP's times are not the epoch's:\n{listing}"
+    );
+}

@@ -15,6 +15,7 @@ use super::{FsInfo, ImageKind, MountStack, Staged};
 use crate::cmd::CommandRunExt;
 use crate::pack::shrink;
 use crate::plan::{Plan, mount_order};
+use crate::reproducible;
 use crate::root::{Owner, Root};
 use crate::spec::{Disk, Firmware, Fs, PartitionFlag, PartitionTable};
 use crate::sys::loopdev::{self, LoopDevice};
@@ -105,6 +106,8 @@ struct Part {
     label: Option<String>,
     uuid: String,
     size: u64,
+    /// Where it starts on the disk, in bytes.
+    start: u64,
     esp: bool,
 }
 
@@ -119,14 +122,29 @@ pub struct DiskImage {
 }
 
 /// The sfdisk script for a disk.
-pub fn sfdisk_script(disk: &Disk) -> String {
+///
+/// With `seed` (a reproducible build's spec digest), the table's identifier and each
+/// partition's GUID are derived from it instead of drawn at random.
+pub fn sfdisk_script(disk: &Disk, seed: Option<&str>) -> String {
     let mut s = String::new();
     match disk.table {
         PartitionTable::Gpt => s.push_str("label: gpt\n"),
         PartitionTable::Mbr => s.push_str("label: dos\n"),
     }
-    for p in &disk.partitions {
+    if let Some(seed) = seed {
+        let id = reproducible::seeded_uuid(seed, "partition table");
+        let id = match disk.table {
+            PartitionTable::Gpt => id,
+            PartitionTable::Mbr => format!("0x{}", &id[..8]),
+        };
+        let _ = writeln!(s, "label-id: {id}");
+    }
+    for (i, p) in disk.partitions.iter().enumerate() {
         let mut fields = Vec::new();
+        if let (Some(seed), PartitionTable::Gpt) = (seed, disk.table) {
+            let guid = reproducible::seeded_uuid(seed, &format!("partition {}", i + 1));
+            fields.push(format!("uuid={guid}"));
+        }
         if let Some(size) = p.size {
             // sfdisk aligns partitions to 1 MiB: ask for whole MiB, rounded up.
             fields.push(format!("size={}MiB", size.0.div_ceil(1 << 20)));
@@ -371,6 +389,7 @@ impl DiskImage {
         // mtools reads the image from the workspace: a copy out of the tree that must be a
         // regular file in it.
         let image = workspace.join("BOOTX64.EFI");
+        let staged = workspace.join("esp");
         let res = root
             .command("grub-mkimage")
             .args([
@@ -395,19 +414,41 @@ impl DiskImage {
                     c.env("MTOOLSRC", "/dev/null").env("MTOOLS_SKIP_CHECK", "1");
                     c
                 };
-                mtools("mmd")
-                    .args(["-i", &dev, "::/EFI", "::/EFI/BOOT"])
-                    .run()?;
+                // The ESP's tree staged in the workspace and copied whole with its times (which
+                // mtools also gives the entries' creation and access dates): a reproducible
+                // build's are its epoch, not this run's clock.
+                let boot = staged.join("EFI/BOOT");
+                std::fs::create_dir_all(&boot)
+                    .with_context(|| format!("creating {}", boot.display()))?;
+                std::fs::rename(&image, boot.join("BOOTX64.EFI")).with_context(|| {
+                    format!("moving {} into {}", image.display(), boot.display())
+                })?;
+                if let Some(epoch) = root.source_date_epoch() {
+                    let t = nix::sys::time::TimeSpec::new(epoch as i64, 0);
+                    for p in [boot.join("BOOTX64.EFI"), boot.clone(), staged.join("EFI")] {
+                        nix::sys::stat::utimensat(
+                            nix::fcntl::AT_FDCWD,
+                            &p,
+                            &t,
+                            &t,
+                            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+                        )
+                        .with_context(|| format!("setting the times of {}", p.display()))?;
+                    }
+                }
                 mtools("mcopy")
-                    .args(["-i", &dev])
-                    .arg(&image)
-                    .arg("::/EFI/BOOT/BOOTX64.EFI")
+                    .args(["-s", "-m", "-i", &dev])
+                    .arg(staged.join("EFI"))
+                    .arg("::/")
                     .run()
                     .context("copying BOOTX64.EFI onto the ESP")
             });
         let _ = root.remove_file(EARLY);
         let _ = root.remove_file(IMAGE);
         let _ = std::fs::remove_file(&image);
+        if staged.exists() {
+            crate::sys::mount::remove_dir_all_safe(&staged)?;
+        }
         res
     }
 }
@@ -447,41 +488,46 @@ impl ImageKind for DiskImage {
             .with_context(|| format!("sizing {} to {} bytes", file.display(), disk.size.0))?;
         drop(f);
         self.file = Some(file.clone());
+        // A reproducible build's table and partition GUIDs come from the spec.
+        let seed = plan.source_date_epoch.map(|_| plan.digest.as_str());
         std::process::Command::new("sfdisk")
             .args(["--quiet", "--no-reread", "--no-tell-kernel"])
             .arg(&file)
-            .run_with_stdin(sfdisk_script(disk).as_bytes())
+            .run_with_stdin(sfdisk_script(disk, seed).as_bytes())
             .context("writing the partition table")?;
         let dev = loopdev::attach_partitioned(&file)?;
         for (i, p) in disk.partitions.iter().enumerate() {
             let number = i as u32 + 1;
             let pdev = dev.partition(number)?;
-            let sectors: u64 = std::fs::read_to_string(format!(
-                "/sys/class/block/{}/size",
-                pdev.file_name().unwrap_or_default().to_string_lossy()
-            ))
-            .context("reading a partition's size")?
-            .trim()
-            .parse()
-            .context("parsing a partition's size")?;
-            let size = sectors * 512;
+            let sysfs = |what: &str| -> Result<u64> {
+                std::fs::read_to_string(format!(
+                    "/sys/class/block/{}/{what}",
+                    pdev.file_name().unwrap_or_default().to_string_lossy()
+                ))
+                .with_context(|| format!("reading a partition's {what}"))?
+                .trim()
+                .parse()
+                .with_context(|| format!("parsing a partition's {what}"))
+            };
+            let (size, start) = (sysfs("size")? * 512, sysfs("start")? * 512);
             let esp = p.flags.contains(&PartitionFlag::Esp);
             let (fs, uuid) = if p.flags.contains(&PartitionFlag::BiosBoot) {
                 (None, String::new())
             } else if esp {
-                let serial = &mkfs::new_uuid()?.replace('-', "")[..8];
+                let serial = &reproducible::fs_uuid(plan, "/boot/efi")?.replace('-', "")[..8];
                 let mut cmd = std::process::Command::new("mkfs.vfat");
-                // FAT32, as the UEFI specification asks of an ESP.
-                cmd.args([
-                    "-F",
-                    "32",
-                    "-i",
-                    serial,
-                    "-n",
-                    p.label.as_deref().unwrap_or("ESP"),
-                ]);
+                // FAT32, as the UEFI specification asks of an ESP. A reproducible build's:
+                // no clock (the label's entry) and the serial written after.
+                cmd.args(["-F", "32", "-n", p.label.as_deref().unwrap_or("ESP")]);
+                match plan.source_date_epoch {
+                    Some(_) => cmd.arg("--invariant"),
+                    None => cmd.args(["-i", serial]),
+                };
                 cmd.args(&p.mkfs_options).arg(&pdev);
                 cmd.run().context("making the FAT filesystem of the ESP")?;
+                if plan.source_date_epoch.is_some() {
+                    reproducible::set_fat_serial(&pdev, serial)?;
+                }
                 let upper = serial.to_ascii_uppercase();
                 (
                     Some("vfat".to_string()),
@@ -489,7 +535,11 @@ impl ImageKind for DiskImage {
                 )
             } else {
                 let fs = p.fs.context("a partition without a filesystem")?;
-                let uuid = mkfs::new_uuid()?;
+                let place = p
+                    .mount
+                    .clone()
+                    .unwrap_or_else(|| format!("partition {number}"));
+                let uuid = reproducible::fs_uuid(plan, &place)?;
                 mkfs::make(
                     &MkfsRequest {
                         fs,
@@ -513,6 +563,7 @@ impl ImageKind for DiskImage {
                 label: p.label.clone().or_else(|| esp.then(|| "ESP".to_string())),
                 uuid,
                 size,
+                start,
                 esp,
             });
         }
@@ -583,8 +634,11 @@ impl ImageKind for DiskImage {
         self.mounts.sync_and_unmount()
     }
 
-    fn finish(&mut self, plan: &Plan, _workspace: &Path, _root: &Path) -> Result<Vec<Staged>> {
+    fn finish(&mut self, plan: &Plan, workspace: &Path, _root: &Path) -> Result<Vec<Staged>> {
         let disk = self.disk(plan)?;
+        // A reproducible build's filesystems, written afresh beside the disk: (file, start,
+        // partition size), put into the disk once its device is detached.
+        let mut fresh: Vec<(PathBuf, u64, u64)> = Vec::new();
         for p in &self.parts {
             match p.fs.as_deref() {
                 None => {}
@@ -599,8 +653,24 @@ impl ImageKind for DiskImage {
                         .with_context(|| format!("partition {} has no filesystem", p.number))?;
                     debug_assert_eq!(fs.name(), name);
                     mkfs::check(fs, &p.dev)?;
+                    let mut target = p.dev.clone();
+                    if let (Some(epoch), true) = (plan.source_date_epoch, fs.is_ext()) {
+                        let spec = &disk.partitions[(p.number - 1) as usize];
+                        let file = workspace.join(format!("partition-{}.img", p.number));
+                        let img = reproducible::ExtImage {
+                            fs,
+                            uuid: &p.uuid,
+                            label: p.label.as_deref(),
+                            options: &spec.mkfs_options,
+                        };
+                        reproducible::write_ext_from(
+                            &img, &p.dev, &file, p.size, workspace, epoch,
+                        )?;
+                        fresh.push((file.clone(), p.start, p.size));
+                        target = file;
+                    }
                     if matches!(fs, Fs::Ext3 | Fs::Ext4) {
-                        shrink::set_ext_journal(&p.dev, true, plan.source_date_epoch)?;
+                        shrink::set_ext_journal(&target, true, plan.source_date_epoch)?;
                     }
                 }
             }
@@ -609,6 +679,10 @@ impl ImageKind for DiskImage {
             d.close()?;
         }
         let raw = self.file.clone().context("no disk file")?;
+        for (file, start, size) in fresh {
+            reproducible::splice(&file, &raw, start, size)?;
+            std::fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
+        }
         let root_uuid = self
             .part_at("/")
             .map(|p| p.uuid.clone())
@@ -661,7 +735,7 @@ mod tests {
             "disk:\n  size: 3GiB\n  partitions:\n    - {size: 1MiB, flags: [bios-boot]}\n    - {size: 64MiB, flags: [esp]}\n    - {mount: /, fs: ext4, label: root}\n",
         );
         assert_eq!(
-            sfdisk_script(&d),
+            sfdisk_script(&d, None),
             format!(
                 "label: gpt\nsize=1MiB, type={GPT_BIOS_BOOT}, name=\"bios-boot\"\nsize=64MiB, type={GPT_ESP}, name=\"ESP\"\ntype={GPT_ROOT_X86_64}, name=\"root\"\n"
             )
@@ -673,7 +747,7 @@ mod tests {
         let d = disk(
             "disk:\n  size: 3GiB\n  boot: [bios]\n  partitions:\n    - {size: 1MiB, flags: [bios-boot]}\n    - {size: 1GiB, mount: /, fs: ext4, type: linux}\n    - {mount: /srv, fs: xfs, type: 3B8F8425-20E0-4F3B-907F-1A25A76F98E8}\n",
         );
-        let script = sfdisk_script(&d);
+        let script = sfdisk_script(&d, None);
         assert!(
             script.contains(&format!("size=1024MiB, type={GPT_LINUX}, name=\"/\"\n")),
             "{script}"
@@ -690,8 +764,33 @@ mod tests {
             "disk:\n  size: 2GiB\n  table: mbr\n  boot: [bios]\n  partitions:\n    - {size: 256MiB, mount: /boot, fs: ext2, flags: [legacy-boot]}\n    - {mount: /, fs: ext4}\n",
         );
         assert_eq!(
-            sfdisk_script(&d),
+            sfdisk_script(&d, None),
             "label: dos\nsize=256MiB, type=83, bootable\ntype=83\n"
+        );
+    }
+
+    #[test]
+    fn a_seed_fixes_the_table_and_partition_ids() {
+        let d = disk(
+            "disk:\n  size: 3GiB\n  boot: [uefi]\n  partitions:\n    - {size: 64MiB, flags: [esp]}\n    - {mount: /, fs: ext4, label: root}\n",
+        );
+        let a = sfdisk_script(&d, Some("digest-1"));
+        assert_eq!(a, sfdisk_script(&d, Some("digest-1")));
+        assert_ne!(a, sfdisk_script(&d, Some("digest-2")));
+        let lines: Vec<&str> = a.lines().collect();
+        let id = reproducible::seeded_uuid("digest-1", "partition table");
+        assert_eq!(lines[1], format!("label-id: {id}"));
+        for (i, line) in lines[2..].iter().enumerate() {
+            let guid = reproducible::seeded_uuid("digest-1", &format!("partition {}", i + 1));
+            assert!(line.starts_with(&format!("uuid={guid}, ")), "{line}");
+        }
+        let mbr = disk(
+            "disk:\n  size: 2GiB\n  table: mbr\n  boot: [bios]\n  partitions:\n    - {mount: /, fs: ext4}\n",
+        );
+        let m = sfdisk_script(&mbr, Some("digest-1"));
+        assert_eq!(
+            m,
+            format!("label: dos\nlabel-id: 0x{}\ntype=83\n", &id[..8])
         );
     }
 
