@@ -108,6 +108,31 @@ pub enum Command {
         /// that started the machine to package and publish.
         #[arg(long, hide = true, conflicts_with_all = ["vm", "release", "bundle", "fuel"])]
         hand_off: bool,
+        /// Install exactly the package versions of this lock file, the bootstrap's included,
+        /// as `lock:` in the spec does (a build writes the lock of what it installed as
+        /// NAME.lock.yaml); fails naming each version the repositories no longer have.
+        #[arg(long, value_name = "FILE", conflicts_with = "fuel")]
+        lock: Option<PathBuf>,
+    },
+    /// Resolve a spec's whole package set, the bootstrap's included, and write it as a lock
+    /// file: the bootstrap, install and configure stages run in a scratch tree (from the
+    /// caches where they can), nothing is packaged. `build --lock FILE` then installs exactly
+    /// these versions. Needs root, as build does.
+    Lock {
+        /// The YAML spec.
+        spec: PathBuf,
+        /// Where the lock goes [default: NAME.lock.yaml].
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Directory under which the temporary workspace is created.
+        #[arg(long, default_value = DEFAULT_BUILD_DIR)]
+        build_dir: PathBuf,
+        /// Package and base-tree caches shared by builds.
+        #[arg(long, default_value = DEFAULT_CACHE_DIR)]
+        cache_dir: PathBuf,
+        /// Resolve without the caches.
+        #[arg(long)]
+        no_cache: bool,
     },
     /// Build (or rebuild) the builder appliance that `build --vm` machines boot: a kernel and
     /// the build tools, made by debimg's own pipeline into CACHE_DIR/vm (a `--vm` build makes

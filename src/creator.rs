@@ -51,6 +51,7 @@ use crate::cache::Cache;
 use crate::debian::apt::ReleaseMeta;
 use crate::debian::bootstrap::Bootstrapped;
 use crate::debian::configure::{self, BuildOnlyFiles};
+use crate::debian::lock::Lock;
 use crate::debian::{bootstrap, install};
 use crate::error::{Error, ErrorKind};
 use crate::event::{self, Event};
@@ -205,6 +206,8 @@ pub struct Creator {
     build_start: String,
     release_metas: Vec<ReleaseMeta>,
     installed: BTreeMap<String, String>,
+    /// The lock of what the tree holds (after `configure`).
+    locked: Option<Lock>,
     /// Records for the output directory: (file name, path in the workspace).
     extra: Vec<(String, PathBuf)>,
     /// Files copied out of the image (attachments, kernel and initrd), in the workspace.
@@ -269,6 +272,7 @@ impl Creator {
             build_start: now_rfc3339(),
             release_metas: Vec::new(),
             installed: BTreeMap::new(),
+            locked: None,
             extra: Vec::new(),
             attached: Vec::new(),
             staged: Vec::new(),
@@ -282,6 +286,11 @@ impl Creator {
     /// The plan being built.
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// The lock of every package the tree holds, once `configure` has run.
+    pub fn locked(&self) -> Option<&Lock> {
+        self.locked.as_ref()
     }
 
     /// The install root: the image's `/`, for reading and writing files in it through the
@@ -494,7 +503,8 @@ impl Creator {
             Stage::Bootstrap => {
                 let (root, work) = (self.tree()?, self.work()?);
                 let cache = self.cache.as_ref();
-                let trees = self.opts.tree_cache;
+                // A lock's versions are not part of an installed tree's key: from the base.
+                let trees = self.opts.tree_cache && self.plan.lock.is_none();
                 self.bootstrapped =
                     bootstrap::run(&self.plan, root, work, cache, trees, &self.build_only, show)?;
                 Ok(())
@@ -530,8 +540,13 @@ impl Creator {
                 // left.
                 self.kind.make_bootable(plan, root, &work)?;
                 root.end_processes("the bootloader")?;
-                let installed = configure::finish(plan, root, &mut self.build_only, show)?;
+                let (installed, lock) = configure::finish(plan, root, &mut self.build_only, show)?;
                 self.extra = records::extra_outputs(plan, root, &work, &installed)?;
+                let lock_file = work.join(plan.lock_name());
+                std::fs::write(&lock_file, lock.render(&plan.name)?)
+                    .with_context(|| format!("writing {}", lock_file.display()))?;
+                self.extra.push((plan.lock_name(), lock_file));
+                self.locked = Some(lock);
                 self.installed = installed;
                 Ok(())
             }

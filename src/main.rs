@@ -14,8 +14,9 @@ use cli::{
     TokenAction,
 };
 
+use anyhow::Context as _;
 use debimg::cache::Cache;
-use debimg::creator::BuildOptions;
+use debimg::creator::{BuildOptions, Creator};
 use debimg::error::Error;
 use debimg::event::{self, BuildOutcome, Event};
 use debimg::job::{Input, Job};
@@ -151,6 +152,19 @@ fn run(cli: &Cli) -> Result<(), Error> {
             Ok(())
         }
         Command::Build { .. } => build(cli),
+        Command::Lock {
+            spec,
+            output,
+            build_dir,
+            cache_dir,
+            no_cache,
+        } => lock(
+            cli,
+            spec,
+            output.as_deref(),
+            build_dir,
+            (!no_cache).then_some(cache_dir.as_path()),
+        ),
         Command::VmImage {
             cache_dir,
             build_dir,
@@ -307,6 +321,7 @@ fn build(cli: &Cli) -> Result<(), Error> {
         tmpfs,
         vm,
         hand_off,
+        lock,
     } = &cli.command
     else {
         unreachable!("build() runs the build command")
@@ -317,7 +332,13 @@ fn build(cli: &Cli) -> Result<(), Error> {
     }
     let default_vm = debimg::vm::VmOptions::new(cache_dir.join("vm"));
     let job = (|| {
-        let input = Input::read(spec.as_deref(), fuel.as_deref(), release.as_deref())?;
+        let mut input = Input::read(spec.as_deref(), fuel.as_deref(), release.as_deref())?;
+        if let Some(file) = lock {
+            let abs = std::path::absolute(file)
+                .with_context(|| format!("--lock: resolving {}", file.display()))
+                .map_err(failed)?;
+            input.spec.lock = Some(abs.to_string_lossy().into_owned());
+        }
         let plan = if vm.untrusted {
             // Planned without reading any file it names here (see `debimg::vm`).
             let mut i = input.clone();
@@ -382,6 +403,63 @@ fn build(cli: &Cli) -> Result<(), Error> {
         return hand_off_build(job);
     }
     run_job(job, !json)
+}
+
+/// `debimg lock`: the stages up to `configure` in a scratch tree, then the lock of what it
+/// holds written to `output` (NAME.lock.yaml by default) and its path printed.
+fn lock(
+    cli: &Cli,
+    spec: &std::path::Path,
+    output: Option<&std::path::Path>,
+    build_dir: &std::path::Path,
+    cache_dir: Option<&std::path::Path>,
+) -> Result<(), Error> {
+    let input = Input::read(Some(spec), None, None)?;
+    let plan = input.plan(None)?;
+    if !nix::unistd::geteuid().is_root() {
+        return Err(failed(anyhow::anyhow!(
+            "debimg lock needs root (it installs the packages in a scratch tree); run it with sudo"
+        )));
+    }
+    let dest = output
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(plan.lock_name()));
+    std::fs::create_dir_all(build_dir)
+        .with_context(|| format!("creating {}", build_dir.display()))
+        .map_err(failed)?;
+    // The creator's output directory: nothing is published into it.
+    let scratch = tempfile::Builder::new()
+        .prefix(".lock-output-")
+        .tempdir_in(build_dir)
+        .with_context(|| format!("creating a directory in {}", build_dir.display()))
+        .map_err(failed)?;
+    let opts = BuildOptions {
+        output_dir: scratch.path().to_path_buf(),
+        build_dir: build_dir.to_path_buf(),
+        show_progress: !cli.quiet,
+        cache_dir: cache_dir.map(PathBuf::from),
+        ..BuildOptions::new(scratch.path())
+    };
+    let name = plan.name.clone();
+    in_namespaces(|| {
+        let mut creator = Creator::new(plan, opts)?;
+        let res = (|| {
+            creator.mount()?;
+            creator.install()?;
+            creator.configure()?;
+            let lock = creator.locked().cloned();
+            lock.ok_or_else(|| failed(anyhow::anyhow!("the configure stage left no lock")))
+        })();
+        let cleaned = creator.cleanup();
+        let lock = res?;
+        cleaned?;
+        let text = lock.render(&name).map_err(failed)?;
+        std::fs::write(&dest, text)
+            .with_context(|| format!("writing {}", dest.display()))
+            .map_err(failed)?;
+        println!("{}", dest.display());
+        Ok(())
+    })
 }
 
 /// Runs `job` and prints the paths of its outputs, one a line, when `print_paths`.

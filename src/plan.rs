@@ -404,6 +404,11 @@ pub struct Plan {
     /// Build reproducibly as of this time ([`crate::reproducible`]): the spec's
     /// `source_date_epoch`, else `SOURCE_DATE_EPOCH` from the environment of `for_host`.
     pub source_date_epoch: Option<u64>,
+    /// The lock the build installs from (its whole content is part of the digest).
+    pub lock: Option<crate::debian::lock::Lock>,
+    /// Where the lock was read from, for messages.
+    #[serde(skip)]
+    pub lock_source: String,
     /// What is copied out of the image into `<name>.attachments/`, as the spec says it: part of
     /// the digest, so a changed list is a new build.
     pub attachments: Vec<Attachment>,
@@ -618,6 +623,27 @@ impl Plan {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let (lock, lock_source) = match &spec.lock {
+            None => (None, String::new()),
+            Some(file) => {
+                let path = spec.base_dir.join(file);
+                let shown = path.display().to_string();
+                let (mut f, _) = crate::spec::open_regular(&path)
+                    .with_context(|| format!("lock: reading {shown}"))?;
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut f, &mut text)
+                    .with_context(|| format!("lock: reading {shown}"))?;
+                let lock = crate::debian::lock::Lock::parse(&text, &shown).context("lock")?;
+                if lock.arch != spec.arch {
+                    anyhow::bail!(
+                        "lock: {shown} is for {}, the spec builds {}",
+                        lock.arch,
+                        spec.arch
+                    );
+                }
+                (Some(lock), shown)
+            }
+        };
         let mut plan = Plan {
             name: spec.name.clone(),
             arch: spec.arch.clone(),
@@ -647,6 +673,8 @@ impl Plan {
             records: spec.records.clone(),
             copy_kernel: spec.copy_kernel,
             source_date_epoch: spec.source_date_epoch,
+            lock,
+            lock_source,
             attachments: spec.attachments.clone(),
             disk: spec.disk.clone(),
             digest: String::new(),
@@ -731,6 +759,11 @@ impl Plan {
     /// File name of the metadata written next to the images.
     pub fn metadata_name(&self) -> String {
         format!("{}.yaml", self.name)
+    }
+
+    /// File name of the lock of what the build installed (`<name>.lock.yaml`).
+    pub fn lock_name(&self) -> String {
+        format!("{}.lock.yaml", self.name)
     }
 
     /// File name of the archive `--bundle` packs every output into.

@@ -122,7 +122,10 @@ fn a_program_follows_builds_from_the_json_lines_alone() {
     }
     let mut names = check_artifacts(&ev);
     names.sort();
-    assert_eq!(names, ["ev.packages", "ev.tar.gz", "ev.yaml"]);
+    assert_eq!(
+        names,
+        ["ev.lock.yaml", "ev.packages", "ev.tar.gz", "ev.yaml"]
+    );
     let done = finished(&ev);
     assert_eq!(done["outcome"], "built");
     assert!(done["error"].is_null(), "{done}");

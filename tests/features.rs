@@ -322,7 +322,12 @@ fn features_example_as_a_release_with_a_shell() {
     let names: Vec<&str> = meta.files.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(
         names,
-        ["features.packages", "features.files", "features.licenses"]
+        [
+            "features.packages",
+            "features.files",
+            "features.licenses",
+            "features.lock.yaml"
+        ]
     );
     for f in &meta.files {
         assert_eq!(sums(&rel.join(&f.name)).1, f.sha256, "{}", f.name);
@@ -372,6 +377,7 @@ fn tarball_with_kernel_built_on_tmpfs_and_packed() {
         names,
         [
             "tarball.initrd",
+            "tarball.lock.yaml",
             "tarball.packages",
             "tarball.tar.gz",
             "tarball.vmlinuz",

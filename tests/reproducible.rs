@@ -14,19 +14,25 @@ use common::*;
 
 const EPOCH: u64 = 1_700_000_000;
 
-/// Two builds of `spec` with `env`: `(scratch, first output dir, second output dir)`.
+/// Two builds of `spec` with `env` and `args`, the second without any cache: `(scratch, [first
+/// output dir, second output dir])`.
 fn build_twice(
     spec: &Path,
     tag: &str,
     env: &[(&str, String)],
+    args: &[&str],
 ) -> (tempfile::TempDir, [PathBuf; 2]) {
     let work = scratch(tag);
     let mut outs = Vec::new();
-    for (i, extra) in [&[][..], &["--no-cache"][..]].into_iter().enumerate() {
+    for i in 0..2 {
         let build_dir = work.path().join(format!("build-{i}"));
         let out = work.path().join(format!("out-{i}"));
         std::fs::create_dir_all(&build_dir).unwrap();
-        let mut cmd = build_command(spec, &out, &build_dir, extra);
+        let mut extra = args.to_vec();
+        if i == 1 {
+            extra.push("--no-cache");
+        }
+        let mut cmd = build_command(spec, &out, &build_dir, &extra);
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let output = cmd.output().expect("running debimg");
         assert!(
@@ -120,7 +126,7 @@ fn tarball_example_twice_gives_the_same_bytes() {
     }
     // The epoch from the environment, as reproducible-builds.org has it.
     let env = [("SOURCE_DATE_EPOCH", EPOCH.to_string())];
-    let (work, outs) = build_twice(&example("tarball.yaml"), "repro-tar", &env);
+    let (work, outs) = build_twice(&example("tarball.yaml"), "repro-tar", &env, &[]);
     assert_identical(&outs, "tarball.yaml");
     // What the tarball holds: every time clamped, none of the build's logs.
     let x = work.path().join("x");
@@ -157,13 +163,53 @@ fn ext4_and_ext2_images_twice_give_the_same_bytes() {
         ),
     )
     .unwrap();
-    // The spec's epoch wins over the environment's.
+    // The package set first, resolved by `debimg lock` (from the shared cache where it can).
+    let lock = work.path().join("repro.lock.yaml");
+    let build_dir = work.path().join("lock-build");
+    std::fs::create_dir_all(&build_dir).unwrap();
+    let run = debimg(&[
+        "lock",
+        spec.to_str().unwrap(),
+        "-o",
+        lock.to_str().unwrap(),
+        "--build-dir",
+        build_dir.to_str().unwrap(),
+        "--cache-dir",
+        TEST_CACHE,
+    ]);
+    run.assert_ok("debimg lock");
+    assert_eq!(run.stdout().trim(), lock.to_str().unwrap());
+    assert_no_leftovers(&build_dir, Path::new("/nonexistent"));
+    let locked = std::fs::read_to_string(&lock).unwrap();
+    // Built twice from it. The spec's epoch wins over the environment's.
     let env = [("SOURCE_DATE_EPOCH", "1600000000".to_string())];
-    let (work2, outs) = build_twice(&spec, "repro-fs", &env);
+    let (work2, outs) = build_twice(&spec, "repro-fs", &env, &["--lock", lock.to_str().unwrap()]);
     assert_identical(&outs, "repro.yaml");
+    // Each build wrote the lock of what it installed: the one it was given, listed in the
+    // metadata.
+    assert_eq!(
+        std::fs::read_to_string(outs[0].join("repro.lock.yaml")).unwrap(),
+        locked
+    );
     let meta = debimg::metadata::Metadata::read(&outs[0].join("repro.yaml")).unwrap();
+    assert!(
+        meta.files.iter().any(|f| f.name == "repro.lock.yaml"),
+        "{:?}",
+        meta.files
+    );
     let raws = check_outputs(&outs[0], &meta, work2.path());
     let tree = MountedTree::mount(&meta, &raws);
+    // The lock against the image's dpkg status, package by package.
+    let lock_file = debimg::debian::lock::Lock::parse(&locked, "lock").unwrap();
+    let installed = dpkg_installed(&tree.read("/var/lib/dpkg/status"));
+    assert_eq!(lock_file.versions(), installed);
+    assert!(
+        lock_file
+            .packages
+            .iter()
+            .all(|p| p.repo == "debian" && p.sha256.as_ref().is_some_and(|s| s.len() == 64)),
+        "{locked}"
+    );
     assert_clamped(tree.path("/").as_path(), true);
     assert_clamped(tree.path("/boot").as_path(), true);
     for residue in debimg::reproducible::RESIDUE {
@@ -188,7 +234,7 @@ fn cloud_disk_twice_gives_the_same_bytes() {
     // The whole GPT disk: its table and partition GUIDs, the BIOS boot partition's GRUB, the
     // ESP (FAT) and the root (ext4), raw, qcow2 and gzip.
     let env = [("SOURCE_DATE_EPOCH", EPOCH.to_string())];
-    let (work, outs) = build_twice(&example("cloud.yaml"), "repro-disk", &env);
+    let (work, outs) = build_twice(&example("cloud.yaml"), "repro-disk", &env, &[]);
     assert_identical(&outs, "cloud.yaml");
     let raw = outs[0].join("cloud.img");
     let table = tool("sfdisk", &["--dump", raw.to_str().unwrap()]);
@@ -232,4 +278,44 @@ fn cloud_disk_twice_gives_the_same_bytes() {
         !listing.contains("2026") && listing.contains("2023-11-14"),
         "the ESP's times are not the epoch's:\n{listing}"
     );
+}
+
+#[test]
+fn a_lock_naming_a_version_the_mirror_lacks_fails_naming_it() {
+    if !can_build() {
+        return;
+    }
+    let work = scratch("repro-lock");
+    let spec = work.path().join("locked.yaml");
+    std::fs::write(
+        &spec,
+        "version: 1\nname: locked\nsuite: bookworm\nmirror: host\nkind: tarball\n\
+         packages: [less]\nlock: locked.lock.yaml\n",
+    )
+    .unwrap();
+    // A lock as a build writes it, for a less the mirror never had; one sha256 changed too.
+    let sha = "0".repeat(64);
+    std::fs::write(
+        work.path().join("locked.lock.yaml"),
+        format!(
+            "version: 1\narch: amd64\npackages:\n\
+             - {{name: less, version: '1:999-debimg', arch: amd64, repo: debian, sha256: {sha}}}\n\
+             - {{name: base-files, version: '12.4+deb12u5', arch: amd64, repo: debian, sha256: {sha}}}\n"
+        ),
+    )
+    .unwrap();
+    let (build_dir, out) = (work.path().join("build"), work.path().join("out"));
+    std::fs::create_dir_all(&build_dir).unwrap();
+    let run = build(&spec, &out, &build_dir, &[]);
+    assert_eq!(run.code(), Some(1), "{}", run.stderr());
+    let err = run.stderr();
+    assert!(err.contains("stage install failed"), "{err}");
+    assert!(
+        err.contains("names 2 package version(s) the repositories no longer have")
+            && err.contains("less 1:999-debimg (amd64) from `debian`")
+            && err.contains("base-files 12.4+deb12u5 (amd64)"),
+        "{err}"
+    );
+    assert_no_leftovers(&build_dir, &out);
+    assert!(!out.join("locked.tar.gz").exists());
 }

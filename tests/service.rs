@@ -454,7 +454,10 @@ fn embedded_service_builds_fails_cancels_and_deletes() {
     // is byte for byte the server's.
     let arts = t["artifacts"].as_array().unwrap();
     let names: BTreeSet<&str> = arts.iter().map(|a| a["name"].as_str().unwrap()).collect();
-    assert_eq!(names, BTreeSet::from(["tiny.tar.gz", "tiny.yaml"]));
+    assert_eq!(
+        names,
+        BTreeSet::from(["tiny.lock.yaml", "tiny.tar.gz", "tiny.yaml"])
+    );
     let meta_art = arts.iter().find(|a| a["name"] == "tiny.yaml").unwrap();
     let meta = alice.get(meta_art["url"].as_str().unwrap(), &[]);
     assert_eq!(meta.status, 200);

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use crate::cmd::CommandRunExt;
 use crate::debian::apt::{self, Apt};
+use crate::debian::lock::Lock;
 use crate::debian::settings;
 use crate::kind::FsInfo;
 use crate::plan::Plan;
@@ -56,13 +57,14 @@ pub fn system(plan: &Plan, root: &Root, filesystems: &[FsInfo]) -> Result<()> {
 
 /// The last touches once the scripts and the bootloader are done: the host identity scrubbed,
 /// apt's archive emptied, every build-only file removed and, unless the spec keeps them, the
-/// build's apt sources. Returns every installed package and its version.
+/// build's apt sources. A build from a lock must hold exactly its packages. Returns every
+/// installed package and its version, and the lock of what the tree holds.
 pub fn finish(
     plan: &Plan,
     root: &Root,
     build_only: &mut BuildOnlyFiles,
     show: bool,
-) -> Result<BTreeMap<String, String>> {
+) -> Result<(BTreeMap<String, String>, Lock)> {
     scrub_host_identity(root)?;
     let apt = Apt { root, show };
     apt.clean()?;
@@ -71,11 +73,16 @@ pub fn finish(
         tracing::debug!("removed what records the build: {}", removed.join(" "));
     }
     let installed = apt.installed()?;
+    if let Some(lock) = &plan.lock {
+        crate::debian::lock::finish(lock, root, &installed)
+            .with_context(|| format!("building from the lock {}", plan.lock_source))?;
+    }
+    let lock = crate::debian::lock::of_tree(root, &plan.arch, &plan.repos)?;
     build_only.remove(root)?;
     if !plan.keep_apt_sources {
         drop_apt_sources(root, &plan.repos)?;
     }
-    Ok(installed)
+    Ok((installed, lock))
 }
 
 /// What fstab needs to know about one filesystem.

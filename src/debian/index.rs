@@ -128,7 +128,7 @@ fn quote(s: &[u8], bad: &[u8]) -> String {
 
 /// The single-line fields of each stanza as (name, value). Continuation lines (multi-line
 /// fields such as Description) belong to their field and are not needed here.
-fn stanzas(data: &[u8]) -> impl Iterator<Item = Vec<(&[u8], &[u8])>> {
+pub(crate) fn stanzas(data: &[u8]) -> impl Iterator<Item = Vec<(&[u8], &[u8])>> {
     let mut lines = data.split(|&b| b == b'\n').peekable();
     std::iter::from_fn(move || {
         let mut fields = Vec::new();

@@ -144,6 +144,9 @@ fn install(
         None => Default::default(),
     };
     let metas = apt.pin(plan)?;
+    if let Some(lock) = &plan.lock {
+        crate::debian::lock::apply(lock, root, &plan.repos, &plan.lock_source)?;
+    }
     apt.exclude(&plan.exclude)?;
     let packages = if plan.skip_missing {
         apt.drop_missing(&plan.packages)?
@@ -172,7 +175,8 @@ fn install(
             .collect()
     };
     let accounts_before = from_tree.map(|_| accounts(root)).transpose()?;
-    let downgrades = apt::allows_downgrades(&plan.repos);
+    // A lock's pins may take a version below the candidate.
+    let downgrades = apt::allows_downgrades(&plan.repos) || plan.lock.is_some();
     let (base_current, predicted) = match from_tree {
         // From a subset's tree: what a cold install would end with, by apt's simulation from
         // the base's status, run beside the install (it reads the lists and a status file of
@@ -213,8 +217,9 @@ fn install(
         }
         // The bootstrap installed the base from the very lists apt has, for the only
         // repository: a dist-upgrade has nothing to do (the pins weigh that repository's
-        // versions against themselves).
-        None if bootstrap_lists => {
+        // versions against themselves). A lock's pins may want other versions than the
+        // bootstrap took: the dist-upgrade below brings them.
+        None if bootstrap_lists && plan.lock.is_none() => {
             tracing::debug!("no dist-upgrade: the base was installed from these lists");
             apt.install(&packages, downgrades)?;
             (matches!(start, Start::Base { .. }), None)

@@ -8,6 +8,7 @@ pub mod debootstrap;
 pub mod fetch;
 pub mod index;
 pub mod install;
+pub mod lock;
 pub mod mmdebstrap;
 pub mod release;
 pub mod settings;

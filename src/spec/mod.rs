@@ -122,6 +122,11 @@ pub struct Spec {
     /// does not.
     #[serde(default)]
     pub source_date_epoch: Option<u64>,
+    /// A lock file (relative to the spec's directory): the build installs exactly the package
+    /// versions it names, the bootstrap's included, and fails naming each one its repository
+    /// no longer has. Every build writes its own (`<name>.lock.yaml`).
+    #[serde(default)]
+    pub lock: Option<String>,
     /// Files of the finished image copied next to the outputs, under `<name>.attachments/`:
     /// absolute paths or globs in the image, or every file a package installed.
     #[serde(default)]

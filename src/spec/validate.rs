@@ -1248,6 +1248,9 @@ impl Spec {
         if self.mirror.starts_with("file:") {
             p.add("mirror", format!("a `file://` mirror {host_fs}"));
         }
+        if self.lock.is_some() {
+            p.add("lock", format!("a lock file {host_fs}"));
+        }
         for (i, r) in self.repos.iter().enumerate() {
             if r.uri.as_deref().is_some_and(|u| u.starts_with("file:")) {
                 p.add(

@@ -124,6 +124,7 @@ pub fn without_host_files(spec: &Spec) -> Spec {
         }
     }
     s.local_debs.clear();
+    s.lock = None;
     for r in &mut s.repos {
         if r.key.is_some() && !r.key_is_inline() {
             r.key = None;
@@ -144,6 +145,12 @@ pub fn create(
     vm: &VmOptions,
 ) -> Result<Outcome, Error> {
     let boundary = |e| Error::classify(e, None);
+    if plan.lock.is_some() {
+        return Err(boundary(anyhow::anyhow!(
+            "a build from a lock (`lock:`, `--lock`) does not run in a machine yet: build it \
+             without --vm"
+        )));
+    }
     let metadata_path = opts.output_dir.join(plan.metadata_name());
     if !opts.force
         && let Some(metadata) = reusable(plan, &opts.output_dir)
