@@ -15,6 +15,7 @@ pub mod event;
 pub mod fuel;
 pub mod job;
 pub mod kind;
+pub mod lockfile;
 pub mod metadata;
 pub mod openpgp;
 pub mod output;

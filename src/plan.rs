@@ -405,7 +405,7 @@ pub struct Plan {
     /// `source_date_epoch`, else `SOURCE_DATE_EPOCH` from the environment of `for_host`.
     pub source_date_epoch: Option<u64>,
     /// The lock the build installs from (its whole content is part of the digest).
-    pub lock: Option<crate::debian::lock::Lock>,
+    pub lock: Option<crate::lockfile::Lock>,
     /// Where the lock was read from, for messages.
     #[serde(skip)]
     pub lock_source: String,
@@ -633,7 +633,7 @@ impl Plan {
                 let mut text = String::new();
                 std::io::Read::read_to_string(&mut f, &mut text)
                     .with_context(|| format!("lock: reading {shown}"))?;
-                let lock = crate::debian::lock::Lock::parse(&text, &shown).context("lock")?;
+                let lock = crate::lockfile::Lock::parse(&text, &shown).context("lock")?;
                 if lock.arch != spec.arch {
                     anyhow::bail!(
                         "lock: {shown} is for {}, the spec builds {}",

@@ -514,7 +514,9 @@ impl ImageKind for DiskImage {
             let (fs, uuid) = if p.flags.contains(&PartitionFlag::BiosBoot) {
                 (None, String::new())
             } else if esp {
-                let serial = &reproducible::fs_uuid(plan, "/boot/efi")?.replace('-', "")[..8];
+                let serial =
+                    &reproducible::fs_uuid(plan.source_date_epoch, &plan.digest, "/boot/efi")?
+                        .replace('-', "")[..8];
                 let mut cmd = std::process::Command::new("mkfs.vfat");
                 // FAT32, as the UEFI specification asks of an ESP. A reproducible build's:
                 // no clock (the label's entry) and the serial written after.
@@ -539,7 +541,7 @@ impl ImageKind for DiskImage {
                     .mount
                     .clone()
                     .unwrap_or_else(|| format!("partition {number}"));
-                let uuid = reproducible::fs_uuid(plan, &place)?;
+                let uuid = reproducible::fs_uuid(plan.source_date_epoch, &plan.digest, &place)?;
                 mkfs::make(
                     &MkfsRequest {
                         fs,

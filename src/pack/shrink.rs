@@ -108,6 +108,21 @@ pub fn ext_info(image: &Path) -> Result<Ext2Info> {
     parse_dumpe2fs(&text).with_context(|| format!("parsing the superblock of {}", image.display()))
 }
 
+/// e2fsprogs' clock override: superblock and inode times written by mke2fs, tune2fs and
+/// resize2fs come from it.
+const E2FS_CLOCK: &str = "E2FSPROGS_FAKE_TIME";
+
+/// e2fsck's own (its last-check time).
+const E2FSCK_CLOCK: &str = "E2FSCK_TIME";
+
+/// The environment e2fsprogs run with to write `clock` (a reproducible build's epoch) as the
+/// time instead of now; none without one.
+pub fn e2fs_env(clock: Option<u64>) -> Vec<(&'static str, String)> {
+    clock
+        .map(|e| vec![(E2FS_CLOCK, e.to_string()), (E2FSCK_CLOCK, e.to_string())])
+        .unwrap_or_default()
+}
+
 /// Checks the filesystem in `image` (`e2fsck -fy`), shrinks it to its minimum size
 /// (`resize2fs -M`) and truncates the file to exactly the filesystem's new size.
 ///
@@ -119,7 +134,7 @@ pub fn shrink_ext(image: &Path, clock: Option<u64>) -> Result<u64> {
 }
 
 fn shrink(image: &Path, clock: Option<u64>) -> Result<u64> {
-    let env = crate::reproducible::e2fs_env(clock);
+    let env = e2fs_env(clock);
     let old_size = std::fs::metadata(image)
         .with_context(|| format!("reading the size of {}", image.display()))?
         .len();
@@ -173,7 +188,7 @@ pub fn set_ext_journal(image: &Path, on: bool, clock: Option<u64>) -> Result<()>
     }
     let feature = if on { "has_journal" } else { "^has_journal" };
     Command::new("tune2fs")
-        .envs(crate::reproducible::e2fs_env(clock))
+        .envs(e2fs_env(clock))
         .args(["-O", feature])
         .arg(image)
         .run()

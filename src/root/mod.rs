@@ -46,6 +46,10 @@ pub const CHROOT_ENV: &[(&str, &str)] = &[
     ("HOME", "/root"),
 ];
 
+/// reproducible-builds.org's variable: the time a reproducible build is as of
+/// ([`Root::set_source_date_epoch`], [`crate::reproducible`]).
+pub const SOURCE_DATE_EPOCH: &str = "SOURCE_DATE_EPOCH";
+
 /// How long processes left in the chroot get between SIGTERM and SIGKILL.
 pub const LEFTOVER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -242,7 +246,7 @@ impl Root {
             .env_clear()
             .envs(CHROOT_ENV.iter().copied());
         if let Some(e) = self.source_date_epoch {
-            cmd.env(crate::reproducible::ENV, e.to_string());
+            cmd.env(SOURCE_DATE_EPOCH, e.to_string());
         }
         cmd
     }
