@@ -64,6 +64,7 @@ use crate::pack::{self, Packed};
 use crate::plan::Plan;
 use crate::preflight::{check_free_space, no_space_note, preflight};
 use crate::root::Root;
+use crate::sbom::SbomPackage;
 pub use crate::stage::FAULT_ENV;
 use crate::stage::Stage;
 use crate::sys::mount::{self, MountStack};
@@ -173,6 +174,9 @@ pub struct Handoff {
     pub attached: Vec<Attached>,
     pub release_metas: Vec<ReleaseMeta>,
     pub installed: BTreeMap<String, String>,
+    /// The installed packages as the SBOMs describe them.
+    #[serde(default)]
+    pub sbom: Vec<SbomPackage>,
 }
 
 /// The name of the handoff's description in its directory.
@@ -208,6 +212,8 @@ pub struct Creator {
     installed: BTreeMap<String, String>,
     /// The lock of what the tree holds (after `configure`).
     locked: Option<Lock>,
+    /// The installed packages as the SBOMs describe them (after `configure`).
+    sbom: Vec<SbomPackage>,
     /// Records for the output directory: (file name, path in the workspace).
     extra: Vec<(String, PathBuf)>,
     /// Files copied out of the image (attachments, kernel and initrd), in the workspace.
@@ -273,6 +279,7 @@ impl Creator {
             release_metas: Vec::new(),
             installed: BTreeMap::new(),
             locked: None,
+            sbom: Vec::new(),
             extra: Vec::new(),
             attached: Vec::new(),
             staged: Vec::new(),
@@ -372,6 +379,7 @@ impl Creator {
             attached: self.attached.clone(),
             release_metas: self.release_metas.clone(),
             installed: self.installed.clone(),
+            sbom: self.sbom.clone(),
         }
     }
 
@@ -546,6 +554,7 @@ impl Creator {
                 std::fs::write(&lock_file, lock.render(&plan.name)?)
                     .with_context(|| format!("writing {}", lock_file.display()))?;
                 self.extra.push((plan.lock_name(), lock_file));
+                self.sbom = crate::sbom::collect(root, &lock)?;
                 self.locked = Some(lock);
                 self.installed = installed;
                 Ok(())
@@ -756,13 +765,44 @@ pub(crate) fn package_finished(
 ) -> Result<(PendingOutputs, Vec<Packed>, Written)> {
     // Through the directory the lock holds open: a swap of its path redirects nothing.
     let mut pending = PendingOutputs::in_dir(lock.dir().try_clone()?);
-    let (packed, written) = pack::package::run(
+    let (packed, mut written) = pack::package::run(
         &done.staged,
         &done.extra,
         &done.attached,
         &plan.attachments_dir_name(),
         &mut pending,
     )?;
+    // The SBOMs last: they name the images with their checksums. Dated with the epoch in a
+    // reproducible build.
+    let created = plan
+        .source_date_epoch
+        .map(crate::metadata::rfc3339)
+        .unwrap_or_else(|| done.build_start.clone());
+    let images: Vec<crate::sbom::SbomImage> = done
+        .staged
+        .iter()
+        .zip(&packed)
+        .map(|(s, p)| crate::sbom::SbomImage {
+            name: &s.container_name,
+            digests: &p.container,
+        })
+        .collect();
+    let (spdx_name, cdx_name) = plan.sbom_names();
+    for (file, doc) in [
+        (
+            spdx_name,
+            crate::sbom::spdx(&plan.name, &plan.digest, &created, &done.sbom, &images),
+        ),
+        (
+            cdx_name,
+            crate::sbom::cyclonedx(&plan.name, &plan.digest, &created, &done.sbom, &images),
+        ),
+    ] {
+        let mut bytes = serde_json::to_vec_pretty(&doc)?;
+        bytes.push(b'\n');
+        let meta = pack::package::write_beside(&mut pending, &file, &bytes)?;
+        written.files.push(meta);
+    }
     Ok((pending, packed, written))
 }
 

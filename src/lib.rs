@@ -25,6 +25,7 @@ pub mod progress;
 pub mod redact;
 pub mod reproducible;
 pub mod root;
+pub mod sbom;
 pub mod service;
 pub mod signals;
 pub mod spec;

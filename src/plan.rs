@@ -761,6 +761,14 @@ impl Plan {
         format!("{}.yaml", self.name)
     }
 
+    /// File names of the SBOMs (`<name>.spdx.json`, `<name>.cdx.json`).
+    pub fn sbom_names(&self) -> (String, String) {
+        (
+            format!("{}.spdx.json", self.name),
+            format!("{}.cdx.json", self.name),
+        )
+    }
+
     /// File name of the lock of what the build installed (`<name>.lock.yaml`).
     pub fn lock_name(&self) -> String {
         format!("{}.lock.yaml", self.name)

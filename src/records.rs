@@ -144,6 +144,33 @@ pub(crate) fn lists_of<'a>(stems: &'a BTreeSet<String>, name: &str) -> Vec<&'a s
         .collect()
 }
 
+/// The licences the DEP-5 copyright file of the installed package `name` names, or why there
+/// are none to give ([`NO_COPYRIGHT`], [`NOT_MACHINE_READABLE`], [`NO_LICENSE_NAME`]).
+fn dep5_licenses(
+    root: &Root,
+    name: &str,
+) -> Result<std::result::Result<Vec<String>, &'static str>> {
+    let bare = name.split_once(':').map_or(name, |(b, _)| b);
+    let rel = format!("{DOC_DIR}/{bare}/copyright");
+    if !root.is_file(&rel) {
+        return Ok(Err(NO_COPYRIGHT));
+    }
+    let bytes = root.read(&rel)?;
+    Ok(
+        match parse_copyright_licenses(&String::from_utf8_lossy(&bytes)) {
+            None => Err(NOT_MACHINE_READABLE),
+            Some(l) if l.is_empty() => Err(NO_LICENSE_NAME),
+            Some(l) => Ok(l),
+        },
+    )
+}
+
+/// The licences the DEP-5 copyright file of the installed package `name` names; `None` when
+/// it has no such file, or names none.
+pub fn package_licenses(root: &Root, name: &str) -> Result<Option<Vec<String>>> {
+    Ok(dep5_licenses(root, name)?.ok())
+}
+
 /// The `.licenses` record: the licences of every installed package, from
 /// `usr/share/doc/<pkg>/copyright` (the name without any `:<arch>`).
 ///
@@ -172,18 +199,9 @@ pub(crate) fn lists_of<'a>(stems: &'a BTreeSet<String>, name: &str) -> Vec<&'a s
 pub fn licenses_record(root: &Root, installed: &BTreeMap<String, String>) -> Result<String> {
     let mut per_package: Vec<(&str, Vec<String>)> = Vec::with_capacity(installed.len());
     for name in installed.keys() {
-        let bare = name.split_once(':').map_or(name.as_str(), |(b, _)| b);
-        let rel = format!("{DOC_DIR}/{bare}/copyright");
-        let licenses = match root.is_file(&rel) {
-            false => vec![NO_COPYRIGHT.to_string()],
-            true => {
-                let bytes = root.read(&rel)?;
-                match parse_copyright_licenses(&String::from_utf8_lossy(&bytes)) {
-                    None => vec![NOT_MACHINE_READABLE.to_string()],
-                    Some(l) if l.is_empty() => vec![NO_LICENSE_NAME.to_string()],
-                    Some(l) => l,
-                }
-            }
+        let licenses = match dep5_licenses(root, name)? {
+            Ok(l) => l,
+            Err(why) => vec![why.to_string()],
         };
         per_package.push((name, licenses));
     }

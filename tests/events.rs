@@ -124,7 +124,14 @@ fn a_program_follows_builds_from_the_json_lines_alone() {
     names.sort();
     assert_eq!(
         names,
-        ["ev.lock.yaml", "ev.packages", "ev.tar.gz", "ev.yaml"]
+        [
+            "ev.cdx.json",
+            "ev.lock.yaml",
+            "ev.packages",
+            "ev.spdx.json",
+            "ev.tar.gz",
+            "ev.yaml"
+        ]
     );
     let done = finished(&ev);
     assert_eq!(done["outcome"], "built");

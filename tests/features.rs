@@ -326,7 +326,9 @@ fn features_example_as_a_release_with_a_shell() {
             "features.packages",
             "features.files",
             "features.licenses",
-            "features.lock.yaml"
+            "features.lock.yaml",
+            "features.spdx.json",
+            "features.cdx.json"
         ]
     );
     for f in &meta.files {
@@ -376,9 +378,11 @@ fn tarball_with_kernel_built_on_tmpfs_and_packed() {
     assert_eq!(
         names,
         [
+            "tarball.cdx.json",
             "tarball.initrd",
             "tarball.lock.yaml",
             "tarball.packages",
+            "tarball.spdx.json",
             "tarball.tar.gz",
             "tarball.vmlinuz",
             "tarball.yaml"

@@ -201,7 +201,8 @@ fn ext4_and_ext2_images_twice_give_the_same_bytes() {
     let tree = MountedTree::mount(&meta, &raws);
     // The lock against the image's dpkg status, package by package.
     let lock_file = debimg::debian::lock::Lock::parse(&locked, "lock").unwrap();
-    let installed = dpkg_installed(&tree.read("/var/lib/dpkg/status"));
+    let status = tree.read("/var/lib/dpkg/status");
+    let installed = dpkg_installed(&status);
     assert_eq!(lock_file.versions(), installed);
     assert!(
         lock_file
@@ -217,6 +218,7 @@ fn ext4_and_ext2_images_twice_give_the_same_bytes() {
     }
     // The SSH host keys were made by the package and removed, as in every build.
     assert!(!tree.path("/etc/ssh/ssh_host_ed25519_key").exists());
+    check_sboms(&outs[0], &meta, &status, &lock_file);
     // Change times too, which only the image's own inodes show.
     let root_raw = raws[0].to_str().unwrap();
     let stat = tool("debugfs", &["-R", "stat /usr/bin/less", root_raw]);
@@ -318,4 +320,131 @@ fn a_lock_naming_a_version_the_mirror_lacks_fails_naming_it() {
     );
     assert_no_leftovers(&build_dir, &out);
     assert!(!out.join("locked.tar.gz").exists());
+}
+
+/// The build's SBOMs: listed in the metadata, valid for the reference validators, and naming
+/// every package of the image's dpkg `status` (version, architecture, source, purl, the lock's
+/// sha256) and every image with its checksum.
+fn check_sboms(
+    out: &Path,
+    meta: &debimg::metadata::Metadata,
+    status: &str,
+    lock: &debimg::lockfile::Lock,
+) {
+    let name = &meta.name;
+    let (spdx, cdx) = (
+        out.join(format!("{name}.spdx.json")),
+        out.join(format!("{name}.cdx.json")),
+    );
+    for f in [&spdx, &cdx] {
+        let file = f.file_name().unwrap().to_str().unwrap();
+        let listed = meta.files.iter().find(|m| m.name == file);
+        assert!(listed.is_some(), "{file} is not in the metadata");
+        assert_eq!(sums(f).1, listed.unwrap().sha256, "{file}");
+    }
+    validate_sboms(&spdx, &cdx);
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let (s, c) = (read(&spdx), read(&cdx));
+    // dpkg's status: name -> (version, architecture, source).
+    let mut want = std::collections::BTreeMap::new();
+    for stanza in status.split("\n\n") {
+        let field = |f: &str| {
+            stanza
+                .lines()
+                .find_map(|l| l.strip_prefix(f).map(|v| v.trim().to_string()))
+        };
+        if field("Status:").as_deref() != Some("install ok installed") {
+            continue;
+        }
+        let (n, v, a) = (
+            field("Package:").unwrap(),
+            field("Version:").unwrap(),
+            field("Architecture:").unwrap(),
+        );
+        let src = field("Source:")
+            .map(|s| s.split_whitespace().next().unwrap().to_string())
+            .unwrap_or_else(|| n.clone());
+        want.insert(n, (v, a, src));
+    }
+    assert!(want.len() > 50, "{}", want.len());
+    let spdx_pkgs: Vec<&serde_json::Value> = s["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            p["SPDXID"]
+                .as_str()
+                .unwrap()
+                .starts_with("SPDXRef-Package-deb-")
+        })
+        .collect();
+    let cdx_pkgs: Vec<&serde_json::Value> = c["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"] == "library")
+        .collect();
+    assert_eq!(spdx_pkgs.len(), want.len());
+    assert_eq!(cdx_pkgs.len(), want.len());
+    for (sp, cp) in spdx_pkgs.iter().zip(&cdx_pkgs) {
+        let n = sp["name"].as_str().unwrap();
+        let (v, a, src) = want
+            .get(n)
+            .unwrap_or_else(|| panic!("{n} is not installed"));
+        assert_eq!(sp["versionInfo"], v.as_str(), "{n}");
+        assert_eq!(
+            (cp["name"].as_str(), cp["version"].as_str()),
+            (Some(n), Some(v.as_str()))
+        );
+        let purl = sp["externalRefs"][0]["referenceLocator"].as_str().unwrap();
+        assert!(
+            purl.starts_with("pkg:deb/debian/") && purl.ends_with(&format!("?arch={a}")),
+            "{purl}"
+        );
+        assert_eq!(cp["purl"], purl);
+        assert!(
+            sp["sourceInfo"]
+                .as_str()
+                .unwrap()
+                .contains(&format!(" {src} ")),
+            "{n}: {}",
+            sp["sourceInfo"]
+        );
+        let locked = lock.packages.iter().find(|p| p.name == n).unwrap();
+        assert_eq!(
+            sp["checksums"][0]["checksumValue"].as_str(),
+            locked.sha256.as_deref(),
+            "{n}"
+        );
+    }
+    // A package with a DEP-5 copyright file has its licences.
+    let bash = spdx_pkgs.iter().find(|p| p["name"] == "bash").unwrap();
+    assert!(
+        bash["licenseDeclared"]
+            .as_str()
+            .unwrap()
+            .contains("GPL-3.0-or-later"),
+        "{bash}"
+    );
+    for img in &meta.images {
+        let found = s["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == img.container_name.as_str())
+            .unwrap_or_else(|| panic!("{} is not in the SPDX document", img.container_name));
+        assert_eq!(
+            found["checksums"][0]["checksumValue"],
+            img.container_sha256.as_str()
+        );
+        let comp = c["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == img.container_name.as_str())
+            .unwrap();
+        assert_eq!(comp["hashes"][0]["content"], img.container_sha256.as_str());
+    }
 }

@@ -456,7 +456,13 @@ fn embedded_service_builds_fails_cancels_and_deletes() {
     let names: BTreeSet<&str> = arts.iter().map(|a| a["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        BTreeSet::from(["tiny.lock.yaml", "tiny.tar.gz", "tiny.yaml"])
+        BTreeSet::from([
+            "tiny.cdx.json",
+            "tiny.lock.yaml",
+            "tiny.spdx.json",
+            "tiny.tar.gz",
+            "tiny.yaml"
+        ])
     );
     let meta_art = arts.iter().find(|a| a["name"] == "tiny.yaml").unwrap();
     let meta = alice.get(meta_art["url"].as_str().unwrap(), &[]);

@@ -100,6 +100,26 @@ pub(crate) fn run(
     Ok((out, written))
 }
 
+/// Writes `bytes` into `pending` as `name`, beside the images.
+pub(crate) fn write_beside(
+    pending: &mut PendingOutputs,
+    name: &str,
+    bytes: &[u8],
+) -> Result<FileMeta> {
+    use std::io::Write as _;
+    let (mut f, tmp) = pending.create_temp(name)?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    let d = digest::digest_file(&crate::output::fd_path(&f))
+        .with_context(|| format!("digesting {}", tmp.display()))?;
+    Ok(FileMeta {
+        name: name.to_string(),
+        size: d.size,
+        sha256: d.sha256,
+    })
+}
+
 /// Copies the workspace file `path` into `pending` as `name`, beside the images.
 fn beside(pending: &mut PendingOutputs, name: &str, path: &Path) -> Result<Digests> {
     let (mut f, tmp) = pending.create_temp(name)?;

@@ -1170,6 +1170,7 @@ mod tests {
             attached: vec![],
             release_metas: vec![],
             installed: [("base-files".to_string(), "12.4".to_string())].into(),
+            sbom: vec![],
         }
     }
 

@@ -629,3 +629,49 @@ pub fn host_mirror() -> String {
     let sources = debimg::plan::read_host_sources(Path::new("/")).unwrap();
     debimg::plan::resolve_host_uri(&sources, "bookworm").unwrap()
 }
+
+/// The SBOM validators of the SPDX project (`spdx-tools`) and CycloneDX
+/// (`cyclonedx-python-lib` with JSON validation), from PyPI into a virtual environment kept
+/// beside the test cache: its directory (`bin/pyspdxtools`, `bin/python`). Made once; the
+/// marker file written last tells a finished one from one a killed run left half made.
+pub fn sbom_validators() -> PathBuf {
+    let venv = PathBuf::from("/var/tmp/debimg-test-sbom-venv");
+    let ready = venv.join(".debimg-ready");
+    if ready.exists() {
+        return venv;
+    }
+    if venv.exists() {
+        std::fs::remove_dir_all(&venv).unwrap();
+    }
+    tool("/usr/bin/python3", &["-m", "venv", venv.to_str().unwrap()]);
+    tool(
+        venv.join("bin/pip").to_str().unwrap(),
+        &[
+            "install",
+            "-q",
+            "spdx-tools",
+            "cyclonedx-python-lib[json-validation]",
+        ],
+    );
+    std::fs::write(&ready, "").unwrap();
+    venv
+}
+
+/// Validates an SPDX 2.3 and a CycloneDX 1.5 JSON document with the reference tools; panics
+/// with their findings.
+pub fn validate_sboms(spdx: &Path, cyclonedx: &Path) {
+    let venv = sbom_validators();
+    tool(
+        venv.join("bin/pyspdxtools").to_str().unwrap(),
+        &["-i", spdx.to_str().unwrap()],
+    );
+    let check = "import sys\n\
+        from cyclonedx.schema import SchemaVersion\n\
+        from cyclonedx.validation.json import JsonStrictValidator\n\
+        errors = JsonStrictValidator(SchemaVersion.V1_5).validate_str(open(sys.argv[1]).read())\n\
+        sys.exit(str(errors) if errors else 0)\n";
+    tool(
+        venv.join("bin/python").to_str().unwrap(),
+        &["-c", check, cyclonedx.to_str().unwrap()],
+    );
+}

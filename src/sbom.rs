@@ -1,0 +1,476 @@
+//! Software bills of materials written with every build: `NAME.spdx.json` (SPDX 2.3) and
+//! `NAME.cdx.json` (CycloneDX 1.5). Each lists every installed Debian package (version,
+//! architecture, purl, source package, the licences its DEP-5 copyright file names, the sha256
+//! of its file from the lock) and the images themselves with their checksums.
+//!
+//! The package facts are collected from the finished tree ([`collect`]); the documents are
+//! made once the images are packed ([`spdx`], [`cyclonedx`]). With a `source_date_epoch` they
+//! are dated with it, so that they are as reproducible as the images; their identifiers come
+//! from the spec's digest either way.
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::cmd::CommandRunExt;
+use crate::lockfile::Lock;
+use crate::pack::digest::Digests;
+use crate::root::Root;
+
+/// One installed package, as the documents describe it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SbomPackage {
+    pub name: String,
+    pub version: String,
+    pub arch: String,
+    /// The source package it was built from, and that source's version.
+    pub source: String,
+    pub source_version: String,
+    /// The licence names of its DEP-5 copyright file; empty when it gives none.
+    pub licenses: Vec<String>,
+    /// sha256 of the package file, from the repository's index (none for a local package).
+    pub sha256: Option<String>,
+}
+
+/// An output file the documents describe, with its digests.
+pub struct SbomImage<'a> {
+    pub name: &'a str,
+    pub digests: &'a Digests,
+}
+
+/// Parses `dpkg-query -W -f '${Package}\t${Version}\t${Architecture}\t${source:Package}\t
+/// ${source:Version}\t${db:Status-Abbrev}\n'`: the installed packages, sorted.
+pub fn parse_installed(text: &str) -> Vec<(String, String, String, String, String)> {
+    let mut out: Vec<_> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f.len() == 6 && f[5].trim_end() == "ii").then(|| {
+                (
+                    f[0].to_string(),
+                    f[1].to_string(),
+                    f[2].to_string(),
+                    f[3].to_string(),
+                    f[4].to_string(),
+                )
+            })
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The packages of the finished tree, with their licences and the lock's sha256.
+pub fn collect(root: &Root, lock: &Lock) -> Result<Vec<SbomPackage>> {
+    let text = root
+        .command("dpkg-query")
+        .args([
+            "-W",
+            "-f",
+            "${Package}\t${Version}\t${Architecture}\t${source:Package}\t${source:Version}\t${db:Status-Abbrev}\n",
+        ])
+        .run_stdout()
+        .context("listing installed packages and their sources")?;
+    let mut out = Vec::new();
+    for (name, version, arch, source, source_version) in parse_installed(&text) {
+        let licenses = crate::records::package_licenses(root, &name)?.unwrap_or_default();
+        let sha256 = lock
+            .packages
+            .iter()
+            .find(|p| p.name == name && p.arch == arch && p.version == version)
+            .and_then(|p| p.sha256.clone());
+        out.push(SbomPackage {
+            name,
+            version,
+            arch,
+            source,
+            source_version,
+            licenses,
+            sha256,
+        });
+    }
+    Ok(out)
+}
+
+/// `s` percent-encoded as a purl component: all but `A-Z a-z 0-9 . - _ ~`.
+fn purl_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"._-~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The package URL: `pkg:deb/debian/NAME@VERSION?arch=ARCH`.
+pub fn purl(p: &SbomPackage) -> String {
+    format!(
+        "pkg:deb/debian/{}@{}?arch={}",
+        purl_encode(&p.name),
+        purl_encode(&p.version),
+        purl_encode(&p.arch)
+    )
+}
+
+/// The SPDX licence id of a DEP-5 licence name, where the two name the same licence.
+pub fn spdx_license_id(dep5: &str) -> Option<&'static str> {
+    const IDS: &[(&str, &str)] = &[
+        ("gpl-1", "GPL-1.0-only"),
+        ("gpl-1+", "GPL-1.0-or-later"),
+        ("gpl-2", "GPL-2.0-only"),
+        ("gpl-2+", "GPL-2.0-or-later"),
+        ("gpl-2.0", "GPL-2.0-only"),
+        ("gpl-2.0+", "GPL-2.0-or-later"),
+        ("gpl-3", "GPL-3.0-only"),
+        ("gpl-3+", "GPL-3.0-or-later"),
+        ("gpl-3.0", "GPL-3.0-only"),
+        ("gpl-3.0+", "GPL-3.0-or-later"),
+        ("lgpl-2", "LGPL-2.0-only"),
+        ("lgpl-2+", "LGPL-2.0-or-later"),
+        ("lgpl-2.1", "LGPL-2.1-only"),
+        ("lgpl-2.1+", "LGPL-2.1-or-later"),
+        ("lgpl-3", "LGPL-3.0-only"),
+        ("lgpl-3+", "LGPL-3.0-or-later"),
+        ("agpl-3", "AGPL-3.0-only"),
+        ("agpl-3+", "AGPL-3.0-or-later"),
+        ("gfdl-1.2", "GFDL-1.2-only"),
+        ("gfdl-1.2+", "GFDL-1.2-or-later"),
+        ("gfdl-1.3", "GFDL-1.3-only"),
+        ("gfdl-1.3+", "GFDL-1.3-or-later"),
+        ("apache-2.0", "Apache-2.0"),
+        ("artistic", "Artistic-1.0-Perl"),
+        ("artistic-2.0", "Artistic-2.0"),
+        ("bsd-2-clause", "BSD-2-Clause"),
+        ("bsd-3-clause", "BSD-3-Clause"),
+        ("bsd-4-clause", "BSD-4-Clause"),
+        ("expat", "MIT"),
+        ("mit", "MIT"),
+        ("isc", "ISC"),
+        ("zlib", "Zlib"),
+        ("mpl-1.1", "MPL-1.1"),
+        ("mpl-2.0", "MPL-2.0"),
+        ("cc0-1.0", "CC0-1.0"),
+        ("bsl-1.0", "BSL-1.0"),
+        ("psf-2", "PSF-2.0"),
+        ("python-2.0", "Python-2.0"),
+        ("openssl", "OpenSSL"),
+        ("fsfap", "FSFAP"),
+        ("fsful", "FSFUL"),
+        ("fsfullr", "FSFULLR"),
+        ("x11", "X11"),
+        ("curl", "curl"),
+        ("sleepycat", "Sleepycat"),
+        ("unicode-dfs-2016", "Unicode-DFS-2016"),
+        ("0bsd", "0BSD"),
+    ];
+    let key = dep5.to_ascii_lowercase();
+    IDS.iter().find(|(k, _)| *k == key).map(|(_, id)| *id)
+}
+
+/// An SPDX `LicenseRef-` for a DEP-5 name that is no SPDX licence.
+fn license_ref(dep5: &str) -> String {
+    let body: String = dep5
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("LicenseRef-DEP5-{body}")
+}
+
+/// The SPDX 2.3 document (JSON) of a build named `name` whose spec has `digest`, made at
+/// `created` (RFC 3339).
+pub fn spdx(
+    name: &str,
+    digest: &str,
+    created: &str,
+    packages: &[SbomPackage],
+    images: &[SbomImage],
+) -> Value {
+    let mut extracted: std::collections::BTreeMap<String, String> = Default::default();
+    let mut pkgs = Vec::new();
+    let mut relationships = Vec::new();
+    for (i, img) in images.iter().enumerate() {
+        let id = format!("SPDXRef-Image-{i}");
+        pkgs.push(json!({
+            "name": img.name,
+            "SPDXID": id,
+            "downloadLocation": "NOASSERTION",
+            "filesAnalyzed": false,
+            "primaryPackagePurpose": "OPERATING-SYSTEM",
+            "checksums": [
+                {"algorithm": "SHA256", "checksumValue": img.digests.sha256},
+                {"algorithm": "MD5", "checksumValue": img.digests.md5},
+            ],
+            "licenseConcluded": "NOASSERTION",
+            "licenseDeclared": "NOASSERTION",
+            "copyrightText": "NOASSERTION",
+        }));
+        relationships.push(json!({
+            "spdxElementId": "SPDXRef-DOCUMENT",
+            "relationshipType": "DESCRIBES",
+            "relatedSpdxElement": id,
+        }));
+    }
+    for p in packages {
+        let id = format!(
+            "SPDXRef-Package-deb-{}-{}",
+            spdx_id_part(&p.name),
+            spdx_id_part(&p.arch)
+        );
+        let declared = if p.licenses.is_empty() {
+            "NOASSERTION".to_string()
+        } else {
+            p.licenses
+                .iter()
+                .map(|l| match spdx_license_id(l) {
+                    Some(id) => id.to_string(),
+                    None => {
+                        let r = license_ref(l);
+                        extracted.entry(r.clone()).or_insert_with(|| l.clone());
+                        r
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        };
+        let mut pkg = json!({
+            "name": p.name,
+            "SPDXID": id,
+            "versionInfo": p.version,
+            "downloadLocation": "NOASSERTION",
+            "filesAnalyzed": false,
+            "sourceInfo": format!("built from the Debian source package {} {}", p.source, p.source_version),
+            "licenseConcluded": "NOASSERTION",
+            "licenseDeclared": declared,
+            "copyrightText": "NOASSERTION",
+            "externalRefs": [{
+                "referenceCategory": "PACKAGE-MANAGER",
+                "referenceType": "purl",
+                "referenceLocator": purl(p),
+            }],
+        });
+        if let Some(sha) = &p.sha256 {
+            pkg["checksums"] = json!([{"algorithm": "SHA256", "checksumValue": sha}]);
+        }
+        pkgs.push(pkg);
+        for i in 0..images.len() {
+            relationships.push(json!({
+                "spdxElementId": format!("SPDXRef-Image-{i}"),
+                "relationshipType": "CONTAINS",
+                "relatedSpdxElement": id,
+            }));
+        }
+    }
+    let extracted: Vec<Value> = extracted
+        .into_iter()
+        .map(|(id, dep5)| {
+            json!({
+                "licenseId": id,
+                "name": dep5,
+                "extractedText": format!(
+                    "The licence a Debian package's machine-readable copyright file \
+                     (/usr/share/doc/PACKAGE/copyright) names \"{dep5}\"; its text is in that file."
+                ),
+            })
+        })
+        .collect();
+    let mut doc = json!({
+        "spdxVersion": "SPDX-2.3",
+        "dataLicense": "CC0-1.0",
+        "SPDXID": "SPDXRef-DOCUMENT",
+        "name": name,
+        "documentNamespace": format!(
+            "urn:uuid:{}",
+            crate::reproducible::seeded_uuid(digest, &format!("spdx:{created}"))
+        ),
+        "creationInfo": {
+            "created": created,
+            "creators": [format!("Tool: debimg-{}", env!("CARGO_PKG_VERSION"))],
+        },
+        "packages": pkgs,
+        "relationships": relationships,
+    });
+    if !extracted.is_empty() {
+        doc["hasExtractedLicensingInfos"] = Value::Array(extracted);
+    }
+    doc
+}
+
+/// What an SPDX identifier may hold of `s`: letters, digits, `.` and `-`.
+fn spdx_id_part(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+/// The CycloneDX 1.5 document (JSON) of the same build.
+pub fn cyclonedx(
+    name: &str,
+    digest: &str,
+    created: &str,
+    packages: &[SbomPackage],
+    images: &[SbomImage],
+) -> Value {
+    let mut components = Vec::new();
+    for img in images {
+        components.push(json!({
+            "type": "file",
+            "bom-ref": format!("file:{}", img.name),
+            "name": img.name,
+            "hashes": [
+                {"alg": "SHA-256", "content": img.digests.sha256},
+                {"alg": "MD5", "content": img.digests.md5},
+            ],
+        }));
+    }
+    for p in packages {
+        let mut c = json!({
+            "type": "library",
+            "bom-ref": purl(p),
+            "name": p.name,
+            "version": p.version,
+            "purl": purl(p),
+            "properties": [
+                {"name": "debimg:arch", "value": p.arch},
+                {"name": "debimg:source", "value": p.source},
+                {"name": "debimg:source-version", "value": p.source_version},
+            ],
+        });
+        if !p.licenses.is_empty() {
+            c["licenses"] = Value::Array(
+                p.licenses
+                    .iter()
+                    .map(|l| match spdx_license_id(l) {
+                        Some(id) => json!({"license": {"id": id}}),
+                        None => json!({"license": {"name": l}}),
+                    })
+                    .collect(),
+            );
+        }
+        if let Some(sha) = &p.sha256 {
+            c["hashes"] = json!([{"alg": "SHA-256", "content": sha}]);
+        }
+        components.push(c);
+    }
+    json!({
+        "bomFormat": "CycloneDX",
+        "specVersion": "1.5",
+        "serialNumber": format!(
+            "urn:uuid:{}",
+            crate::reproducible::seeded_uuid(digest, &format!("cyclonedx:{created}"))
+        ),
+        "version": 1,
+        "metadata": {
+            "timestamp": created,
+            "tools": {"components": [{
+                "type": "application",
+                "name": "debimg",
+                "version": env!("CARGO_PKG_VERSION"),
+            }]},
+            "component": {"type": "operating-system", "bom-ref": "image", "name": name},
+        },
+        "components": components,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pkg(name: &str, version: &str, licenses: &[&str]) -> SbomPackage {
+        SbomPackage {
+            name: name.into(),
+            version: version.into(),
+            arch: "amd64".into(),
+            source: format!("{name}-src"),
+            source_version: version.into(),
+            licenses: licenses.iter().map(|s| s.to_string()).collect(),
+            sha256: Some("ab".repeat(32)),
+        }
+    }
+
+    #[test]
+    fn purls_encode_epochs_and_plus_signs() {
+        let p = pkg("libstdc++6", "1:12.2.0-14+deb12u1", &[]);
+        assert_eq!(
+            purl(&p),
+            "pkg:deb/debian/libstdc%2B%2B6@1%3A12.2.0-14%2Bdeb12u1?arch=amd64"
+        );
+        assert_eq!(
+            purl(&pkg("less", "590-2.1~deb12u2", &[])),
+            "pkg:deb/debian/less@590-2.1~deb12u2?arch=amd64"
+        );
+    }
+
+    #[test]
+    fn installed_lines_with_sources() {
+        let got = parse_installed(
+            "less\t590-2\tamd64\tless\t590-2\tii \nlibc6\t2.36-9\tamd64\tglibc\t2.36-9\tii \nold\t1\tall\told\t1\trc \n",
+        );
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].3, "glibc");
+    }
+
+    #[test]
+    fn licences_become_spdx_ids_or_declared_refs() {
+        let digests = Digests {
+            size: 1,
+            md5: "0".repeat(32),
+            sha256: "1".repeat(64),
+        };
+        let images = [SbomImage {
+            name: "x-root.img.gz",
+            digests: &digests,
+        }];
+        let packages = [
+            pkg("bash", "5.2", &["GPL-3+"]),
+            pkg("less", "590", &["GPL-3+", "BSD-2-clause", "less"]),
+            pkg("nolic", "1", &[]),
+        ];
+        let s = spdx("x", "d", "2023-11-14T22:13:20Z", &packages, &images);
+        let p = &s["packages"];
+        assert_eq!(p[0]["checksums"][0]["checksumValue"], "1".repeat(64));
+        assert_eq!(p[1]["licenseDeclared"], "GPL-3.0-or-later");
+        assert_eq!(
+            p[2]["licenseDeclared"],
+            "GPL-3.0-or-later AND BSD-2-Clause AND LicenseRef-DEP5-less"
+        );
+        assert_eq!(p[3]["licenseDeclared"], "NOASSERTION");
+        assert_eq!(
+            s["hasExtractedLicensingInfos"][0]["licenseId"],
+            "LicenseRef-DEP5-less"
+        );
+        assert_eq!(
+            s["relationships"].as_array().unwrap().len(),
+            1 + packages.len()
+        );
+        let c = cyclonedx("x", "d", "2023-11-14T22:13:20Z", &packages, &images);
+        let comps = c["components"].as_array().unwrap();
+        assert_eq!(comps.len(), 1 + packages.len());
+        assert_eq!(comps[2]["licenses"][2]["license"]["name"], "less");
+        assert_eq!(comps[2]["licenses"][1]["license"]["id"], "BSD-2-Clause");
+        // The same inputs, the same documents.
+        assert_eq!(
+            s,
+            spdx("x", "d", "2023-11-14T22:13:20Z", &packages, &images)
+        );
+        assert_ne!(
+            s["documentNamespace"],
+            spdx("x", "d", "2024-01-01T00:00:00Z", &packages, &images)["documentNamespace"]
+        );
+    }
+}
