@@ -114,6 +114,26 @@ pub enum Command {
         #[arg(long, value_name = "FILE", conflicts_with = "fuel")]
         lock: Option<PathBuf>,
     },
+    /// Build a spec again from the lock of an earlier build of it (in DIR, with the
+    /// source_date_epoch its metadata records) and compare every output with that build's:
+    /// exit 0 and "identical", or exit 1 naming each output that differs and, inside each
+    /// image, the first files that differ (both mounted read-only and compared). Needs root.
+    Verify {
+        /// The YAML spec.
+        spec: PathBuf,
+        /// The output directory of the build to check (its NAME.yaml and NAME.lock.yaml).
+        #[arg(long, value_name = "DIR")]
+        against: PathBuf,
+        /// Directory under which the rebuild's workspace and outputs are made.
+        #[arg(long, default_value = DEFAULT_BUILD_DIR)]
+        build_dir: PathBuf,
+        /// Package and base-tree caches shared by builds.
+        #[arg(long, default_value = DEFAULT_CACHE_DIR)]
+        cache_dir: PathBuf,
+        /// Rebuild without the caches.
+        #[arg(long)]
+        no_cache: bool,
+    },
     /// Resolve a spec's whole package set, the bootstrap's included, and write it as a lock
     /// file: the bootstrap, install and configure stages run in a scratch tree (from the
     /// caches where they can), nothing is packaged. `build --lock FILE` then installs exactly

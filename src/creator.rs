@@ -791,11 +791,11 @@ pub(crate) fn package_finished(
     for (file, doc) in [
         (
             spdx_name,
-            crate::sbom::spdx(&plan.name, &plan.digest, &created, &done.sbom, &images),
+            crate::sbom::spdx(&plan.name, &plan.seed, &created, &done.sbom, &images),
         ),
         (
             cdx_name,
-            crate::sbom::cyclonedx(&plan.name, &plan.digest, &created, &done.sbom, &images),
+            crate::sbom::cyclonedx(&plan.name, &plan.seed, &created, &done.sbom, &images),
         ),
     ] {
         let mut bytes = serde_json::to_vec_pretty(&doc)?;

@@ -31,6 +31,7 @@ pub mod signals;
 pub mod spec;
 pub mod stage;
 pub mod sys;
+pub mod verify;
 pub mod vm;
 
 // Internals, public only for the tests and fuzz targets that check them against the docs.

@@ -152,6 +152,19 @@ fn run(cli: &Cli) -> Result<(), Error> {
             Ok(())
         }
         Command::Build { .. } => build(cli),
+        Command::Verify {
+            spec,
+            against,
+            build_dir,
+            cache_dir,
+            no_cache,
+        } => verify(
+            cli,
+            spec,
+            against,
+            build_dir,
+            (!no_cache).then_some(cache_dir.as_path()),
+        ),
         Command::Lock {
             spec,
             output,
@@ -403,6 +416,83 @@ fn build(cli: &Cli) -> Result<(), Error> {
         return hand_off_build(job);
     }
     run_job(job, !json)
+}
+
+/// `debimg verify`: the spec built again from the lock in `against` into a scratch directory,
+/// every output compared with `against`'s.
+fn verify(
+    cli: &Cli,
+    spec: &std::path::Path,
+    against: &std::path::Path,
+    build_dir: &std::path::Path,
+    cache_dir: Option<&std::path::Path>,
+) -> Result<(), Error> {
+    let mut input = Input::read(Some(spec), None, None)?;
+    let against = against
+        .canonicalize()
+        .with_context(|| format!("--against: resolving {}", against.display()))
+        .map_err(failed)?;
+    let meta_path = against.join(format!("{}.yaml", input.spec.name));
+    let theirs = debimg::metadata::Metadata::read(&meta_path)
+        .with_context(|| {
+            format!(
+                "reading the metadata of the build to check, {}",
+                meta_path.display()
+            )
+        })
+        .map_err(failed)?;
+    let lock = debimg::verify::lock_of(&against, &theirs).map_err(failed)?;
+    input.spec.lock = Some(lock.to_string_lossy().into_owned());
+    if input.spec.source_date_epoch.is_none() {
+        input.spec.source_date_epoch = theirs.source_date_epoch;
+    }
+    let plan = input.plan(None)?;
+    if !nix::unistd::geteuid().is_root() {
+        return Err(failed(anyhow::anyhow!(
+            "debimg verify needs root (it builds the spec again); run it with sudo"
+        )));
+    }
+    let scratch = debimg::verify::scratch_dir(build_dir).map_err(failed)?;
+    let out = scratch.path().join("out");
+    let work = scratch.path().join("compare");
+    let opts = BuildOptions {
+        build_dir: build_dir.to_path_buf(),
+        force: true,
+        show_progress: !cli.quiet,
+        cache_dir: cache_dir.map(PathBuf::from),
+        ..BuildOptions::new(&out)
+    };
+    in_namespaces(|| {
+        let outcome = Creator::new(plan, opts)?.create()?;
+        std::fs::create_dir_all(&work)
+            .with_context(|| format!("creating {}", work.display()))
+            .map_err(failed)?;
+        let diffs = debimg::verify::compare(&against, &theirs, &out, &outcome.metadata, &work)
+            .map_err(failed)?;
+        let mut stdout = std::io::stdout().lock();
+        if diffs.is_empty() {
+            let _ = writeln!(
+                stdout,
+                "identical: {} rebuilt from {} gives the same {} images and {} files, byte for byte",
+                theirs.name,
+                lock.display(),
+                theirs.images.len(),
+                theirs.files.len()
+            );
+            return Ok(());
+        }
+        for d in &diffs {
+            let _ = writeln!(stdout, "differs: {}", d.output);
+            for f in &d.files {
+                let _ = writeln!(stdout, "  {f}");
+            }
+        }
+        Err(failed(anyhow::anyhow!(
+            "the rebuild differs from {} in {} output(s)",
+            against.display(),
+            diffs.len()
+        )))
+    })
 }
 
 /// `debimg lock`: the stages up to `configure` in a scratch tree, then the lock of what it

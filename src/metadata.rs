@@ -24,6 +24,9 @@ pub struct Metadata {
     pub debimg_version: String,
     /// sha256 of the plan the images were built from.
     pub spec_digest: String,
+    /// The time a reproducible build was as of (`source_date_epoch`), for `debimg verify`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_date_epoch: Option<u64>,
     /// The program that bootstrapped the base system.
     #[serde(default)]
     pub bootstrap: String,
@@ -129,6 +132,7 @@ impl Metadata {
             name: plan.name.clone(),
             debimg_version: env!("CARGO_PKG_VERSION").to_string(),
             spec_digest: plan.digest.clone(),
+            source_date_epoch: plan.source_date_epoch,
             bootstrap: plan.backend.name().to_string(),
             build_start,
             build_end: now_rfc3339(),
@@ -265,6 +269,7 @@ mod tests {
             name: "t".into(),
             debimg_version: "0.1.0".into(),
             spec_digest: "ab".repeat(32),
+            source_date_epoch: None,
             bootstrap: "mmdebstrap".into(),
             build_start: rfc3339(0),
             build_end: rfc3339(60),

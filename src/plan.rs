@@ -417,6 +417,11 @@ pub struct Plan {
     /// sha256 of everything above plus the debimg version: equal digests, equal images.
     #[serde(skip)]
     pub digest: String,
+    /// The digest without the lock: what a reproducible build derives its identifiers (UUIDs,
+    /// GUIDs, the SBOMs' names) from, so that a build from a lock gives the images a build of
+    /// the same packages without it gives.
+    #[serde(skip)]
+    pub seed: String,
 }
 
 /// A file the build copies into the image.
@@ -678,8 +683,15 @@ impl Plan {
             attachments: spec.attachments.clone(),
             disk: spec.disk.clone(),
             digest: String::new(),
+            seed: String::new(),
         };
         plan.digest = plan.compute_digest();
+        // The same packages, whether from a lock or not, make the same image.
+        let unlocked = Plan {
+            lock: None,
+            ..plan.clone()
+        };
+        plan.seed = unlocked.compute_digest();
         Ok(plan)
     }
 

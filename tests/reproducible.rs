@@ -448,3 +448,66 @@ fn check_sboms(
         assert_eq!(comp["hashes"][0]["content"], img.container_sha256.as_str());
     }
 }
+
+#[test]
+fn verify_says_identical_then_names_the_file_a_changed_spec_changes() {
+    if !can_build() {
+        return;
+    }
+    let work = scratch("repro-verify");
+    let spec = work.path().join("verified.yaml");
+    let write_spec = |motd: &str| {
+        std::fs::write(
+            &spec,
+            format!(
+                "version: 1\nname: verified\nsuite: bookworm\nmirror: host\n\
+                 packages: [less]\nsource_date_epoch: {EPOCH}\n\
+                 images:\n  - {{mount: /, fs: ext4, size: 1GiB, label: root}}\n\
+                 files:\n  - {{dest: /etc/motd, content: \"{motd}\\n\"}}\n"
+            ),
+        )
+        .unwrap()
+    };
+    write_spec("one");
+    let (build_dir, out) = (work.path().join("build"), work.path().join("out"));
+    std::fs::create_dir_all(&build_dir).unwrap();
+    build(&spec, &out, &build_dir, &[]).assert_ok("the build to check");
+    let verify = || {
+        debimg(&[
+            "verify",
+            spec.to_str().unwrap(),
+            "--against",
+            out.to_str().unwrap(),
+            "--build-dir",
+            build_dir.to_str().unwrap(),
+            "--cache-dir",
+            TEST_CACHE,
+            "-q",
+        ])
+    };
+    let same = verify();
+    same.assert_ok("verify of an unchanged spec");
+    assert!(
+        same.stdout()
+            .starts_with("identical: verified rebuilt from"),
+        "{}",
+        same.stdout()
+    );
+    assert_no_leftovers(&build_dir, &out);
+    // The spec's file changed: the rebuild differs, and the report says where.
+    write_spec("two");
+    let changed = verify();
+    assert_eq!(changed.code(), Some(1), "{}", changed.stderr());
+    let report = changed.stdout();
+    assert!(
+        report.contains("differs: verified-root.img.gz\n"),
+        "{report}"
+    );
+    assert!(report.contains("\n  /etc/motd: content\n"), "{report}");
+    assert!(
+        changed.stderr().contains("the rebuild differs from"),
+        "{}",
+        changed.stderr()
+    );
+    assert_no_leftovers(&build_dir, &out);
+}

@@ -489,7 +489,7 @@ impl ImageKind for DiskImage {
         drop(f);
         self.file = Some(file.clone());
         // A reproducible build's table and partition GUIDs come from the spec.
-        let seed = plan.source_date_epoch.map(|_| plan.digest.as_str());
+        let seed = plan.source_date_epoch.map(|_| plan.seed.as_str());
         std::process::Command::new("sfdisk")
             .args(["--quiet", "--no-reread", "--no-tell-kernel"])
             .arg(&file)
@@ -515,7 +515,7 @@ impl ImageKind for DiskImage {
                 (None, String::new())
             } else if esp {
                 let serial =
-                    &reproducible::fs_uuid(plan.source_date_epoch, &plan.digest, "/boot/efi")?
+                    &reproducible::fs_uuid(plan.source_date_epoch, &plan.seed, "/boot/efi")?
                         .replace('-', "")[..8];
                 let mut cmd = std::process::Command::new("mkfs.vfat");
                 // FAT32, as the UEFI specification asks of an ESP. A reproducible build's:
@@ -541,7 +541,7 @@ impl ImageKind for DiskImage {
                     .mount
                     .clone()
                     .unwrap_or_else(|| format!("partition {number}"));
-                let uuid = reproducible::fs_uuid(plan.source_date_epoch, &plan.digest, &place)?;
+                let uuid = reproducible::fs_uuid(plan.source_date_epoch, &plan.seed, &place)?;
                 mkfs::make(
                     &MkfsRequest {
                         fs,

@@ -48,7 +48,7 @@ impl ImageKind for FsImages {
                 .with_context(|| format!("sizing {} to {} bytes", file.display(), img.size))?;
             drop(f);
             let dev = loopdev::attach(&file, false)?;
-            let uuid = reproducible::fs_uuid(plan.source_date_epoch, &plan.digest, &img.mount)?;
+            let uuid = reproducible::fs_uuid(plan.source_date_epoch, &plan.seed, &img.mount)?;
             mkfs::make(
                 &MkfsRequest {
                     fs: img.fs,

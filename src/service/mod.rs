@@ -921,6 +921,7 @@ mod tests {
             name: "m".into(),
             debimg_version: "0".into(),
             spec_digest: "d".into(),
+            source_date_epoch: None,
             bootstrap: String::new(),
             build_start: String::new(),
             build_end: String::new(),

@@ -1,0 +1,414 @@
+//! `debimg verify SPEC --against DIR`: builds the spec again from the lock in `DIR` (with the
+//! epoch its metadata records) and compares every output with `DIR`'s. An image that differs
+//! is looked into: both are unpacked, mounted read-only (or, for a tarball, extracted) in this
+//! process's private mount namespace, and their trees compared, so the report names the files
+//! that differ, not just the hashes.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::cmd::CommandRunExt;
+use crate::metadata::{ImageMeta, Metadata};
+use crate::sys::loopdev::{self, LoopDevice};
+use crate::sys::mount::{self, Mount, MsFlags};
+
+/// How many differences are named per image.
+pub const SHOWN: usize = 20;
+
+/// What differs between an output and its rebuild.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    /// The output file (`NAME-root.img.gz`).
+    pub output: String,
+    /// The first files that differ inside it (`/etc/motd: content`), at most [`SHOWN`]; empty
+    /// for an output that is no image, or when its trees are the same and only the bytes of
+    /// the filesystem differ.
+    pub files: Vec<String>,
+}
+
+/// Compares the outputs of `theirs` (a build's output directory and metadata) with `ours` (the
+/// rebuild's). Call it in a private mount namespace: images are mounted under `work`.
+pub fn compare(
+    theirs_dir: &Path,
+    theirs: &Metadata,
+    ours_dir: &Path,
+    ours: &Metadata,
+    work: &Path,
+) -> Result<Vec<Difference>> {
+    let mut out = Vec::new();
+    for img in &theirs.images {
+        let Some(mine) = ours
+            .images
+            .iter()
+            .find(|i| i.container_name == img.container_name)
+        else {
+            out.push(Difference {
+                output: img.container_name.clone(),
+                files: vec!["the rebuild has no such image".into()],
+            });
+            continue;
+        };
+        if mine.container_sha256 == img.container_sha256 {
+            continue;
+        }
+        let files = image_differences(
+            &theirs_dir.join(&img.container_name),
+            &ours_dir.join(&mine.container_name),
+            img,
+            work,
+        )
+        .with_context(|| format!("looking into {}", img.container_name))?;
+        out.push(Difference {
+            output: img.container_name.clone(),
+            files,
+        });
+    }
+    for f in &theirs.files {
+        let same = ours
+            .files
+            .iter()
+            .any(|m| m.name == f.name && m.sha256 == f.sha256);
+        if !same {
+            out.push(Difference {
+                output: f.name.clone(),
+                files: Vec::new(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The files that differ between two shipped images of one kind.
+fn image_differences(a: &Path, b: &Path, img: &ImageMeta, work: &Path) -> Result<Vec<String>> {
+    let (ra, rb) = (work.join("theirs.raw"), work.join("ours.raw"));
+    unpack(a, &img.container, &ra)?;
+    unpack(b, &img.container, &rb)?;
+    let (ta, tb) = (work.join("theirs"), work.join("ours"));
+    std::fs::create_dir_all(&ta)?;
+    std::fs::create_dir_all(&tb)?;
+    let res = match img.format.as_str() {
+        "tar" => {
+            for (raw, dir) in [(&ra, &ta), (&rb, &tb)] {
+                Command::new("tar")
+                    .args([
+                        "--extract",
+                        "--numeric-owner",
+                        "--same-permissions",
+                        "--xattrs",
+                    ])
+                    .args(["--xattrs-include=*", "--file"])
+                    .arg(raw)
+                    .arg("--directory")
+                    .arg(dir)
+                    .run()
+                    .context("unpacking a tarball to compare")?;
+            }
+            Ok(tree_differences(&ta, &tb))
+        }
+        "gpt" | "mbr" => disk_differences(&ra, &rb, &ta, &tb),
+        fs => {
+            let (_la, ma) = mount_ro(&ra, fs, &ta)?;
+            let (_lb, mb) = mount_ro(&rb, fs, &tb)?;
+            let d = tree_differences(&ta, &tb);
+            mb.close()?;
+            ma.close()?;
+            Ok(d)
+        }
+    };
+    for raw in [&ra, &rb] {
+        let _ = std::fs::remove_file(raw);
+    }
+    for dir in [&ta, &tb] {
+        mount::remove_dir_all_safe(dir)?;
+    }
+    res
+}
+
+/// The raw bytes of a shipped file, into `raw`.
+fn unpack(shipped: &Path, container: &str, raw: &Path) -> Result<()> {
+    match container {
+        "gzip" => {
+            let out = File::create(raw).with_context(|| format!("creating {}", raw.display()))?;
+            let st = Command::new("gzip")
+                .arg("-dc")
+                .arg(shipped)
+                .stdout(out)
+                .status()
+                .context("running gzip")?;
+            if !st.success() {
+                bail!("gzip -dc {} failed: {st}", shipped.display());
+            }
+            Ok(())
+        }
+        "qcow2" => Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(shipped)
+            .arg(raw)
+            .run()
+            .context("unpacking a qcow2 disk"),
+        _ => std::fs::copy(shipped, raw)
+            .map(drop)
+            .with_context(|| format!("copying {}", shipped.display())),
+    }
+}
+
+fn mount_ro(raw: &Path, fs: &str, at: &Path) -> Result<(LoopDevice, Mount)> {
+    let dev = loopdev::attach(raw, true)?;
+    let m = mount_dev(dev.path(), fs, at)?;
+    Ok((dev, m))
+}
+
+fn mount_dev(dev: &Path, fs: &str, at: &Path) -> Result<Mount> {
+    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    mount::mount(&dev.to_string_lossy(), at, Some(fs), flags, None)
+}
+
+/// Each partition with a filesystem this host mounts, compared in turn (`partition N: ...`).
+fn disk_differences(ra: &Path, rb: &Path, ta: &Path, tb: &Path) -> Result<Vec<String>> {
+    let (da, db) = (
+        loopdev::attach_partitioned(ra)?,
+        loopdev::attach_partitioned(rb)?,
+    );
+    let mut out = Vec::new();
+    for n in 1.. {
+        let Ok(pa) = da.partition(n) else { break };
+        let fs = Command::new("blkid")
+            .args(["-o", "value", "-s", "TYPE"])
+            .arg(&pa)
+            .run_accepting_output(&[0, 2])
+            .map(|(_, o, _)| o.trim().to_string())
+            .unwrap_or_default();
+        if fs.is_empty() {
+            continue;
+        }
+        let pb = db.partition(n)?;
+        let (sa, sb) = (ta.join(format!("p{n}")), tb.join(format!("p{n}")));
+        std::fs::create_dir_all(&sa)?;
+        std::fs::create_dir_all(&sb)?;
+        let mounted = mount_dev(&pa, &fs, &sa).and_then(|ma| Ok((ma, mount_dev(&pb, &fs, &sb)?)));
+        let (ma, mb) = match mounted {
+            Ok(m) => m,
+            Err(e) => {
+                out.push(format!("partition {n} ({fs}): not compared ({e:#})"));
+                continue;
+            }
+        };
+        out.extend(
+            tree_differences(&sa, &sb)
+                .into_iter()
+                .map(|d| format!("partition {n}: {d}")),
+        );
+        mb.close()?;
+        ma.close()?;
+        if n > 128 {
+            break;
+        }
+    }
+    da.close()?;
+    db.close()?;
+    out.truncate(SHOWN);
+    Ok(out)
+}
+
+/// The first [`SHOWN`] differences between the trees at `a` (the build checked) and `b` (the
+/// rebuild), in path order: what is only in one, a different type, content, link target,
+/// mode, owner or modification time. Nothing is followed.
+pub fn tree_differences(a: &Path, b: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    walk(a, b, Path::new("/"), &mut out);
+    out
+}
+
+fn walk(a: &Path, b: &Path, rel: &Path, out: &mut Vec<String>) {
+    let names = |d: &Path| -> BTreeSet<std::ffi::OsString> {
+        std::fs::read_dir(d)
+            .map(|it| it.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default()
+    };
+    let (na, nb) = (names(a), names(b));
+    for name in na.union(&nb) {
+        if out.len() >= SHOWN {
+            return;
+        }
+        let shown = rel.join(name);
+        let (pa, pb) = (a.join(name), b.join(name));
+        let (ma, mb) = (
+            std::fs::symlink_metadata(&pa),
+            std::fs::symlink_metadata(&pb),
+        );
+        let (ma, mb) = match (ma, mb) {
+            (Ok(x), Ok(y)) => (x, y),
+            (Ok(_), Err(_)) => {
+                out.push(format!("{}: only in the build checked", shown.display()));
+                continue;
+            }
+            (Err(_), Ok(_)) => {
+                out.push(format!("{}: only in the rebuild", shown.display()));
+                continue;
+            }
+            (Err(_), Err(_)) => continue,
+        };
+        let (fa, fb) = (ma.file_type(), mb.file_type());
+        let kind = |m: &std::fs::Metadata| crate::spec::file_kind(&m.file_type());
+        if kind(&ma) != kind(&mb) {
+            out.push(format!(
+                "{}: {} in the build checked, {} in the rebuild",
+                shown.display(),
+                kind(&ma),
+                kind(&mb)
+            ));
+            continue;
+        }
+        let mut what = Vec::new();
+        if fa.is_file() && (ma.len() != mb.len() || !same_content(&pa, &pb)) {
+            what.push("content");
+        }
+        if fa.is_symlink() && std::fs::read_link(&pa).ok() != std::fs::read_link(&pb).ok() {
+            what.push("link target");
+        }
+        if ma.mode() != mb.mode() {
+            what.push("mode");
+        }
+        if (ma.uid(), ma.gid()) != (mb.uid(), mb.gid()) {
+            what.push("owner");
+        }
+        if (fa.is_file() || fa.is_symlink()) && ma.mtime() != mb.mtime() {
+            what.push("modification time");
+        }
+        if (fa.is_char_device() || fa.is_block_device()) && ma.rdev() != mb.rdev() {
+            what.push("device number");
+        }
+        if !what.is_empty() {
+            out.push(format!("{}: {}", shown.display(), what.join(", ")));
+        }
+        if fa.is_dir() && fb.is_dir() {
+            walk(&pa, &pb, &shown, out);
+        }
+    }
+}
+
+use std::os::unix::fs::FileTypeExt;
+
+/// Whether two regular files hold the same bytes (opened without following links).
+fn same_content(a: &Path, b: &Path) -> bool {
+    let open = |p: &Path| {
+        File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(p)
+    };
+    let (Ok(mut x), Ok(mut y)) = (open(a), open(b)) else {
+        return false;
+    };
+    let (mut bx, mut by) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+    loop {
+        let n = match read_full(&mut x, &mut bx) {
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        let m = match read_full(&mut y, &mut by) {
+            Ok(m) => m,
+            Err(_) => return false,
+        };
+        if n != m || bx[..n] != by[..m] {
+            return false;
+        }
+        if n == 0 {
+            return true;
+        }
+    }
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Where `debimg verify` rebuilds: a directory of its own under the build directory.
+pub fn scratch_dir(build_dir: &Path) -> Result<tempfile::TempDir> {
+    std::fs::create_dir_all(build_dir)
+        .with_context(|| format!("creating {}", build_dir.display()))?;
+    tempfile::Builder::new()
+        .prefix(".verify-")
+        .tempdir_in(build_dir)
+        .with_context(|| format!("creating a directory in {}", build_dir.display()))
+}
+
+/// The lock file of the build in `dir` whose metadata is `meta`.
+pub fn lock_of(dir: &Path, meta: &Metadata) -> Result<PathBuf> {
+    let lock = dir.join(format!("{}.lock.yaml", meta.name));
+    if !lock.is_file() {
+        bail!(
+            "{} has no lock: an image built by a debimg that wrote none cannot be rebuilt \
+             from its own package set",
+            dir.display()
+        );
+    }
+    Ok(lock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn trees_are_compared_by_content_type_link_and_times() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        for t in [&a, &b] {
+            std::fs::create_dir_all(t.join("etc/sub")).unwrap();
+            std::fs::write(t.join("etc/same"), "x").unwrap();
+            std::fs::write(t.join("etc/sub/deep"), "y").unwrap();
+        }
+        assert!(tree_differences(&a, &b).is_empty());
+        std::fs::write(a.join("etc/motd"), "one\n").unwrap();
+        std::fs::write(a.join("etc/touched"), "t").unwrap();
+        std::fs::write(b.join("etc/touched"), "t").unwrap();
+        std::fs::write(b.join("etc/motd"), "two\n").unwrap();
+        std::fs::write(a.join("etc/only-a"), "").unwrap();
+        symlink("/x", a.join("etc/link")).unwrap();
+        symlink("/y", b.join("etc/link")).unwrap();
+        std::fs::write(b.join("etc/sub/deep"), "z").unwrap();
+        std::fs::create_dir(b.join("etc/new")).unwrap();
+        std::fs::write(a.join("etc/new"), "").unwrap();
+        // The same times everywhere, but for one file.
+        let st = Command::new("find")
+            .arg(d.path())
+            .args(["-exec", "touch", "-h", "-d", "@1700000000", "{}", "+"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let st = Command::new("touch")
+            .args(["-d", "@1700000001"])
+            .arg(b.join("etc/touched"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let d = tree_differences(&a, &b);
+        assert_eq!(
+            d,
+            [
+                "/etc/link: link target",
+                "/etc/motd: content",
+                "/etc/new: a regular file in the build checked, a directory in the rebuild",
+                "/etc/only-a: only in the build checked",
+                "/etc/sub/deep: content",
+                "/etc/touched: modification time",
+            ],
+            "{d:#?}"
+        );
+    }
+}
