@@ -589,6 +589,18 @@ impl Creator {
     /// directory and room in it.
     fn before_mount(&self) -> Result<()> {
         preflight(&self.plan)?;
+        if let Some(epoch) = self.plan.source_date_epoch {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if epoch >= now {
+                tracing::warn!(
+                    "source_date_epoch {epoch} is not before this build: times are clamped to \
+                     it, so what the build writes keeps its own times and the output will not \
+                     be reproducible"
+                );
+            }
+        }
         std::fs::create_dir_all(&self.opts.build_dir).with_context(|| {
             format!("creating build directory {}", self.opts.build_dir.display())
         })?;

@@ -10,9 +10,6 @@ use serde::{Deserialize, Serialize};
 /// The lock file's format version.
 pub const VERSION: u32 = 1;
 
-/// The repository name of packages that came from the spec's `local_debs`.
-pub const LOCAL: &str = "local";
-
 /// A build's package set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,9 +30,10 @@ pub struct Locked {
     pub version: String,
     /// The package's architecture (`amd64`, `all`).
     pub arch: String,
-    /// The spec's name of the repository it came from, or `local` for `local_debs`.
-    pub repo: String,
-    /// sha256 of the package file as the repository's index gives it (none for `local`).
+    /// The spec's name of the repository it came from; none for a package of `local_debs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    /// sha256 of the package file as the repository's index gives it (none without a repo).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
 }
@@ -56,7 +54,7 @@ impl Lock {
             if !seen.insert((&p.name, &p.arch)) {
                 bail!("the lock {source} names {} ({}) twice", p.name, p.arch);
             }
-            if p.repo != LOCAL && p.sha256.is_none() {
+            if p.repo.is_some() && p.sha256.is_none() {
                 bail!("the lock {source} gives {} {} no sha256", p.name, p.version);
             }
         }

@@ -352,6 +352,12 @@ fn build(cli: &Cli) -> Result<(), Error> {
                 .map_err(failed)?;
             input.spec.lock = Some(abs.to_string_lossy().into_owned());
         }
+        if vm.untrusted && input.spec.lock.is_some() {
+            return Err(failed(anyhow::anyhow!(
+                "a lock (`lock:`, `--lock`) is a file of this host, which an untrusted build \
+                 may not read"
+            )));
+        }
         let plan = if vm.untrusted {
             // Planned without reading any file it names here (see `debimg::vm`).
             let mut i = input.clone();
@@ -445,6 +451,13 @@ fn verify(
     input.spec.lock = Some(lock.to_string_lossy().into_owned());
     if input.spec.source_date_epoch.is_none() {
         input.spec.source_date_epoch = theirs.source_date_epoch;
+    }
+    if input.spec.source_date_epoch.is_none() {
+        return Err(failed(anyhow::anyhow!(
+            "{} was not built reproducibly (its metadata has no source_date_epoch, nor has the \
+             spec): a rebuild cannot equal it; build with source_date_epoch",
+            against.display()
+        )));
     }
     let plan = input.plan(None)?;
     if !nix::unistd::geteuid().is_root() {

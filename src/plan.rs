@@ -757,14 +757,17 @@ impl Plan {
     }
 
     /// Names of the files a build writes next to the metadata besides the images: records,
-    /// kernel and initrd, in the order the metadata lists them.
+    /// the lock, kernel and initrd, the SBOMs, in the order the metadata lists them.
     pub fn extra_output_names(&self) -> Vec<String> {
         let mut out: Vec<String> = self.records.iter().map(|r| self.record_name(*r)).collect();
+        out.push(self.lock_name());
         if self.copy_kernel {
             let (k, i) = self.kernel_names();
             out.push(k);
             out.push(i);
         }
+        let (spdx, cdx) = self.sbom_names();
+        out.extend([spdx, cdx]);
         out
     }
 

@@ -76,13 +76,27 @@ pub const RESIDUE: &[&str] = &[
     "var/cache/man/index.db",
 ];
 
-/// Removes [`RESIDUE`] from the tree (regular files only; a link is removed, never followed).
-/// Returns what was removed.
-pub fn scrub(root: &Root) -> Result<Vec<&'static str>> {
+/// Where apt keeps the repositories' indexes: they change whenever the mirror does, so an
+/// image rebuilt later from the same lock would differ in them. A reproducible image ships
+/// without them (`apt-get update` fetches them on the machine).
+pub const APT_LISTS: &str = "var/lib/apt/lists";
+
+/// Removes [`RESIDUE`] and apt's lists (but its lock file) from the tree (files only; a link
+/// is removed, never followed). Returns what was removed.
+pub fn scrub(root: &Root) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for path in RESIDUE {
         if root.remove_file(path)? {
-            removed.push(*path);
+            removed.push(path.to_string());
+        }
+    }
+    for e in root.read_dir(APT_LISTS)? {
+        if e.file_type.is_dir() || e.name == "lock" {
+            continue;
+        }
+        let path = format!("{APT_LISTS}/{}", e.name.to_string_lossy());
+        if root.remove_file(&path)? {
+            removed.push(path);
         }
     }
     Ok(removed)
@@ -100,10 +114,36 @@ pub struct ExtImage<'a> {
 /// The `mke2fs` line that writes `image` (a file of its final size) from the directory
 /// `source` (pure, so it can be tested).
 pub fn mke2fs_command(img: &ExtImage, source: &Path, image: &Path, epoch: u64) -> Command {
+    // mke2fs keeps only the last `-E`: the spec's extended options join the build's in one
+    // (after them, so that the spec's win where both set one).
+    let mut extended = format!("nodiscard,lazy_itable_init=0,hash_seed={}", img.uuid);
+    let mut rest: Vec<&str> = Vec::new();
+    let mut opts = img.options.iter().map(String::as_str);
+    while let Some(o) = opts.next() {
+        let value = match o.strip_prefix("-E") {
+            Some("") => opts.next(),
+            Some(v) => Some(v),
+            None => {
+                rest.push(o);
+                continue;
+            }
+        };
+        if let Some(v) = value.filter(|v| !v.is_empty()) {
+            extended.push(',');
+            extended.push_str(v);
+        }
+    }
     let mut cmd = Command::new("mke2fs");
-    cmd.envs(e2fs_env(Some(epoch)))
-        .args(["-F", "-q", "-t", img.fs.name(), "-U", img.uuid, "-E"])
-        .arg(format!("nodiscard,hash_seed={}", img.uuid));
+    cmd.envs(e2fs_env(Some(epoch))).args([
+        "-F",
+        "-q",
+        "-t",
+        img.fs.name(),
+        "-U",
+        img.uuid,
+        "-E",
+        &extended,
+    ]);
     if img.fs != Fs::Ext2 {
         // The journal is added once the image is checked, as for every build.
         cmd.args(["-O", "^has_journal"]);
@@ -111,7 +151,7 @@ pub fn mke2fs_command(img: &ExtImage, source: &Path, image: &Path, epoch: u64) -
     if let Some(label) = img.label {
         cmd.args(["-L", label]);
     }
-    cmd.args(img.options).arg("-d").arg(source).arg(image);
+    cmd.args(rest).arg("-d").arg(source).arg(image);
     cmd
 }
 
@@ -389,7 +429,24 @@ mod tests {
         let line = crate::cmd::command_line(&cmd);
         assert_eq!(
             line,
-            "mke2fs -F -q -t ext4 -U u-1 -E nodiscard,hash_seed=u-1 -O ^has_journal -L root -m 0 -d /w/src /w/r.img"
+            "mke2fs -F -q -t ext4 -U u-1 -E nodiscard,lazy_itable_init=0,hash_seed=u-1 -O ^has_journal -L root -m 0 -d /w/src /w/r.img"
+        );
+        // The spec's own extended options join the build's: mke2fs keeps only the last -E.
+        let opts: Vec<String> = ["-E", "stride=8", "-m", "1", "-Estripe_width=16"]
+            .map(String::from)
+            .to_vec();
+        let line = crate::cmd::command_line(&mke2fs_command(
+            &ExtImage {
+                options: &opts,
+                ..img
+            },
+            Path::new("/s"),
+            Path::new("/i"),
+            1,
+        ));
+        assert_eq!(
+            line,
+            "mke2fs -F -q -t ext4 -U u-1 -E nodiscard,lazy_itable_init=0,hash_seed=u-1,stride=8,stripe_width=16 -O ^has_journal -L root -m 1 -d /s /i"
         );
         let env: Vec<_> = cmd.get_envs().collect();
         let at = Some(std::ffi::OsStr::new("1700000000"));

@@ -219,9 +219,10 @@ pub fn spdx(
             "relatedSpdxElement": id,
         }));
     }
-    for p in packages {
+    for (n, p) in packages.iter().enumerate() {
+        // The index keeps ids apart that the allowed characters would merge (`a+b`, `a-b`).
         let id = format!(
-            "SPDXRef-Package-deb-{}-{}",
+            "SPDXRef-Package-deb-{n}-{}-{}",
             spdx_id_part(&p.name),
             spdx_id_part(&p.arch)
         );
@@ -289,7 +290,7 @@ pub fn spdx(
         "name": name,
         "documentNamespace": format!(
             "urn:uuid:{}",
-            crate::reproducible::seeded_uuid(digest, &format!("spdx:{created}"))
+            crate::reproducible::seeded_uuid(digest, &format!("spdx:{}", document_key(created, images)))
         ),
         "creationInfo": {
             "created": created,
@@ -302,6 +303,17 @@ pub fn spdx(
         doc["hasExtractedLicensingInfos"] = Value::Array(extracted);
     }
     doc
+}
+
+/// What makes a document's identifier its own: its date and the checksums of what it
+/// describes (a rebuild of other packages at the same epoch has other images).
+fn document_key(created: &str, images: &[SbomImage]) -> String {
+    let mut key = created.to_string();
+    for img in images {
+        key.push(' ');
+        key.push_str(&img.digests.sha256);
+    }
+    key
 }
 
 /// What an SPDX identifier may hold of `s`: letters, digits, `.` and `-`.
@@ -371,7 +383,7 @@ pub fn cyclonedx(
         "specVersion": "1.5",
         "serialNumber": format!(
             "urn:uuid:{}",
-            crate::reproducible::seeded_uuid(digest, &format!("cyclonedx:{created}"))
+            crate::reproducible::seeded_uuid(digest, &format!("cyclonedx:{}", document_key(created, images)))
         ),
         "version": 1,
         "metadata": {
@@ -472,5 +484,29 @@ mod tests {
             s["documentNamespace"],
             spdx("x", "d", "2024-01-01T00:00:00Z", &packages, &images)["documentNamespace"]
         );
+        // Other images, another document.
+        let other = Digests {
+            sha256: "2".repeat(64),
+            ..digests.clone()
+        };
+        let others = [SbomImage {
+            name: "x-root.img.gz",
+            digests: &other,
+        }];
+        assert_ne!(
+            s["documentNamespace"],
+            spdx("x", "d", "2023-11-14T22:13:20Z", &packages, &others)["documentNamespace"]
+        );
+        assert_ne!(
+            c["serialNumber"],
+            cyclonedx("x", "d", "2023-11-14T22:13:20Z", &packages, &others)["serialNumber"]
+        );
+        let ids: std::collections::BTreeSet<&str> = p
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["SPDXID"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids.len(), 1 + packages.len());
     }
 }

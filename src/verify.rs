@@ -84,17 +84,40 @@ pub fn compare(
     Ok(out)
 }
 
-/// The files that differ between two shipped images of one kind.
+/// The files that differ between two shipped images of one kind. What it unpacks into `work`
+/// goes again whatever happens.
 fn image_differences(a: &Path, b: &Path, img: &ImageMeta, work: &Path) -> Result<Vec<String>> {
     let (ra, rb) = (work.join("theirs.raw"), work.join("ours.raw"));
-    unpack(a, &img.container, &ra)?;
-    unpack(b, &img.container, &rb)?;
     let (ta, tb) = (work.join("theirs"), work.join("ours"));
-    std::fs::create_dir_all(&ta)?;
-    std::fs::create_dir_all(&tb)?;
-    let res = match img.format.as_str() {
+    let res = unpacked_differences(a, b, img, [&ra, &rb], [&ta, &tb]);
+    for raw in [&ra, &rb] {
+        let _ = std::fs::remove_file(raw);
+    }
+    let mut cleaned = Ok(());
+    for dir in [&ta, &tb] {
+        if dir.exists() {
+            cleaned = cleaned.and(mount::remove_dir_all_safe(dir));
+        }
+    }
+    let out = res?;
+    cleaned?;
+    Ok(out)
+}
+
+fn unpacked_differences(
+    a: &Path,
+    b: &Path,
+    img: &ImageMeta,
+    [ra, rb]: [&Path; 2],
+    [ta, tb]: [&Path; 2],
+) -> Result<Vec<String>> {
+    unpack(a, &img.container, ra)?;
+    unpack(b, &img.container, rb)?;
+    std::fs::create_dir_all(ta)?;
+    std::fs::create_dir_all(tb)?;
+    match img.format.as_str() {
         "tar" => {
-            for (raw, dir) in [(&ra, &ta), (&rb, &tb)] {
+            for (raw, dir) in [(ra, ta), (rb, tb)] {
                 Command::new("tar")
                     .args([
                         "--extract",
@@ -109,25 +132,23 @@ fn image_differences(a: &Path, b: &Path, img: &ImageMeta, work: &Path) -> Result
                     .run()
                     .context("unpacking a tarball to compare")?;
             }
-            Ok(tree_differences(&ta, &tb))
+            Ok(tree_differences(ta, tb))
         }
-        "gpt" | "mbr" => disk_differences(&ra, &rb, &ta, &tb),
+        "gpt" | "mbr" => disk_differences(ra, rb, ta, tb),
         fs => {
-            let (_la, ma) = mount_ro(&ra, fs, &ta)?;
-            let (_lb, mb) = mount_ro(&rb, fs, &tb)?;
-            let d = tree_differences(&ta, &tb);
+            let (_la, ma) = mount_ro(ra, fs, ta)?;
+            let mounted = mount_ro(rb, fs, tb);
+            let Ok((_lb, mb)) = mounted else {
+                ma.close()?;
+                let e = mounted.err().map(|e| format!("{e:#}")).unwrap_or_default();
+                return Ok(vec![format!("/: not compared ({e})")]);
+            };
+            let d = tree_differences(ta, tb);
             mb.close()?;
             ma.close()?;
             Ok(d)
         }
-    };
-    for raw in [&ra, &rb] {
-        let _ = std::fs::remove_file(raw);
     }
-    for dir in [&ta, &tb] {
-        mount::remove_dir_all_safe(dir)?;
-    }
-    res
 }
 
 /// The raw bytes of a shipped file, into `raw`.
@@ -164,9 +185,12 @@ fn mount_ro(raw: &Path, fs: &str, at: &Path) -> Result<(LoopDevice, Mount)> {
     Ok((dev, m))
 }
 
+/// Mounts `dev` read-only at `at`. Both images of a reproducible build have the same UUID,
+/// which xfs refuses twice unless told (`nouuid`).
 fn mount_dev(dev: &Path, fs: &str, at: &Path) -> Result<Mount> {
     let flags = MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
-    mount::mount(&dev.to_string_lossy(), at, Some(fs), flags, None)
+    let data = (fs == "xfs").then_some("nouuid");
+    mount::mount(&dev.to_string_lossy(), at, Some(fs), flags, data)
 }
 
 /// Each partition with a filesystem this host mounts, compared in turn (`partition N: ...`).

@@ -33,6 +33,10 @@ fn build_twice(
             extra.push("--no-cache");
         }
         let mut cmd = build_command(spec, &out, &build_dir, &extra);
+        // The second in another time zone: nothing of the host's clock may show.
+        if i == 1 {
+            cmd.env("TZ", "Asia/Tokyo");
+        }
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let output = cmd.output().expect("running debimg");
         assert!(
@@ -208,13 +212,31 @@ fn ext4_and_ext2_images_twice_give_the_same_bytes() {
         lock_file
             .packages
             .iter()
-            .all(|p| p.repo == "debian" && p.sha256.as_ref().is_some_and(|s| s.len() == 64)),
+            .all(|p| p.repo.as_deref() == Some("debian")
+                && p.sha256.as_ref().is_some_and(|s| s.len() == 64)),
         "{locked}"
     );
     assert_clamped(tree.path("/").as_path(), true);
     assert_clamped(tree.path("/boot").as_path(), true);
     for residue in debimg::reproducible::RESIDUE {
         assert!(!tree.path(residue).exists(), "{residue} is in the image");
+    }
+    let lists: Vec<_> = std::fs::read_dir(tree.path(debimg::reproducible::APT_LISTS))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "lock" && n != "partial")
+        .collect();
+    assert!(lists.is_empty(), "apt's lists are in the image: {lists:?}");
+    // shadow's last-change day is the epoch's, not the build's.
+    let shadow = tree.read("/etc/shadow");
+    let day = (EPOCH / 86_400).to_string();
+    for line in shadow.lines() {
+        let lastchg = line.split(':').nth(2).unwrap_or_default();
+        assert!(
+            lastchg.is_empty() || lastchg == day,
+            "{line}: last changed on day {lastchg}, not the epoch's ({day})"
+        );
     }
     // The SSH host keys were made by the package and removed, as in every build.
     assert!(!tree.path("/etc/ssh/ssh_host_ed25519_key").exists());
@@ -271,15 +293,24 @@ fn cloud_disk_twice_gives_the_same_bytes() {
     tool("fsck.vfat", &["-n", esp.to_str().unwrap()]);
     let listing = Command::new("mdir")
         .env("MTOOLS_SKIP_CHECK", "1")
+        .env("TZ", "UTC")
         .args(["-/", "-i", esp.to_str().unwrap(), "::/"])
         .output()
         .unwrap();
     let listing = String::from_utf8_lossy(&listing.stdout);
     assert!(listing.contains("EFI"), "{listing}");
-    assert!(
-        !listing.contains("2026") && listing.contains("2023-11-14"),
-        "the ESP's times are not the epoch's:\n{listing}"
-    );
+    // The epoch, 2023-11-14 22:13:20 UTC, on every entry (FAT keeps minutes in a listing).
+    let dated: Vec<&str> = listing
+        .lines()
+        .filter(|l| l.contains("<DIR>") || l.contains(" EFI "))
+        .collect();
+    assert!(!dated.is_empty(), "{listing}");
+    for l in dated {
+        assert!(
+            l.trim_end().ends_with("2023-11-14  22:13"),
+            "not the epoch's time: {l}\n{listing}"
+        );
+    }
 }
 
 #[test]
@@ -510,4 +541,90 @@ fn verify_says_identical_then_names_the_file_a_changed_spec_changes() {
         changed.stderr()
     );
     assert_no_leftovers(&build_dir, &out);
+}
+
+#[test]
+fn a_lock_installs_the_older_version_a_repository_still_has() {
+    if !can_build() {
+        return;
+    }
+    let work = scratch("repro-pin");
+    let version = |v: &'static str| {
+        build_deb(
+            work.path(),
+            "debimg-pinned",
+            v,
+            "",
+            &[DebEntry::File(
+                "/usr/share/debimg-pinned/version",
+                v.as_bytes(),
+                0o644,
+            )],
+        )
+    };
+    let (old, new) = (version("1.0"), version("2.0"));
+    let repo_dir = work.path().join("repo");
+    make_repo(&repo_dir, "debimg-test", "main", &[old.clone(), new]);
+    let server = StaticServer::start(&repo_dir);
+    let spec = work.path().join("pinned.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "version: 1\nname: pinned\nsuite: bookworm\nmirror: host\nkind: tarball\n\
+             packages: [debimg-pinned]\nrepos:\n  - {{name: debian, suite: bookworm}}\n  \
+             - {{name: local, uri: \"{}\", suite: debimg-test, section: main, trusted: true}}\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    let build_dir = work.path().join("build");
+    std::fs::create_dir_all(&build_dir).unwrap();
+    // Resolved, the lock has the candidate, 2.0; locked to 1.0 instead, with its file's sha256.
+    let lock_path = work.path().join("pinned.lock.yaml");
+    debimg(&[
+        "lock",
+        spec.to_str().unwrap(),
+        "-o",
+        lock_path.to_str().unwrap(),
+        "--build-dir",
+        build_dir.to_str().unwrap(),
+        "--cache-dir",
+        TEST_CACHE,
+        "-q",
+    ])
+    .assert_ok("debimg lock");
+    let text = std::fs::read_to_string(&lock_path).unwrap();
+    let mut lock = debimg::lockfile::Lock::parse(&text, "lock").unwrap();
+    let entry = lock
+        .packages
+        .iter_mut()
+        .find(|p| p.name == "debimg-pinned")
+        .unwrap();
+    assert_eq!(
+        (entry.version.as_str(), entry.repo.as_deref()),
+        ("2.0", Some("local"))
+    );
+    entry.version = "1.0".into();
+    entry.sha256 = Some(sums(&old).1);
+    std::fs::write(&lock_path, lock.render("pinned").unwrap()).unwrap();
+    let out = work.path().join("out");
+    let run = build(
+        &spec,
+        &out,
+        &build_dir,
+        &["--lock", lock_path.to_str().unwrap()],
+    );
+    run.assert_ok("the build from the lock");
+    assert_no_leftovers(&build_dir, &out);
+    let meta = debimg::metadata::Metadata::read(&out.join("pinned.yaml")).unwrap();
+    assert_eq!(
+        meta.installed.get("debimg-pinned").map(String::as_str),
+        Some("1.0")
+    );
+    // The build's own lock is the one it was given.
+    let written = std::fs::read_to_string(out.join("pinned.lock.yaml")).unwrap();
+    assert_eq!(
+        debimg::lockfile::Lock::parse(&written, "written").unwrap(),
+        lock
+    );
 }

@@ -68,16 +68,17 @@ pub fn finish(
     scrub_host_identity(root)?;
     let apt = Apt { root, show };
     apt.clean()?;
-    if plan.source_date_epoch.is_some() {
-        let removed = crate::reproducible::scrub(root)?;
-        tracing::debug!("removed what records the build: {}", removed.join(" "));
-    }
     let installed = apt.installed()?;
     if let Some(lock) = &plan.lock {
         crate::debian::lock::finish(lock, root, &installed)
             .with_context(|| format!("building from the lock {}", plan.lock_source))?;
     }
     let lock = crate::debian::lock::of_tree(root, &plan.arch, &plan.repos)?;
+    // After the lock, which reads apt's lists.
+    if plan.source_date_epoch.is_some() {
+        let removed = crate::reproducible::scrub(root)?;
+        tracing::debug!("removed what records the build: {}", removed.join(" "));
+    }
     build_only.remove(root)?;
     if !plan.keep_apt_sources {
         drop_apt_sources(root, &plan.repos)?;

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::cmd::CommandRunExt;
 use crate::debian::apt::{LISTS_DIR, release_list_prefix};
-pub use crate::lockfile::{LOCAL, Lock, Locked, VERSION};
+pub use crate::lockfile::{Lock, Locked, VERSION};
 use crate::plan::PlannedRepo;
 use crate::root::{Owner, Root};
 
@@ -80,7 +80,7 @@ pub fn parse_installed(text: &str) -> Vec<(String, String, String)> {
 }
 
 /// The lock of what the tree holds: each installed package from the first repository (in the
-/// plan's order) whose index has its version, else `local`.
+/// plan's order) whose index has its version, else none (a package of `local_debs`).
 pub fn of_tree(root: &Root, arch: &str, repos: &[PlannedRepo]) -> Result<Lock> {
     let text = root
         .command("dpkg-query")
@@ -108,8 +108,8 @@ fn lock_of(
                 .iter()
                 .find_map(|(repo, index)| index.get(&key).map(|sha| (repo.clone(), sha.clone())));
             let (repo, sha256) = match found {
-                Some((repo, sha)) => (repo, Some(sha)),
-                None => (LOCAL.to_string(), None),
+                Some((repo, sha)) => (Some(repo), Some(sha)),
+                None => (None, None),
             };
             Locked {
                 name: name.clone(),
@@ -136,10 +136,11 @@ pub fn unavailable(lock: &Lock, root: &Root, repos: &[PlannedRepo]) -> Result<Ve
 
 fn missing_from(lock: &Lock, indexes: &[(String, RepoIndex)]) -> Vec<String> {
     let mut out = Vec::new();
-    for p in lock.packages.iter().filter(|p| p.repo != LOCAL) {
-        let shown = format!("{} {} ({}) from `{}`", p.name, p.version, p.arch, p.repo);
-        let Some((_, index)) = indexes.iter().find(|(r, _)| *r == p.repo) else {
-            out.push(format!("{shown}: the spec has no repository `{}`", p.repo));
+    for p in &lock.packages {
+        let Some(repo) = &p.repo else { continue };
+        let shown = format!("{} {} ({}) from `{repo}`", p.name, p.version, p.arch);
+        let Some((_, index)) = indexes.iter().find(|(r, _)| r == repo) else {
+            out.push(format!("{shown}: the spec has no repository `{repo}`"));
             continue;
         };
         match index.get(&(p.name.clone(), p.version.clone(), p.arch.clone())) {
@@ -159,7 +160,7 @@ fn missing_from(lock: &Lock, indexes: &[(String, RepoIndex)]) -> Vec<String> {
 pub fn render_pins(lock: &Lock) -> String {
     let mut s = String::from("# debimg: the build's lock (removed when the image is finished).\n");
     let mut seen = std::collections::HashSet::new();
-    for p in lock.packages.iter().filter(|p| p.repo != LOCAL) {
+    for p in lock.packages.iter().filter(|p| p.repo.is_some()) {
         if seen.insert(&p.name) {
             s.push_str(&format!(
                 "\nPackage: {}\nPin: version {}\nPin-Priority: 1001\n",
@@ -239,17 +240,17 @@ mod tests {
             ),
         ];
         let lock = lock_of(&installed, &idx, "amd64");
-        let shown: Vec<(&str, &str, Option<&str>)> = lock
+        let shown: Vec<(&str, Option<&str>, Option<&str>)> = lock
             .packages
             .iter()
-            .map(|p| (p.name.as_str(), p.repo.as_str(), p.sha256.as_deref()))
+            .map(|p| (p.name.as_str(), p.repo.as_deref(), p.sha256.as_deref()))
             .collect();
         assert_eq!(
             shown,
             [
-                ("bash", "updates", Some("s3")),
-                ("less", "debian", Some("s1")),
-                ("mine", LOCAL, None)
+                ("bash", Some("updates"), Some("s3")),
+                ("less", Some("debian"), Some("s1")),
+                ("mine", None, None)
             ]
         );
         // Rendered and read back, it is the same lock.
@@ -273,21 +274,21 @@ mod tests {
                     name: "less".into(),
                     version: "551-1".into(),
                     arch: "amd64".into(),
-                    repo: "debian".into(),
+                    repo: Some("debian".into()),
                     sha256: Some("old".into()),
                 },
                 Locked {
                     name: "bash".into(),
                     version: "5.2".into(),
                     arch: "amd64".into(),
-                    repo: "debian".into(),
+                    repo: Some("debian".into()),
                     sha256: Some("other".into()),
                 },
                 Locked {
                     name: "jq".into(),
                     version: "1".into(),
                     arch: "amd64".into(),
-                    repo: "extra".into(),
+                    repo: Some("extra".into()),
                     sha256: Some("x".into()),
                 },
             ],
@@ -323,7 +324,7 @@ mod tests {
                 .to_string()
                 .contains("version 2")
         );
-        let double = "version: 1\narch: amd64\npackages:\n- {name: a, version: '1', arch: all, repo: local}\n- {name: a, version: '2', arch: all, repo: local}\n";
+        let double = "version: 1\narch: amd64\npackages:\n- {name: a, version: '1', arch: all, repo: x, sha256: y}\n- {name: a, version: '2', arch: all, repo: x, sha256: y}\n";
         assert!(format!("{:#}", Lock::parse(double, "t").unwrap_err()).contains("twice"));
         let unknown = "version: 1\narch: amd64\npackages: []\nextra: 1\n";
         assert!(Lock::parse(unknown, "t").is_err());

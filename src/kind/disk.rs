@@ -408,10 +408,13 @@ impl DiskImage {
             .and_then(|()| root.copy_out(IMAGE, &image).map(drop))
             .and_then(|()| {
                 let dev = esp.dev.display().to_string();
-                // The host's mtools.conf must not change what is written.
+                // The host's mtools.conf must not change what is written, nor its time zone:
+                // FAT keeps local times, and UTC is everyone's.
                 let mtools = |prog: &str| {
                     let mut c = std::process::Command::new(prog);
-                    c.env("MTOOLSRC", "/dev/null").env("MTOOLS_SKIP_CHECK", "1");
+                    c.env("MTOOLSRC", "/dev/null")
+                        .env("MTOOLS_SKIP_CHECK", "1")
+                        .env("TZ", "UTC");
                     c
                 };
                 // The ESP's tree staged in the workspace and copied whole with its times (which
@@ -518,6 +521,7 @@ impl ImageKind for DiskImage {
                     &reproducible::fs_uuid(plan.source_date_epoch, &plan.seed, "/boot/efi")?
                         .replace('-', "")[..8];
                 let mut cmd = std::process::Command::new("mkfs.vfat");
+                cmd.env("TZ", "UTC");
                 // FAT32, as the UEFI specification asks of an ESP. A reproducible build's:
                 // no clock (the label's entry) and the serial written after.
                 cmd.args(["-F", "32", "-n", p.label.as_deref().unwrap_or("ESP")]);
@@ -673,6 +677,9 @@ impl ImageKind for DiskImage {
                     }
                     if matches!(fs, Fs::Ext3 | Fs::Ext4) {
                         shrink::set_ext_journal(&target, true, plan.source_date_epoch)?;
+                    }
+                    if target != p.dev {
+                        mkfs::check(fs, &target)?;
                     }
                 }
             }

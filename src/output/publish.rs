@@ -555,6 +555,26 @@ mod tests {
     use crate::output::victim;
     use std::io::Write;
 
+    /// The lock and the SBOMs every build of `name` writes, in `out`, after the records
+    /// (`records`) as the metadata lists them (a build without a kernel).
+    fn with_always_written(
+        out: &Path,
+        name: &str,
+        records: Vec<crate::metadata::FileMeta>,
+    ) -> Vec<crate::metadata::FileMeta> {
+        let mut files = records;
+        for suffix in [".lock.yaml", ".spdx.json", ".cdx.json"] {
+            let file = format!("{name}{suffix}");
+            std::fs::write(out.join(&file), b"{}").unwrap();
+            files.push(crate::metadata::FileMeta {
+                name: file,
+                size: 2,
+                sha256: String::new(),
+            });
+        }
+        files
+    }
+
     #[test]
     fn a_tarball_with_records_is_reused_only_while_complete() {
         let plan = Plan::for_test(
@@ -591,11 +611,15 @@ mod tests {
             packages: vec![],
             installed: Default::default(),
             kind: "tarball".into(),
-            files: vec![crate::metadata::FileMeta {
-                name: "tb.packages".into(),
-                size: 4,
-                sha256: String::new(),
-            }],
+            files: with_always_written(
+                out.path(),
+                "tb",
+                vec![crate::metadata::FileMeta {
+                    name: "tb.packages".into(),
+                    size: 4,
+                    sha256: String::new(),
+                }],
+            ),
             attachments: vec![],
         };
         std::fs::write(out.path().join("tb.yaml"), meta.to_yaml().unwrap()).unwrap();
@@ -605,6 +629,11 @@ mod tests {
         std::fs::write(out.path().join("tb.packages"), b"a 1\n").unwrap();
         std::fs::remove_file(out.path().join("tb.tar.gz")).unwrap();
         assert!(reusable(&plan, out.path()).is_none(), "a missing archive");
+        std::fs::write(out.path().join("tb.tar.gz"), b"archive").unwrap();
+        assert!(reusable(&plan, out.path()).is_some());
+        std::fs::remove_file(out.path().join("tb.spdx.json")).unwrap();
+        assert!(reusable(&plan, out.path()).is_none(), "a missing SBOM");
+        std::fs::remove_file(out.path().join("tb.tar.gz")).unwrap();
         std::fs::write(out.path().join("elsewhere"), b"archive").unwrap();
         std::os::unix::fs::symlink("elsewhere", out.path().join("tb.tar.gz")).unwrap();
         assert!(
@@ -648,7 +677,7 @@ mod tests {
             packages: vec![],
             installed: Default::default(),
             kind: "tarball".into(),
-            files: vec![],
+            files: with_always_written(out, "at", vec![]),
             attachments: vec![crate::metadata::AttachmentMeta {
                 path: "/etc/hostname".into(),
                 file: "at.attachments/etc/hostname".into(),

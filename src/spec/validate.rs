@@ -875,8 +875,8 @@ pub const NAME_MAX: usize = 255;
 pub const TEMP_NAME_EXTRA: usize = ".".len() + ".tmp-".len() + 32;
 
 /// The suffixes of every file a build names after the spec `name` (`<name><suffix>`): tarball,
-/// disk formats ([`DiskFormat::file_name`]), metadata, records ([`Record::extension`]), kernel
-/// and initrd, the attachments directory, and the `--pack` bundle and release copies of the
+/// disk formats ([`DiskFormat::file_name`]), metadata, records ([`Record::extension`]), the
+/// lock and SBOMs, kernel and initrd, the attachments directory, and the `--pack` bundle and release copies of the
 /// input (named in main.rs). Plan's tests check that its names stay within this list.
 pub const NAME_SUFFIXES: &[&str] = &[
     ".tar.gz",
@@ -893,6 +893,9 @@ pub const NAME_SUFFIXES: &[&str] = &[
     ".bundle.tar.gz",
     ".spec.yaml",
     ".fuel.json",
+    ".lock.yaml",
+    ".spdx.json",
+    ".cdx.json",
 ];
 
 /// The suffixes of an image's files (`<base><suffix>`, [`image_base_name`]).

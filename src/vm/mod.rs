@@ -1257,7 +1257,11 @@ mod tests {
         ];
         let (res, out) = take(&good, Some(&plan.digest));
         let m = res.unwrap();
-        assert_eq!(names(out.path()), ["tb.tar.gz", "tb.yaml"]);
+        // The SBOMs are made here, from the handoff, once the images are packed.
+        assert_eq!(
+            names(out.path()),
+            ["tb.cdx.json", "tb.spdx.json", "tb.tar.gz", "tb.yaml"]
+        );
         assert_eq!(m.spec_digest, plan.digest);
         assert_eq!(m.installed["base-files"], "12.4");
         let gz = std::fs::read(out.path().join("tb.tar.gz")).unwrap();

@@ -630,12 +630,19 @@ pub fn host_mirror() -> String {
     debimg::plan::resolve_host_uri(&sources, "bookworm").unwrap()
 }
 
+/// The SBOM validators' versions, in the name of their environment: another version, another
+/// environment.
+const SBOM_VALIDATORS: [&str; 2] = [
+    "spdx-tools==0.8.5",
+    "cyclonedx-python-lib[json-validation]==11.12.0",
+];
+
 /// The SBOM validators of the SPDX project (`spdx-tools`) and CycloneDX
 /// (`cyclonedx-python-lib` with JSON validation), from PyPI into a virtual environment kept
 /// beside the test cache: its directory (`bin/pyspdxtools`, `bin/python`). Made once; the
 /// marker file written last tells a finished one from one a killed run left half made.
 pub fn sbom_validators() -> PathBuf {
-    let venv = PathBuf::from("/var/tmp/debimg-test-sbom-venv");
+    let venv = PathBuf::from("/var/tmp/debimg-test-sbom-venv-spdx0.8.5-cdx11.12.0");
     let ready = venv.join(".debimg-ready");
     if ready.exists() {
         return venv;
@@ -646,12 +653,7 @@ pub fn sbom_validators() -> PathBuf {
     tool("/usr/bin/python3", &["-m", "venv", venv.to_str().unwrap()]);
     tool(
         venv.join("bin/pip").to_str().unwrap(),
-        &[
-            "install",
-            "-q",
-            "spdx-tools",
-            "cyclonedx-python-lib[json-validation]",
-        ],
+        &["install", "-q", SBOM_VALIDATORS[0], SBOM_VALIDATORS[1]],
     );
     std::fs::write(&ready, "").unwrap();
     venv
