@@ -1026,6 +1026,11 @@ pub fn base_key(plan: &Plan, release_digest: &str) -> String {
     if first.trusted {
         h.update(b"trusted\n");
     }
+    // A reproducible build's bootstrap differs from another's: it ran with SOURCE_DATE_EPOCH
+    // (shadow's dates, mmdebstrap's own clean-up).
+    if let Some(e) = plan.source_date_epoch {
+        h.update(format!("source_date_epoch {e}\n").as_bytes());
+    }
     hex(&h.finalize())
 }
 
@@ -1049,6 +1054,23 @@ pub fn lists_key(sources_list: &str, arch: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reproducible_build_s_base_is_its_own() {
+        let spec = |extra: &str| {
+            Plan::for_test(&format!(
+                "version: 1\nname: b\nsuite: bookworm\nkind: tarball\n{extra}"
+            ))
+        };
+        let plain = spec("");
+        let (a, b) = (
+            spec("source_date_epoch: 1700000000\n"),
+            spec("source_date_epoch: 1700000001\n"),
+        );
+        assert_ne!(base_key(&plain, "r"), base_key(&a, "r"));
+        assert_ne!(base_key(&a, "r"), base_key(&b, "r"));
+        assert_eq!(base_key(&a, "r"), base_key(&a, "r"));
+    }
 
     /// Where apt keeps its lists in an image (as `debian::apt` says).
     const LISTS: &str = "var/lib/apt/lists";

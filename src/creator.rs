@@ -511,8 +511,12 @@ impl Creator {
             Stage::Bootstrap => {
                 let (root, work) = (self.tree()?, self.work()?);
                 let cache = self.cache.as_ref();
-                // A lock's versions are not part of an installed tree's key: from the base.
-                let trees = self.opts.tree_cache && self.plan.lock.is_none();
+                // A lock's versions are not part of an installed tree's key, and a reproducible
+                // build installs in the order a cold build does (a tree grown from a smaller
+                // one may hold files in another order): from the base.
+                let trees = self.opts.tree_cache
+                    && self.plan.lock.is_none()
+                    && self.plan.source_date_epoch.is_none();
                 self.bootstrapped =
                     bootstrap::run(&self.plan, root, work, cache, trees, &self.build_only, show)?;
                 Ok(())

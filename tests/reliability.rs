@@ -435,7 +435,9 @@ fn follow_metadata(out: &Path) -> Option<String> {
 /// `a_crash_between_any_two_publish_steps_leaves_the_previous_or_the_new_result` crashes before
 /// every step; this one kills the real process at the steps around each kind of rename: the
 /// last before the commit (2), the first after it (3, the old metadata still there), between
-/// the two files (5), before the new metadata (8) and before the journal goes (10, the last).
+/// two files (5), before the new metadata and before the journal goes (the last). Those two
+/// follow from how many files the result has (steps 4.. rename them, then the attachments
+/// directory takes two steps).
 #[test]
 fn kill9_between_any_two_publish_steps_leaves_a_whole_result() {
     if !can_build() {
@@ -460,7 +462,11 @@ fn kill9_between_any_two_publish_steps_leaves_a_whole_result() {
     let good = work.path().join("good");
     build(&old, &good, &bdir, &["-q"]).assert_ok("the previous result");
     assert_eq!(follow_metadata(&good).as_deref(), Some("old"));
-    for step in [2, 3, 5, 8, 10] {
+    let meta = debimg::metadata::Metadata::read(&good.join("pub.yaml")).unwrap();
+    let files = meta.images.len() + meta.files.len();
+    assert!(files >= 2, "{files}");
+    let (new_metadata, last) = (3 + files + 3, 3 + files + 5);
+    for step in [2, 3, 5, new_metadata, last] {
         let out = work.path().join(format!("out-{step}"));
         copy_dir(&good, &out);
         let mut cmd = build_command(&new, &out, &bdir, &["-q"]);
@@ -474,11 +480,11 @@ fn kill9_between_any_two_publish_steps_leaves_a_whole_result() {
             stderr.contains(&format!("killed before publish step {step}")),
             "{ctx}"
         );
-        // The old metadata stays until step 3, the new one comes at step 8.
+        // The old metadata stays until step 3, the new one comes at its own step.
         let seen = follow_metadata(&out);
         let want = match step {
             0..=3 => Some("old"),
-            4..=8 => None,
+            s if s <= new_metadata => None,
             _ => Some("new"),
         };
         assert_eq!(seen.as_deref(), want, "{ctx}");
