@@ -1001,6 +1001,18 @@ const TAR_COMMON: &[&str] = &[
 pub fn base_key(plan: &Plan, release_digest: &str) -> String {
     let mut h = Sha256::new();
     let mut mounts: Vec<&str> = plan.images.iter().map(|i| i.mount.as_str()).collect();
+    // A disk's partitions are mounted (and its ESP's mount point made) before the bootstrap
+    // too: a base made on a disk holds their mount points, which a tarball's must not.
+    if let Some(d) = &plan.disk {
+        mounts.push("disk");
+        for p in &d.partitions {
+            if let Some(m) = &p.mount {
+                mounts.push(m);
+            } else if p.flags.contains(&crate::spec::PartitionFlag::Esp) {
+                mounts.push("/boot/efi");
+            }
+        }
+    }
     mounts.sort();
     let fields = [
         plan.backend.name().to_string(),
@@ -1068,6 +1080,16 @@ mod tests {
             spec("source_date_epoch: 1700000001\n"),
         );
         assert_ne!(base_key(&plain, "r"), base_key(&a, "r"));
+        let disk = Plan::for_test(
+            "version: 1\nname: b\nsuite: bookworm\nkind: disk\npackages: [linux-image-amd64]\n\
+             disk:\n  size: 2GiB\n  boot: [uefi]\n  partitions:\n    - {size: 64MiB, flags: [esp]}\n    \
+             - {mount: /, fs: ext4}\n",
+        );
+        assert_ne!(
+            base_key(&plain, "r"),
+            base_key(&disk, "r"),
+            "a disk's base is not a tarball's"
+        );
         assert_ne!(base_key(&a, "r"), base_key(&b, "r"));
         assert_eq!(base_key(&a, "r"), base_key(&a, "r"));
     }
