@@ -172,17 +172,7 @@ pub fn spdx_license_id(dep5: &str) -> Option<&'static str> {
 
 /// An SPDX `LicenseRef-` for a DEP-5 name that is no SPDX licence.
 fn license_ref(dep5: &str) -> String {
-    let body: String = dep5
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    format!("LicenseRef-DEP5-{body}")
+    format!("LicenseRef-DEP5-{}", spdx_id_part(dep5))
 }
 
 /// The SPDX 2.3 document (JSON) of a build named `name` whose spec has `digest`, made at
