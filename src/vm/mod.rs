@@ -1037,8 +1037,10 @@ fn check_handoff(
             s.container_name
         );
     }
-    let records: Vec<String> = plan.records.iter().map(|r| plan.record_name(*r)).collect();
-    if h.extra.iter().map(|(n, _)| n).collect::<Vec<_>>() != records.iter().collect::<Vec<_>>() {
+    // The records the spec asks for, then the lock of what was installed.
+    let mut extra: Vec<String> = plan.records.iter().map(|r| plan.record_name(*r)).collect();
+    extra.push(plan.lock_name());
+    if h.extra.iter().map(|(n, _)| n).collect::<Vec<_>>() != extra.iter().collect::<Vec<_>>() {
         bail!("the build machine made other records than this spec asks for: refused");
     }
     let (kernel, initrd) = plan.kernel_names();
@@ -1151,7 +1153,8 @@ mod tests {
 
     const SPEC: &str = "version: 1\nname: tb\nsuite: bookworm\nkind: tarball\n";
 
-    /// The handoff a guest would write for the tarball spec, its archive at `files/1`.
+    /// The handoff a guest would write for the tarball spec, its archive at `files/1`, its lock
+    /// at `files/l`.
     fn handoff() -> Handoff {
         Handoff {
             build_start: "2026-01-01T00:00:00Z".into(),
@@ -1166,7 +1169,7 @@ mod tests {
                 label: None,
                 uuid: String::new(),
             }],
-            extra: vec![],
+            extra: vec![("tb.lock.yaml".into(), "files/l".into())],
             attached: vec![],
             release_metas: vec![],
             installed: [("base-files".to_string(), "12.4".to_string())].into(),
@@ -1254,13 +1257,20 @@ mod tests {
             ("out/", Directory, b""),
             ("out/handoff.json", Regular, json.as_bytes()),
             ("out/files/1", Regular, archive),
+            ("out/files/l", Regular, b"version: 1\n"),
         ];
         let (res, out) = take(&good, Some(&plan.digest));
         let m = res.unwrap();
         // The SBOMs are made here, from the handoff, once the images are packed.
         assert_eq!(
             names(out.path()),
-            ["tb.cdx.json", "tb.spdx.json", "tb.tar.gz", "tb.yaml"]
+            [
+                "tb.cdx.json",
+                "tb.lock.yaml",
+                "tb.spdx.json",
+                "tb.tar.gz",
+                "tb.yaml"
+            ]
         );
         assert_eq!(m.spec_digest, plan.digest);
         assert_eq!(m.installed["base-files"], "12.4");
@@ -1297,7 +1307,11 @@ mod tests {
             "out/tb.tar.gz",
             "out/files/.x",
         ] {
-            let e = refused(&[good[1], good[3], good[4], (bad, Regular, b"x")], d, bad);
+            let e = refused(
+                &[good[1], good[3], good[4], good[5], (bad, Regular, b"x")],
+                d,
+                bad,
+            );
             assert!(e.contains("no build hands off"), "{bad}: {e}");
         }
         // Another image than the plan's.
@@ -1309,11 +1323,41 @@ mod tests {
                 good[1],
                 ("out/handoff.json", Regular, j.as_bytes()),
                 good[4],
+                good[5],
             ],
             d,
             "image",
         );
         assert!(e.contains("other images"), "{e}");
+        // No lock, or a record this spec does not ask for.
+        let mut h = handoff();
+        h.extra.clear();
+        let j = serde_json::to_string(&h).unwrap();
+        let e = refused(
+            &[
+                good[1],
+                ("out/handoff.json", Regular, j.as_bytes()),
+                good[4],
+            ],
+            d,
+            "no lock",
+        );
+        assert!(e.contains("other records"), "{e}");
+        let mut h = handoff();
+        h.extra.insert(0, ("tb.packages".into(), "files/2".into()));
+        let j = serde_json::to_string(&h).unwrap();
+        let e = refused(
+            &[
+                good[1],
+                ("out/handoff.json", Regular, j.as_bytes()),
+                good[4],
+                good[5],
+                ("out/files/2", Regular, b"x"),
+            ],
+            d,
+            "a record",
+        );
+        assert!(e.contains("other records"), "{e}");
         // An attachment this spec does not make.
         let mut h = handoff();
         h.attached.push(crate::attachments::Attached {
@@ -1327,6 +1371,7 @@ mod tests {
                 good[1],
                 ("out/handoff.json", Regular, j.as_bytes()),
                 good[4],
+                good[5],
                 ("out/files/2", Regular, b"x"),
             ],
             d,
@@ -1342,13 +1387,20 @@ mod tests {
                 good[1],
                 ("out/handoff.json", Regular, j.as_bytes()),
                 good[4],
+                good[5],
             ],
             d,
             "missing",
         );
         assert!(e.contains("not those its handoff names"), "{e}");
         let e = refused(
-            &[good[1], good[3], good[4], ("out/files/9", Regular, b"x")],
+            &[
+                good[1],
+                good[3],
+                good[4],
+                good[5],
+                ("out/files/9", Regular, b"x"),
+            ],
             d,
             "extra",
         );
@@ -1373,6 +1425,7 @@ mod tests {
                 good[1],
                 ("out/handoff.json", Regular, j.as_bytes()),
                 good[4],
+                good[5],
             ],
             d,
             "ship",
@@ -1395,6 +1448,7 @@ mod tests {
                     good[1],
                     ("out/handoff.json", Regular, j.as_bytes()),
                     good[4],
+                    good[5],
                 ],
                 d,
                 why,
@@ -1414,6 +1468,7 @@ mod tests {
                 good[1],
                 ("out/handoff.json", Regular, j.as_bytes()),
                 good[4],
+                good[5],
                 ("out/files/2", Regular, b"k"),
             ],
             d,
@@ -1421,11 +1476,11 @@ mod tests {
         );
         assert!(e.contains("does not make"), "{e}");
         // No handoff.
-        let e = refused(&[good[1], good[4]], d, "no handoff");
+        let e = refused(&[good[1], good[4], good[5]], d, "no handoff");
         assert!(e.contains("handed nothing off"), "{e}");
         // A failed build: its files are not even looked at.
         let e = refused(
-            &[("./status", Regular, b"1\n"), good[3], good[4]],
+            &[("./status", Regular, b"1\n"), good[3], good[4], good[5]],
             d,
             "failed",
         );
