@@ -117,7 +117,9 @@ pub enum Command {
     /// Build a spec again from the lock of an earlier build of it (in DIR, with the
     /// source_date_epoch its metadata records) and compare every output with that build's:
     /// exit 0 and "identical", or exit 1 naming each output that differs and, inside each
-    /// image, the first files that differ (both mounted read-only and compared). Needs root.
+    /// image, the first files that differ (both mounted read-only and compared), or "no file
+    /// differs" where only the filesystem's own bytes do (always so for xfs and btrfs).
+    /// Needs root.
     Verify {
         /// The YAML spec.
         spec: PathBuf,
