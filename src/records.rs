@@ -150,25 +150,34 @@ fn dep5_licenses(
     root: &Root,
     name: &str,
 ) -> Result<std::result::Result<Vec<String>, &'static str>> {
+    dep5_file(root, name, parse_copyright_licenses)
+}
+
+/// What `parse` makes of the copyright file of the installed package `name`, or why there
+/// is nothing.
+fn dep5_file(
+    root: &Root,
+    name: &str,
+    parse: fn(&str) -> Option<Vec<String>>,
+) -> Result<std::result::Result<Vec<String>, &'static str>> {
     let bare = name.split_once(':').map_or(name, |(b, _)| b);
     let rel = format!("{DOC_DIR}/{bare}/copyright");
     if !root.is_file(&rel) {
         return Ok(Err(NO_COPYRIGHT));
     }
     let bytes = root.read(&rel)?;
-    Ok(
-        match parse_copyright_licenses(&String::from_utf8_lossy(&bytes)) {
-            None => Err(NOT_MACHINE_READABLE),
-            Some(l) if l.is_empty() => Err(NO_LICENSE_NAME),
-            Some(l) => Ok(l),
-        },
-    )
+    Ok(match parse(&String::from_utf8_lossy(&bytes)) {
+        None => Err(NOT_MACHINE_READABLE),
+        Some(l) if l.is_empty() => Err(NO_LICENSE_NAME),
+        Some(l) => Ok(l),
+    })
 }
 
-/// The licences the DEP-5 copyright file of the installed package `name` names; `None` when
-/// it has no such file, or names none.
-pub fn package_licenses(root: &Root, name: &str) -> Result<Option<Vec<String>>> {
-    Ok(dep5_licenses(root, name)?.ok())
+/// The licence expressions (`GPL-1+ or Artistic`) the DEP-5 copyright file of the installed
+/// package `name` gives (see [`copyright_license_synopses`]); `None` when it has no such
+/// file, or gives none.
+pub fn package_license_synopses(root: &Root, name: &str) -> Result<Option<Vec<String>>> {
+    Ok(dep5_file(root, name, copyright_license_synopses)?.ok())
 }
 
 /// The `.licenses` record: the licences of every installed package, from
@@ -263,6 +272,22 @@ pub fn licenses_record(root: &Root, installed: &BTreeMap<String, String>) -> Res
 /// in the header, in `Files:` paragraphs and in standalone licence paragraphs, split into single
 /// names by [`split_license_expression`].
 pub fn parse_copyright_licenses(text: &str) -> Option<Vec<String>> {
+    let mut licenses: Vec<String> = Vec::new();
+    for synopsis in copyright_license_synopses(text)? {
+        for name in split_license_expression(&synopsis) {
+            if !licenses.contains(&name) {
+                licenses.push(name);
+            }
+        }
+    }
+    Some(licenses)
+}
+
+/// The licence expressions of a machine-readable copyright file (see
+/// [`parse_copyright_licenses`]): the first line of every `License:` field, whitespace
+/// collapsed, each once, in order of first appearance; `None` when the file is not
+/// machine-readable.
+pub fn copyright_license_synopses(text: &str) -> Option<Vec<String>> {
     let paragraphs = parse_paragraphs(text);
     let header = paragraphs.first()?;
     let is_dep5 = header.iter().any(|(field, value)| {
@@ -275,19 +300,18 @@ pub fn parse_copyright_licenses(text: &str) -> Option<Vec<String>> {
     if !is_dep5 {
         return None;
     }
-    let mut licenses: Vec<String> = Vec::new();
+    let mut synopses: Vec<String> = Vec::new();
     for (field, value) in paragraphs.iter().flatten() {
         if field != "license" {
             continue;
         }
-        let synopsis = value.lines().next().unwrap_or_default();
-        for name in split_license_expression(synopsis) {
-            if !licenses.contains(&name) {
-                licenses.push(name);
-            }
+        let line = value.lines().next().unwrap_or_default();
+        let synopsis = line.split_whitespace().collect::<Vec<_>>().join(" ");
+        if !synopsis.is_empty() && !synopses.contains(&synopsis) {
+            synopses.push(synopsis);
         }
     }
-    Some(licenses)
+    Some(synopses)
 }
 
 /// Splits a `License:` synopsis such as `GPL-2+ or Artistic-2.0, and BSD-3-clause` into the
@@ -527,6 +551,21 @@ from <https://sourceware.org/git/glibc.git>
                 "public-domain",
             ]))
         );
+    }
+
+    #[test]
+    fn dep5_synopses_keep_their_operators() {
+        assert_eq!(
+            copyright_license_synopses(DUAL),
+            Some(strings(&[
+                "Artistic or GPL-1+",
+                "GPL-2+ OR Artistic-2.0, AND BSD-3-clause",
+                "GPL-2+ with OpenSSL exception",
+                "Artistic",
+                "public-domain",
+            ]))
+        );
+        assert_eq!(copyright_license_synopses(LIBC6), None);
     }
 
     #[test]

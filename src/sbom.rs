@@ -26,7 +26,8 @@ pub struct SbomPackage {
     /// The source package it was built from, and that source's version.
     pub source: String,
     pub source_version: String,
-    /// The licence names of its DEP-5 copyright file; empty when it gives none.
+    /// The licence expressions of its DEP-5 copyright file, one per distinct `License:`
+    /// synopsis (`GPL-1+ or Artistic`); empty when it gives none.
     pub licenses: Vec<String>,
     /// sha256 of the package file, from the repository's index (none for a local package).
     pub sha256: Option<String>,
@@ -73,7 +74,7 @@ pub fn collect(root: &Root, lock: &Lock) -> Result<Vec<SbomPackage>> {
         .context("listing installed packages and their sources")?;
     let mut out = Vec::new();
     for (name, version, arch, source, source_version) in parse_installed(&text) {
-        let licenses = crate::records::package_licenses(root, &name)?.unwrap_or_default();
+        let licenses = crate::records::package_license_synopses(root, &name)?.unwrap_or_default();
         let sha256 = lock
             .packages
             .iter()
@@ -175,6 +176,136 @@ fn license_ref(dep5: &str) -> String {
     format!("LicenseRef-DEP5-{}", spdx_id_part(dep5))
 }
 
+/// A word of a DEP-5 licence synopsis.
+#[derive(Debug, PartialEq)]
+enum Word {
+    Name(String),
+    /// `AND` or `OR`.
+    Op(&'static str),
+    /// A comma: what precedes it is one group (`A or B, and C` is `(A OR B) AND C`).
+    Comma,
+}
+
+fn words(synopsis: &str) -> Vec<Word> {
+    let mut out = Vec::new();
+    let mut name: Vec<&str> = Vec::new();
+    let flush = |name: &mut Vec<&str>, out: &mut Vec<Word>| {
+        if !name.is_empty() {
+            out.push(Word::Name(name.join(" ")));
+            name.clear();
+        }
+    };
+    for word in synopsis.split_whitespace() {
+        let bare = word.trim_end_matches(',');
+        let op = match bare.to_ascii_lowercase().as_str() {
+            "and" => Some("AND"),
+            "or" | "and/or" => Some("OR"),
+            _ => None,
+        };
+        if let Some(op) = op {
+            flush(&mut name, &mut out);
+            out.push(Word::Op(op));
+        } else if !bare.is_empty() {
+            name.push(bare);
+        }
+        if bare.len() != word.len() {
+            flush(&mut name, &mut out);
+            out.push(Word::Comma);
+        }
+    }
+    flush(&mut name, &mut out);
+    out
+}
+
+/// The SPDX expression of one DEP-5 licence synopsis: names as SPDX ids or `LicenseRef-`s
+/// (each recorded in `refs` with its DEP-5 name), `or`/`and` as `OR`/`AND` (SPDX's `AND`
+/// binds tighter, as DEP-5 reads them), comma-separated groups parenthesised. `None` when it
+/// names no licence.
+fn spdx_expression(
+    synopsis: &str,
+    refs: &mut std::collections::BTreeMap<String, String>,
+) -> Option<String> {
+    // Groups between commas, each with the operator that joins it to the one before.
+    let mut groups: Vec<(Option<&'static str>, Vec<String>)> = vec![(None, Vec::new())];
+    for w in words(synopsis) {
+        let (joiner, terms) = groups.last_mut().expect("one group at least");
+        match w {
+            Word::Name(n) => {
+                let id = spdx_license_id(&n).map(str::to_string).unwrap_or_else(|| {
+                    let r = license_ref(&n);
+                    refs.entry(r.clone()).or_insert(n);
+                    r
+                });
+                if terms.last().is_some_and(|t| t != "AND" && t != "OR") {
+                    terms.push("AND".into());
+                }
+                terms.push(id);
+            }
+            Word::Op(op) if terms.is_empty() => *joiner = Some(op),
+            Word::Op(op) => {
+                if let Some(t) = terms.last_mut().filter(|t| *t == "AND" || *t == "OR") {
+                    *t = op.into();
+                } else {
+                    terms.push(op.into());
+                }
+            }
+            Word::Comma => groups.push((None, Vec::new())),
+        }
+    }
+    let mut out: Vec<String> = Vec::new();
+    let rendered: Vec<(Option<&str>, Vec<String>)> = groups
+        .into_iter()
+        .map(|(j, mut t)| {
+            while t.last().is_some_and(|t| t == "AND" || t == "OR") {
+                t.pop();
+            }
+            (j, t)
+        })
+        .filter(|(_, t)| !t.is_empty())
+        .collect();
+    let several = rendered.len() > 1;
+    for (joiner, terms) in rendered {
+        if !out.is_empty() {
+            out.push(joiner.unwrap_or("AND").to_string());
+        }
+        let group = terms.join(" ");
+        out.push(if several && terms.len() > 1 {
+            format!("({group})")
+        } else {
+            group
+        });
+    }
+    (!out.is_empty()).then(|| out.join(" "))
+}
+
+/// The SPDX expression of a package's licences: every synopsis's expression, each once,
+/// joined by `AND` (an expression with `OR` parenthesised); `None` when they name none.
+fn declared_license(
+    synopses: &[String],
+    refs: &mut std::collections::BTreeMap<String, String>,
+) -> Option<String> {
+    let mut parts: Vec<String> = Vec::new();
+    for e in synopses.iter().filter_map(|s| spdx_expression(s, refs)) {
+        if !parts.contains(&e) {
+            parts.push(e);
+        }
+    }
+    if parts.len() == 1 {
+        return parts.pop();
+    }
+    let wrapped: Vec<String> = parts
+        .into_iter()
+        .map(|e| {
+            if e.contains(" OR ") {
+                format!("({e})")
+            } else {
+                e
+            }
+        })
+        .collect();
+    (!wrapped.is_empty()).then(|| wrapped.join(" AND "))
+}
+
 /// The SPDX 2.3 document (JSON) of a build named `name` whose spec has `digest`, made at
 /// `created` (RFC 3339).
 pub fn spdx(
@@ -216,22 +347,8 @@ pub fn spdx(
             spdx_id_part(&p.name),
             spdx_id_part(&p.arch)
         );
-        let declared = if p.licenses.is_empty() {
-            "NOASSERTION".to_string()
-        } else {
-            p.licenses
-                .iter()
-                .map(|l| match spdx_license_id(l) {
-                    Some(id) => id.to_string(),
-                    None => {
-                        let r = license_ref(l);
-                        extracted.entry(r.clone()).or_insert_with(|| l.clone());
-                        r
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join(" AND ")
-        };
+        let declared = declared_license(&p.licenses, &mut extracted)
+            .unwrap_or_else(|| "NOASSERTION".to_string());
         let mut pkg = json!({
             "name": p.name,
             "SPDXID": id,
@@ -352,16 +469,38 @@ pub fn cyclonedx(
                 {"name": "debimg:source-version", "value": p.source_version},
             ],
         });
-        if !p.licenses.is_empty() {
-            c["licenses"] = Value::Array(
-                p.licenses
-                    .iter()
-                    .map(|l| match spdx_license_id(l) {
-                        Some(id) => json!({"license": {"id": id}}),
-                        None => json!({"license": {"name": l}}),
-                    })
-                    .collect(),
-            );
+        // Single names as licences; a choice among licences as one SPDX expression.
+        let names: Option<Vec<String>> = p
+            .licenses
+            .iter()
+            .map(|l| match words(l).as_slice() {
+                [Word::Name(n)] => Some(n.clone()),
+                _ => None,
+            })
+            .collect();
+        match names {
+            Some(names) if !names.is_empty() => {
+                let mut seen = Vec::new();
+                for n in names {
+                    if !seen.contains(&n) {
+                        seen.push(n);
+                    }
+                }
+                c["licenses"] = Value::Array(
+                    seen.iter()
+                        .map(|l| match spdx_license_id(l) {
+                            Some(id) => json!({"license": {"id": id}}),
+                            None => json!({"license": {"name": l}}),
+                        })
+                        .collect(),
+                );
+            }
+            Some(_) => {}
+            None => {
+                if let Some(e) = declared_license(&p.licenses, &mut Default::default()) {
+                    c["licenses"] = json!([{ "expression": e }]);
+                }
+            }
         }
         if let Some(sha) = &p.sha256 {
             c["hashes"] = json!([{"alg": "SHA-256", "content": sha}]);
@@ -428,6 +567,46 @@ mod tests {
     }
 
     #[test]
+    fn dep5_expressions_keep_their_choices() {
+        let mut refs = Default::default();
+        let e = |s: &str, refs: &mut _| spdx_expression(s, refs);
+        assert_eq!(
+            e("Artistic or GPL-1+", &mut refs).unwrap(),
+            "Artistic-1.0-Perl OR GPL-1.0-or-later"
+        );
+        assert_eq!(
+            e("GPL-2+ OR Artistic-2.0, AND BSD-3-clause", &mut refs).unwrap(),
+            "(GPL-2.0-or-later OR Artistic-2.0) AND BSD-3-Clause"
+        );
+        assert_eq!(
+            e("GPL-2+ and/or  BSD-3-clause", &mut refs).unwrap(),
+            "GPL-2.0-or-later OR BSD-3-Clause"
+        );
+        assert_eq!(
+            e("GPL-2+ with OpenSSL exception", &mut refs).unwrap(),
+            "LicenseRef-DEP5-GPL-2--with-OpenSSL-exception"
+        );
+        assert_eq!(
+            refs.get("LicenseRef-DEP5-GPL-2--with-OpenSSL-exception")
+                .map(String::as_str),
+            Some("GPL-2+ with OpenSSL exception")
+        );
+        // Dangling operators and commas name nothing.
+        assert_eq!(e("or MIT and", &mut refs).unwrap(), "MIT");
+        assert_eq!(e(", and", &mut refs), None);
+        // A package: each expression once, choices parenthesised, all of them apply.
+        let synopses: Vec<String> = ["Artistic or GPL-1+", "Expat", "Artistic or GPL-1+"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            declared_license(&synopses, &mut refs).unwrap(),
+            "(Artistic-1.0-Perl OR GPL-1.0-or-later) AND MIT"
+        );
+        assert_eq!(declared_license(&[], &mut refs), None);
+    }
+
+    #[test]
     fn licences_become_spdx_ids_or_declared_refs() {
         let digests = Digests {
             size: 1,
@@ -442,6 +621,7 @@ mod tests {
             pkg("bash", "5.2", &["GPL-3+"]),
             pkg("less", "590", &["GPL-3+", "BSD-2-clause", "less"]),
             pkg("nolic", "1", &[]),
+            pkg("perl", "5.36", &["GPL-1+ or Artistic", "Artistic"]),
         ];
         let s = spdx("x", "d", "2023-11-14T22:13:20Z", &packages, &images);
         let p = &s["packages"];
@@ -465,6 +645,15 @@ mod tests {
         assert_eq!(comps.len(), 1 + packages.len());
         assert_eq!(comps[2]["licenses"][2]["license"]["name"], "less");
         assert_eq!(comps[2]["licenses"][1]["license"]["id"], "BSD-2-Clause");
+        // A choice: one expression, in both documents.
+        assert_eq!(
+            p[4]["licenseDeclared"],
+            "(GPL-1.0-or-later OR Artistic-1.0-Perl) AND Artistic-1.0-Perl"
+        );
+        assert_eq!(
+            comps[4]["licenses"],
+            json!([{"expression": "(GPL-1.0-or-later OR Artistic-1.0-Perl) AND Artistic-1.0-Perl"}])
+        );
         // The same inputs, the same documents.
         assert_eq!(
             s,
