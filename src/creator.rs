@@ -169,7 +169,7 @@ pub struct Handoff {
     /// The kind's name (`fs-images`, `tarball`, `disk`).
     pub kind: String,
     pub staged: Vec<Staged>,
-    /// Records: (output name, file).
+    /// The records the spec asks for, in its order, then the lock: (output name, file).
     pub extra: Vec<(String, PathBuf)>,
     pub attached: Vec<Attached>,
     pub release_metas: Vec<ReleaseMeta>,

@@ -133,6 +133,14 @@ pub fn spdx_license_id(dep5: &str) -> Option<&'static str> {
         ("lgpl-2+", "LGPL-2.0-or-later"),
         ("lgpl-2.1", "LGPL-2.1-only"),
         ("lgpl-2.1+", "LGPL-2.1-or-later"),
+        ("lgpl-2.0", "LGPL-2.0-only"),
+        ("lgpl-2.0+", "LGPL-2.0-or-later"),
+        ("lgpl-3.0", "LGPL-3.0-only"),
+        ("lgpl-3.0+", "LGPL-3.0-or-later"),
+        ("agpl-3.0", "AGPL-3.0-only"),
+        ("agpl-3.0+", "AGPL-3.0-or-later"),
+        ("apache-2", "Apache-2.0"),
+        ("mpl-2", "MPL-2.0"),
         ("lgpl-3", "LGPL-3.0-only"),
         ("lgpl-3+", "LGPL-3.0-or-later"),
         ("agpl-3", "AGPL-3.0-only"),
@@ -249,61 +257,130 @@ fn spdx_expression(
                     terms.push(op.into());
                 }
             }
-            Word::Comma => groups.push((None, Vec::new())),
+            Word::Comma => {
+                // `A or, B`: the operator before the comma joins the next group.
+                let carried = match terms.last().map(String::as_str) {
+                    Some("AND") => Some("AND"),
+                    Some("OR") => Some("OR"),
+                    _ => None,
+                };
+                if carried.is_some() {
+                    terms.pop();
+                }
+                groups.push((carried, Vec::new()));
+            }
         }
     }
-    let mut out: Vec<String> = Vec::new();
-    let rendered: Vec<(Option<&str>, Vec<String>)> = groups
-        .into_iter()
-        .map(|(j, mut t)| {
-            while t.last().is_some_and(|t| t == "AND" || t == "OR") {
-                t.pop();
-            }
-            (j, t)
-        })
-        .filter(|(_, t)| !t.is_empty())
-        .collect();
-    let several = rendered.len() > 1;
-    for (joiner, terms) in rendered {
-        if !out.is_empty() {
-            out.push(joiner.unwrap_or("AND").to_string());
+    // Left to right, as DEP-5 reads commas: `A, and B, or C` is `(A AND B) OR C`.
+    let mut out = String::new();
+    let mut top: Option<&str> = None;
+    let several = groups.iter().filter(|(_, t)| !t.is_empty()).count() > 1;
+    for (joiner, mut terms) in groups {
+        while terms.last().is_some_and(|t| t == "AND" || t == "OR") {
+            terms.pop();
         }
+        if terms.is_empty() {
+            continue;
+        }
+        // SPDX's AND binds tighter than OR: a group needs parentheses only if it holds an OR;
+        // what came before, when the operator changes (for the reader's sake too).
         let group = terms.join(" ");
-        out.push(if several && terms.len() > 1 {
+        let group = if several && terms.iter().any(|t| t == "OR") {
             format!("({group})")
         } else {
             group
-        });
+        };
+        if out.is_empty() {
+            out = group;
+            continue;
+        }
+        let op = joiner.unwrap_or("AND");
+        if top.is_some_and(|t| t != op) {
+            out = format!("({out})");
+        }
+        out = format!("{out} {op} {group}");
+        top = Some(op);
     }
-    (!out.is_empty()).then(|| out.join(" "))
+    (!out.is_empty()).then_some(out)
 }
 
-/// The SPDX expression of a package's licences: every synopsis's expression, each once,
-/// joined by `AND` (an expression with `OR` parenthesised); `None` when they name none.
+/// The SPDX expression of a package's licences: the terms every synopsis's expression joins by
+/// `AND` at its top level, each once, joined by `AND` (a term with an `OR` of its own
+/// parenthesised); `None` when they name none.
 fn declared_license(
     synopses: &[String],
     refs: &mut std::collections::BTreeMap<String, String>,
 ) -> Option<String> {
-    let mut parts: Vec<String> = Vec::new();
+    let mut terms: Vec<String> = Vec::new();
     for e in synopses.iter().filter_map(|s| spdx_expression(s, refs)) {
-        if !parts.contains(&e) {
-            parts.push(e);
+        let split = top_level_and_terms(&e);
+        let several = split.len() > 1;
+        for t in split {
+            // A whole expression of ORs is one term; after splitting, a term with a top-level
+            // OR is parenthesised already.
+            let t = if !several && t.contains(" OR ") && !is_parenthesised(&t) {
+                format!("({t})")
+            } else {
+                t
+            };
+            if !terms.contains(&t) {
+                terms.push(t);
+            }
         }
     }
-    if parts.len() == 1 {
-        return parts.pop();
+    if terms.len() == 1 && !is_parenthesised(&terms[0]) {
+        return terms.pop();
     }
-    let wrapped: Vec<String> = parts
-        .into_iter()
-        .map(|e| {
-            if e.contains(" OR ") {
-                format!("({e})")
-            } else {
-                e
+    if terms.len() == 1 {
+        let t = terms.pop().expect("one term");
+        return Some(t[1..t.len() - 1].to_string());
+    }
+    (!terms.is_empty()).then(|| terms.join(" AND "))
+}
+
+/// The operands of the `AND`s at the top level of `e` (outside any parentheses).
+fn top_level_and_terms(e: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let (mut depth, mut start) = (0usize, 0usize);
+    let bytes = e.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'(' => depth += 1,
+            b')' => depth = depth.saturating_sub(1),
+            b' ' if depth == 0 && e[i..].starts_with(" AND ") => {
+                out.push(e[start..i].to_string());
+                i += " AND ".len();
+                start = i;
+                continue;
             }
-        })
-        .collect();
-    (!wrapped.is_empty()).then(|| wrapped.join(" AND "))
+            _ => {}
+        }
+        i += 1;
+    }
+    out.push(e[start..].to_string());
+    out
+}
+
+/// Whether `e` is one parenthesised expression: `(A OR B)`, not `(A) OR (B)`.
+fn is_parenthesised(e: &str) -> bool {
+    if !(e.starts_with('(') && e.ends_with(')')) {
+        return false;
+    }
+    let mut depth = 0usize;
+    for (i, c) in e.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 && i != e.len() - 1 {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    true
 }
 
 /// The SPDX 2.3 document (JSON) of a build named `name` whose spec has `digest`, made at
@@ -469,37 +546,32 @@ pub fn cyclonedx(
                 {"name": "debimg:source-version", "value": p.source_version},
             ],
         });
-        // Single names as licences; a choice among licences as one SPDX expression.
-        let names: Option<Vec<String>> = p
-            .licenses
-            .iter()
-            .map(|l| match words(l).as_slice() {
-                [Word::Name(n)] => Some(n.clone()),
-                _ => None,
-            })
-            .collect();
-        match names {
-            Some(names) if !names.is_empty() => {
-                let mut seen = Vec::new();
-                for n in names {
-                    if !seen.contains(&n) {
-                        seen.push(n);
-                    }
+        // Licences that all apply as a list of licences (their DEP-5 names kept where SPDX
+        // has none); a choice among licences as one SPDX expression.
+        let all: Vec<Word> = p.licenses.iter().flat_map(|l| words(l)).collect();
+        if all.contains(&Word::Op("OR")) {
+            if let Some(e) = declared_license(&p.licenses, &mut Default::default()) {
+                c["licenses"] = json!([{ "expression": e }]);
+            }
+        } else {
+            let mut names: Vec<&str> = Vec::new();
+            for w in &all {
+                if let Word::Name(n) = w
+                    && !names.contains(&n.as_str())
+                {
+                    names.push(n);
                 }
+            }
+            if !names.is_empty() {
                 c["licenses"] = Value::Array(
-                    seen.iter()
+                    names
+                        .iter()
                         .map(|l| match spdx_license_id(l) {
                             Some(id) => json!({"license": {"id": id}}),
                             None => json!({"license": {"name": l}}),
                         })
                         .collect(),
                 );
-            }
-            Some(_) => {}
-            None => {
-                if let Some(e) = declared_license(&p.licenses, &mut Default::default()) {
-                    c["licenses"] = json!([{ "expression": e }]);
-                }
             }
         }
         if let Some(sha) = &p.sha256 {
@@ -591,6 +663,15 @@ mod tests {
                 .map(String::as_str),
             Some("GPL-2+ with OpenSSL exception")
         );
+        // Commas group left to right; an operator before a comma joins what follows it.
+        assert_eq!(
+            e("MIT, and ISC, or Zlib, and curl", &mut refs).unwrap(),
+            "((MIT AND ISC) OR Zlib) AND curl"
+        );
+        assert_eq!(
+            e("GPL-2+ or, MIT", &mut refs).unwrap(),
+            "GPL-2.0-or-later OR MIT"
+        );
         // Dangling operators and commas name nothing.
         assert_eq!(e("or MIT and", &mut refs).unwrap(), "MIT");
         assert_eq!(e(", and", &mut refs), None);
@@ -604,6 +685,31 @@ mod tests {
             "(Artistic-1.0-Perl OR GPL-1.0-or-later) AND MIT"
         );
         assert_eq!(declared_license(&[], &mut refs), None);
+        // Terms that repeat across lines are named once (coreutils, perl-base).
+        let d = |l: &[&str], refs: &mut _| {
+            let v: Vec<String> = l.iter().map(|s| s.to_string()).collect();
+            declared_license(&v, refs).unwrap()
+        };
+        assert_eq!(
+            d(
+                &["GPL-3+", "GPL-3+ and ISC", "GPL-3+ and FSFULLR"],
+                &mut refs
+            ),
+            "GPL-3.0-or-later AND ISC AND FSFULLR"
+        );
+        assert_eq!(
+            d(
+                &["GPL-1+ or Artistic", "Zlib, and GPL-1+ or Artistic"],
+                &mut refs
+            ),
+            "(GPL-1.0-or-later OR Artistic-1.0-Perl) AND Zlib"
+        );
+        assert_eq!(
+            d(&["MIT or GPL-1+ or Artistic"], &mut refs),
+            "MIT OR GPL-1.0-or-later OR Artistic-1.0-Perl"
+        );
+        assert!(is_parenthesised("(A OR (B))"));
+        assert!(!is_parenthesised("(A) OR (B)"));
     }
 
     #[test]
@@ -621,7 +727,8 @@ mod tests {
             pkg("bash", "5.2", &["GPL-3+"]),
             pkg("less", "590", &["GPL-3+", "BSD-2-clause", "less"]),
             pkg("nolic", "1", &[]),
-            pkg("perl", "5.36", &["GPL-1+ or Artistic", "Artistic"]),
+            pkg("perl", "5.36", &["GPL-1+ or Artistic", "BSD-3-clause"]),
+            pkg("both", "1", &["GPL-2+ and Expat, and less"]),
         ];
         let s = spdx("x", "d", "2023-11-14T22:13:20Z", &packages, &images);
         let p = &s["packages"];
@@ -648,11 +755,24 @@ mod tests {
         // A choice: one expression, in both documents.
         assert_eq!(
             p[4]["licenseDeclared"],
-            "(GPL-1.0-or-later OR Artistic-1.0-Perl) AND Artistic-1.0-Perl"
+            "(GPL-1.0-or-later OR Artistic-1.0-Perl) AND BSD-3-Clause"
         );
         assert_eq!(
             comps[4]["licenses"],
-            json!([{"expression": "(GPL-1.0-or-later OR Artistic-1.0-Perl) AND Artistic-1.0-Perl"}])
+            json!([{"expression": "(GPL-1.0-or-later OR Artistic-1.0-Perl) AND BSD-3-Clause"}])
+        );
+        // Licences that all apply: a list in CycloneDX, the DEP-5 names kept.
+        assert_eq!(
+            p[5]["licenseDeclared"],
+            "GPL-2.0-or-later AND MIT AND LicenseRef-DEP5-less"
+        );
+        assert_eq!(
+            comps[5]["licenses"],
+            json!([
+                {"license": {"id": "GPL-2.0-or-later"}},
+                {"license": {"id": "MIT"}},
+                {"license": {"name": "less"}}
+            ])
         );
         // The same inputs, the same documents.
         assert_eq!(

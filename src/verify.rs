@@ -45,6 +45,9 @@ pub fn same_files(format: &str) -> String {
                     subvolume UUIDs, the times of its own trees), which no btrfs build repeats"
             .into(),
         "tar" => "no file differs: only the archive's own bytes (member order or headers)".into(),
+        "gpt" | "mbr" => "no file differs in the partitions compared: only the disk's own bytes \
+                          (partition table, boot code, filesystem metadata or layout)"
+            .into(),
         _ => "no file differs: only the image's own bytes (filesystem metadata or layout)".into(),
     }
 }
@@ -166,20 +169,19 @@ fn unpacked_differences(
         }
         "gpt" | "mbr" => disk_differences(ra, rb, ta, tb),
         fs => {
+            if fs == "btrfs" {
+                distinct_btrfs_id(rb);
+            }
             let (la, ma) = mount_ro(ra, fs, ta)?;
             let (lb, mb) = match mount_ro(rb, fs, tb) {
                 Ok(m) => m,
                 Err(e) => {
-                    ma.close()?;
-                    la.close()?;
+                    ma.close().and(la.close())?;
                     return Ok(vec![format!("/: not compared ({e:#})")]);
                 }
             };
             let d = tree_differences(ta, tb);
-            mb.close()?;
-            ma.close()?;
-            lb.close()?;
-            la.close()?;
+            mb.close().and(ma.close()).and(lb.close()).and(la.close())?;
             Ok(d)
         }
     }
@@ -221,6 +223,16 @@ fn mount_ro(raw: &Path, fs: &str, at: &Path) -> Result<(LoopDevice, Mount)> {
             dev.close()?;
             Err(e)
         }
+    }
+}
+
+/// Gives the rebuild's own copy of a btrfs filesystem (a file or a partition of one) another
+/// fsid: both have the one the spec derives, and a kernel without temp-fsid (before 6.7)
+/// refuses to mount the second. `btrfstune -m` keeps the metadata UUID, so nothing else
+/// changes. Where it fails, the mount may still succeed (or says why not).
+fn distinct_btrfs_id(copy: &Path) {
+    if let Err(e) = Command::new("btrfstune").arg("-m").arg(copy).run() {
+        tracing::debug!("btrfstune -m {}: {e:#}", copy.display());
     }
 }
 
@@ -272,6 +284,9 @@ fn partition_differences(
         let (sa, sb) = (ta.join(format!("p{n}")), tb.join(format!("p{n}")));
         std::fs::create_dir_all(&sa)?;
         std::fs::create_dir_all(&sb)?;
+        if fs == "btrfs" {
+            distinct_btrfs_id(&pb);
+        }
         let ma = match mount_dev(&pa, &fs, &sa) {
             Ok(m) => m,
             Err(e) => {
@@ -292,8 +307,7 @@ fn partition_differences(
                 .into_iter()
                 .map(|d| format!("partition {n}: {d}")),
         );
-        mb.close()?;
-        ma.close()?;
+        mb.close().and(ma.close())?;
     }
     Ok(out)
 }
