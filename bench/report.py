@@ -308,7 +308,4 @@ p("Cold means no package or base-tree cache for any of the three: debimg gets an
   "unmount, detach, `tune2fs -O has_journal`, `e2fsck -fy`, `resize2fs -M`, truncate, `gzip -6`, "
   "`md5sum` of both) inside `unshare -m --propagation private`.")
 p("")
-p("What a reproducible build (`source_date_epoch`) costs against a plain one: "
-  "[benchmarks-reproducible.md](benchmarks-reproducible.md), by `bench/reproducible`.")
-p("")
 print("\n".join(out))
