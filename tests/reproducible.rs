@@ -52,6 +52,21 @@ fn build_twice(
     (work, [a, b])
 }
 
+/// `debimg verify SPEC --against OUT`, rebuilding under `build_dir` from the test cache.
+fn verify(spec: &Path, out: &Path, build_dir: &Path) -> Run {
+    debimg(&[
+        "verify",
+        spec.to_str().unwrap(),
+        "--against",
+        out.to_str().unwrap(),
+        "--build-dir",
+        build_dir.to_str().unwrap(),
+        "--cache-dir",
+        TEST_CACHE,
+        "-q",
+    ])
+}
+
 /// The files of an output directory (names, sorted), without its lock.
 fn listing(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -516,19 +531,7 @@ fn verify_says_identical_then_names_the_file_a_changed_spec_changes() {
     let (build_dir, out) = (work.path().join("build"), work.path().join("out"));
     std::fs::create_dir_all(&build_dir).unwrap();
     build(&spec, &out, &build_dir, &[]).assert_ok("the build to check");
-    let verify = || {
-        debimg(&[
-            "verify",
-            spec.to_str().unwrap(),
-            "--against",
-            out.to_str().unwrap(),
-            "--build-dir",
-            build_dir.to_str().unwrap(),
-            "--cache-dir",
-            TEST_CACHE,
-            "-q",
-        ])
-    };
+    let verify = || verify(&spec, &out, &build_dir);
     let same = verify();
     same.assert_ok("verify of an unchanged spec");
     assert!(
@@ -667,17 +670,7 @@ fn xfs_and_btrfs_rebuilds_hold_the_same_files_and_verify_says_so() {
     let (build_dir, out) = (work.path().join("build"), work.path().join("out"));
     std::fs::create_dir_all(&build_dir).unwrap();
     build(&spec, &out, &build_dir, &[]).assert_ok("the build to check");
-    let run = debimg(&[
-        "verify",
-        spec.to_str().unwrap(),
-        "--against",
-        out.to_str().unwrap(),
-        "--build-dir",
-        build_dir.to_str().unwrap(),
-        "--cache-dir",
-        TEST_CACHE,
-        "-q",
-    ]);
+    let run = verify(&spec, &out, &build_dir);
     assert_eq!(run.code(), Some(1), "{}", run.stderr());
     let report = run.stdout();
     for (image, fs) in [("xb-var.img", "xfs"), ("xb-srv.img", "btrfs")] {
