@@ -355,10 +355,14 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1)]
     pub local_workers: usize,
     /// A shell command run after each job ends, with DEBIMG_JOB_ID, DEBIMG_JOB_STATE,
-    /// DEBIMG_JOB_NAME, DEBIMG_JOB_EMAIL, DEBIMG_BUILD_ID and DEBIMG_ARTIFACT_DIR in its
-    /// environment; its exit and output are recorded on the job.
+    /// DEBIMG_JOB_NAME, DEBIMG_JOB_EMAIL, DEBIMG_BUILD_ID and DEBIMG_ARTIFACT_DIR in an
+    /// otherwise clean environment (name and email are data: checked at submit, never
+    /// expanded); its exit is recorded on the job, its output shown to admins only.
     #[arg(long, value_name = "CMD")]
     pub post_creation: Option<String>,
+    /// Seconds the post-creation command may run; then it is killed with its process group.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    pub post_creation_timeout: u64,
     /// The package and base-tree caches the builds share.
     #[arg(long, default_value = DEFAULT_CACHE_DIR)]
     pub cache_dir: PathBuf,
@@ -414,8 +418,13 @@ pub enum TokenAction {
     /// Make a token for NAME and print it alone on stdout, once (only its hash is stored).
     Add {
         name: String,
-        /// An admin sees every job and is not limited; workers need an admin token.
-        #[arg(long)]
+        /// What the token may do: `user` submits jobs and sees its own; `admin` sees every
+        /// job and is not limited; `worker` claims builds and reports the ones it holds, and
+        /// nothing else (what `debimg worker` needs).
+        #[arg(long, value_enum, default_value = "user")]
+        role: debimg::service::store::Role,
+        /// The same as `--role admin`.
+        #[arg(long, conflicts_with = "role")]
         admin: bool,
         #[arg(long, default_value = debimg::service::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,

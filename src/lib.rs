@@ -10,6 +10,7 @@
 pub mod boottest;
 pub mod cache;
 pub mod creator;
+pub mod environ;
 pub mod error;
 pub mod event;
 pub mod fuel;

@@ -26,6 +26,20 @@ use debimg::spec::Container;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A build's processes (and the scripts it runs as root) can read /proc/1/environ: a build
+    // forgets every variable outside the allowlist before it starts (a token, a password in a
+    // URL, a cloud key of whoever runs it).
+    if matches!(
+        cli.command,
+        Command::Build { .. }
+            | Command::Verify { .. }
+            | Command::Lock { .. }
+            | Command::VmImage { .. }
+    ) && let Err(e) = debimg::environ::reexec_clean()
+    {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(1);
+    }
     init_logging(cli.verbose, cli.quiet);
     ExitCode::from(match run(&cli) {
         Ok(()) => 0,
@@ -659,25 +673,26 @@ fn serve(action: Option<&ServeAction>, args: &ServeArgs) -> anyhow::Result<()> {
         Some(ServeAction::Token { action }) => match action {
             TokenAction::Add {
                 name,
+                role,
                 admin,
                 state_dir,
             } => {
+                let role = if *admin {
+                    debimg::service::store::Role::Admin
+                } else {
+                    *role
+                };
                 anyhow::ensure!(
                     !name.is_empty() && name.len() <= 64 && !name.chars().any(char::is_control),
                     "a token's name is 1 to 64 characters, without control characters"
                 );
-                let token = open(state_dir)?.add_token(name, *admin)?;
+                let token = open(state_dir)?.add_token(name, role)?;
                 println!("{token}");
                 Ok(())
             }
             TokenAction::List { state_dir } => {
                 for t in open(state_dir)?.tokens()? {
-                    println!(
-                        "{}\t{}\t{}",
-                        t.name,
-                        if t.admin { "admin" } else { "user" },
-                        t.created
-                    );
+                    println!("{}\t{}\t{}", t.name, t.role.as_str(), t.created);
                 }
                 Ok(())
             }
@@ -714,6 +729,7 @@ fn serve(action: Option<&ServeAction>, args: &ServeArgs) -> anyhow::Result<()> {
                 amqp: args.amqp.clone(),
                 max_streams: args.max_streams,
                 isolation: args.isolation,
+                post_creation_timeout: std::time::Duration::from_secs(args.post_creation_timeout),
             };
             debimg::service::http::serve(config)
         }

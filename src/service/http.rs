@@ -86,10 +86,25 @@ impl FromRequestParts<Shared> for Auth {
                  makes one)",
             ));
         };
-        match service.store.caller(token)? {
-            Some(caller) => Ok(Auth(caller)),
-            None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unknown token")),
+        let Some(caller) = service.store.caller(token)? else {
+            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unknown token"));
+        };
+        // A worker's token claims and reports builds, and does nothing else; no other token
+        // reports a build.
+        let build_route = parts.uri.path().starts_with("/api/v1/builds/");
+        if caller.worker && !build_route {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "a worker's token only claims and reports builds",
+            ));
         }
+        if !caller.worker && build_route {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "workers need a worker's token (`debimg serve token add NAME --role worker`)",
+            ));
+        }
+        Ok(Auth(caller))
     }
 }
 
@@ -145,12 +160,13 @@ pub const ROUTES: &[&str] = &[
 /// The header that carries a worker's lease.
 pub const LEASE_HEADER: &str = "x-debimg-lease";
 
-/// A worker's call: an admin's token and, but for a claim, the lease of the build it names.
+/// A worker's call: a worker's token (the extractor refused every other) and, but for a
+/// claim, the lease of a build this token claimed.
 fn worker_call(caller: &Caller) -> Result<(), ApiError> {
-    if !caller.admin {
+    if !caller.worker {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "workers need an admin token (`debimg serve token add NAME --admin`)",
+            "workers need a worker's token (`debimg serve token add NAME --role worker`)",
         ));
     }
     Ok(())
@@ -172,10 +188,15 @@ fn lost() -> ApiError {
     )
 }
 
-/// The lease of a worker's call, checked against the build.
-fn held_lease(service: &Service, id: &str, headers: &HeaderMap) -> Result<String, ApiError> {
+/// The lease of a worker's call, checked against the build and the token that claimed it.
+fn held_lease(
+    service: &Service,
+    caller: &Caller,
+    id: &str,
+    headers: &HeaderMap,
+) -> Result<String, ApiError> {
     let lease = lease_of(headers)?;
-    if !super::is_build_id(id) || !service.store.holds(id, &lease)? {
+    if !super::is_build_id(id) || !service.store.holds_for(id, &lease, &caller.name)? {
         return Err(lost());
     }
     Ok(lease)
@@ -205,8 +226,21 @@ async fn claim(
         return Err(ApiError::new(StatusCode::NOT_FOUND, "no such build"));
     }
     let lease_secs = service.config.lease_secs;
-    match service.store.claim(&id, worker, lease_secs)? {
+    match service.store.claim(&id, worker, &caller.name, lease_secs)? {
         Some(claim) => {
+            let s = Arc::clone(&service);
+            let c = claim.clone();
+            let admitted = tokio::task::spawn_blocking(move || s.admit(&c))
+                .await
+                .map_err(|e| anyhow::anyhow!("checking a claimed build: {e}"))??;
+            if !admitted {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "build {id} is refused under this server's isolation; it failed unbuilt"
+                    ),
+                ));
+            }
             if let Ok(mut log) = service.open_log(&id) {
                 super::runner::append(
                     &mut log,
@@ -238,7 +272,7 @@ async fn renew(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     worker_call(&caller)?;
-    let lease = lease_of(&headers)?;
+    let lease = held_lease(&service, &caller, &id, &headers)?;
     match service
         .store
         .renew(&id, &lease, service.config.lease_secs)?
@@ -262,7 +296,7 @@ async fn stage(
 ) -> Result<Response, ApiError> {
     let Auth(caller) = auth?;
     worker_call(&caller)?;
-    let lease = lease_of(&headers)?;
+    let lease = held_lease(&service, &caller, &id, &headers)?;
     if crate::stage::Stage::ALL
         .iter()
         .all(|s| s.name() != body.stage)
@@ -286,7 +320,7 @@ async fn append_log(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     worker_call(&caller)?;
-    held_lease(&service, &id, &headers)?;
+    held_lease(&service, &caller, &id, &headers)?;
     let mut log = service.open_log(&id)?;
     super::runner::append_capped(&mut log, &body);
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -308,7 +342,7 @@ async fn upload(
     use sha2::Digest;
     use std::io::Write;
     worker_call(&caller)?;
-    let lease = held_lease(&service, &id, &headers)?;
+    let lease = held_lease(&service, &caller, &id, &headers)?;
     let parts: Vec<&str> = name.split('/').collect();
     if name.len() > 4096
         || parts
@@ -386,7 +420,7 @@ async fn finish(
 ) -> Result<Response, ApiError> {
     let Auth(caller) = auth?;
     worker_call(&caller)?;
-    let lease = held_lease(&service, &id, &headers)?;
+    let lease = held_lease(&service, &caller, &id, &headers)?;
     if !matches!(body.state.as_str(), "succeeded" | "failed" | "cancelled") {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -488,16 +522,15 @@ async fn submit(
             ),
         ));
     }
-    for (field, value) in [("name", &body.name), ("email", &body.email)] {
-        if value
-            .as_ref()
-            .is_some_and(|v| v.len() > 256 || v.chars().any(char::is_control))
-        {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("`{field}` must be at most 256 characters, without control characters"),
-            ));
-        }
+    // Both reach the admin's post-creation command (and perhaps a mail program): text that
+    // is only text.
+    let problem = body
+        .name
+        .as_deref()
+        .and_then(super::hook::name_problem)
+        .or_else(|| body.email.as_deref().and_then(super::hook::email_problem));
+    if let Some(problem) = problem {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, problem));
     }
     let checked = match check_spec(&body.spec, caller.admin, service.config.isolation) {
         Ok(c) => c,
@@ -514,8 +547,11 @@ async fn submit(
         &caller,
         &name,
         &email,
-        &body.spec,
-        &checked.digest,
+        &super::store::NewBuild {
+            spec: &body.spec,
+            digest: &checked.digest,
+            isolation: service.config.isolation.as_str(),
+        },
         &service.config.limits,
     )?;
     let (id, joined) = match submitted {

@@ -9,6 +9,7 @@
 
 pub mod amqp;
 pub mod client;
+pub mod hook;
 pub mod http;
 pub mod runner;
 pub mod store;
@@ -69,6 +70,8 @@ pub struct Config {
     pub max_streams: usize,
     /// Which builds run inside a throwaway machine (`debimg build --vm`).
     pub isolation: Isolation,
+    /// How long the post-creation command may run before it is killed.
+    pub post_creation_timeout: Duration,
 }
 
 /// Which builds of the service run inside a throwaway machine (`debimg build --vm`).
@@ -92,6 +95,15 @@ impl Isolation {
             Isolation::Host => false,
             Isolation::Untrusted => !trusted,
             Isolation::Vm => true,
+        }
+    }
+
+    /// Its name, as `--isolation` spells it and the store keeps it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Host => "host",
+            Isolation::Untrusted => "untrusted",
+            Isolation::Vm => "vm",
         }
     }
 
@@ -601,7 +613,7 @@ impl Service {
             }
             if problem.is_none() {
                 let spec = self.store.build_spec(id)?.unwrap_or_default();
-                problem = runner::metadata_problem(&dir, &artifacts, &runner::metadata_name(&spec));
+                problem = runner::metadata_problem(&dir, &artifacts, &spec);
             }
         }
         let (state, error, artifacts) = match (state.as_str(), &problem) {
@@ -635,6 +647,44 @@ impl Service {
         self.log_line(id, line.as_bytes());
         self.after_build(id);
         Ok(Some((state, problem)))
+    }
+
+    /// Checks a claimed build's spec again, against the isolation in force now (a build
+    /// queued under `--isolation untrusted` may be claimed after a restart with `host`): a
+    /// spec the server would not accept now fails, unbuilt, with the reason. True when the
+    /// build may go on.
+    pub fn admit(&self, claim: &store::Claim) -> Result<bool> {
+        let Err(refusal) = check_spec(&claim.spec, claim.trusted, self.config.isolation) else {
+            return Ok(true);
+        };
+        let error = serde_json::json!({
+            "kind": "invalid-spec",
+            "message": format!(
+                "refused when claimed: {} (it was accepted under --isolation {}; this server \
+                 now runs with --isolation {})",
+                refusal.error,
+                claim.isolation,
+                self.config.isolation.as_str()
+            ),
+            "problems": refusal.problems,
+        });
+        if let Ok(mut log) = self.open_log(&claim.build_id) {
+            runner::append(
+                &mut log,
+                format!(
+                    "debimg serve: {}\n",
+                    error["message"].as_str().unwrap_or("")
+                )
+                .as_bytes(),
+            );
+        }
+        if self
+            .store
+            .finish(&claim.build_id, &claim.lease, "failed", Some(&error), &[])?
+        {
+            self.after_build(&claim.build_id);
+        }
+        Ok(false)
     }
 
     /// Removes the files of build `id` (its record is gone).
@@ -679,26 +729,35 @@ impl Service {
             .join(build_id)
             .join("out");
         let started = std::time::Instant::now();
-        let result = std::process::Command::new("/bin/sh")
-            .arg("-c")
-            .arg(cmd)
-            .env("DEBIMG_JOB_ID", &job.id)
-            .env("DEBIMG_JOB_STATE", &job.state)
-            .env("DEBIMG_JOB_NAME", &job.name)
-            .env("DEBIMG_JOB_EMAIL", &job.email)
-            .env("DEBIMG_BUILD_ID", build_id)
-            .env("DEBIMG_ARTIFACT_DIR", &out)
-            .stdin(std::process::Stdio::null())
-            .output();
+        let out = out.display().to_string();
+        let result = hook::run(
+            cmd,
+            &[
+                ("DEBIMG_JOB_ID", &job.id),
+                ("DEBIMG_JOB_STATE", &job.state),
+                ("DEBIMG_JOB_NAME", &job.name),
+                ("DEBIMG_JOB_EMAIL", &job.email),
+                ("DEBIMG_BUILD_ID", build_id),
+                ("DEBIMG_ARTIFACT_DIR", &out),
+            ],
+            self.config.post_creation_timeout,
+        );
+        // The output is the admin's command's: the job shows it to admins alone.
         let report = match result {
-            Ok(o) => {
-                let mut text = o.stdout;
-                text.extend_from_slice(&o.stderr);
+            Ok(r) => {
+                let mut output = runner::tail_lines(&r.output, 20);
+                if r.timed_out {
+                    output.push(format!(
+                        "debimg serve: the command did not end within {} s and was killed",
+                        self.config.post_creation_timeout.as_secs()
+                    ));
+                }
                 serde_json::json!({
-                    "ok": o.status.success(),
-                    "exit_code": o.status.code(),
+                    "ok": r.success,
+                    "exit_code": r.exit_code,
+                    "timed_out": r.timed_out,
                     "seconds": started.elapsed().as_secs_f64(),
-                    "output": runner::tail_lines(&text, 20),
+                    "output": output,
                 })
             }
             Err(e) => serde_json::json!({
@@ -809,9 +868,43 @@ pub fn check_against_metadata(
     artifacts: &[store::Artifact],
     metadata_name: &str,
     metadata_text: &str,
+    spec: &Spec,
 ) -> Result<(), String> {
     let meta = crate::metadata::Metadata::from_yaml(metadata_text)
         .map_err(|e| format!("{metadata_name} is not a debimg metadata file: {e:#}"))?;
+    // The report is of this build: its name, kind and packages are the spec's, and its digest
+    // is a plan's (the plan itself folds in the worker's mirrors and debimg's version, which
+    // the server cannot know).
+    let digest_ok =
+        meta.spec_digest.len() == 64 && meta.spec_digest.bytes().all(|b| b.is_ascii_hexdigit());
+    let mismatch = if meta.name != spec.name {
+        Some(format!(
+            "the name `{}`, not the spec's `{}`",
+            meta.name, spec.name
+        ))
+    } else if meta.kind != spec.kind.name() {
+        Some(format!(
+            "the kind `{}`, not the spec's `{}`",
+            meta.kind,
+            spec.kind.name()
+        ))
+    } else if meta.packages != spec.all_packages() {
+        Some(format!(
+            "the packages {:?}, not the spec's {:?}",
+            meta.packages,
+            spec.all_packages()
+        ))
+    } else if !digest_ok {
+        Some(format!(
+            "the spec digest `{}`, which is no sha256",
+            meta.spec_digest
+        ))
+    } else {
+        None
+    };
+    if let Some(m) = mismatch {
+        return Err(format!("{metadata_name} is not of this build: it has {m}"));
+    }
     let mut listed: HashMap<&str, (u64, &str)> = HashMap::new();
     for i in &meta.images {
         listed.insert(&i.container_name, (i.container_size, &i.container_sha256));
@@ -920,7 +1013,7 @@ mod tests {
         let meta = crate::metadata::Metadata {
             name: "m".into(),
             debimg_version: "0".into(),
-            spec_digest: "d".into(),
+            spec_digest: "d".repeat(64),
             source_date_epoch: None,
             bootstrap: String::new(),
             build_start: String::new(),
@@ -938,6 +1031,11 @@ mod tests {
             attachments: Vec::new(),
         };
         let text = meta.to_yaml().unwrap();
+        let spec = Spec::from_yaml(
+            "version: 1\nname: m\nsuite: bookworm\nkind: tarball\n",
+            "spec",
+        )
+        .unwrap();
         let art = |name: &str, size, sha: &str| store::Artifact {
             name: name.into(),
             size,
@@ -945,10 +1043,13 @@ mod tests {
         };
         let meta_art = art("m.yaml", text.len() as u64, "ff");
         let good = [art("m.tar.gz", 3, "aa"), meta_art.clone()];
-        assert_eq!(check_against_metadata(&good, "m.yaml", &text), Ok(()));
+        assert_eq!(
+            check_against_metadata(&good, "m.yaml", &text, &spec),
+            Ok(())
+        );
         let changed = [art("m.tar.gz", 3, "ab"), meta_art.clone()];
         assert!(
-            check_against_metadata(&changed, "m.yaml", &text)
+            check_against_metadata(&changed, "m.yaml", &text, &spec)
                 .unwrap_err()
                 .contains("ab")
         );
@@ -958,16 +1059,28 @@ mod tests {
             meta_art.clone(),
         ];
         assert!(
-            check_against_metadata(&extra, "m.yaml", &text)
+            check_against_metadata(&extra, "m.yaml", &text, &spec)
                 .unwrap_err()
                 .contains("x is not in")
         );
         let missing = [meta_art];
         assert!(
-            check_against_metadata(&missing, "m.yaml", &text)
+            check_against_metadata(&missing, "m.yaml", &text, &spec)
                 .unwrap_err()
                 .contains("not delivered")
         );
+        // A report whose metadata is not of this build: another name, a made-up digest.
+        for (field, value) in [("name", "x"), ("spec_digest", "x"), ("kind", "disk")] {
+            let mut forged = meta.clone();
+            match field {
+                "name" => forged.name = value.into(),
+                "kind" => forged.kind = value.into(),
+                _ => forged.spec_digest = value.into(),
+            }
+            let text = forged.to_yaml().unwrap();
+            let e = check_against_metadata(&good, "m.yaml", &text, &spec).unwrap_err();
+            assert!(e.contains("not of this build"), "{field}: {e}");
+        }
     }
 
     #[test]

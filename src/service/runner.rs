@@ -56,7 +56,8 @@ impl ChildResult {
     }
 }
 
-/// The command that builds `spec` into `out`.
+/// The command that builds `spec` into `out`, with the allowlisted environment alone (a
+/// worker's token, the AMQP URL and whatever else the server holds never reach a build).
 pub fn build_command(
     debimg: &Path,
     spec: &Path,
@@ -66,6 +67,7 @@ pub fn build_command(
     isolation: &[&str],
 ) -> Command {
     let mut cmd = Command::new(debimg);
+    crate::environ::clean(&mut cmd);
     cmd.arg("build")
         .args(isolation)
         .arg(spec)
@@ -297,6 +299,14 @@ fn local_worker(service: &Service, name: &str) {
         match service.store.claim_next(name, service.config.lease_secs) {
             Ok(Some(claim)) => {
                 let id = claim.build_id.clone();
+                match service.admit(&claim) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::error!("build {id}: {e:#}");
+                        continue;
+                    }
+                }
                 if let Err(e) = run_local(service, name, claim) {
                     tracing::error!("build {id}: {e:#}");
                 }
@@ -380,7 +390,7 @@ fn run_local(service: &Service, worker: &str, claim: super::store::Claim) -> Res
             }
         }
         if problem.is_none() {
-            problem = metadata_problem(&out, &artifacts, &metadata_name(&claim.spec));
+            problem = metadata_problem(&out, &artifacts, &claim.spec);
         }
         match problem {
             None => ("succeeded", None, artifacts),
@@ -411,21 +421,18 @@ fn run_local(service: &Service, worker: &str, claim: super::store::Claim) -> Res
     Ok(())
 }
 
-/// The name of the metadata file a build of `spec` writes.
-pub fn metadata_name(spec: &str) -> String {
-    match crate::spec::Spec::from_yaml(spec, "spec") {
-        Ok(s) => format!("{}.yaml", s.name),
-        Err(_) => String::new(),
-    }
-}
-
-/// What is wrong with `artifacts` against the build's metadata file `meta_name` in `out`, if
-/// anything.
+/// What is wrong with `artifacts` against the metadata file in `out` of a build of `spec`
+/// (YAML), if anything.
 pub fn metadata_problem(
     out: &crate::output::OutputDir,
     artifacts: &[Artifact],
-    meta_name: &str,
+    spec: &str,
 ) -> Option<String> {
+    let spec = match crate::spec::Spec::from_yaml(spec, "spec") {
+        Ok(s) => s,
+        Err(e) => return Some(format!("the build's spec no longer parses: {e}")),
+    };
+    let meta_name = format!("{}.yaml", spec.name);
     let Some(meta) = artifacts.iter().find(|a| a.name == meta_name) else {
         return Some(format!(
             "the build delivered no metadata file ({meta_name})"
@@ -441,7 +448,7 @@ pub fn metadata_problem(
         }
         _ => return Some(format!("{} is missing", meta.name)),
     };
-    super::check_against_metadata(artifacts, &meta.name, &text).err()
+    super::check_against_metadata(artifacts, &meta.name, &text, &spec).err()
 }
 
 /// Appends to a log; a full disk loses log lines, not the build.

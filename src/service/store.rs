@@ -66,18 +66,42 @@ pub fn token_hash(token: &str) -> String {
     hex(&Sha256::digest(token.as_bytes()))
 }
 
-/// Who is calling: a token's name and whether it is an admin's.
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Submits jobs and sees its own.
+    User,
+    /// Sees every job and is not limited; builds nothing.
+    Admin,
+    /// Claims queued builds and reports the ones it holds; sees no job.
+    Worker,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Admin => "admin",
+            Role::Worker => "worker",
+        }
+    }
+}
+
+/// Who is calling: a token's name and what it may do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub name: String,
     pub admin: bool,
+    /// A worker's token: the build routes alone.
+    pub worker: bool,
 }
 
 /// One token as `token list` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct TokenInfo {
     pub name: String,
-    pub admin: bool,
+    pub role: Role,
     pub created: String,
 }
 
@@ -113,6 +137,18 @@ pub struct JobView {
     pub build_id: String,
 }
 
+impl JobView {
+    /// Leaves out what `caller` may not see: the post-creation command's output is the
+    /// admin's (its exit is the job's).
+    fn show_to(&mut self, caller: &Caller) {
+        if !caller.admin
+            && let Some(p) = self.post_creation.as_mut().and_then(|p| p.as_object_mut())
+        {
+            p.remove("output");
+        }
+    }
+}
+
 /// An artifact with the URL it downloads from.
 #[derive(Debug, Clone, Serialize)]
 pub struct ArtifactView {
@@ -132,6 +168,9 @@ pub struct Claim {
     pub attempt: i64,
     /// Whether an admin submitted it (a worker checks other specs as the server does).
     pub trusted: bool,
+    /// The isolation the server accepted it under (`host`, `untrusted`, `vm`).
+    #[serde(default)]
+    pub isolation: String,
 }
 
 /// Per-token limits; `None` is no limit.
@@ -140,6 +179,15 @@ pub struct Limits {
     pub queued: Option<u64>,
     pub running: Option<u64>,
     pub stored_bytes: Option<u64>,
+}
+
+/// The build a job asks for: the spec as submitted, its digest and the isolation it was
+/// accepted under.
+#[derive(Debug, Clone, Copy)]
+pub struct NewBuild<'a> {
+    pub spec: &'a str,
+    pub digest: &'a str,
+    pub isolation: &'a str,
 }
 
 /// What a submit came to.
@@ -218,6 +266,27 @@ CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner);
 CREATE INDEX IF NOT EXISTS jobs_build ON jobs(build_id);
 ";
 
+/// Columns added since the first schema, for stores made before them.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("tokens", "worker", "INTEGER NOT NULL DEFAULT 0"),
+    ("builds", "isolation", "TEXT NOT NULL DEFAULT 'host'"),
+    ("builds", "claimed_by", "TEXT"),
+];
+
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    for (table, column, decl) in ADDED_COLUMNS {
+        let has: bool = conn.query_row(
+            &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
+            params![column],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !has {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+        }
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating) the store in `state_dir`.
     pub fn open(state_dir: &Path) -> Result<Store> {
@@ -239,6 +308,7 @@ impl Store {
         }
         conn.execute_batch(SCHEMA)
             .with_context(|| format!("setting up the job store {}", path.display()))?;
+        migrate(&conn).with_context(|| format!("updating the job store {}", path.display()))?;
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -250,12 +320,20 @@ impl Store {
 
     // ---- tokens ----
 
-    /// Adds a token named `name`; returns the token (shown once, stored only as its hash).
-    pub fn add_token(&self, name: &str, admin: bool) -> Result<String> {
+    /// Adds a token named `name` with `role`; returns the token (shown once, stored only as
+    /// its hash).
+    pub fn add_token(&self, name: &str, role: Role) -> Result<String> {
         let token = format!("dbi_{}", random_hex(32));
         let n = self.db().execute(
-            "INSERT OR IGNORE INTO tokens(name, hash, admin, created) VALUES (?1, ?2, ?3, ?4)",
-            params![name, token_hash(&token), admin, now()],
+            "INSERT OR IGNORE INTO tokens(name, hash, admin, worker, created)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                name,
+                token_hash(&token),
+                role == Role::Admin,
+                role == Role::Worker,
+                now()
+            ],
         )?;
         if n == 0 {
             anyhow::bail!(
@@ -277,13 +355,18 @@ impl Store {
     /// Every token, without its secret.
     pub fn tokens(&self) -> Result<Vec<TokenInfo>> {
         let db = self.db();
-        let mut st =
-            db.prepare("SELECT name, admin, created FROM tokens WHERE removed = 0 ORDER BY name")?;
+        let mut st = db.prepare(
+            "SELECT name, admin, worker, created FROM tokens WHERE removed = 0 ORDER BY name",
+        )?;
         let rows = st.query_map([], |r| {
             Ok(TokenInfo {
                 name: r.get(0)?,
-                admin: r.get(1)?,
-                created: crate::metadata::rfc3339(r.get::<_, i64>(2)?.max(0) as u64),
+                role: match (r.get(1)?, r.get(2)?) {
+                    (true, _) => Role::Admin,
+                    (false, true) => Role::Worker,
+                    (false, false) => Role::User,
+                },
+                created: crate::metadata::rfc3339(r.get::<_, i64>(3)?.max(0) as u64),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -294,12 +377,13 @@ impl Store {
         Ok(self
             .db()
             .query_row(
-                "SELECT name, admin FROM tokens WHERE hash = ?1 AND removed = 0",
+                "SELECT name, admin, worker FROM tokens WHERE hash = ?1 AND removed = 0",
                 params![token_hash(token)],
                 |r| {
                     Ok(Caller {
                         name: r.get(0)?,
                         admin: r.get(1)?,
+                        worker: r.get(2)?,
                     })
                 },
             )
@@ -315,10 +399,14 @@ impl Store {
         caller: &Caller,
         name: &str,
         email: &str,
-        spec: &str,
-        spec_digest: &str,
+        build: &NewBuild<'_>,
         limits: &Limits,
     ) -> Result<Submitted> {
+        let NewBuild {
+            spec,
+            digest: spec_digest,
+            isolation,
+        } = *build;
         let mut db = self.db();
         let tx = db.transaction()?;
         if !caller.admin {
@@ -360,9 +448,9 @@ impl Store {
         let in_flight: Option<String> = tx
             .query_row(
                 "SELECT id FROM builds WHERE spec_digest = ?1 AND trusted = ?2
-                 AND state IN ('queued', 'running') AND cancel = 0
+                 AND isolation = ?3 AND state IN ('queued', 'running') AND cancel = 0
                  ORDER BY rowid LIMIT 1",
-                params![spec_digest, caller.admin],
+                params![spec_digest, caller.admin, isolation],
                 |r| r.get(0),
             )
             .optional()?;
@@ -372,9 +460,9 @@ impl Store {
             None => {
                 let id = format!("b{}", random_hex(8));
                 tx.execute(
-                    "INSERT INTO builds(id, spec, spec_digest, trusted, state, created)
-                     VALUES (?1, ?2, ?3, ?4, 'queued', ?5)",
-                    params![id, spec, spec_digest, caller.admin, now()],
+                    "INSERT INTO builds(id, spec, spec_digest, trusted, isolation, state, created)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6)",
+                    params![id, spec, spec_digest, caller.admin, isolation, now()],
                 )?;
                 id
             }
@@ -474,6 +562,7 @@ impl Store {
             return Ok(None);
         };
         Self::fill_artifacts(&db, &mut view)?;
+        view.show_to(caller);
         Ok(Some(view))
     }
 
@@ -506,6 +595,7 @@ impl Store {
                 continue;
             }
             Self::fill_artifacts(&db, &mut v)?;
+            v.show_to(caller);
             out.push(v);
         }
         Ok(out)
@@ -676,6 +766,7 @@ impl Store {
 
     /// Hands the oldest queued build to `worker` with a lease of `lease_secs`.
     pub fn claim_next(&self, worker: &str, lease_secs: i64) -> Result<Option<Claim>> {
+        let by = "";
         let mut db = self.db();
         let tx = db.transaction()?;
         let id: Option<String> = tx
@@ -686,18 +777,24 @@ impl Store {
             )
             .optional()?;
         let claim = match id {
-            Some(id) => Self::claim_in(&tx, &id, worker, lease_secs)?,
+            Some(id) => Self::claim_in(&tx, &id, worker, by, lease_secs)?,
             None => None,
         };
         tx.commit()?;
         Ok(claim)
     }
 
-    /// Hands build `id` to `worker` when it is queued.
-    pub fn claim(&self, id: &str, worker: &str, lease_secs: i64) -> Result<Option<Claim>> {
+    /// Hands build `id` to `worker`, which calls with the token named `by`, when it is queued.
+    pub fn claim(
+        &self,
+        id: &str,
+        worker: &str,
+        by: &str,
+        lease_secs: i64,
+    ) -> Result<Option<Claim>> {
         let mut db = self.db();
         let tx = db.transaction()?;
-        let claim = Self::claim_in(&tx, id, worker, lease_secs)?;
+        let claim = Self::claim_in(&tx, id, worker, by, lease_secs)?;
         tx.commit()?;
         Ok(claim)
     }
@@ -706,20 +803,21 @@ impl Store {
         tx: &Connection,
         id: &str,
         worker: &str,
+        by: &str,
         lease_secs: i64,
     ) -> rusqlite::Result<Option<Claim>> {
         let lease = random_hex(16);
         let n = tx.execute(
             "UPDATE builds SET state = 'running', worker = ?2, lease = ?3, lease_until = ?4,
-             attempts = attempts + 1, started = ?5, stage = NULL, error = NULL
+             attempts = attempts + 1, started = ?5, stage = NULL, error = NULL, claimed_by = ?6
              WHERE id = ?1 AND state = 'queued'",
-            params![id, worker, lease, now() + lease_secs, now()],
+            params![id, worker, lease, now() + lease_secs, now(), by],
         )?;
         if n == 0 {
             return Ok(None);
         }
         tx.query_row(
-            "SELECT spec, attempts, trusted FROM builds WHERE id = ?1",
+            "SELECT spec, attempts, trusted, isolation FROM builds WHERE id = ?1",
             params![id],
             |r| {
                 Ok(Some(Claim {
@@ -728,6 +826,7 @@ impl Store {
                     spec: r.get(0)?,
                     attempt: r.get(1)?,
                     trusted: r.get(2)?,
+                    isolation: r.get(3)?,
                 }))
             },
         )
@@ -757,6 +856,21 @@ impl Store {
             "UPDATE builds SET stage = ?3 WHERE id = ?1 AND lease = ?2 AND state = 'running'",
             params![id, lease, stage],
         )? > 0)
+    }
+
+    /// Whether `lease` is the current lease of running build `id` and the token named `by`
+    /// claimed it (a worker reports only the builds it holds).
+    pub fn holds_for(&self, id: &str, lease: &str, by: &str) -> Result<bool> {
+        Ok(self
+            .db()
+            .query_row(
+                "SELECT 1 FROM builds WHERE id = ?1 AND lease = ?2 AND state = 'running'
+                 AND claimed_by = ?3",
+                params![id, lease, by],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
     }
 
     /// Whether `lease` is the current lease of running build `id`.
@@ -985,6 +1099,15 @@ mod tests {
         Caller {
             name: name.into(),
             admin,
+            worker: false,
+        }
+    }
+
+    fn nb<'a>(spec: &'a str, digest: &'a str) -> NewBuild<'a> {
+        NewBuild {
+            spec,
+            digest,
+            isolation: "host",
         }
     }
 
@@ -1001,10 +1124,10 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let alice = caller("alice", false);
         let no = Limits::default();
-        let a = job_id(store.submit(&alice, "a", "", "s", "d1", &no).unwrap());
-        let b = store.submit(&alice, "b", "", "s", "d1", &no).unwrap();
+        let a = job_id(store.submit(&alice, "a", "", &nb("s", "d1"), &no).unwrap());
+        let b = store.submit(&alice, "b", "", &nb("s", "d1"), &no).unwrap();
         assert!(matches!(b, Submitted::Job { joined: true, .. }));
-        let c = store.submit(&alice, "c", "", "t", "d2", &no).unwrap();
+        let c = store.submit(&alice, "c", "", &nb("t", "d2"), &no).unwrap();
         assert!(matches!(c, Submitted::Job { joined: false, .. }));
 
         let claim = store.claim_next("w1", 0).unwrap().unwrap();
@@ -1067,7 +1190,7 @@ mod tests {
         let alice = caller("alice", false);
         let a = job_id(
             store
-                .submit(&alice, "a", "", "s", "d", &Limits::default())
+                .submit(&alice, "a", "", &nb("s", "d"), &Limits::default())
                 .unwrap(),
         );
         for attempt in 1..=2 {
@@ -1098,8 +1221,8 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let alice = caller("alice", false);
         let no = Limits::default();
-        let a = job_id(store.submit(&alice, "a", "", "s", "d", &no).unwrap());
-        let b = job_id(store.submit(&alice, "b", "", "s", "d", &no).unwrap());
+        let a = job_id(store.submit(&alice, "a", "", &nb("s", "d"), &no).unwrap());
+        let b = job_id(store.submit(&alice, "b", "", &nb("s", "d"), &no).unwrap());
         let claim = store.claim_next("w", 60).unwrap().unwrap();
         assert_eq!(
             store.cancel_job(&a).unwrap(),
@@ -1135,16 +1258,16 @@ mod tests {
             queued: Some(1),
             ..Limits::default()
         };
-        job_id(store.submit(&alice, "a", "", "s", "d", &one).unwrap());
+        job_id(store.submit(&alice, "a", "", &nb("s", "d"), &one).unwrap());
         assert!(matches!(
-            store.submit(&alice, "b", "", "t", "e", &one).unwrap(),
+            store.submit(&alice, "b", "", &nb("t", "e"), &one).unwrap(),
             Submitted::OverLimit(_)
         ));
         assert_eq!(store.jobs(&alice, None).unwrap().len(), 1);
         // Admins are not limited.
         job_id(
             store
-                .submit(&caller("root", true), "c", "", "t", "e", &one)
+                .submit(&caller("root", true), "c", "", &nb("t", "e"), &one)
                 .unwrap(),
         );
     }
@@ -1153,8 +1276,8 @@ mod tests {
     fn tokens_are_stored_as_hashes() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let t = store.add_token("ci", false).unwrap();
-        assert!(store.add_token("ci", true).is_err());
+        let t = store.add_token("ci", Role::User).unwrap();
+        assert!(store.add_token("ci", Role::Admin).is_err());
         assert_eq!(store.caller(&t).unwrap().unwrap().name, "ci");
         assert!(store.caller("dbi_nope").unwrap().is_none());
         let db = std::fs::read(dir.path().join(DB_FILE)).unwrap();
@@ -1166,7 +1289,7 @@ mod tests {
         assert!(store.caller(&t).unwrap().is_none());
         assert!(!store.remove_token("ci").unwrap());
         // The name is not given again: its jobs would pass to the new holder.
-        assert!(store.add_token("ci", false).is_err());
+        assert!(store.add_token("ci", Role::User).is_err());
         assert!(store.tokens().unwrap().is_empty());
     }
 }
