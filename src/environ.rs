@@ -33,7 +33,9 @@ pub const KEPT: &[&str] = &[
 pub fn is_kept(name: &OsStr) -> bool {
     let b = name.as_bytes();
     KEPT.iter().any(|k| k.as_bytes() == b)
-        || (b.starts_with(b"LC_") && b[3..].iter().all(|c| c.is_ascii_uppercase() || *c == b'_'))
+        || (b.len() > 3
+            && b.starts_with(b"LC_")
+            && b[3..].iter().all(|c| c.is_ascii_uppercase() || *c == b'_'))
 }
 
 /// The kept part of `vars`.
