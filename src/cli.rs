@@ -360,6 +360,9 @@ pub struct ServeArgs {
     /// expanded); its exit is recorded on the job, its output shown to admins only.
     #[arg(long, value_name = "CMD")]
     pub post_creation: Option<String>,
+    /// The largest artifact a worker may upload, e.g. 64GiB (413 beyond).
+    #[arg(long, default_value = "64GiB", value_parser = parse_bytes)]
+    pub max_upload: u64,
     /// Seconds the post-creation command may run; then it is killed with its process group.
     #[arg(long, default_value_t = 300, value_name = "SECS")]
     pub post_creation_timeout: u64,

@@ -730,6 +730,7 @@ fn serve(action: Option<&ServeAction>, args: &ServeArgs) -> anyhow::Result<()> {
                 max_streams: args.max_streams,
                 isolation: args.isolation,
                 post_creation_timeout: std::time::Duration::from_secs(args.post_creation_timeout),
+                max_upload_bytes: args.max_upload,
             };
             debimg::service::http::serve(config)
         }
@@ -845,9 +846,15 @@ fn jobs(server: &ServerArgs, action: &JobsAction) -> Result<(), Error> {
                 report_end(&job);
                 return exit_with(exit_code(&job));
             }
-            std::io::stdout()
-                .write_all(&client.log(id).map_err(failed)?)
-                .map_err(|e| failed(e.into()))?;
+            let log = client.log(id).map_err(failed)?;
+            let mut out = std::io::stdout();
+            // On a terminal, what the build printed cannot drive it; a pipe gets the bytes.
+            let shown = if std::io::IsTerminal::is_terminal(&out) {
+                debimg::service::client::for_terminal(&String::from_utf8_lossy(&log)).into_bytes()
+            } else {
+                log
+            };
+            out.write_all(&shown).map_err(|e| failed(e.into()))?;
         }
         JobsAction::Cancel { id } => {
             let job = client.cancel(id).map_err(failed)?;

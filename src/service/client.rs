@@ -288,6 +288,20 @@ impl Client {
     }
 }
 
+/// A build's log text as a terminal may show it: control characters (escape sequences, a
+/// carriage return that hides a line, C1 controls) and invisible direction changes become
+/// U+FFFD; line feeds and tabs stay. A log is what a build printed: a stranger's spec decides
+/// it, and it must not move the cursor, retitle the window or rewrite what was shown.
+pub fn for_terminal(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            let control = (c.is_control() && c != '\n' && c != '\t')
+                || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if control { '\u{fffd}' } else { c }
+        })
+        .collect()
+}
+
 /// Reads server-sent events: each `data` line to `out`, remembering the last id; true when
 /// the `end` event came.
 fn read_events(
@@ -305,7 +319,7 @@ fn read_events(
                 return Ok(true);
             }
             if !data.is_empty() {
-                writeln!(out, "{}", data.join("\n"))?;
+                writeln!(out, "{}", for_terminal(&data.join("\n")))?;
                 out.flush()?;
             }
             if id.is_some() {
@@ -349,6 +363,16 @@ fn describe_error(status: u16, body: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_log_cannot_drive_the_terminal() {
+        let shown = for_terminal("ok\tline\n\x1b]0;title\x07\x1b[2Jgone\rhidden\u{9b}31m\u{202e}x");
+        assert!(
+            !shown.contains(['\x1b', '\x07', '\r', '\u{9b}', '\u{202e}']),
+            "{shown:?}"
+        );
+        assert!(shown.starts_with("ok\tline\n"), "{shown:?}");
+    }
     use super::*;
 
     #[test]

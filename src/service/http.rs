@@ -71,40 +71,14 @@ pub struct Auth(pub Caller);
 impl FromRequestParts<Shared> for Auth {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, service: &Shared) -> Result<Auth, ApiError> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty());
-        let Some(token) = token else {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "no token: send `Authorization: Bearer <token>` (`debimg serve token add NAME` \
-                 makes one)",
-            ));
-        };
-        let Some(caller) = service.store.caller(token)? else {
-            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unknown token"));
-        };
-        // A worker's token claims and reports builds, and does nothing else; no other token
-        // reports a build.
-        let build_route = parts.uri.path().starts_with("/api/v1/builds/");
-        if caller.worker && !build_route {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "a worker's token only claims and reports builds",
-            ));
-        }
-        if !caller.worker && build_route {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "workers need a worker's token (`debimg serve token add NAME --role worker`)",
-            ));
-        }
-        Ok(Auth(caller))
+    /// The caller [`super::gate`] found (and checked against the route) before the body.
+    async fn from_request_parts(parts: &mut Parts, _: &Shared) -> Result<Auth, ApiError> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .map(Auth)
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "no token"))
     }
 }
 
@@ -133,6 +107,10 @@ pub fn router(service: Shared) -> Router {
             "/api/v1/builds/{id}/artifacts/{*name}",
             axum::routing::put(upload).layer(DefaultBodyLimit::disable()),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&service),
+            super::gate::gate,
+        ))
         .with_state(service)
 }
 
@@ -369,10 +347,19 @@ async fn upload(
     let mut size = 0u64;
     let mut stream = body.into_data_stream();
     let written: anyhow::Result<()> = async {
-        while let Some(chunk) = stream.next().await {
+        let idle = Duration::from_secs(super::gate::UPLOAD_IDLE_SECS);
+        let max = service.config.max_upload_bytes;
+        while let Some(chunk) = tokio::time::timeout(idle, stream.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("receiving {name}: nothing arrived for {idle:?}"))?
+        {
             let chunk = chunk.map_err(|e| anyhow::anyhow!("receiving {name}: {e}"))?;
             hasher.update(&chunk);
             size += chunk.len() as u64;
+            anyhow::ensure!(
+                size <= max,
+                "{name} is larger than this server takes ({max} bytes)"
+            );
             file.write_all(&chunk)?;
         }
         file.sync_all()?;
@@ -762,6 +749,10 @@ fn log_events(
                 f.offset,
             );
             let read = tokio::task::spawn_blocking(move || {
+                // A token revoked while it follows a log follows it no further.
+                if !matches!(service.store.token_active(&caller.name), Ok(true)) {
+                    return (None, Vec::new());
+                }
                 let state = match service.store.job_state(&caller, &job) {
                     Ok(Some(state)) => Some(state),
                     Ok(None) => Some("deleted".to_string()),
@@ -988,20 +979,15 @@ pub fn serve(config: super::Config) -> anyhow::Result<()> {
         service.config.state_dir.display()
     );
     let app = router(Arc::clone(&service));
-    let served = runtime.block_on(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("a TERM handler");
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-                tracing::info!("debimg serve: stopping; running builds are queued again");
-            })
-            .await
-    });
+    let served = runtime.block_on(super::gate::serve(listener, app, async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a TERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("debimg serve: stopping; running builds are queued again");
+    }));
     // Streams that follow logs would keep a graceful shutdown waiting: they end with the
     // runtime.
     runtime.shutdown_timeout(Duration::from_secs(1));

@@ -9,6 +9,7 @@
 
 pub mod amqp;
 pub mod client;
+pub mod gate;
 pub mod hook;
 pub mod http;
 pub mod runner;
@@ -72,6 +73,8 @@ pub struct Config {
     pub isolation: Isolation,
     /// How long the post-creation command may run before it is killed.
     pub post_creation_timeout: Duration,
+    /// The largest artifact a worker may upload, in bytes.
+    pub max_upload_bytes: u64,
 }
 
 /// Which builds of the service run inside a throwaway machine (`debimg build --vm`).
@@ -148,6 +151,7 @@ pub fn check_spec(text: &str, trusted: bool, isolation: Isolation) -> Result<Che
             spec.untrusted_problems()
         };
         problems.extend(host_source_problems(&spec));
+        problems.extend(egress_problems(&spec));
         if !problems.is_empty() {
             return Err(Refusal {
                 error: "the spec reads the server's files or runs code on it, which only an \
@@ -163,6 +167,116 @@ pub fn check_spec(text: &str, trusted: bool, isolation: Isolation) -> Result<Che
         .map(|b| format!("{b:02x}"))
         .collect();
     Ok(Checked { spec, digest })
+}
+
+/// What a stranger's spec may not reach: a repository apt would take unsigned
+/// (`trusted: true`), and a mirror or repository on this host's loopback, a link-local
+/// address (the cloud metadata endpoint) or a private range (the build host's own network),
+/// named by address or as `localhost`. The build host's own sources (`host`) are the admin's
+/// and stay allowed.
+fn egress_problems(spec: &Spec) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut check = |field: String, uri: &str| {
+        if let Some(why) = internal_address(uri) {
+            problems.push(Problem {
+                field,
+                message: format!(
+                    "`{uri}` is {why}, which a build for a non-admin token may not reach: name a \
+                     public mirror"
+                ),
+            });
+        }
+    };
+    if spec.mirror != "host" {
+        check("mirror".into(), &spec.mirror);
+    }
+    for (i, r) in spec.repos.iter().enumerate() {
+        if let Some(uri) = r.uri.as_deref().filter(|u| *u != "host") {
+            check(format!("repos[{i}].uri"), uri);
+        }
+    }
+    for (i, r) in spec.repos.iter().enumerate() {
+        if r.trusted {
+            problems.push(Problem {
+                field: format!("repos[{i}].trusted"),
+                message: "an unsigned repository is an admin token's to ask for: give the \
+                          repository's `key`"
+                    .into(),
+            });
+        }
+    }
+    problems
+}
+
+/// What kind of internal address the host of URL `uri` is, if it is one.
+fn internal_address(uri: &str) -> Option<&'static str> {
+    let rest = uri.split_once("://")?.1;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit('@').next().unwrap_or("");
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host_port.split(':').next().unwrap_or("")
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    if host == "localhost" || host.ends_with(".localhost") {
+        return Some("this host's loopback");
+    }
+    let ip: std::net::IpAddr = match host.parse() {
+        Ok(ip) => ip,
+        // A number in another spelling (`2130706433`, `0x7f.1`) is an address too.
+        Err(_)
+            if !host.is_empty()
+                && host.split('.').all(|part| {
+                    let digits = part.strip_prefix("0x").unwrap_or(part);
+                    !digits.is_empty()
+                        && if part.starts_with("0x") {
+                            digits.bytes().all(|b| b.is_ascii_hexdigit())
+                        } else {
+                            digits.bytes().all(|b| b.is_ascii_digit())
+                        }
+                }) =>
+        {
+            return Some("an address in an unusual spelling");
+        }
+        Err(_) => return None,
+    };
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        std::net::IpAddr::V4(a) => {
+            let [o0, o1, ..] = a.octets();
+            if a.is_loopback() {
+                Some("this host's loopback")
+            } else if a.is_link_local() {
+                Some("a link-local address (such as the cloud metadata endpoint)")
+            } else if a.is_private() || (o0 == 100 && (64..128).contains(&o1)) {
+                Some("a private address")
+            } else if a.is_unspecified() || o0 == 0 || a.is_broadcast() || a.is_multicast() {
+                Some("no host's address")
+            } else {
+                None
+            }
+        }
+        std::net::IpAddr::V6(a) => {
+            let first = a.segments()[0];
+            if a.is_loopback() {
+                Some("this host's loopback")
+            } else if first & 0xffc0 == 0xfe80 {
+                Some("a link-local address (such as the cloud metadata endpoint)")
+            } else if first & 0xfe00 == 0xfc00 {
+                Some("a private address")
+            } else if a.is_unspecified() || a.is_multicast() {
+                Some("no host's address")
+            } else {
+                None
+            }
+        }
+    }
 }
 
 /// `mirror: host` and `uri: host` name the server's own apt sources: from a caller the host
@@ -1081,6 +1195,49 @@ mod tests {
             let e = check_against_metadata(&good, "m.yaml", &text, &spec).unwrap_err();
             assert!(e.contains("not of this build"), "{field}: {e}");
         }
+    }
+
+    #[test]
+    fn internal_addresses_are_named() {
+        for uri in [
+            "http://127.0.0.1:8080/debian",
+            "http://localhost/debian",
+            "http://api.localhost./x",
+            "http://169.254.169.254/latest/meta-data",
+            "http://10.0.2.2:8080/api/v1/jobs",
+            "http://192.168.1.5/debian",
+            "http://172.20.0.1/debian",
+            "http://100.64.0.1/debian",
+            "http://[::1]:8080/",
+            "http://[fe80::1]/",
+            "http://[fd00::1]/",
+            "http://[::ffff:127.0.0.1]/",
+            "http://user:pw@127.0.0.1/",
+            "http://2130706433/",
+            "http://0x7f.1/",
+            "http://0.0.0.0/",
+        ] {
+            assert!(internal_address(uri).is_some(), "{uri}");
+        }
+        for uri in [
+            "http://deb.example.org/debian",
+            "https://8.8.8.8/debian",
+            "http://[2001:db8::1]/",
+            "http://mirror.example/deb@1",
+            "http://cafe.de/debian",
+            "http://bad.face/debian",
+        ] {
+            assert_eq!(internal_address(uri), None, "{uri}");
+        }
+        let spec = "version: 1\nname: m\nsuite: bookworm\nkind: tarball\nmirror: http://169.254.169.254/debian\nrepos:\n  - name: x\n    uri: http://127.0.0.1:8080/x\n    suite: bookworm\n    trusted: true\n";
+        let r = check_spec(spec, false, Isolation::Untrusted).unwrap_err();
+        let fields: Vec<&str> = r.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["mirror", "repos[0].uri", "repos[0].trusted"],
+            "{r:?}"
+        );
+        assert!(check_spec(spec, true, Isolation::Host).is_ok());
     }
 
     #[test]

@@ -390,6 +390,19 @@ impl Store {
             .optional()?)
     }
 
+    /// Whether the token named `name` is still valid (a log stream ends when it is revoked).
+    pub fn token_active(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .db()
+            .query_row(
+                "SELECT 1 FROM tokens WHERE name = ?1 AND removed = 0",
+                params![name],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
     // ---- jobs ----
 
     /// Records a job for `spec` (already validated), joining a build of the same spec in flight
