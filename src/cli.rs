@@ -258,18 +258,26 @@ pub enum Command {
     },
     /// Build for a service from RabbitMQ: take build ids from the queue (prefetch 1), claim
     /// each from the server, build it here as root, stream the log and upload the artifacts.
-    /// Needs an admin token. Stop it with INT or TERM (a build in progress ends and is
+    /// Needs a worker's token (DEBIMG_TOKEN or --token-file). Stop it with INT or TERM (a build in progress ends and is
     /// queued again for another worker).
     Worker {
         /// The service's URL.
         #[arg(long, env = "DEBIMG_SERVER")]
         server: String,
-        /// An admin token of that service.
-        #[arg(long, env = "DEBIMG_TOKEN", hide_env_values = true)]
-        token: String,
-        /// RabbitMQ, as `amqp://USER:PASSWORD@HOST:5672/%2f` (the same as `serve --amqp`).
+        /// A worker's token of that service (`serve token add NAME --role worker`), from the
+        /// environment: on the command line `ps` would show it to every local user.
+        #[arg(long, env = "DEBIMG_TOKEN", hide_env_values = true, hide = true)]
+        token: Option<String>,
+        /// A file (readable by root alone) whose first line is the worker's token.
+        #[arg(long, value_name = "FILE", conflicts_with = "token")]
+        token_file: Option<PathBuf>,
+        /// RabbitMQ, as `amqp://USER:PASSWORD@HOST:5672/%2f` (the same as `serve --amqp`),
+        /// from the environment (DEBIMG_AMQP) or --amqp-file when it holds a password.
         #[arg(long, env = "DEBIMG_AMQP", hide_env_values = true)]
-        amqp: String,
+        amqp: Option<String>,
+        /// A file (readable by root alone) whose first line is the RabbitMQ URL.
+        #[arg(long, value_name = "FILE", conflicts_with = "amqp")]
+        amqp_file: Option<PathBuf>,
         /// This worker's name, shown as the job's `worker` [default: host name and pid].
         #[arg(long)]
         name: Option<String>,

@@ -74,6 +74,7 @@ const LEAVES_HOST: &str = "  - name: leaves-a-host-process\n    chroot: false\n 
 fn build_within(spec: &Path, out: &Path, bdir: &Path, limit: std::time::Duration) -> Run {
     let t = std::time::Instant::now();
     let mut child = build_command(spec, out, bdir, &["-q"])
+        .env("DEBIMG_TEST_CALLER_SECRET", "HOST-SECRET-debimg-7f3a")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -174,6 +175,9 @@ fn a_package_shipping_links_to_host_files_never_reaches_them() {
             "version: 1\nname: hostile\nsuite: bookworm\nmirror: host\nkind: tarball\n\
              hostname: hostile-test\nlocal_debs: [{}]\nrecords: [packages, files, licenses]\n\
              copy_kernel: true\npost:\n  - name: writes-tmp\n    script: |\n      echo in-chroot > /tmp/debimg-post-marker\n\
+             \x20 - name: reads-environ\n    script: |\n      \
+             for f in /proc/[0-9]*/environ; do echo \"== $f\"; tr '\\0' '\\n' < \"$f\"; done > /var/tmp/environ-dump\n      \
+             env >> /var/tmp/environ-dump\n\
              {LEAVES_CHROOT}\n{LEAVES_HOST}",
             deb.display()
         ),
@@ -182,6 +186,9 @@ fn a_package_shipping_links_to_host_files_never_reaches_them() {
     let out = work.path().join("out");
     let bdir = work.path().join("build");
     std::fs::create_dir_all(&bdir).unwrap();
+    // The environment of whoever runs the build holds the secret too (a token, a cloud key):
+    // a post script that prints every environment it can see, /proc/1/environ first, must not
+    // find it.
     let run = build_within(&spec, &out, &bdir, std::time::Duration::from_secs(900));
     run.assert_ok("the hostile build");
     assert_no_leftovers(&bdir, &out);
@@ -256,6 +263,16 @@ fn a_package_shipping_links_to_host_files_never_reaches_them() {
             f.display()
         );
     }
+    let dump = std::fs::read_to_string(tree.join("var/tmp/environ-dump")).unwrap();
+    let seen = dump.lines().filter(|l| l.starts_with("== /proc/")).count();
+    assert!(
+        dump.contains("== /proc/1/environ") && seen >= 3 && dump.contains("PATH="),
+        "the post script saw no processes' environments:\n{dump}"
+    );
+    assert!(
+        !dump.contains(SECRET),
+        "a build's environment holds the secret:\n{dump}"
+    );
     // The links the package shipped were replaced where debimg writes, never written through.
     let md = std::fs::symlink_metadata(tree.join("etc/hostname")).unwrap();
     assert!(md.is_file());

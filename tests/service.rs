@@ -13,8 +13,15 @@ use common::service::{Api, TestServer};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-const TINY: &str =
-    "version: 1\nname: tiny\nsuite: bookworm\nmirror: host\nkind: tarball\nvariant: minbase\n";
+/// A small tarball whose post script prints every environment it can see (`/proc/1/environ`
+/// first: the build's own): the server's secrets must not be among them.
+const TINY: &str = "version: 1\nname: tiny\nsuite: bookworm\nmirror: host\nkind: tarball\n\
+variant: minbase\npost:\n  - name: environ\n    script: |\n      echo environ-dump: begin\n      \
+for f in /proc/[0-9]*/environ; do echo \"environ-dump: $f\"; tr '\\0' '\\n' < \"$f\"; done\n      \
+env\n      echo environ-dump: end\n";
+
+/// What the server holds in its environment in the end-to-end test: no build may see it.
+const CANARY: &str = "canary-7d1e-debimg-server-secret";
 
 fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
@@ -213,7 +220,8 @@ fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
     // A worker's lease: claimed by hand as a worker would; left to run out, the build goes back
     // to the queue and another claim gets it; the first lease's reports are refused, the
     // second's taken.
-    let admin = server.token("farm", true);
+    let admin = server.token("farm-admin", true);
+    let farm = server.token_role("farm", "worker");
     let build = {
         let db = rusqlite::Connection::open(server.state_path().join("debimg.sqlite")).unwrap();
         db.query_row("SELECT build_id FROM jobs WHERE id = ?1", [&one], |r| {
@@ -221,10 +229,10 @@ fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
         })
         .unwrap()
     };
-    let worker_call = |path: &str, lease: Option<&str>, body: serde_json::Value| {
+    let worker_call_as = |token: &str, path: &str, lease: Option<&str>, body: serde_json::Value| {
         let mut req = agent
             .post(format!("{}/api/v1/builds/{build}/{path}", server.url))
-            .header("Authorization", format!("Bearer {admin}"));
+            .header("Authorization", format!("Bearer {token}"));
         if let Some(l) = lease {
             req = req.header("x-debimg-lease", l);
         }
@@ -232,6 +240,12 @@ fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
         let status = resp.status().as_u16();
         (status, resp.body_mut().read_to_string().unwrap_or_default())
     };
+    let worker_call = |path: &str, lease: Option<&str>, body: serde_json::Value| {
+        worker_call_as(&farm, path, lease, body)
+    };
+    // An admin's token is no worker's: admins see every job, they do not report builds.
+    let (status, text) = worker_call_as(&admin, "claim", None, json!({"worker": "admin"}));
+    assert_eq!(status, 403, "{text}");
     let (status, text) = worker_call("claim", None, json!({"worker": "by-hand"}));
     assert_eq!(status, 200, "{text}");
     let first: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -344,9 +358,15 @@ fn embedded_service_builds_fails_cancels_and_deletes() {
          test \"$DEBIMG_JOB_STATE\" != failed || {{ echo refusing failed jobs >&2; exit 3; }}",
         post_log.path().display()
     );
-    let server = TestServer::start(
+    let amqp_canary = format!("amqp://farm:{CANARY}@127.0.0.1:1/%2f");
+    let server = TestServer::start_env(
         "svc-e2e",
         &["--local-workers", "2", "--post-creation", &post],
+        &[
+            ("DEBIMG_TOKEN", CANARY),
+            ("DEBIMG_TEST_SERVER_SECRET", CANARY),
+            ("DEBIMG_AMQP_BY_HAND", &amqp_canary),
+        ],
     );
     let token = server.token("alice", false);
     let alice = Api::new(&server.url, Some(&token));
@@ -400,12 +420,14 @@ fn embedded_service_builds_fails_cancels_and_deletes() {
             .any(|l| l.as_str().unwrap().contains("Unable to locate package")),
         "{tail:?}"
     );
-    // Post-creation ran for it, failed, and the failure is on the job.
+    // Post-creation ran for it, failed, and the failure is on the job; its output is the
+    // admin's command's, for admins alone.
     let f = alice.wait_until(&fails, 60, |j| j["post_creation"]["ok"].is_boolean());
     assert_eq!(f["post_creation"]["ok"], false, "{f:#}");
     assert_eq!(f["post_creation"]["exit_code"], 3, "{f:#}");
+    assert!(f["post_creation"].get("output").is_none(), "{f:#}");
     assert!(
-        f["post_creation"]["output"]
+        root.job(&fails)["post_creation"]["output"]
             .to_string()
             .contains("refusing failed jobs")
     );
@@ -515,6 +537,18 @@ fn embedded_service_builds_fails_cancels_and_deletes() {
             )
             .status,
         404
+    );
+
+    // The post script saw the build's processes and their environments, and none of the
+    // server's secrets.
+    let text = alice.get(&format!("/api/v1/jobs/{twin}/log"), &[]).text();
+    assert!(
+        text.contains("environ-dump: /proc/1/environ") && text.contains("environ-dump: end"),
+        "the post script did not run or saw no process:\n{text}"
+    );
+    assert!(
+        !text.contains(CANARY),
+        "a build saw the server's environment:\n{text}"
     );
 
     // The live log, as events: it ends with the job's state; resumed from an id it sends only
@@ -656,4 +690,302 @@ impl SpawnOutput for Command {
             child.wait_with_output().unwrap()
         }))
     }
+}
+
+/// A stranger with a user's token gets nothing of the server's: a spec accepted under one
+/// isolation is checked again when claimed under another, worker tokens do a worker's work
+/// alone and what they report must be of the build, the token is looked at before a body is
+/// read, internal addresses and unsigned repositories are refused, name and email are plain
+/// data for a hook that has a time limit and shows its output to admins, a revoked token's
+/// log stream ends, and every answer has the security headers. No build runs.
+#[test]
+fn strangers_get_nothing_of_the_server() {
+    use std::io::{Read, Write};
+    // A local worker builds as root.
+    if !common::can_build() {
+        return;
+    }
+    let marker_dir = common::scratch("svc-strangers-marker");
+    let marker = marker_dir.path().join("ran-on-the-host");
+    let hook = "echo hook-output-$DEBIMG_JOB_STATE; env | sed 's/^/hook-env: /'; exec sleep 60";
+    let mut server = TestServer::start_env(
+        "svc-strangers",
+        &[
+            "--local-workers",
+            "0",
+            "--isolation",
+            "untrusted",
+            "--post-creation",
+            hook,
+            "--post-creation-timeout",
+            "2",
+        ],
+        &[("DEBIMG_TEST_SERVER_SECRET", CANARY)],
+    );
+    let alice_token = server.token("alice", false);
+    let alice = Api::new(&server.url, Some(&alice_token));
+    let root = Api::new(&server.url, Some(&server.token("root", true)));
+    let farm = server.token_role("farm", "worker");
+    let other_farm = server.token_role("other-farm", "worker");
+    let worker = Api::new(&server.url, Some(&farm));
+
+    // Security headers, on the page and on the API.
+    for (api, path) in [
+        (&alice, "/"),
+        (&alice, "/api/v1/jobs"),
+        (&alice, "/healthz"),
+    ] {
+        let a = api.get(path, &[]);
+        assert_eq!(a.status, 200, "{path}");
+        let csp = a.header("content-security-policy").unwrap_or("");
+        assert!(
+            csp.contains("frame-ancestors 'none'") && csp.contains("script-src 'sha256-"),
+            "{path}: {csp}"
+        );
+        assert_eq!(a.header("x-frame-options"), Some("DENY"), "{path}");
+        assert_eq!(
+            a.header("x-content-type-options"),
+            Some("nosniff"),
+            "{path}"
+        );
+        assert_eq!(a.header("referrer-policy"), Some("no-referrer"), "{path}");
+    }
+
+    // No token: 401 before the body. The client announces 1.5 MB and sends 10 bytes; the
+    // answer comes at once.
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        conn,
+        "POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: 1500000\r\n\r\n{{\"spec\": \""
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    conn.read_exact(&mut head)
+        .expect("no answer before the body: the server waits for 1.5 MB from a stranger");
+    assert_eq!(&head, b"HTTP/1.1 401");
+    // A body larger than the route takes is refused from its length alone.
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        conn,
+        "POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice_token}\r\n\
+         Content-Type: application/json\r\nContent-Length: 900000000\r\n\r\n"
+    )
+    .unwrap();
+    conn.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 413");
+
+    // Egress: no internal address, no unsigned repository from a user.
+    let a = alice.submit(
+        "version: 1\nname: m\nsuite: bookworm\nkind: tarball\nmirror: http://169.254.169.254/debian\n",
+        "meta",
+    );
+    assert_eq!(a.status, 400, "{}", a.text());
+    assert_eq!(a.json()["problems"][0]["field"], "mirror", "{}", a.text());
+    let a = alice.submit(
+        "version: 1\nname: m\nsuite: bookworm\nkind: tarball\nmirror: host\nrepos:\n  - name: debian\n    uri: host\n    suite: bookworm\n  - name: x\n    uri: http://127.0.0.1:1/x\n    suite: bookworm\n    trusted: true\n",
+        "loop",
+    );
+    assert_eq!(a.status, 400, "{}", a.text());
+    let fields: Vec<String> = a.json()["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["field"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(fields, ["repos[1].uri", "repos[1].trusted"], "{}", a.text());
+
+    // Name and email are text and an address, nothing a hook or a mail program could run.
+    for (name, email) in [
+        ("$(id)", "t@example.org"),
+        ("x\u{202e}gpj.exe", "t@example.org"),
+        ("line\u{2028}break", "t@example.org"),
+        ("fine", "-oQ/tmp/q -X/tmp/x"),
+        ("fine", "$(id)@example.org"),
+    ] {
+        let a = alice.post(
+            "/api/v1/jobs",
+            &json!({"spec": TINY, "name": name, "email": email}),
+        );
+        assert_eq!(a.status, 400, "{name:?} {email:?}: {}", a.text());
+    }
+
+    // The hook: a job cancelled while queued ends, and the hook runs for it in a clean
+    // environment, killed at its time limit; its output is for admins.
+    let cancelled = id_of(&alice.submit(TINY, "hooked"));
+    assert_eq!(
+        alice
+            .post(&format!("/api/v1/jobs/{cancelled}/cancel"), &json!({}))
+            .status,
+        200
+    );
+    let j = alice.wait_until(&cancelled, 30, |j| j["post_creation"]["ok"].is_boolean());
+    assert_eq!(j["post_creation"]["timed_out"], true, "{j:#}");
+    assert_eq!(j["post_creation"]["ok"], false, "{j:#}");
+    assert!(j["post_creation"].get("output").is_none(), "{j:#}");
+    let output = root.job(&cancelled)["post_creation"]["output"].to_string();
+    assert!(
+        output.contains("hook-output-cancelled") && output.contains("hook-env: PATH="),
+        "{output}"
+    );
+    assert!(
+        !output.contains(CANARY),
+        "the hook saw the server's environment: {output}"
+    );
+
+    // A spec accepted for a machine (--isolation untrusted) that runs a script on the host:
+    // after a restart with --isolation host and a local worker, it fails unbuilt when claimed.
+    let host_script = format!(
+        "version: 1\nname: hostscript\nsuite: bookworm\nmirror: host\nkind: tarball\npost:\n  - name: on-host\n    chroot: false\n    script: touch {}\n",
+        marker.display()
+    );
+    let queued = id_of(&alice.submit(&host_script, "host-script"));
+    // A worker's token sees no job; a user's token reports no build.
+    assert_eq!(worker.get("/api/v1/jobs", &[]).status, 403);
+    let build = {
+        let db = rusqlite::Connection::open(server.state_path().join("debimg.sqlite")).unwrap();
+        db.query_row("SELECT build_id FROM jobs WHERE id = ?1", [&queued], |r| {
+            r.get::<_, String>(0)
+        })
+        .unwrap()
+    };
+    for path in ["claim", "renew", "stage", "log", "finish"] {
+        let a = alice.post(
+            &format!("/api/v1/builds/{build}/{path}"),
+            &json!({"worker": "x", "stage": "install", "state": "failed"}),
+        );
+        assert_eq!(a.status, 403, "{path}: {}", a.text());
+    }
+    assert_eq!(alice.job(&queued)["state"], "queued");
+    server.args_replace(&["--isolation", "untrusted"], &["--isolation", "host"]);
+    server.args_replace(&["--local-workers", "0"], &["--local-workers", "1"]);
+    server.restart();
+    let j = alice.wait_end(&queued, 60);
+    assert_eq!(j["state"], "failed", "{j:#}");
+    assert_eq!(j["error"]["kind"], "invalid-spec", "{j:#}");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("refused when claimed"),
+        "{j:#}"
+    );
+    assert!(!marker.exists(), "a stranger's script ran on the host");
+
+    // A worker reports only what it holds, and a report must be of the build: a 12-byte
+    // "tarball" with made-up metadata is refused, and the user gets nothing.
+    server.args_replace(&["--local-workers", "1"], &["--local-workers", "0"]);
+    server.restart();
+    let faked = id_of(&alice.submit(TINY, "faked"));
+    let build = {
+        let db = rusqlite::Connection::open(server.state_path().join("debimg.sqlite")).unwrap();
+        db.query_row("SELECT build_id FROM jobs WHERE id = ?1", [&faked], |r| {
+            r.get::<_, String>(0)
+        })
+        .unwrap()
+    };
+    let a = worker.post(
+        &format!("/api/v1/builds/{build}/claim"),
+        &json!({"worker": "fake"}),
+    );
+    assert_eq!(a.status, 200, "{}", a.text());
+    let lease = a.json()["lease"].as_str().unwrap().to_string();
+    let put = |token: &str, name: &str, bytes: &[u8]| {
+        ureq::put(format!(
+            "{}/api/v1/builds/{build}/artifacts/{name}",
+            server.url
+        ))
+        .header("Authorization", format!("Bearer {token}"))
+        .header("x-debimg-lease", &lease)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send(bytes)
+        .unwrap()
+        .status()
+        .as_u16()
+    };
+    // Another worker's token, even with the lease, reports nothing of it.
+    assert_eq!(put(&other_farm, "tiny.tar.gz", b"not a tarball"), 409);
+    let tar = b"not a tarbal";
+    let tar_sha = sha256_hex(tar);
+    let meta = format!(
+        "name: tiny\ndebimg_version: 0.1.0\nspec_digest: x\nbuild_start: ''\nbuild_end: ''\n\
+         images: []\nrepos: []\npackages: []\ninstalled: {{}}\nkind: tarball\nfiles:\n  \
+         - name: tiny.tar.gz\n    size: 12\n    sha256: {tar_sha}\n"
+    );
+    assert_eq!(put(&farm, "tiny.tar.gz", tar), 201);
+    assert_eq!(put(&farm, "tiny.yaml", meta.as_bytes()), 201);
+    let report = json!({"state": "succeeded", "artifacts": [
+        {"name": "tiny.tar.gz", "size": 12, "sha256": tar_sha},
+        {"name": "tiny.yaml", "size": meta.len(), "sha256": sha256_hex(meta.as_bytes())},
+    ]});
+    let mut finish = ureq::post(format!("{}/api/v1/builds/{build}/finish", server.url))
+        .header("Authorization", format!("Bearer {farm}"))
+        .header("x-debimg-lease", &lease)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send_json(&report)
+        .unwrap();
+    assert_eq!(finish.status().as_u16(), 200);
+    let answer = finish.body_mut().read_to_string().unwrap();
+    assert!(answer.contains("not of this build"), "{answer}");
+    let j = alice.job(&faked);
+    assert_eq!(j["state"], "failed", "{j:#}");
+    assert_eq!(j["error"]["kind"], "artifact-mismatch", "{j:#}");
+    assert!(j["artifacts"].as_array().unwrap().is_empty());
+    assert_eq!(
+        alice
+            .get(&format!("/api/v1/jobs/{faked}/artifacts/tiny.tar.gz"), &[])
+            .status,
+        404
+    );
+
+    // A revoked token's log stream ends.
+    let queued = id_of(&alice.submit(TINY, "followed"));
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /api/v1/jobs/{queued}/log HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice_token}\r\n\
+         Accept: text/event-stream\r\n\r\n"
+    )
+    .unwrap();
+    let mut first = [0u8; 12];
+    stream.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    let out = Command::new(env!("CARGO_BIN_EXE_debimg"))
+        .args(["serve", "token", "remove", "alice", "--state-dir"])
+        .arg(server.state_path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    let mut buf = [0u8; 4096];
+    let mut seen = Vec::new();
+    // The body ends: the connection closes, or the last chunk of the chunked body comes.
+    let ended = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => {
+                seen.extend_from_slice(&buf[..n]);
+                if seen.windows(7).any(|w| w == b"\r\n0\r\n\r\n") {
+                    break true;
+                }
+                if std::time::Instant::now() > until {
+                    break false;
+                }
+            }
+            Err(_) => break false,
+        }
+    };
+    assert!(ended, "the revoked token's stream goes on");
 }

@@ -38,7 +38,7 @@ fn workers_over_rabbitmq_survive_a_killed_worker_and_a_server_restart() {
             "12",
         ],
     );
-    let admin = server.token("farm", true);
+    let admin = server.token_role("farm", "worker");
     let user_token = server.token("alice", false);
     let alice = Api::new(&server.url, Some(&user_token));
     let mut w1 = TestWorker::start(&server, &admin, &rabbit.url, "w1");

@@ -15,11 +15,17 @@ pub struct TestServer {
     pub build_dir: tempfile::TempDir,
     log: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl TestServer {
     /// Starts `debimg serve` with `args` (e.g. `--local-workers 2`).
     pub fn start(tag: &str, args: &[&str]) -> TestServer {
+        Self::start_env(tag, args, &[])
+    }
+
+    /// Starts `debimg serve` with `args` and these variables in its environment.
+    pub fn start_env(tag: &str, args: &[&str], env: &[(&str, &str)]) -> TestServer {
         let state = scratch(&format!("{tag}-state"));
         let build_dir = scratch(&format!("{tag}-build"));
         let log = state.path().join("serve.stderr");
@@ -30,6 +36,10 @@ impl TestServer {
             build_dir,
             log,
             args: args.iter().map(|a| a.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         s.launch("127.0.0.1:0");
         s
@@ -53,6 +63,7 @@ impl TestServer {
             .arg("--cache-dir")
             .arg(TEST_CACHE)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -94,12 +105,14 @@ impl TestServer {
 
     /// A new token for `name`.
     pub fn token(&self, name: &str, admin: bool) -> String {
+        self.token_role(name, if admin { "admin" } else { "user" })
+    }
+
+    /// A new token for `name` with `role` (`user`, `admin`, `worker`).
+    pub fn token_role(&self, name: &str, role: &str) -> String {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_debimg"));
-        cmd.args(["serve", "token", "add", name, "--state-dir"])
+        cmd.args(["serve", "token", "add", name, "--role", role, "--state-dir"])
             .arg(self.state.path());
-        if admin {
-            cmd.arg("--admin");
-        }
         let out = cmd.output().unwrap();
         assert!(
             out.status.success(),
@@ -124,6 +137,17 @@ impl TestServer {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+    }
+
+    /// Replaces the arguments `old` (in a row) with `new` for the next start.
+    pub fn args_replace(&mut self, old: &[&str], new: &[&str]) {
+        let at = self
+            .args
+            .windows(old.len())
+            .position(|w| w.iter().zip(old).all(|(a, b)| a == b))
+            .unwrap_or_else(|| panic!("{old:?} not in {:?}", self.args));
+        self.args
+            .splice(at..at + old.len(), new.iter().map(|a| a.to_string()));
     }
 
     /// Stops the server and starts it again on the same address and state.
@@ -384,15 +408,10 @@ impl TestWorker {
     ) -> TestWorker {
         let log = server.state.path().join(format!("worker-{name}.stderr"));
         let child = Command::new(env!("CARGO_BIN_EXE_debimg"))
-            .args([
-                "worker",
-                "--server",
-                &server.url,
-                "--token",
-                token,
-                "--amqp",
-                amqp,
-            ])
+            .args(["worker", "--server", &server.url])
+            // Secrets from the environment, never the command line.
+            .env("DEBIMG_TOKEN", token)
+            .env("DEBIMG_AMQP", amqp)
             .args(["--name", name, "--cache-dir", TEST_CACHE, "--build-dir"])
             .arg(build_dir.path())
             .stdin(Stdio::null())
