@@ -91,10 +91,8 @@ fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
     assert_eq!(a.status, 400, "{}", a.text());
     assert!(a.text().contains("files[0].source"), "{}", a.text());
     let a = alice.submit(
-        &format!(
-            "version: 1\nname: tiny\nsuite: bookworm\nmirror: host\nkind: tarball\n\
-             post:\n  - {{chroot: false, script: 'cat /etc/shadow'}}\n"
-        ),
+        "version: 1\nname: tiny\nsuite: bookworm\nmirror: host\nkind: tarball\n\
+         post:\n  - {chroot: false, script: 'cat /etc/shadow'}\n",
         "runs-on-host",
     );
     assert_eq!(a.status, 400, "{}", a.text());
