@@ -30,6 +30,16 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// The fields a 400's problems name, in order.
+fn problem_fields(a: &common::service::Answer) -> Vec<String> {
+    a.json()["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["field"].as_str().unwrap().to_string())
+        .collect()
+}
+
 fn id_of(a: &common::service::Answer) -> String {
     assert_eq!(a.status, 201, "{}", a.text());
     a.json()["id"].as_str().unwrap().to_string()
@@ -74,12 +84,7 @@ fn the_api_refuses_what_it_must_and_keeps_jobs_across_a_restart() {
         "bad",
     );
     assert_eq!(a.status, 400, "{}", a.text());
-    let fields: BTreeSet<String> = a.json()["problems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["field"].as_str().unwrap().to_string())
-        .collect();
+    let fields: BTreeSet<String> = problem_fields(&a).into_iter().collect();
     assert!(
         fields.contains("images") && fields.contains("hostname"),
         "{}",
@@ -793,12 +798,7 @@ fn strangers_get_nothing_of_the_server() {
         "loop",
     );
     assert_eq!(a.status, 400, "{}", a.text());
-    let fields: Vec<String> = a.json()["problems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["field"].as_str().unwrap().to_string())
-        .collect();
+    let fields: Vec<String> = problem_fields(&a);
     assert_eq!(fields, ["repos[1].uri", "repos[1].trusted"], "{}", a.text());
 
     // Name and email are text and an address, nothing a hook or a mail program could run.
