@@ -386,12 +386,20 @@ pub struct ServeArgs {
     /// Per token (admins excepted): queued jobs at most (429 beyond).
     #[arg(long, default_value_t = 20)]
     pub max_queued: u64,
-    /// Per token (admins excepted): running builds at most (429 beyond).
+    /// Per token (admins excepted): running builds at most; more wait in the queue while
+    /// other owners' builds take their turns.
     #[arg(long, default_value_t = 4)]
     pub max_running: u64,
     /// Per token (admins excepted): bytes of artifacts kept, e.g. 50GiB (429 beyond).
     #[arg(long, default_value = "50GiB", value_parser = parse_bytes)]
     pub max_stored: u64,
+    /// Per token (admins excepted): jobs kept in any state, cancelled and failed ones too
+    /// (429 beyond; deleting jobs makes room).
+    #[arg(long, default_value_t = 500)]
+    pub max_jobs: u64,
+    /// Days an ended job is kept before it is deleted with its files (0: kept until deleted).
+    #[arg(long, default_value_t = 30, value_name = "DAYS")]
+    pub keep_jobs: u64,
     /// Per token: logs followed at once (429 beyond).
     #[arg(long, default_value_t = 64)]
     pub max_streams: usize,

@@ -725,6 +725,7 @@ fn serve(action: Option<&ServeAction>, args: &ServeArgs) -> anyhow::Result<()> {
                     queued: Some(args.max_queued),
                     running: Some(args.max_running),
                     stored_bytes: Some(args.max_stored),
+                    jobs: Some(args.max_jobs),
                 },
                 max_attempts: args.max_attempts.max(1),
                 debimg: std::env::current_exe()?,
@@ -734,6 +735,8 @@ fn serve(action: Option<&ServeAction>, args: &ServeArgs) -> anyhow::Result<()> {
                 isolation: args.isolation,
                 post_creation_timeout: std::time::Duration::from_secs(args.post_creation_timeout),
                 max_upload_bytes: args.max_upload,
+                keep_jobs: (args.keep_jobs > 0)
+                    .then(|| std::time::Duration::from_secs(args.keep_jobs * 86400)),
             };
             debimg::service::http::serve(config)
         }

@@ -990,3 +990,92 @@ fn strangers_get_nothing_of_the_server() {
     };
     assert!(ended, "the revoked token's stream goes on");
 }
+
+/// Limits hold when a build is claimed, owners take turns whatever order the queue's messages
+/// come in, cancelled jobs count against the cap on kept jobs, and the job list comes in pages.
+/// Claims by hand as a worker would; no build runs.
+#[test]
+fn claims_take_turns_and_limits_hold_when_claimed() {
+    let server = TestServer::start(
+        "svc-turns",
+        &[
+            "--local-workers",
+            "0",
+            "--max-running",
+            "1",
+            "--max-jobs",
+            "4",
+        ],
+    );
+    let alice = Api::new(&server.url, Some(&server.token("alice", false)));
+    let bob = Api::new(&server.url, Some(&server.token("bob", false)));
+    let worker = Api::new(&server.url, Some(&server.token_role("farm", "worker")));
+    let spec =
+        |n: &str| format!("version: 1\nname: {n}\nsuite: bookworm\nmirror: host\nkind: tarball\n");
+    let a: Vec<String> = ["a0", "a1", "a2"]
+        .iter()
+        .map(|n| id_of(&alice.submit(&spec(n), n)))
+        .collect();
+    let b0 = id_of(&bob.submit(&spec("b0"), "b0"));
+    let build_of = |job: &str| {
+        let db = rusqlite::Connection::open(server.state_path().join("debimg.sqlite")).unwrap();
+        db.query_row("SELECT build_id FROM jobs WHERE id = ?1", [job], |r| {
+            r.get::<_, String>(0)
+        })
+        .unwrap()
+    };
+    let claim = |job: &str| {
+        worker.post(
+            &format!("/api/v1/builds/{}/claim", build_of(job)),
+            &json!({"worker": "w"}),
+        )
+    };
+    // The messages name Alice's builds in the order she sent them; Bob's comes in turn.
+    let c = claim(&a[0]);
+    assert_eq!(c.status, 200, "{}", c.text());
+    assert_eq!(c.json()["build_id"], build_of(&a[0]).as_str());
+    let c = claim(&a[1]);
+    assert_eq!(c.status, 200, "{}", c.text());
+    assert_eq!(
+        c.json()["build_id"],
+        build_of(&b0).as_str(),
+        "Bob waited for Alice's burst"
+    );
+    // Both run one build, their limit: nothing more runs, whichever build a message names.
+    let c = claim(&a[2]);
+    assert_eq!(c.status, 409, "{}", c.text());
+    assert!(c.text().contains("waits"), "{}", c.text());
+    assert_eq!(alice.job(&a[1])["state"], "queued");
+    assert_eq!(alice.job(&a[2])["state"], "queued");
+
+    // Four jobs kept at most, cancelled ones too.
+    let extra = id_of(&alice.submit(&spec("a3"), "a3"));
+    assert_eq!(
+        alice
+            .post(&format!("/api/v1/jobs/{extra}/cancel"), &json!({}))
+            .status,
+        200
+    );
+    let over = alice.submit(&spec("a4"), "a4");
+    assert_eq!(over.status, 429, "{}", over.text());
+    assert!(over.text().contains("jobs kept"), "{}", over.text());
+
+    // Pages, newest first.
+    let page = alice.get("/api/v1/jobs?limit=3", &[]).json();
+    let ids: Vec<&str> = page["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [extra.as_str(), a[2].as_str(), a[1].as_str()]);
+    let next = page["next"].as_str().unwrap();
+    let rest = alice
+        .get(&format!("/api/v1/jobs?limit=3&before={next}"), &[])
+        .json();
+    assert_eq!(rest["jobs"].as_array().unwrap().len(), 1);
+    assert_eq!(rest["jobs"][0]["id"], a[0].as_str());
+    assert!(rest["next"].is_null());
+    assert_eq!(alice.get("/api/v1/jobs?limit=0", &[]).status, 400);
+    assert_eq!(alice.get("/api/v1/jobs?limit=5000", &[]).status, 400);
+}

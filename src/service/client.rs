@@ -111,17 +111,29 @@ impl Client {
         )
     }
 
-    /// The caller's jobs, optionally in one state.
+    /// The caller's jobs, optionally in one state, newest first: every page of them.
     pub fn jobs(&self, state: Option<&str>) -> Result<Vec<Value>> {
-        let mut req = self
-            .agent
-            .get(self.url("/api/v1/jobs"))
-            .header("Authorization", self.auth());
-        if let Some(s) = state {
-            req = req.query("state", s);
+        let mut all = Vec::new();
+        let mut before: Option<String> = None;
+        loop {
+            let mut req = self
+                .agent
+                .get(self.url("/api/v1/jobs"))
+                .header("Authorization", self.auth())
+                .query("limit", "1000");
+            if let Some(s) = state {
+                req = req.query("state", s);
+            }
+            if let Some(b) = &before {
+                req = req.query("before", b);
+            }
+            let v = self.json(req.call())?;
+            all.extend(v["jobs"].as_array().cloned().unwrap_or_default());
+            match v["next"].as_str() {
+                Some(next) if before.as_deref() != Some(next) => before = Some(next.to_string()),
+                _ => return Ok(all),
+            }
         }
-        let v = self.json(req.call())?;
-        Ok(v["jobs"].as_array().cloned().unwrap_or_default())
     }
 
     /// Cancels job `id`; returns it.

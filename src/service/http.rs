@@ -24,6 +24,18 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 
 type Shared = Arc<Service>;
 
+/// Runs `f` off the async threads: the store is SQLite behind a mutex and the files are
+/// plain reads, and neither may hold up the connections the async threads serve.
+async fn blocking<T: Send + 'static>(
+    service: &Shared,
+    f: impl FnOnce(&Service) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let s = Arc::clone(service);
+    tokio::task::spawn_blocking(move || f(&s))
+        .await
+        .map_err(|e| ApiError::from(anyhow::anyhow!("a blocking task: {e}")))?
+}
+
 /// An error answer: a status and a JSON body `{"error": ..., "problems": [...]}`.
 #[derive(Debug)]
 pub struct ApiError {
@@ -203,44 +215,53 @@ async fn claim(
     if !super::is_build_id(&id) {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "no such build"));
     }
-    let lease_secs = service.config.lease_secs;
-    match service.store.claim(&id, worker, &caller.name, lease_secs)? {
-        Some(claim) => {
-            let s = Arc::clone(&service);
-            let c = claim.clone();
-            let admitted = tokio::task::spawn_blocking(move || s.admit(&c))
-                .await
-                .map_err(|e| anyhow::anyhow!("checking a claimed build: {e}"))??;
-            if !admitted {
-                return Err(ApiError::new(
+    let worker = worker.to_string();
+    blocking(&service, move |service| {
+        let lease_secs = service.config.lease_secs;
+        let Some(claim) = service.store.claim(
+            &id,
+            &worker,
+            &caller.name,
+            lease_secs,
+            &service.config.limits,
+        )?
+        else {
+            return Err(match service.store.build_state(&id)? {
+                Some(state) if state == "queued" => ApiError::new(
                     StatusCode::CONFLICT,
-                    format!(
-                        "build {id} is refused under this server's isolation; it failed unbuilt"
-                    ),
-                ));
-            }
-            if let Ok(mut log) = service.open_log(&id) {
-                super::runner::append(
-                    &mut log,
-                    format!(
-                        "debimg serve: build {id}, attempt {}, on worker {worker}\n",
-                        claim.attempt
-                    )
-                    .as_bytes(),
-                );
-            }
-            let mut v = serde_json::to_value(&claim).expect("serializes");
-            v["renew_secs"] = super::renew_secs(lease_secs).into();
-            Ok(Json(v).into_response())
-        }
-        None => match service.store.build_state(&id)? {
-            Some(state) => Err(ApiError::new(
+                    format!("build {id} waits: its owner runs as many builds as it may"),
+                ),
+                Some(state) => ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("build {id} is not queued ({state})"),
+                ),
+                None => ApiError::new(StatusCode::NOT_FOUND, "no such build"),
+            });
+        };
+        let built = &claim.build_id;
+        if !service.admit(&claim)? {
+            return Err(ApiError::new(
                 StatusCode::CONFLICT,
-                format!("build {id} is not queued ({state})"),
-            )),
-            None => Err(ApiError::new(StatusCode::NOT_FOUND, "no such build")),
-        },
-    }
+                format!(
+                    "build {built} is refused under this server's isolation; it failed unbuilt"
+                ),
+            ));
+        }
+        if let Ok(mut log) = service.open_log(built) {
+            super::runner::append(
+                &mut log,
+                format!(
+                    "debimg serve: build {built}, attempt {}, on worker {worker}\n",
+                    claim.attempt
+                )
+                .as_bytes(),
+            );
+        }
+        let mut v = serde_json::to_value(&claim).expect("serializes");
+        v["renew_secs"] = super::renew_secs(lease_secs).into();
+        Ok(Json(v).into_response())
+    })
+    .await
 }
 
 async fn renew(
@@ -250,14 +271,17 @@ async fn renew(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     worker_call(&caller)?;
-    let lease = held_lease(&service, &caller, &id, &headers)?;
-    match service
-        .store
-        .renew(&id, &lease, service.config.lease_secs)?
-    {
-        Some(cancel) => Ok(Json(json!({ "cancel": cancel })).into_response()),
-        None => Err(lost()),
-    }
+    blocking(&service, move |service| {
+        let lease = held_lease(service, &caller, &id, &headers)?;
+        match service
+            .store
+            .renew(&id, &lease, service.config.lease_secs)?
+        {
+            Some(cancel) => Ok(Json(json!({ "cancel": cancel })).into_response()),
+            None => Err(lost()),
+        }
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -274,20 +298,23 @@ async fn stage(
 ) -> Result<Response, ApiError> {
     let Auth(caller) = auth?;
     worker_call(&caller)?;
-    let lease = held_lease(&service, &caller, &id, &headers)?;
-    if crate::stage::Stage::ALL
-        .iter()
-        .all(|s| s.name() != body.stage)
-    {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("no stage `{}`", body.stage),
-        ));
-    }
-    if !service.store.set_stage(&id, &lease, &body.stage)? {
-        return Err(lost());
-    }
-    Ok(StatusCode::NO_CONTENT.into_response())
+    blocking(&service, move |service| {
+        let lease = held_lease(service, &caller, &id, &headers)?;
+        if crate::stage::Stage::ALL
+            .iter()
+            .all(|s| s.name() != body.stage)
+        {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("no stage `{}`", body.stage),
+            ));
+        }
+        if !service.store.set_stage(&id, &lease, &body.stage)? {
+            return Err(lost());
+        }
+        Ok(StatusCode::NO_CONTENT.into_response())
+    })
+    .await
 }
 
 async fn append_log(
@@ -298,10 +325,13 @@ async fn append_log(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     worker_call(&caller)?;
-    held_lease(&service, &caller, &id, &headers)?;
-    let mut log = service.open_log(&id)?;
-    super::runner::append_capped(&mut log, &body);
-    Ok(StatusCode::NO_CONTENT.into_response())
+    blocking(&service, move |service| {
+        held_lease(service, &caller, &id, &headers)?;
+        let mut log = service.open_log(&id)?;
+        super::runner::append_capped(&mut log, &body);
+        Ok(StatusCode::NO_CONTENT.into_response())
+    })
+    .await
 }
 
 /// The directory a lease's uploads go to (the build's `out` once it finishes).
@@ -320,7 +350,13 @@ async fn upload(
     use sha2::Digest;
     use std::io::Write;
     worker_call(&caller)?;
-    let lease = held_lease(&service, &caller, &id, &headers)?;
+    let lease = {
+        let (id, headers, caller) = (id.clone(), headers.clone(), caller.clone());
+        blocking(&service, move |service| {
+            held_lease(service, &caller, &id, &headers)
+        })
+        .await?
+    };
     let parts: Vec<&str> = name.split('/').collect();
     if name.len() > 4096
         || parts
@@ -407,7 +443,13 @@ async fn finish(
 ) -> Result<Response, ApiError> {
     let Auth(caller) = auth?;
     worker_call(&caller)?;
-    let lease = held_lease(&service, &caller, &id, &headers)?;
+    let lease = {
+        let (id, headers, caller) = (id.clone(), headers.clone(), caller.clone());
+        blocking(&service, move |service| {
+            held_lease(service, &caller, &id, &headers)
+        })
+        .await?
+    };
     if !matches!(body.state.as_str(), "succeeded" | "failed" | "cancelled") {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -440,7 +482,7 @@ async fn openapi() -> impl IntoResponse {
 }
 
 async fn metrics(State(service): State<Shared>) -> Result<Response, ApiError> {
-    let c = service.store.counts()?;
+    let c = blocking(&service, |service| Ok(service.store.counts()?)).await?;
     let text = format!(
         "# HELP debimg_queue_length Builds waiting for a worker.\n\
          # TYPE debimg_queue_length gauge\n\
@@ -519,53 +561,63 @@ async fn submit(
     if let Some(problem) = problem {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, problem));
     }
-    let checked = match check_spec(&body.spec, caller.admin, service.config.isolation) {
-        Ok(c) => c,
-        Err(refusal) => {
-            return Err(ApiError {
-                status: StatusCode::BAD_REQUEST,
-                body: serde_json::to_value(&refusal).expect("serializes"),
-            });
+    blocking(&service, move |service| {
+        let checked = match check_spec(&body.spec, caller.admin, service.config.isolation) {
+            Ok(c) => c,
+            Err(refusal) => {
+                return Err(ApiError {
+                    status: StatusCode::BAD_REQUEST,
+                    body: serde_json::to_value(&refusal).expect("serializes"),
+                });
+            }
+        };
+        let name = body.name.unwrap_or_else(|| checked.spec.name.clone());
+        let email = body.email.unwrap_or_default();
+        let submitted = service.store.submit(
+            &caller,
+            &name,
+            &email,
+            &super::store::NewBuild {
+                spec: &body.spec,
+                digest: &checked.digest,
+                isolation: service.config.isolation.as_str(),
+            },
+            &service.config.limits,
+        )?;
+        let (id, joined) = match submitted {
+            Submitted::Job { id, joined } => (id, joined),
+            Submitted::OverLimit(why) => {
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("over this token's limit: {why}"),
+                ));
+            }
+        };
+        let view = visible_job(service, &caller, &id)?;
+        // A job that joined a build in flight queues nothing new.
+        if !joined {
+            service.queued(&view.build_id);
         }
-    };
-    let name = body.name.unwrap_or_else(|| checked.spec.name.clone());
-    let email = body.email.unwrap_or_default();
-    let submitted = service.store.submit(
-        &caller,
-        &name,
-        &email,
-        &super::store::NewBuild {
-            spec: &body.spec,
-            digest: &checked.digest,
-            isolation: service.config.isolation.as_str(),
-        },
-        &service.config.limits,
-    )?;
-    let (id, joined) = match submitted {
-        Submitted::Job { id, joined } => (id, joined),
-        Submitted::OverLimit(why) => {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!("over this token's limit: {why}"),
-            ));
+        let mut r = (StatusCode::CREATED, Json(view)).into_response();
+        if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/jobs/{id}")) {
+            r.headers_mut().insert(header::LOCATION, v);
         }
-    };
-    let view = visible_job(&service, &caller, &id)?;
-    // A job that joined a build in flight queues nothing new.
-    if !joined {
-        service.queued(&view.build_id);
-    }
-    let mut r = (StatusCode::CREATED, Json(view)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/jobs/{id}")) {
-        r.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(r)
+        Ok(r)
+    })
+    .await
 }
 
 #[derive(Deserialize)]
 struct ListQuery {
     state: Option<String>,
+    /// Jobs on a page, newest first (100 by default, 1000 at most).
+    limit: Option<u64>,
+    /// The page of jobs older than this one (the `next` of the page before).
+    before: Option<String>,
 }
+
+/// The most jobs on one page of the list.
+const MAX_PAGE: u64 = 1000;
 
 async fn list(
     State(service): State<Shared>,
@@ -583,8 +635,21 @@ async fn list(
             ),
         ));
     }
-    let jobs = service.store.jobs(&caller, q.state.as_deref())?;
-    Ok(Json(json!({ "jobs": jobs })).into_response())
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("`limit` is 1 to {MAX_PAGE}"),
+        ));
+    }
+    blocking(&service, move |service| {
+        let (jobs, next) =
+            service
+                .store
+                .jobs(&caller, q.state.as_deref(), limit, q.before.as_deref())?;
+        Ok(Json(json!({ "jobs": jobs, "next": next })).into_response())
+    })
+    .await
 }
 
 /// Job `id` when `caller` may see it; `404` otherwise.
@@ -604,8 +669,10 @@ async fn show(
     Auth(caller): Auth,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let view = visible_job(&service, &caller, &id)?;
-    Ok(Json(view).into_response())
+    blocking(&service, move |service| {
+        Ok(Json(visible_job(service, &caller, &id)?).into_response())
+    })
+    .await
 }
 
 async fn cancel(
@@ -613,25 +680,27 @@ async fn cancel(
     Auth(caller): Auth,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let view = visible_job(&service, &caller, &id)?;
-    match service.store.cancel_job(&id)? {
-        CancelOutcome::NoSuchJob => return Err(ApiError::not_found()),
-        CancelOutcome::AlreadyFinished => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("the job has finished already ({})", view.state),
-            ));
-        }
-        CancelOutcome::Cancelled { stop } => {
-            if let Some(build) = stop {
-                service.stop(&build);
+    let (build, view) = blocking(&service, move |service| {
+        let view = visible_job(service, &caller, &id)?;
+        match service.store.cancel_job(&id)? {
+            CancelOutcome::NoSuchJob => return Err(ApiError::not_found()),
+            CancelOutcome::AlreadyFinished => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("the job has finished already ({})", view.state),
+                ));
+            }
+            CancelOutcome::Cancelled { stop } => {
+                if let Some(build) = stop {
+                    service.stop(&build);
+                }
             }
         }
-    }
+        Ok((view.build_id, visible_job(service, &caller, &id)?))
+    })
+    .await?;
     let s = Arc::clone(&service);
-    let build = view.build_id.clone();
     tokio::task::spawn_blocking(move || s.after_build(&build));
-    let view = visible_job(&service, &caller, &id)?;
     Ok(Json(view).into_response())
 }
 
@@ -640,17 +709,17 @@ async fn delete(
     Auth(caller): Auth,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    visible_job(&service, &caller, &id)?;
-    if let CancelOutcome::Cancelled { stop: Some(build) } = service.store.cancel_job(&id)? {
-        service.stop(&build);
-    }
-    if let Some(build) = service.store.delete_job(&id)? {
-        let s = Arc::clone(&service);
-        tokio::task::spawn_blocking(move || s.remove_build_files(&build))
-            .await
-            .map_err(|e| anyhow::anyhow!("removing files: {e}"))?;
-    }
-    Ok(StatusCode::NO_CONTENT.into_response())
+    blocking(&service, move |service| {
+        visible_job(service, &caller, &id)?;
+        if let CancelOutcome::Cancelled { stop: Some(build) } = service.store.cancel_job(&id)? {
+            service.stop(&build);
+        }
+        if let Some(build) = service.store.delete_job(&id)? {
+            service.remove_build_files(&build);
+        }
+        Ok(StatusCode::NO_CONTENT.into_response())
+    })
+    .await
 }
 
 async fn log(
@@ -659,16 +728,23 @@ async fn log(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let view = visible_job(&service, &caller, &id)?;
+    let view = {
+        let (caller, id) = (caller.clone(), id.clone());
+        blocking(&service, move |service| visible_job(service, &caller, &id)).await?
+    };
     let wants_events = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if !wants_events {
-        let file = match service.existing_build_files(&view.build_id)? {
-            Some(dir) => dir.open_if_regular("build.log")?,
-            None => None,
-        };
+        let build = view.build_id.clone();
+        let file = blocking(&service, move |service| {
+            Ok(match service.existing_build_files(&build)? {
+                Some(dir) => dir.open_if_regular("build.log")?,
+                None => None,
+            })
+        })
+        .await?;
         let (body, len) = match file {
             Some((f, st)) => (file_body(f, st.st_size as u64), st.st_size as u64),
             None => (Body::empty(), 0),

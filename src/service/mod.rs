@@ -75,6 +75,8 @@ pub struct Config {
     pub post_creation_timeout: Duration,
     /// The largest artifact a worker may upload, in bytes.
     pub max_upload_bytes: u64,
+    /// How long an ended job is kept before it is deleted with its files.
+    pub keep_jobs: Option<Duration>,
 }
 
 /// Which builds of the service run inside a throwaway machine (`debimg build --vm`).
@@ -822,6 +824,12 @@ impl Service {
     /// After build `id` ended (or a job of it was cancelled): post-creation for the jobs that
     /// are finished and have not had it, then the files of builds no job wants any more.
     pub fn after_build(&self, id: &str) {
+        // A build that ended frees its owner's turn: a build that waited for it may run now
+        // (its message may have been taken while it waited).
+        match self.store.queued_builds() {
+            Ok(q) if !q.is_empty() => self.queued(&q[0]),
+            _ => {}
+        }
         if let Some(cmd) = &self.config.post_creation {
             match self.store.take_post_creation(id) {
                 Ok(jobs) => {
@@ -925,12 +933,39 @@ impl Service {
         }
     }
 
+    /// Deletes the jobs that ended longer than `keep` ago, and the files of builds no job
+    /// wants any more.
+    pub fn expire_jobs(&self, keep: Duration) {
+        let before = store::now() - keep.as_secs() as i64;
+        match self.store.expire_jobs(before) {
+            Ok(builds) => {
+                for id in &builds {
+                    self.remove_build_files(id);
+                }
+                if !builds.is_empty() {
+                    tracing::info!(
+                        "deleted the jobs of {} builds that ended long ago",
+                        builds.len()
+                    );
+                }
+            }
+            Err(e) => tracing::error!("the job store: {e:#}"),
+        }
+    }
+
     /// Gives builds of vanished workers back to the queue (or fails them), every few seconds.
     pub fn start_reaper(self: &Arc<Self>) {
         let service = Arc::clone(self);
         std::thread::spawn(move || {
+            let mut last_expiry: Option<std::time::Instant> = None;
             loop {
                 std::thread::sleep(Duration::from_secs(5));
+                if let Some(keep) = service.config.keep_jobs
+                    && last_expiry.is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+                {
+                    last_expiry = Some(std::time::Instant::now());
+                    service.expire_jobs(keep);
+                }
                 match service
                     .store
                     .requeue_lost(service.config.max_attempts, None)

@@ -296,7 +296,10 @@ fn local_worker(service: &Service, name: &str) {
         if service.stopping.load(Ordering::SeqCst) {
             return;
         }
-        match service.store.claim_next(name, service.config.lease_secs) {
+        match service
+            .store
+            .claim_next(name, service.config.lease_secs, &service.config.limits)
+        {
             Ok(Some(claim)) => {
                 let id = claim.build_id.clone();
                 match service.admit(&claim) {

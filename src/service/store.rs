@@ -179,6 +179,8 @@ pub struct Limits {
     pub queued: Option<u64>,
     pub running: Option<u64>,
     pub stored_bytes: Option<u64>,
+    /// Jobs kept per token, in any state (cancelled and failed ones count too).
+    pub jobs: Option<u64>,
 }
 
 /// The build a job asks for: the spec as submitted, its digest and the isolation it was
@@ -432,17 +434,24 @@ impl Store {
                 )
                 .map(|n| n as u64)
             };
+            // Running builds are limited when claimed: beyond the limit a build waits.
             let queued = count("queued")?;
-            let running = count("running")?;
             if let Some(max) = limits.queued.filter(|&m| queued >= m) {
                 return Ok(Submitted::OverLimit(format!(
                     "{queued} queued jobs, the limit is {max}"
                 )));
             }
-            if let Some(max) = limits.running.filter(|&m| running >= m) {
-                return Ok(Submitted::OverLimit(format!(
-                    "{running} running builds, the limit is {max}"
-                )));
+            if let Some(max) = limits.jobs {
+                let kept: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM jobs WHERE owner = ?1",
+                    params![caller.name],
+                    |r| r.get(0),
+                )?;
+                if kept as u64 >= max {
+                    return Ok(Submitted::OverLimit(format!(
+                        "{kept} jobs kept, the limit is {max} (delete ended jobs to make room)"
+                    )));
+                }
             }
             if let Some(max) = limits.stored_bytes {
                 let stored: i64 = tx.query_row(
@@ -594,24 +603,64 @@ impl Store {
             .optional()?)
     }
 
-    /// The jobs `caller` may see, newest first, optionally in one state.
-    pub fn jobs(&self, caller: &Caller, state: Option<&str>) -> Result<Vec<JobView>> {
+    /// The jobs `caller` may see, newest first, optionally in one state: at most `limit`, those
+    /// older than job `before` when it is given. The second value is the id to ask `before`
+    /// for the next page, when there may be one.
+    pub fn jobs(
+        &self,
+        caller: &Caller,
+        state: Option<&str>,
+        limit: u64,
+        before: Option<&str>,
+    ) -> Result<(Vec<JobView>, Option<String>)> {
         let db = self.db();
         let mut st = db.prepare(&Self::view_sql(
-            "WHERE (?1 OR j.owner = ?2) ORDER BY j.rowid DESC",
+            "WHERE (?1 OR j.owner = ?2)
+             AND (?3 IS NULL OR (CASE WHEN j.cancelled THEN 'cancelled' ELSE b.state END) = ?3)
+             AND (?4 IS NULL OR j.rowid < COALESCE((SELECT rowid FROM jobs WHERE id = ?4), 0))
+             ORDER BY j.rowid DESC LIMIT ?5",
         ))?;
-        let rows = st.query_map(params![caller.admin, caller.name], Self::view_row)?;
+        let rows = st.query_map(
+            params![caller.admin, caller.name, state, before, limit as i64],
+            Self::view_row,
+        )?;
         let mut out = Vec::new();
         for v in rows {
             let mut v = v?;
-            if state.is_some_and(|s| s != v.state) {
-                continue;
-            }
             Self::fill_artifacts(&db, &mut v)?;
             v.show_to(caller);
             out.push(v);
         }
-        Ok(out)
+        let next = (out.len() as u64 == limit)
+            .then(|| out.last().map(|v| v.id.clone()))
+            .flatten();
+        Ok((out, next))
+    }
+
+    /// Deletes the ended jobs that ended before `before` (seconds since the epoch); returns
+    /// the builds no job refers to any more (their files can go).
+    pub fn expire_jobs(&self, before: i64) -> Result<Vec<String>> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let ended: Vec<(String, String)> = {
+            let mut st = tx.prepare(
+                "SELECT j.id, j.build_id FROM jobs j JOIN builds b ON b.id = j.build_id
+                 WHERE (j.cancelled AND j.finished < ?1)
+                 OR (NOT j.cancelled AND b.state IN ('succeeded', 'failed', 'cancelled')
+                     AND b.finished < ?1)",
+            )?;
+            st.query_map(params![before], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        let mut orphans = Vec::new();
+        for (job, build) in ended {
+            tx.execute("DELETE FROM jobs WHERE id = ?1", params![job])?;
+            if Self::drop_if_orphan(&tx, &build)? {
+                orphans.push(build);
+            }
+        }
+        tx.commit()?;
+        Ok(orphans)
     }
 
     /// Cancels job `id`: the job is cancelled at once; its build is cancelled when no other
@@ -777,39 +826,105 @@ impl Store {
 
     // ---- builds, for workers ----
 
-    /// Hands the oldest queued build to `worker` with a lease of `lease_secs`.
-    pub fn claim_next(&self, worker: &str, lease_secs: i64) -> Result<Option<Claim>> {
-        let by = "";
+    /// Hands the next queued build to `worker` with a lease of `lease_secs`: owners are served
+    /// in turn ([`Store::fair_next`]), none beyond its `limits.running`.
+    pub fn claim_next(
+        &self,
+        worker: &str,
+        lease_secs: i64,
+        limits: &Limits,
+    ) -> Result<Option<Claim>> {
         let mut db = self.db();
         let tx = db.transaction()?;
-        let id: Option<String> = tx
-            .query_row(
-                "SELECT id FROM builds WHERE state = 'queued' ORDER BY rowid LIMIT 1",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let claim = match id {
-            Some(id) => Self::claim_in(&tx, &id, worker, by, lease_secs)?,
+        let claim = match Self::fair_next(&tx, None, limits)? {
+            Some(id) => Self::claim_in(&tx, &id, worker, "", lease_secs)?,
             None => None,
         };
         tx.commit()?;
         Ok(claim)
     }
 
-    /// Hands build `id` to `worker`, which calls with the token named `by`, when it is queued.
+    /// Hands a queued build to `worker`, which calls with the token named `by`: build `id`
+    /// when its owner's turn has come, else the build whose turn it is (a message of the
+    /// queue says that there is work; which build is the store's to say). `None` when no
+    /// queued build may run now.
     pub fn claim(
         &self,
         id: &str,
         worker: &str,
         by: &str,
         lease_secs: i64,
+        limits: &Limits,
     ) -> Result<Option<Claim>> {
         let mut db = self.db();
         let tx = db.transaction()?;
-        let claim = Self::claim_in(&tx, id, worker, by, lease_secs)?;
+        let claim = match Self::fair_next(&tx, Some(id), limits)? {
+            Some(next) => Self::claim_in(&tx, &next, worker, by, lease_secs)?,
+            None => None,
+        };
         tx.commit()?;
         Ok(claim)
+    }
+
+    /// The queued build to run next. A build's owner is the owner of its first job still
+    /// wanted; an owner with `limits.running` running builds waits (admins' builds are not
+    /// limited). Of the others, the owner with the fewest running builds goes first, then the
+    /// one served longest ago, then the oldest build: one owner's burst does not starve the
+    /// others. `preferred` is taken when it is of the owner whose turn it is.
+    fn fair_next(
+        tx: &Connection,
+        preferred: Option<&str>,
+        limits: &Limits,
+    ) -> rusqlite::Result<Option<String>> {
+        use std::collections::HashMap;
+        let mut st = tx.prepare(
+            "SELECT b.id, b.state, b.trusted,
+                    (SELECT j.owner FROM jobs j WHERE j.build_id = b.id AND j.cancelled = 0
+                     ORDER BY j.rowid LIMIT 1)
+             FROM builds b WHERE b.state IN ('queued', 'running') ORDER BY b.rowid",
+        )?;
+        let rows: Vec<(String, String, bool, Option<String>)> = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut running: HashMap<&str, u64> = HashMap::new();
+        for (_, state, _, owner) in &rows {
+            if let (Some(o), "running") = (owner, state.as_str()) {
+                *running.entry(o).or_insert(0) += 1;
+            }
+        }
+        let mut st = tx.prepare(
+            "SELECT j.owner, MAX(b.started) FROM jobs j JOIN builds b ON b.id = j.build_id
+             WHERE b.started IS NOT NULL GROUP BY j.owner",
+        )?;
+        let served: HashMap<String, i64> = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let rank = |owner: &str| {
+            (
+                running.get(owner).copied().unwrap_or(0),
+                served.get(owner).copied().unwrap_or(0),
+            )
+        };
+        let candidates =
+            rows.iter()
+                .enumerate()
+                .filter_map(|(age, (id, state, trusted, owner))| {
+                    let owner = owner.as_deref()?;
+                    let may = state == "queued"
+                        && (*trusted || limits.running.is_none_or(|m| rank(owner).0 < m));
+                    may.then_some((rank(owner), age, id.as_str(), owner))
+                });
+        let Some(best) = candidates
+            .clone()
+            .min_by_key(|(rank, age, _, _)| (*rank, *age))
+        else {
+            return Ok(None);
+        };
+        let chosen = preferred
+            .and_then(|p| candidates.clone().find(|(_, _, id, _)| *id == p))
+            .filter(|(_, _, _, owner)| *owner == best.3)
+            .unwrap_or(best);
+        Ok(Some(chosen.2.to_string()))
     }
 
     fn claim_in(
@@ -1143,7 +1258,10 @@ mod tests {
         let c = store.submit(&alice, "c", "", &nb("t", "d2"), &no).unwrap();
         assert!(matches!(c, Submitted::Job { joined: false, .. }));
 
-        let claim = store.claim_next("w1", 0).unwrap().unwrap();
+        let claim = store
+            .claim_next("w1", 0, &Limits::default())
+            .unwrap()
+            .unwrap();
         assert_eq!(claim.spec, "s");
         // The lease of 0 s has run out: the build goes back to the queue, the stale worker's
         // reports are refused.
@@ -1159,7 +1277,10 @@ mod tests {
                 .finish(&claim.build_id, &claim.lease, "succeeded", None, &[])
                 .unwrap()
         );
-        let again = store.claim_next("w2", 60).unwrap().unwrap();
+        let again = store
+            .claim_next("w2", 60, &Limits::default())
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (again.build_id.as_str(), again.attempt),
             (claim.build_id.as_str(), 2)
@@ -1207,7 +1328,10 @@ mod tests {
                 .unwrap(),
         );
         for attempt in 1..=2 {
-            let claim = store.claim_next("w", 0).unwrap().unwrap();
+            let claim = store
+                .claim_next("w", 0, &Limits::default())
+                .unwrap()
+                .unwrap();
             assert_eq!(claim.attempt, attempt);
             std::thread::sleep(std::time::Duration::from_millis(1100));
             let (requeued, failed) = store.requeue_lost(2, None).unwrap();
@@ -1225,7 +1349,12 @@ mod tests {
                 .unwrap()
                 .contains("tried 2 times")
         );
-        assert!(store.claim_next("w", 60).unwrap().is_none());
+        assert!(
+            store
+                .claim_next("w", 60, &Limits::default())
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -1236,7 +1365,10 @@ mod tests {
         let no = Limits::default();
         let a = job_id(store.submit(&alice, "a", "", &nb("s", "d"), &no).unwrap());
         let b = job_id(store.submit(&alice, "b", "", &nb("s", "d"), &no).unwrap());
-        let claim = store.claim_next("w", 60).unwrap().unwrap();
+        let claim = store
+            .claim_next("w", 60, &Limits::default())
+            .unwrap()
+            .unwrap();
         assert_eq!(
             store.cancel_job(&a).unwrap(),
             CancelOutcome::Cancelled { stop: None }
@@ -1276,11 +1408,110 @@ mod tests {
             store.submit(&alice, "b", "", &nb("t", "e"), &one).unwrap(),
             Submitted::OverLimit(_)
         ));
-        assert_eq!(store.jobs(&alice, None).unwrap().len(), 1);
+        assert_eq!(store.jobs(&alice, None, 100, None).unwrap().0.len(), 1);
         // Admins are not limited.
         job_id(
             store
                 .submit(&caller("root", true), "c", "", &nb("t", "e"), &one)
+                .unwrap(),
+        );
+    }
+
+    #[test]
+    fn owners_are_served_in_turn_and_limits_hold_at_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (alice, bob) = (caller("alice", false), caller("bob", false));
+        let no = Limits::default();
+        // Alice's burst of five, then one of Bob's.
+        for n in 0..5 {
+            let spec = format!("a{n}");
+            job_id(
+                store
+                    .submit(&alice, "a", "", &nb(&spec, &spec), &no)
+                    .unwrap(),
+            );
+        }
+        job_id(store.submit(&bob, "b", "", &nb("b0", "b0"), &no).unwrap());
+        let two = Limits {
+            running: Some(2),
+            ..Limits::default()
+        };
+        let spec_of = |c: Option<Claim>| c.unwrap().spec;
+        // Alice's oldest first; then Bob's, who has none running, before Alice's second.
+        assert_eq!(spec_of(store.claim_next("w1", 60, &two).unwrap()), "a0");
+        assert_eq!(spec_of(store.claim_next("w2", 60, &two).unwrap()), "b0");
+        assert_eq!(spec_of(store.claim_next("w3", 60, &two).unwrap()), "a1");
+        // Alice runs two, her limit: her next waits, however many workers are free; a claim
+        // of one of her builds by id waits too.
+        assert!(store.claim_next("w4", 60, &two).unwrap().is_none());
+        let a2 = store.queued_builds().unwrap()[0].clone();
+        assert!(store.claim(&a2, "w4", "farm", 60, &two).unwrap().is_none());
+        // Without the limit, a claim by id is served in turn too: Alice's builds are all
+        // hers, so the one asked for.
+        let a3 = store.queued_builds().unwrap()[1].clone();
+        let c = store.claim(&a3, "w4", "farm", 60, &no).unwrap().unwrap();
+        assert_eq!(c.build_id, a3);
+        // A claim asks for Bob's next while Alice has three running and Bob one: with a new
+        // job of Bob's queued, his goes first whatever id the message named.
+        job_id(store.submit(&bob, "b", "", &nb("b1", "b1"), &no).unwrap());
+        let c = store.claim(&a2, "w5", "farm", 60, &no).unwrap().unwrap();
+        assert_eq!(c.spec, "b1");
+    }
+
+    #[test]
+    fn the_job_list_pages_and_ended_jobs_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let alice = caller("alice", false);
+        let three = Limits {
+            jobs: Some(3),
+            ..Limits::default()
+        };
+        let ids: Vec<String> = (0..3)
+            .map(|n| {
+                let spec = format!("s{n}");
+                job_id(
+                    store
+                        .submit(&alice, "a", "", &nb(&spec, &spec), &three)
+                        .unwrap(),
+                )
+            })
+            .collect();
+        // Cancelled jobs count against the cap until they are deleted.
+        for id in &ids {
+            store.cancel_job(id).unwrap();
+        }
+        assert!(matches!(
+            store
+                .submit(&alice, "a", "", &nb("s9", "s9"), &three)
+                .unwrap(),
+            Submitted::OverLimit(_)
+        ));
+        let (page, next) = store.jobs(&alice, None, 2, None).unwrap();
+        assert_eq!(
+            page.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+            [ids[2].as_str(), ids[1].as_str()]
+        );
+        let (rest, end) = store.jobs(&alice, None, 2, next.as_deref()).unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].id, ids[0]);
+        assert_eq!(end, None);
+        assert_eq!(
+            store
+                .jobs(&alice, Some("queued"), 10, None)
+                .unwrap()
+                .0
+                .len(),
+            0
+        );
+        // Nothing ended before a minute ago; everything before a minute from now.
+        assert!(store.expire_jobs(now() - 60).unwrap().is_empty());
+        assert_eq!(store.expire_jobs(now() + 60).unwrap().len(), 3);
+        assert!(store.jobs(&alice, None, 10, None).unwrap().0.is_empty());
+        job_id(
+            store
+                .submit(&alice, "a", "", &nb("s9", "s9"), &three)
                 .unwrap(),
         );
     }
