@@ -172,7 +172,7 @@ pub fn check_spec(text: &str, trusted: bool, isolation: Isolation) -> Result<Che
 }
 
 /// What a stranger's spec may not reach: a repository apt would take unsigned
-/// (`trusted: true`), and a mirror or repository on this host's loopback, a link-local
+/// (`trusted: true`), and a mirror, repository or proxy on this host's loopback, a link-local
 /// address (the cloud metadata endpoint) or a private range (the build host's own network),
 /// named by address or as `localhost`. The build host's own sources (`host`) are the admin's
 /// and stay allowed.
@@ -195,6 +195,13 @@ fn egress_problems(spec: &Spec) -> Vec<Problem> {
     for (i, r) in spec.repos.iter().enumerate() {
         if let Some(uri) = r.uri.as_deref().filter(|u| *u != "host") {
             check(format!("repos[{i}].uri"), uri);
+        }
+    }
+    if let Some(proxies) = &spec.proxies {
+        for (field, p) in [("http", &proxies.http), ("https", &proxies.https)] {
+            if let Some(p) = p {
+                check(format!("proxies.{field}"), p);
+            }
         }
     }
     for (i, r) in spec.repos.iter().enumerate() {
