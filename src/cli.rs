@@ -108,6 +108,10 @@ pub enum Command {
         /// that started the machine to package and publish.
         #[arg(long, hide = true, conflicts_with_all = ["vm", "release", "bundle", "fuel"])]
         hand_off: bool,
+        /// Inside a `--vm` machine for an untrusted spec: every download through this proxy
+        /// (the host's `vm-proxy`, which reaches only the spec's mirrors and repositories).
+        #[arg(long, hide = true, value_name = "URL", requires = "hand_off")]
+        through_proxy: Option<String>,
         /// Install exactly the package versions of this lock file, the bootstrap's included,
         /// as `lock:` in the spec does (a build writes the lock of what it installed as
         /// NAME.lock.yaml); fails naming each version the repositories no longer have.
@@ -155,6 +159,14 @@ pub enum Command {
         /// Resolve without the caches.
         #[arg(long)]
         no_cache: bool,
+    },
+    /// The proxy of a machine that builds an untrusted spec (qemu starts it for each of the
+    /// machine's connections): one HTTP connection on stdin and stdout, to the endpoints given.
+    #[command(hide = true)]
+    VmProxy {
+        /// An endpoint the machine may reach, HOST:PORT (again for each).
+        #[arg(long)]
+        allow: Vec<String>,
     },
     /// Build (or rebuild) the builder appliance that `build --vm` machines boot: a kernel and
     /// the build tools, made by debimg's own pipeline into CACHE_DIR/vm (a `--vm` build makes

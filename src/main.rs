@@ -200,6 +200,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
             build_dir,
             force,
         } => vm_image(cli, cache_dir, build_dir, *force),
+        Command::VmProxy { allow } => debimg::vm::egress::serve_one(allow).map_err(failed),
     }
 }
 
@@ -351,6 +352,7 @@ fn build(cli: &Cli) -> Result<(), Error> {
         tmpfs,
         vm,
         hand_off,
+        through_proxy,
         lock,
     } = &cli.command
     else {
@@ -368,6 +370,13 @@ fn build(cli: &Cli) -> Result<(), Error> {
                 .with_context(|| format!("--lock: resolving {}", file.display()))
                 .map_err(failed)?;
             input.spec.lock = Some(abs.to_string_lossy().into_owned());
+        }
+        if let Some(url) = through_proxy {
+            input.spec.proxies = Some(debimg::spec::Proxies {
+                http: Some(url.clone()),
+                https: Some(url.clone()),
+                direct: Vec::new(),
+            });
         }
         if vm.untrusted && input.spec.lock.is_some() {
             return Err(failed(anyhow::anyhow!(

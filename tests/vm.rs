@@ -616,6 +616,10 @@ fn the_service_builds_untrusted_specs_in_machines() {
         &["--local-workers", "1", "--isolation", "untrusted"],
     );
     let carol = Api::new(&server.url, Some(&server.token("carol", false)));
+    // The machine reaches the spec's mirror through this host's proxy, and nothing else: not
+    // the server's API on this host's loopback (10.0.2.2 in qemu's user network), not the
+    // metadata address.
+    let port = server.url.rsplit(':').next().unwrap().to_string();
     let spec = r#"version: 1
 name: untrusted
 suite: bookworm
@@ -630,10 +634,15 @@ post:
     script: |
       echo pwned > /tmp/debimg-untrusted-MARK
       ls / > "$INSTALL_ROOT/outside-listing"
-"#;
+      for t in "api 10.0.2.2 PORT" "metadata 169.254.169.254 80" "proxy 10.0.2.100 3128"; do
+        set -- $t
+        if timeout 5 bash -c "exec 3<>/dev/tcp/$2/$3" 2>/dev/null; then echo "$1 open"; else echo "$1 closed"; fi
+      done > "$INSTALL_ROOT/egress"
+"#
+    .replace("PORT", &port);
     let _ = std::fs::remove_file("/tmp/debimg-untrusted-MARK");
     let watch = LoopWatch::start();
-    let a = carol.submit(spec, "untrusted");
+    let a = carol.submit(&spec, "untrusted");
     assert_eq!(a.status, 201, "{}", a.text());
     let id = a.json()["id"].as_str().unwrap().to_string();
     let j = carol.wait_end(&id, 1800);
@@ -673,6 +682,12 @@ post:
     );
     let outside = std::fs::read_to_string(work.path().join("outside-listing")).unwrap();
     assert!(outside.lines().any(|l| l == "scratch"), "{outside}");
+    let egress = std::fs::read_to_string(work.path().join("egress")).unwrap();
+    assert_eq!(
+        egress.lines().collect::<Vec<_>>(),
+        ["api closed", "metadata closed", "proxy open"],
+        "what the machine reached"
+    );
     server.stop();
     assert_eq!(machines_of(server.build_dir.path()), Vec::<i32>::new());
 }

@@ -30,6 +30,7 @@
 //! file behind, and nothing reaches the output directory before the result is complete.
 
 pub mod appliance;
+pub mod egress;
 mod untar;
 
 use std::fs::File;
@@ -189,9 +190,11 @@ pub fn create(
     })
 }
 
-/// The files of one machine's input, on an unlinked file.
+/// The files of one machine's input, on an unlinked file; for an untrusted spec, the only
+/// endpoints its machine may reach.
 struct Input {
     tar: File,
+    egress: Option<Vec<egress::Endpoint>>,
 }
 
 /// Writes the input tar: the guest script, this binary, the arguments of the guest's build,
@@ -263,6 +266,17 @@ fn make_input(
     if !opts.show_progress {
         args.push("--quiet".into());
     }
+    // A stranger's machine reaches the spec's mirrors through this host's proxy, and nothing
+    // else (see `egress`).
+    let egress = if vm.untrusted {
+        args.extend([
+            "--through-proxy".into(),
+            format!("http://{}", egress::PROXY_ADDR),
+        ]);
+        Some(egress::endpoints(spec)?)
+    } else {
+        None
+    };
     add(&mut tar, "args", (args.join("\n") + "\n").as_bytes(), 0o644)?;
     add(&mut tar, "cwd", (text_arg(&cwd)? + "\n").as_bytes(), 0o644)?;
     let features = if with_cache { "cache\n" } else { "" };
@@ -294,7 +308,7 @@ fn make_input(
     let mut file = tar.into_inner().context("finishing the machine's input")?;
     file.flush()?;
     file.rewind()?;
-    Ok(Input { tar: file })
+    Ok(Input { tar: file, egress })
 }
 
 /// A path as one line of text for the guest script.
@@ -392,6 +406,8 @@ struct Disks {
     input: File,
     scratch: File,
     output: File,
+    /// The endpoints the machine may reach, when it is restricted to them.
+    egress: Option<Vec<egress::Endpoint>>,
 }
 
 /// Runs the machine (probing KVM when asked) until it powers off; fails when it ends without
@@ -414,6 +430,7 @@ fn run_machine(
             input: input.tar.try_clone()?,
             scratch,
             output,
+            egress: input.egress.clone(),
         })
     };
     let kvm = match vm.accel {
@@ -562,7 +579,14 @@ fn boot(
             .arg("-device")
             .arg(format!("virtio-blk-pci,drive={serial},serial={serial}"));
     }
-    cmd.args(["-nic", "user,model=virtio-net-pci"])
+    let nic = match &disks.egress {
+        Some(allowed) => std::env::current_exe()
+            .context("finding the debimg binary")
+            .and_then(|exe| egress::nic(&exe, allowed))
+            .map_err(boundary)?,
+        None => "user,model=virtio-net-pci".to_string(),
+    };
+    cmd.args(["-nic", &nic])
         .args(["-device", "virtio-serial-pci"])
         .arg("-chardev")
         .arg(format!("file,id=events,path={}", fd(&events_w)))
