@@ -136,7 +136,9 @@ fn run(cli: &Cli) -> Result<(), Error> {
                     "a worker builds as root: run `debimg worker` as root"
                 )));
             }
-            let (token, amqp) = worker_secrets(token, token_file, amqp, amqp_file)?;
+            let (token, amqp) =
+                debimg::service::worker::secrets(token, token_file, amqp, amqp_file)
+                    .map_err(failed)?;
             debimg::service::worker::run(debimg::service::worker::WorkerConfig {
                 server: server.clone(),
                 token,
@@ -750,64 +752,6 @@ fn serve(action: Option<&ServeAction>, args: &ServeArgs) -> anyhow::Result<()> {
             debimg::service::http::serve(config)
         }
     }
-}
-
-/// A worker's token and RabbitMQ URL, from the environment or files: never from the command
-/// line, where `ps` shows them to every local user.
-fn worker_secrets(
-    token: &Option<String>,
-    token_file: &Option<PathBuf>,
-    amqp: &Option<String>,
-    amqp_file: &Option<PathBuf>,
-) -> Result<(String, String), Error> {
-    let on_command_line = |flag: &str| {
-        std::env::args_os().any(|a| {
-            let a = a.to_string_lossy();
-            a == flag || a.starts_with(&format!("{flag}="))
-        })
-    };
-    let refuse = |what: &str| {
-        failed(anyhow::anyhow!(
-            "{what} on the command line is shown to every local user by `ps`: give it in the \
-             environment or a file readable by root alone"
-        ))
-    };
-    if on_command_line("--token") {
-        return Err(refuse("--token (DEBIMG_TOKEN, --token-file)"));
-    }
-    if on_command_line("--amqp") && amqp.as_deref().is_some_and(|u| u.contains('@')) {
-        return Err(refuse(
-            "a RabbitMQ URL with a password (DEBIMG_AMQP, --amqp-file)",
-        ));
-    }
-    let first_line = |path: &PathBuf| -> Result<String, Error> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))
-            .map_err(failed)?;
-        Ok(text.lines().next().unwrap_or("").trim().to_string())
-    };
-    let token = match (token, token_file) {
-        (_, Some(f)) => first_line(f)?,
-        (Some(t), None) => t.clone(),
-        (None, None) => String::new(),
-    };
-    let amqp = match (amqp, amqp_file) {
-        (_, Some(f)) => first_line(f)?,
-        (Some(u), None) => u.clone(),
-        (None, None) => String::new(),
-    };
-    if token.is_empty() {
-        return Err(failed(anyhow::anyhow!(
-            "a worker needs a worker's token: DEBIMG_TOKEN or --token-file \
-             (`debimg serve token add NAME --role worker` makes one)"
-        )));
-    }
-    if amqp.is_empty() {
-        return Err(failed(anyhow::anyhow!(
-            "a worker needs RabbitMQ's URL: --amqp, DEBIMG_AMQP or --amqp-file"
-        )));
-    }
-    Ok((token, amqp))
 }
 
 /// Ends the process with `code` when it is not 0 (a job's outcome, already reported).

@@ -32,6 +32,61 @@ pub struct WorkerConfig {
     pub isolation: super::Isolation,
 }
 
+/// A worker's token and RabbitMQ URL, from the environment or files: never from the command
+/// line, where `ps` shows them to every local user.
+pub fn secrets(
+    token: &Option<String>,
+    token_file: &Option<PathBuf>,
+    amqp: &Option<String>,
+    amqp_file: &Option<PathBuf>,
+) -> Result<(String, String)> {
+    let on_command_line = |flag: &str| {
+        std::env::args_os().any(|a| {
+            let a = a.to_string_lossy();
+            a == flag || a.starts_with(&format!("{flag}="))
+        })
+    };
+    let refuse = |what: &str| {
+        anyhow::anyhow!(
+            "{what} on the command line is shown to every local user by `ps`: give it in the \
+             environment or a file readable by root alone"
+        )
+    };
+    if on_command_line("--token") {
+        return Err(refuse("--token (DEBIMG_TOKEN, --token-file)"));
+    }
+    if on_command_line("--amqp") && amqp.as_deref().is_some_and(|u| u.contains('@')) {
+        return Err(refuse(
+            "a RabbitMQ URL with a password (DEBIMG_AMQP, --amqp-file)",
+        ));
+    }
+    let first_line = |path: &PathBuf| -> Result<String> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(text.lines().next().unwrap_or("").trim().to_string())
+    };
+    let token = match (token, token_file) {
+        (_, Some(f)) => first_line(f)?,
+        (Some(t), None) => t.clone(),
+        (None, None) => String::new(),
+    };
+    let amqp = match (amqp, amqp_file) {
+        (_, Some(f)) => first_line(f)?,
+        (Some(u), None) => u.clone(),
+        (None, None) => String::new(),
+    };
+    if token.is_empty() {
+        bail!(
+            "a worker needs a worker's token: DEBIMG_TOKEN or --token-file \
+             (`debimg serve token add NAME --role worker` makes one)"
+        );
+    }
+    if amqp.is_empty() {
+        bail!("a worker needs RabbitMQ's URL: --amqp, DEBIMG_AMQP or --amqp-file");
+    }
+    Ok((token, amqp))
+}
+
 /// The default name of a worker: the host name and the pid.
 pub fn default_name() -> String {
     let host = nix::unistd::gethostname()
