@@ -533,3 +533,29 @@ fn upload(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_come_from_files_or_the_environment() {
+        let t = tempfile::tempdir().unwrap();
+        let token = t.path().join("token");
+        let amqp = t.path().join("amqp");
+        std::fs::write(&token, "dbi_abc\nignored\n").unwrap();
+        std::fs::write(&amqp, "amqp://u:p@127.0.0.1:5672/%2f\n").unwrap();
+        assert_eq!(
+            secrets(&None, &Some(token.clone()), &None, &Some(amqp)).unwrap(),
+            (
+                "dbi_abc".to_string(),
+                "amqp://u:p@127.0.0.1:5672/%2f".to_string()
+            )
+        );
+        let e = secrets(&None, &None, &Some("amqp://x".into()), &None).unwrap_err();
+        assert!(e.to_string().contains("--role worker"), "{e}");
+        let e = secrets(&Some("dbi_x".into()), &None, &None, &None).unwrap_err();
+        assert!(e.to_string().contains("RabbitMQ"), "{e}");
+        assert!(secrets(&None, &Some(t.path().join("missing")), &None, &None).is_err());
+    }
+}
