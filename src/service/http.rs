@@ -877,7 +877,11 @@ async fn artifact(
     Path((id, name)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Some((build, art)) = service.store.artifact(&caller, &id, &name)? else {
+    let Some((build, art)) = blocking(&service, move |service| {
+        Ok(service.store.artifact(&caller, &id, &name)?)
+    })
+    .await?
+    else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "no such job or artifact",
@@ -891,9 +895,15 @@ async fn artifact(
     {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
-    let opened = match service.artifacts_dir(&build)? {
-        Some(d) => d.open_regular_at(&art.name)?,
-        None => None,
+    let opened = {
+        let (build, name) = (build.clone(), art.name.clone());
+        blocking(&service, move |service| {
+            Ok(match service.artifacts_dir(&build)? {
+                Some(d) => d.open_regular_at(&name)?,
+                None => None,
+            })
+        })
+        .await?
     };
     let Some((mut file, st)) = opened else {
         return Err(ApiError::new(
