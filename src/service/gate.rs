@@ -259,6 +259,29 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
+/// Connections the kernel queues for accepting (tokio's own bind asks for 128, which clients
+/// reconnecting by the hundred overflow: each overflow costs an honest client a SYN resent a
+/// second later).
+const BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr` (the first address it resolves to) with a deep backlog.
+pub async fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let addr = tokio::net::lookup_host(addr).await?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the address resolves to nothing",
+        )
+    })?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 /// Serves `app` on `listener` until `shutdown`: each connection HTTP/1.1 with a header (and
 /// idle) time limit, at most [`MAX_CONNECTIONS`] at once. Connections still open at the end
 /// (log streams) end with the runtime.

@@ -1049,7 +1049,7 @@ pub fn serve(config: super::Config) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(&listen))
+        .block_on(super::gate::listen(&listen))
         .with_context(|| format!("listening on {listen}"))?;
     let addr = listener.local_addr()?;
     if let Some(url) = service.config.amqp.clone() {
