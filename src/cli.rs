@@ -302,6 +302,10 @@ pub enum Command {
         /// Which builds run inside a throwaway machine, as `serve --isolation` says.
         #[arg(long, value_enum, default_value = "host")]
         isolation: debimg::service::Isolation,
+        /// Talk plain HTTP to a server that is not on this host (the token and the artifacts
+        /// cross the network readable): only on a network you trust.
+        #[arg(long)]
+        allow_plain_http: bool,
     },
     /// The jobs of a build service: list, show, log, cancel, delete, download.
     Jobs {

@@ -130,6 +130,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
             cache_dir,
             build_dir,
             isolation,
+            allow_plain_http,
         } => {
             if !nix::unistd::geteuid().is_root() {
                 return Err(failed(anyhow::anyhow!(
@@ -150,6 +151,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
                 build_dir: build_dir.clone(),
                 debimg: std::env::current_exe().map_err(|e| failed(e.into()))?,
                 isolation: *isolation,
+                allow_plain_http: *allow_plain_http,
             })
             .map_err(failed)
         }

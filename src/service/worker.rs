@@ -30,6 +30,28 @@ pub struct WorkerConfig {
     pub debimg: PathBuf,
     /// Which builds run inside a throwaway machine.
     pub isolation: super::Isolation,
+    /// Send the token over plain HTTP to a server that is not on this host's loopback.
+    pub allow_plain_http: bool,
+}
+
+/// Why the worker may not talk to `server`, if it may not: plain HTTP carries its token and
+/// every artifact readable by anyone on the way, so only to this host's loopback.
+pub fn plain_http_problem(server: &str) -> Option<String> {
+    if !server.to_ascii_lowercase().starts_with("http://") {
+        return None;
+    }
+    let host = crate::vm::egress::endpoint_of(server).map(|e| e.host)?;
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!loopback).then(|| {
+        format!(
+            "{server} is plain HTTP to another host: the worker's token and the artifacts would \
+             cross the network readable; use https:// (a TLS proxy in front of `debimg serve`), \
+             or --allow-plain-http on a network you trust"
+        )
+    })
 }
 
 /// A worker's token and RabbitMQ URL, from the environment or files: never from the command
@@ -189,6 +211,11 @@ impl Server {
 /// Runs the worker until INT or TERM (a build in progress is then ended unreported: the
 /// server queues it again when the lease runs out).
 pub fn run(cfg: WorkerConfig) -> Result<()> {
+    if let Some(why) = plain_http_problem(&cfg.server)
+        && !cfg.allow_plain_http
+    {
+        bail!("{why}");
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop)).context("handling signals")?;
@@ -557,5 +584,24 @@ mod tests {
         let e = secrets(&Some("dbi_x".into()), &None, &None, &None).unwrap_err();
         assert!(e.to_string().contains("RabbitMQ"), "{e}");
         assert!(secrets(&None, &Some(t.path().join("missing")), &None, &None).is_err());
+    }
+
+    #[test]
+    fn plain_http_only_to_loopback() {
+        for ok in [
+            "http://127.0.0.1:8080",
+            "http://localhost:8080/",
+            "http://[::1]:8080",
+            "https://farm.example.org",
+        ] {
+            assert_eq!(plain_http_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "http://farm.example.org:8080",
+            "HTTP://10.0.0.5/",
+            "http://[2001:db8::1]/",
+        ] {
+            assert!(plain_http_problem(bad).is_some(), "{bad}");
+        }
     }
 }
