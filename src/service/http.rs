@@ -150,18 +150,6 @@ pub const ROUTES: &[&str] = &[
 /// The header that carries a worker's lease.
 pub const LEASE_HEADER: &str = "x-debimg-lease";
 
-/// A worker's call: a worker's token (the extractor refused every other) and, but for a
-/// claim, the lease of a build this token claimed.
-fn worker_call(caller: &Caller) -> Result<(), ApiError> {
-    if !caller.worker {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "workers need a worker's token (`debimg serve token add NAME --role worker`)",
-        ));
-    }
-    Ok(())
-}
-
 fn lease_of(headers: &HeaderMap) -> Result<String, ApiError> {
     headers
         .get(LEASE_HEADER)
@@ -178,7 +166,8 @@ fn lost() -> ApiError {
     )
 }
 
-/// The lease of a worker's call, checked against the build and the token that claimed it.
+/// The lease of a worker's call (a worker's token: [`super::gate`] lets no other reach the
+/// build routes), checked against the build and the token that claimed it.
 fn held_lease(
     service: &Service,
     caller: &Caller,
@@ -204,7 +193,6 @@ async fn claim(
     Json(body): Json<ClaimBody>,
 ) -> Result<Response, ApiError> {
     let Auth(caller) = auth?;
-    worker_call(&caller)?;
     let worker = body.worker.trim();
     if worker.is_empty() || worker.len() > 128 || worker.chars().any(char::is_control) {
         return Err(ApiError::new(
@@ -270,7 +258,6 @@ async fn renew(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    worker_call(&caller)?;
     blocking(&service, move |service| {
         let lease = held_lease(service, &caller, &id, &headers)?;
         match service
@@ -297,7 +284,6 @@ async fn stage(
     Json(body): Json<StageBody>,
 ) -> Result<Response, ApiError> {
     let Auth(caller) = auth?;
-    worker_call(&caller)?;
     blocking(&service, move |service| {
         let lease = held_lease(service, &caller, &id, &headers)?;
         if crate::stage::Stage::ALL
@@ -324,7 +310,6 @@ async fn append_log(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    worker_call(&caller)?;
     blocking(&service, move |service| {
         held_lease(service, &caller, &id, &headers)?;
         let mut log = service.open_log(&id)?;
@@ -349,7 +334,6 @@ async fn upload(
     use futures_util::StreamExt;
     use sha2::Digest;
     use std::io::Write;
-    worker_call(&caller)?;
     let lease = {
         let (id, headers, caller) = (id.clone(), headers.clone(), caller.clone());
         blocking(&service, move |service| {
@@ -442,7 +426,6 @@ async fn finish(
     Json(body): Json<FinishBody>,
 ) -> Result<Response, ApiError> {
     let Auth(caller) = auth?;
-    worker_call(&caller)?;
     let lease = {
         let (id, headers, caller) = (id.clone(), headers.clone(), caller.clone());
         blocking(&service, move |service| {
@@ -524,8 +507,7 @@ async fn submit(
     auth: Result<Auth, ApiError>,
     body: Result<Json<SubmitBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
-    // The token is looked at once the body is read: answering before it would close the
-    // connection under a client still sending it.
+    // The gate checked the token (and its role) before a byte of the body was read.
     let Auth(caller) = auth?;
     let Json(body) = body.map_err(|e| {
         let status = e.status();
