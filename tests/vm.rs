@@ -21,81 +21,105 @@ use debimg::sys::mount;
 use nix::mount::MsFlags;
 use nix::sys::signal::Signal;
 
-/// Held for writing while a test builds on the host (attaching loop devices), for reading
-/// while a [`LoopWatch`] runs: the tests of this file run side by side.
-static HOST_BUILDS: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-/// The host builds of the minimal and the cloud example that machine builds are compared with,
-/// kept in the test cache (a later run reuses them, as any build reuses a matching output).
+/// The host builds of the minimal example and of [`DISK`] that machine builds are compared
+/// with, made once per run of the suite by this binary (a reference an older debimg left would
+/// compare this binary's machine builds with that one's).
 fn reference(name: &str) -> std::path::PathBuf {
-    Path::new(TEST_CACHE).join("vm-reference").join(name)
+    references_dir().join(name)
 }
 
-/// Builds the appliance and the reference builds (host builds: they attach loop devices) once,
-/// before any watch starts: the machines' tests run side by side with no host build.
+/// Where this run's references live: each test of this file runs in a process of its own
+/// (cargo-nextest), so "once" is once per run, named by the runner's run id.
+fn references_dir() -> std::path::PathBuf {
+    let run =
+        std::env::var("NEXTEST_RUN_ID").unwrap_or_else(|_| format!("pid-{}", std::process::id()));
+    Path::new(TEST_CACHE).join("vm-reference").join(run)
+}
+
+/// Holds the lock that the tests of this file (processes of their own) take to build the
+/// appliance and the references one at a time.
+fn references_lock() -> nix::fcntl::Flock<std::fs::File> {
+    use nix::fcntl::{Flock, FlockArg};
+    std::fs::create_dir_all(TEST_CACHE).unwrap();
+    let f = std::fs::File::create(Path::new(TEST_CACHE).join("vm-reference.lock")).unwrap();
+    Flock::lock(f, FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("locking the vm references")
+}
+
+/// Builds the appliance (once per cache: `vm-image` reuses it while it matches).
 fn ensure_appliance() {
-    static DONE: std::sync::Once = std::sync::Once::new();
-    DONE.call_once(|| {
-        let _host_builds = HOST_BUILDS.write().unwrap_or_else(|e| e.into_inner());
-        debimg(&["vm-image", "-q", "--cache-dir", TEST_CACHE]).assert_ok("vm-image");
-        let work = scratch("vm-reference");
-        std::thread::scope(|s| {
-            let runs: Vec<_> = ["minimal", "cloud"]
-                .into_iter()
-                .map(|name| {
-                    let b = work.path().join(name);
-                    std::fs::create_dir_all(&b).unwrap();
-                    s.spawn(move || {
-                        let spec = example(&format!("{name}.yaml"));
-                        // Forced: a reference an older debimg left in the shared cache
-                        // would compare this binary's machine builds with that one's.
-                        (name, build(&spec, &reference(name), &b, &["-q", "--force"]))
-                    })
-                })
-                .collect();
-            for r in runs {
-                let (name, run) = r.join().unwrap();
-                run.assert_ok(&format!("host build of {name}"));
-            }
-        });
-    });
+    let _lock = references_lock();
+    debimg(&["vm-image", "-q", "--cache-dir", TEST_CACHE]).assert_ok("vm-image");
 }
 
-/// Polls the host's loop devices every 100 ms and keeps every backing file it sees.
+/// Builds the appliance and this run's host builds of the minimal example and of [`DISK`],
+/// once per run; removes the references of runs older than a day.
+fn ensure_references() {
+    let _lock = references_lock();
+    debimg(&["vm-image", "-q", "--cache-dir", TEST_CACHE]).assert_ok("vm-image");
+    let dir = references_dir();
+    if dir.join("done").exists() {
+        return;
+    }
+    let day = Duration::from_secs(24 * 3600);
+    for e in std::fs::read_dir(dir.parent().unwrap())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .map(|t| t.elapsed().unwrap_or_default() > day);
+        if e.path() != dir && old.unwrap_or(false) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    let work = scratch("vm-reference");
+    let disk_spec = work.path().join("vmdisk.yaml");
+    std::fs::write(&disk_spec, DISK).unwrap();
+    std::thread::scope(|s| {
+        let runs: Vec<_> = [
+            ("minimal", example("minimal.yaml")),
+            ("vmdisk", disk_spec.clone()),
+        ]
+        .into_iter()
+        .map(|(name, spec)| {
+            let b = work.path().join(name);
+            std::fs::create_dir_all(&b).unwrap();
+            s.spawn(move || (name, build(&spec, &reference(name), &b, &["-q", "--force"])))
+        })
+        .collect();
+        for r in runs {
+            let (name, run) = r.join().unwrap();
+            run.assert_ok(&format!("host build of {name}"));
+        }
+    });
+    std::fs::write(dir.join("done"), "").unwrap();
+}
+
+/// Polls the host's loop devices every 100 ms and keeps every one it sees backed by a file
+/// under the test's own directory (what a build of that test would attach): the tests of
+/// other files attach theirs side by side.
 struct LoopWatch {
-    _no_host_builds: std::sync::RwLockReadGuard<'static, ()>,
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<Vec<String>>>,
     polls: Arc<Mutex<u64>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-fn attached_loops() -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        if let Ok(f) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
-            out.push(format!("{name}: {}", f.trim()));
-        }
-    }
-    out
-}
-
 impl LoopWatch {
-    fn start() -> LoopWatch {
-        ensure_appliance();
-        let no_host_builds = HOST_BUILDS.read().unwrap_or_else(|e| e.into_inner());
+    fn start(own: &Path) -> LoopWatch {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let polls = Arc::new(Mutex::new(0));
         let thread = {
             let (stop, seen, polls) = (stop.clone(), seen.clone(), polls.clone());
+            let own = own.to_path_buf();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    let now = attached_loops();
+                    let now = loops_backed_under(&own);
                     let mut s = seen.lock().unwrap();
                     for l in now {
                         if !s.contains(&l) {
@@ -109,7 +133,6 @@ impl LoopWatch {
             })
         };
         LoopWatch {
-            _no_host_builds: no_host_builds,
             stop,
             seen,
             polls,
@@ -353,23 +376,23 @@ fn machine_builds_equal_host_builds_and_attach_nothing_here() {
         std::fs::create_dir_all(&b).unwrap();
         (w.join(format!("{tag}-out")), b)
     };
-    let (host_min, host_cloud) = (reference("minimal"), reference("cloud"));
+    ensure_references();
+    let (host_min, host_disk) = (reference("minimal"), reference("vmdisk"));
     let (vm_min, vm_min_b) = dirs("vm-minimal");
-    let (vm_cloud, vm_cloud_b) = dirs("vm-cloud");
+    let (vm_disk, vm_disk_b) = dirs("vm-disk");
     let minimal = example("minimal.yaml");
-    let cloud = example("cloud.yaml");
+    let disk = w.join("vmdisk.yaml");
+    std::fs::write(&disk, DISK).unwrap();
     // The host builds came first (the reference); the machines attach no loop device.
-    let watch = LoopWatch::start();
+    let watch = LoopWatch::start(w);
     let (rm, rc) = std::thread::scope(|s| {
         let a = s.spawn(|| vm_build(&minimal, &vm_min, &vm_min_b, &[]));
-        let b = s.spawn(|| vm_build(&cloud, &vm_cloud, &vm_cloud_b, &["-q"]));
+        let b = s.spawn(|| vm_build(&disk, &vm_disk, &vm_disk_b, &["-q"]));
         (a.join().unwrap(), b.join().unwrap())
     });
     let (polls, seen) = watch.finish();
-    // What follows attaches loop devices to look into the images.
-    let _host_builds = HOST_BUILDS.write().unwrap_or_else(|e| e.into_inner());
     rm.assert_ok("minimal in a machine");
-    rc.assert_ok("cloud in a machine");
+    rc.assert_ok("the disk in a machine");
     assert!(polls > 100, "the watch looked only {polls} times");
     assert_eq!(
         seen,
@@ -389,7 +412,7 @@ fn machine_builds_equal_host_builds_and_attach_nothing_here() {
         "{}",
         rm.stdout()
     );
-    for b in [&vm_min_b, &vm_cloud_b] {
+    for b in [&vm_min_b, &vm_disk_b] {
         assert_machine_gone(b, Path::new("/nonexistent"));
     }
 
@@ -420,20 +443,25 @@ fn machine_builds_equal_host_builds_and_attach_nothing_here() {
     assert!(again.stderr().contains("reused"), "{}", again.stderr());
     assert!(!again.stderr().contains("starting the build machine"));
 
-    // cloud: the same packages; every format checks out; the root is fsck-clean and holds the
-    // host build's files; the disk boots.
-    let hc = Metadata::read(&host_cloud.join("cloud.yaml")).unwrap();
-    let vc = Metadata::read(&vm_cloud.join("cloud.yaml")).unwrap();
+    // The disk: the same packages; every format checks out; the root is fsck-clean and holds
+    // the host build's files, file by file; the disk boots.
+    let hc = Metadata::read(&host_disk.join("vmdisk.yaml")).unwrap();
+    let vc = Metadata::read(&vm_disk.join("vmdisk.yaml")).unwrap();
     assert_eq!(vc.spec_digest, hc.spec_digest);
     assert_eq!(vc.installed, hc.installed);
+    assert_eq!(vc.images.len(), 2, "{:?}", vc.images);
     for img in &vc.images {
-        let p = vm_cloud.join(&img.container_name);
+        let p = vm_disk.join(&img.container_name);
         assert_eq!(std::fs::metadata(&p).unwrap().len(), img.container_size);
         assert_eq!(sums(&p).1, img.container_sha256, "{}", img.container_name);
     }
+    tool(
+        "qemu-img",
+        &["check", vm_disk.join("vmdisk.qcow2").to_str().unwrap()],
+    );
     {
-        let hd = loopdev::attach_partitioned(&host_cloud.join("cloud.img")).unwrap();
-        let vd = loopdev::attach_partitioned(&vm_cloud.join("cloud.img")).unwrap();
+        let hd = loopdev::attach_partitioned(&host_disk.join("vmdisk.img")).unwrap();
+        let vd = loopdev::attach_partitioned(&vm_disk.join("vmdisk.img")).unwrap();
         let (hr, vr) = (hd.partition(3).unwrap(), vd.partition(3).unwrap());
         tool("e2fsck", &["-fn", vr.to_str().unwrap()]);
         let (hmnt, vmnt) = (scratch("vm-host-root"), scratch("vm-vm-root"));
@@ -441,26 +469,68 @@ fn machine_builds_equal_host_builds_and_attach_nothing_here() {
         let m1 = mount::mount(hr.to_str().unwrap(), hmnt.path(), Some("ext4"), ro, None).unwrap();
         let m2 = mount::mount(vr.to_str().unwrap(), vmnt.path(), Some("ext4"), ro, None).unwrap();
         let diff = tree_differences(hmnt.path(), vmnt.path());
+        let kernel = std::fs::read_dir(vmnt.path().join("boot"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-"));
         m2.close().unwrap();
         m1.close().unwrap();
         vd.close().unwrap();
         hd.close().unwrap();
+        assert!(kernel, "no kernel in the machine-built disk's /boot");
         assert!(
             diff.is_empty(),
-            "the cloud roots differ:\n{}",
+            "the disks' roots differ:\n{}",
             diff.join("\n")
         );
     }
     let boot = debimg(&[
         "boot-test",
-        vm_cloud.join("cloud.qcow2").to_str().unwrap(),
+        vm_disk.join("vmdisk.qcow2").to_str().unwrap(),
         "--expect",
         "DEBIMG-BOOT-OK",
         "--accel",
         "tcg",
     ]);
-    boot.assert_ok("boot of the machine-built cloud disk");
+    boot.assert_ok("boot of the machine-built disk");
+    assert!(
+        boot.stdout().contains("DEBIMG-BOOT-OK init=1"),
+        "{}",
+        boot.stdout()
+    );
 }
+
+/// The smallest disk that shows a machine build equal to a host build file by file and boots:
+/// GRUB for both firmwares, a kernel and its initramfs, no init system (its own `init=` prints
+/// the marker and stops the machine), raw and qcow2.
+const DISK: &str = r#"version: 1
+name: vmdisk
+suite: bookworm
+variant: minbase
+mirror: host
+kind: disk
+packages: [linux-image-cloud-amd64]
+hostname: vmdisk
+root_password_hash: "!"
+disk:
+  size: 1GiB
+  table: gpt
+  boot: [bios, uefi]
+  formats: [raw, qcow2]
+  cmdline: "console=ttyS0,115200n8 init=/usr/local/sbin/boot-report"
+  partitions:
+    - {size: 1MiB, flags: [bios-boot]}
+    - {size: 64MiB, flags: [esp], label: ESP}
+    - {mount: /, fs: ext4, label: root}
+files:
+  - dest: /usr/local/sbin/boot-report
+    mode: "0755"
+    content: |
+      #!/bin/sh
+      echo "DEBIMG-BOOT-OK init=$$"
+      echo o > /proc/sysrq-trigger 2>/dev/null
+      exec sleep 600
+"#;
 
 /// A spec that tries to reach the host from its post scripts, on and off the chroot.
 const HOSTILE: &str = r#"version: 1
@@ -533,7 +603,8 @@ fn a_hostile_spec_in_a_machine_reaches_nothing_of_the_host() {
     for m in ["/tmp/debimg-hostile-MARK", "/tmp/debimg-hostile-MARK2"] {
         let _ = std::fs::remove_file(m);
     }
-    let watch = LoopWatch::start();
+    ensure_appliance();
+    let watch = LoopWatch::start(work.path());
     let run = vm_build(&spec, &out, &bdir, &[]);
     let (_, seen) = watch.finish();
     run.assert_ok("hostile spec in a machine");
@@ -641,7 +712,8 @@ post:
 "#
     .replace("PORT", &port);
     let _ = std::fs::remove_file("/tmp/debimg-untrusted-MARK");
-    let watch = LoopWatch::start();
+    ensure_appliance();
+    let watch = LoopWatch::start(server.build_dir.path());
     let a = carol.submit(&spec, "untrusted");
     assert_eq!(a.status, 201, "{}", a.text());
     let id = a.json()["id"].as_str().unwrap().to_string();
