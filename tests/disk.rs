@@ -231,17 +231,35 @@ fn cloud_disk_builds_inspects_and_boots() {
         "the root did not grow: {grown} on the larger disk, {as_built} as built"
     );
     std::fs::remove_file(&big).unwrap();
-    // The qcow2 output boots too (BIOS), and the gzip one (UEFI).
-    boot(
-        &out.join("cloud.qcow2"),
-        &["--accel", "tcg", "--expect", MARKER],
-    )
-    .assert_ok("qcow2 boot");
-    boot(
-        &out.join("cloud.img.gz"),
-        &["--uefi", "--accel", "tcg", "--expect", MARKER],
-    )
-    .assert_ok("gzip boot");
+    // The qcow2 and the gzip outputs are the very disk that just booted both ways: qemu reads
+    // the qcow2 as the raw's bytes, and the gzip unpacks to them (boot-test boots a `.gz` by
+    // unpacking it). Two more boots of the same bytes would prove nothing more.
+    let same = tool(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            raw.to_str().unwrap(),
+            out.join("cloud.qcow2").to_str().unwrap(),
+        ],
+    );
+    assert!(same.contains("Images are identical"), "{same}");
+    let unpacked = Command::new("sh")
+        .arg("-c")
+        .arg("gunzip -c \"$1\" | cmp - \"$2\"")
+        .arg("sh")
+        .arg(out.join("cloud.img.gz"))
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        unpacked.status.success(),
+        "the gzip output is not the raw disk: {}",
+        String::from_utf8_lossy(&unpacked.stdout)
+    );
     // Booting never wrote to the outputs.
     assert_eq!(sums(&raw).0, meta.images[0].raw_md5);
 
