@@ -48,10 +48,10 @@ use anyhow::{Context, Result, bail};
 
 use crate::attachments::{self, Attached};
 use crate::cache::Cache;
-use crate::debian::apt::ReleaseMeta;
 use crate::debian::bootstrap::Bootstrapped;
 use crate::debian::configure::{self, BuildOnlyFiles};
 use crate::debian::lock::Lock;
+use crate::debian::release::ReleaseMeta;
 use crate::debian::{bootstrap, install};
 use crate::error::{Error, ErrorKind};
 use crate::event::{self, Event};

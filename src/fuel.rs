@@ -70,7 +70,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::debian::apt::ReleaseMeta;
+use crate::debian::release::ReleaseMeta;
 use crate::metadata::Metadata;
 use crate::spec::{Container, Fs, Spec, SpecError};
 
