@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use debimg::{BuildOptions, Creator, Plan, Spec};
+use debimg::{BuildOptions, Creator, Spec};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -14,7 +14,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("usage: staged SPEC OUTPUT_DIR [CACHE_DIR]");
     };
     let spec = Spec::from_file(Path::new(spec))?;
-    let plan = Plan::for_host(&spec)?;
+    let plan = debimg::host::plan(&spec)?;
     let mut opts = BuildOptions::new(out);
     if let Some(cache) = rest.first() {
         opts.cache_dir = Some(PathBuf::from(cache));

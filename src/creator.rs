@@ -13,11 +13,11 @@
 //!
 //! ```no_run
 //! use std::path::Path;
-//! use debimg::{BuildOptions, Creator, Plan, Spec};
+//! use debimg::{BuildOptions, Creator, Spec};
 //!
 //! fn main() -> anyhow::Result<()> {
 //!     let spec = Spec::from_file(Path::new("data/examples/minimal.yaml"))?;
-//!     let plan = Plan::for_host(&spec)?;
+//!     let plan = debimg::host::plan(&spec)?;
 //!     // The build runs in namespaces of its own, as `debimg build` does: nothing it mounts
 //!     // reaches the host, and nothing of it outlives this process. Errors are printed and
 //!     // give the exit code.
@@ -48,10 +48,10 @@ use anyhow::{Context, Result, bail};
 
 use crate::attachments::{self, Attached};
 use crate::cache::Cache;
-use crate::debian::apt::ReleaseMeta;
 use crate::debian::bootstrap::Bootstrapped;
 use crate::debian::configure::{self, BuildOnlyFiles};
 use crate::debian::lock::Lock;
+use crate::debian::release::ReleaseMeta;
 use crate::debian::{bootstrap, install};
 use crate::error::{Error, ErrorKind};
 use crate::event::{self, Event};

@@ -70,7 +70,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::debian::apt::ReleaseMeta;
+use crate::debian::release::ReleaseMeta;
 use crate::metadata::Metadata;
 use crate::spec::{Container, Fs, Spec, SpecError};
 
@@ -703,21 +703,13 @@ mod tests {
         let mut v = example();
         v["repos"][1]["priority"] = Value::from(1050);
         let b = convert(&v).unwrap();
-        let plan = crate::plan::Plan::new(
-            &b.spec,
-            &crate::plan::parse_sources_list("deb http://m.example/debian bookworm main"),
-            false,
-        )
-        .unwrap();
+        let plan =
+            crate::plan::Plan::new(&b.spec, &crate::plan::HostMirrors::new(), false).unwrap();
         assert_eq!(plan.repos[1].priority, Some(1050));
         assert!(crate::debian::apt::allows_downgrades(&plan.repos));
         let b = convert(&example()).unwrap();
-        let plan = crate::plan::Plan::new(
-            &b.spec,
-            &crate::plan::parse_sources_list("deb http://m.example/debian bookworm main"),
-            false,
-        )
-        .unwrap();
+        let plan =
+            crate::plan::Plan::new(&b.spec, &crate::plan::HostMirrors::new(), false).unwrap();
         assert!(!crate::debian::apt::allows_downgrades(&plan.repos));
     }
 
@@ -774,7 +766,8 @@ mod tests {
     #[test]
     fn output_files_are_named_as_fuel_agent_names_them() {
         let b = spec_from_fuel(EXAMPLE, "example.json").unwrap();
-        let plan = crate::plan::Plan::new(&b.spec, &[], false).unwrap();
+        let plan =
+            crate::plan::Plan::new(&b.spec, &crate::plan::HostMirrors::new(), false).unwrap();
         let names: Vec<&str> = plan
             .images
             .iter()

@@ -86,7 +86,7 @@ impl Input {
         if let Some(b) = bootstrap {
             spec.bootstrap = b;
         }
-        Plan::for_host(&spec)
+        crate::host::plan(&spec)
             .with_context(|| format!("planning {}", self.path.display()))
             .map_err(|e| Error::classify(e, None))
     }

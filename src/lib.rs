@@ -1,7 +1,8 @@
 //! debimg: Debian-family OS images from a YAML spec.
 //!
-//! The pipeline: [`Spec`] (validated YAML) → [`Plan`] (pure decisions: mirrors, mount order,
-//! output names, spec digest) → [`Creator`] (the one orchestrator: the build's [`Stage`]s in
+//! The pipeline: [`Spec`] (validated YAML) → the build host's part ([`host`]: its mirrors
+//! resolved, the one step before the plan that may ask the network) → [`Plan`] (pure decisions:
+//! mirrors, mount order, output names, spec digest) → [`Creator`] (the one orchestrator: the build's [`Stage`]s in
 //! order over one build context) → the outputs and their metadata. [`job::Job`] is
 //! `debimg build` as one call (releases, bundles, fuel-agent's metadata, [`Event`]s), run in
 //! namespaces of its own by [`isolated`]; failures are an [`Error`] whose [`ErrorKind`] a caller
@@ -14,6 +15,7 @@ pub mod environ;
 pub mod error;
 pub mod event;
 pub mod fuel;
+pub mod host;
 pub mod job;
 pub mod kind;
 pub mod lockfile;

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::debian::apt::ReleaseMeta;
+use crate::debian::release::ReleaseMeta;
 
 /// The largest metadata file debimg reads back (its own are tens of KiB).
 pub const MAX_METADATA_BYTES: u64 = 16 << 20;

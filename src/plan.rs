@@ -1,9 +1,13 @@
 //! Spec to Plan: the pure decisions of a build.
 //!
-//! Resolves `host` mirrors against the build host's apt sources, orders the mounts by depth,
-//! names the outputs and computes the spec digest that decides whether an existing image can be
-//! reused. Nothing here changes the system; the host's apt sources are read by the caller.
+//! Takes a `host` mirror's URI from what was resolved before the plan ([`HostMirrors`], made by
+//! [`crate::debian::mirror`]), orders the mounts by depth, names the outputs and computes the
+//! spec digest that decides whether an existing image can be reused. Nothing here changes the
+//! system, asks the network or runs a program; it reads the files the spec names (repo keys,
+//! files and local packages to hash, the lock), bounded. [`crate::host::plan`] gathers the
+//! build host's part first.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -43,253 +47,80 @@ impl Backend {
     }
 }
 
-/// Where host programs are looked for: PATH, then the system directories (a root shell's PATH
-/// may lack the sbin ones).
-pub fn program_dirs() -> Vec<std::path::PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(std::path::PathBuf::from))
+/// What `mirror: host` and `uri: host` stand for, suite by suite: the build host's URI for each
+/// suite the spec asks it for, resolved before the plan ([`crate::debian::mirror::resolve`],
+/// the step that reads the host's apt sources and asks its mirrors) or given by a caller.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostMirrors {
+    by_suite: BTreeMap<String, String>,
+}
+
+impl HostMirrors {
+    /// None resolved: a plan from it refuses every `host`.
+    pub fn new() -> HostMirrors {
+        HostMirrors::default()
+    }
+
+    /// `suite` is served from `uri` (its trailing slashes dropped).
+    pub fn insert(&mut self, suite: &str, uri: &str) {
+        self.by_suite
+            .insert(suite.to_string(), uri.trim_end_matches('/').to_string());
+    }
+
+    /// The URI resolved for `suite`.
+    pub fn get(&self, suite: &str) -> Option<&str> {
+        self.by_suite.get(suite).map(String::as_str)
+    }
+
+    /// The URI resolved for `suite`, or an error saying it was not.
+    fn uri(&self, suite: &str) -> Result<String> {
+        match self.get(suite) {
+            Some(uri) => Ok(uri.to_string()),
+            None => bail!(
+                "`host` mirror: no URI was resolved for suite `{suite}` before planning (debian::mirror::resolve)"
+            ),
+        }
+    }
+}
+
+/// A suite a spec asks the build host for (`mirror: host`, `uri: host`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSuite {
+    /// The spec's field that says `host` (`mirror`, `repos[1].uri`), for messages.
+    pub field: String,
+    pub suite: String,
+}
+
+/// The suites `spec` asks the build host for, in the order of its repos: what has to be
+/// resolved into [`HostMirrors`] before it is planned.
+pub fn host_suites(spec: &Spec) -> Vec<HostSuite> {
+    repo_uris(spec)
+        .into_iter()
+        .filter(|(_, uri, _)| *uri == HOST)
+        .map(|(field, _, suite)| HostSuite {
+            field,
+            suite: suite.to_string(),
+        })
         .collect()
 }
 
-/// True when `program` is a file in one of [`program_dirs`].
-pub fn host_has(program: &str) -> bool {
-    program_dirs().iter().any(|d| d.join(program).is_file())
-}
+/// What a spec's `mirror` or a repo's `uri` says for the build host's own apt sources.
+const HOST: &str = "host";
 
-/// One apt source entry of the build host (`deb URI SUITE COMPONENTS...`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostSource {
-    /// Base URI, without a trailing slash.
-    pub uri: String,
-    /// Suites served from this URI.
-    pub suites: Vec<String>,
-}
-
-/// Parses one-line-style `sources.list` text (`deb [opts] URI SUITE COMP...`).
-pub fn parse_sources_list(text: &str) -> Vec<HostSource> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let line = line.split('#').next().unwrap_or("").trim();
-        let mut rest = match line.strip_prefix("deb ") {
-            Some(r) => r.trim_start(),
-            None => continue,
-        };
-        if rest.starts_with('[') {
-            match rest.find(']') {
-                Some(end) => rest = rest[end + 1..].trim_start(),
-                None => continue,
-            }
-        }
-        let mut words = rest.split_whitespace();
-        if let (Some(uri), Some(suite)) = (words.next(), words.next()) {
-            out.push(HostSource {
-                uri: uri.trim_end_matches('/').to_string(),
-                suites: vec![suite.to_string()],
-            });
-        }
+/// Each repo's URI as the spec gives it, with its suite and the field it is in (for messages):
+/// the spec's mirror and suite when it lists no repos, a repo's `uri` else its mirror.
+fn repo_uris(spec: &Spec) -> Vec<(String, &str, &str)> {
+    if spec.repos.is_empty() {
+        return vec![("mirror".to_string(), &spec.mirror, &spec.suite)];
     }
-    out
-}
-
-/// Parses deb822 `.sources` text (stanzas with `Types:`, `URIs:`, `Suites:`).
-pub fn parse_deb822_sources(text: &str) -> Vec<HostSource> {
-    let mut out = Vec::new();
-    for stanza in text.split("\n\n") {
-        let mut types = Vec::new();
-        let mut uris = Vec::new();
-        let mut suites = Vec::new();
-        let mut enabled = true;
-        for line in stanza.lines() {
-            if line.starts_with('#') {
-                continue;
-            }
-            let Some((key, value)) = line.split_once(':') else {
-                continue;
-            };
-            let words: Vec<String> = value.split_whitespace().map(String::from).collect();
-            match key.trim().to_ascii_lowercase().as_str() {
-                "types" => types = words,
-                "uris" => uris = words,
-                "suites" => suites = words,
-                "enabled" => enabled = value.trim() != "no",
-                _ => {}
-            }
-        }
-        if !enabled || !types.iter().any(|t| t == "deb") || suites.is_empty() {
-            continue;
-        }
-        for uri in uris {
-            out.push(HostSource {
-                uri: uri.trim_end_matches('/').to_string(),
-                suites: suites.clone(),
-            });
-        }
-    }
-    out
-}
-
-/// Reads the apt sources of the host rooted at `root` (`/` for the build host).
-pub fn read_host_sources(root: &Path) -> Result<Vec<HostSource>> {
-    let mut out = Vec::new();
-    let main = root.join("etc/apt/sources.list");
-    if main.exists() {
-        let text = std::fs::read_to_string(&main)
-            .with_context(|| format!("reading {}", main.display()))?;
-        out.extend(parse_sources_list(&text));
-    }
-    let dir = root.join("etc/apt/sources.list.d");
-    if dir.is_dir() {
-        let mut entries: Vec<_> = std::fs::read_dir(&dir)
-            .with_context(|| format!("listing {}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        entries.sort();
-        for path in entries {
-            let ext = path.extension().and_then(|e| e.to_str());
-            if !matches!(ext, Some("list" | "sources")) {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            if ext == Some("list") {
-                out.extend(parse_sources_list(&text));
-            } else {
-                out.extend(parse_deb822_sources(&text));
-            }
-        }
-    }
-    Ok(out.into_iter().filter(|s| is_usable_uri(&s.uri)).collect())
-}
-
-fn is_usable_uri(uri: &str) -> bool {
-    uri.starts_with("http://") || uri.starts_with("https://") || uri.starts_with("file:/")
-}
-
-/// Finds the host URI that serves `suite`: an entry listing the suite itself, else one listing
-/// its base codename (`bookworm` for `bookworm-backports`).
-pub fn resolve_host_uri(sources: &[HostSource], suite: &str) -> Result<String> {
-    if let Some(s) = sources.iter().find(|s| s.suites.iter().any(|x| x == suite)) {
-        return Ok(s.uri.clone());
-    }
-    let base = suite.split('-').next().unwrap_or(suite);
-    if let Some(s) = sources.iter().find(|s| s.suites.iter().any(|x| x == base)) {
-        return Ok(s.uri.clone());
-    }
-    let known: Vec<String> = sources
+    spec.repos
         .iter()
-        .map(|s| format!("{} ({})", s.uri, s.suites.join(" ")))
-        .collect();
-    if known.is_empty() {
-        bail!(
-            "`host` mirror: the build host has no apt sources in /etc/apt/sources.list or /etc/apt/sources.list.d; give `mirror:` a URL"
-        )
-    }
-    bail!(
-        "`host` mirror: no apt source of the build host serves suite `{suite}` (it has: {}); give a URL instead",
-        known.join(", ")
-    )
-}
-
-/// The kind of a suite: what follows its codename (`security` for `trixie-security`), none
-/// for a plain codename or alias (`trixie`, `stable`).
-fn suite_kind(suite: &str) -> Option<&str> {
-    suite.split_once('-').map(|(_, kind)| kind)
-}
-
-/// The order in which the host's URIs are asked for a suite none of its sources lists: each
-/// URI once; first those listing a suite of the same kind (a `-security` suite for
-/// `trixie-security`, a plain codename for `trixie`), then those listing a plain codename (the
-/// main archive), then the rest; within each group in the order of the host's sources.
-pub fn probe_order(sources: &[HostSource], suite: &str) -> Vec<String> {
-    let mut uris: Vec<(&str, Vec<&str>)> = Vec::new();
-    for s in sources {
-        let suites = s.suites.iter().map(String::as_str);
-        match uris.iter_mut().find(|(u, _)| *u == s.uri) {
-            Some((_, listed)) => listed.extend(suites),
-            None => uris.push((&s.uri, suites.collect())),
-        }
-    }
-    let wanted = suite_kind(suite);
-    uris.sort_by_key(|(_, listed)| {
-        if listed.iter().any(|s| suite_kind(s) == wanted) {
-            0
-        } else if listed.iter().any(|s| suite_kind(s).is_none()) {
-            1
-        } else {
-            2
-        }
-    });
-    uris.into_iter().map(|(u, _)| u.to_string()).collect()
-}
-
-/// Asks the host's URIs, in [`probe_order`], for `suite`'s Release file (`InRelease`, else
-/// `Release`, by `fetch`: one URL to its bytes) and returns the first URI whose Release names
-/// the suite as its `Suite` or `Codename`. Only the URI is chosen here: apt and the bootstrap
-/// verify the signature when they use it. A download that failed (a
-/// [`crate::debian::fetch::FetchError`]) is an answer and the next URI is asked; any other
-/// error (an interrupt) ends the search. The error lists every URI asked and what it answered.
-pub fn probe_host_uri(
-    sources: &[HostSource],
-    suite: &str,
-    fetch: &dyn Fn(&str) -> Result<Vec<u8>>,
-) -> Result<String> {
-    let mut answers = Vec::new();
-    for uri in probe_order(sources, suite) {
-        let answer = match crate::debian::fetch::release(&uri, suite, fetch) {
-            Ok(bytes) => {
-                let meta = crate::debian::release::parse_release(&String::from_utf8_lossy(&bytes));
-                if [&meta.suite, &meta.codename]
-                    .iter()
-                    .any(|v| v.as_deref() == Some(suite))
-                {
-                    tracing::info!(
-                        "`host` mirror: {} serves suite `{suite}`",
-                        crate::redact::text(&uri)
-                    );
-                    return Ok(uri);
-                }
-                format!(
-                    "a Release of Suite `{}`, Codename `{}`",
-                    meta.suite.as_deref().unwrap_or("-"),
-                    meta.codename.as_deref().unwrap_or("-")
-                )
-            }
-            Err(e) => match e.downcast_ref::<crate::debian::fetch::FetchError>() {
-                Some(failed) => failed.answer.clone(),
-                None => {
-                    return Err(e.context(format!(
-                        "asking {} for suite `{suite}`",
-                        crate::redact::text(&uri)
-                    )));
-                }
-            },
-        };
-        answers.push(format!("{}: {answer}", crate::redact::text(&uri)));
-    }
-    let known: Vec<String> = sources
-        .iter()
-        .map(|s| format!("{} ({})", crate::redact::text(&s.uri), s.suites.join(" ")))
-        .collect();
-    bail!(
-        "`host` mirror: no apt source of the build host serves suite `{suite}` (it has: {}; asked for dists/{suite}/InRelease and Release, {}); give a URL instead",
-        known.join(", "),
-        answers.join("; ")
-    )
-}
-
-/// The host URI for `suite`: [`resolve_host_uri`]'s, else the first URI of the host that serves
-/// the suite although no source lists it ([`probe_host_uri`]).
-pub fn find_host_uri(
-    sources: &[HostSource],
-    suite: &str,
-    fetch: &dyn Fn(&str) -> Result<Vec<u8>>,
-) -> Result<String> {
-    match resolve_host_uri(sources, suite) {
-        Ok(uri) => Ok(uri),
-        Err(e) if sources.is_empty() => Err(e),
-        Err(_) => probe_host_uri(sources, suite, fetch),
-    }
+        .enumerate()
+        .map(|(i, r)| {
+            let uri = r.uri.as_deref().unwrap_or(&spec.mirror);
+            (format!("repos[{i}].uri"), uri, r.suite.as_str())
+        })
+        .collect()
 }
 
 /// A repo with its URI resolved.
@@ -402,7 +233,8 @@ pub struct Plan {
     pub records: Vec<Record>,
     pub copy_kernel: bool,
     /// Build reproducibly as of this time ([`crate::reproducible`]): the spec's
-    /// `source_date_epoch`, else `SOURCE_DATE_EPOCH` from the environment of `for_host`.
+    /// `source_date_epoch`, else `SOURCE_DATE_EPOCH` from the environment of
+    /// [`crate::host::plan`].
     pub source_date_epoch: Option<u64>,
     /// The lock the build installs from (its whole content is part of the digest).
     pub lock: Option<crate::lockfile::Lock>,
@@ -461,6 +293,20 @@ pub fn file_sha256(path: &Path) -> Result<String> {
     Ok(d.sha256)
 }
 
+/// The host files `spec` names, checked before any is opened ([`Spec::check_host_inputs`]):
+/// their problems as a [`SpecError`].
+pub fn check_host_inputs(spec: &Spec) -> Result<()> {
+    let problems = spec.check_host_inputs();
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(SpecError {
+        source_name: format!("spec `{}`", spec.name),
+        problems,
+    }
+    .into())
+}
+
 /// Depth of a mount point: `/` is 0, `/var` 1, `/var/lib/app` 3.
 pub fn mount_depth(mount: &str) -> usize {
     mount.split('/').filter(|c| !c.is_empty()).count()
@@ -478,45 +324,28 @@ pub fn mount_order(mounts: &[&str]) -> Vec<usize> {
 }
 
 impl Plan {
-    /// Builds the plan from a validated spec, the host's apt sources (only the suites they list:
-    /// [`resolve_host_uri`]) and whether the host has mmdebstrap (for `bootstrap: auto`).
-    pub fn new(
-        spec: &Spec,
-        host_sources: &[HostSource],
-        host_has_mmdebstrap: bool,
-    ) -> Result<Plan> {
-        let host_uri = |suite: &str| resolve_host_uri(host_sources, suite);
-        Plan::with_host_uri(spec, &host_uri, host_has_mmdebstrap)
-    }
-
-    /// Builds the plan as [`Plan::new`] does, a `host` mirror or repo URI resolved for its suite
-    /// by `host_uri`.
-    pub fn with_host_uri(
-        spec: &Spec,
-        host_uri: &dyn Fn(&str) -> Result<String>,
-        host_has_mmdebstrap: bool,
-    ) -> Result<Plan> {
+    /// Builds the plan from a validated spec, what `host` stands for on the build host (each of
+    /// its [`host_suites`] resolved) and whether the host has mmdebstrap (for `bootstrap: auto`).
+    pub fn new(spec: &Spec, host: &HostMirrors, host_has_mmdebstrap: bool) -> Result<Plan> {
         // A spec from Spec::from_yaml_at was checked already; one from elsewhere (the Creator
         // API, a service) is checked here, before any of its files is opened.
-        let problems = spec.check_host_inputs();
-        if !problems.is_empty() {
-            return Err(SpecError {
-                source_name: format!("spec `{}`", spec.name),
-                problems,
-            }
-            .into());
-        }
-        let resolve = |uri: &str, suite: &str| -> Result<String> {
-            if uri == "host" {
-                host_uri(suite)
-            } else {
-                Ok(uri.trim_end_matches('/').to_string())
-            }
-        };
+        check_host_inputs(spec)?;
+        // One for each repo, in order (the mirror's alone when the spec lists no repos).
+        let uris = repo_uris(spec)
+            .into_iter()
+            .map(|(field, uri, suite)| {
+                if uri == HOST {
+                    host.uri(suite)
+                        .with_context(|| format!("resolving {field}"))
+                } else {
+                    Ok(uri.trim_end_matches('/').to_string())
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
         let repos: Vec<PlannedRepo> = if spec.repos.is_empty() {
             vec![PlannedRepo {
                 name: "debian".into(),
-                uri: resolve(&spec.mirror, &spec.suite).context("resolving mirror")?,
+                uri: uris[0].clone(),
                 suite: spec.suite.clone(),
                 section: "main".into(),
                 priority: None,
@@ -530,11 +359,9 @@ impl Plan {
                 .iter()
                 .enumerate()
                 .map(|(i, r)| {
-                    let uri = r.uri.as_deref().unwrap_or(&spec.mirror);
                     let mut planned = PlannedRepo {
                         name: r.name.clone(),
-                        uri: resolve(uri, &r.suite)
-                            .with_context(|| format!("resolving repos[{i}].uri"))?,
+                        uri: uris[i].clone(),
                         suite: r.suite.clone(),
                         section: r.components(),
                         priority: r.priority,
@@ -805,42 +632,16 @@ impl Plan {
 }
 
 impl Plan {
-    /// The plan of a spec in YAML against a made-up mirror, for tests.
+    /// The plan of a spec in YAML, every suite it asks the host for served by a made-up
+    /// mirror, for tests.
     #[cfg(test)]
     pub(crate) fn for_test(yaml: &str) -> Plan {
         let spec = crate::spec::Spec::from_yaml(yaml, "t").unwrap();
-        Plan::new(
-            &spec,
-            &parse_sources_list("deb http://m.example/debian bookworm main"),
-            false,
-        )
-        .unwrap()
-    }
-
-    /// The plan of `spec` on this host: `host` mirrors from its apt sources, a suite none of
-    /// them lists from the first of its URIs that serves it ([`find_host_uri`], asked with apt's
-    /// downloader and the spec's proxies), mmdebstrap when it is installed.
-    pub fn for_host(spec: &crate::spec::Spec) -> Result<Plan> {
-        let sources =
-            read_host_sources(Path::new("/")).context("reading the host's apt sources")?;
-        let proxies = spec.proxies.clone().unwrap_or_default();
-        let fetch = |url: &str| -> Result<Vec<u8>> {
-            // apt downloads as root into a directory no one else can enter, removed after.
-            let dir = tempfile::Builder::new()
-                .prefix("debimg-probe-")
-                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-                .tempdir()
-                .context("creating a private directory for apt's downloader")?;
-            crate::debian::fetch::download(url, &proxies, dir.path())
-        };
-        let host_uri = |suite: &str| find_host_uri(&sources, suite, &fetch);
-        let mut spec = std::borrow::Cow::Borrowed(spec);
-        if spec.source_date_epoch.is_none()
-            && let Some(epoch) = crate::reproducible::from_env()?
-        {
-            spec.to_mut().source_date_epoch = Some(epoch);
+        let mut host = HostMirrors::new();
+        for s in host_suites(&spec) {
+            host.insert(&s.suite, "http://m.example/debian");
         }
-        Plan::with_host_uri(&spec, &host_uri, host_has("mmdebstrap"))
+        Plan::new(&spec, &host, false).unwrap()
     }
 }
 
@@ -848,249 +649,72 @@ impl Plan {
 mod tests {
     use super::*;
 
-    const DEB822: &str = "Types: deb\n# comment\nURIs: http://mirror.example/debian/\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\nTypes: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\nComponents: main\n\nTypes: deb-src\nURIs: http://src.example/debian\nSuites: trixie\n\nEnabled: no\nTypes: deb\nURIs: http://off.example/debian\nSuites: sid\n";
-
-    #[test]
-    fn parses_deb822() {
-        let s = parse_deb822_sources(DEB822);
-        assert_eq!(s.len(), 2);
-        assert_eq!(s[0].uri, "http://mirror.example/debian");
-        assert_eq!(s[0].suites, vec!["bookworm", "bookworm-updates"]);
-        assert_eq!(s[1].suites, vec!["bookworm-security"]);
+    /// What the resolution before the plan would give for the specs below: bookworm from the
+    /// host's main archive.
+    fn host() -> HostMirrors {
+        let mut host = HostMirrors::new();
+        host.insert("bookworm", "http://mirror.example/debian/");
+        host
     }
 
     #[test]
-    fn parses_one_line_style() {
-        let s = parse_sources_list(
-            "# x\ndeb [arch=amd64 signed-by=/k.gpg] http://m.example/debian bookworm main contrib\ndeb-src http://m.example/debian bookworm main\ndeb http://m.example/debian-security/ bookworm-security main # tail\n",
-        );
-        assert_eq!(s.len(), 2);
-        assert_eq!(s[0].uri, "http://m.example/debian");
-        assert_eq!(s[1].uri, "http://m.example/debian-security");
-    }
-
-    #[test]
-    fn host_uri_per_suite() {
-        let s = parse_deb822_sources(DEB822);
-        assert_eq!(
-            resolve_host_uri(&s, "bookworm-security").unwrap(),
-            "http://mirror.example/debian-security"
-        );
-        assert_eq!(
-            resolve_host_uri(&s, "bookworm-backports").unwrap(),
-            "http://mirror.example/debian"
-        );
-        let err = resolve_host_uri(&s, "trixie").unwrap_err().to_string();
-        assert!(err.contains("trixie"), "{err}");
-        assert!(resolve_host_uri(&[], "bookworm").is_err());
-    }
-
-    /// A stand-in for apt's downloader: `(url prefix, Release text)` pairs answer, every other
-    /// URL is a 404; the URLs asked are kept.
-    struct Mirror {
-        serves: Vec<(&'static str, &'static str)>,
-        asked: std::cell::RefCell<Vec<String>>,
-    }
-
-    impl Mirror {
-        fn new(serves: &[(&'static str, &'static str)]) -> Mirror {
-            Mirror {
-                serves: serves.to_vec(),
-                asked: Default::default(),
-            }
-        }
-
-        fn fetch(&self, url: &str) -> Result<Vec<u8>> {
-            self.asked.borrow_mut().push(url.to_string());
-            if url.contains("unreachable.example") {
-                return Err(crate::debian::fetch::FetchError {
-                    url: url.into(),
-                    answer: "Could not connect to unreachable.example:80".into(),
-                }
-                .into());
-            }
-            match self
-                .serves
-                .iter()
-                .find(|(prefix, _)| url.starts_with(prefix))
-            {
-                Some((_, text)) => Ok(text.as_bytes().to_vec()),
-                None => Err(crate::debian::fetch::FetchError {
-                    url: url.into(),
-                    answer: "404 Not Found".into(),
-                }
-                .into()),
-            }
-        }
-
-        fn find(&self, sources: &[HostSource], suite: &str) -> Result<String> {
-            find_host_uri(sources, suite, &|url| self.fetch(url))
-        }
-    }
-
-    const TRIXIE: &str = "Origin: Debian\nSuite: stable\nCodename: trixie\n";
-
-    #[test]
-    fn a_listed_suite_asks_no_mirror() {
-        let m = Mirror::new(&[]);
-        let s = parse_deb822_sources(DEB822);
-        assert_eq!(
-            m.find(&s, "bookworm-backports").unwrap(),
-            "http://mirror.example/debian"
-        );
-        assert!(m.asked.borrow().is_empty());
-        let e = m.find(&[], "trixie").unwrap_err().to_string();
-        assert!(e.contains("has no apt sources"), "{e}");
-        assert!(m.asked.borrow().is_empty());
-    }
-
-    #[test]
-    fn an_unlisted_suite_is_found_on_the_second_uri() {
-        let s = parse_sources_list(
-            "deb http://a.example/debian bookworm main\ndeb http://b.example/debian bookworm main\n",
-        );
-        let m = Mirror::new(&[("http://b.example/debian/dists/trixie/", TRIXIE)]);
-        assert_eq!(m.find(&s, "trixie").unwrap(), "http://b.example/debian");
-        assert_eq!(
-            *m.asked.borrow(),
-            [
-                "http://a.example/debian/dists/trixie/InRelease",
-                "http://a.example/debian/dists/trixie/Release",
-                "http://b.example/debian/dists/trixie/InRelease",
-            ]
-        );
-    }
-
-    #[test]
-    fn uris_listing_the_same_kind_of_suite_are_asked_first() {
-        let s = parse_deb822_sources(DEB822);
-        let debian = "http://mirror.example/debian";
-        let security = "http://mirror.example/debian-security";
-        assert_eq!(probe_order(&s, "trixie-security"), [security, debian]);
-        assert_eq!(probe_order(&s, "trixie"), [debian, security]);
-        assert_eq!(probe_order(&s, "trixie-updates"), [debian, security]);
-        // No host source lists a -backports suite: the main archive first.
-        assert_eq!(probe_order(&s, "trixie-backports"), [debian, security]);
-        // Each URI once, however many entries list it; a URI listing only other kinds last.
-        let s = parse_sources_list(
-            "deb http://x.example/other bookworm-updates main\ndeb http://m.example/debian bookworm main\ndeb http://m.example/debian bookworm-updates main\n",
-        );
-        assert_eq!(
-            probe_order(&s, "sid"),
-            ["http://m.example/debian", "http://x.example/other"]
-        );
-        // Both would answer: the security archive is asked first and chosen.
-        let m = Mirror::new(&[
-            (
-                "http://mirror.example/debian-security/dists/trixie-security/",
-                "Suite: stable-security\nCodename: trixie-security\n",
-            ),
-            (
-                "http://mirror.example/debian/dists/trixie-security/",
-                "Suite: stable-security\nCodename: trixie-security\n",
-            ),
-        ]);
-        let s = parse_deb822_sources(DEB822);
-        assert_eq!(m.find(&s, "trixie-security").unwrap(), security);
-        assert_eq!(m.asked.borrow().len(), 1);
-    }
-
-    #[test]
-    fn a_release_of_another_suite_is_rejected() {
-        let s = parse_sources_list(
-            "deb http://a.example/debian bookworm main\ndeb http://b.example/debian bookworm main\n",
-        );
-        // a.example answers dists/trixie with bookworm's Release (a stale link, a wrong alias).
-        let m = Mirror::new(&[
-            (
-                "http://a.example/debian/dists/trixie/",
-                "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\nSuite: stable\nCodename: bookworm\n-----BEGIN PGP SIGNATURE-----\nCodename: trixie\n",
-            ),
-            ("http://b.example/debian/dists/trixie/", TRIXIE),
-            (
-                "http://a.example/debian/dists/testing/",
-                "Suite: testing\nCodename: forky\n",
-            ),
-        ]);
-        assert_eq!(m.find(&s, "trixie").unwrap(), "http://b.example/debian");
-        // The Suite alone is enough.
-        assert_eq!(m.find(&s, "testing").unwrap(), "http://a.example/debian");
-        let m = Mirror::new(&[(
-            "http://a.example/debian/dists/forky/",
-            "Suite: testing\nCodename: trixie\n",
-        )]);
-        let e = m.find(&s, "forky").unwrap_err().to_string();
-        assert!(
-            e.contains("http://a.example/debian: a Release of Suite `testing`, Codename `trixie`"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn when_no_uri_serves_the_suite_every_answer_is_listed() {
-        let s = parse_sources_list(
-            "deb http://user:secret@a.example/debian bookworm main\ndeb http://unreachable.example/debian bookworm main\ndeb http://a.example/debian-security bookworm-security main\n",
-        );
-        let m = Mirror::new(&[]);
-        let e = m.find(&s, "trixie").unwrap_err().to_string();
-        for answer in [
-            "http://user:***@a.example/debian: 404 Not Found",
-            "http://unreachable.example/debian: Could not connect to unreachable.example:80",
-            "http://a.example/debian-security: 404 Not Found",
-            "suite `trixie`",
-            "give a URL instead",
-        ] {
-            assert!(e.contains(answer), "`{answer}` not in: {e}");
-        }
-        assert!(!e.contains("secret"), "{e}");
-        assert_eq!(m.asked.borrow().len(), 6, "InRelease and Release of each");
-    }
-
-    #[test]
-    fn an_interrupt_ends_the_search() {
-        let s = parse_sources_list(
-            "deb http://a.example/debian bookworm main\ndeb http://b.example/debian bookworm main\n",
-        );
-        let asked = std::cell::Cell::new(0);
-        let fetch = |_: &str| -> Result<Vec<u8>> {
-            asked.set(asked.get() + 1);
-            bail!("interrupted by SIGINT")
-        };
-        let e = find_host_uri(&s, "trixie", &fetch).unwrap_err();
-        assert!(format!("{e:#}").contains("interrupted"), "{e:#}");
-        assert_eq!(asked.get(), 2, "only a.example's two files");
-    }
-
-    #[test]
-    fn host_repos_are_resolved_per_suite_by_the_given_resolver() {
+    fn a_host_mirror_is_planned_from_the_resolved_uris_alone() {
         let spec = Spec::from_yaml(
-            "version: 1\nname: t\nsuite: trixie\nmirror: host\nrepos:\n  - {name: debian, suite: trixie}\n  - {name: security, uri: host, suite: trixie-security}\n  - {name: extra, uri: http://x.example/debian, suite: trixie}\nimages:\n  - {mount: /, fs: ext4, size: 1GiB}\n",
+            "version: 1\nname: t\nsuite: trixie\nmirror: host\nrepos:\n  - {name: debian, suite: trixie}\n  - {name: security, uri: host, suite: trixie-security}\n  - {name: extra, uri: http://x.example/debian/, suite: trixie}\nimages:\n  - {mount: /, fs: ext4, size: 1GiB}\n",
             "t",
         )
         .unwrap();
-        let s = parse_deb822_sources(DEB822);
-        let m = Mirror::new(&[
-            ("http://mirror.example/debian/dists/trixie/", TRIXIE),
-            (
-                "http://mirror.example/debian-security/dists/trixie-security/",
-                "Suite: stable-security\nCodename: trixie-security\n",
-            ),
-        ]);
-        let host_uri = |suite: &str| m.find(&s, suite);
-        let plan = Plan::with_host_uri(&spec, &host_uri, false).unwrap();
+        let suites = host_suites(&spec);
+        let asked: Vec<(&str, &str)> = suites
+            .iter()
+            .map(|s| (s.field.as_str(), s.suite.as_str()))
+            .collect();
+        assert_eq!(
+            asked,
+            [
+                ("repos[0].uri", "trixie"),
+                ("repos[1].uri", "trixie-security")
+            ]
+        );
+        let mut host = HostMirrors::new();
+        host.insert("trixie", "http://a.example/debian");
+        host.insert("trixie-security", "http://b.example/debian-security/");
+        let plan = Plan::new(&spec, &host, false).unwrap();
         let uris: Vec<&str> = plan.repos.iter().map(|r| r.uri.as_str()).collect();
         assert_eq!(
             uris,
             [
-                "http://mirror.example/debian",
-                "http://mirror.example/debian-security",
+                "http://a.example/debian",
+                "http://b.example/debian-security",
                 "http://x.example/debian"
             ]
         );
-        assert_eq!(plan.bootstrap_mirror, "http://mirror.example/debian");
-        // The pure plan knows only the listed suites.
-        let e = Plan::new(&spec, &s, false).unwrap_err();
-        assert!(format!("{e:#}").contains("repos[0].uri"), "{e:#}");
+        assert_eq!(plan.bootstrap_mirror, "http://a.example/debian");
+        // Another resolution, another plan.
+        host.insert("trixie", "http://c.example/debian");
+        let other = Plan::new(&spec, &host, false).unwrap();
+        assert_eq!(other.repos[0].uri, "http://c.example/debian");
+        assert_ne!(other.digest, plan.digest);
+        // A suite left unresolved is refused, naming the field that says `host`.
+        let mut partial = HostMirrors::new();
+        partial.insert("trixie", "http://a.example/debian");
+        let e = format!("{:#}", Plan::new(&spec, &partial, false).unwrap_err());
+        assert!(e.contains("resolving repos[1].uri"), "{e}");
+        assert!(e.contains("`trixie-security`"), "{e}");
+        let e = format!(
+            "{:#}",
+            Plan::new(&spec, &HostMirrors::new(), false).unwrap_err()
+        );
+        assert!(e.contains("resolving repos[0].uri"), "{e}");
+        // A spec that names no `host` needs nothing resolved.
+        let spec = Spec::from_yaml(
+            "version: 1\nname: t\nsuite: trixie\nmirror: http://x.example/debian\nimages:\n  - {mount: /, fs: ext4, size: 1GiB}\n",
+            "t",
+        )
+        .unwrap();
+        assert!(host_suites(&spec).is_empty());
+        let plan = Plan::new(&spec, &HostMirrors::new(), false).unwrap();
+        assert_eq!(plan.repos[0].uri, "http://x.example/debian");
     }
 
     #[test]
@@ -1109,7 +733,7 @@ mod tests {
 
     #[test]
     fn digest_follows_the_spec() {
-        let src = parse_deb822_sources(DEB822);
+        let src = host();
         let a = Plan::new(&spec(""), &src, true).unwrap();
         let b = Plan::new(&spec(""), &src, true).unwrap();
         let c = Plan::new(&spec(", less"), &src, true).unwrap();
@@ -1127,7 +751,7 @@ mod tests {
 
     #[test]
     fn trusted_is_carried_and_changes_the_digest() {
-        let src = parse_deb822_sources(DEB822);
+        let src = host();
         let mut s = spec("");
         s.repos = vec![crate::spec::Repo {
             name: "d".into(),
@@ -1149,7 +773,7 @@ mod tests {
 
     #[test]
     fn a_repo_key_is_loaded_named_and_digested() {
-        let src = parse_deb822_sources(DEB822);
+        let src = host();
         let dir = tempfile::tempdir().unwrap();
         let key = crate::openpgp::tests::sample_binary();
         std::fs::write(dir.path().join("vendor.gpg"), &key).unwrap();
@@ -1230,7 +854,7 @@ mod tests {
         });
         s.local_debs.push("/dev/null".into());
         let t = std::time::Instant::now();
-        let e = Plan::new(&s, &parse_deb822_sources(DEB822), true).unwrap_err();
+        let e = Plan::new(&s, &host(), true).unwrap_err();
         assert!(t.elapsed() < std::time::Duration::from_secs(2));
         let e = e.downcast_ref::<SpecError>().expect("a typed spec error");
         let fields: Vec<&str> = e.problems.iter().map(|p| p.field.as_str()).collect();
@@ -1244,7 +868,7 @@ mod tests {
         let with_suffix = |name: &str, base: &str, suffixes: &[&str]| {
             suffixes.iter().any(|s| name.strip_suffix(s) == Some(base))
         };
-        let src = parse_deb822_sources(DEB822);
+        let src = host();
         let mut s = spec("");
         s.records = vec![Record::Packages, Record::Files, Record::Licenses];
         s.copy_kernel = true;

@@ -57,7 +57,7 @@ pub fn required_tools(plan: &Plan) -> Vec<(&'static str, &'static str)> {
 
 /// Names every missing host tool and how to install it, before anything is created.
 pub fn preflight(plan: &Plan) -> Result<()> {
-    check_tools(plan, &crate::plan::program_dirs())
+    check_tools(plan, &crate::host::program_dirs())
 }
 
 /// The preflight against an explicit list of directories.

@@ -450,7 +450,7 @@ fn a_suite_the_host_does_not_list_builds_from_its_mirror_and_boots() {
     if !can_build() {
         return;
     }
-    let sources = debimg::plan::read_host_sources(Path::new("/")).unwrap();
+    let sources = debimg::debian::mirror::read_host_sources(Path::new("/")).unwrap();
     let listed = sources.iter().any(|s| {
         s.suites
             .iter()

@@ -641,8 +641,8 @@ fn fuel_agent_input_builds_what_fuel_agent_would() {
     let bdir = work.path().join("build");
     std::fs::create_dir_all(&bdir).unwrap();
     // The example input names an example mirror: point it at the host's.
-    let sources = debimg::plan::read_host_sources(Path::new("/")).unwrap();
-    let mirror = debimg::plan::resolve_host_uri(&sources, "bookworm").unwrap();
+    let sources = debimg::debian::mirror::read_host_sources(Path::new("/")).unwrap();
+    let mirror = debimg::debian::mirror::resolve_host_uri(&sources, "bookworm").unwrap();
     let text = std::fs::read_to_string(repo().join("data/fuel/example.json"))
         .unwrap()
         .replace("http://mirror.example/debian", &mirror);

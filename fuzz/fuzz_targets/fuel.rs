@@ -12,6 +12,6 @@ fuzz_target!(|data: &[u8]| {
         // What the converter made must pass the spec validator on its own too.
         assert!(build.spec.validate().is_empty(), "{:?}", build.spec);
         assert!(build.spec.repos.iter().all(|r| !r.trusted));
-        let _ = debimg::plan::Plan::new(&build.spec, &[], false);
+        let _ = debimg::plan::Plan::new(&build.spec, &debimg::plan::HostMirrors::new(), false);
     }
 });

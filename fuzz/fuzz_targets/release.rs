@@ -8,7 +8,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let meta = debimg::debian::apt::parse_release(text);
+    let meta = debimg::debian::release::parse_release(text);
     for v in [
         &meta.origin,
         &meta.label,

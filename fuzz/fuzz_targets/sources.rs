@@ -2,7 +2,7 @@
 //! `.sources`): any text gives a list of sources, never a panic.
 #![no_main]
 
-use debimg::plan::{parse_deb822_sources, parse_sources_list, resolve_host_uri};
+use debimg::debian::mirror::{parse_deb822_sources, parse_sources_list, resolve_host_uri};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

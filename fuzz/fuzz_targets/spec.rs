@@ -9,8 +9,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if let Ok(spec) = debimg::spec::Spec::from_yaml(text, "fuzz.yaml") {
-        let sources =
-            debimg::plan::parse_sources_list("deb http://m.example/debian bookworm main\n");
-        let _ = debimg::plan::Plan::new(&spec, &sources, true);
+        // Every suite it asks the host for is served by a made-up mirror.
+        let mut host = debimg::plan::HostMirrors::new();
+        for s in debimg::plan::host_suites(&spec) {
+            host.insert(&s.suite, "http://m.example/debian");
+        }
+        let _ = debimg::plan::Plan::new(&spec, &host, true);
     }
 });

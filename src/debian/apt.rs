@@ -13,7 +13,7 @@ use crate::plan::{Plan, PlannedRepo};
 use crate::root::{Owner, Root};
 use crate::spec::Proxies;
 
-pub use crate::debian::release::{ReleaseMeta, parse_release};
+use crate::debian::release::{ReleaseMeta, parse_release};
 
 /// The build-only apt configuration file, removed before the image is finished.
 pub const BUILD_CONF: &str = "etc/apt/apt.conf.d/00debimg-build";

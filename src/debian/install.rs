@@ -8,9 +8,10 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use crate::cache::{Cache, TreeInfo};
-use crate::debian::apt::{self, Apt, ReleaseMeta};
+use crate::debian::apt::{self, Apt};
 use crate::debian::bootstrap::Bootstrapped;
 use crate::debian::configure::BuildOnlyFiles;
+use crate::debian::release::ReleaseMeta;
 use crate::debian::trees::{self, Start};
 use crate::plan::Plan;
 use crate::root::Root;

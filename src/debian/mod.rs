@@ -9,6 +9,7 @@ pub mod fetch;
 pub mod index;
 pub mod install;
 pub mod lock;
+pub mod mirror;
 pub mod mmdebstrap;
 pub mod release;
 pub mod settings;

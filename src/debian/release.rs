@@ -1,5 +1,6 @@
 //! A repository's Release (or clearsigned InRelease) file: the fields apt pins on. Pure text
-//! reading, used where the host's mirrors are asked for a suite and after apt fetched them.
+//! reading and plain data, used where the host's mirrors are asked for a suite, after apt
+//! fetched them, and in the metadata and fuel-agent's records of what was built from.
 
 use serde::{Deserialize, Serialize};
 

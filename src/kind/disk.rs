@@ -13,7 +13,7 @@ use nix::mount::MsFlags;
 
 use super::{FsInfo, ImageKind, MountStack, Staged};
 use crate::cmd::CommandRunExt;
-use crate::pack::shrink;
+use crate::pack::{rewrite, shrink};
 use crate::plan::{Plan, mount_order};
 use crate::reproducible;
 use crate::root::{Owner, Root};
@@ -518,7 +518,8 @@ impl ImageKind for DiskImage {
                 (None, String::new())
             } else if esp {
                 let serial =
-                    &reproducible::fs_uuid(plan.source_date_epoch, &plan.seed, "/boot/efi")?
+                    &reproducible::fs_uuid(plan.source_date_epoch, &plan.seed, "/boot/efi")
+                        .map_or_else(mkfs::new_uuid, Ok)?
                         .replace('-', "")[..8];
                 let mut cmd = std::process::Command::new("mkfs.vfat");
                 cmd.env("TZ", "UTC");
@@ -532,7 +533,7 @@ impl ImageKind for DiskImage {
                 cmd.args(&p.mkfs_options).arg(&pdev);
                 cmd.run().context("making the FAT filesystem of the ESP")?;
                 if plan.source_date_epoch.is_some() {
-                    reproducible::set_fat_serial(&pdev, serial)?;
+                    rewrite::set_fat_serial(&pdev, serial)?;
                 }
                 let upper = serial.to_ascii_uppercase();
                 (
@@ -545,7 +546,8 @@ impl ImageKind for DiskImage {
                     .mount
                     .clone()
                     .unwrap_or_else(|| format!("partition {number}"));
-                let uuid = reproducible::fs_uuid(plan.source_date_epoch, &plan.seed, &place)?;
+                let uuid = reproducible::fs_uuid(plan.source_date_epoch, &plan.seed, &place)
+                    .map_or_else(mkfs::new_uuid, Ok)?;
                 mkfs::make(
                     &MkfsRequest {
                         fs,
@@ -663,15 +665,13 @@ impl ImageKind for DiskImage {
                     if let (Some(epoch), true) = (plan.source_date_epoch, fs.is_ext()) {
                         let spec = &disk.partitions[(p.number - 1) as usize];
                         let file = workspace.join(format!("partition-{}.img", p.number));
-                        let img = reproducible::ExtImage {
+                        let img = rewrite::ExtImage {
                             fs,
                             uuid: &p.uuid,
                             label: p.label.as_deref(),
                             options: &spec.mkfs_options,
                         };
-                        reproducible::write_ext_from(
-                            &img, &p.dev, &file, p.size, workspace, epoch,
-                        )?;
+                        rewrite::write_ext_from(&img, &p.dev, &file, p.size, workspace, epoch)?;
                         fresh.push((file.clone(), p.start, p.size));
                         target = file;
                     }
@@ -689,7 +689,7 @@ impl ImageKind for DiskImage {
         }
         let raw = self.file.clone().context("no disk file")?;
         for (file, start, size) in fresh {
-            reproducible::splice(&file, &raw, start, size)?;
+            rewrite::splice(&file, &raw, start, size)?;
             std::fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
         }
         let root_uuid = self

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use super::{FsInfo, ImageKind, MountStack, Staged};
-use crate::pack::shrink;
+use crate::pack::{rewrite, shrink};
 use crate::plan::Plan;
 use crate::reproducible;
 use crate::spec::Fs;
@@ -48,7 +48,8 @@ impl ImageKind for FsImages {
                 .with_context(|| format!("sizing {} to {} bytes", file.display(), img.size))?;
             drop(f);
             let dev = loopdev::attach(&file, false)?;
-            let uuid = reproducible::fs_uuid(plan.source_date_epoch, &plan.seed, &img.mount)?;
+            let uuid = reproducible::fs_uuid(plan.source_date_epoch, &plan.seed, &img.mount)
+                .map_or_else(mkfs::new_uuid, Ok)?;
             mkfs::make(
                 &MkfsRequest {
                     fs: img.fs,
@@ -116,13 +117,13 @@ impl ImageKind for FsImages {
         for ((img, f), s) in plan.images.iter().zip(&self.images).zip(planned) {
             mkfs::check(img.fs, &f.file)?;
             if let (Some(epoch), true) = (clock, img.fs.is_ext()) {
-                let ext = reproducible::ExtImage {
+                let ext = rewrite::ExtImage {
                     fs: img.fs,
                     uuid: &f.uuid,
                     label: img.label.as_deref(),
                     options: &img.mkfs_options,
                 };
-                reproducible::rewrite_ext(&ext, &f.file, workspace, epoch)?;
+                rewrite::rewrite_ext(&ext, &f.file, workspace, epoch)?;
             }
             if matches!(img.fs, Fs::Ext3 | Fs::Ext4) {
                 shrink::set_ext_journal(&f.file, true, clock)?;

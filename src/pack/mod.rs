@@ -1,7 +1,8 @@
 //! The package stage: turning a finished, unmounted filesystem image into what lands in the
 //! output directory.
 //!
-//! [`shrink`] cuts an ext2/3/4 image down to its content, [`compress`] writes the container in
+//! [`shrink`] cuts an ext2/3/4 image down to its content, [`rewrite`] writes a reproducible
+//! build's filesystems afresh from their trees, [`compress`] writes the container in
 //! one read pass, and [`digest`] supplies the size, MD5 and SHA-256 of both sides.
 
 pub mod compress;
@@ -9,6 +10,7 @@ pub mod deflate;
 pub mod digest;
 pub mod package;
 pub mod qcow2;
+pub mod rewrite;
 pub mod shrink;
 
 pub use compress::{Container, Packed, pack};

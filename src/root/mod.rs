@@ -48,7 +48,7 @@ pub const CHROOT_ENV: &[(&str, &str)] = &[
 
 /// reproducible-builds.org's variable: the time a reproducible build is as of
 /// ([`Root::set_source_date_epoch`], [`crate::reproducible`]).
-pub const SOURCE_DATE_EPOCH: &str = "SOURCE_DATE_EPOCH";
+pub use crate::reproducible::ENV as SOURCE_DATE_EPOCH;
 
 /// How long processes left in the chroot get between SIGTERM and SIGKILL.
 pub const LEFTOVER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);

@@ -304,7 +304,7 @@ fn host_source_problems(spec: &Spec) -> Vec<Problem> {
     if fields.is_empty() {
         return Vec::new();
     }
-    let why = match crate::plan::read_host_sources(std::path::Path::new("/")) {
+    let why = match crate::debian::mirror::read_host_sources(std::path::Path::new("/")) {
         Err(e) => Some(format!("the server's apt sources cannot be read ({e:#})")),
         Ok(sources) => sources_problem(&sources),
     };
@@ -321,7 +321,7 @@ fn host_source_problems(spec: &Spec) -> Vec<Problem> {
 }
 
 /// Why the host's apt sources may not serve a stranger's build, if they may not.
-fn sources_problem(sources: &[crate::plan::HostSource]) -> Option<String> {
+fn sources_problem(sources: &[crate::debian::mirror::HostSource]) -> Option<String> {
     sources.iter().find_map(|s| {
         let plain = s.uri.starts_with("http://") || s.uri.starts_with("https://");
         let authority = s
@@ -1124,7 +1124,7 @@ mod tests {
 
     #[test]
     fn host_sources_with_files_or_passwords_are_not_for_strangers() {
-        let src = |uri: &str| crate::plan::HostSource {
+        let src = |uri: &str| crate::debian::mirror::HostSource {
             uri: uri.into(),
             suites: vec!["bookworm".into()],
         };

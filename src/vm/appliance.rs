@@ -45,7 +45,7 @@ pub fn write_spec(dir: &Path) -> Result<PathBuf> {
 pub fn plan(dir: &Path) -> Result<Plan> {
     let spec = Spec::from_yaml_at(SPEC, &dir.join(SPEC_FILE))
         .map_err(|e| anyhow::anyhow!("the appliance's spec: {e}"))?;
-    Plan::for_host(&spec).context("planning the builder appliance")
+    crate::host::plan(&spec).context("planning the builder appliance")
 }
 
 /// The appliance in `dir` when it matches its spec.

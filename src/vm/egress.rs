@@ -81,7 +81,7 @@ pub fn endpoints(spec: &Spec) -> Result<Vec<Endpoint>> {
     let wants_host =
         spec.mirror == "host" || spec.repos.iter().any(|r| r.uri.as_deref() == Some("host"));
     if wants_host {
-        let sources = crate::plan::read_host_sources(std::path::Path::new("/"))
+        let sources = crate::debian::mirror::read_host_sources(std::path::Path::new("/"))
             .context("reading the host's apt sources")?;
         urls.extend(sources.into_iter().map(|s| s.uri));
     }

@@ -626,8 +626,8 @@ fn serve_one(conn: std::net::TcpStream, dir: &Path) {
 
 /// The host mirror's URL for bookworm, as debimg's `mirror: host` finds it.
 pub fn host_mirror() -> String {
-    let sources = debimg::plan::read_host_sources(Path::new("/")).unwrap();
-    debimg::plan::resolve_host_uri(&sources, "bookworm").unwrap()
+    let sources = debimg::debian::mirror::read_host_sources(Path::new("/")).unwrap();
+    debimg::debian::mirror::resolve_host_uri(&sources, "bookworm").unwrap()
 }
 
 /// The SBOM validators' versions, in the name of their environment: another version, another
