@@ -695,6 +695,9 @@ impl Apt<'_> {
     fn apt_get_leaving_processes(&self, args: &[&str]) -> Result<()> {
         let mut cmd = self.root.command("apt-get");
         cmd.args(["-y", "-o", "APT::Color=0"]);
+        // A kernel's initramfs is made once, after the install (`initramfs::complete`).
+        let (k, v) = crate::debian::initramfs::SKIP_ENV;
+        cmd.env(k, v);
         if !self.show {
             cmd.arg("-q");
         }

@@ -245,6 +245,8 @@ fn install(
     if !purged.is_empty() {
         tracing::info!("purged excluded packages: {}", purged.join(" "));
     }
+    // apt ran with the kernel hooks' switch off: each new kernel's initramfs, once, now.
+    crate::debian::initramfs::complete(root)?;
     if let Some(c) = cache {
         let mut stored = c.store_packages(&archives, &index)?;
         let debs = work.join("debs");

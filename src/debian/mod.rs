@@ -7,6 +7,7 @@ pub mod configure;
 pub mod debootstrap;
 pub mod fetch;
 pub mod index;
+pub mod initramfs;
 pub mod install;
 pub mod lock;
 pub mod mirror;
