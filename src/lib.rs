@@ -9,6 +9,7 @@
 
 pub mod boottest;
 pub mod cache;
+pub mod cli;
 pub mod creator;
 pub mod environ;
 pub mod error;

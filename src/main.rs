@@ -1,6 +1,4 @@
-//! The `debimg` command line: parses its arguments (`cli`) and calls the library.
-
-mod cli;
+//! The `debimg` command line: parses its arguments ([`debimg::cli`]) and calls the library.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -9,9 +7,10 @@ use std::time::Instant;
 
 use clap::Parser;
 
-use cli::{
-    CacheAction, Cli, Command, JobsAction, MessageFormat, ServeAction, ServeArgs, ServerArgs,
-    TokenAction,
+use debimg::cli::{
+    BootTestArgs, BuildArgs, CacheAction, Cli, Command, JobsAction, LockArgs, MessageFormat,
+    PackArgs, PlanArgs, ServeAction, ServeArgs, ServerArgs, SubmitArgs, TokenAction, ValidateArgs,
+    VerifyArgs, VmImageArgs, WorkerArgs,
 };
 
 use anyhow::Context as _;
@@ -31,10 +30,7 @@ fn main() -> ExitCode {
     // URL, a cloud key of whoever runs it).
     if matches!(
         cli.command,
-        Command::Build { .. }
-            | Command::Verify { .. }
-            | Command::Lock { .. }
-            | Command::VmImage { .. }
+        Command::Build(_) | Command::Verify(_) | Command::Lock(_) | Command::VmImage(_)
     ) && let Err(e) = debimg::environ::reexec_clean()
     {
         eprintln!("error: {e:#}");
@@ -92,26 +88,26 @@ fn failed(e: anyhow::Error) -> Error {
 
 fn run(cli: &Cli) -> Result<(), Error> {
     match &cli.command {
-        Command::Validate {
+        Command::Validate(ValidateArgs {
             spec,
             release,
             untrusted,
-        } => validate(spec, release.as_deref(), *untrusted),
-        Command::Pack {
+        }) => validate(spec, release.as_deref(), *untrusted),
+        Command::Pack(PackArgs {
             image,
             output,
             container,
-        } => pack(image, output, *container).map_err(failed),
+        }) => pack(image, output, *container).map_err(failed),
         Command::Cache { cache_dir, action } => cache(cache_dir, action).map_err(failed),
         Command::Serve { action, args } => serve(action.as_ref(), args).map_err(failed),
-        Command::Submit {
+        Command::Submit(SubmitArgs {
             spec,
             server,
             name,
             email,
             follow,
             download,
-        } => submit(
+        }) => submit(
             spec,
             server,
             name.as_deref(),
@@ -120,7 +116,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
             download.as_deref(),
         ),
         Command::Jobs { server, action } => jobs(server, action),
-        Command::Worker {
+        Command::Worker(WorkerArgs {
             server,
             token,
             token_file,
@@ -131,7 +127,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
             build_dir,
             isolation,
             allow_plain_http,
-        } => {
+        }) => {
             if !nix::unistd::geteuid().is_root() {
                 return Err(failed(anyhow::anyhow!(
                     "a worker builds as root: run `debimg worker` as root"
@@ -155,15 +151,15 @@ fn run(cli: &Cli) -> Result<(), Error> {
             })
             .map_err(failed)
         }
-        Command::BootTest {
+        Command::BootTest(BootTestArgs {
             image,
             uefi,
             timeout,
             expect,
             memory,
             accel,
-        } => boot_test(image, *uefi, *timeout, expect, *memory, *accel).map_err(failed),
-        Command::Plan { spec, release } => {
+        }) => boot_test(image, *uefi, *timeout, expect, *memory, *accel).map_err(failed),
+        Command::Plan(PlanArgs { spec, release }) => {
             let input = Input::read(Some(spec), None, release.as_deref())?;
             let plan = input.plan(None)?;
             let mut json = serde_json::to_value(&plan).map_err(|e| failed(e.into()))?;
@@ -172,38 +168,38 @@ fn run(cli: &Cli) -> Result<(), Error> {
             println!("{}", debimg::redact::text(&text));
             Ok(())
         }
-        Command::Build { .. } => build(cli),
-        Command::Verify {
+        Command::Build(_) => build(cli),
+        Command::Verify(VerifyArgs {
             spec,
             against,
             build_dir,
             cache_dir,
             no_cache,
-        } => verify(
+        }) => verify(
             cli,
             spec,
             against,
             build_dir,
             (!no_cache).then_some(cache_dir.as_path()),
         ),
-        Command::Lock {
+        Command::Lock(LockArgs {
             spec,
             output,
             build_dir,
             cache_dir,
             no_cache,
-        } => lock(
+        }) => lock(
             cli,
             spec,
             output.as_deref(),
             build_dir,
             (!no_cache).then_some(cache_dir.as_path()),
         ),
-        Command::VmImage {
+        Command::VmImage(VmImageArgs {
             cache_dir,
             build_dir,
             force,
-        } => vm_image(cli, cache_dir, build_dir, *force),
+        }) => vm_image(cli, cache_dir, build_dir, *force),
         Command::VmProxy { allow } => debimg::vm::egress::serve_one(allow).map_err(failed),
     }
 }
@@ -337,7 +333,7 @@ fn boot_test(
 }
 
 fn build(cli: &Cli) -> Result<(), Error> {
-    let Command::Build {
+    let Command::Build(BuildArgs {
         spec,
         output,
         build_dir,
@@ -358,7 +354,7 @@ fn build(cli: &Cli) -> Result<(), Error> {
         hand_off,
         through_proxy,
         lock,
-    } = &cli.command
+    }) = &cli.command
     else {
         unreachable!("build() runs the build command")
     };
