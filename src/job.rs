@@ -6,91 +6,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::Context;
-
 use crate::creator::{BuildOptions, Creator, Outcome};
 use crate::error::Error;
 use crate::event::{self, BuildOutcome, Event};
-use crate::fuel::FuelBuild;
+use crate::input::Input;
 use crate::output::release::{self, LogTee};
 use crate::output::{OUTPUT_LOCK, OutputDir};
 use crate::pack::digest;
 use crate::plan::Plan;
-use crate::spec::{Bootstrap, Problem, Spec, SpecError};
-
-/// What `debimg build` reads: a spec file (its text with `@BUILD_ID@` replaced for a release)
-/// or fuel-agent's input.
-#[derive(Debug, Clone)]
-pub struct Input {
-    pub spec: Spec,
-    /// The text as read (after the substitution), for a release's copy.
-    pub text: String,
-    /// fuel-agent's build, when the input was its JSON.
-    pub fuel: Option<FuelBuild>,
-    /// Where it was read from.
-    pub path: PathBuf,
-}
-
-impl Input {
-    /// Reads the spec at `spec`, or fuel-agent's input at `fuel`; `release` is the release ID
-    /// that replaces `@BUILD_ID@`.
-    pub fn read(
-        spec: Option<&Path>,
-        fuel: Option<&Path>,
-        release: Option<&str>,
-    ) -> Result<Input, Error> {
-        let boundary = |e| Error::classify(e, None);
-        if let Some(fuel) = fuel {
-            let text = crate::fuel::read_input(fuel).map_err(boundary)?;
-            let mut build = crate::fuel::spec_from_fuel(&text, &fuel.display().to_string())
-                .map_err(boundary)?;
-            // Its repos' key files are next to it, as a spec's are.
-            build.spec.base_dir = crate::spec::input_dir(fuel);
-            return Ok(Input {
-                spec: build.spec.clone(),
-                text,
-                fuel: Some(build),
-                path: fuel.to_path_buf(),
-            });
-        }
-        let path = spec.context("no spec given").map_err(boundary)?;
-        let raw = Spec::read_text(path)?;
-        let text = match release {
-            Some(id) => release::substitute_build_id(&raw, id),
-            None => raw,
-        };
-        let spec = Spec::from_yaml_at(&text, path).map_err(|mut e: SpecError| {
-            if release.is_none() && text.contains(release::BUILD_ID_PLACEHOLDER) {
-                e.problems.push(Problem {
-                    field: String::new(),
-                    message: format!(
-                        "the spec uses {}: give the ID with --release ID",
-                        release::BUILD_ID_PLACEHOLDER
-                    ),
-                });
-            }
-            e
-        })?;
-        Ok(Input {
-            spec,
-            text,
-            fuel: None,
-            path: path.to_path_buf(),
-        })
-    }
-
-    /// The plan of this input on this host (its mirrors, its bootstrap backend), the spec's
-    /// backend replaced by `bootstrap` when given.
-    pub fn plan(&self, bootstrap: Option<Bootstrap>) -> Result<Plan, Error> {
-        let mut spec = self.spec.clone();
-        if let Some(b) = bootstrap {
-            spec.bootstrap = b;
-        }
-        Plan::for_host(&spec)
-            .with_context(|| format!("planning {}", self.path.display()))
-            .map_err(|e| Error::classify(e, None))
-    }
-}
 
 /// One `debimg build`.
 pub struct Job {

@@ -15,6 +15,7 @@ pub mod environ;
 pub mod error;
 pub mod event;
 pub mod fuel;
+pub mod input;
 pub mod job;
 pub mod kind;
 pub mod lockfile;

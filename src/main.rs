@@ -9,8 +9,8 @@ use clap::Parser;
 
 use debimg::cli::{
     BootTestArgs, BuildArgs, CacheAction, Cli, Command, JobsAction, LockArgs, MessageFormat,
-    PackArgs, PlanArgs, ServeAction, ServeArgs, ServerArgs, SubmitArgs, TokenAction, ValidateArgs,
-    VerifyArgs, VmImageArgs, WorkerArgs,
+    PackArgs, ServeAction, ServeArgs, ServerArgs, SubmitArgs, TokenAction, VerifyArgs, VmImageArgs,
+    WorkerArgs,
 };
 
 use anyhow::Context as _;
@@ -18,7 +18,8 @@ use debimg::cache::Cache;
 use debimg::creator::{BuildOptions, Creator};
 use debimg::error::Error;
 use debimg::event::{self, BuildOutcome, Event};
-use debimg::job::{Input, Job};
+use debimg::input::{self, Input};
+use debimg::job::Job;
 use debimg::pack::compress;
 use debimg::signals;
 use debimg::spec::Container;
@@ -88,11 +89,7 @@ fn failed(e: anyhow::Error) -> Error {
 
 fn run(cli: &Cli) -> Result<(), Error> {
     match &cli.command {
-        Command::Validate(ValidateArgs {
-            spec,
-            release,
-            untrusted,
-        }) => validate(spec, release.as_deref(), *untrusted),
+        Command::Validate(args) => input::validate(args),
         Command::Pack(PackArgs {
             image,
             output,
@@ -159,15 +156,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
             memory,
             accel,
         }) => boot_test(image, *uefi, *timeout, expect, *memory, *accel).map_err(failed),
-        Command::Plan(PlanArgs { spec, release }) => {
-            let input = Input::read(Some(spec), None, release.as_deref())?;
-            let plan = input.plan(None)?;
-            let mut json = serde_json::to_value(&plan).map_err(|e| failed(e.into()))?;
-            json["digest"] = serde_json::Value::String(plan.digest.clone());
-            let text = serde_json::to_string_pretty(&json).map_err(|e| failed(e.into()))?;
-            println!("{}", debimg::redact::text(&text));
-            Ok(())
-        }
+        Command::Plan(args) => input::print_plan(args),
         Command::Build(_) => build(cli),
         Command::Verify(VerifyArgs {
             spec,
@@ -202,50 +191,6 @@ fn run(cli: &Cli) -> Result<(), Error> {
         }) => vm_image(cli, cache_dir, build_dir, *force),
         Command::VmProxy { allow } => debimg::vm::egress::serve_one(allow).map_err(failed),
     }
-}
-
-fn validate(spec: &std::path::Path, release: Option<&str>, untrusted: bool) -> Result<(), Error> {
-    let s = if untrusted {
-        // Parsed and checked without looking at any host file it names: whether one exists is
-        // not an untrusted party's to learn.
-        let raw = debimg::spec::Spec::read_text(spec)?;
-        let text = match release {
-            Some(id) => debimg::output::release::substitute_build_id(&raw, id),
-            None => raw,
-        };
-        let source_name = spec.display().to_string();
-        let s = debimg::spec::Spec::from_yaml(&text, &source_name)?;
-        let problems = s.untrusted_problems();
-        if !problems.is_empty() {
-            return Err(debimg::spec::SpecError {
-                source_name: format!("{source_name} (from an untrusted source)"),
-                problems,
-            }
-            .into());
-        }
-        s
-    } else {
-        Input::read(Some(spec), None, release)?.spec
-    };
-    let what = match s.kind {
-        debimg::spec::Kind::FsImages => format!(
-            "{} image{}",
-            s.images.len(),
-            if s.images.len() == 1 { "" } else { "s" }
-        ),
-        debimg::spec::Kind::Tarball => "a tarball".to_string(),
-        debimg::spec::Kind::Disk => format!(
-            "a disk with {} partitions",
-            s.disk.as_ref().map_or(0, |d| d.partitions.len())
-        ),
-    };
-    println!(
-        "{}: valid ({what}, {} package{})",
-        spec.display(),
-        s.packages.len(),
-        if s.packages.len() == 1 { "" } else { "s" },
-    );
-    Ok(())
 }
 
 fn pack(
