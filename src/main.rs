@@ -8,21 +8,20 @@ use std::time::Instant;
 use clap::Parser;
 
 use debimg::cli::{
-    BootTestArgs, BuildArgs, CacheAction, Cli, Command, JobsAction, LockArgs, MessageFormat,
-    PackArgs, ServeAction, ServeArgs, ServerArgs, SubmitArgs, TokenAction, VerifyArgs, VmImageArgs,
-    WorkerArgs,
+    BootTestArgs, CacheAction, Cli, Command, JobsAction, PackArgs, ServeAction, ServeArgs,
+    ServerArgs, SubmitArgs, TokenAction, VerifyArgs, WorkerArgs,
 };
 
 use anyhow::Context as _;
 use debimg::cache::Cache;
 use debimg::creator::{BuildOptions, Creator};
 use debimg::error::Error;
-use debimg::event::{self, BuildOutcome, Event};
 use debimg::input::{self, Input};
-use debimg::job::Job;
+use debimg::job;
 use debimg::pack::compress;
 use debimg::signals;
 use debimg::spec::Container;
+use debimg::sys::namespace::in_namespaces;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -157,7 +156,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
             accel,
         }) => boot_test(image, *uefi, *timeout, expect, *memory, *accel).map_err(failed),
         Command::Plan(args) => input::print_plan(args),
-        Command::Build(_) => build(cli),
+        Command::Build(args) => job::build(args, !cli.quiet),
         Command::Verify(VerifyArgs {
             spec,
             against,
@@ -171,24 +170,8 @@ fn run(cli: &Cli) -> Result<(), Error> {
             build_dir,
             (!no_cache).then_some(cache_dir.as_path()),
         ),
-        Command::Lock(LockArgs {
-            spec,
-            output,
-            build_dir,
-            cache_dir,
-            no_cache,
-        }) => lock(
-            cli,
-            spec,
-            output.as_deref(),
-            build_dir,
-            (!no_cache).then_some(cache_dir.as_path()),
-        ),
-        Command::VmImage(VmImageArgs {
-            cache_dir,
-            build_dir,
-            force,
-        }) => vm_image(cli, cache_dir, build_dir, *force),
+        Command::Lock(args) => job::lock(args, !cli.quiet),
+        Command::VmImage(args) => job::vm_image(args, !cli.quiet),
         Command::VmProxy { allow } => debimg::vm::egress::serve_one(allow).map_err(failed),
     }
 }
@@ -277,124 +260,6 @@ fn boot_test(
     Ok(())
 }
 
-fn build(cli: &Cli) -> Result<(), Error> {
-    let Command::Build(BuildArgs {
-        spec,
-        output,
-        build_dir,
-        force,
-        wait,
-        cache_dir,
-        no_cache,
-        no_tree_cache,
-        bootstrap,
-        fuel,
-        release,
-        bundle,
-        message_format,
-        shell,
-        keep_on_failure,
-        tmpfs,
-        vm,
-        hand_off,
-        through_proxy,
-        lock,
-    }) = &cli.command
-    else {
-        unreachable!("build() runs the build command")
-    };
-    let json = *message_format == MessageFormat::Json;
-    if json {
-        event::json_lines_to_stdout();
-    }
-    let default_vm = debimg::vm::VmOptions::new(cache_dir.join("vm"));
-    let job = (|| {
-        let mut input = Input::read(spec.as_deref(), fuel.as_deref(), release.as_deref())?;
-        if let Some(file) = lock {
-            let abs = std::path::absolute(file)
-                .with_context(|| format!("--lock: resolving {}", file.display()))
-                .map_err(failed)?;
-            input.spec.lock = Some(abs.to_string_lossy().into_owned());
-        }
-        if let Some(url) = through_proxy {
-            input.spec.proxies = Some(debimg::spec::Proxies {
-                http: Some(url.clone()),
-                https: Some(url.clone()),
-                direct: Vec::new(),
-            });
-        }
-        if vm.untrusted && input.spec.lock.is_some() {
-            return Err(failed(anyhow::anyhow!(
-                "a lock (`lock:`, `--lock`) is a file of this host, which an untrusted build \
-                 may not read"
-            )));
-        }
-        let plan = if vm.untrusted {
-            // Planned without reading any file it names here (see `debimg::vm`).
-            let mut i = input.clone();
-            i.spec = debimg::vm::without_host_files(&input.spec);
-            i.plan(*bootstrap)?
-        } else {
-            input.plan(*bootstrap)?
-        };
-        if !nix::unistd::geteuid().is_root() {
-            return Err(failed(anyhow::anyhow!(
-                "debimg build needs root (loop devices, mounts, chroot); run it with sudo"
-            )));
-        }
-        let output_dir = match (output, &input.fuel) {
-            (Some(o), _) => o.clone(),
-            (None, Some(f)) => f.output_dir.clone(),
-            (None, None) => PathBuf::from("out"),
-        };
-        let opts = BuildOptions {
-            output_dir,
-            build_dir: build_dir.clone(),
-            force: *force,
-            wait: *wait,
-            show_progress: !cli.quiet,
-            cache_dir: (!no_cache).then(|| cache_dir.clone()),
-            tree_cache: !no_tree_cache,
-            shell: *shell,
-            keep_on_failure: *keep_on_failure,
-            tmpfs: *tmpfs,
-        };
-        let vm = vm.vm.then(|| debimg::vm::VmOptions {
-            memory_mib: (vm.vm_memory >> 20) as u32,
-            cpus: vm.vm_cpus.unwrap_or(default_vm.cpus),
-            disk_bytes: vm.vm_disk,
-            timeout: vm.vm_timeout.map(std::time::Duration::from_secs),
-            accel: vm.vm_accel,
-            appliance_dir: cache_dir.join("vm"),
-            untrusted: vm.untrusted,
-        });
-        Ok(Job {
-            input,
-            plan,
-            opts,
-            release: release.clone(),
-            bundle: bundle.is_some(),
-            vm,
-        })
-    })();
-    let job = match job {
-        Ok(j) => j,
-        Err(e) => {
-            // A consumer of the events learns of a build that never started too.
-            event::emit(&Event::BuildFinished {
-                outcome: BuildOutcome::Failed,
-                seconds: 0.0,
-                error: Some(e.report()),
-            });
-            return Err(e);
-        }
-    };
-    if *hand_off {
-        return hand_off_build(job);
-    }
-    run_job(job, !json)
-}
-
 /// `debimg verify`: the spec built again from the lock in `against` into a scratch directory,
 /// every output compared with `against`'s.
 fn verify(
@@ -477,147 +342,6 @@ fn verify(
             diffs.len()
         )))
     })
-}
-
-/// `debimg lock`: the stages up to `configure` in a scratch tree, then the lock of what it
-/// holds written to `output` (NAME.lock.yaml by default) and its path printed.
-fn lock(
-    cli: &Cli,
-    spec: &std::path::Path,
-    output: Option<&std::path::Path>,
-    build_dir: &std::path::Path,
-    cache_dir: Option<&std::path::Path>,
-) -> Result<(), Error> {
-    let input = Input::read(Some(spec), None, None)?;
-    let plan = input.plan(None)?;
-    if !nix::unistd::geteuid().is_root() {
-        return Err(failed(anyhow::anyhow!(
-            "debimg lock needs root (it installs the packages in a scratch tree); run it with sudo"
-        )));
-    }
-    let dest = output
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(plan.lock_name()));
-    std::fs::create_dir_all(build_dir)
-        .with_context(|| format!("creating {}", build_dir.display()))
-        .map_err(failed)?;
-    // The creator's output directory: nothing is published into it.
-    let scratch = tempfile::Builder::new()
-        .prefix(".lock-output-")
-        .tempdir_in(build_dir)
-        .with_context(|| format!("creating a directory in {}", build_dir.display()))
-        .map_err(failed)?;
-    let opts = BuildOptions {
-        output_dir: scratch.path().to_path_buf(),
-        build_dir: build_dir.to_path_buf(),
-        show_progress: !cli.quiet,
-        cache_dir: cache_dir.map(PathBuf::from),
-        ..BuildOptions::new(scratch.path())
-    };
-    let name = plan.name.clone();
-    in_namespaces(|| {
-        let mut creator = Creator::new(plan, opts)?;
-        let res = (|| {
-            creator.mount()?;
-            creator.install()?;
-            creator.configure()?;
-            let lock = creator.locked().cloned();
-            lock.ok_or_else(|| failed(anyhow::anyhow!("the configure stage left no lock")))
-        })();
-        let cleaned = creator.cleanup();
-        let lock = res?;
-        cleaned?;
-        let text = lock.render(&name).map_err(failed)?;
-        std::fs::write(&dest, text)
-            .with_context(|| format!("writing {}", dest.display()))
-            .map_err(failed)?;
-        println!("{}", dest.display());
-        Ok(())
-    })
-}
-
-/// Runs `job` and prints the paths of its outputs, one a line, when `print_paths`.
-fn run_job(job: Job, print_paths: bool) -> Result<(), Error> {
-    in_namespaces(|| {
-        // On a terminal only: the stage, its time and apt's progress on a line of its own.
-        debimg::progress::enable();
-        let outcome = job.run()?;
-        if print_paths {
-            let mut out = std::io::stdout().lock();
-            for p in &outcome.outputs {
-                let _ = writeln!(out, "{}", p.display());
-            }
-        }
-        Ok(())
-    })
-}
-
-/// Runs a build's `body` in PID and mount namespaces of its own, so that no mount reaches the
-/// host and nothing of it outlives this process, even killed with SIGKILL. Call it before any
-/// thread exists.
-fn in_namespaces(body: impl FnOnce() -> Result<(), Error>) -> Result<(), Error> {
-    match debimg::isolated(body)? {
-        0 => Ok(()),
-        c => Err(Error::exited(c)),
-    }
-}
-
-/// `build --hand-off` (inside a `--vm` machine): the stages up to `finish`, the result left in
-/// the output directory for the host to package; events as a build reports them.
-fn hand_off_build(job: Job) -> Result<(), Error> {
-    in_namespaces(|| {
-        let started = std::time::Instant::now();
-        event::emit(&Event::BuildStarted {
-            name: job.plan.name.clone(),
-            spec_digest: job.plan.digest.clone(),
-        });
-        let dir = job.opts.output_dir.clone();
-        let res = debimg::creator::Creator::new(job.plan.clone(), job.opts.clone())
-            .and_then(|mut c| c.hand_off(&dir));
-        event::emit(&Event::BuildFinished {
-            outcome: if res.is_ok() {
-                BuildOutcome::Built
-            } else {
-                BuildOutcome::Failed
-            },
-            seconds: started.elapsed().as_secs_f64(),
-            error: res.as_ref().err().map(|e| e.report()),
-        });
-        res.map(|_| ())
-    })
-}
-
-/// `debimg vm-image`: the appliance's spec built as any spec, into CACHE_DIR/vm.
-fn vm_image(
-    cli: &Cli,
-    cache_dir: &std::path::Path,
-    build_dir: &std::path::Path,
-    force: bool,
-) -> Result<(), Error> {
-    if !nix::unistd::geteuid().is_root() {
-        return Err(failed(anyhow::anyhow!(
-            "debimg vm-image needs root (it is a build); run it with sudo"
-        )));
-    }
-    let dir = cache_dir.join("vm");
-    let spec = debimg::vm::appliance::write_spec(&dir).map_err(failed)?;
-    let input = Input::read(Some(&spec), None, None)?;
-    let plan = input.plan(None)?;
-    let mut opts = BuildOptions::new(&dir);
-    opts.build_dir = build_dir.to_path_buf();
-    opts.force = force;
-    opts.wait = true;
-    opts.show_progress = !cli.quiet;
-    opts.cache_dir = Some(cache_dir.to_path_buf());
-    let job = Job {
-        input,
-        plan,
-        opts,
-        release: None,
-        bundle: false,
-        vm: None,
-    };
-    run_job(job, true)
 }
 
 fn serve(action: Option<&ServeAction>, args: &ServeArgs) -> anyhow::Result<()> {
