@@ -1,7 +1,6 @@
 //! The `debimg` command line: parses its arguments ([`debimg::cli`]) and calls the library.
 
 use std::io::Write as _;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -9,19 +8,16 @@ use clap::Parser;
 
 use debimg::cli::{
     BootTestArgs, CacheAction, Cli, Command, JobsAction, PackArgs, ServeAction, ServeArgs,
-    ServerArgs, SubmitArgs, TokenAction, VerifyArgs, WorkerArgs,
+    ServerArgs, SubmitArgs, TokenAction, WorkerArgs,
 };
 
-use anyhow::Context as _;
 use debimg::cache::Cache;
-use debimg::creator::{BuildOptions, Creator};
 use debimg::error::Error;
-use debimg::input::{self, Input};
+use debimg::input;
 use debimg::job;
 use debimg::pack::compress;
 use debimg::signals;
 use debimg::spec::Container;
-use debimg::sys::namespace::in_namespaces;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -157,19 +153,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
         }) => boot_test(image, *uefi, *timeout, expect, *memory, *accel).map_err(failed),
         Command::Plan(args) => input::print_plan(args),
         Command::Build(args) => job::build(args, !cli.quiet),
-        Command::Verify(VerifyArgs {
-            spec,
-            against,
-            build_dir,
-            cache_dir,
-            no_cache,
-        }) => verify(
-            cli,
-            spec,
-            against,
-            build_dir,
-            (!no_cache).then_some(cache_dir.as_path()),
-        ),
+        Command::Verify(args) => debimg::verify::verify(args, !cli.quiet),
         Command::Lock(args) => job::lock(args, !cli.quiet),
         Command::VmImage(args) => job::vm_image(args, !cli.quiet),
         Command::VmProxy { allow } => debimg::vm::egress::serve_one(allow).map_err(failed),
@@ -258,90 +242,6 @@ fn boot_test(
     );
     println!("{}", booted.line);
     Ok(())
-}
-
-/// `debimg verify`: the spec built again from the lock in `against` into a scratch directory,
-/// every output compared with `against`'s.
-fn verify(
-    cli: &Cli,
-    spec: &std::path::Path,
-    against: &std::path::Path,
-    build_dir: &std::path::Path,
-    cache_dir: Option<&std::path::Path>,
-) -> Result<(), Error> {
-    let mut input = Input::read(Some(spec), None, None)?;
-    let against = against
-        .canonicalize()
-        .with_context(|| format!("--against: resolving {}", against.display()))
-        .map_err(failed)?;
-    let meta_path = against.join(format!("{}.yaml", input.spec.name));
-    let theirs = debimg::metadata::Metadata::read(&meta_path)
-        .with_context(|| {
-            format!(
-                "reading the metadata of the build to check, {}",
-                meta_path.display()
-            )
-        })
-        .map_err(failed)?;
-    let lock = debimg::verify::lock_of(&against, &theirs).map_err(failed)?;
-    input.spec.lock = Some(lock.to_string_lossy().into_owned());
-    if input.spec.source_date_epoch.is_none() {
-        input.spec.source_date_epoch = theirs.source_date_epoch;
-    }
-    if input.spec.source_date_epoch.is_none() {
-        return Err(failed(anyhow::anyhow!(
-            "{} was not built reproducibly (its metadata has no source_date_epoch, nor has the \
-             spec): a rebuild cannot equal it; build with source_date_epoch",
-            against.display()
-        )));
-    }
-    let plan = input.plan(None)?;
-    if !nix::unistd::geteuid().is_root() {
-        return Err(failed(anyhow::anyhow!(
-            "debimg verify needs root (it builds the spec again); run it with sudo"
-        )));
-    }
-    let scratch = debimg::verify::scratch_dir(build_dir).map_err(failed)?;
-    let out = scratch.path().join("out");
-    let work = scratch.path().join("compare");
-    let opts = BuildOptions {
-        build_dir: build_dir.to_path_buf(),
-        force: true,
-        show_progress: !cli.quiet,
-        cache_dir: cache_dir.map(PathBuf::from),
-        ..BuildOptions::new(&out)
-    };
-    in_namespaces(|| {
-        let outcome = Creator::new(plan, opts)?.create()?;
-        std::fs::create_dir_all(&work)
-            .with_context(|| format!("creating {}", work.display()))
-            .map_err(failed)?;
-        let diffs = debimg::verify::compare(&against, &theirs, &out, &outcome.metadata, &work)
-            .map_err(failed)?;
-        let mut stdout = std::io::stdout().lock();
-        if diffs.is_empty() {
-            let _ = writeln!(
-                stdout,
-                "identical: {} rebuilt from {} gives the same {} images and {} files, byte for byte",
-                theirs.name,
-                lock.display(),
-                theirs.images.len(),
-                theirs.files.len()
-            );
-            return Ok(());
-        }
-        for d in &diffs {
-            let _ = writeln!(stdout, "differs: {}", d.output);
-            for f in &d.files {
-                let _ = writeln!(stdout, "  {f}");
-            }
-        }
-        Err(failed(anyhow::anyhow!(
-            "the rebuild differs from {} in {} output(s)",
-            against.display(),
-            diffs.len()
-        )))
-    })
 }
 
 fn serve(action: Option<&ServeAction>, args: &ServeArgs) -> anyhow::Result<()> {
