@@ -2,22 +2,17 @@
 
 use std::io::Write as _;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use clap::Parser;
 
 use debimg::cli::{
-    BootTestArgs, CacheAction, Cli, Command, JobsAction, PackArgs, ServeAction, ServeArgs,
-    ServerArgs, SubmitArgs, TokenAction, WorkerArgs,
+    Cli, Command, JobsAction, ServeAction, ServeArgs, ServerArgs, SubmitArgs, TokenAction,
+    WorkerArgs,
 };
 
-use debimg::cache::Cache;
 use debimg::error::Error;
 use debimg::input;
 use debimg::job;
-use debimg::pack::compress;
-use debimg::signals;
-use debimg::spec::Container;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -85,12 +80,8 @@ fn failed(e: anyhow::Error) -> Error {
 fn run(cli: &Cli) -> Result<(), Error> {
     match &cli.command {
         Command::Validate(args) => input::validate(args),
-        Command::Pack(PackArgs {
-            image,
-            output,
-            container,
-        }) => pack(image, output, *container).map_err(failed),
-        Command::Cache { cache_dir, action } => cache(cache_dir, action).map_err(failed),
+        Command::Pack(args) => debimg::pack::pack_image(args),
+        Command::Cache { cache_dir, action } => debimg::cache::manage(cache_dir, action),
         Command::Serve { action, args } => serve(action.as_ref(), args).map_err(failed),
         Command::Submit(SubmitArgs {
             spec,
@@ -143,14 +134,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
             })
             .map_err(failed)
         }
-        Command::BootTest(BootTestArgs {
-            image,
-            uefi,
-            timeout,
-            expect,
-            memory,
-            accel,
-        }) => boot_test(image, *uefi, *timeout, expect, *memory, *accel).map_err(failed),
+        Command::BootTest(args) => debimg::boottest::boot_test(args),
         Command::Plan(args) => input::print_plan(args),
         Command::Build(args) => job::build(args, !cli.quiet),
         Command::Verify(args) => debimg::verify::verify(args, !cli.quiet),
@@ -158,90 +142,6 @@ fn run(cli: &Cli) -> Result<(), Error> {
         Command::VmImage(args) => job::vm_image(args, !cli.quiet),
         Command::VmProxy { allow } => debimg::vm::egress::serve_one(allow).map_err(failed),
     }
-}
-
-fn pack(
-    image: &std::path::Path,
-    output: &std::path::Path,
-    container: Container,
-) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let t = Instant::now();
-    let p = compress::pack(image, container, output)
-        .with_context(|| format!("packaging {}", image.display()))?;
-    tracing::info!(
-        "{} MiB in {:.2}s ({:.0} MB/s)",
-        p.raw.size >> 20,
-        t.elapsed().as_secs_f64(),
-        p.raw.size as f64 / 1e6 / t.elapsed().as_secs_f64().max(1e-9)
-    );
-    println!(
-        "raw_size: {}\nraw_md5: {}\nraw_sha256: {}\ncontainer_size: {}\ncontainer_md5: {}\ncontainer_sha256: {}",
-        p.raw.size, p.raw.md5, p.raw.sha256, p.container.size, p.container.md5, p.container.sha256
-    );
-    Ok(())
-}
-
-fn cache(cache_dir: &std::path::Path, action: &CacheAction) -> anyhow::Result<()> {
-    let cache = Cache::open(cache_dir)?;
-    match action {
-        CacheAction::List => {
-            let entries = cache.entries()?;
-            let total: u64 = entries.iter().map(|e| e.size).sum();
-            println!("{:>10}  {:>7}  ENTRY", "SIZE", "UNUSED");
-            for e in &entries {
-                println!(
-                    "{:>6} MiB  {:>6}h  {}",
-                    e.size >> 20,
-                    e.age_secs / 3600,
-                    e.path.display()
-                );
-            }
-            println!("{} entries, {} MiB", entries.len(), total >> 20);
-        }
-        CacheAction::Prune { older_than } => {
-            let (n, bytes) = cache.prune(older_than.unwrap_or(0))?;
-            println!("removed {n} entries, {} MiB", bytes >> 20);
-        }
-    }
-    Ok(())
-}
-
-fn boot_test(
-    image: &std::path::Path,
-    uefi: bool,
-    timeout: u64,
-    expect: &[String],
-    memory: u32,
-    accel: debimg::boottest::Accel,
-) -> anyhow::Result<()> {
-    signals::install()?;
-    let expect = if expect.is_empty() {
-        vec!["login:".to_string()]
-    } else {
-        expect.to_vec()
-    };
-    let booted = debimg::boottest::run(&debimg::boottest::BootTest {
-        image: image.to_path_buf(),
-        uefi,
-        timeout: std::time::Duration::from_secs(timeout),
-        expect,
-        memory_mib: memory,
-        accel,
-    })?;
-    tracing::info!(
-        "{} booted ({}, {}) in {:.1}s",
-        image.display(),
-        if uefi { "UEFI" } else { "BIOS" },
-        if booted.kvm {
-            "KVM"
-        } else {
-            "software emulation"
-        },
-        booted.elapsed.as_secs_f64()
-    );
-    println!("{}", booted.line);
-    Ok(())
 }
 
 fn serve(action: Option<&ServeAction>, args: &ServeArgs) -> anyhow::Result<()> {
