@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::cli::BootTestArgs;
 use crate::signals;
 
 /// OVMF firmware code and its variable store template (Debian's `ovmf` package).
@@ -164,6 +165,38 @@ pub fn qemu_command(
             ));
     }
     cmd
+}
+
+/// `debimg boot-test`: boots the image, logs how it booted and prints the console line that
+/// proves it on stdout; fails with the whole console log.
+pub fn boot_test(args: &BootTestArgs) -> Result<(), crate::error::Error> {
+    signals::install()?;
+    let expect = if args.expect.is_empty() {
+        vec!["login:".to_string()]
+    } else {
+        args.expect.clone()
+    };
+    let booted = run(&BootTest {
+        image: args.image.clone(),
+        uefi: args.uefi,
+        timeout: Duration::from_secs(args.timeout),
+        expect,
+        memory_mib: args.memory,
+        accel: args.accel,
+    })?;
+    tracing::info!(
+        "{} booted ({}, {}) in {:.1}s",
+        args.image.display(),
+        if args.uefi { "UEFI" } else { "BIOS" },
+        if booted.kvm {
+            "KVM"
+        } else {
+            "software emulation"
+        },
+        booted.elapsed.as_secs_f64()
+    );
+    println!("{}", booted.line);
+    Ok(())
 }
 
 /// Boots the image and waits for a marker. Fails with the whole console log when the time runs

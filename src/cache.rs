@@ -38,6 +38,7 @@ use anyhow::{Context, Result, bail};
 use nix::sys::stat::FileStat;
 use sha2::{Digest, Sha256};
 
+use crate::cli::CacheAction;
 use crate::cmd::CommandRunExt;
 use crate::debian::index::PackageIndex;
 use crate::output::OutputDir;
@@ -460,6 +461,33 @@ impl Cache {
         }
         Ok(dest)
     }
+}
+
+/// `debimg cache list` (every entry with its size and the hours since it was used, then the
+/// total) and `debimg cache prune` (what it removed), on stdout.
+pub fn manage(cache_dir: &Path, action: &CacheAction) -> Result<(), crate::error::Error> {
+    let cache = Cache::open(cache_dir)?;
+    match action {
+        CacheAction::List => {
+            let entries = cache.entries()?;
+            let total: u64 = entries.iter().map(|e| e.size).sum();
+            println!("{:>10}  {:>7}  ENTRY", "SIZE", "UNUSED");
+            for e in &entries {
+                println!(
+                    "{:>6} MiB  {:>6}h  {}",
+                    e.size >> 20,
+                    e.age_secs / 3600,
+                    e.path.display()
+                );
+            }
+            println!("{} entries, {} MiB", entries.len(), total >> 20);
+        }
+        CacheAction::Prune { older_than } => {
+            let (n, bytes) = cache.prune(older_than.unwrap_or(0))?;
+            println!("removed {n} entries, {} MiB", bytes >> 20);
+        }
+    }
+    Ok(())
 }
 
 impl Cache {

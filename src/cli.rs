@@ -1,13 +1,16 @@
-//! The arguments of `debimg`, as clap reads them.
+//! The arguments of `debimg`, as clap reads them: every command with its flags, help texts and
+//! defaults. Each command's body lives in the module of its subject and takes its arguments from
+//! here (`debimg verify`: [`crate::verify::verify`] with a [`VerifyArgs`]); the binary only
+//! parses them and dispatches.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use debimg::creator::{DEFAULT_BUILD_DIR, DEFAULT_CACHE_DIR};
-use debimg::error::ErrorKind;
-use debimg::output::release;
-use debimg::spec::{Bootstrap, Container};
+use crate::creator::{DEFAULT_BUILD_DIR, DEFAULT_CACHE_DIR};
+use crate::error::ErrorKind;
+use crate::output::release;
+use crate::spec::{Bootstrap, Container};
 
 /// Build Debian-family OS images from a YAML spec.
 ///
@@ -30,136 +33,21 @@ pub struct Cli {
 pub enum Command {
     /// Check a spec: exit 0 when it is valid, exit 2 naming its problems (YAML and type errors
     /// one at a time with line and column; then every remaining problem with its field).
-    Validate {
-        /// The YAML spec.
-        spec: PathBuf,
-        /// Check it as `build --release ID` reads it (@BUILD_ID@ replaced by ID).
-        #[arg(long, value_name = "ID", value_parser = parse_release_id)]
-        release: Option<String>,
-        /// Check it as a spec from someone the build host does not trust: it may not read the
-        /// host's files (`files[].source`, `local_debs`, `file://` repos, key files) nor run
-        /// code on the host (`post` with `chroot: false`). No file it names is looked at.
-        #[arg(long)]
-        untrusted: bool,
-    },
+    Validate(ValidateArgs),
     /// Build the images a spec describes (reusing them when the output already matches).
-    Build {
-        /// The YAML spec (or give --fuel instead).
-        #[arg(required_unless_present = "fuel")]
-        spec: Option<PathBuf>,
-        /// Directory that receives the images and the metadata file [default: out, or the
-        /// `output` of a --fuel input].
-        #[arg(short, long)]
-        output: Option<PathBuf>,
-        /// Directory under which the temporary workspace is created.
-        #[arg(long, default_value = DEFAULT_BUILD_DIR)]
-        build_dir: PathBuf,
-        /// Rebuild even when the output directory already matches the spec.
-        #[arg(long)]
-        force: bool,
-        /// Wait for another build writing to the same output directory instead of failing.
-        #[arg(long)]
-        wait: bool,
-        /// Package and base-tree caches shared by builds.
-        #[arg(long, default_value = DEFAULT_CACHE_DIR)]
-        cache_dir: PathBuf,
-        /// Build without the caches (download everything, run the bootstrap).
-        #[arg(long)]
-        no_cache: bool,
-        /// Neither start from nor store installed trees (the tree after apt installed the
-        /// packages): apt installs every package on the base tree, as without a cache.
-        #[arg(long)]
-        no_tree_cache: bool,
-        /// Bootstrap backend, overriding the spec's `bootstrap` (auto: mmdebstrap when present).
-        #[arg(long, value_enum)]
-        bootstrap: Option<Bootstrap>,
-        /// Read fuel-agent's `nailgun_build_image` input (JSON) instead of a spec, and write
-        /// the images and metadata fuel-agent would have.
-        #[arg(long, value_name = "INPUT.json", conflicts_with = "spec")]
-        fuel: Option<PathBuf>,
-        /// Write a release into OUTPUT/ID: the outputs, the spec with @BUILD_ID@ replaced by
-        /// ID, build.log, SHA256SUMS and MD5SUMS. Always builds; an ID whose earlier build
-        /// failed is emptied and built again, a complete one is refused.
-        #[arg(long, value_name = "ID", value_parser = parse_release_id)]
-        release: Option<String>,
-        /// Bundle all outputs into one archive, `<name>.bundle.tar.gz` (`--pack` is the old
-        /// spelling).
-        #[arg(long, alias = "pack", value_enum, value_name = "FORMAT")]
-        bundle: Option<BundleFormat>,
-        /// How results are reported on stdout: `human` (the paths of the outputs) or `json`
-        /// (one JSON object per line: build-started, stage-started/-finished, artifact,
-        /// build-finished; see docs/events.md).
-        #[arg(long, value_enum, default_value = "human")]
-        message_format: MessageFormat,
-        /// Open an interactive shell inside the chroot just before unmounting (debugging).
-        #[arg(long)]
-        shell: bool,
-        /// After a failure keep the workspace (unmounted) for inspection, and say where.
-        #[arg(long)]
-        keep_on_failure: bool,
-        /// Build in a tmpfs of this size (e.g. 6GiB) instead of on the build directory's
-        /// disk; the images must fit in it (sparse files count what they hold).
-        #[arg(long, value_name = "SIZE", value_parser = parse_size, conflicts_with = "keep_on_failure")]
-        tmpfs: Option<u64>,
-        #[command(flatten)]
-        vm: VmArgs,
-        /// Inside a `--vm` machine: stop after the finish stage and leave the staged images,
-        /// records and attachments in the output directory with `handoff.json`, for the host
-        /// that started the machine to package and publish.
-        #[arg(long, hide = true, conflicts_with_all = ["vm", "release", "bundle", "fuel"])]
-        hand_off: bool,
-        /// Inside a `--vm` machine for an untrusted spec: every download through this proxy
-        /// (the host's `vm-proxy`, which reaches only the spec's mirrors and repositories).
-        #[arg(long, hide = true, value_name = "URL", requires = "hand_off")]
-        through_proxy: Option<String>,
-        /// Install exactly the package versions of this lock file, the bootstrap's included,
-        /// as `lock:` in the spec does (a build writes the lock of what it installed as
-        /// NAME.lock.yaml); fails naming each version the repositories no longer have.
-        #[arg(long, value_name = "FILE", conflicts_with = "fuel")]
-        lock: Option<PathBuf>,
-    },
+    Build(BuildArgs),
     /// Build a spec again from the lock of an earlier build of it (in DIR, with the
     /// source_date_epoch its metadata records) and compare every output with that build's:
     /// exit 0 and "identical", or exit 1 naming each output that differs and, inside each
     /// image, the first files that differ (both mounted read-only and compared), or "no file
     /// differs" where only the filesystem's own bytes do (always so for xfs and btrfs).
     /// Needs root.
-    Verify {
-        /// The YAML spec.
-        spec: PathBuf,
-        /// The output directory of the build to check (its NAME.yaml and NAME.lock.yaml).
-        #[arg(long, value_name = "DIR")]
-        against: PathBuf,
-        /// Directory under which the rebuild's workspace and outputs are made.
-        #[arg(long, default_value = DEFAULT_BUILD_DIR)]
-        build_dir: PathBuf,
-        /// Package and base-tree caches shared by builds.
-        #[arg(long, default_value = DEFAULT_CACHE_DIR)]
-        cache_dir: PathBuf,
-        /// Rebuild without the caches.
-        #[arg(long)]
-        no_cache: bool,
-    },
+    Verify(VerifyArgs),
     /// Resolve a spec's whole package set, the bootstrap's included, and write it as a lock
     /// file: the bootstrap, install and configure stages run in a scratch tree (from the
     /// caches where they can), nothing is packaged. `build --lock FILE` then installs exactly
     /// these versions. Needs root, as build does.
-    Lock {
-        /// The YAML spec.
-        spec: PathBuf,
-        /// Where the lock goes [default: NAME.lock.yaml].
-        #[arg(short, long)]
-        output: Option<PathBuf>,
-        /// Directory under which the temporary workspace is created.
-        #[arg(long, default_value = DEFAULT_BUILD_DIR)]
-        build_dir: PathBuf,
-        /// Package and base-tree caches shared by builds.
-        #[arg(long, default_value = DEFAULT_CACHE_DIR)]
-        cache_dir: PathBuf,
-        /// Resolve without the caches.
-        #[arg(long)]
-        no_cache: bool,
-    },
+    Lock(LockArgs),
     /// The proxy of a machine that builds an untrusted spec (qemu starts it for each of the
     /// machine's connections): one HTTP connection on stdin and stdout, to the endpoints given.
     #[command(hide = true)]
@@ -171,29 +59,10 @@ pub enum Command {
     /// Build (or rebuild) the builder appliance that `build --vm` machines boot: a kernel and
     /// the build tools, made by debimg's own pipeline into CACHE_DIR/vm (a `--vm` build makes
     /// it when it is missing or stale).
-    VmImage {
-        /// The cache directory; the appliance goes into its `vm/`.
-        #[arg(long, default_value = DEFAULT_CACHE_DIR)]
-        cache_dir: PathBuf,
-        /// Directory under which the temporary workspace is created.
-        #[arg(long, default_value = DEFAULT_BUILD_DIR)]
-        build_dir: PathBuf,
-        /// Rebuild it even when it matches its spec (to take the mirror's newest packages).
-        #[arg(long)]
-        force: bool,
-    },
+    VmImage(VmImageArgs),
     /// Package one image file the way a build does: raw and container md5/sha256, and a
     /// parallel gzip (or a sparse raw copy) written to OUTPUT. Prints the digests as YAML.
-    Pack {
-        /// The raw image file.
-        image: PathBuf,
-        /// Where the container goes (must not exist).
-        #[arg(short, long)]
-        output: PathBuf,
-        /// gzip (default) or raw.
-        #[arg(long, value_enum, default_value = "gzip")]
-        container: Container,
-    },
+    Pack(PackArgs),
     /// Inspect or trim the caches: pooled packages, base trees, apt lists.
     Cache {
         /// The cache directory.
@@ -204,34 +73,9 @@ pub enum Command {
     },
     /// Boot a disk image in qemu on a serial console and wait until the system is up: exit 0
     /// with the console line that proves it, or exit 1 with the whole console log.
-    BootTest {
-        /// The disk image: raw (`.img`), qcow2 (`.qcow2`) or gzipped raw (`.img.gz`).
-        image: PathBuf,
-        /// Boot with UEFI firmware (OVMF) instead of BIOS.
-        #[arg(long)]
-        uefi: bool,
-        /// Seconds to wait for the system to come up.
-        #[arg(long, default_value_t = 300)]
-        timeout: u64,
-        /// Console text that proves the boot (repeatable) [default: `login:`].
-        #[arg(long, value_name = "TEXT")]
-        expect: Vec<String>,
-        /// Memory of the virtual machine in MiB.
-        #[arg(long, default_value_t = 1024)]
-        memory: u32,
-        /// auto: KVM when /dev/kvm works (falling back to software emulation when the machine
-        /// stays silent for 10 s); kvm; tcg (software emulation).
-        #[arg(long, value_enum, default_value = "auto")]
-        accel: debimg::boottest::Accel,
-    },
+    BootTest(BootTestArgs),
     /// Print the resolved build plan (mirrors, mount order, output names, digest) as JSON.
-    Plan {
-        /// The YAML spec.
-        spec: PathBuf,
-        /// Plan it as `build --release ID` reads it (@BUILD_ID@ replaced by ID).
-        #[arg(long, value_name = "ID", value_parser = parse_release_id)]
-        release: Option<String>,
-    },
+    Plan(PlanArgs),
     /// Run the build service: a REST API (`/api/v1`, described at `/api/v1/openapi.json`), a
     /// web page at `/`, a job store in the state directory and local workers that build on this
     /// host. `debimg serve token add NAME` makes the tokens callers need. Stop it with INT or
@@ -249,64 +93,12 @@ pub enum Command {
     /// Submit a spec to a build service; prints the job id (or follows it, or downloads its
     /// artifacts). Exit codes with --follow or --download: those of the build (0 succeeded, its
     /// error's code when it failed, 143 when it was cancelled).
-    Submit {
-        /// The YAML spec.
-        spec: PathBuf,
-        #[command(flatten)]
-        server: ServerArgs,
-        /// The job's name [default: the spec's name].
-        #[arg(long)]
-        name: Option<String>,
-        /// Whom the job is for (shown with the job; given to --post-creation).
-        #[arg(long)]
-        email: Option<String>,
-        /// Stream the build's log until it ends, then exit with its outcome.
-        #[arg(short, long)]
-        follow: bool,
-        /// Wait for the build, then download its artifacts into DIR, each checked against its
-        /// sha256.
-        #[arg(long, value_name = "DIR")]
-        download: Option<PathBuf>,
-    },
+    Submit(SubmitArgs),
     /// Build for a service from RabbitMQ: take build ids from the queue (prefetch 1), claim
     /// each from the server, build it here as root, stream the log and upload the artifacts.
     /// Needs a worker's token (DEBIMG_TOKEN or --token-file). Stop it with INT or TERM (a build in progress ends and is
     /// queued again for another worker).
-    Worker {
-        /// The service's URL.
-        #[arg(long, env = "DEBIMG_SERVER")]
-        server: String,
-        /// A worker's token of that service (`serve token add NAME --role worker`), from the
-        /// environment: on the command line `ps` would show it to every local user.
-        #[arg(long, env = "DEBIMG_TOKEN", hide_env_values = true, hide = true)]
-        token: Option<String>,
-        /// A file (readable by root alone) whose first line is the worker's token.
-        #[arg(long, value_name = "FILE", conflicts_with = "token")]
-        token_file: Option<PathBuf>,
-        /// RabbitMQ, as `amqp://USER:PASSWORD@HOST:5672/%2f` (the same as `serve --amqp`),
-        /// from the environment (DEBIMG_AMQP) or --amqp-file when it holds a password.
-        #[arg(long, env = "DEBIMG_AMQP", hide_env_values = true)]
-        amqp: Option<String>,
-        /// A file (readable by root alone) whose first line is the RabbitMQ URL.
-        #[arg(long, value_name = "FILE", conflicts_with = "amqp")]
-        amqp_file: Option<PathBuf>,
-        /// This worker's name, shown as the job's `worker` [default: host name and pid].
-        #[arg(long)]
-        name: Option<String>,
-        /// The package and base-tree caches the builds share.
-        #[arg(long, default_value = DEFAULT_CACHE_DIR)]
-        cache_dir: PathBuf,
-        /// Where builds make their workspaces.
-        #[arg(long, default_value = DEFAULT_BUILD_DIR)]
-        build_dir: PathBuf,
-        /// Which builds run inside a throwaway machine, as `serve --isolation` says.
-        #[arg(long, value_enum, default_value = "host")]
-        isolation: debimg::service::Isolation,
-        /// Talk plain HTTP to a server that is not on this host (the token and the artifacts
-        /// cross the network readable): only on a network you trust.
-        #[arg(long)]
-        allow_plain_http: bool,
-    },
+    Worker(WorkerArgs),
     /// The jobs of a build service: list, show, log, cancel, delete, download.
     Jobs {
         #[command(flatten)]
@@ -314,6 +106,257 @@ pub enum Command {
         #[command(subcommand)]
         action: JobsAction,
     },
+}
+
+/// The arguments of `debimg validate`.
+#[derive(clap::Args)]
+pub struct ValidateArgs {
+    /// The YAML spec.
+    pub spec: PathBuf,
+    /// Check it as `build --release ID` reads it (@BUILD_ID@ replaced by ID).
+    #[arg(long, value_name = "ID", value_parser = parse_release_id)]
+    pub release: Option<String>,
+    /// Check it as a spec from someone the build host does not trust: it may not read the
+    /// host's files (`files[].source`, `local_debs`, `file://` repos, key files) nor run
+    /// code on the host (`post` with `chroot: false`). No file it names is looked at.
+    #[arg(long)]
+    pub untrusted: bool,
+}
+
+/// The arguments of `debimg build`.
+#[derive(clap::Args)]
+pub struct BuildArgs {
+    /// The YAML spec (or give --fuel instead).
+    #[arg(required_unless_present = "fuel")]
+    pub spec: Option<PathBuf>,
+    /// Directory that receives the images and the metadata file [default: out, or the
+    /// `output` of a --fuel input].
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Directory under which the temporary workspace is created.
+    #[arg(long, default_value = DEFAULT_BUILD_DIR)]
+    pub build_dir: PathBuf,
+    /// Rebuild even when the output directory already matches the spec.
+    #[arg(long)]
+    pub force: bool,
+    /// Wait for another build writing to the same output directory instead of failing.
+    #[arg(long)]
+    pub wait: bool,
+    /// Package and base-tree caches shared by builds.
+    #[arg(long, default_value = DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+    /// Build without the caches (download everything, run the bootstrap).
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Neither start from nor store installed trees (the tree after apt installed the
+    /// packages): apt installs every package on the base tree, as without a cache.
+    #[arg(long)]
+    pub no_tree_cache: bool,
+    /// Bootstrap backend, overriding the spec's `bootstrap` (auto: mmdebstrap when present).
+    #[arg(long, value_enum)]
+    pub bootstrap: Option<Bootstrap>,
+    /// Read fuel-agent's `nailgun_build_image` input (JSON) instead of a spec, and write
+    /// the images and metadata fuel-agent would have.
+    #[arg(long, value_name = "INPUT.json", conflicts_with = "spec")]
+    pub fuel: Option<PathBuf>,
+    /// Write a release into OUTPUT/ID: the outputs, the spec with @BUILD_ID@ replaced by
+    /// ID, build.log, SHA256SUMS and MD5SUMS. Always builds; an ID whose earlier build
+    /// failed is emptied and built again, a complete one is refused.
+    #[arg(long, value_name = "ID", value_parser = parse_release_id)]
+    pub release: Option<String>,
+    /// Bundle all outputs into one archive, `<name>.bundle.tar.gz` (`--pack` is the old
+    /// spelling).
+    #[arg(long, alias = "pack", value_enum, value_name = "FORMAT")]
+    pub bundle: Option<BundleFormat>,
+    /// How results are reported on stdout: `human` (the paths of the outputs) or `json`
+    /// (one JSON object per line: build-started, stage-started/-finished, artifact,
+    /// build-finished; see docs/events.md).
+    #[arg(long, value_enum, default_value = "human")]
+    pub message_format: MessageFormat,
+    /// Open an interactive shell inside the chroot just before unmounting (debugging).
+    #[arg(long)]
+    pub shell: bool,
+    /// After a failure keep the workspace (unmounted) for inspection, and say where.
+    #[arg(long)]
+    pub keep_on_failure: bool,
+    /// Build in a tmpfs of this size (e.g. 6GiB) instead of on the build directory's
+    /// disk; the images must fit in it (sparse files count what they hold).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, conflicts_with = "keep_on_failure")]
+    pub tmpfs: Option<u64>,
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Inside a `--vm` machine: stop after the finish stage and leave the staged images,
+    /// records and attachments in the output directory with `handoff.json`, for the host
+    /// that started the machine to package and publish.
+    #[arg(long, hide = true, conflicts_with_all = ["vm", "release", "bundle", "fuel"])]
+    pub hand_off: bool,
+    /// Inside a `--vm` machine for an untrusted spec: every download through this proxy
+    /// (the host's `vm-proxy`, which reaches only the spec's mirrors and repositories).
+    #[arg(long, hide = true, value_name = "URL", requires = "hand_off")]
+    pub through_proxy: Option<String>,
+    /// Install exactly the package versions of this lock file, the bootstrap's included,
+    /// as `lock:` in the spec does (a build writes the lock of what it installed as
+    /// NAME.lock.yaml); fails naming each version the repositories no longer have.
+    #[arg(long, value_name = "FILE", conflicts_with = "fuel")]
+    pub lock: Option<PathBuf>,
+}
+
+/// The arguments of `debimg verify`.
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// The YAML spec.
+    pub spec: PathBuf,
+    /// The output directory of the build to check (its NAME.yaml and NAME.lock.yaml).
+    #[arg(long, value_name = "DIR")]
+    pub against: PathBuf,
+    /// Directory under which the rebuild's workspace and outputs are made.
+    #[arg(long, default_value = DEFAULT_BUILD_DIR)]
+    pub build_dir: PathBuf,
+    /// Package and base-tree caches shared by builds.
+    #[arg(long, default_value = DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+    /// Rebuild without the caches.
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+/// The arguments of `debimg lock`.
+#[derive(clap::Args)]
+pub struct LockArgs {
+    /// The YAML spec.
+    pub spec: PathBuf,
+    /// Where the lock goes [default: NAME.lock.yaml].
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Directory under which the temporary workspace is created.
+    #[arg(long, default_value = DEFAULT_BUILD_DIR)]
+    pub build_dir: PathBuf,
+    /// Package and base-tree caches shared by builds.
+    #[arg(long, default_value = DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+    /// Resolve without the caches.
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+/// The arguments of `debimg vm-image`.
+#[derive(clap::Args)]
+pub struct VmImageArgs {
+    /// The cache directory; the appliance goes into its `vm/`.
+    #[arg(long, default_value = DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+    /// Directory under which the temporary workspace is created.
+    #[arg(long, default_value = DEFAULT_BUILD_DIR)]
+    pub build_dir: PathBuf,
+    /// Rebuild it even when it matches its spec (to take the mirror's newest packages).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// The arguments of `debimg pack`.
+#[derive(clap::Args)]
+pub struct PackArgs {
+    /// The raw image file.
+    pub image: PathBuf,
+    /// Where the container goes (must not exist).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// gzip (default) or raw.
+    #[arg(long, value_enum, default_value = "gzip")]
+    pub container: Container,
+}
+
+/// The arguments of `debimg boot-test`.
+#[derive(clap::Args)]
+pub struct BootTestArgs {
+    /// The disk image: raw (`.img`), qcow2 (`.qcow2`) or gzipped raw (`.img.gz`).
+    pub image: PathBuf,
+    /// Boot with UEFI firmware (OVMF) instead of BIOS.
+    #[arg(long)]
+    pub uefi: bool,
+    /// Seconds to wait for the system to come up.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// Console text that proves the boot (repeatable) [default: `login:`].
+    #[arg(long, value_name = "TEXT")]
+    pub expect: Vec<String>,
+    /// Memory of the virtual machine in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub memory: u32,
+    /// auto: KVM when /dev/kvm works (falling back to software emulation when the machine
+    /// stays silent for 10 s); kvm; tcg (software emulation).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub accel: crate::boottest::Accel,
+}
+
+/// The arguments of `debimg plan`.
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    /// The YAML spec.
+    pub spec: PathBuf,
+    /// Plan it as `build --release ID` reads it (@BUILD_ID@ replaced by ID).
+    #[arg(long, value_name = "ID", value_parser = parse_release_id)]
+    pub release: Option<String>,
+}
+
+/// The arguments of `debimg submit`.
+#[derive(clap::Args)]
+pub struct SubmitArgs {
+    /// The YAML spec.
+    pub spec: PathBuf,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// The job's name [default: the spec's name].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Whom the job is for (shown with the job; given to --post-creation).
+    #[arg(long)]
+    pub email: Option<String>,
+    /// Stream the build's log until it ends, then exit with its outcome.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Wait for the build, then download its artifacts into DIR, each checked against its
+    /// sha256.
+    #[arg(long, value_name = "DIR")]
+    pub download: Option<PathBuf>,
+}
+
+/// The arguments of `debimg worker`.
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    /// The service's URL.
+    #[arg(long, env = "DEBIMG_SERVER")]
+    pub server: String,
+    /// A worker's token of that service (`serve token add NAME --role worker`), from the
+    /// environment: on the command line `ps` would show it to every local user.
+    #[arg(long, env = "DEBIMG_TOKEN", hide_env_values = true, hide = true)]
+    pub token: Option<String>,
+    /// A file (readable by root alone) whose first line is the worker's token.
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// RabbitMQ, as `amqp://USER:PASSWORD@HOST:5672/%2f` (the same as `serve --amqp`),
+    /// from the environment (DEBIMG_AMQP) or --amqp-file when it holds a password.
+    #[arg(long, env = "DEBIMG_AMQP", hide_env_values = true)]
+    pub amqp: Option<String>,
+    /// A file (readable by root alone) whose first line is the RabbitMQ URL.
+    #[arg(long, value_name = "FILE", conflicts_with = "amqp")]
+    pub amqp_file: Option<PathBuf>,
+    /// This worker's name, shown as the job's `worker` [default: host name and pid].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The package and base-tree caches the builds share.
+    #[arg(long, default_value = DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+    /// Where builds make their workspaces.
+    #[arg(long, default_value = DEFAULT_BUILD_DIR)]
+    pub build_dir: PathBuf,
+    /// Which builds run inside a throwaway machine, as `serve --isolation` says.
+    #[arg(long, value_enum, default_value = "host")]
+    pub isolation: crate::service::Isolation,
+    /// Talk plain HTTP to a server that is not on this host (the token and the artifacts
+    /// cross the network readable): only on a network you trust.
+    #[arg(long)]
+    pub allow_plain_http: bool,
 }
 
 /// Where the service is and who calls it.
@@ -370,10 +413,10 @@ pub enum JobsAction {
 #[derive(clap::Args)]
 pub struct ServeArgs {
     /// The address to listen on (loopback by default; put TLS in front for anything else).
-    #[arg(long, default_value = debimg::service::DEFAULT_LISTEN)]
+    #[arg(long, default_value = crate::service::DEFAULT_LISTEN)]
     pub listen: String,
     /// The job store, the build logs and the artifacts.
-    #[arg(long, default_value = debimg::service::DEFAULT_STATE_DIR)]
+    #[arg(long, default_value = crate::service::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// Builds run at once on this host.
     #[arg(long, default_value_t = 1)]
@@ -423,13 +466,13 @@ pub struct ServeArgs {
     /// of non-admin tokens may not read this host's files nor run code outside the chroot),
     /// `untrusted` (those of non-admin tokens, with every spec field allowed), `vm` (all).
     #[arg(long, value_enum, default_value = "host")]
-    pub isolation: debimg::service::Isolation,
+    pub isolation: crate::service::Isolation,
     /// Attempts of a build whose worker vanished before it is failed.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: i64,
     /// Seconds a worker's claim lasts without a renewal (workers renew every quarter of it);
     /// a worker silent that long has its build queued again.
-    #[arg(long, default_value_t = debimg::service::LEASE_SECS, value_parser = clap::value_parser!(i64).range(4..))]
+    #[arg(long, default_value_t = crate::service::LEASE_SECS, value_parser = clap::value_parser!(i64).range(4..))]
     pub lease_secs: i64,
     /// Hand builds to `debimg worker`s through RabbitMQ at this URL
     /// (`amqp://USER:PASSWORD@HOST:5672/%2f`); usually with --local-workers 0.
@@ -457,29 +500,29 @@ pub enum TokenAction {
         /// job and is not limited; `worker` claims builds and reports the ones it holds, and
         /// nothing else (what `debimg worker` needs).
         #[arg(long, value_enum, default_value = "user")]
-        role: debimg::service::store::Role,
+        role: crate::service::store::Role,
         /// The same as `--role admin`.
         #[arg(long, conflicts_with = "role")]
         admin: bool,
-        #[arg(long, default_value = debimg::service::DEFAULT_STATE_DIR)]
+        #[arg(long, default_value = crate::service::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
     /// List the tokens' names.
     List {
-        #[arg(long, default_value = debimg::service::DEFAULT_STATE_DIR)]
+        #[arg(long, default_value = crate::service::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
     /// Remove NAME's token (its jobs stay).
     Remove {
         name: String,
-        #[arg(long, default_value = debimg::service::DEFAULT_STATE_DIR)]
+        #[arg(long, default_value = crate::service::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
 }
 
 /// Parses a byte count such as `50GiB`.
 fn parse_bytes(text: &str) -> Result<u64, String> {
-    debimg::spec::Size::parse(text).map(|s| s.0)
+    crate::spec::Size::parse(text).map(|s| s.0)
 }
 
 /// Archive formats for `--bundle`.
@@ -515,7 +558,7 @@ fn parse_release_id(text: &str) -> Result<String, String> {
 
 /// Parses a size such as `6GiB` for `--tmpfs`.
 fn parse_size(text: &str) -> Result<u64, String> {
-    let size = debimg::spec::Size::parse(text)?;
+    let size = crate::spec::Size::parse(text)?;
     if size.0 < 64 << 20 {
         return Err(format!(
             "`{text}` is too small for a build (at least 64MiB)"
@@ -580,7 +623,7 @@ pub struct VmArgs {
     /// auto: KVM when /dev/kvm works (falling back to software emulation when the machine does
     /// not come up in 30 s); kvm; tcg (software emulation).
     #[arg(long, value_enum, default_value = "auto", requires = "vm")]
-    pub vm_accel: debimg::boottest::Accel,
+    pub vm_accel: crate::boottest::Accel,
     /// The spec comes from someone this host does not trust (a build service's caller): no
     /// file it names on this host is read or sent into the machine (such paths resolve inside
     /// it), and this host's apt sources go in only when it asks for `host`.

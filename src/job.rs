@@ -1,95 +1,238 @@
 //! `debimg build` as one library call: a spec (or fuel-agent's input) built into an output
 //! directory by a [`Creator`], with what the command adds around it (a release directory with
 //! its log and checksums, fuel-agent's metadata, a bundle), reporting [`Event`]s as it goes.
-//! The CLI parses its arguments into a [`Job`]; a build service can do the same.
+//! [`build`] makes the command's arguments into a [`Job`]; a build service can do the same.
+//! The other commands that run a build are here too: [`lock`] (`debimg lock`, a build stopped
+//! after `configure` for its lock) and [`vm_image`] (`debimg vm-image`, the builder appliance
+//! built as any spec).
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 
+use crate::cli::{BuildArgs, LockArgs, MessageFormat, VmImageArgs};
 use crate::creator::{BuildOptions, Creator, Outcome};
 use crate::error::Error;
 use crate::event::{self, BuildOutcome, Event};
-use crate::fuel::FuelBuild;
+use crate::input::Input;
 use crate::output::release::{self, LogTee};
 use crate::output::{OUTPUT_LOCK, OutputDir};
 use crate::pack::digest;
 use crate::plan::Plan;
-use crate::spec::{Bootstrap, Problem, Spec, SpecError};
+use crate::sys::namespace::in_namespaces;
 
-/// What `debimg build` reads: a spec file (its text with `@BUILD_ID@` replaced for a release)
-/// or fuel-agent's input.
-#[derive(Debug, Clone)]
-pub struct Input {
-    pub spec: Spec,
-    /// The text as read (after the substitution), for a release's copy.
-    pub text: String,
-    /// fuel-agent's build, when the input was its JSON.
-    pub fuel: Option<FuelBuild>,
-    /// Where it was read from.
-    pub path: PathBuf,
+/// `debimg build`: the arguments made into a [`Job`], run in namespaces of its own; the paths
+/// of its outputs on stdout, or (`--message-format json`) its events. A build that never
+/// started reports `build-finished` too. `show_progress`: the output of the bootstrap and apt.
+pub fn build(args: &BuildArgs, show_progress: bool) -> Result<(), Error> {
+    let json = args.message_format == MessageFormat::Json;
+    if json {
+        event::json_lines_to_stdout();
+    }
+    let job = match job_of(args, show_progress) {
+        Ok(j) => j,
+        Err(e) => {
+            // A consumer of the events learns of a build that never started too.
+            event::emit(&Event::BuildFinished {
+                outcome: BuildOutcome::Failed,
+                seconds: 0.0,
+                error: Some(e.report()),
+            });
+            return Err(e);
+        }
+    };
+    if args.hand_off {
+        return hand_off(job);
+    }
+    job.run_in_namespaces(!json)
 }
 
-impl Input {
-    /// Reads the spec at `spec`, or fuel-agent's input at `fuel`; `release` is the release ID
-    /// that replaces `@BUILD_ID@`.
-    pub fn read(
-        spec: Option<&Path>,
-        fuel: Option<&Path>,
-        release: Option<&str>,
-    ) -> Result<Input, Error> {
-        let boundary = |e| Error::classify(e, None);
-        if let Some(fuel) = fuel {
-            let text = crate::fuel::read_input(fuel).map_err(boundary)?;
-            let mut build = crate::fuel::spec_from_fuel(&text, &fuel.display().to_string())
-                .map_err(boundary)?;
-            // Its repos' key files are next to it, as a spec's are.
-            build.spec.base_dir = crate::spec::input_dir(fuel);
-            return Ok(Input {
-                spec: build.spec.clone(),
-                text,
-                fuel: Some(build),
-                path: fuel.to_path_buf(),
-            });
-        }
-        let path = spec.context("no spec given").map_err(boundary)?;
-        let raw = Spec::read_text(path)?;
-        let text = match release {
-            Some(id) => release::substitute_build_id(&raw, id),
-            None => raw,
-        };
-        let spec = Spec::from_yaml_at(&text, path).map_err(|mut e: SpecError| {
-            if release.is_none() && text.contains(release::BUILD_ID_PLACEHOLDER) {
-                e.problems.push(Problem {
-                    field: String::new(),
-                    message: format!(
-                        "the spec uses {}: give the ID with --release ID",
-                        release::BUILD_ID_PLACEHOLDER
-                    ),
-                });
-            }
-            e
-        })?;
-        Ok(Input {
-            spec,
-            text,
-            fuel: None,
-            path: path.to_path_buf(),
-        })
+/// The job `debimg build` runs: its input read, its plan made (an untrusted one without
+/// reading any file it names here), its options from the arguments.
+fn job_of(args: &BuildArgs, show_progress: bool) -> Result<Job, Error> {
+    let cache_dir = &args.cache_dir;
+    let vm = &args.vm;
+    let default_vm = crate::vm::VmOptions::new(cache_dir.join("vm"));
+    let mut input = Input::read(
+        args.spec.as_deref(),
+        args.fuel.as_deref(),
+        args.release.as_deref(),
+    )?;
+    if let Some(file) = &args.lock {
+        let abs = std::path::absolute(file)
+            .with_context(|| format!("--lock: resolving {}", file.display()))?;
+        input.spec.lock = Some(abs.to_string_lossy().into_owned());
     }
+    if let Some(url) = &args.through_proxy {
+        input.spec.proxies = Some(crate::spec::Proxies {
+            http: Some(url.clone()),
+            https: Some(url.clone()),
+            direct: Vec::new(),
+        });
+    }
+    if vm.untrusted && input.spec.lock.is_some() {
+        return Err(anyhow::anyhow!(
+            "a lock (`lock:`, `--lock`) is a file of this host, which an untrusted build \
+             may not read"
+        )
+        .into());
+    }
+    let plan = if vm.untrusted {
+        // Planned without reading any file it names here (see `debimg::vm`).
+        let mut i = input.clone();
+        i.spec = crate::vm::without_host_files(&input.spec);
+        i.plan(args.bootstrap)?
+    } else {
+        input.plan(args.bootstrap)?
+    };
+    if !nix::unistd::geteuid().is_root() {
+        return Err(anyhow::anyhow!(
+            "debimg build needs root (loop devices, mounts, chroot); run it with sudo"
+        )
+        .into());
+    }
+    let output_dir = match (&args.output, &input.fuel) {
+        (Some(o), _) => o.clone(),
+        (None, Some(f)) => f.output_dir.clone(),
+        (None, None) => PathBuf::from("out"),
+    };
+    let opts = BuildOptions {
+        output_dir,
+        build_dir: args.build_dir.clone(),
+        force: args.force,
+        wait: args.wait,
+        show_progress,
+        cache_dir: (!args.no_cache).then(|| cache_dir.clone()),
+        tree_cache: !args.no_tree_cache,
+        shell: args.shell,
+        keep_on_failure: args.keep_on_failure,
+        tmpfs: args.tmpfs,
+    };
+    let vm = vm.vm.then(|| crate::vm::VmOptions {
+        memory_mib: (vm.vm_memory >> 20) as u32,
+        cpus: vm.vm_cpus.unwrap_or(default_vm.cpus),
+        disk_bytes: vm.vm_disk,
+        timeout: vm.vm_timeout.map(std::time::Duration::from_secs),
+        accel: vm.vm_accel,
+        appliance_dir: cache_dir.join("vm"),
+        untrusted: vm.untrusted,
+    });
+    Ok(Job {
+        input,
+        plan,
+        opts,
+        release: args.release.clone(),
+        bundle: args.bundle.is_some(),
+        vm,
+    })
+}
 
-    /// The plan of this input on this host (its mirrors, its bootstrap backend), the spec's
-    /// backend replaced by `bootstrap` when given.
-    pub fn plan(&self, bootstrap: Option<Bootstrap>) -> Result<Plan, Error> {
-        let mut spec = self.spec.clone();
-        if let Some(b) = bootstrap {
-            spec.bootstrap = b;
-        }
-        crate::host::plan(&spec)
-            .with_context(|| format!("planning {}", self.path.display()))
-            .map_err(|e| Error::classify(e, None))
+/// `build --hand-off` (inside a `--vm` machine): the stages up to `finish`, the result left in
+/// the output directory for the host to package; events as a build reports them.
+fn hand_off(job: Job) -> Result<(), Error> {
+    in_namespaces(|| {
+        let started = Instant::now();
+        event::emit(&Event::BuildStarted {
+            name: job.plan.name.clone(),
+            spec_digest: job.plan.digest.clone(),
+        });
+        let dir = job.opts.output_dir.clone();
+        let res =
+            Creator::new(job.plan.clone(), job.opts.clone()).and_then(|mut c| c.hand_off(&dir));
+        event::emit(&Event::BuildFinished {
+            outcome: if res.is_ok() {
+                BuildOutcome::Built
+            } else {
+                BuildOutcome::Failed
+            },
+            seconds: started.elapsed().as_secs_f64(),
+            error: res.as_ref().err().map(|e| e.report()),
+        });
+        res.map(|_| ())
+    })
+}
+
+/// `debimg lock`: the stages up to `configure` in a scratch tree, then the lock of what it
+/// holds written to `--output` (NAME.lock.yaml by default) and its path printed.
+pub fn lock(args: &LockArgs, show_progress: bool) -> Result<(), Error> {
+    let build_dir = &args.build_dir;
+    let input = Input::read(Some(&args.spec), None, None)?;
+    let plan = input.plan(None)?;
+    if !nix::unistd::geteuid().is_root() {
+        return Err(anyhow::anyhow!(
+            "debimg lock needs root (it installs the packages in a scratch tree); run it with sudo"
+        )
+        .into());
     }
+    let dest = args
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(plan.lock_name()));
+    std::fs::create_dir_all(build_dir)
+        .with_context(|| format!("creating {}", build_dir.display()))?;
+    // The creator's output directory: nothing is published into it.
+    let scratch = tempfile::Builder::new()
+        .prefix(".lock-output-")
+        .tempdir_in(build_dir)
+        .with_context(|| format!("creating a directory in {}", build_dir.display()))?;
+    let opts = BuildOptions {
+        output_dir: scratch.path().to_path_buf(),
+        build_dir: build_dir.clone(),
+        show_progress,
+        cache_dir: (!args.no_cache).then(|| args.cache_dir.clone()),
+        ..BuildOptions::new(scratch.path())
+    };
+    let name = plan.name.clone();
+    in_namespaces(|| {
+        let mut creator = Creator::new(plan, opts)?;
+        let res = (|| {
+            creator.mount()?;
+            creator.install()?;
+            creator.configure()?;
+            let lock = creator.locked().cloned();
+            lock.ok_or_else(|| Error::from(anyhow::anyhow!("the configure stage left no lock")))
+        })();
+        let cleaned = creator.cleanup();
+        let lock = res?;
+        cleaned?;
+        let text = lock.render(&name)?;
+        std::fs::write(&dest, text).with_context(|| format!("writing {}", dest.display()))?;
+        println!("{}", dest.display());
+        Ok(())
+    })
+}
+
+/// `debimg vm-image`: the builder appliance's spec ([`crate::vm::appliance`]) built as any
+/// spec, into CACHE_DIR/vm, the paths of its outputs printed. `show_progress`: the output of
+/// the bootstrap and apt.
+pub fn vm_image(args: &VmImageArgs, show_progress: bool) -> Result<(), Error> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(anyhow::anyhow!(
+            "debimg vm-image needs root (it is a build); run it with sudo"
+        )
+        .into());
+    }
+    let dir = args.cache_dir.join("vm");
+    let spec = crate::vm::appliance::write_spec(&dir)?;
+    let input = Input::read(Some(&spec), None, None)?;
+    let plan = input.plan(None)?;
+    let mut opts = BuildOptions::new(&dir);
+    opts.build_dir = args.build_dir.clone();
+    opts.force = args.force;
+    opts.wait = true;
+    opts.show_progress = show_progress;
+    opts.cache_dir = Some(args.cache_dir.clone());
+    let job = Job {
+        input,
+        plan,
+        opts,
+        release: None,
+        bundle: false,
+        vm: None,
+    };
+    job.run_in_namespaces(true)
 }
 
 /// One `debimg build`.
@@ -145,6 +288,23 @@ impl Job {
             }),
         }
         res
+    }
+
+    /// Runs the job in namespaces of its own ([`in_namespaces`]), with the status line on a
+    /// terminal, and prints the paths of its outputs on stdout, one a line, when `print_paths`.
+    pub fn run_in_namespaces(self, print_paths: bool) -> Result<(), Error> {
+        in_namespaces(|| {
+            // On a terminal only: the stage, its time and apt's progress on a line of its own.
+            crate::progress::enable();
+            let outcome = self.run()?;
+            if print_paths {
+                let mut out = std::io::stdout().lock();
+                for p in &outcome.outputs {
+                    let _ = writeln!(out, "{}", p.display());
+                }
+            }
+            Ok(())
+        })
     }
 
     fn run_inner(&mut self, started: Instant) -> Result<JobOutcome, Error> {

@@ -6,16 +6,19 @@
 //! order over one build context) → the outputs and their metadata. [`job::Job`] is
 //! `debimg build` as one call (releases, bundles, fuel-agent's metadata, [`Event`]s), run in
 //! namespaces of its own by [`isolated`]; failures are an [`Error`] whose [`ErrorKind`] a caller
-//! matches on. The `debimg` binary is a thin front-end; `docs/architecture.md` maps the modules.
+//! matches on. The `debimg` binary is a thin front-end: it parses [`cli`] and calls the command's
+//! body in the module of its subject; `docs/architecture.md` maps the modules.
 
 pub mod boottest;
 pub mod cache;
+pub mod cli;
 pub mod creator;
 pub mod environ;
 pub mod error;
 pub mod event;
 pub mod fuel;
 pub mod host;
+pub mod input;
 pub mod job;
 pub mod kind;
 pub mod lockfile;

@@ -3,23 +3,108 @@
 //! is looked into: both are unpacked, mounted read-only (or, for a tarball, extracted) in this
 //! process's private mount namespace, and their trees compared, so the report names the files
 //! that differ, not just the hashes.
+//!
+//! [`verify`] is the command; the rest, the comparison it makes.
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+use crate::cli::VerifyArgs;
 use crate::cmd::CommandRunExt;
+use crate::creator::{BuildOptions, Creator};
+use crate::error::Error;
+use crate::input::Input;
 use crate::metadata::{ImageMeta, Metadata};
 use crate::sys::loopdev::{self, LoopDevice};
 use crate::sys::mount::{self, Mount, MsFlags};
+use crate::sys::namespace::in_namespaces;
 
 /// How many differences are named per image.
 pub const SHOWN: usize = 20;
+
+/// `debimg verify`: the spec built again from the lock in `--against` into a scratch
+/// directory, every output compared with `--against`'s; "identical" on stdout, or each output
+/// that differs and an error. `show_progress`: the output of the bootstrap and apt.
+pub fn verify(args: &VerifyArgs, show_progress: bool) -> Result<(), Error> {
+    let build_dir = &args.build_dir;
+    let mut input = Input::read(Some(&args.spec), None, None)?;
+    let against = args
+        .against
+        .canonicalize()
+        .with_context(|| format!("--against: resolving {}", args.against.display()))?;
+    let meta_path = against.join(format!("{}.yaml", input.spec.name));
+    let theirs = Metadata::read(&meta_path).with_context(|| {
+        format!(
+            "reading the metadata of the build to check, {}",
+            meta_path.display()
+        )
+    })?;
+    let lock = lock_of(&against, &theirs)?;
+    input.spec.lock = Some(lock.to_string_lossy().into_owned());
+    if input.spec.source_date_epoch.is_none() {
+        input.spec.source_date_epoch = theirs.source_date_epoch;
+    }
+    if input.spec.source_date_epoch.is_none() {
+        return Err(anyhow::anyhow!(
+            "{} was not built reproducibly (its metadata has no source_date_epoch, nor has the \
+             spec): a rebuild cannot equal it; build with source_date_epoch",
+            against.display()
+        )
+        .into());
+    }
+    let plan = input.plan(None)?;
+    if !nix::unistd::geteuid().is_root() {
+        return Err(anyhow::anyhow!(
+            "debimg verify needs root (it builds the spec again); run it with sudo"
+        )
+        .into());
+    }
+    let scratch = scratch_dir(build_dir)?;
+    let out = scratch.path().join("out");
+    let work = scratch.path().join("compare");
+    let opts = BuildOptions {
+        build_dir: build_dir.clone(),
+        force: true,
+        show_progress,
+        cache_dir: (!args.no_cache).then(|| args.cache_dir.clone()),
+        ..BuildOptions::new(&out)
+    };
+    in_namespaces(|| {
+        let outcome = Creator::new(plan, opts)?.create()?;
+        std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+        let diffs = compare(&against, &theirs, &out, &outcome.metadata, &work)?;
+        let mut stdout = std::io::stdout().lock();
+        if diffs.is_empty() {
+            let _ = writeln!(
+                stdout,
+                "identical: {} rebuilt from {} gives the same {} images and {} files, byte for byte",
+                theirs.name,
+                lock.display(),
+                theirs.images.len(),
+                theirs.files.len()
+            );
+            return Ok(());
+        }
+        for d in &diffs {
+            let _ = writeln!(stdout, "differs: {}", d.output);
+            for f in &d.files {
+                let _ = writeln!(stdout, "  {f}");
+            }
+        }
+        Err(anyhow::anyhow!(
+            "the rebuild differs from {} in {} output(s)",
+            against.display(),
+            diffs.len()
+        )
+        .into())
+    })
+}
 
 /// What differs between an output and its rebuild.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,4 +1,5 @@
-//! The client of `debimg serve`: `debimg submit` and `debimg jobs`.
+//! The client of `debimg serve`: [`Client`], and the commands `debimg submit` ([`submit`]) and
+//! `debimg jobs` ([`jobs`]).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -9,7 +10,130 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::url::segment;
+use crate::cli::{JobsAction, ServerArgs, SubmitArgs};
+use crate::error::Error;
 use crate::output::OutputDir;
+
+/// `debimg submit`: the spec submitted and the job's id printed; with `--follow` its log
+/// streamed on stderr, with `--download` its artifacts fetched and their paths printed, and
+/// then the exit code its outcome stands for ([`exit_code`]; 0 when not waited for).
+pub fn submit(args: &SubmitArgs) -> Result<u8, Error> {
+    let server = &args.server;
+    let client = Client::new(&server.server, &server.token)?;
+    let text = crate::spec::Spec::read_text(&args.spec)?;
+    let job = client.submit(&text, args.name.as_deref(), args.email.as_deref())?;
+    let id = job["id"].as_str().unwrap_or_default().to_string();
+    println!("{id}");
+    if !args.follow && args.download.is_none() {
+        return Ok(0);
+    }
+    let job = if args.follow {
+        client.follow(&id, &mut std::io::stderr())?
+    } else {
+        wait_for(&client, &id)?
+    };
+    report_end(&job);
+    if let Some(dir) = &args.download
+        && job["state"] == "succeeded"
+    {
+        for p in client.download(&id, dir)? {
+            println!("{}", p.display());
+        }
+    }
+    Ok(exit_code(&job))
+}
+
+/// `debimg jobs`: the action's result on stdout (a job's end, a cancel or a delete said on
+/// stderr); the exit code a followed job's outcome stands for, else 0.
+pub fn jobs(server: &ServerArgs, action: &JobsAction) -> Result<u8, Error> {
+    let client = Client::new(&server.server, &server.token)?;
+    let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
+    match action {
+        JobsAction::List { state, json } => {
+            let jobs = client.jobs(state.as_deref())?;
+            if *json {
+                println!("{}", pretty(&Value::Array(jobs)));
+            } else {
+                for j in jobs {
+                    let s = |k: &str| j[k].as_str().unwrap_or("-").to_string();
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        s("id"),
+                        s("state"),
+                        s("stage"),
+                        s("created"),
+                        s("name")
+                    );
+                }
+            }
+        }
+        JobsAction::Show { id } => println!("{}", pretty(&client.job(id)?)),
+        JobsAction::Log { id, follow } => {
+            if *follow {
+                let job = client.follow(id, &mut std::io::stdout())?;
+                report_end(&job);
+                return Ok(exit_code(&job));
+            }
+            let log = client.log(id)?;
+            let mut out = std::io::stdout();
+            // On a terminal, what the build printed cannot drive it; a pipe gets the bytes.
+            let shown = if std::io::IsTerminal::is_terminal(&out) {
+                for_terminal(&String::from_utf8_lossy(&log)).into_bytes()
+            } else {
+                log
+            };
+            out.write_all(&shown).map_err(anyhow::Error::from)?;
+        }
+        JobsAction::Cancel { id } => {
+            let job = client.cancel(id)?;
+            eprintln!("job {id} {}", job["state"].as_str().unwrap_or("?"));
+        }
+        JobsAction::Delete { id } => {
+            client.delete(id)?;
+            eprintln!("job {id} deleted");
+        }
+        JobsAction::Download { id, dir } => {
+            for p in client.download(id, dir)? {
+                println!("{}", p.display());
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// Polls job `id` until it ends.
+fn wait_for(client: &Client, id: &str) -> Result<Value> {
+    loop {
+        let job = client.job(id)?;
+        if matches!(
+            job["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            return Ok(job);
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// Says on stderr how a job ended, with its error.
+fn report_end(job: &Value) {
+    let state = job["state"].as_str().unwrap_or("?");
+    let id = job["id"].as_str().unwrap_or("?");
+    match state {
+        "failed" => {
+            let e = &job["error"];
+            eprintln!(
+                "job {id} failed{}: {}",
+                e["stage"]
+                    .as_str()
+                    .map(|s| format!(" in stage `{s}`"))
+                    .unwrap_or_default(),
+                e["message"].as_str().unwrap_or("(no message)")
+            );
+        }
+        _ => eprintln!("job {id} {state}"),
+    }
+}
 
 /// A connection to a server, with a token.
 pub struct Client {

@@ -1,13 +1,14 @@
-//! The build service: `debimg serve` (HTTP API, job store, web page, local workers), and the
-//! client (`debimg submit`, `debimg jobs`). A thin layer over the library: handlers validate,
-//! store and enqueue; every build is a `debimg build --message-format json` child process in its
-//! own process group, so the service learns the stage, the artifacts and the error kind from
-//! the build's events, never from its log text.
+//! The build service: `debimg serve` (HTTP API, job store, web page, local workers; [`cli`]
+//! reads its options), and the client (`debimg submit`, `debimg jobs`). A thin layer over the
+//! library: handlers validate, store and enqueue; every build is a `debimg build
+//! --message-format json` child process in its own process group, so the service learns the
+//! stage, the artifacts and the error kind from the build's events, never from its log text.
 //!
 //! The state directory holds the job store (`debimg.sqlite`) and one directory per build,
 //! `builds/<id>/` (`spec.yaml`, `build.log`, `out/` with the artifacts).
 
 pub mod amqp;
+pub mod cli;
 pub mod client;
 pub mod gate;
 pub mod hook;

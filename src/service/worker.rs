@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use super::http::LEASE_HEADER;
 use super::runner::{self, Control};
 use super::store::{Artifact, Claim};
+use crate::cli::WorkerArgs;
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -206,6 +207,27 @@ impl Server {
     fn finish(&self, base: &str, lease: &str, report: &Value) -> Result<(u16, String)> {
         self.call("POST", &format!("{base}/finish"), lease, Some(report), None)
     }
+}
+
+/// `debimg worker`: as root, its token and RabbitMQ URL from the environment or files, this
+/// debimg for the builds; runs until INT or TERM ([`run`]).
+pub fn work(args: &WorkerArgs) -> Result<(), crate::error::Error> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(anyhow::anyhow!("a worker builds as root: run `debimg worker` as root").into());
+    }
+    let (token, amqp) = secrets(&args.token, &args.token_file, &args.amqp, &args.amqp_file)?;
+    run(WorkerConfig {
+        server: args.server.clone(),
+        token,
+        amqp,
+        name: args.name.clone().unwrap_or_else(default_name),
+        cache_dir: args.cache_dir.clone(),
+        build_dir: args.build_dir.clone(),
+        debimg: std::env::current_exe().map_err(anyhow::Error::from)?,
+        isolation: args.isolation,
+        allow_plain_http: args.allow_plain_http,
+    })?;
+    Ok(())
 }
 
 /// Runs the worker until INT or TERM (a build in progress is then ended unreported: the

@@ -88,6 +88,19 @@ pub fn isolated(
     .map_err(|e| Error::classify(e, None))
 }
 
+/// [`isolated`] for a command: `body` in PID and mount namespaces of its own, so that no mount
+/// reaches the host and nothing of it outlives this process, even killed with SIGKILL; `Ok`
+/// when it succeeded, else the error of its exit code (already printed). Call it before any
+/// thread starts.
+pub fn in_namespaces(
+    body: impl FnOnce() -> std::result::Result<(), crate::error::Error>,
+) -> std::result::Result<(), crate::error::Error> {
+    match isolated(body)? {
+        0 => Ok(()),
+        c => Err(crate::error::Error::exited(c)),
+    }
+}
+
 /// Runs `body` in a new PID and mount namespace that cannot outlive this process.
 ///
 /// Three processes: this one (the supervisor) stays in the host's PID namespace, forwards INT,

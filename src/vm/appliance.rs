@@ -1,7 +1,8 @@
 //! The builder appliance a `--vm` build boots: a Debian system with a kernel and the tools a
 //! build calls (`appliance.yaml`), made by debimg's own pipeline into `<cache-dir>/vm` and
 //! reused like any output while its spec's digest (which covers the debimg version) matches.
-//! `debimg vm-image` (re)builds it; a `--vm` build builds it first when it is missing.
+//! `debimg vm-image` ([`crate::job::vm_image`]) (re)builds it; a `--vm` build builds it first
+//! when it is missing.
 //!
 //! The machine boots the appliance's kernel and initrd directly (no bootloader) with its root
 //! filesystem image as a disk that qemu opens copy-on-write, so no build changes it.
