@@ -486,13 +486,16 @@ files:
       exec sleep 600
 "#;
 
-/// A spec that tries to reach the host from its post scripts, on and off the chroot.
+/// A spec that tries to reach the host from its post scripts, on and off the chroot; each
+/// script records that it ran and what it got. An ext4 image: the fs-images kind, built in a
+/// machine.
 const HOSTILE: &str = r#"version: 1
 name: hostile
 suite: bookworm
 variant: minbase
 mirror: host
-kind: tarball
+images:
+  - {mount: /, fs: ext4, size: 768MiB, label: root}
 local_debs: [DEB]
 files:
   - {source: MOTD, dest: /etc/motd}
@@ -506,8 +509,8 @@ post:
   - name: inside-the-chroot
     script: |
       ls /proc/1/root/ > /proc1-listing 2>&1 || true
-      echo pwned > /proc/1/root/tmp/debimg-hostile-MARK2 2>/dev/null || true
-      mknod /host-disk b MAJOR MINOR 2>/dev/null || true
+      if echo pwned > /proc/1/root/tmp/debimg-hostile-MARK2 2>/dev/null; then echo written; else echo refused; fi > /proc1-write
+      if mknod /host-disk b MAJOR MINOR 2>/dev/null; then echo made; else echo refused; fi > /mknod-result
       dd if=/host-disk of=/stolen-sector bs=512 count=1 2>/dev/null || true
 "#;
 
@@ -571,20 +574,18 @@ fn a_hostile_spec_in_a_machine_reaches_nothing_of_the_host() {
         assert!(!Path::new(m).exists(), "{m} reached the host");
     }
     assert_machine_gone(&bdir, Path::new("/nonexistent"));
-    let x = work.path().join("x");
-    std::fs::create_dir_all(&x).unwrap();
-    tool(
-        "tar",
-        &[
-            "-xzf",
-            out.join("hostile.tar.gz").to_str().unwrap(),
-            "-C",
-            x.to_str().unwrap(),
-        ],
-    );
-    let read = |p: &str| std::fs::read(x.join(p)).unwrap_or_default();
+    let raws_dir = work.path().join("raws");
+    std::fs::create_dir_all(&raws_dir).unwrap();
+    let meta = Metadata::read(&out.join("hostile.yaml")).unwrap();
+    assert_eq!(meta.kind, "fs-images");
+    let raws = check_outputs(&out, &meta, &raws_dir);
+    let tree = MountedTree::mount(&meta, &raws);
+    let x = tree.root.path();
+    let read = |p: &str| {
+        std::fs::read(x.join(p))
+            .unwrap_or_else(|e| panic!("{p} in the image: {e} (did the script run?)"))
+    };
     let stolen = read("stolen-shadow");
-    assert!(!stolen.is_empty(), "the outside script did not run");
     assert_ne!(
         stolen,
         std::fs::read("/etc/shadow").unwrap(),
@@ -605,14 +606,33 @@ fn a_hostile_spec_in_a_machine_reaches_nothing_of_the_host() {
         !host_only.is_empty(),
         "the host's / looks like the machine's"
     );
+    // Inside the chroot, /proc/1/root is the machine's root: its listing is the outside one.
     let proc1 = String::from_utf8_lossy(&read("proc1-listing")).into_owned();
+    assert!(
+        proc1.lines().any(|l| l == "scratch"),
+        "/proc/1/root was not the machine's root: {proc1}"
+    );
+    let written = String::from_utf8_lossy(&read("proc1-write"))
+        .trim()
+        .to_string();
+    assert!(
+        ["written", "refused"].contains(&written.as_str()),
+        "{written}"
+    );
+    let mknod = String::from_utf8_lossy(&read("mknod-result"))
+        .trim()
+        .to_string();
+    assert!(["made", "refused"].contains(&mknod.as_str()), "{mknod}");
     for n in &host_only {
         assert!(
             !proc1.lines().any(|l| l == n),
             "/proc/1/root showed the host's {n}: {proc1}"
         );
     }
-    if let Some(host_sector) = host_sector {
+    // A device of the host's disk's numbers, made in the machine, is one of the machine's.
+    if let Some(host_sector) = host_sector
+        && mknod == "made"
+    {
         assert_ne!(
             read("stolen-sector"),
             host_sector,
@@ -625,6 +645,7 @@ fn a_hostile_spec_in_a_machine_reaches_nothing_of_the_host() {
         std::fs::read(example("files/motd")).unwrap()
     );
     assert!(x.join("usr/share/debimg-hello/hello.txt").is_file());
+    drop(tree);
 }
 
 /// `serve --isolation untrusted`: a non-admin token's spec that reads host files and runs a

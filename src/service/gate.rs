@@ -294,7 +294,7 @@ pub async fn serve(
     let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = &mut shutdown => return Ok(()),
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -323,8 +323,14 @@ pub async fn serve(
                 .max_buf_size(64 * 1024)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            // Every close this server makes is said (a header timeout, a request it could not
+            // read); a client going away mid-request is only shown with -v.
             if let Err(e) = served {
-                tracing::debug!("a connection ended: {e}");
+                if e.is_incomplete_message() || e.is_closed() {
+                    tracing::debug!("the connection from {peer} ended: {e}");
+                } else {
+                    tracing::info!("closed the connection from {peer}: {e}");
+                }
             }
             drop(permit);
         });

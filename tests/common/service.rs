@@ -227,8 +227,13 @@ impl Api {
         self.token.as_deref()
     }
 
-    fn answer(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Answer {
-        let mut r = r.expect("reaching the server");
+    fn answer(what: &str, r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Answer {
+        let mut r = r.unwrap_or_else(|e| {
+            panic!(
+                "reaching the server ({what}) at {:?}: {e:?}",
+                std::time::SystemTime::now()
+            )
+        });
         let status = r.status().as_u16();
         let headers = r
             .headers()
@@ -258,7 +263,7 @@ impl Api {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        Self::answer(req.call())
+        Self::answer(&format!("GET {path}"), req.call())
     }
 
     /// POST JSON to `path`.
@@ -267,7 +272,7 @@ impl Api {
         if let Some(t) = &self.token {
             req = req.header("Authorization", format!("Bearer {t}"));
         }
-        Self::answer(req.send_json(body))
+        Self::answer(&format!("POST {path}"), req.send_json(body))
     }
 
     /// DELETE `path`.
@@ -276,7 +281,7 @@ impl Api {
         if let Some(t) = &self.token {
             req = req.header("Authorization", format!("Bearer {t}"));
         }
-        Self::answer(req.call())
+        Self::answer(&format!("DELETE {path}"), req.call())
     }
 
     /// Submits `spec`; returns the answer.
