@@ -198,6 +198,17 @@ fn cloud_disk_builds_inspects_and_boots() {
         assert!(mnt.path().join("boot/grub/i386-pc/normal.mod").exists());
         assert!(mnt.path().join("boot/grub/x86_64-efi/normal.mod").exists());
         assert!(mnt.path().join("usr/lib/debimg/growroot").exists());
+        // The kernel's links as its postinst leaves them, the initramfs made once after the
+        // install included: each names a file of the image.
+        for link in ["vmlinuz", "initrd.img"] {
+            let target = std::fs::read_link(mnt.path().join(link))
+                .unwrap_or_else(|e| panic!("/{link} in the image: {e}"));
+            let target = target.to_string_lossy();
+            assert!(
+                mnt.path().join(target.trim_start_matches('/')).is_file(),
+                "/{link} -> {target}: no such file in the image"
+            );
+        }
         assert!(
             mnt.path()
                 .join("etc/systemd/system/multi-user.target.wants/debimg-growroot.service")
@@ -247,6 +258,7 @@ fn cloud_disk_builds_inspects_and_boots() {
         ],
     );
     assert!(same.contains("Images are identical"), "{same}");
+    tool("gzip", &["-t", out.join("cloud.img.gz").to_str().unwrap()]);
     let unpacked = Command::new("sh")
         .arg("-c")
         .arg("gunzip -c \"$1\" | cmp - \"$2\"")

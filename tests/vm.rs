@@ -2,7 +2,9 @@
 //! host's mirror, under software emulation on this project's hosts (their KVM hangs).
 //!
 //! Every test here builds in a machine; host builds happen only before a [`LoopWatch`] starts,
-//! and the watch asserts that no loop device was attached on this host while the machines ran.
+//! and the watch asserts that no loop device backed by a file of the test's own, or of the
+//! shared cache, was attached on this host while the machine ran (other test files build on
+//! this host side by side).
 
 mod common;
 
@@ -21,72 +23,27 @@ use debimg::sys::mount;
 use nix::mount::MsFlags;
 use nix::sys::signal::Signal;
 
-/// The host build of [`DISK`] that the machine build is compared with, made once per run of the suite by this binary (a reference an older debimg left would
-/// compare this binary's machine builds with that one's).
-fn reference(name: &str) -> std::path::PathBuf {
-    references_dir().join(name)
-}
-
-/// Where this run's references live: each test of this file runs in a process of its own
-/// (cargo-nextest), so "once" is once per run, named by the runner's run id.
-fn references_dir() -> std::path::PathBuf {
-    let run =
-        std::env::var("NEXTEST_RUN_ID").unwrap_or_else(|_| format!("pid-{}", std::process::id()));
-    Path::new(TEST_CACHE).join("vm-reference").join(run)
-}
-
-/// Holds the lock that the tests of this file (processes of their own) take to build the
-/// appliance and the references one at a time.
-fn references_lock() -> nix::fcntl::Flock<std::fs::File> {
+/// Holds the lock the tests of this file (processes of their own) take to build the
+/// appliance one at a time.
+fn appliance_lock() -> nix::fcntl::Flock<std::fs::File> {
     use nix::fcntl::{Flock, FlockArg};
     std::fs::create_dir_all(TEST_CACHE).unwrap();
-    let f = std::fs::File::create(Path::new(TEST_CACHE).join("vm-reference.lock")).unwrap();
+    let f = std::fs::File::create(Path::new(TEST_CACHE).join("vm-appliance.lock")).unwrap();
     Flock::lock(f, FlockArg::LockExclusive)
         .map_err(|(_, e)| e)
-        .expect("locking the vm references")
+        .expect("locking the appliance")
 }
 
-/// Builds the appliance (once per cache: `vm-image` reuses it while it matches).
+/// Builds the appliance, a host build, before any watch starts (once per cache: `vm-image`
+/// reuses it while it matches this debimg and its spec).
 fn ensure_appliance() {
-    let _lock = references_lock();
+    let _lock = appliance_lock();
     debimg(&["vm-image", "-q", "--cache-dir", TEST_CACHE]).assert_ok("vm-image");
-}
-
-/// Builds the appliance and this run's host build of [`DISK`], once per run; removes the references of runs older than a day.
-fn ensure_references() {
-    let _lock = references_lock();
-    debimg(&["vm-image", "-q", "--cache-dir", TEST_CACHE]).assert_ok("vm-image");
-    let dir = references_dir();
-    if dir.join("done").exists() {
-        return;
-    }
-    let day = Duration::from_secs(24 * 3600);
-    for e in std::fs::read_dir(dir.parent().unwrap())
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let old = e
-            .metadata()
-            .and_then(|m| m.modified())
-            .map(|t| t.elapsed().unwrap_or_default() > day);
-        if e.path() != dir && old.unwrap_or(false) {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-    let work = scratch("vm-reference");
-    let disk_spec = work.path().join("vmdisk.yaml");
-    std::fs::write(&disk_spec, DISK).unwrap();
-    let b = work.path().join("build");
-    std::fs::create_dir_all(&b).unwrap();
-    build(&disk_spec, &reference("vmdisk"), &b, &["-q", "--force"])
-        .assert_ok("host build of the disk");
-    std::fs::write(dir.join("done"), "").unwrap();
 }
 
 /// Polls the host's loop devices every 100 ms and keeps every one it sees backed by a file
-/// under the test's own directory (what a build of that test would attach): the tests of
-/// other files attach theirs side by side.
+/// under the test's own directory or the shared cache (what a build of that test, or of the
+/// appliance, would attach): the tests of other files attach theirs side by side.
 struct LoopWatch {
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<Vec<String>>>,
@@ -104,7 +61,8 @@ impl LoopWatch {
             let own = own.to_path_buf();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    let now = loops_backed_under(&own);
+                    let mut now = loops_backed_under(&own);
+                    now.extend(loops_backed_under(Path::new(TEST_CACHE)));
                     let mut s = seen.lock().unwrap();
                     for l in now {
                         if !s.contains(&l) {
@@ -356,13 +314,17 @@ fn machine_builds_equal_host_builds_and_attach_nothing_here() {
     }
     let work = scratch("vm-equal");
     let w = work.path();
-    ensure_references();
-    let host_disk = reference("vmdisk");
+    let disk = w.join("vmdisk.yaml");
+    std::fs::write(&disk, DISK).unwrap();
+    // The host build first: the reference.
+    ensure_appliance();
+    let host_disk = w.join("host-disk-out");
+    let host_disk_b = w.join("host-disk-build");
+    std::fs::create_dir_all(&host_disk_b).unwrap();
+    build(&disk, &host_disk, &host_disk_b, &["-q"]).assert_ok("host build of the disk");
     let vm_disk = w.join("vm-disk-out");
     let vm_disk_b = w.join("vm-disk-build");
     std::fs::create_dir_all(&vm_disk_b).unwrap();
-    let disk = w.join("vmdisk.yaml");
-    std::fs::write(&disk, DISK).unwrap();
     // The host build came first (the reference); the machine attaches no loop device.
     let watch = LoopWatch::start(w);
     let rc = vm_build(&disk, &vm_disk, &vm_disk_b, &[]);
@@ -586,6 +548,7 @@ fn a_hostile_spec_in_a_machine_reaches_nothing_of_the_host() {
             .unwrap_or_else(|e| panic!("{p} in the image: {e} (did the script run?)"))
     };
     let stolen = read("stolen-shadow");
+    assert!(!stolen.is_empty(), "the outside script copied nothing");
     assert_ne!(
         stolen,
         std::fs::read("/etc/shadow").unwrap(),

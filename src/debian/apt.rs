@@ -318,6 +318,9 @@ pub fn allows_downgrades(repos: &[PlannedRepo]) -> bool {
 pub struct Apt<'a> {
     pub root: &'a Root,
     pub show: bool,
+    /// apt-get runs with the kernel hooks' switch off: the initramfs is made once afterwards
+    /// ([`crate::debian::initramfs`]).
+    pub defer_initramfs: bool,
 }
 
 impl Apt<'_> {
@@ -695,9 +698,10 @@ impl Apt<'_> {
     fn apt_get_leaving_processes(&self, args: &[&str]) -> Result<()> {
         let mut cmd = self.root.command("apt-get");
         cmd.args(["-y", "-o", "APT::Color=0"]);
-        // A kernel's initramfs is made once, after the install (`initramfs::complete`).
-        let (k, v) = crate::debian::initramfs::SKIP_ENV;
-        cmd.env(k, v);
+        if self.defer_initramfs {
+            let (k, v) = crate::debian::initramfs::SKIP_ENV;
+            cmd.env(k, v);
+        }
         if !self.show {
             cmd.arg("-q");
         }
@@ -739,6 +743,7 @@ mod tests {
         let apt = Apt {
             root: &root,
             show: false,
+            defer_initramfs: false,
         };
         let spec = "version: 1\nname: t\nsuite: bookworm\nkind: tarball\n";
         let mut plan = Plan::for_test(spec);

@@ -66,7 +66,11 @@ pub fn finish(
     show: bool,
 ) -> Result<(BTreeMap<String, String>, Lock)> {
     scrub_host_identity(root)?;
-    let apt = Apt { root, show };
+    let apt = Apt {
+        root,
+        show,
+        defer_initramfs: false,
+    };
     apt.clean()?;
     let installed = apt.installed()?;
     if let Some(lock) = &plan.lock {

@@ -65,7 +65,12 @@ pub fn run(
         build_only.install_dpkg_unsafe_io(root)?;
         apt::write_build_conf(root, plan)?;
         // The Release fields from the lists the tree holds: the same files, as the key says.
-        return Apt { root, show }.pin(plan);
+        return Apt {
+            root,
+            show,
+            defer_initramfs: false,
+        }
+        .pin(plan);
     }
     let depth = mounts.len();
     match install(plan, root, work, cache, boot, build_only, mounts, show) {
@@ -123,7 +128,12 @@ fn install(
     mounts.push(root.bind(&archives, "/var/cache/apt/archives")?);
     // apt runs in the chroot: a `file://` repository's directory is there only while it runs.
     let repo_binds = FileRepoBinds::make(plan, root)?;
-    let apt = Apt { root, show };
+    let defer_initramfs = crate::debian::initramfs::may_defer(root)?;
+    let apt = Apt {
+        root,
+        show,
+        defer_initramfs,
+    };
     // A cached tree of the same context holds the sources, keys and lists apt verified for the
     // very Release files the key names: no update (only the build settings, proxies among
     // them, are this build's).
@@ -246,7 +256,9 @@ fn install(
         tracing::info!("purged excluded packages: {}", purged.join(" "));
     }
     // apt ran with the kernel hooks' switch off: each new kernel's initramfs, once, now.
-    crate::debian::initramfs::complete(root)?;
+    if defer_initramfs {
+        crate::debian::initramfs::complete(root)?;
+    }
     if let Some(c) = cache {
         let mut stored = c.store_packages(&archives, &index)?;
         let debs = work.join("debs");

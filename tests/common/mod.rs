@@ -215,7 +215,7 @@ pub fn loops_backed_under(dir: &Path) -> Vec<String> {
             continue;
         }
         if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file"))
-            && b.trim().starts_with(dir.to_str().unwrap())
+            && Path::new(b.trim()).starts_with(dir)
         {
             found.push(format!("/dev/{name} -> {}", b.trim()));
         }
