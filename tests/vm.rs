@@ -717,30 +717,6 @@ fn limits_and_signals_stop_the_machine_and_leave_nothing() {
         (out, b)
     };
 
-    // The wall-clock limit.
-    let (out, b) = case("time");
-    let run = vm_build(&spec, &out, &b, &["--vm-timeout", "15"]);
-    assert_eq!(run.code(), Some(7), "{}", run.stderr());
-    assert!(
-        run.stderr().contains("wall-clock limit of 15s"),
-        "{}",
-        run.stderr()
-    );
-    assert_machine_gone(&b, &out);
-
-    // The disk budget: the root image does not fit.
-    let (out, b) = case("disk");
-    let run = vm_build(&spec, &out, &b, &["--vm-disk", "300MiB"]);
-    assert_eq!(run.code(), Some(5), "{}", run.stderr());
-    assert!(
-        run.stderr().contains("disk budget") || run.stderr().contains("no space"),
-        "{}",
-        run.stderr()
-    );
-    assert_machine_gone(&b, &out);
-
-    // The memory limit: a script that needs more than the machine has.
-    let (out, b) = case("memory");
     let hungry = work.path().join("hungry.yaml");
     std::fs::write(
         &hungry,
@@ -748,22 +724,54 @@ fn limits_and_signals_stop_the_machine_and_leave_nothing() {
          kind: tarball\npost:\n  - name: eat\n    script: head -c 2000M /dev/zero | tail > /dev/null\n",
     )
     .unwrap();
-    let run = vm_build(&hungry, &out, &b, &["--vm-memory", "768MiB"]);
-    assert_eq!(run.code(), Some(7), "{}", run.stderr());
-    assert!(run.stderr().contains("out of memory"), "{}", run.stderr());
-    assert_machine_gone(&b, &out);
+    // Each case is a machine of its own: the two that build until they hit their limit run
+    // beside the three short ones.
+    std::thread::scope(|s| {
+        let disk = s.spawn(|| {
+            // The disk budget: the root image does not fit.
+            let (out, b) = case("disk");
+            let run = vm_build(&spec, &out, &b, &["--vm-disk", "300MiB"]);
+            assert_eq!(run.code(), Some(5), "{}", run.stderr());
+            assert!(
+                run.stderr().contains("disk budget") || run.stderr().contains("no space"),
+                "{}",
+                run.stderr()
+            );
+            assert_machine_gone(&b, &out);
+        });
+        let memory = s.spawn(|| {
+            // The memory limit: a script that needs more than the machine has.
+            let (out, b) = case("memory");
+            let run = vm_build(&hungry, &out, &b, &["--vm-memory", "768MiB"]);
+            assert_eq!(run.code(), Some(7), "{}", run.stderr());
+            assert!(run.stderr().contains("out of memory"), "{}", run.stderr());
+            assert_machine_gone(&b, &out);
+        });
+        // The wall-clock limit.
+        let (out, b) = case("time");
+        let run = vm_build(&spec, &out, &b, &["--vm-timeout", "15"]);
+        assert_eq!(run.code(), Some(7), "{}", run.stderr());
+        assert!(
+            run.stderr().contains("wall-clock limit of 15s"),
+            "{}",
+            run.stderr()
+        );
+        assert_machine_gone(&b, &out);
 
-    // TERM: the machine stops, the build says so.
-    let (out, b) = case("term");
-    let status = signal_machine_build(&spec, &out, &b, Signal::SIGTERM);
-    assert_eq!(status.code(), Some(143), "{status:?}");
-    assert_machine_gone(&b, &out);
+        // TERM: the machine stops, the build says so.
+        let (out, b) = case("term");
+        let status = signal_machine_build(&spec, &out, &b, Signal::SIGTERM);
+        assert_eq!(status.code(), Some(143), "{status:?}");
+        assert_machine_gone(&b, &out);
 
-    // kill -9 of debimg: qemu goes with it, nothing partial stays.
-    let (out, b) = case("kill");
-    let status = signal_machine_build(&spec, &out, &b, Signal::SIGKILL);
-    assert_eq!(status.signal(), Some(9), "{status:?}");
-    assert_machine_gone(&b, &out);
+        // kill -9 of debimg: qemu goes with it, nothing partial stays.
+        let (out, b) = case("kill");
+        let status = signal_machine_build(&spec, &out, &b, Signal::SIGKILL);
+        assert_eq!(status.signal(), Some(9), "{status:?}");
+        assert_machine_gone(&b, &out);
+        disk.join().unwrap();
+        memory.join().unwrap();
+    });
 }
 
 /// Starts a machine build of `spec`, sends debimg `signal` once its machine runs and returns
