@@ -174,6 +174,7 @@ fn cloud_disk_builds_inspects_and_boots() {
         let root_dev = dev.partition(3).unwrap();
         tool("e2fsck", &["-fn", root_dev.to_str().unwrap()]);
         let mnt = scratch("disk-root");
+        private_mounts();
         let m = mount::mount(
             root_dev.to_str().unwrap(),
             mnt.path(),
@@ -280,6 +281,7 @@ fn cloud_disk_builds_inspects_and_boots() {
     {
         let dev = loopdev::attach_partitioned(&broken).unwrap();
         let mnt = scratch("disk-broken");
+        private_mounts();
         let m = mount::mount(
             dev.partition(3).unwrap().to_str().unwrap(),
             mnt.path(),

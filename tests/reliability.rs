@@ -324,6 +324,7 @@ fn full_build_disk_fails_cleanly_with_no_space() {
         let work = scratch("nospace");
         let small = work.path().join("small");
         std::fs::create_dir_all(&small).unwrap();
+        private_mounts();
         let tmpfs = debimg::sys::mount::mount(
             "tmpfs",
             &small,

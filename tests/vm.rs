@@ -371,6 +371,7 @@ fn machine_builds_equal_host_builds_and_attach_nothing_here() {
         tool("e2fsck", &["-fn", vr.to_str().unwrap()]);
         let (hmnt, vmnt) = (scratch("vm-host-root"), scratch("vm-vm-root"));
         let ro = MsFlags::MS_RDONLY;
+        private_mounts();
         let m1 = mount::mount(hr.to_str().unwrap(), hmnt.path(), Some("ext4"), ro, None).unwrap();
         let m2 = mount::mount(vr.to_str().unwrap(), vmnt.path(), Some("ext4"), ro, None).unwrap();
         let diff = tree_differences(hmnt.path(), vmnt.path());

@@ -326,6 +326,32 @@ pub fn fsck(raw: &Path, format: &str) {
     }
 }
 
+/// Moves the calling thread (once) into a mount namespace of its own in which every mount is
+/// private, so that what a test mounts to look into an image is seen by no build another test
+/// starts meanwhile. A build unshares its own namespace from the host's and so copies the host's
+/// mounts: its copy of a test's mount would hold the test's loop device open after the test
+/// unmounted its own, until that build ended. What the thread starts afterwards (debimg, a
+/// server) starts in the thread's namespace.
+pub fn private_mounts() {
+    thread_local!(static PRIVATE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    if PRIVATE.get() {
+        return;
+    }
+    // CLONE_NEWNS takes the calling thread's filesystem information with it (CLONE_FS): the
+    // other threads of the test binary stay where they are.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .expect("unsharing the test thread's mount namespace");
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .expect("making the test thread's mounts private");
+    PRIVATE.set(true);
+}
+
 /// Built images mounted read-only in mount order, like the target system would see them.
 pub struct MountedTree {
     pub root: tempfile::TempDir,
@@ -336,6 +362,7 @@ pub struct MountedTree {
 impl MountedTree {
     /// Mounts `raws` (in metadata order) at their `mount` points below a temp dir.
     pub fn mount(meta: &Metadata, raws: &[PathBuf]) -> MountedTree {
+        private_mounts();
         let mut t = MountedTree {
             root: scratch("mnt"),
             mounts: Vec::new(),
