@@ -31,7 +31,7 @@ pub fn enter_private_mount_namespace() -> Result<()> {
 /// Unshares `flags` (which include CLONE_NEWNS) and makes `/` recursively private in the new
 /// mount namespace: it copies the host's propagation, and a shared `/` would still send our
 /// mounts back to the host.
-fn unshare_private(flags: CloneFlags) -> Result<()> {
+pub fn unshare_private(flags: CloneFlags) -> Result<()> {
     nix::sched::unshare(flags).context("unsharing the mount (and PID) namespace")?;
     nix::mount::mount(
         None::<&str>,

@@ -339,16 +339,8 @@ pub fn private_mounts() {
     }
     // CLONE_NEWNS takes the calling thread's filesystem information with it (CLONE_FS): the
     // other threads of the test binary stay where they are.
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-        .expect("unsharing the test thread's mount namespace");
-    nix::mount::mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .expect("making the test thread's mounts private");
+    debimg::sys::namespace::unshare_private(nix::sched::CloneFlags::CLONE_NEWNS)
+        .expect("a private mount namespace for the test thread");
     PRIVATE.set(true);
 }
 
