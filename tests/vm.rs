@@ -344,6 +344,13 @@ fn machine_builds_equal_host_builds_and_attach_nothing_here() {
     // The guest's log arrives here, stage by stage, and the cache was shared.
     assert!(err.contains("stage install: done in"), "{err}");
     assert!(err.contains("base tree from the cache"), "{err}");
+    // The machine installs for real (no tree cache there): the kernel's initramfs is made once,
+    // after the install, not at its configure and again at the trigger.
+    assert_eq!(
+        err.matches("made once, after the install").count(),
+        1,
+        "{err}"
+    );
     assert!(rc.stdout().contains("vmdisk.qcow2"), "{}", rc.stdout());
     assert_machine_gone(&vm_disk_b, Path::new("/nonexistent"));
 
