@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::cli::BootTestArgs;
 use crate::signals;
 
 /// OVMF firmware code and its variable store template (Debian's `ovmf` package).
@@ -432,6 +431,30 @@ pub fn find_marker(console: &str, expect: &[String]) -> Option<(String, bool)> {
         rest = next;
     }
     None
+}
+
+
+/// The arguments of `debimg boot-test`.
+#[derive(clap::Args)]
+pub struct BootTestArgs {
+    /// The disk image: raw (`.img`), qcow2 (`.qcow2`) or gzipped raw (`.img.gz`).
+    pub image: PathBuf,
+    /// Boot with UEFI firmware (OVMF) instead of BIOS.
+    #[arg(long)]
+    pub uefi: bool,
+    /// Seconds to wait for the system to come up.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// Console text that proves the boot (repeatable) [default: `login:`].
+    #[arg(long, value_name = "TEXT")]
+    pub expect: Vec<String>,
+    /// Memory of the virtual machine in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub memory: u32,
+    /// auto: KVM when /dev/kvm works (falling back to software emulation when the machine
+    /// stays silent for 10 s); kvm; tcg (software emulation).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub accel: crate::boottest::Accel,
 }
 
 #[cfg(test)]

@@ -38,7 +38,6 @@ use anyhow::{Context, Result, bail};
 use nix::sys::stat::FileStat;
 use sha2::{Digest, Sha256};
 
-use crate::cli::CacheAction;
 use crate::cmd::CommandRunExt;
 use crate::debian::index::PackageIndex;
 use crate::output::OutputDir;
@@ -1089,6 +1088,37 @@ pub fn lists_key(sources_list: &str, arch: &str) -> String {
     h.update(b"\n");
     h.update(arch.as_bytes());
     format!("lists-{}", &hex(&h.finalize())[..32])
+}
+
+
+#[derive(clap::Subcommand)]
+pub enum CacheAction {
+    /// List the cache's entries (pooled packages, base trees, apt lists) with their size and the
+    /// hours since they were last used.
+    List,
+    /// Remove cache entries not used for longer than --older-than (default: remove all).
+    Prune {
+        /// Age such as 30d, 12h, 45m or 90s.
+        #[arg(long, value_parser = parse_age)]
+        older_than: Option<u64>,
+    },
+}
+
+/// Parses `30d`, `12h`, `45m`, `90s` into seconds. A bare number is refused: `--older-than 30`
+/// meaning 30 seconds would empty the cache of someone who meant days.
+fn parse_age(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let unitless = || format!("`{text}` needs a unit: 30d, 12h, 45m or 90s");
+    let (num, mult) = match t.chars().last() {
+        Some('d') => (&t[..t.len() - 1], 86_400),
+        Some('h') => (&t[..t.len() - 1], 3_600),
+        Some('m') => (&t[..t.len() - 1], 60),
+        Some('s') => (&t[..t.len() - 1], 1),
+        _ => return Err(unitless()),
+    };
+    num.parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("`{text}` is not an age such as 30d, 12h, 45m or 90s"))
 }
 
 #[cfg(test)]

@@ -6,10 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::cli::{PlanArgs, ValidateArgs};
 use crate::error::Error;
 use crate::fuel::FuelBuild;
-use crate::output::release;
+use crate::output::release::{self, parse_release_id};
 use crate::plan::Plan;
 use crate::spec::{Bootstrap, Kind, Problem, Spec, SpecError};
 
@@ -147,4 +146,29 @@ pub fn print_plan(args: &PlanArgs) -> Result<(), Error> {
     let text = serde_json::to_string_pretty(&json).map_err(boundary)?;
     println!("{}", crate::redact::text(&text));
     Ok(())
+}
+
+/// The arguments of `debimg validate`.
+#[derive(clap::Args)]
+pub struct ValidateArgs {
+    /// The YAML spec.
+    pub spec: PathBuf,
+    /// Check it as `build --release ID` reads it (@BUILD_ID@ replaced by ID).
+    #[arg(long, value_name = "ID", value_parser = parse_release_id)]
+    pub release: Option<String>,
+    /// Check it as a spec from someone the build host does not trust: it may not read the
+    /// host's files (`files[].source`, `local_debs`, `file://` repos, key files) nor run
+    /// code on the host (`post` with `chroot: false`). No file it names is looked at.
+    #[arg(long)]
+    pub untrusted: bool,
+}
+
+/// The arguments of `debimg plan`.
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    /// The YAML spec.
+    pub spec: PathBuf,
+    /// Plan it as `build --release ID` reads it (@BUILD_ID@ replaced by ID).
+    #[arg(long, value_name = "ID", value_parser = parse_release_id)]
+    pub release: Option<String>,
 }

@@ -12,15 +12,15 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use crate::cli::{BuildArgs, LockArgs, MessageFormat, VmImageArgs};
-use crate::creator::{BuildOptions, Creator, Outcome};
+use crate::creator::{BuildOptions, Creator, DEFAULT_BUILD_DIR, DEFAULT_CACHE_DIR, Outcome};
 use crate::error::Error;
 use crate::event::{self, BuildOutcome, Event};
 use crate::input::Input;
-use crate::output::release::{self, LogTee};
+use crate::output::release::{self, LogTee, parse_release_id};
 use crate::output::{OUTPUT_LOCK, OutputDir};
 use crate::pack::digest;
 use crate::plan::Plan;
+use crate::spec::Bootstrap;
 use crate::sys::namespace::in_namespaces;
 
 /// `debimg build`: the arguments made into a [`Job`], run in namespaces of its own; the paths
@@ -516,4 +516,175 @@ fn peak_rss_kib() -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The arguments of `debimg build`.
+#[derive(clap::Args)]
+pub struct BuildArgs {
+    /// The YAML spec (or give --fuel instead).
+    #[arg(required_unless_present = "fuel")]
+    pub spec: Option<PathBuf>,
+    /// Directory that receives the images and the metadata file [default: out, or the
+    /// `output` of a --fuel input].
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Directory under which the temporary workspace is created.
+    #[arg(long, default_value = DEFAULT_BUILD_DIR)]
+    pub build_dir: PathBuf,
+    /// Rebuild even when the output directory already matches the spec.
+    #[arg(long)]
+    pub force: bool,
+    /// Wait for another build writing to the same output directory instead of failing.
+    #[arg(long)]
+    pub wait: bool,
+    /// Package and base-tree caches shared by builds.
+    #[arg(long, default_value = DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+    /// Build without the caches (download everything, run the bootstrap).
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Neither start from nor store installed trees (the tree after apt installed the
+    /// packages): apt installs every package on the base tree, as without a cache.
+    #[arg(long)]
+    pub no_tree_cache: bool,
+    /// Bootstrap backend, overriding the spec's `bootstrap` (auto: mmdebstrap when present).
+    #[arg(long, value_enum)]
+    pub bootstrap: Option<Bootstrap>,
+    /// Read fuel-agent's `nailgun_build_image` input (JSON) instead of a spec, and write
+    /// the images and metadata fuel-agent would have.
+    #[arg(long, value_name = "INPUT.json", conflicts_with = "spec")]
+    pub fuel: Option<PathBuf>,
+    /// Write a release into OUTPUT/ID: the outputs, the spec with @BUILD_ID@ replaced by
+    /// ID, build.log, SHA256SUMS and MD5SUMS. Always builds; an ID whose earlier build
+    /// failed is emptied and built again, a complete one is refused.
+    #[arg(long, value_name = "ID", value_parser = parse_release_id)]
+    pub release: Option<String>,
+    /// Bundle all outputs into one archive, `<name>.bundle.tar.gz` (`--pack` is the old
+    /// spelling).
+    #[arg(long, alias = "pack", value_enum, value_name = "FORMAT")]
+    pub bundle: Option<BundleFormat>,
+    /// How results are reported on stdout: `human` (the paths of the outputs) or `json`
+    /// (one JSON object per line: build-started, stage-started/-finished, artifact,
+    /// build-finished; see docs/events.md).
+    #[arg(long, value_enum, default_value = "human")]
+    pub message_format: MessageFormat,
+    /// Open an interactive shell inside the chroot just before unmounting (debugging).
+    #[arg(long)]
+    pub shell: bool,
+    /// After a failure keep the workspace (unmounted) for inspection, and say where.
+    #[arg(long)]
+    pub keep_on_failure: bool,
+    /// Build in a tmpfs of this size (e.g. 6GiB) instead of on the build directory's
+    /// disk; the images must fit in it (sparse files count what they hold).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, conflicts_with = "keep_on_failure")]
+    pub tmpfs: Option<u64>,
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Inside a `--vm` machine: stop after the finish stage and leave the staged images,
+    /// records and attachments in the output directory with `handoff.json`, for the host
+    /// that started the machine to package and publish.
+    #[arg(long, hide = true, conflicts_with_all = ["vm", "release", "bundle", "fuel"])]
+    pub hand_off: bool,
+    /// Inside a `--vm` machine for an untrusted spec: every download through this proxy
+    /// (the host's `vm-proxy`, which reaches only the spec's mirrors and repositories).
+    #[arg(long, hide = true, value_name = "URL", requires = "hand_off")]
+    pub through_proxy: Option<String>,
+    /// Install exactly the package versions of this lock file, the bootstrap's included,
+    /// as `lock:` in the spec does (a build writes the lock of what it installed as
+    /// NAME.lock.yaml); fails naming each version the repositories no longer have.
+    #[arg(long, value_name = "FILE", conflicts_with = "fuel")]
+    pub lock: Option<PathBuf>,
+}
+
+/// The arguments of `debimg lock`.
+#[derive(clap::Args)]
+pub struct LockArgs {
+    /// The YAML spec.
+    pub spec: PathBuf,
+    /// Where the lock goes [default: NAME.lock.yaml].
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Directory under which the temporary workspace is created.
+    #[arg(long, default_value = DEFAULT_BUILD_DIR)]
+    pub build_dir: PathBuf,
+    /// Package and base-tree caches shared by builds.
+    #[arg(long, default_value = DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+    /// Resolve without the caches.
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+/// The arguments of `debimg vm-image`.
+#[derive(clap::Args)]
+pub struct VmImageArgs {
+    /// The cache directory; the appliance goes into its `vm/`.
+    #[arg(long, default_value = DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+    /// Directory under which the temporary workspace is created.
+    #[arg(long, default_value = DEFAULT_BUILD_DIR)]
+    pub build_dir: PathBuf,
+    /// Rebuild it even when it matches its spec (to take the mirror's newest packages).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Archive formats for `--bundle`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum BundleFormat {
+    /// A gzipped tar archive.
+    #[value(name = "tar.gz")]
+    TarGz,
+}
+
+/// What `build` writes on stdout.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MessageFormat {
+    Human,
+    Json,
+}
+
+/// Parses a size such as `6GiB` for `--tmpfs`.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let size = crate::spec::Size::parse(text)?;
+    if size.0 < 64 << 20 {
+        return Err(format!(
+            "`{text}` is too small for a build (at least 64MiB)"
+        ));
+    }
+    Ok(size.0)
+}
+
+/// `debimg build --vm` and the limits of its machine.
+#[derive(clap::Args)]
+pub struct VmArgs {
+    /// Build inside a throwaway qemu machine that boots the builder appliance (see `vm-image`):
+    /// this host attaches no loop device, mounts nothing of the build and runs none of its
+    /// code. The machine hands back the raw images as files, which this host checks against
+    /// its plan, then packages and publishes.
+    #[arg(long, conflicts_with_all = ["fuel", "shell", "keep_on_failure", "tmpfs"])]
+    pub vm: bool,
+    /// Memory of the machine (e.g. 2GiB); a build that runs out fails with `limit-exceeded`.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "2GiB", requires = "vm")]
+    pub vm_memory: u64,
+    /// Virtual CPUs of the machine [default: this host's, at most 8].
+    #[arg(long, value_name = "N", requires = "vm", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub vm_cpus: Option<u32>,
+    /// The machine's disk budget: its scratch disk (sparse), which holds the workspace and the
+    /// outputs; a build that fills it fails with `no-space`.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "32GiB", requires = "vm")]
+    pub vm_disk: u64,
+    /// Wall-clock limit of the machine in seconds; a build still running then is stopped and
+    /// fails with `limit-exceeded`.
+    #[arg(long, value_name = "SECONDS", requires = "vm")]
+    pub vm_timeout: Option<u64>,
+    /// auto: KVM when /dev/kvm works (falling back to software emulation when the machine does
+    /// not come up in 30 s); kvm; tcg (software emulation).
+    #[arg(long, value_enum, default_value = "auto", requires = "vm")]
+    pub vm_accel: crate::boottest::Accel,
+    /// The spec comes from someone this host does not trust (a build service's caller): no
+    /// file it names on this host is read or sent into the machine (such paths resolve inside
+    /// it), and this host's apt sources go in only when it asks for `host`.
+    #[arg(long, requires = "vm")]
+    pub untrusted: bool,
 }

@@ -15,9 +15,8 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::cli::VerifyArgs;
 use crate::cmd::CommandRunExt;
-use crate::creator::{BuildOptions, Creator};
+use crate::creator::{BuildOptions, Creator, DEFAULT_BUILD_DIR, DEFAULT_CACHE_DIR};
 use crate::error::Error;
 use crate::input::Input;
 use crate::metadata::{ImageMeta, Metadata};
@@ -538,6 +537,26 @@ pub fn lock_of(dir: &Path, meta: &Metadata) -> Result<PathBuf> {
         );
     }
     Ok(lock)
+}
+
+
+/// The arguments of `debimg verify`.
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// The YAML spec.
+    pub spec: PathBuf,
+    /// The output directory of the build to check (its NAME.yaml and NAME.lock.yaml).
+    #[arg(long, value_name = "DIR")]
+    pub against: PathBuf,
+    /// Directory under which the rebuild's workspace and outputs are made.
+    #[arg(long, default_value = DEFAULT_BUILD_DIR)]
+    pub build_dir: PathBuf,
+    /// Package and base-tree caches shared by builds.
+    #[arg(long, default_value = DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+    /// Rebuild without the caches.
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 #[cfg(test)]

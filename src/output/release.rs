@@ -48,6 +48,13 @@ pub fn check_release_id(id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks a release ID for clap (a bad one is a usage error, exit 2).
+pub fn parse_release_id(text: &str) -> Result<String, String> {
+    check_release_id(text)
+        .map(|()| text.to_string())
+        .map_err(|e| e.to_string())
+}
+
 /// The spec text with every `@BUILD_ID@` replaced by the release ID.
 pub fn substitute_build_id(text: &str, id: &str) -> String {
     text.replace(BUILD_ID_PLACEHOLDER, id)

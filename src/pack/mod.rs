@@ -18,11 +18,11 @@ pub use compress::{Container, Packed, pack};
 pub use digest::{Digests, digest_file};
 pub use shrink::{Ext2Info, ext_info, set_ext_journal, shrink_ext};
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
 
-use crate::cli::PackArgs;
 use crate::error::Error;
 
 /// `debimg pack`: `--output` written from the image as the package stage writes a container,
@@ -55,4 +55,17 @@ pub(crate) fn test_noise(seed: &mut u32, n: usize) -> Vec<u8> {
             *seed as u8
         })
         .collect()
+}
+
+/// The arguments of `debimg pack`.
+#[derive(clap::Args)]
+pub struct PackArgs {
+    /// The raw image file.
+    pub image: PathBuf,
+    /// Where the container goes (must not exist).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// gzip (default) or raw.
+    #[arg(long, value_enum, default_value = "gzip")]
+    pub container: Container,
 }

@@ -10,7 +10,6 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::url::segment;
-use crate::cli::{JobsAction, ServerArgs, SubmitArgs};
 use crate::error::Error;
 use crate::output::OutputDir;
 
@@ -495,6 +494,79 @@ fn describe_error(status: u16, body: &str) -> String {
         }
     }
     s
+}
+
+
+/// The arguments of `debimg submit`.
+#[derive(clap::Args)]
+pub struct SubmitArgs {
+    /// The YAML spec.
+    pub spec: PathBuf,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// The job's name [default: the spec's name].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Whom the job is for (shown with the job; given to --post-creation).
+    #[arg(long)]
+    pub email: Option<String>,
+    /// Stream the build's log until it ends, then exit with its outcome.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Wait for the build, then download its artifacts into DIR, each checked against its
+    /// sha256.
+    #[arg(long, value_name = "DIR")]
+    pub download: Option<PathBuf>,
+}
+
+/// Where the service is and who calls it.
+#[derive(clap::Args)]
+pub struct ServerArgs {
+    /// The service's URL.
+    #[arg(
+        long,
+        env = "DEBIMG_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub server: String,
+    /// The token (from `debimg serve token add`).
+    #[arg(
+        long,
+        env = "DEBIMG_TOKEN",
+        hide_env_values = true,
+        global = true,
+        default_value = ""
+    )]
+    pub token: String,
+}
+
+/// What `debimg jobs` does.
+#[derive(clap::Subcommand)]
+pub enum JobsAction {
+    /// List the jobs (an admin's token: everyone's), newest first.
+    List {
+        /// Only jobs in this state.
+        #[arg(long, value_parser = ["queued", "running", "succeeded", "failed", "cancelled"])]
+        state: Option<String>,
+        /// Print the jobs as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one job as JSON.
+    Show { id: String },
+    /// Print a job's log; with -f follow it until the job ends (exit code as the build's).
+    Log {
+        id: String,
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Cancel a job (a running build is ended and cleans up).
+    Cancel { id: String },
+    /// Delete a job with its files (cancelling it first).
+    Delete { id: String },
+    /// Download a job's artifacts into DIR, each checked against its sha256.
+    Download { id: String, dir: PathBuf },
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use super::http::LEASE_HEADER;
 use super::runner::{self, Control};
 use super::store::{Artifact, Claim};
-use crate::cli::WorkerArgs;
+use crate::creator::{DEFAULT_BUILD_DIR, DEFAULT_CACHE_DIR};
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -581,6 +581,45 @@ fn upload(
         );
     }
     Ok(())
+}
+
+
+/// The arguments of `debimg worker`.
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    /// The service's URL.
+    #[arg(long, env = "DEBIMG_SERVER")]
+    pub server: String,
+    /// A worker's token of that service (`serve token add NAME --role worker`), from the
+    /// environment: on the command line `ps` would show it to every local user.
+    #[arg(long, env = "DEBIMG_TOKEN", hide_env_values = true, hide = true)]
+    pub token: Option<String>,
+    /// A file (readable by root alone) whose first line is the worker's token.
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// RabbitMQ, as `amqp://USER:PASSWORD@HOST:5672/%2f` (the same as `serve --amqp`),
+    /// from the environment (DEBIMG_AMQP) or --amqp-file when it holds a password.
+    #[arg(long, env = "DEBIMG_AMQP", hide_env_values = true)]
+    pub amqp: Option<String>,
+    /// A file (readable by root alone) whose first line is the RabbitMQ URL.
+    #[arg(long, value_name = "FILE", conflicts_with = "amqp")]
+    pub amqp_file: Option<PathBuf>,
+    /// This worker's name, shown as the job's `worker` [default: host name and pid].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The package and base-tree caches the builds share.
+    #[arg(long, default_value = DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+    /// Where builds make their workspaces.
+    #[arg(long, default_value = DEFAULT_BUILD_DIR)]
+    pub build_dir: PathBuf,
+    /// Which builds run inside a throwaway machine, as `serve --isolation` says.
+    #[arg(long, value_enum, default_value = "host")]
+    pub isolation: crate::service::Isolation,
+    /// Talk plain HTTP to a server that is not on this host (the token and the artifacts
+    /// cross the network readable): only on a network you trust.
+    #[arg(long)]
+    pub allow_plain_http: bool,
 }
 
 #[cfg(test)]
