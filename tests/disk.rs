@@ -199,8 +199,8 @@ fn cloud_disk_builds_inspects_and_boots() {
         assert!(mnt.path().join("boot/grub/i386-pc/normal.mod").exists());
         assert!(mnt.path().join("boot/grub/x86_64-efi/normal.mod").exists());
         assert!(mnt.path().join("usr/lib/debimg/growroot").exists());
-        // The kernel's links as its postinst leaves them, the initramfs made once after the
-        // install included: each names a file of the image.
+        // The kernel's links as its postinst leaves them, the initramfs made once at configure
+        // included: each names a file of the image.
         for link in ["vmlinuz", "initrd.img"] {
             let target = std::fs::read_link(mnt.path().join(link))
                 .unwrap_or_else(|e| panic!("/{link} in the image: {e}"));

@@ -28,8 +28,9 @@ pub const DPKG_UNSAFE_IO: &str = "etc/dpkg/dpkg.cfg.d/debimg-unsafe-io";
 const SAVED_RESOLV_CONF: &str = "etc/resolv.conf.debimg-saved";
 
 /// The system the spec describes, written into the tree: root's password, fstab (by UUID),
-/// hostname and hosts, time zone, locale, users, files and services; whatever the programs run
-/// for them left running in the chroot is ended.
+/// hostname and hosts, time zone, locale, users, files and services, then each kernel's
+/// initramfs the install left out; whatever the programs run for them left running in the
+/// chroot is ended.
 pub fn system(plan: &Plan, root: &Root, filesystems: &[FsInfo]) -> Result<()> {
     if let Some(hash) = &plan.root_password_hash {
         set_root_password(root, hash)?;
@@ -52,7 +53,11 @@ pub fn system(plan: &Plan, root: &Root, filesystems: &[FsInfo]) -> Result<()> {
     settings::create_users(root, &plan.users)?;
     settings::copy_files(root, &plan.files)?;
     settings::set_services(root, &plan.services)?;
-    root.end_processes("the system settings")
+    root.end_processes("the system settings")?;
+    // The install left each new kernel without an initramfs (`initramfs`): made now, from the
+    // configuration the files gave, and there for the post scripts.
+    crate::debian::initramfs::complete(root)?;
+    root.end_processes("the initramfs")
 }
 
 /// The last touches once the scripts and the bootloader are done: the host identity scrubbed,

@@ -1,4 +1,5 @@
-//! One initramfs per kernel, made once after the install instead of once per trigger.
+//! One initramfs per kernel, made once when the image's files are in place instead of once per
+//! trigger.
 //!
 //! A kernel's postinst makes its initramfs (`/etc/kernel/postinst.d/initramfs-tools`, dracut's
 //! hook likewise), and then every package that ships an initramfs hook (udev, kmod, busybox,
@@ -8,12 +9,16 @@
 //!
 //! When the tree holds no initramfs yet (a cold install: the common case), apt runs with
 //! `INITRD=No`, the kernel hooks' own switch (with no initramfs at all, the trigger's update
-//! finds nothing to update), and [`complete`] then runs each generator's kernel hook once per
+//! finds nothing to update). At the configure stage, once the spec's `files` are written and
+//! before its `post` scripts run, [`complete`] runs each generator's kernel hook once per
 //! kernel, with the hooks and modules of the whole install in place, and puts back the
 //! `/initrd.img` links that `linux-update-symlinks` (which reads the same switch) left out. The
-//! image is what the per-trigger way ends with: its last build had the same inputs. A tree that
-//! holds an initramfs already (a cached tree, a kernel in `bootstrap_include`) installs the
-//! usual way: a kernel upgraded in place or a removed one keeps its hooks' behaviour.
+//! image is what the per-trigger way ends with, and the generator reads the configuration the
+//! spec gives it (`/etc/initramfs-tools/modules`, `conf.d`, `/etc/crypttab`, dracut's
+//! `conf.d`) as `files`. The scripts find the initramfs made, as they would after a plain
+//! install. An installed tree is cached without it (the files are each build's own). A tree
+//! that holds an initramfs already (a kernel in `bootstrap_include`) installs the usual way: a
+//! kernel upgraded in place or a removed one keeps its hooks' behaviour.
 
 use anyhow::{Context, Result, bail};
 
@@ -66,7 +71,7 @@ pub fn kernels_without_initramfs(root: &Root) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-/// Makes the initramfs of every kernel the install left without one, by the generator's own
+/// Makes the initramfs of every kernel the tree holds without one, by the generator's own
 /// kernel hook (as the kernel's postinst would have run it), then lets linux-base point the
 /// links at them; returns the versions made. Nothing when no generator is installed.
 pub fn complete(root: &Root) -> Result<Vec<String>> {
@@ -91,7 +96,7 @@ pub fn complete(root: &Root) -> Result<Vec<String>> {
             );
         }
         tracing::info!(
-            "initramfs of kernel {v} made once, after the install, in {:.1}s",
+            "initramfs of kernel {v} made once, with the image's files, in {:.1}s",
             t.elapsed().as_secs_f64()
         );
     }

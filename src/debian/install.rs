@@ -255,10 +255,8 @@ fn install(
     if !purged.is_empty() {
         tracing::info!("purged excluded packages: {}", purged.join(" "));
     }
-    // apt ran with the kernel hooks' switch off: each new kernel's initramfs, once, now.
-    if defer_initramfs {
-        crate::debian::initramfs::complete(root)?;
-    }
+    // apt ran with the kernel hooks' switch off: each new kernel's initramfs is made at the
+    // configure stage, with the image's files (`initramfs::complete`).
     if let Some(c) = cache {
         let mut stored = c.store_packages(&archives, &index)?;
         let debs = work.join("debs");

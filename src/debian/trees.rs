@@ -78,9 +78,9 @@ pub fn context(plan: &Plan, base_key: &str, release_digests: &[String]) -> Strin
     };
     // How debimg installs (its build-only apt settings, say) may change between versions.
     line(concat!("debimg ", env!("CARGO_PKG_VERSION")));
-    // The initramfs is made once after the install (`initramfs`): trees made the other way
-    // are not this way's.
-    line("initramfs once after the install");
+    // A tree holds no initramfs made by the install: it is made at the configure stage, with
+    // the image's files (`initramfs`). Trees made the other ways are not this way's.
+    line("initramfs at configure, with the files");
     line(base_key);
     line(&plan.arch);
     for (r, d) in plan.repos.iter().zip(release_digests) {
