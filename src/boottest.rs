@@ -433,7 +433,6 @@ pub fn find_marker(console: &str, expect: &[String]) -> Option<(String, bool)> {
     None
 }
 
-
 /// The arguments of `debimg boot-test`.
 #[derive(clap::Args)]
 pub struct BootTestArgs {

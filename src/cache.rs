@@ -1090,7 +1090,6 @@ pub fn lists_key(sources_list: &str, arch: &str) -> String {
     format!("lists-{}", &hex(&h.finalize())[..32])
 }
 
-
 #[derive(clap::Subcommand)]
 pub enum CacheAction {
     /// List the cache's entries (pooled packages, base trees, apt lists) with their size and the

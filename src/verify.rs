@@ -539,7 +539,6 @@ pub fn lock_of(dir: &Path, meta: &Metadata) -> Result<PathBuf> {
     Ok(lock)
 }
 
-
 /// The arguments of `debimg verify`.
 #[derive(clap::Args)]
 pub struct VerifyArgs {

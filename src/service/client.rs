@@ -496,7 +496,6 @@ fn describe_error(status: u16, body: &str) -> String {
     s
 }
 
-
 /// The arguments of `debimg submit`.
 #[derive(clap::Args)]
 pub struct SubmitArgs {

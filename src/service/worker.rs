@@ -583,7 +583,6 @@ fn upload(
     Ok(())
 }
 
-
 /// The arguments of `debimg worker`.
 #[derive(clap::Args)]
 pub struct WorkerArgs {
