@@ -27,6 +27,8 @@ pub struct BootTest {
     /// Text on the console that proves the boot; the first one seen wins.
     pub expect: Vec<String>,
     pub memory_mib: u32,
+    /// Virtual CPUs.
+    pub cpus: u32,
     pub accel: Accel,
 }
 
@@ -129,6 +131,7 @@ pub fn qemu_command(
     uefi_vars: Option<&Path>,
     kvm: bool,
     memory_mib: u32,
+    cpus: u32,
 ) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     // graphics=off: SeaBIOS prints to the serial port too, so early failures show.
@@ -138,7 +141,7 @@ pub fn qemu_command(
         "-m",
         &memory_mib.to_string(),
         "-smp",
-        "2",
+        &cpus.to_string(),
     ])
     .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
     .args(["-no-reboot", "-nic", "none"])
@@ -181,6 +184,7 @@ pub fn boot_test(args: &BootTestArgs) -> Result<(), crate::error::Error> {
         timeout: Duration::from_secs(args.timeout),
         expect,
         memory_mib: args.memory,
+        cpus: args.cpus,
         accel: args.accel,
     })?;
     tracing::info!(
@@ -272,7 +276,7 @@ fn attempt(
     if let Some(v) = vars {
         std::fs::copy(OVMF_VARS, v).context("copying the OVMF variable store")?;
     }
-    let mut cmd = qemu_command(disk, format, vars, kvm, t.memory_mib);
+    let mut cmd = qemu_command(disk, format, vars, kvm, t.memory_mib, t.cpus);
     tracing::debug!("running {}", crate::cmd::command_line(&cmd));
     use std::os::unix::process::CommandExt;
     crate::cmd::die_with_parent(&mut cmd, libc::SIGKILL);
@@ -450,6 +454,10 @@ pub struct BootTestArgs {
     /// Memory of the virtual machine in MiB.
     #[arg(long, default_value_t = 1024)]
     pub memory: u32,
+    /// Virtual CPUs of the machine. Under software emulation on a busy host, 1 costs the host
+    /// least (docs/benchmarks.md: a third less CPU for a build in a machine).
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub cpus: u32,
     /// auto: KVM when /dev/kvm works (falling back to software emulation when the machine
     /// stays silent for 10 s); kvm; tcg (software emulation).
     #[arg(long, value_enum, default_value = "auto")]
@@ -487,9 +495,11 @@ mod tests {
             Some(Path::new("/t/VARS.fd")),
             true,
             1024,
+            2,
         ));
         for part in [
             "-m 1024",
+            "-smp 2",
             "-serial stdio",
             "-no-reboot",
             "file=/x/cloud.qcow2,format=qcow2,if=virtio,snapshot=on",
@@ -505,12 +515,14 @@ mod tests {
             None,
             false,
             512,
+            1,
         ));
         assert!(
             bios.contains("-accel tcg") && !bios.contains("pflash"),
             "{bios}"
         );
         assert!(bios.contains("q35,graphics=off"), "{bios}");
+        assert!(bios.contains("-smp 1"), "{bios}");
         assert!(bios.contains("file=/x/a,,b.img,format=raw"), "{bios}");
     }
 

@@ -19,7 +19,16 @@ const MARKER: &str = "DEBIMG-BOOT-OK";
 
 /// `debimg boot-test IMAGE [extra...]`.
 fn boot(image: &Path, extra: &[&str]) -> Run {
-    let mut args = vec!["boot-test", image.to_str().unwrap(), "--timeout", "900"];
+    // One virtual CPU: under emulation on a busy host a second one costs a third more CPU
+    // (docs/benchmarks.md).
+    let mut args = vec![
+        "boot-test",
+        image.to_str().unwrap(),
+        "--timeout",
+        "900",
+        "--cpus",
+        "1",
+    ];
     args.extend_from_slice(extra);
     debimg(&args)
 }
@@ -304,6 +313,8 @@ fn cloud_disk_builds_inspects_and_boots() {
     let failed = debimg(&[
         "boot-test",
         broken.to_str().unwrap(),
+        "--cpus",
+        "1",
         "--accel",
         "tcg",
         "--timeout",
@@ -397,6 +408,8 @@ fn mbr_disk_with_separate_boot_and_xfs_boots_both_ways() {
     debimg(&[
         "boot-test",
         qcow.to_str().unwrap(),
+        "--cpus",
+        "1",
         "--accel",
         "tcg",
         "--timeout",
@@ -406,6 +419,8 @@ fn mbr_disk_with_separate_boot_and_xfs_boots_both_ways() {
     debimg(&[
         "boot-test",
         qcow.to_str().unwrap(),
+        "--cpus",
+        "1",
         "--uefi",
         "--accel",
         "tcg",

@@ -284,8 +284,10 @@ fn uuids_are_masked_and_nothing_else() {
     );
 }
 
+/// A build in a machine under emulation with one virtual CPU: on a busy host a second one costs
+/// a third more CPU and time (docs/benchmarks.md).
 fn vm_build(spec: &Path, out: &Path, build_dir: &Path, extra: &[&str]) -> Run {
-    let mut args = vec!["--vm", "--vm-accel", "tcg"];
+    let mut args = vec!["--vm", "--vm-accel", "tcg", "--vm-cpus", "1"];
     args.extend_from_slice(extra);
     build(spec, out, build_dir, &args)
 }
@@ -465,6 +467,8 @@ fn machine_builds_equal_host_builds_and_attach_nothing_here() {
         "DEBIMG-BOOT-OK",
         "--accel",
         "tcg",
+        "--cpus",
+        "1",
     ]);
     boot.assert_ok("boot of the machine-built disk");
     assert!(
@@ -848,10 +852,15 @@ fn signal_machine_build(
     build_dir: &Path,
     signal: Signal,
 ) -> std::process::ExitStatus {
-    let mut child = build_command(spec, out, build_dir, &["--vm", "--vm-accel", "tcg"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = build_command(
+        spec,
+        out,
+        build_dir,
+        &["--vm", "--vm-accel", "tcg", "--vm-cpus", "1"],
+    )
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
     wait_for_machine(build_dir);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
     child.wait().unwrap()
