@@ -461,7 +461,7 @@ pub struct BootTestArgs {
     /// auto: KVM when /dev/kvm works (falling back to software emulation when the machine
     /// stays silent for 10 s); kvm; tcg (software emulation).
     #[arg(long, value_enum, default_value = "auto")]
-    pub accel: crate::boottest::Accel,
+    pub accel: Accel,
 }
 
 #[cfg(test)]

@@ -358,14 +358,13 @@ fn machine_builds_equal_host_builds_and_attach_nothing_here() {
     // The reference built on the host beside the machine's build (its I/O beside the machine's
     // CPU). The machine attaches no loop device: none backed by its files or the cache's
     // (the host build's are its own, under host-disk-build).
-    let host = std::thread::scope(|s| {
+    let (host, rc, polls, seen) = std::thread::scope(|s| {
         let host = s.spawn(|| build(&disk, &host_disk, &host_disk_b, &["-q"]));
         let watch = LoopWatch::start(&[&vm_disk_b, &vm_disk]);
         let rc = vm_build(&disk, &vm_disk, &vm_disk_b, &[]);
         let (polls, seen) = watch.finish();
         (host.join().unwrap(), rc, polls, seen)
     });
-    let (host, rc, polls, seen) = host;
     host.assert_ok("host build of the disk");
     rc.assert_ok("the disk in a machine");
     assert!(polls > 100, "the watch looked only {polls} times");
