@@ -1,7 +1,7 @@
-//! The bootable disk: `data/examples/cloud.yaml` built from the host's mirror, its partitions
-//! and bootloaders inspected, then booted in qemu under BIOS and UEFI, as raw and qcow2, on a
-//! larger disk (the root must grow), and broken (no kernel: the boot test must fail and show
-//! the console). A suite the host's apt sources do not list (trixie on a bookworm host) built
+//! The bootable disk: `data/examples/cloud.yaml` built twice from the host's mirror with
+//! `SOURCE_DATE_EPOCH` (byte-identical, the second without any cache), its partitions and
+//! bootloaders inspected, then booted in qemu under BIOS and UEFI, on a larger disk (the root
+//! must grow), and broken (no kernel: the boot test must fail and show the console). A suite the host's apt sources do not list (trixie on a bookworm host) built
 //! from `mirror: host` boots too.
 
 mod common;
@@ -9,6 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::repro::*;
 use common::*;
 use debimg::metadata::Metadata;
 use debimg::sys::loopdev;
@@ -63,24 +64,37 @@ fn copy_of(src: &Path, dest: &Path, grow: u64) -> PathBuf {
     dest.to_path_buf()
 }
 
+/// The epoch of the cloud example's reproducible builds.
+const EPOCH: u64 = 1_700_000_000;
+
+/// The cloud example, built twice side by side with `SOURCE_DATE_EPOCH` (the second without
+/// any cache, in another time zone): the same bytes, every output; the first inspected and
+/// booted while the second builds.
 #[test]
-fn cloud_disk_builds_inspects_and_boots() {
+fn cloud_disk_twice_gives_the_same_bytes_inspects_and_boots() {
     if !can_build() {
         return;
     }
-    let work = scratch("disk");
-    let out = work.path().join("out");
-    let bdir = work.path().join("build");
-    std::fs::create_dir_all(&bdir).unwrap();
-    let run = build(&example("cloud.yaml"), &out, &bdir, &[]);
-    run.assert_ok("cloud build");
-    assert_no_leftovers(&bdir, &out);
-    assert!(
-        !run.stderr().contains("dropped without close"),
-        "{}",
-        run.stderr()
+    let env = [("SOURCE_DATE_EPOCH", EPOCH.to_string())];
+    let (work, outs) = build_twice_and(
+        &example("cloud.yaml"),
+        "disk",
+        &env,
+        &[],
+        |work, out, stderr| {
+            assert!(!stderr.contains("dropped without close"), "{stderr}");
+            inspect_and_boot(work, out);
+        },
     );
+    // The whole GPT disk: its table and partition GUIDs, the BIOS boot partition's GRUB, the
+    // ESP (FAT) and the root (ext4), raw, qcow2 and gzip.
+    assert_identical(&outs, "cloud.yaml");
+    esp_is_clamped(work.path(), &outs[0].join("cloud.img"));
+}
 
+/// The cloud disk in `out`: every format, the partitions and what is on them, booted under
+/// BIOS on a larger disk (the root grows) and under UEFI as built, and broken.
+fn inspect_and_boot(work: &Path, out: &Path) {
     // Every format, described by the metadata.
     let meta = Metadata::read(&out.join("cloud.yaml")).unwrap();
     assert_eq!(meta.kind, "disk");
@@ -174,7 +188,7 @@ fn cloud_disk_builds_inspects_and_boots() {
     );
     drop(mbr);
     {
-        let copy = copy_of(&raw, &work.path().join("inspect.img"), 0);
+        let copy = copy_of(&raw, &work.join("inspect.img"), 0);
         let dev = loopdev::attach_partitioned(&copy).unwrap();
         let esp = dev.partition(2).unwrap();
         let efi = tool("mdir", &["-i", esp.to_str().unwrap(), "-b", "::/EFI/BOOT"]);
@@ -239,7 +253,7 @@ fn cloud_disk_builds_inspects_and_boots() {
     }
 
     // BIOS, on a disk 1 GiB larger than the image: it boots, and the root grows to fill it.
-    let big = copy_of(&raw, &work.path().join("big.img"), 1 << 30);
+    let big = copy_of(&raw, &work.join("big.img"), 1 << 30);
     let bios = boot(&big, &["--expect", MARKER]);
     bios.assert_ok("BIOS boot of the grown disk");
     let grown = root_bytes(&bios);
@@ -286,7 +300,7 @@ fn cloud_disk_builds_inspects_and_boots() {
     assert_eq!(sums(&raw).0, meta.images[0].raw_md5);
 
     // A broken image: no kernel. The boot test fails and shows the console.
-    let broken = copy_of(&raw, &work.path().join("broken.img"), 0);
+    let broken = copy_of(&raw, &work.join("broken.img"), 0);
     {
         let dev = loopdev::attach_partitioned(&broken).unwrap();
         let mnt = scratch("disk-broken");
@@ -332,6 +346,61 @@ fn cloud_disk_builds_inspects_and_boots() {
         "the log names the missing kernel: {err}"
     );
     assert!(!failed.stdout().contains(MARKER));
+}
+
+/// The disk `raw`'s partition table is GPT, and its ESP, as a file of its own under `work`, is
+/// fsck-clean with every entry's time the epoch's.
+fn esp_is_clamped(work: &Path, raw: &Path) {
+    let table = tool("sfdisk", &["--dump", raw.to_str().unwrap()]);
+    assert!(table.contains("label: gpt"), "{table}");
+    // The ESP as a file of its own: checked, its files' times clamped.
+    let esp = work.join("esp.img");
+    let start_size: Vec<u64> = table
+        .lines()
+        .find(|l| l.contains("name=\"ESP\""))
+        .map(|l| {
+            l.split(',')
+                .filter_map(|f| {
+                    let (k, v) = f.split_once('=')?;
+                    let k = k.rsplit(' ').next()?.trim();
+                    matches!(k, "start" | "size").then(|| v.trim().parse().unwrap())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(start_size.len(), 2, "{table}");
+    tool(
+        "dd",
+        &[
+            &format!("if={}", raw.display()),
+            &format!("of={}", esp.display()),
+            "bs=512",
+            &format!("skip={}", start_size[0]),
+            &format!("count={}", start_size[1]),
+            "status=none",
+        ],
+    );
+    tool("fsck.vfat", &["-n", esp.to_str().unwrap()]);
+    let listing = Command::new("mdir")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .env("TZ", "UTC")
+        .args(["-/", "-i", esp.to_str().unwrap(), "::/"])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.contains("EFI"), "{listing}");
+    // The epoch, 2023-11-14 22:13:20 UTC, on every entry (FAT keeps minutes in a listing).
+    let dated: Vec<&str> = listing
+        .lines()
+        .filter(|l| l.contains("<DIR>") || l.contains(" EFI "))
+        .collect();
+    assert!(!dated.is_empty(), "{listing}");
+    for l in dated {
+        assert!(
+            l.trim_end().ends_with("2023-11-14  22:13"),
+            "not the epoch's time: {l}\n{listing}"
+        );
+    }
 }
 
 /// An MBR disk with a separate /boot and an xfs root, both firmwares, shipped as qcow2 only.

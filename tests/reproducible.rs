@@ -1,56 +1,20 @@
 //! Reproducible builds (`source_date_epoch`, or `SOURCE_DATE_EPOCH` in the environment): one
-//! spec built twice, in different build directories and at different times, the first from
-//! the shared test cache and the second without any cache (a bootstrap and install of its
-//! own), gives byte-identical outputs; the metadata differs only in the build times.
+//! spec built twice side by side, in different build directories and time zones, the first
+//! from the shared test cache and the second without any cache (a bootstrap and install of its
+//! own), gives byte-identical outputs; the metadata differs only in the build times. The whole
+//! disk (the cloud example) is built twice by tests/disk.rs, which boots the first.
 //!
 //! Needs root, loop devices and the host's Debian mirror.
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use common::repro::*;
 use common::*;
 
 const EPOCH: u64 = 1_700_000_000;
-
-/// Two builds of `spec` with `env` and `args`, the second without any cache: `(scratch, [first
-/// output dir, second output dir])`.
-fn build_twice(
-    spec: &Path,
-    tag: &str,
-    env: &[(&str, String)],
-    args: &[&str],
-) -> (tempfile::TempDir, [PathBuf; 2]) {
-    let work = scratch(tag);
-    let mut outs = Vec::new();
-    for i in 0..2 {
-        let build_dir = work.path().join(format!("build-{i}"));
-        let out = work.path().join(format!("out-{i}"));
-        std::fs::create_dir_all(&build_dir).unwrap();
-        let mut extra = args.to_vec();
-        if i == 1 {
-            extra.push("--no-cache");
-        }
-        let mut cmd = build_command(spec, &out, &build_dir, &extra);
-        // The second in another time zone: nothing of the host's clock may show.
-        if i == 1 {
-            cmd.env("TZ", "Asia/Tokyo");
-        }
-        cmd.envs(env.iter().map(|(k, v)| (k, v)));
-        let output = cmd.output().expect("running debimg");
-        assert!(
-            output.status.success(),
-            "build {i} of {} failed:\n{}",
-            spec.display(),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        assert_no_leftovers(&build_dir, &out);
-        outs.push(out);
-    }
-    let [a, b] = <[PathBuf; 2]>::try_from(outs).unwrap();
-    (work, [a, b])
-}
 
 /// `debimg verify SPEC --against OUT`, rebuilding under `build_dir` from the test cache.
 fn verify(spec: &Path, out: &Path, build_dir: &Path) -> Run {
@@ -65,59 +29,6 @@ fn verify(spec: &Path, out: &Path, build_dir: &Path) -> Run {
         TEST_CACHE,
         "-q",
     ])
-}
-
-/// The files of an output directory (names, sorted), without its lock.
-fn listing(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != ".debimg.lock")
-        .collect();
-    names.sort();
-    names
-}
-
-/// Every output of the two builds is the same, byte for byte, but the metadata, whose only
-/// differences are `build_start` and `build_end` (which must differ: two runs, not one).
-fn assert_identical(outs: &[PathBuf; 2], metadata: &str) {
-    let names = listing(&outs[0]);
-    assert_eq!(
-        names,
-        listing(&outs[1]),
-        "the two builds wrote different files"
-    );
-    assert!(names.iter().any(|n| n == metadata), "{names:?}");
-    for name in &names {
-        let (a, b) = (outs[0].join(name), outs[1].join(name));
-        if name == metadata {
-            continue;
-        }
-        let st = Command::new("cmp").arg(&a).arg(&b).output().unwrap();
-        assert!(
-            st.status.success(),
-            "{name} differs between the two builds: {}",
-            String::from_utf8_lossy(&st.stdout)
-        );
-    }
-    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
-    let (ma, mb) = (read(&outs[0].join(metadata)), read(&outs[1].join(metadata)));
-    let timed = |l: &&str| l.starts_with("build_start:") || l.starts_with("build_end:");
-    let untimed =
-        |m: &str| -> Vec<String> { m.lines().filter(|l| !timed(l)).map(String::from).collect() };
-    assert_eq!(
-        untimed(&ma),
-        untimed(&mb),
-        "the metadata differs beyond the build times"
-    );
-    let times = |m: &str| -> Vec<String> { m.lines().filter(timed).map(String::from).collect() };
-    assert_eq!(times(&ma).len(), 2, "{ma}");
-    assert_ne!(
-        times(&ma),
-        times(&mb),
-        "the two builds ran at the same time"
-    );
 }
 
 /// No file in the tree at `dir` has a modification time after the epoch (nor an access time,
@@ -264,69 +175,6 @@ fn ext4_and_ext2_images_twice_give_the_same_bytes() {
         stat.contains(&format!("ctime: 0x{EPOCH:08x}")),
         "the ctime of /usr/bin/less is not the epoch:\n{stat}"
     );
-}
-
-#[test]
-fn cloud_disk_twice_gives_the_same_bytes() {
-    if !can_build() {
-        return;
-    }
-    // The whole GPT disk: its table and partition GUIDs, the BIOS boot partition's GRUB, the
-    // ESP (FAT) and the root (ext4), raw, qcow2 and gzip.
-    let env = [("SOURCE_DATE_EPOCH", EPOCH.to_string())];
-    let (work, outs) = build_twice(&example("cloud.yaml"), "repro-disk", &env, &[]);
-    assert_identical(&outs, "cloud.yaml");
-    let raw = outs[0].join("cloud.img");
-    let table = tool("sfdisk", &["--dump", raw.to_str().unwrap()]);
-    assert!(table.contains("label: gpt"), "{table}");
-    // The ESP as a file of its own: checked, its files' times clamped.
-    let esp = work.path().join("esp.img");
-    let start_size: Vec<u64> = table
-        .lines()
-        .find(|l| l.contains("name=\"ESP\""))
-        .map(|l| {
-            l.split(',')
-                .filter_map(|f| {
-                    let (k, v) = f.split_once('=')?;
-                    let k = k.rsplit(' ').next()?.trim();
-                    matches!(k, "start" | "size").then(|| v.trim().parse().unwrap())
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    assert_eq!(start_size.len(), 2, "{table}");
-    tool(
-        "dd",
-        &[
-            &format!("if={}", raw.display()),
-            &format!("of={}", esp.display()),
-            "bs=512",
-            &format!("skip={}", start_size[0]),
-            &format!("count={}", start_size[1]),
-            "status=none",
-        ],
-    );
-    tool("fsck.vfat", &["-n", esp.to_str().unwrap()]);
-    let listing = Command::new("mdir")
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .env("TZ", "UTC")
-        .args(["-/", "-i", esp.to_str().unwrap(), "::/"])
-        .output()
-        .unwrap();
-    let listing = String::from_utf8_lossy(&listing.stdout);
-    assert!(listing.contains("EFI"), "{listing}");
-    // The epoch, 2023-11-14 22:13:20 UTC, on every entry (FAT keeps minutes in a listing).
-    let dated: Vec<&str> = listing
-        .lines()
-        .filter(|l| l.contains("<DIR>") || l.contains(" EFI "))
-        .collect();
-    assert!(!dated.is_empty(), "{listing}");
-    for l in dated {
-        assert!(
-            l.trim_end().ends_with("2023-11-14  22:13"),
-            "not the epoch's time: {l}\n{listing}"
-        );
-    }
 }
 
 #[test]

@@ -347,7 +347,15 @@ fn machine_builds_equal_host_builds_and_attach_nothing_here() {
     let work = scratch("vm-equal");
     let w = work.path();
     let disk = w.join("vmdisk.yaml");
-    std::fs::write(&disk, DISK).unwrap();
+    std::fs::write(
+        &disk,
+        DISK.replace(
+            "HELLO_DEB",
+            example("debs/debimg-hello_1.0_all.deb").to_str().unwrap(),
+        )
+        .replace("MOTD_FILE", example("files/motd").to_str().unwrap()),
+    )
+    .unwrap();
     ensure_appliance();
     let host_disk = w.join("host-disk-out");
     let host_disk_b = w.join("host-disk-build");
@@ -440,11 +448,25 @@ fn machine_builds_equal_host_builds_and_attach_nothing_here() {
             all
         };
         let (hmods, vmods) = (modules(hmnt.path()), modules(vmnt.path()));
+        // What the spec names on this host went into the machine's disk: its file and its
+        // local package.
+        let motd = std::fs::read(vmnt.path().join("etc/motd"));
+        let hello = vmnt
+            .path()
+            .join("usr/share/debimg-hello/hello.txt")
+            .is_file();
         m2.close().unwrap();
         m1.close().unwrap();
         vd.close().unwrap();
         hd.close().unwrap();
         assert!(kernel, "no kernel in the machine-built disk's /boot");
+        assert_eq!(
+            motd.unwrap(),
+            std::fs::read(example("files/motd")).unwrap(),
+            "the host's file in the machine-built disk"
+        );
+        assert!(hello, "the local package is not in the machine-built disk");
+        assert!(vs.contains_key("debimg-hello"), "{vs:?}");
         assert!(vmods.contains(&"virtio_blk.ko".to_string()), "{vmods:?}");
         assert!(
             vmods.len() < 20,
@@ -485,7 +507,8 @@ fn machine_builds_equal_host_builds_and_attach_nothing_here() {
 /// The smallest disk that shows a machine build equal to a host build file by file and boots:
 /// GRUB for both firmwares, a kernel and an initramfs of the modules that find the root on a
 /// virtio disk (its configuration given as `files`, which the initramfs is made from), no init
-/// system (its own `init=` prints the marker and stops the machine), raw and qcow2.
+/// system (its own `init=` prints the marker and stops the machine), raw and qcow2. A file and a
+/// local package of this host's go in, placed in the machine at the paths the spec names here.
 const DISK: &str = r#"version: 1
 name: vmdisk
 suite: bookworm
@@ -495,6 +518,7 @@ kind: disk
 packages: [linux-image-cloud-amd64]
 hostname: vmdisk
 root_password_hash: "!"
+local_debs: [HELLO_DEB]
 disk:
   size: 1GiB
   table: gpt
@@ -506,6 +530,7 @@ disk:
     - {size: 64MiB, flags: [esp], label: ESP}
     - {mount: /, fs: ext4, label: root}
 files:
+  - {source: MOTD_FILE, dest: /etc/motd}
   - {dest: /etc/initramfs-tools/conf.d/modules.conf, content: "MODULES=list\n"}
   - {dest: /etc/initramfs-tools/modules, content: "virtio_pci\nvirtio_blk\n"}
   - dest: /usr/local/sbin/boot-report
@@ -517,44 +542,9 @@ files:
       exec sleep 600
 "#;
 
-/// A spec that tries to reach the host from its post scripts, on and off the chroot; each
-/// script records that it ran and what it got. An ext4 image: the fs-images kind, built in a
-/// machine.
-const HOSTILE: &str = r#"version: 1
-name: hostile
-suite: bookworm
-variant: minbase
-mirror: host
-images:
-  - {mount: /, fs: ext4, size: 768MiB, label: root}
-local_debs: [DEB]
-files:
-  - {source: MOTD, dest: /etc/motd}
-post:
-  - name: outside-the-chroot
-    chroot: false
-    script: |
-      echo pwned > /tmp/debimg-hostile-MARK
-      cp /etc/shadow "$INSTALL_ROOT/stolen-shadow"
-      ls / > "$INSTALL_ROOT/outside-listing"
-  - name: inside-the-chroot
-    script: |
-      ls /proc/1/root/ > /proc1-listing 2>&1 || true
-      if echo pwned > /proc/1/root/tmp/debimg-hostile-MARK2 2>/dev/null; then echo written; else echo refused; fi > /proc1-write
-      if mknod /host-disk b MAJOR MINOR 2>/dev/null; then echo made; else echo refused; fi > /mknod-result
-      dd if=/host-disk of=/stolen-sector bs=512 count=1 2>/dev/null || true
-"#;
-
-#[test]
-fn a_hostile_spec_in_a_machine_reaches_nothing_of_the_host() {
-    if !can_build() {
-        return;
-    }
-    let work = scratch("vm-hostile");
-    let out = work.path().join("out");
-    let bdir = work.path().join("build");
-    std::fs::create_dir_all(&bdir).unwrap();
-    // The host's first disk: what a mknod of its numbers would read here.
+/// The host's first disk in `/proc/partitions`: its major and minor numbers, and its first
+/// sector when even root may open it here (not under a container's device policy).
+fn host_disk() -> (String, String, Option<Vec<u8>>) {
     let partitions = std::fs::read_to_string("/proc/partitions").unwrap();
     let (major, minor, disk) = partitions
         .lines()
@@ -566,8 +556,7 @@ fn a_hostile_spec_in_a_machine_reaches_nothing_of_the_host() {
         })
         .next()
         .expect("a disk in /proc/partitions");
-    // None where even root may not open it (a container's device policy).
-    let host_sector = {
+    let sector = {
         use std::io::Read;
         let mut b = vec![0u8; 512];
         std::fs::File::open(format!("/dev/{disk}"))
@@ -575,40 +564,102 @@ fn a_hostile_spec_in_a_machine_reaches_nothing_of_the_host() {
             .ok()
             .map(|()| b)
     };
-    let spec = work.path().join("hostile.yaml");
-    std::fs::write(
-        &spec,
-        HOSTILE
-            .replace("MAJOR", &major)
-            .replace("MINOR", &minor)
-            .replace(
-                "DEB",
-                example("debs/debimg-hello_1.0_all.deb").to_str().unwrap(),
-            )
-            .replace("MOTD", example("files/motd").to_str().unwrap()),
-    )
-    .unwrap();
-    for m in ["/tmp/debimg-hostile-MARK", "/tmp/debimg-hostile-MARK2"] {
+    (major, minor, sector)
+}
+
+/// A hostile spec, given to the service by a stranger: it names a host file, and its post
+/// scripts try to reach the host on and off the chroot (files, `/proc/1/root`, a device of the
+/// host's disk's numbers, the network); each records that it ran and what it got. An ext4
+/// image: the fs-images kind, built in a machine.
+const HOSTILE: &str = r#"version: 1
+name: untrusted
+suite: bookworm
+variant: minbase
+mirror: host
+images:
+  - {mount: /, fs: ext4, size: 768MiB, label: root}
+files:
+  - {source: /etc/shadow, dest: /stolen-shadow}
+post:
+  - name: outside
+    chroot: false
+    script: |
+      echo pwned > /tmp/debimg-untrusted-MARK
+      cp /etc/shadow "$INSTALL_ROOT/stolen-shadow-outside"
+      ls / > "$INSTALL_ROOT/outside-listing"
+      for t in "api 10.0.2.2 PORT" "metadata 169.254.169.254 80" "proxy 10.0.2.100 3128"; do
+        set -- $t
+        if timeout 5 bash -c "exec 3<>/dev/tcp/$2/$3" 2>/dev/null; then echo "$1 open"; else echo "$1 closed"; fi
+      done > "$INSTALL_ROOT/egress"
+  - name: inside
+    script: |
+      ls /proc/1/root/ > /proc1-listing 2>&1 || true
+      if echo pwned > /proc/1/root/tmp/debimg-untrusted-MARK2 2>/dev/null; then echo written; else echo refused; fi > /proc1-write
+      if mknod /host-disk b MAJOR MINOR 2>/dev/null; then echo made; else echo refused; fi > /mknod-result
+      dd if=/host-disk of=/stolen-sector bs=512 count=1 2>/dev/null || true
+"#;
+
+/// `serve --isolation untrusted`: a non-admin token's hostile spec (reads host files, runs
+/// scripts outside the chroot, looks for the host through `/proc/1/root`, a device node and the
+/// network) is accepted and built in a machine, where those paths are the machine's: nothing of
+/// the host reaches the image, the host or the network beyond the mirror's proxy.
+#[test]
+fn the_service_builds_hostile_specs_in_machines_that_reach_nothing_of_the_host() {
+    use common::service::{Api, TestServer};
+    if !can_build() {
+        return;
+    }
+    let (major, minor, host_sector) = host_disk();
+    let mut server = TestServer::start(
+        "vm-serve",
+        &["--local-workers", "1", "--isolation", "untrusted"],
+    );
+    let carol = Api::new(&server.url, Some(&server.token("carol", false)));
+    // The machine reaches the spec's mirror through this host's proxy, and nothing else: not
+    // the server's API on this host's loopback (10.0.2.2 in qemu's user network), not the
+    // metadata address.
+    let port = server.url.rsplit(':').next().unwrap().to_string();
+    let spec = HOSTILE
+        .replace("PORT", &port)
+        .replace("MAJOR", &major)
+        .replace("MINOR", &minor);
+    let marks = ["/tmp/debimg-untrusted-MARK", "/tmp/debimg-untrusted-MARK2"];
+    for m in marks {
         let _ = std::fs::remove_file(m);
     }
     ensure_appliance();
-    let watch = LoopWatch::start(&[work.path()]);
-    let run = vm_build(&spec, &out, &bdir, &[]);
-    let (_, seen) = watch.finish();
-    run.assert_ok("hostile spec in a machine");
+    let watch = LoopWatch::start(&[server.build_dir.path()]);
+    let a = carol.submit(&spec, "untrusted");
+    assert_eq!(a.status, 201, "{}", a.text());
+    let id = a.json()["id"].as_str().unwrap().to_string();
+    let j = carol.wait_end(&id, 1800);
+    let (polls, seen) = watch.finish();
+    let log = carol.get(&format!("/api/v1/jobs/{id}/log"), &[]).text();
+    assert_eq!(j["state"], "succeeded", "{j:#}\n{log}");
+    assert!(polls > 100, "the watch looked only {polls} times");
     assert_eq!(
         seen,
         Vec::<String>::new(),
         "loop devices attached on the host"
     );
-    for m in ["/tmp/debimg-hostile-MARK", "/tmp/debimg-hostile-MARK2"] {
+    assert!(log.contains("starting the build machine"), "{log}");
+    for m in marks {
         assert!(!Path::new(m).exists(), "{m} reached the host");
     }
-    assert_machine_gone(&bdir, Path::new("/nonexistent"));
+    // Every artifact, as the metadata lists it: the image checks out and is mounted here.
+    let work = scratch("vm-serve-x");
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    for art in j["artifacts"].as_array().unwrap() {
+        let name = art["name"].as_str().unwrap();
+        assert!(!name.contains('/'), "{name}");
+        let body = carol.get(art["url"].as_str().unwrap(), &[]).body;
+        std::fs::write(out.join(name), body).unwrap();
+    }
+    let meta = Metadata::read(&out.join("untrusted.yaml")).unwrap();
+    assert_eq!(meta.kind, "fs-images");
     let raws_dir = work.path().join("raws");
     std::fs::create_dir_all(&raws_dir).unwrap();
-    let meta = Metadata::read(&out.join("hostile.yaml")).unwrap();
-    assert_eq!(meta.kind, "fs-images");
     let raws = check_outputs(&out, &meta, &raws_dir);
     let tree = MountedTree::mount(&meta, &raws);
     let x = tree.root.path();
@@ -616,18 +667,18 @@ fn a_hostile_spec_in_a_machine_reaches_nothing_of_the_host() {
         std::fs::read(x.join(p))
             .unwrap_or_else(|e| panic!("{p} in the image: {e} (did the script run?)"))
     };
-    let stolen = read("stolen-shadow");
-    assert!(!stolen.is_empty(), "the outside script copied nothing");
-    assert_ne!(
-        stolen,
-        std::fs::read("/etc/shadow").unwrap(),
-        "the host's /etc/shadow reached the image"
-    );
-    let outside = String::from_utf8_lossy(&read("outside-listing")).into_owned();
-    assert!(
-        outside.contains("scratch"),
-        "not the machine's root: {outside}"
-    );
+    let text = |p: &str| String::from_utf8_lossy(&read(p)).trim().to_string();
+    // The host's /etc/shadow, named as a file and copied by a script outside the chroot: the
+    // machine's reached the image, never this host's.
+    let shadow = std::fs::read("/etc/shadow").unwrap();
+    for stolen in ["stolen-shadow", "stolen-shadow-outside"] {
+        let got = read(stolen);
+        assert!(!got.is_empty(), "{stolen}: nothing copied");
+        assert_ne!(got, shadow, "{stolen}: the server's /etc/shadow leaked");
+    }
+    // Outside the chroot, / is the machine's: its scratch disk, and not this host's names.
+    let outside = text("outside-listing");
+    assert!(outside.lines().any(|l| l == "scratch"), "{outside}");
     let host_only: Vec<String> = std::fs::read_dir("/")
         .unwrap()
         .flatten()
@@ -639,29 +690,25 @@ fn a_hostile_spec_in_a_machine_reaches_nothing_of_the_host() {
         "the host's / looks like the machine's"
     );
     // Inside the chroot, /proc/1/root is the machine's root: its listing is the outside one.
-    let proc1 = String::from_utf8_lossy(&read("proc1-listing")).into_owned();
+    let proc1 = text("proc1-listing");
     assert!(
         proc1.lines().any(|l| l == "scratch"),
         "/proc/1/root was not the machine's root: {proc1}"
     );
-    let written = String::from_utf8_lossy(&read("proc1-write"))
-        .trim()
-        .to_string();
-    assert!(
-        ["written", "refused"].contains(&written.as_str()),
-        "{written}"
-    );
-    let mknod = String::from_utf8_lossy(&read("mknod-result"))
-        .trim()
-        .to_string();
-    assert!(["made", "refused"].contains(&mknod.as_str()), "{mknod}");
     for n in &host_only {
         assert!(
             !proc1.lines().any(|l| l == n),
             "/proc/1/root showed the host's {n}: {proc1}"
         );
     }
+    let written = text("proc1-write");
+    assert!(
+        ["written", "refused"].contains(&written.as_str()),
+        "{written}"
+    );
     // A device of the host's disk's numbers, made in the machine, is one of the machine's.
+    let mknod = text("mknod-result");
+    assert!(["made", "refused"].contains(&mknod.as_str()), "{mknod}");
     if let Some(host_sector) = host_sector
         && mknod == "made"
     {
@@ -671,102 +718,13 @@ fn a_hostile_spec_in_a_machine_reaches_nothing_of_the_host() {
             "the host's disk was read"
         );
     }
-    // What the spec names on this host went in: its file and its local package.
-    assert_eq!(
-        read("etc/motd"),
-        std::fs::read(example("files/motd")).unwrap()
-    );
-    assert!(x.join("usr/share/debimg-hello/hello.txt").is_file());
-    drop(tree);
-}
-
-/// `serve --isolation untrusted`: a non-admin token's spec that reads host files and runs a
-/// script outside the chroot is accepted and built in a machine, where those paths are the
-/// machine's.
-#[test]
-fn the_service_builds_untrusted_specs_in_machines() {
-    use common::service::{Api, TestServer};
-    if !can_build() {
-        return;
-    }
-    let mut server = TestServer::start(
-        "vm-serve",
-        &["--local-workers", "1", "--isolation", "untrusted"],
-    );
-    let carol = Api::new(&server.url, Some(&server.token("carol", false)));
-    // The machine reaches the spec's mirror through this host's proxy, and nothing else: not
-    // the server's API on this host's loopback (10.0.2.2 in qemu's user network), not the
-    // metadata address.
-    let port = server.url.rsplit(':').next().unwrap().to_string();
-    let spec = r#"version: 1
-name: untrusted
-suite: bookworm
-variant: minbase
-mirror: host
-kind: tarball
-files:
-  - {source: /etc/shadow, dest: /stolen-shadow}
-post:
-  - name: outside
-    chroot: false
-    script: |
-      echo pwned > /tmp/debimg-untrusted-MARK
-      ls / > "$INSTALL_ROOT/outside-listing"
-      for t in "api 10.0.2.2 PORT" "metadata 169.254.169.254 80" "proxy 10.0.2.100 3128"; do
-        set -- $t
-        if timeout 5 bash -c "exec 3<>/dev/tcp/$2/$3" 2>/dev/null; then echo "$1 open"; else echo "$1 closed"; fi
-      done > "$INSTALL_ROOT/egress"
-"#
-    .replace("PORT", &port);
-    let _ = std::fs::remove_file("/tmp/debimg-untrusted-MARK");
-    ensure_appliance();
-    let watch = LoopWatch::start(&[server.build_dir.path()]);
-    let a = carol.submit(&spec, "untrusted");
-    assert_eq!(a.status, 201, "{}", a.text());
-    let id = a.json()["id"].as_str().unwrap().to_string();
-    let j = carol.wait_end(&id, 1800);
-    let (_, seen) = watch.finish();
-    let log = carol.get(&format!("/api/v1/jobs/{id}/log"), &[]).text();
-    assert_eq!(j["state"], "succeeded", "{j:#}\n{log}");
-    assert_eq!(
-        seen,
-        Vec::<String>::new(),
-        "loop devices attached on the host"
-    );
-    assert!(log.contains("starting the build machine"), "{log}");
-    assert!(!Path::new("/tmp/debimg-untrusted-MARK").exists());
-    let arts = j["artifacts"].as_array().unwrap();
-    let tar = arts
-        .iter()
-        .find(|a| a["name"] == "untrusted.tar.gz")
-        .unwrap();
-    let body = carol.get(tar["url"].as_str().unwrap(), &[]).body;
-    let work = scratch("vm-serve-x");
-    let tgz = work.path().join("t.tar.gz");
-    std::fs::write(&tgz, body).unwrap();
-    tool(
-        "tar",
-        &[
-            "-xzf",
-            tgz.to_str().unwrap(),
-            "-C",
-            work.path().to_str().unwrap(),
-        ],
-    );
-    let stolen = std::fs::read(work.path().join("stolen-shadow")).unwrap();
-    assert_ne!(
-        stolen,
-        std::fs::read("/etc/shadow").unwrap(),
-        "the server's /etc/shadow leaked"
-    );
-    let outside = std::fs::read_to_string(work.path().join("outside-listing")).unwrap();
-    assert!(outside.lines().any(|l| l == "scratch"), "{outside}");
-    let egress = std::fs::read_to_string(work.path().join("egress")).unwrap();
+    let egress = text("egress");
     assert_eq!(
         egress.lines().collect::<Vec<_>>(),
         ["api closed", "metadata closed", "proxy open"],
         "what the machine reached"
     );
+    drop(tree);
     server.stop();
     assert_eq!(machines_of(server.build_dir.path()), Vec::<i32>::new());
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+pub mod repro;
 pub mod service;
 
 use debimg::metadata::Metadata;
