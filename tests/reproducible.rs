@@ -1,7 +1,7 @@
 //! Reproducible builds (`source_date_epoch`, or `SOURCE_DATE_EPOCH` in the environment): one
 //! spec built twice side by side, in different build directories and time zones, the first
-//! from the shared test cache and the second without any cache (a bootstrap and install of its
-//! own), gives byte-identical outputs; the metadata differs only in the build times. The whole
+//! from the shared test cache and the second a minute later without any cache (a bootstrap and
+//! install of its own), gives byte-identical outputs; the metadata differs only in the build times. The whole
 //! disk (the cloud example) is built twice by tests/disk.rs, which boots the first.
 //!
 //! Needs root, loop devices and the host's Debian mirror.
@@ -13,8 +13,6 @@ use std::process::Command;
 
 use common::repro::*;
 use common::*;
-
-const EPOCH: u64 = 1_700_000_000;
 
 /// `debimg verify SPEC --against OUT`, rebuilding under `build_dir` from the test cache.
 fn verify(spec: &Path, out: &Path, build_dir: &Path) -> Run {

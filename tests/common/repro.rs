@@ -4,12 +4,22 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use super::{assert_no_leftovers, build_command, scratch};
 
-/// Two builds of `spec` with `env` and `args`, side by side (the second without any cache, in
-/// another time zone: nothing of the host's clock may show): `(scratch, [first output dir,
-/// second output dir])`.
+/// The epoch the reproducible tests build with.
+pub const EPOCH: u64 = 1_700_000_000;
+
+/// How long after the first build the second starts. The second, without any cache, reaches
+/// each stage later than the first does in its own run, so every stage of it runs more than a
+/// minute later on the clock: a time that leaks into an output, to the minute, shows (as it did
+/// when one build ran after the other), and the two still overlap for most of their time.
+const STAGGER: Duration = Duration::from_secs(61);
+
+/// Two builds of `spec` with `env` and `args`, side by side (the second [`STAGGER`] later,
+/// without any cache, in another time zone: nothing of the host's clock may show):
+/// `(scratch, [first output dir, second output dir])`.
 pub fn build_twice(
     spec: &Path,
     tag: &str,
@@ -53,7 +63,10 @@ pub fn build_twice_and(
         String::from_utf8_lossy(&output.stderr).into_owned()
     };
     std::thread::scope(|s| {
-        let second = s.spawn(|| one(1));
+        let second = s.spawn(|| {
+            std::thread::sleep(STAGGER);
+            one(1)
+        });
         let stderr = one(0);
         first_built(work.path(), &outs[0], &stderr);
         second.join().unwrap();
